@@ -1,0 +1,67 @@
+# Two commands: `make run` (set up and start the gateway) and `make test` (set up and run every
+# test). Both create ./.venv on first use and reinstall only when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+HASH := $(shell sha1sum pyproject.toml | cut -c1-12)
+
+# The scaled-out test leg: real Postgres and Redis. Override to point elsewhere.
+TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/llmrotate
+TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
+PYTEST_ARGS ?=
+
+.PHONY: run test test-embedded test-scaled lint demo fake-upstream bench clean browser
+
+$(VENV)/.base-$(HASH):
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing dependencies into $(VENV) …"
+	@$(BIN)/pip install --disable-pip-version-check -q -e .
+	@touch $@
+
+$(VENV)/.dev-$(HASH): $(VENV)/.base-$(HASH)
+	@echo "installing test dependencies into $(VENV) …"
+	@$(BIN)/pip install --disable-pip-version-check -q -e '.[dev]'
+	@touch $@
+
+run: $(VENV)/.base-$(HASH)
+	$(BIN)/python manage.py serve
+
+demo: $(VENV)/.base-$(HASH)
+	$(BIN)/python manage.py demo
+
+fake-upstream: $(VENV)/.base-$(HASH)
+	$(BIN)/python manage.py fake_upstream
+
+lint: $(VENV)/.dev-$(HASH)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy .
+
+# Embedded default: SQLite, key state in process, no Redis.
+test-embedded: $(VENV)/.dev-$(HASH)
+	@echo "=== tests: embedded mode (SQLite, in-process key state) ==="
+	env -u DATABASE_URL -u REDIS_URL LLMROTATE_TEST_LEG=embedded \
+		$(BIN)/pytest $(PYTEST_ARGS)
+
+# Scaled out: Postgres and Redis over real connections.
+test-scaled: $(VENV)/.dev-$(HASH)
+	@echo "=== tests: scaled-out mode (Postgres + Redis) ==="
+	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) LLMROTATE_TEST_LEG=scaled \
+		$(BIN)/pytest $(PYTEST_ARGS)
+
+# Debian's chromium, which the dashboard's browser tests drive through Playwright (its own
+# browser download is not used). Installed only when missing; sudo only when not root.
+browser:
+	@test -x /usr/bin/chromium || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+test: lint browser test-embedded test-scaled
+
+bench: $(VENV)/.dev-$(HASH)
+	$(BIN)/python bench/proxy_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,419 @@
+"""Start the fake upstream and the gateway as pinned subprocesses, and always stop them.
+
+Every child is started in its own session (so a Ctrl-C in the terminal reaches only the
+benchmark, which then stops the children in order) and with PR_SET_PDEATHSIG (so that even a
+SIGKILL of the benchmark cannot leave a server behind). Children are stopped by PID: SIGTERM,
+which lets the gateway flush its call-record buffer, then SIGKILL after a grace period.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+MANAGE = str(ROOT / "manage.py")
+PR_SET_PDEATHSIG = 1
+# `serve` itself gives its children 35 s to stop; a little more before we force it.
+STOP_GRACE_SECONDS = 40.0
+STARTUP_TIMEOUT_SECONDS = 60.0
+ROUTE_MODEL = "gpt-4o-mini"
+UPSTREAM_KEYS = ("sk-bench-key-000000000001", "sk-bench-key-000000000002")
+
+CONFIG_TEMPLATE = """\
+providers:
+  fake: {{kind: openai, base_url: "{upstream}"}}
+keys:
+  - {{id: fake-1, provider: fake, secret: "literal://{key1}"}}
+  - {{id: fake-2, provider: fake, secret: "literal://{key2}"}}
+routes:
+  {model}: {{strategy: health_aware, deployments: [{{provider: fake, model: {model}}}]}}
+clients:
+  - {{name: bench, routes: ["*"], scopes: [proxy]}}
+"""
+
+
+class ServerError(RuntimeError):
+    """A server would not start, or failed under load: the run cannot produce numbers."""
+
+
+def _child_setup(cpu: int | None) -> Callable[[], None]:
+    """What runs in the child between fork and exec: pin it, and tie its life to ours."""
+
+    def setup() -> None:
+        if cpu is not None:
+            # Set before exec: every thread the child ever starts inherits the mask.
+            os.sched_setaffinity(0, {cpu})
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):
+            pass  # not Linux: cleanup then relies on the finally blocks alone
+
+    return setup
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise ServerError(
+                f"{self.name} exited with status {self.proc.returncode}:\n{self.log_tail()}"
+            )
+
+    def stop(self) -> None:
+        if self.proc.poll() is not None:
+            return
+        # Noted before the signal: once the parent is gone its children are re-parented.
+        below = descendants(self.proc.pid)
+        os.kill(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(STOP_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            for pid in below:  # what the stuck supervisor did not stop goes with it
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+@dataclass
+class Stack:
+    """The servers this run started (none when measuring already-running ones)."""
+
+    data_dir: Path
+    env: dict[str, str]
+    keep_data: bool = False
+    children: list[Child] = field(default_factory=list)
+    upstream_url: str = ""
+    gateway_url: str = ""
+    token: str = ""
+    upstream_pid: int | None = None
+    gateway_pid: int | None = None  # the uvicorn web process that serves /v1
+    supervisor_pid: int | None = None  # `manage.py serve`, parent of web, worker and beat
+
+    @classmethod
+    def create(cls, *, keep_data: bool) -> Stack:
+        data_dir = Path(tempfile.mkdtemp(prefix="llmrotate-bench-"))
+        env = dict(os.environ)
+        # Measure the embedded default (SQLite, in-process key state) that a fresh clone runs;
+        # an already-running scaled-out gateway can be measured with --gateway-url instead.
+        for name in ("DATABASE_URL", "REDIS_URL"):
+            env.pop(name, None)
+        env["LLMROTATE_DATA_DIR"] = str(data_dir)
+        env["PYTHONUNBUFFERED"] = "1"
+        return cls(data_dir=data_dir, env=env, keep_data=keep_data)
+
+    def spawn(self, name: str, argv: list[str], *, cpu: int | None) -> Child:
+        log_path = self.data_dir / f"{name}.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                argv,
+                cwd=ROOT,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                # preexec_fn is unsafe with threads; the benchmark has none when it spawns.
+                preexec_fn=_child_setup(cpu),
+            )
+        child = Child(name=name, proc=proc, log_path=log_path)
+        self.children.append(child)
+        return child
+
+    def start_upstream(self, *, cpu: int | None) -> None:
+        # Port 0: the fake binds a free port itself and prints it, so there is no race.
+        child = self.spawn(
+            "fake-upstream",
+            [PYTHON, "-m", "proxy.fake_upstream", "--host", "127.0.0.1", "--port", "0"],
+            cpu=cpu,
+        )
+        pattern = re.compile(r"listening on (http://\S+)")
+        deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            child.check_alive()
+            match = pattern.search(child.log_path.read_text(errors="replace"))
+            if match:
+                self.upstream_url, self.upstream_pid = match.group(1), child.pid
+                return
+            time.sleep(0.05)
+        raise ServerError(f"fake upstream did not start:\n{child.log_tail()}")
+
+    def _manage(self, *args: str) -> str:
+        try:
+            done = subprocess.run(
+                [PYTHON, MANAGE, *args],
+                cwd=ROOT,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=STARTUP_TIMEOUT_SECONDS,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:  # run() has killed it already
+            # Always bytes, whatever text= says (subprocess docs).
+            output = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else ""
+            raise ServerError(
+                f"manage.py {args[0]} took over {STARTUP_TIMEOUT_SECONDS:g} s:\n{output}"
+            ) from None
+        if done.returncode != 0:
+            raise ServerError(f"manage.py {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
+        return done.stdout
+
+    def configure_gateway(self, upstream_url: str) -> None:
+        """Migrate, then import providers/keys/route/client before serve starts.
+
+        Importing first means the gateway's 5 s config cache starts out right; importing into
+        a running gateway would need a wait for the cache to expire.
+        """
+        config = self.data_dir / "bench-config.yaml"
+        config.write_text(
+            CONFIG_TEMPLATE.format(
+                upstream=upstream_url,
+                key1=UPSTREAM_KEYS[0],
+                key2=UPSTREAM_KEYS[1],
+                model=ROUTE_MODEL,
+            )
+        )
+        # One interpreter for both steps: each Django start costs a second or more, and the
+        # smoke run (--quick) has a time budget. `serve` later creates the admin user itself.
+        out = self._manage(
+            "shell",
+            "-c",
+            "from django.core.management import call_command; "
+            "call_command('migrate', interactive=False, verbosity=0); "
+            f"call_command('import_config', {str(config)!r})",
+        )
+        match = re.search(r"^\s*bench: (\S+)$", out, re.MULTILINE)
+        if not match:
+            raise ServerError(f"no client token in import_config output:\n{out}")
+        self.token = match.group(1)
+
+    def start_gateway(self, *, cpu: int | None, extra_args: list[str]) -> None:
+        """`manage.py serve` as a user runs it: a supervisor with web, Celery worker and beat.
+
+        Once it serves, the whole tree is pinned to the gateway core. The worker and beat idle
+        at well under 1% of a core, and their CPU use is reported apart from the web process.
+        Pinning only then lets the four interpreters start up on both cores, which halves the
+        start-up time the smoke run (--quick) pays.
+        """
+        port = free_port()
+        child = self.spawn(
+            "gateway",
+            [
+                PYTHON,
+                MANAGE,
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--no-access-log",
+                *extra_args,
+            ],
+            cpu=None,
+        )
+        # uvicorn listens only after the ASGI lifespan startup, so a connect means ready.
+        deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            child.check_alive()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            except OSError:
+                time.sleep(0.05)
+                continue
+            self.gateway_url = f"http://127.0.0.1:{port}/v1"
+            self.supervisor_pid = child.pid
+            self.gateway_pid = self._web_pid(child.pid)
+            if cpu is not None:
+                pin_tree(child.pid, cpu)
+            return
+        raise ServerError(f"gateway did not start:\n{child.log_tail()}")
+
+    @staticmethod
+    def _web_pid(supervisor: int) -> int:
+        """The process serving HTTP: uvicorn under the `serve` supervisor, or serve itself."""
+        for pid in descendants(supervisor):
+            with contextlib.suppress(OSError):
+                if b"uvicorn" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return pid
+        return supervisor
+
+    def helper_pids(self) -> tuple[int, ...]:
+        """The gateway's processes other than the web one (supervisor, Celery worker, beat)."""
+        if self.supervisor_pid is None:
+            return ()
+        tree = (self.supervisor_pid, *descendants(self.supervisor_pid))
+        return tuple(pid for pid in tree if pid != self.gateway_pid)
+
+    def stop_gateway(self) -> None:
+        """Stop the gateway first (flushing its records) so they can be counted."""
+        for child in self.children:
+            if child.pid == self.supervisor_pid:
+                child.stop()
+
+    def records_written(self) -> int | None:
+        """Call records the gateway wrote to SQLite: proof the recording path was exercised."""
+        import sqlite3
+
+        path = self.data_dir / "llmrotate.sqlite3"
+        if not path.exists():
+            return None
+        with sqlite3.connect(path) as db:
+            (count,) = db.execute("SELECT COUNT(*) FROM usage_callrecord").fetchone()
+        return int(count)
+
+    def close(self) -> None:
+        # Reverse order: the gateway goes before the upstream it is still talking to.
+        for child in reversed(self.children):
+            child.stop()
+        if not self.keep_data:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def pin_tree(root: int, cpu: int) -> None:
+    """Pin every thread of ``root`` and of all its descendants to ``cpu``.
+
+    sched_setaffinity acts on one thread; threads and processes created afterwards inherit
+    the mask of the thread that creates them, so pinning every existing one covers the
+    rest. Twice, for a thread started by a not-yet-pinned one during the first pass.
+    """
+    for _ in range(2):
+        for pid in (root, *descendants(root)):
+            with contextlib.suppress(OSError):
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    with contextlib.suppress(OSError):
+                        os.sched_setaffinity(int(tid), {cpu})
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, grandchildren, ...), from /proc."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue  # exited while we looked
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a whole process (all threads), from /proc/<pid>/stat."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces; fields after its ')' are positional.
+    fields = stat.rsplit(")", 1)[1].split()
+    utime, stime = int(fields[11]), int(fields[12])
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU time all cores spent on anything but idle/iowait since boot, from /proc/stat.
+
+    Minus the CPU time of our own processes, this is what *other* programs used: a busy
+    neighbour (a test suite, a build) on a 2-core machine skews every number, so the report
+    says how busy the machine was instead of leaving the reader to guess.
+    """
+    try:
+        with open("/proc/stat") as fh:
+            fields = fh.readline().split()
+    except OSError:
+        return None
+    # cpu user nice system idle iowait irq softirq steal ...
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+# Named groups of our processes whose CPU use is reported ("gateway", "upstream", ...).
+Pids = dict[str, tuple[int, ...]]
+Snapshot = dict[str, float | None]
+
+
+class CpuMeter:
+    """CPU seconds used by named groups of our processes, and by the whole machine.
+
+    ``owns_all`` says the groups include every server under test, so that "machine minus
+    ours" really is other programs (not a gateway someone else started).
+    """
+
+    def __init__(self, groups: Pids, *, owns_all: bool) -> None:
+        self.groups = groups
+        self.owns_all = owns_all
+
+    def group_seconds(self, name: str) -> float | None:
+        pids = self.groups.get(name, ())
+        times = [cpu_seconds(pid) for pid in pids]
+        return None if not pids or None in times else sum(t for t in times if t is not None)
+
+    def snapshot(self) -> Snapshot:
+        snap: Snapshot = {name: self.group_seconds(name) for name in self.groups}
+        snap["machine"] = machine_busy_seconds()
+        return snap
+
+    def percent(self, start: Snapshot, end: Snapshot, seconds: float) -> dict[str, float | None]:
+        """Each group's CPU use between two snapshots, in % of one core."""
+        return {name: _rate(start.get(name), end.get(name), seconds) for name in self.groups}
+
+    def other_percent(self, start: Snapshot, end: Snapshot, seconds: float) -> float | None:
+        """What everything else on the machine used (incl. hypervisor steal), % of one core."""
+        if not self.owns_all:
+            return None
+        machine = _rate(start.get("machine"), end.get("machine"), seconds)
+        ours = [_rate(start.get(name), end.get(name), seconds) for name in self.groups]
+        if machine is None or None in ours:
+            return None
+        return max(0.0, machine - sum(p for p in ours if p is not None))
+
+
+def _rate(start: float | None, end: float | None, seconds: float) -> float | None:
+    if start is None or end is None or seconds <= 0:
+        return None
+    return (end - start) / seconds * 100

@@ -1,0 +1,151 @@
+"""Admin for endpoints (probe settings, breaker state, recent probe results) and probe results.
+
+Endpoints appear by themselves as providers are added (the probe dispatcher syncs them), so
+they cannot be added here, only tuned. The beat schedule is django-celery-beat's admin
+("Periodic tasks"), where entries can be switched off.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from django.contrib import admin, messages
+from django.db import models
+from django.db.models import QuerySet
+from django.http import HttpRequest
+from django.urls import reverse
+from django.utils.html import format_html, format_html_join
+from django.utils.timesince import timeuntil
+
+from healthchecks.breaker import BreakerStatus
+from healthchecks.models import Endpoint, HealthEvent
+from healthchecks.selectors import breaker_state_of, health_events_recent
+from healthchecks.services import breaker_reset
+from keys.models import Provider
+
+HTTP_FIELDS: list[str | list[str] | tuple[str, ...] | tuple[()]] = [
+    "http_enabled",
+    "http_interval_seconds",
+    "http_failure_threshold",
+    "http_url",
+    "http_expected_status",
+    "http_timeout_seconds",
+]
+RESULT_FIELDS: list[str | list[str] | tuple[str, ...] | tuple[()]] = [
+    "is_up",
+    "ping_status",
+    "http_status",
+    "ping_failures",
+    "http_failures",
+    "last_latency_ms",
+    "last_checked_at",
+    "last_change_at",
+    "recent_events",
+]
+
+
+def _timeuntil_epoch(epoch: float) -> str:
+    return timeuntil(datetime.fromtimestamp(epoch, UTC))
+
+
+@admin.register(Endpoint)
+class EndpointAdmin(admin.ModelAdmin):
+    list_display = [
+        "base_url",
+        "providers",
+        "is_up",
+        "breaker",
+        "ping_status",
+        "http_status",
+        "failures",
+        "last_latency_ms",
+        "last_checked_at",
+    ]
+    list_filter = ["enabled", "is_up", "ping_status", "http_status"]
+    search_fields = ["base_url"]
+    actions = ["reset_breakers"]
+    formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
+    fieldsets = [
+        (None, {"fields": ["base_url", "providers", "enabled", "breaker"]}),
+        ("Ping", {"fields": ["ping_enabled", "ping_interval_seconds", "ping_failure_threshold"]}),
+        ("HTTP probe", {"fields": HTTP_FIELDS}),
+        ("Last results", {"fields": RESULT_FIELDS}),
+    ]
+    readonly_fields = ["base_url", "providers", "breaker", *map(str, RESULT_FIELDS)]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    @admin.display(description="providers")
+    def providers(self, obj: Endpoint) -> str:
+        names = Provider.objects.filter(base_url__in=[obj.base_url, obj.base_url + "/"])
+        return ", ".join(names.values_list("name", flat=True)) or "-"
+
+    @admin.display(description="consecutive failures (ping / HTTP)")
+    def failures(self, obj: Endpoint) -> str:
+        return f"{obj.ping_failures} / {obj.http_failures}"
+
+    @admin.display(description="circuit breaker")
+    def breaker(self, obj: Endpoint) -> str:
+        state = breaker_state_of(endpoint=obj.base_url)
+        if state.status == BreakerStatus.OPEN:
+            return f"open (half-open in {_timeuntil_epoch(state.open_until)}): {state.reason}"
+        if state.status == BreakerStatus.HALF_OPEN:
+            return f"half-open: {state.reason}"
+        return "closed"
+
+    @admin.display(description="recent probe results")
+    def recent_events(self, obj: Endpoint) -> str:
+        events = health_events_recent(endpoint=obj)
+        url = reverse("admin:healthchecks_healthevent_changelist")
+        rows = format_html_join(
+            "",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            (
+                (
+                    e.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+                    e.kind,
+                    e.status,
+                    e.status_code or "",
+                    f"{e.latency_ms:.1f} ms" if e.latency_ms else "",
+                    e.error,
+                )
+                for e in events
+            ),
+        )
+        return format_html(
+            "<table><tr><th>at</th><th>probe</th><th>status</th><th>HTTP</th><th>latency</th>"
+            '<th>error</th></tr>{}</table><a href="{}?endpoint__id__exact={}">all results</a>',
+            rows,
+            url,
+            obj.pk,
+        )
+
+    @admin.action(description="Close the circuit breaker of the selected endpoints")
+    def reset_breakers(self, request: HttpRequest, queryset: QuerySet[Endpoint]) -> None:
+        for endpoint in queryset:
+            breaker_reset(endpoint=endpoint.base_url)
+        self.message_user(request, f"Closed {queryset.count()} breaker(s).", messages.SUCCESS)
+
+
+@admin.register(HealthEvent)
+class HealthEventAdmin(admin.ModelAdmin):
+    list_display = [
+        "created_at",
+        "endpoint",
+        "kind",
+        "status",
+        "status_code",
+        "latency_ms",
+        "error",
+    ]
+    list_filter = ["kind", "status", "endpoint"]
+    date_hierarchy = "created_at"
+    list_select_related = ["endpoint"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False

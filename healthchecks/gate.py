@@ -1,0 +1,229 @@
+"""The circuit breakers as the proxy sees them, without waiting on the database or Redis.
+
+`admit` (before a deployment is tried) reads this process's copy of every breaker; `observe`
+(after each attempt) adds the outcome to this process's sliding window. Both are a few dict
+operations. The shared store (healthchecks.breaker_store) is only touched in the background:
+
+- The copy is reloaded every LLMROTATE_BREAKER_SYNC_SECONDS by `sync_forever`, a task the ASGI
+  lifespan runs; no request waits for it (except the first one of the process). So a breaker
+  opened elsewhere (by a probe in the worker, or by another web process) takes effect here
+  within that interval. Without the lifespan (tests) a request that finds the copy stale
+  starts a reload and goes on with the copy it has.
+- A trip decided here applies here at once and is written to the store in the background.
+- One write cannot be deferred: claiming the half-open trial has to be atomic across processes,
+  or the proxy and a probe (or two web processes) would both make "the one trial". The request
+  that finds a breaker half-open awaits that single store update, run in a thread; it happens
+  at most once per open period per endpoint.
+
+Whenever the store cannot be reached the gate fails open: traffic flows as if every breaker
+were closed, and the failure is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import threading
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+
+from healthchecks import breaker
+from healthchecks.breaker import BreakerPolicy, BreakerState, BreakerStatus, Window
+from healthchecks.breaker_store import Transition, get_breaker_store, reset_breaker_store
+
+logger = logging.getLogger("llmrotate.health")
+T = TypeVar("T")
+# How long a request that finds a half-open breaker whose trial is in flight is told to wait.
+_TRIAL_WAIT_SECONDS = 1.0
+_WARN_EVERY_SECONDS = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    allowed: bool
+    trial: bool = False  # this request is the half-open breaker's one trial
+    retry_after: float | None = None  # when not allowed: seconds until it may be
+
+
+ALLOW = Admission(True)
+
+
+class BreakerGate:
+    def __init__(self, *, policy: BreakerPolicy, sync_seconds: float) -> None:
+        self.policy = policy
+        self.sync_seconds = sync_seconds
+        self._states: dict[str, BreakerState] = {}
+        self._windows: dict[str, Window] = {}
+        self._lock = threading.Lock()
+        self._loaded = False
+        self._loaded_at = float("-inf")
+        self._refreshing = False
+        self._warned_at = float("-inf")
+        # The loop keeps only weak references to tasks; a collected task never runs.
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # ---- hot path
+
+    async def admit(self, endpoint: str) -> Admission:
+        await self._ensure_fresh()
+        now = time.time()
+        state = self._states.get(endpoint)
+        if state is None:
+            return ALLOW
+        current = breaker.effective(state, now=now)
+        if current.status == BreakerStatus.CLOSED:
+            return ALLOW
+        if current.status == BreakerStatus.OPEN:
+            return Admission(False, retry_after=current.open_until - now)
+        if current.trial_until > now:
+            return Admission(False, retry_after=_TRIAL_WAIT_SECONDS)
+
+        def claim(s: BreakerState) -> tuple[BreakerState, bool]:
+            return breaker.claim_trial(s, now=now, policy=self.policy)
+
+        try:
+            after, claimed = await self._apply(endpoint, claim, now=now)
+        except Exception as exc:
+            self._warn("cannot claim the half-open trial", exc)
+            return ALLOW
+        if claimed:
+            return Admission(True, trial=True)
+        if breaker.effective(after, now=now).status == BreakerStatus.CLOSED:
+            return ALLOW  # a probe closed it meanwhile
+        return Admission(False, retry_after=_TRIAL_WAIT_SECONDS)
+
+    def observe(self, endpoint: str, *, failed: bool, trial: bool) -> None:
+        """The outcome of one attempt on the endpoint. Never waits."""
+        now = time.time()
+        policy = self.policy
+        if trial:
+            reason = "trial request failed" if failed else "trial request succeeded"
+            self._decide(
+                endpoint,
+                lambda s: (
+                    breaker.trial_result(s, ok=not failed, now=now, policy=policy, reason=reason),
+                    None,
+                ),
+                now=now,
+            )
+            return
+        state = self._states.get(endpoint, BreakerState())
+        if breaker.effective(state, now=now).status != BreakerStatus.CLOSED:
+            return  # answers to requests sent before it opened: the trip already counted them
+        with self._lock:
+            window = self._windows.setdefault(endpoint, Window(policy))
+            window.add(failed=failed, now=now)
+            if not (failed and window.should_trip(now=now)):
+                return
+            calls, failures = window.totals(now=now)
+            window.clear()
+        reason = f"live traffic: {failures} of {calls} calls failed in {policy.window_seconds:g}s"
+        self._decide(
+            endpoint,
+            lambda s: (breaker.trip(s, now=now, policy=policy, reason=reason), None),
+            now=now,
+        )
+
+    def release(self, endpoint: str) -> None:
+        """The trial this request claimed was never sent (no key of the endpoint could go)."""
+        now = time.time()
+        self._decide(endpoint, lambda s: (breaker.release_trial(s, now=now), None), now=now)
+
+    # ---- background
+
+    async def sync_forever(self) -> None:
+        """Reload the copy every `sync_seconds` (run by the ASGI lifespan, cancelled at stop)."""
+        while True:
+            if not self._refreshing:
+                self._refreshing = True
+                await self._refresh()
+            await asyncio.sleep(self.sync_seconds)
+
+    def _decide(self, endpoint: str, fn: Transition[None], *, now: float) -> None:
+        """Apply `fn` to the local copy now, and to the shared store in the background."""
+        with self._lock:
+            self._states[endpoint] = fn(self._states.get(endpoint, BreakerState()))[0]
+
+        async def write() -> None:
+            try:
+                await self._apply(endpoint, fn, now=now)
+            except Exception as exc:
+                self._warn("cannot update the breaker store", exc)
+
+        self._spawn(write())
+
+    async def _apply(
+        self, endpoint: str, fn: Transition[T], *, now: float
+    ) -> tuple[BreakerState, T]:
+        from healthchecks.services import breaker_apply
+
+        # thread_sensitive: the database store then uses the same thread (and connection) as
+        # the routing snapshot, which the server closes at shutdown.
+        after, extra = await sync_to_async(breaker_apply, thread_sensitive=True)(
+            endpoint=endpoint, fn=fn, now=now
+        )
+        with self._lock:
+            self._states[endpoint] = after
+        return after, extra
+
+    async def _ensure_fresh(self) -> None:
+        if time.monotonic() - self._loaded_at < self.sync_seconds or self._refreshing:
+            return
+        self._refreshing = True
+        if self._loaded:
+            self._spawn(self._refresh())
+        else:
+            await self._refresh()  # the process's first request: nothing to serve stale yet
+
+    async def _refresh(self) -> None:
+        try:
+            loaded = await sync_to_async(get_breaker_store().load_all, thread_sensitive=True)()
+        except Exception as exc:
+            self._warn("cannot read the breaker store; serving the last known states", exc)
+            loaded = None
+        finally:
+            self._refreshing = False
+            self._loaded = True
+            self._loaded_at = time.monotonic()
+        if loaded is None:
+            return
+        with self._lock:
+            for endpoint, local in self._states.items():
+                stored = loaded.get(endpoint)
+                # A change decided here may not have reached the store yet: keep the newer.
+                if stored is None or local.changed_at > stored.changed_at:
+                    loaded[endpoint] = local
+            self._states = loaded
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _warn(self, what: str, exc: Exception) -> None:
+        moment = time.monotonic()
+        if moment - self._warned_at >= _WARN_EVERY_SECONDS:
+            self._warned_at = moment
+            logger.warning("circuit breakers: %s (%s: %s)", what, type(exc).__name__, exc)
+
+
+@functools.cache
+def get_breaker_gate() -> BreakerGate:
+    """This process's gate. First called on the event loop, so never built twice."""
+    from healthchecks.services import breaker_policy
+
+    return BreakerGate(
+        policy=breaker_policy(), sync_seconds=settings.LLMROTATE_BREAKER_SYNC_SECONDS
+    )
+
+
+def reset_breaker_gate() -> None:
+    """Forget this process's breaker copy, windows and store client (tests, settings changes)."""
+    get_breaker_gate.cache_clear()
+    reset_breaker_store()

@@ -1,0 +1,141 @@
+"""Upstream endpoints (one per provider base URL), their probe results and breaker rows.
+
+Endpoints are created and removed by `healthchecks.services.endpoints_sync` as providers come
+and go; operators only tune how each one is probed. The probe result fields are written by the
+probes and shown read-only.
+"""
+
+from __future__ import annotations
+
+from django.core.validators import MinValueValidator
+from django.db import models
+from django.utils import timezone
+
+
+class ProbeKind(models.TextChoices):
+    PING = "ping", "ICMP ping"
+    HTTP = "http", "HTTP"
+
+
+class ProbeStatus(models.TextChoices):
+    UNKNOWN = "unknown", "not probed yet"
+    OK = "ok", "ok"
+    FAILED = "failed", "failed"
+    # ICMP needs a socket the kernel may refuse (no root, ping_group_range): health then rests
+    # on the HTTP probe alone.
+    UNAVAILABLE = "unavailable", "unavailable here"
+    DISABLED = "disabled", "disabled"
+
+
+class Endpoint(models.Model):
+    base_url = models.CharField(
+        "base URL",
+        max_length=500,
+        unique=True,
+        editable=False,
+        help_text="A provider base URL, without a trailing slash.",
+    )
+    enabled = models.BooleanField(default=True, help_text="Probe this endpoint at all.")
+    ping_enabled = models.BooleanField("ping", default=True)
+    ping_interval_seconds = models.PositiveIntegerField(
+        "ping every (s)", default=30, validators=[MinValueValidator(1)]
+    )
+    ping_failure_threshold = models.PositiveIntegerField(
+        "ping failures to trip", default=3, validators=[MinValueValidator(1)]
+    )
+    http_enabled = models.BooleanField("HTTP probe", default=True)
+    http_interval_seconds = models.PositiveIntegerField(
+        "HTTP probe every (s)", default=60, validators=[MinValueValidator(1)]
+    )
+    http_failure_threshold = models.PositiveIntegerField(
+        "HTTP failures to trip", default=2, validators=[MinValueValidator(1)]
+    )
+    http_url = models.URLField(
+        "HTTP probe URL",
+        max_length=500,
+        blank=True,
+        default="",
+        help_text="Empty: an authenticated GET {base URL}/models, which spends no tokens.",
+    )
+    http_expected_status = models.PositiveSmallIntegerField(
+        "expected status",
+        null=True,
+        blank=True,
+        help_text="Empty: any answer below 500 is up. 401/403 never count as down: they say "
+        "the key is bad, not the endpoint.",
+    )
+    http_timeout_seconds = models.FloatField(
+        "HTTP timeout (s)", default=5.0, validators=[MinValueValidator(0.1)]
+    )
+
+    # Written by the probes.
+    ping_status = models.CharField(
+        max_length=16, choices=ProbeStatus.choices, default=ProbeStatus.UNKNOWN, editable=False
+    )
+    http_status = models.CharField(
+        max_length=16, choices=ProbeStatus.choices, default=ProbeStatus.UNKNOWN, editable=False
+    )
+    ping_failures = models.PositiveIntegerField(
+        "consecutive ping failures", default=0, editable=False
+    )
+    http_failures = models.PositiveIntegerField(
+        "consecutive HTTP failures", default=0, editable=False
+    )
+    last_latency_ms = models.FloatField(null=True, blank=True, editable=False)
+    last_checked_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # None until a probe has said something; False once a probe kind reached its threshold.
+    is_up = models.BooleanField("up", null=True, editable=False)
+    last_change_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # When the dispatcher sends the next probe of each kind (claimed atomically, see services).
+    next_ping_at = models.DateTimeField(null=True, blank=True, editable=False)
+    next_http_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["base_url"]
+
+    def __str__(self) -> str:
+        return self.base_url
+
+    @property
+    def probe_url(self) -> str:
+        return self.http_url or f"{self.base_url}/models"
+
+
+class HealthEvent(models.Model):
+    """One probe result."""
+
+    endpoint = models.ForeignKey(Endpoint, on_delete=models.CASCADE, related_name="events")
+    kind = models.CharField(max_length=8, choices=ProbeKind.choices)
+    ok = models.BooleanField()
+    status = models.CharField(max_length=16, choices=ProbeStatus.choices)
+    status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    latency_ms = models.FloatField(null=True, blank=True)
+    error = models.CharField(max_length=500, blank=True, default="")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [
+            models.Index(fields=["endpoint", "created_at"], name="healthevent_endpoint_time")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.endpoint} {self.kind} {self.status}"
+
+
+class BreakerRecord(models.Model):
+    """The breaker state of one endpoint in embedded mode (Redis holds it when scaled out).
+
+    Keyed by the base URL rather than by Endpoint: the proxy may trip a breaker before the
+    worker has created the endpoint's row.
+    """
+
+    endpoint = models.CharField(max_length=500, unique=True)
+    state = models.TextField(default="{}")  # BreakerState.to_json()
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return self.endpoint

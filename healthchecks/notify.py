@@ -1,0 +1,100 @@
+"""Telling people that an endpoint's health changed: a log line, a Django signal, webhooks.
+
+Each webhook gets the same JSON body, POSTed by a Celery task that retries with backoff, signed
+with HMAC-SHA256 over the exact bytes of the body (docs/configuration.md shows how to verify):
+
+    X-Llmrotate-Signature: sha256=<hex digest>
+    X-Llmrotate-Timestamp: <unix seconds, also the body's "timestamp">
+
+The body's `id` and `timestamp` are covered by the signature, so a receiver can refuse replays
+(an id seen before, or a timestamp too old). Retries resend the same body, id included.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+from django.conf import settings
+
+from healthchecks.signals import endpoint_health_changed
+
+logger = logging.getLogger("llmrotate.health")
+
+SIGNATURE_HEADER = "X-Llmrotate-Signature"
+TIMESTAMP_HEADER = "X-Llmrotate-Timestamp"
+
+
+class WebhookError(Exception):
+    """The receiver answered, but not with a 2xx: worth retrying."""
+
+
+def public_url(url: str) -> str:
+    """The URL without credentials or query string (a base URL may carry either)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def webhook_signature(*, secret: str, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def health_change_notify(
+    *, endpoint: str, event: str, previous: str, current: str, reason: str, now: float | None = None
+) -> dict[str, Any]:
+    """Log, signal and queue webhooks for one change. Never raises for a delivery problem."""
+    at = time.time() if now is None else now
+    payload: dict[str, Any] = {
+        "id": uuid.uuid4().hex,
+        "event": event,
+        "endpoint": public_url(endpoint),
+        "previous": previous,
+        "current": current,
+        "reason": reason,
+        "timestamp": int(at),
+        "occurred_at": datetime.fromtimestamp(at, UTC).isoformat(),
+    }
+    log = logger.info if event in ("endpoint.up", "breaker.closed") else logger.warning
+    log("endpoint %s: %s (%s -> %s) %s", payload["endpoint"], event, previous, current, reason)
+    endpoint_health_changed.send(sender=health_change_notify, payload=payload)
+    urls = settings.LLMROTATE_WEBHOOK_URLS
+    if urls:
+        from healthchecks.tasks import webhook_deliver
+
+        body = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        for url in urls:
+            try:
+                webhook_deliver.delay(url=url, body=body)
+            except Exception:  # the broker is down: the change is logged and signalled anyway
+                logger.exception("could not queue the webhook to %s", public_url(url))
+    return payload
+
+
+def webhook_post(*, url: str, body: str) -> int:
+    """POST one notification, signed. Raises httpx.HTTPError or WebhookError to be retried."""
+    raw = body.encode()
+    timestamp = str(json.loads(body).get("timestamp", int(time.time())))
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": "llmrotate-webhook",
+        SIGNATURE_HEADER: webhook_signature(secret=settings.LLMROTATE_WEBHOOK_SECRET, body=raw),
+        TIMESTAMP_HEADER: timestamp,
+    }
+    # trust_env=False: a webhook goes where the operator said, not through environment proxies.
+    with httpx.Client(timeout=5.0, trust_env=False, follow_redirects=False) as client:
+        response = client.post(url, content=raw, headers=headers)
+    if not response.is_success:
+        raise WebhookError(f"{public_url(url)} answered HTTP {response.status_code}")
+    return response.status_code

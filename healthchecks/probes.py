@@ -1,0 +1,96 @@
+"""The two probes and how their answers are judged.
+
+ICMP ping uses icmplib: privileged (raw socket) as root, unprivileged (datagram socket) for
+anyone else, which Linux allows only to groups in net.ipv4.ping_group_range. When the kernel
+refuses the socket the probe says `unavailable` and health rests on the HTTP probe alone.
+
+The HTTP probe is by default the same cheap authenticated call as key re-validation,
+`GET {base_url}/models`: it spends no tokens. A 5xx, a timeout and a connection error mean the
+endpoint is down. A 401/403 does not: the endpoint answered, only the key is bad (key health
+deals with that).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import httpx
+import icmplib
+
+from healthchecks.models import ProbeStatus
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    status: ProbeStatus
+    latency_ms: float | None = None
+    status_code: int | None = None
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == ProbeStatus.OK
+
+    @property
+    def counts(self) -> bool:
+        """Does it say anything about the endpoint? (An unavailable ping does not.)"""
+        return self.status in (ProbeStatus.OK, ProbeStatus.FAILED)
+
+
+def classify_http(status_code: int, *, latency_ms: float, expected: int | None) -> ProbeResult:
+    if status_code in (401, 403):
+        return ProbeResult(ProbeStatus.OK, latency_ms, status_code, "the probe key was rejected")
+    if status_code >= 500:
+        return ProbeResult(ProbeStatus.FAILED, latency_ms, status_code, f"HTTP {status_code}")
+    if expected is not None and status_code != expected:
+        return ProbeResult(
+            ProbeStatus.FAILED, latency_ms, status_code, f"HTTP {status_code}, expected {expected}"
+        )
+    return ProbeResult(ProbeStatus.OK, latency_ms, status_code)
+
+
+def classify_http_error(exc: Exception) -> ProbeResult:
+    # The exception's class names what went wrong; its text may quote the URL, which is fine,
+    # but never headers, so no key can end up in a HealthEvent.
+    kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "connection error"
+    return ProbeResult(ProbeStatus.FAILED, error=f"{kind}: {type(exc).__name__}")
+
+
+def http_probe(
+    *, url: str, headers: dict[str, str], timeout: float, expected: int | None
+) -> ProbeResult:
+    with httpx.Client(timeout=timeout, trust_env=False, follow_redirects=False) as client:
+        # Timed from here: building the client (its TLS context) is not the endpoint's time.
+        started = time.perf_counter()
+        try:
+            response = client.get(url, headers=headers)
+        except httpx.HTTPError as exc:
+            return classify_http_error(exc)
+        latency_ms = (time.perf_counter() - started) * 1000
+    return classify_http(response.status_code, latency_ms=latency_ms, expected=expected)
+
+
+def classify_ping(host: icmplib.Host) -> ProbeResult:
+    if host.is_alive:
+        return ProbeResult(ProbeStatus.OK, latency_ms=host.avg_rtt)
+    return ProbeResult(ProbeStatus.FAILED, error="no echo reply")
+
+
+def ping_probe(*, host: str, timeout: float, privileged: bool) -> ProbeResult:
+    try:
+        reply = icmplib.ping(host, count=1, timeout=timeout, privileged=privileged)
+    except icmplib.SocketPermissionError:
+        return ProbeResult(
+            ProbeStatus.UNAVAILABLE,
+            error="ICMP sockets are not allowed for this user "
+            "(run as root, or add its group to net.ipv4.ping_group_range)",
+        )
+    except icmplib.NameLookupError:
+        return ProbeResult(ProbeStatus.FAILED, error=f"cannot resolve {host}")
+    except icmplib.ICMPError as exc:  # unreachable, TTL exceeded: an answer, and a bad one
+        return ProbeResult(ProbeStatus.FAILED, error=str(exc)[:500])
+    except (icmplib.ICMPLibError, OSError) as exc:
+        # e.g. a kernel without IPv6, or a sandbox without ICMP at all: not the endpoint's fault.
+        return ProbeResult(ProbeStatus.UNAVAILABLE, error=f"ICMP unavailable: {exc}"[:500])
+    return classify_ping(reply)

@@ -1,0 +1,400 @@
+"""Admin for providers, keys, routes and client tokens.
+
+Thin: every write goes through keys.services (which also drops the proxy's routing cache).
+Secrets are write-only here: no form, list or change page ever renders a plaintext secret or
+its ciphertext, only the masked hint.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
+from django.db.models import QuerySet
+from django.forms import BaseInlineFormSet
+from django.http import HttpRequest
+from django.utils.timesince import timesince, timeuntil
+
+from keys.health import KeyState, KeyStatus
+from keys.models import ApiKey, ClientToken, Deployment, Provider, Route
+from keys.services import (
+    HealthAction,
+    api_key_health_action,
+    api_key_parse_secret,
+    api_key_save,
+    client_token_create,
+    client_token_revoke,
+    client_token_update,
+    invalidate_routing_on_commit,
+)
+from keys.state_store import get_key_state_store
+
+
+class InvalidatesRoutingMixin(admin.ModelAdmin):
+    """Plain-model admins (providers, routes): save as usual, then drop the routing cache.
+
+    These models have no rules beyond their fields, so a service per model would only forward
+    to `save()`; what they do need is the cache invalidation every write must do.
+    """
+
+    def save_related(self, request: HttpRequest, form: Any, formsets: Any, change: bool) -> None:
+        # After the inlines, so the reload sees the whole change (a route and its deployments).
+        super().save_related(request, form, formsets, change)
+        invalidate_routing_on_commit()
+
+    def delete_model(self, request: HttpRequest, obj: Any) -> None:
+        super().delete_model(request, obj)
+        invalidate_routing_on_commit()
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
+        super().delete_queryset(request, queryset)
+        invalidate_routing_on_commit()
+
+
+# ---------------------------------------------------------------------------------------------
+# Providers
+
+
+@admin.register(Provider)
+class ProviderAdmin(InvalidatesRoutingMixin):
+    list_display = ["name", "kind", "base_url", "enabled", "key_count"]
+    list_filter = ["kind", "enabled"]
+    search_fields = ["name", "base_url"]
+
+    @admin.display(description="keys")
+    def key_count(self, obj: Provider) -> int:
+        return obj.keys.count()
+
+
+# ---------------------------------------------------------------------------------------------
+# API keys
+
+
+class ModelListField(forms.CharField):
+    """`allowed_models` as text: one model per line or comma-separated; empty means all."""
+
+    widget = forms.Textarea(attrs={"rows": 3})
+
+    def prepare_value(self, value: Any) -> Any:
+        if isinstance(value, list):
+            return "\n".join(value)
+        return value
+
+    def to_python(self, value: Any) -> list[str]:  # type: ignore[override]
+        text = super().to_python(value) or ""
+        return [m.strip() for m in text.replace(",", "\n").splitlines() if m.strip()]
+
+
+class ApiKeyForm(forms.ModelForm):
+    secret = forms.CharField(
+        required=False,
+        strip=True,
+        # render_value=False: after a failed submit the page comes back without the secret.
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
+        help_text=(
+            "The provider's API key, stored encrypted; or env://NAME or file://path to keep it "
+            "out of the database. Leave empty to keep the current secret."
+        ),
+    )
+    allowed_models = ModelListField(
+        label="Models",
+        required=False,
+        help_text="Upstream models this key may serve, one per line. Empty means all.",
+    )
+
+    class Meta:
+        model = ApiKey
+        fields = ["key_id", "provider", "secret", "enabled", "priority", "weight", "allowed_models"]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.instance.pk is None:
+            self.fields["secret"].required = True
+            self.fields["secret"].help_text = (
+                "The provider's API key, stored encrypted; or env://NAME or file://path to keep "
+                "it out of the database."
+            )
+
+    def clean_secret(self) -> str:
+        secret: str = self.cleaned_data.get("secret") or ""
+        if secret:
+            # Syntax only; a reference that does not resolve here is a warning after saving.
+            api_key_parse_secret(secret=secret)
+        return secret
+
+
+def _relative(epoch: float | None, now: float) -> str:
+    if not epoch:
+        return "—"
+    moment = datetime.fromtimestamp(epoch, tz=UTC)
+    reference = datetime.fromtimestamp(now, tz=UTC)
+    if epoch >= now:
+        return f"in {timeuntil(moment, reference)}"
+    return f"{timesince(moment, reference)} ago"
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    form = ApiKeyForm
+    list_display = [
+        "key_id",
+        "provider",
+        "secret_hint",
+        "enabled",
+        "priority",
+        "weight",
+        "health_status",
+        "benched_until",
+        "consecutive_failures",
+        "last_error",
+    ]
+    list_filter = ["provider", "enabled"]
+    search_fields = ["key_id"]
+    list_select_related = ["provider"]
+    readonly_fields = ["secret_hint", "health_status", "benched_until", "last_error"]
+    actions = ["disable_keys", "enable_keys", "reset_health"]
+
+    def get_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> tuple[str, ...]:
+        if obj is None:
+            return (
+                "key_id",
+                "provider",
+                "secret",
+                "enabled",
+                "priority",
+                "weight",
+                "allowed_models",
+            )
+        # The masked hint next to the (empty) secret box, and the live health below.
+        return (
+            "key_id",
+            "provider",
+            "secret",
+            "secret_hint",
+            "enabled",
+            "priority",
+            "weight",
+            "allowed_models",
+            "health_status",
+            "benched_until",
+            "last_error",
+        )
+
+    def get_changelist_instance(self, request: HttpRequest) -> Any:
+        changelist = super().get_changelist_instance(request)
+        # One store round trip for the whole page rather than one (or four) per row; kept on
+        # the row objects, not on this admin, which every request shares.
+        rows = list(changelist.result_list)
+        states = get_key_state_store().get_many([k.key_id for k in rows], now=time.time())
+        for key in rows:
+            key._health = states.get(key.key_id)
+        return changelist
+
+    def _health(self, obj: ApiKey) -> KeyState | None:
+        cached = getattr(obj, "_health", None)
+        if cached is None and obj.pk is not None:
+            # Change form: one key, one call.
+            cached = get_key_state_store().get_many([obj.key_id], now=time.time())[obj.key_id]
+            obj._health = cached  # type: ignore[attr-defined]
+        return cached[0] if cached else None
+
+    @admin.display(description="health")
+    def health_status(self, obj: ApiKey) -> str:
+        state = self._health(obj)
+        return state.status.value if state else "—"
+
+    @admin.display(description="back")
+    def benched_until(self, obj: ApiKey) -> str:
+        state = self._health(obj)
+        if state is None:
+            return "—"
+        until = {
+            KeyStatus.COOLDOWN: max(state.cooldown_until, state.exhausted_until),
+            KeyStatus.EXHAUSTED: max(state.exhausted_until, state.cooldown_until),
+            KeyStatus.QUARANTINED: state.quarantine_until,
+        }.get(state.status)
+        if until is None:
+            return "—"
+        text = _relative(until, time.time())
+        if state.status == KeyStatus.QUARANTINED:
+            # Quarantine ends by a successful re-check, not by the clock alone.
+            text = f"re-check {text}"
+        return text
+
+    @admin.display(description="failures in a row")
+    def consecutive_failures(self, obj: ApiKey) -> int | str:
+        state = self._health(obj)
+        return state.consecutive_failures if state else "—"
+
+    @admin.display(description="last error")
+    def last_error(self, obj: ApiKey) -> str:
+        state = self._health(obj)
+        if state is None or not state.last_error_type:
+            return "—"
+        return f"{state.last_error_type} ({_relative(state.last_used_at, time.time())})"
+
+    def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
+        warnings = api_key_save(api_key=obj, secret=form.cleaned_data.get("secret") or None)
+        for warning in warnings:
+            messages.warning(request, warning)
+
+    def delete_model(self, request: HttpRequest, obj: ApiKey) -> None:
+        super().delete_model(request, obj)
+        invalidate_routing_on_commit()
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        super().delete_queryset(request, queryset)
+        invalidate_routing_on_commit()
+
+    def _health_action(
+        self, request: HttpRequest, queryset: QuerySet[ApiKey], action: HealthAction, done: str
+    ) -> None:
+        keys = list(queryset)
+        for key in keys:
+            api_key_health_action(api_key=key, action=action)
+        self.message_user(request, f"{done}: {', '.join(k.key_id for k in keys)}")
+
+    @admin.action(description="Disable selected keys")
+    def disable_keys(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        self._health_action(request, queryset, "disable", "Disabled")
+
+    @admin.action(description="Enable selected keys")
+    def enable_keys(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        self._health_action(request, queryset, "enable", "Enabled")
+
+    @admin.action(description="Reset health of selected keys")
+    def reset_health(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        self._health_action(request, queryset, "reset", "Health reset")
+
+
+# ---------------------------------------------------------------------------------------------
+# Routes
+
+
+class DeploymentFormSet(BaseInlineFormSet):
+    def clean(self) -> None:
+        super().clean()
+        positions = [
+            form.cleaned_data["position"]
+            for form in self.forms
+            if form.cleaned_data and not form.cleaned_data.get("DELETE")
+        ]
+        if len(positions) != len(set(positions)):
+            raise ValidationError("Each deployment needs its own position.")
+
+
+class DeploymentInline(admin.TabularInline):
+    model = Deployment
+    formset = DeploymentFormSet
+    fields = ["position", "provider", "model"]
+    ordering = ["position"]
+    extra = 1
+
+
+@admin.register(Route)
+class RouteAdmin(InvalidatesRoutingMixin):
+    list_display = ["name", "strategy", "enabled", "chain"]
+    list_filter = ["strategy", "enabled"]
+    search_fields = ["name"]
+    inlines = [DeploymentInline]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Route]:
+        return super().get_queryset(request).prefetch_related("deployments__provider")
+
+    @admin.display(description="fallback chain")
+    def chain(self, obj: Route) -> str:
+        return " → ".join(str(d) for d in obj.deployments.all()) or "—"
+
+
+# ---------------------------------------------------------------------------------------------
+# Client tokens
+
+
+class RouteListField(forms.CharField):
+    def prepare_value(self, value: Any) -> Any:
+        if isinstance(value, list):
+            return ", ".join(value)
+        return value
+
+    def to_python(self, value: Any) -> list[str]:  # type: ignore[override]
+        text = super().to_python(value) or ""
+        return [r.strip() for r in text.replace("\n", ",").split(",") if r.strip()]
+
+
+class ClientTokenForm(forms.ModelForm):
+    routes = RouteListField(
+        initial=["*"],
+        help_text="Route names this token may use, comma-separated; * for all.",
+    )
+    scopes = forms.MultipleChoiceField(
+        choices=ClientToken.Scope.choices,
+        initial=[ClientToken.Scope.PROXY.value],
+        widget=forms.CheckboxSelectMultiple,
+    )
+
+    class Meta:
+        model = ClientToken
+        fields = ["name", "routes", "scopes"]
+
+
+@admin.register(ClientToken)
+class ClientTokenAdmin(admin.ModelAdmin):
+    form = ClientTokenForm
+    list_display = ["name", "masked", "routes", "scopes", "revoked_at", "created_at"]
+    list_filter = [("revoked_at", admin.EmptyFieldListFilter)]
+    search_fields = ["name", "prefix"]
+    actions = ["revoke_tokens"]
+
+    def get_fields(self, request: HttpRequest, obj: ClientToken | None = None) -> tuple[str, ...]:
+        if obj is None:
+            return ("name", "routes", "scopes")
+        return ("name", "masked", "routes", "scopes", "revoked_at", "created_at")
+
+    def get_readonly_fields(
+        self, request: HttpRequest, obj: ClientToken | None = None
+    ) -> tuple[str, ...]:
+        if obj is None:
+            return ()
+        # Records and config files refer to a client by name: a new name is a new client.
+        return ("name", "masked", "revoked_at", "created_at")
+
+    @admin.display(description="token")
+    def masked(self, obj: ClientToken) -> str:
+        return obj.masked
+
+    def save_model(self, request: HttpRequest, obj: ClientToken, form: Any, change: bool) -> None:
+        data = form.cleaned_data
+        if change:
+            client_token_update(client_token=obj, routes=data["routes"], scopes=data["scopes"])
+            return
+        created, token = client_token_create(
+            name=data["name"], routes=data["routes"], scopes=data["scopes"]
+        )
+        # The admin goes on with `obj` (log entry, redirect); make it the saved row.
+        obj.pk, obj.prefix, obj.token_hash = created.pk, created.prefix, created.token_hash
+        obj.created_at = created.created_at
+        obj._state.adding = False
+        # The only time the token exists outside the caller's hands: only its hash is kept.
+        messages.success(
+            request,
+            f"Token for “{created.name}”: {token} — copy it now: it cannot be shown again.",
+        )
+
+    def delete_model(self, request: HttpRequest, obj: ClientToken) -> None:
+        super().delete_model(request, obj)
+        invalidate_routing_on_commit()
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[ClientToken]) -> None:
+        super().delete_queryset(request, queryset)
+        invalidate_routing_on_commit()
+
+    @admin.action(description="Revoke selected tokens")
+    def revoke_tokens(self, request: HttpRequest, queryset: QuerySet[ClientToken]) -> None:
+        tokens = list(queryset)
+        for token in tokens:
+            client_token_revoke(token=token)
+        self.message_user(request, f"Revoked: {', '.join(t.name for t in tokens)}")

@@ -1,0 +1,173 @@
+"""The key state store's interface, and its in-process backend (also Redis's fallback).
+
+See keys.state_store, where the process-wide store is chosen; keys.state_store_redis has the
+backend shared by every process.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+from keys.health import (
+    KeyPolicy,
+    KeyState,
+    KeyStatus,
+    Outcome,
+    apply_manual,
+    apply_outcome,
+    apply_recheck,
+    effective_state,
+)
+from keys.ratelimits import Headroom
+
+ManualAction = Literal["disable", "enable", "reset"]
+Snapshot = dict[str, tuple[KeyState, int]]
+Transition = Callable[[KeyState], KeyState]
+
+_AVAILABLE = (KeyStatus.ACTIVE, KeyStatus.PROBING)
+
+
+class KeyStateStore(ABC):
+    # async: the proxy hot path
+    @abstractmethod
+    async def snapshot(self, key_ids: Sequence[str], *, now: float) -> Snapshot:
+        """Effective state and calls in flight for each key."""
+
+    @abstractmethod
+    async def record(
+        self,
+        key_id: str,
+        outcome: Outcome,
+        *,
+        now: float,
+        policy: KeyPolicy,
+        retry_after: float | None = None,
+        headroom: Headroom | None = None,
+        error_type: str | None = None,
+    ) -> KeyState:
+        """Apply one call's outcome; returns the new state."""
+
+    @abstractmethod
+    async def acquire(self, key_id: str, *, now: float) -> bool:
+        """Take a key for one call; False if it is unavailable or its one trial is taken."""
+
+    @abstractmethod
+    async def release(self, key_id: str) -> None:
+        """The call that acquired the key is over (also frees a probe slot)."""
+
+    @abstractmethod
+    async def next_rr(self, name: str) -> int:
+        """Next value of a round-robin counter shared by every process."""
+
+    # sync: admin, monitoring, jobs, tests
+    @abstractmethod
+    def get_many(self, key_ids: Sequence[str], *, now: float) -> Snapshot: ...
+
+    @abstractmethod
+    def manual(self, key_id: str, action: ManualAction, *, now: float) -> KeyState: ...
+
+    @abstractmethod
+    def recheck(self, key_id: str, *, ok: bool, now: float, policy: KeyPolicy) -> KeyState: ...
+
+    @abstractmethod
+    def clear(self) -> None: ...
+
+
+class MemoryKeyStateStore(KeyStateStore):
+    """One process's view. A threading lock, not an asyncio one: admin threads touch it too.
+
+    Nothing here awaits while holding the lock, so the event loop is never blocked for long.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._states: dict[str, KeyState] = {}
+        self._inflight: dict[str, int] = {}
+        self._probes: set[str] = set()
+        self._rr: dict[str, int] = {}
+
+    async def snapshot(self, key_ids: Sequence[str], *, now: float) -> Snapshot:
+        return self.get_many(key_ids, now=now)
+
+    async def record(
+        self,
+        key_id: str,
+        outcome: Outcome,
+        *,
+        now: float,
+        policy: KeyPolicy,
+        retry_after: float | None = None,
+        headroom: Headroom | None = None,
+        error_type: str | None = None,
+    ) -> KeyState:
+        fn = _outcome_fn(outcome, now, policy, retry_after, headroom, error_type)
+        return self.apply(key_id, fn)
+
+    async def acquire(self, key_id: str, *, now: float) -> bool:
+        with self._lock:
+            state = effective_state(self._states.get(key_id, KeyState()), now=now)
+            if state.status not in _AVAILABLE:
+                return False
+            if state.status == KeyStatus.PROBING:
+                if key_id in self._probes:
+                    return False
+                self._probes.add(key_id)
+            self._inflight[key_id] = self._inflight.get(key_id, 0) + 1
+            return True
+
+    async def release(self, key_id: str) -> None:
+        with self._lock:
+            self._inflight[key_id] = max(0, self._inflight.get(key_id, 0) - 1)
+            self._probes.discard(key_id)
+
+    async def next_rr(self, name: str) -> int:
+        with self._lock:
+            self._rr[name] = self._rr.get(name, 0) + 1
+            return self._rr[name]
+
+    def get_many(self, key_ids: Sequence[str], *, now: float) -> Snapshot:
+        with self._lock:
+            states, inflight = self._states, self._inflight
+            return {
+                k: (effective_state(states.get(k, KeyState()), now=now), inflight.get(k, 0))
+                for k in key_ids
+            }
+
+    def manual(self, key_id: str, action: ManualAction, *, now: float) -> KeyState:
+        return self.apply(key_id, lambda s: apply_manual(s, action, now=now))
+
+    def recheck(self, key_id: str, *, ok: bool, now: float, policy: KeyPolicy) -> KeyState:
+        return self.apply(key_id, lambda s: apply_recheck(s, ok=ok, now=now, policy=policy))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._states.clear()
+            self._inflight.clear()
+            self._probes.clear()
+            self._rr.clear()
+
+    def apply(self, key_id: str, fn: Transition) -> KeyState:
+        """Run one pure transition under the lock (also the Redis store's outage fallback)."""
+        with self._lock:
+            new = self._states[key_id] = fn(self._states.get(key_id, KeyState()))
+            return new
+
+
+def _outcome_fn(
+    outcome: Outcome,
+    now: float,
+    policy: KeyPolicy,
+    retry_after: float | None,
+    headroom: Headroom | None,
+    error_type: str | None,
+) -> Transition:
+    def fn(state: KeyState) -> KeyState:
+        return apply_outcome(
+            state, outcome, now=now, policy=policy, retry_after=retry_after,
+            headroom=headroom, error_type=error_type,
+        )  # fmt: skip
+
+    return fn

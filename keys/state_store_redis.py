@@ -1,0 +1,347 @@
+"""The key state store shared by every process through Redis, falling back to one process's.
+
+The interface and the in-process backend are in keys.state_store_base; keys.state_store picks
+the store for this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import redis
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, WatchError
+from redis.retry import Retry
+
+from keys.health import (
+    KeyPolicy,
+    KeyState,
+    KeyStatus,
+    Outcome,
+    apply_manual,
+    apply_recheck,
+    effective_state,
+)
+from keys.ratelimits import Headroom
+from keys.state_store_base import (
+    _AVAILABLE,
+    KeyStateStore,
+    ManualAction,
+    MemoryKeyStateStore,
+    Snapshot,
+    Transition,
+    _outcome_fn,
+)
+
+log = logging.getLogger("llmrotate.keys")
+
+T = TypeVar("T")
+
+# A probe slot outlives a crashed process only this long, so a key cannot stay stuck in
+# "probing, trial in flight" forever.
+PROBE_SLOT_TTL_SECONDS = 300
+# Fields a success or client error may touch without changing the key's health. When nothing
+# else changes, the hot path skips the optimistic transaction (and its retries under load).
+_FAST_FIELDS = frozenset(
+    {"total_successes", "last_used_at", "remaining_requests", "remaining_tokens", "headroom_at"}
+)
+_MAX_TRANSACTION_ATTEMPTS = 1000
+# Connection errors and timeouts above all, but also a Redis that answers with an error (out
+# of memory, read-only replica after a failover): the proxy keeps serving either way.
+_REDIS_DOWN = RedisError
+_ASYNC_POOL_SIZE = 64
+_POOL_WAIT_SECONDS = 1.0
+_OUTAGE_WARN_EVERY_SECONDS = 30.0
+# After a failed call, go straight to the fallback for this long instead of paying a connect
+# timeout on every request of an outage.
+_OUTAGE_SKIP_SECONDS = 2.0
+
+
+# Decrement that never goes below zero (a release after `clear()` or a double release must not
+# leave a negative count that makes the key look idle forever), and free the probe slot.
+_RELEASE_LUA = """
+local v = redis.call('DECR', KEYS[1])
+if v < 0 then redis.call('SET', KEYS[1], 0) end
+redis.call('DEL', KEYS[2])
+return 0
+"""
+
+
+class RedisKeyStateStore(KeyStateStore):
+    """State shared by every process through Redis: one hash per key, counters beside it.
+
+    Transitions run the pure functions inside WATCH/MULTI transactions, retried on conflict, so
+    two processes recording at once never lose an update and timers only move forward.
+
+    Redis being down must not take the proxy down with it: each call that cannot reach Redis
+    falls back to an in-process store (fail open, per process) and logs a warning now and then.
+    """
+
+    def __init__(self, url: str, *, prefix: str = "llmrotate:", timeout: float = 0.5) -> None:
+        self.prefix = prefix
+        self._url = url
+        self._timeout = timeout
+        self._sync = redis.Redis.from_url(url, **self._client_kwargs(Retry(NoBackoff(), 1)))
+        # An asyncio client is bound to the loop it first ran on; each loop gets its own.
+        self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._async_lock = threading.Lock()
+        self._fallback = MemoryKeyStateStore()
+        self._warned_at = float("-inf")
+        self._down_until = float("-inf")
+
+    # ---- async (hot path)
+
+    async def snapshot(self, key_ids: Sequence[str], *, now: float) -> Snapshot:
+        async def op() -> Snapshot:
+            async with self._aclient().pipeline(transaction=False) as pipe:
+                for k in key_ids:
+                    pipe.hgetall(self._hkey(k))
+                    pipe.get(self._ikey(k))
+                return self._unpack(key_ids, await pipe.execute(), now=now)
+
+        return await self._guard_async(op, lambda: self._fallback.snapshot(key_ids, now=now))
+
+    async def record(
+        self,
+        key_id: str,
+        outcome: Outcome,
+        *,
+        now: float,
+        policy: KeyPolicy,
+        retry_after: float | None = None,
+        headroom: Headroom | None = None,
+        error_type: str | None = None,
+    ) -> KeyState:
+        fn = _outcome_fn(outcome, now, policy, retry_after, headroom, error_type)
+
+        async def op() -> KeyState:
+            client, hkey = self._aclient(), self._hkey(key_id)
+            if outcome in (Outcome.SUCCESS, Outcome.CLIENT_ERROR):
+                before = effective_state(KeyState.from_dict(await client.hgetall(hkey)), now=now)
+                after = fn(before)
+                changed = _changed(before, after)
+                if changed <= _FAST_FIELDS:
+                    # Not watched: a transition another process commits meanwhile is kept,
+                    # because this only increments a counter and sets fields it doesn't touch.
+                    # (At worst a concurrent failure's counter is not reset by this success.)
+                    async with client.pipeline(transaction=True) as pipe:
+                        _queue_fast(pipe, hkey, before, after, changed)
+                        await pipe.execute()
+                    return after
+            async with client.pipeline(transaction=True) as pipe:
+                for _ in range(_MAX_TRANSACTION_ATTEMPTS):
+                    try:
+                        await pipe.watch(hkey)
+                        new = fn(KeyState.from_dict(await pipe.hgetall(hkey)))
+                        pipe.multi()
+                        pipe.hset(hkey, mapping=new.to_dict())  # type: ignore[arg-type]
+                        await pipe.execute()
+                        return new
+                    except WatchError:
+                        await asyncio.sleep(0)  # someone else won; read again and re-apply
+            raise RuntimeError(f"key state of {key_id} kept changing; gave up recording")
+
+        async def fallback() -> KeyState:
+            return self._fallback.apply(key_id, fn)
+
+        return await self._guard_async(op, fallback)
+
+    async def acquire(self, key_id: str, *, now: float) -> bool:
+        async def op() -> bool:
+            client = self._aclient()
+            raw = await client.hgetall(self._hkey(key_id))
+            state = effective_state(KeyState.from_dict(raw), now=now)
+            if state.status not in _AVAILABLE:
+                return False
+            # Half-open: SET NX makes exactly one caller, in any process, the trial.
+            if state.status == KeyStatus.PROBING and not await client.set(
+                self._pkey(key_id), "1", nx=True, ex=PROBE_SLOT_TTL_SECONDS
+            ):
+                return False
+            await client.incr(self._ikey(key_id))
+            return True
+
+        return await self._guard_async(op, lambda: self._fallback.acquire(key_id, now=now))
+
+    async def release(self, key_id: str) -> None:
+        # The probe slot is freed by any release of the key. A call that was acquired before
+        # the key went probing could free it early, but exhaustion lasts long enough (an hour
+        # by default) that such a call is long over.
+        async def op() -> None:
+            keys = (self._ikey(key_id), self._pkey(key_id))
+            await self._aclient().eval(_RELEASE_LUA, 2, *keys)
+
+        await self._guard_async(op, lambda: self._fallback.release(key_id))
+
+    async def next_rr(self, name: str) -> int:
+        async def op() -> int:
+            return int(await self._aclient().incr(f"{self.prefix}rr:{name}"))
+
+        return await self._guard_async(op, lambda: self._fallback.next_rr(name))
+
+    # ---- sync
+
+    def get_many(self, key_ids: Sequence[str], *, now: float) -> Snapshot:
+        def op() -> Snapshot:
+            pipe = self._sync.pipeline(transaction=False)
+            for k in key_ids:
+                pipe.hgetall(self._hkey(k))
+                pipe.get(self._ikey(k))
+            return self._unpack(key_ids, pipe.execute(), now=now)
+
+        return self._guard(op, lambda: self._fallback.get_many(key_ids, now=now))
+
+    def manual(self, key_id: str, action: ManualAction, *, now: float) -> KeyState:
+        return self._transact(key_id, lambda s: apply_manual(s, action, now=now))
+
+    def recheck(self, key_id: str, *, ok: bool, now: float, policy: KeyPolicy) -> KeyState:
+        return self._transact(key_id, lambda s: apply_recheck(s, ok=ok, now=now, policy=policy))
+
+    def clear(self) -> None:
+        """Delete this store's keys (only those under its prefix; never the whole database)."""
+        self._fallback.clear()
+
+        def op() -> None:
+            batch = list(self._sync.scan_iter(match=f"{self.prefix}*", count=500))
+            for i in range(0, len(batch), 500):
+                self._sync.delete(*batch[i : i + 500])
+
+        self._guard(op, lambda: None)
+
+    def close(self) -> None:
+        """Close the sync client and forget the async ones (see `aclose`)."""
+        self._sync.close()
+        with self._async_lock:
+            self._async.clear()
+
+    async def aclose(self) -> None:
+        """Close the running loop's client (at shutdown; tests, whose loops are short-lived)."""
+        with self._async_lock:
+            client = self._async.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.aclose()
+
+    # ---- internals
+
+    def _hkey(self, key_id: str) -> str:
+        return f"{self.prefix}key:{key_id}"
+
+    def _ikey(self, key_id: str) -> str:
+        return f"{self.prefix}inflight:{key_id}"
+
+    def _pkey(self, key_id: str) -> str:
+        return f"{self.prefix}probe:{key_id}"
+
+    def _client_kwargs(self, retry: object) -> dict[str, Any]:
+        # Short timeouts and a single retry (for a pooled connection that went stale): on the
+        # hot path a slow Redis is as bad as a dead one, and the fallback is always there.
+        return {
+            "decode_responses": True,
+            "socket_connect_timeout": self._timeout,
+            "socket_timeout": self._timeout,
+            "retry": retry,
+        }
+
+    def _aclient(self) -> aioredis.Redis:
+        loop = asyncio.get_running_loop()
+        with self._async_lock:
+            client = self._async.get(loop)
+            if client is None:
+                # A blocking pool: past its size, calls queue briefly for a connection instead
+                # of failing (the default pool raises at 100 concurrent calls, which a busy
+                # proxy reaches and which is not an outage).
+                pool = aioredis.BlockingConnectionPool.from_url(
+                    self._url,
+                    max_connections=_ASYNC_POOL_SIZE,
+                    timeout=_POOL_WAIT_SECONDS,
+                    **self._client_kwargs(AsyncRetry(NoBackoff(), 1)),
+                )
+                client = self._async[loop] = aioredis.Redis.from_pool(pool)
+            return client
+
+    def _unpack(self, key_ids: Sequence[str], results: list[Any], *, now: float) -> Snapshot:
+        out: Snapshot = {}
+        for i, k in enumerate(key_ids):
+            raw, inflight = results[2 * i], results[2 * i + 1]
+            state = KeyState.from_dict(raw if isinstance(raw, dict) else {})
+            out[k] = (effective_state(state, now=now), max(0, int(inflight or 0)))
+        return out
+
+    def _transact(self, key_id: str, fn: Transition) -> KeyState:
+        def op() -> KeyState:
+            hkey = self._hkey(key_id)
+            with self._sync.pipeline(transaction=True) as pipe:
+                for _ in range(_MAX_TRANSACTION_ATTEMPTS):
+                    try:
+                        pipe.watch(hkey)
+                        new = fn(KeyState.from_dict(pipe.hgetall(hkey)))
+                        pipe.multi()
+                        pipe.hset(hkey, mapping=new.to_dict())  # type: ignore[arg-type]
+                        pipe.execute()
+                        return new
+                    except WatchError:
+                        continue
+            raise RuntimeError(f"key state of {key_id} kept changing; gave up updating")
+
+        return self._guard(op, lambda: self._fallback.apply(key_id, fn))
+
+    def _guard(self, op: Callable[[], T], fallback: Callable[[], T]) -> T:
+        if time.monotonic() < self._down_until:
+            return fallback()
+        try:
+            return op()
+        except _REDIS_DOWN as exc:
+            self._outage(exc)
+            return fallback()
+
+    async def _guard_async(
+        self, op: Callable[[], Awaitable[T]], fallback: Callable[[], Awaitable[T]]
+    ) -> T:
+        if time.monotonic() < self._down_until:
+            return await fallback()
+        try:
+            return await op()
+        except _REDIS_DOWN as exc:
+            self._outage(exc)
+            return await fallback()
+
+    def _outage(self, exc: Exception) -> None:
+        moment = time.monotonic()
+        self._down_until = moment + _OUTAGE_SKIP_SECONDS
+        if moment - self._warned_at >= _OUTAGE_WARN_EVERY_SECONDS:
+            self._warned_at = moment
+            where = urlsplit(self._url)  # host and port only: the URL may carry a password
+            log.warning(
+                "Redis at %s:%s is unavailable (%s); key state falls back to this process "
+                "until it is back",
+                where.hostname,
+                where.port or 6379,
+                type(exc).__name__,
+            )
+
+
+def _changed(before: KeyState, after: KeyState) -> frozenset[str]:
+    a, b = before.to_dict(), after.to_dict()
+    return frozenset(k for k in b if a.get(k) != b[k])
+
+
+def _queue_fast(
+    pipe: Any, hkey: str, before: KeyState, after: KeyState, changed: frozenset[str]
+) -> None:
+    if "total_successes" in changed:
+        pipe.hincrby(hkey, "total_successes", after.total_successes - before.total_successes)
+    values = after.to_dict()
+    mapping = {f: values[f] for f in changed - {"total_successes"}}
+    if mapping:
+        pipe.hset(hkey, mapping=mapping)

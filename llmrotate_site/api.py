@@ -1,0 +1,82 @@
+"""The one NinjaAPI: each app mounts its router here; every error body is OpenAI-shaped."""
+
+from __future__ import annotations
+
+import logging
+
+from django.http import Http404, HttpRequest, HttpResponse
+from ninja import NinjaAPI
+from ninja.errors import AuthenticationError, HttpError, ValidationError
+
+from healthchecks.api import router as healthchecks_router
+from keys.api import router as keys_router
+from proxy.api import router as proxy_router
+from proxy.errors import ProxyError, unauthenticated
+from usage.api import router as usage_router
+
+logger = logging.getLogger("llmrotate.api")
+
+api = NinjaAPI(
+    title="llmrotate",
+    version="1",
+    description="OpenAI-compatible gateway with key rotation, failover and usage monitoring.",
+    urls_namespace="api",
+    docs_url="/api/docs",
+    openapi_url="/api/openapi.json",
+)
+
+
+@api.exception_handler(ProxyError)
+def _proxy_error(request: HttpRequest, exc: ProxyError) -> HttpResponse:
+    return exc.response()
+
+
+@api.exception_handler(AuthenticationError)
+def _auth_error(request: HttpRequest, exc: AuthenticationError) -> HttpResponse:
+    return unauthenticated(
+        "Missing client token: send 'Authorization: Bearer <token>'.", code="missing_api_key"
+    ).response()
+
+
+@api.exception_handler(ValidationError)
+def _validation_error(request: HttpRequest, exc: ValidationError) -> HttpResponse:
+    first = exc.errors[0] if exc.errors else {}
+    where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "path", "body"))
+    message = first.get("msg", "Invalid request.")
+    return ProxyError(
+        422,
+        f"{where}: {message}" if where else message,
+        type="invalid_request_error",
+        code="invalid_parameter",
+        param=where or None,
+    ).response()
+
+
+@api.exception_handler(HttpError)
+def _http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
+    return ProxyError(
+        exc.status_code, str(exc), type="invalid_request_error", code=f"http_{exc.status_code}"
+    ).response()
+
+
+@api.exception_handler(Http404)
+def _not_found(request: HttpRequest, exc: Http404) -> HttpResponse:
+    return ProxyError(404, "Not found.", type="invalid_request_error", code="not_found").response()
+
+
+@api.exception_handler(Exception)
+def _unexpected(request: HttpRequest, exc: Exception) -> HttpResponse:
+    # The log line goes through the redacting filter; the client gets no internals.
+    logger.exception("unhandled error on %s %s", request.method, request.path)
+    return ProxyError(
+        500,
+        "Internal gateway error; see the gateway log.",
+        type="server_error",
+        code="internal_error",
+    ).response()
+
+
+api.add_router("/v1/", proxy_router)
+api.add_router("/api/health/", healthchecks_router)
+api.add_router("/api/", keys_router)
+api.add_router("/api/", usage_router)

@@ -1,0 +1,104 @@
+"""The beat schedule: defined here, written into django-celery-beat's tables when beat starts.
+
+Operators see the entries in the admin (Periodic tasks) and may switch any of them off, and
+that sticks: the sync sets each entry's task, interval and description from this code (the
+intervals come from settings), and never touches `enabled`.
+
+Run exactly one beat process. Two would each send every entry, so probes would run twice as
+often and notifications could be doubled.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.db import transaction
+from django_celery_beat.models import IntervalSchedule, PeriodicTask
+from django_celery_beat.schedulers import DatabaseScheduler
+
+logger = logging.getLogger("llmrotate")
+
+
+@dataclass(frozen=True)
+class BeatEntry:
+    name: str
+    task: str
+    every_seconds: float
+    description: str
+
+
+def beat_schedule() -> list[BeatEntry]:
+    return [
+        BeatEntry(
+            "healthchecks: dispatch due probes",
+            "healthchecks.probes_dispatch",
+            settings.LLMROTATE_PROBE_TICK_SECONDS,
+            "Sends the ping and HTTP probes that are due; each endpoint's intervals are set on "
+            "the endpoint (Health checks → Endpoints).",
+        ),
+        BeatEntry(
+            "keys: re-validate quarantined and exhausted keys",
+            "healthchecks.keys_revalidate",
+            settings.LLMROTATE_KEY_REVALIDATE_SECONDS,
+            "GET /models with each quarantined (wait over) or exhausted key; success moves it "
+            "to probing. In embedded mode the web process does this itself.",
+        ),
+        BeatEntry(
+            "healthchecks: prune old probe results",
+            "healthchecks.health_events_prune",
+            3600,
+            "Deletes probe results older than LLMROTATE_HEALTH_EVENT_RETENTION_DAYS.",
+        ),
+        BeatEntry(
+            "usage: prune old call records",
+            "usage.usage_prune",
+            3600,
+            "Deletes call records and minute rollups older than LLMROTATE_USAGE_RETENTION_DAYS "
+            "(0: keep forever); hourly and daily rollups stay.",
+        ),
+    ]
+
+
+def beat_schedule_sync() -> list[str]:
+    """Create or update the code-defined entries; returns the names that changed."""
+
+    changed = []
+    with transaction.atomic():
+        for entry in beat_schedule():
+            interval, _ = IntervalSchedule.objects.get_or_create(
+                every=max(1, round(entry.every_seconds)), period=IntervalSchedule.SECONDS
+            )
+            wanted = {"task": entry.task, "interval": interval, "description": entry.description}
+            task = PeriodicTask.objects.filter(name=entry.name).first()
+            if task is None:
+                PeriodicTask.objects.create(name=entry.name, **wanted)
+            elif (task.task, task.interval_id, task.description) != (
+                entry.task,
+                interval.pk,
+                entry.description,
+            ):
+                for field, value in wanted.items():
+                    setattr(task, field, value)
+                # The code's interval replaces any other kind of schedule set by hand.
+                task.crontab = task.solar = task.clocked = None
+                task.save()
+            else:
+                continue
+            changed.append(entry.name)
+    if changed:
+        logger.info("beat schedule synced: %s", ", ".join(changed))
+    return changed
+
+
+class SyncedDatabaseScheduler(DatabaseScheduler):
+    """django-celery-beat's scheduler, syncing the code's entries before its first read.
+
+    Before, not after: the scheduler takes the first change timestamp it sees as its baseline,
+    so entries written once it is running would only be noticed at the next unrelated change.
+    """
+
+    def setup_schedule(self) -> None:
+        beat_schedule_sync()
+        super().setup_schedule()

@@ -1,0 +1,235 @@
+"""The dashboard's panels: each reads what it shows through the apps' selectors (the same the
+monitoring API answers from) and returns the context of its partial,
+`templates/dashboard/partials/<name>.html`.
+
+A page is a list of panels. It renders them all once; afterwards each panel polls its own URL
+(`/dashboard/panels/<name>/` with the page's query) and replaces only itself. The overview's
+panels read rollups only, plus a bounded index walk for the recent feed, so that the page stays
+fast over 30 days of tens of millions of calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, cast
+
+from django.http import HttpRequest
+
+from healthchecks.selectors import EndpointHealth, endpoint_health_list
+from keys.selectors import (
+    KeyHealth,
+    ProviderHealth,
+    config_sanitized,
+    keys_health,
+    pool_health,
+)
+from llmrotate_site.dashboard.adapters import health_events_by_endpoint, usage_stats_by_key
+from llmrotate_site.dashboard.query import DashboardQuery
+from usage.record_selectors import usage_recent_page
+from usage.selectors import (
+    Stats,
+    UsageFilters,
+    usage_stats,
+    usage_stats_by_client,
+    usage_timeseries,
+    usage_totals_by,
+)
+from usage.timeframes import TimeFrame, TimeFrameError, default_bucket
+
+Context = dict[str, Any]
+Builder = Callable[[HttpRequest, DashboardQuery], Context]
+RECENT_FEED = 8
+CALLS_PER_PAGE = 50
+HEALTH_EVENTS = 30  # per endpoint: the sparkline; the timeline shows the newest few
+TIMELINE_EVENTS = 8
+
+
+def _has_any_call() -> bool:
+    # One row by the (started_at, id) index: tells "no traffic ever" (teach the first request)
+    # from "none in this frame" (suggest a longer one).
+    return bool(usage_recent_page(frame=TimeFrame(), filters=UsageFilters(), limit=1).records)
+
+
+def _first_request(request: HttpRequest) -> Context:
+    return {"base_url": request.build_absolute_uri("/v1"), "ever_called": _has_any_call()}
+
+
+def _timer(key: KeyHealth) -> datetime | None:
+    """The moment the key's current state ends by itself, if it does."""
+    return {
+        "cooldown": key.cooldown_until,
+        "quarantined": key.quarantine_until,
+        "exhausted": key.exhausted_until,
+    }.get(key.health)
+
+
+def _key_rows(keys: list[KeyHealth]) -> list[Context]:
+    return [{"key": key, "until": _timer(key)} for key in keys]
+
+
+# --- overview ----------------------------------------------------------------------------------
+
+
+def _provider_tone(provider: ProviderHealth, endpoint: EndpointHealth | None) -> str:
+    """Red when nothing can be routed there (no key available, or the breaker is open), amber
+    when some keys are out, green otherwise."""
+    if not provider.available or (endpoint is not None and endpoint.breaker_state == "open"):
+        return "bad"
+    return "ok" if provider.available == provider.total else "warn"
+
+
+def providers(request: HttpRequest, q: DashboardQuery) -> Context:
+    pool = pool_health()
+    endpoints = {name: e for e in endpoint_health_list() for name in e.providers}
+    return {
+        "pool": pool,
+        "providers": [
+            {
+                "health": provider,
+                "endpoint": endpoints.get(provider.provider),
+                "states": [(s, n) for s, n in provider.states.items() if n],
+                "tone": _provider_tone(provider, endpoints.get(provider.provider)),
+            }
+            for provider in pool.providers
+        ],
+    }
+
+
+def summary(request: HttpRequest, q: DashboardQuery) -> Context:
+    stats = usage_stats(frame=q.frame, filters=q.filters, now=q.now)
+    errors = sorted(stats.errors_by_type.items(), key=lambda kv: -kv[1])
+    context: Context = {"stats": stats, "top_errors": errors[:3]}
+    if stats.calls:
+        context["cost_per_1k"] = stats.cost_usd / stats.calls * 1000
+    if not stats.calls:
+        context.update(_first_request(request))
+    return context
+
+
+def timeseries(request: HttpRequest, q: DashboardQuery) -> Context:
+    bucket = default_bucket(q.frame, now=q.now)
+    try:
+        buckets = usage_timeseries(frame=q.frame, bucket=bucket, filters=q.filters, now=q.now)
+    except TimeFrameError as exc:
+        return {"error": exc.message}
+    return {
+        "chart": {
+            "bucket_seconds": int(bucket.total_seconds()),
+            "labels": [b.start.isoformat() for b in buckets],
+            "successes": [b.totals.successes for b in buckets],
+            "errors": [b.totals.errors for b in buckets],
+            "tokens": [b.totals.tokens.total for b in buckets],
+            "cost": [float(b.totals.cost_usd) for b in buckets],
+        }
+    }
+
+
+def models(request: HttpRequest, q: DashboardQuery) -> Context:
+    rows = usage_totals_by(
+        group=("provider", "requested_model"), frame=q.frame, filters=q.filters, now=q.now
+    )
+    rows.sort(key=lambda kv: -kv[1].calls)
+    return {
+        "rows": [{"provider": p, "model": m, "totals": t} for (p, m), t in rows],
+        "max_calls": max((t.calls for _, t in rows), default=0),
+    }
+
+
+def recent(request: HttpRequest, q: DashboardQuery) -> Context:
+    page = usage_recent_page(frame=q.frame, filters=q.filters, limit=RECENT_FEED)
+    return {"records": page.records}
+
+
+def key_table(request: HttpRequest, q: DashboardQuery) -> Context:
+    return {"rows": _key_rows(keys_health())}
+
+
+# --- pages -------------------------------------------------------------------------------------
+
+
+def key_details(request: HttpRequest, q: DashboardQuery) -> Context:
+    keys = keys_health()
+    stats = usage_stats_by_key(frame=q.frame, now=q.now)
+    rows = _key_rows(keys)
+    for row in rows:
+        row["stats"] = stats.get(row["key"].key_id, Stats())
+        toggle = "enable" if row["key"].health == "disabled" else "disable"
+        row["actions"] = (toggle, "reset")
+    return {"rows": rows, "can_change": request.user.has_perm("keys.change_apikey")}
+
+
+def sparkline(values: list[float], *, width: int = 160, height: int = 32) -> str:
+    """SVG polyline points for `values`, oldest first, scaled to the box (2px inset)."""
+    if len(values) < 2:
+        return ""
+    low, high = min(values), max(values)
+    span = (high - low) or 1.0
+    step = (width - 4) / (len(values) - 1)
+    return " ".join(
+        f"{2 + i * step:.1f},{height - 2 - (v - low) / span * (height - 4):.1f}"
+        for i, v in enumerate(values)
+    )
+
+
+def endpoints(request: HttpRequest, q: DashboardQuery) -> Context:
+    events = health_events_by_endpoint(limit=HEALTH_EVENTS)
+    rows = []
+    for endpoint in endpoint_health_list():
+        recent_events = events.get(endpoint.endpoint, [])
+        latencies = [e.latency_ms for e in reversed(recent_events) if e.latency_ms is not None]
+        rows.append(
+            {
+                "endpoint": endpoint,
+                "sparkline": sparkline(latencies),
+                "latency_range": (min(latencies), max(latencies)) if latencies else None,
+                "timeline": recent_events[:TIMELINE_EVENTS],
+            }
+        )
+    return {"rows": rows}
+
+
+def calls(request: HttpRequest, q: DashboardQuery) -> Context:
+    cursor = request.GET.get("cursor") or None
+    context: Context = {"cursor": cursor, "config": config_sanitized()}
+    try:
+        page = usage_recent_page(
+            frame=q.frame, filters=q.filters, limit=CALLS_PER_PAGE, cursor=cursor
+        )
+    except TimeFrameError as exc:
+        return {**context, "error": exc.message, "records": []}
+    context.update(records=page.records, next_cursor=page.next_cursor)
+    if not page.records and not cursor:
+        context.update(_first_request(request))
+    return context
+
+
+def clients(request: HttpRequest, q: DashboardQuery) -> Context:
+    usage = dict(usage_stats_by_client(frame=q.frame, filters=q.filters, now=q.now))
+    # config_sanitized() is typed dict[str, object]; its "clients" is a list of dicts.
+    entries = cast(list[dict[str, Any]], config_sanitized()["clients"])
+    configured = {c["name"]: c for c in entries}
+    # Busiest first; configured clients without calls in the frame last, so none is missing.
+    names = list(usage) + sorted(set(configured) - set(usage))
+    rows = [{"name": n, "stats": usage.get(n), "token": configured.get(n)} for n in names]
+    return {
+        "rows": rows,
+        "total_cost": sum((s.cost_usd for s in usage.values()), start=Decimal(0)),
+        "total_calls": sum(s.calls for s in usage.values()),
+    }
+
+
+# name -> builder; the partial is templates/dashboard/partials/<name>.html.
+PANELS: dict[str, Builder] = {
+    "providers": providers,
+    "summary": summary,
+    "timeseries": timeseries,
+    "models": models,
+    "recent": recent,
+    "key_table": key_table,
+    "key_details": key_details,
+    "endpoints": endpoints,
+    "calls": calls,
+    "clients": clients,
+}

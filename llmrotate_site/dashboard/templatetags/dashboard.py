@@ -1,0 +1,138 @@
+"""Formatting for the dashboard templates: compact numbers, money, durations, rates, and the
+colour ("tone") that goes with a key state, breaker state or call outcome.
+
+Every filter answers an em dash for a missing value, so a template never has to ask first.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+
+from django import template
+
+from llmrotate_site.dashboard.query import DashboardQuery
+
+register = template.Library()
+
+NONE = "—"
+# One palette for every state the dashboard shows: ok (green), warn (amber), bad (red),
+# info (blue), muted (grey). The CSS defines `.tone-<name>` for badges, dots and bars.
+TONES = {
+    # key health (keys.health.KeyStatus)
+    "active": "ok",
+    "cooldown": "warn",
+    "exhausted": "warn",
+    "quarantined": "bad",
+    "probing": "info",
+    "disabled": "muted",
+    # breaker (healthchecks.breaker.BreakerStatus) and probes (ProbeStatus)
+    "ok": "ok",
+    "closed": "ok",
+    "half_open": "info",
+    "open": "bad",
+    "failed": "bad",
+    "unknown": "muted",
+    "unavailable": "muted",
+    # pool (keys.selectors.pool_health)
+    "degraded": "warn",
+    "down": "bad",
+    # call outcomes (usage.models.Outcome); the rest are "bad"
+    "success": "ok",
+    "client_error": "warn",
+    "rate_limited": "warn",
+    "client_disconnected": "muted",
+}
+
+
+@register.filter
+def tone(state: object) -> str:
+    if state is True:
+        return "ok"
+    if state is False:
+        return "bad"
+    return TONES.get(str(state), "bad" if state else "muted")
+
+
+@register.filter
+def health_tone(success_rate: float | None) -> str:
+    """Green from 99 %, amber from 90 %, red below: how a success rate should look."""
+    if success_rate is None:
+        return "muted"
+    return "ok" if success_rate >= 0.99 else "warn" if success_rate >= 0.9 else "bad"
+
+
+@register.filter
+def label(state: object) -> str:
+    """`half_open` → `half open`."""
+    return str(state).replace("_", " ") if state not in (None, "") else NONE
+
+
+@register.filter
+def compact(value: float | int | Decimal | None) -> str:
+    """12 → 12, 12_345 → 12.3k, 1_234_567 → 1.23M."""
+    if value is None:
+        return NONE
+    number = float(value)
+    for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(number) >= size:
+            scaled = number / size
+            digits = 2 if abs(scaled) < 10 else 1 if abs(scaled) < 100 else 0
+            return f"{scaled:.{digits}f}{suffix}"
+    return f"{number:.0f}" if number == int(number) else f"{number:.1f}"
+
+
+@register.filter
+def usd(value: float | Decimal | None) -> str:
+    """Dollars with the precision small amounts need: $1,234.56, $0.42, $0.0031."""
+    if value is None:
+        return NONE
+    amount = float(value)
+    if amount == 0:
+        return "$0"
+    if abs(amount) >= 1:
+        return f"${amount:,.2f}"
+    if abs(amount) >= 0.01:
+        return f"${amount:.3f}"
+    return f"${amount:.4f}" if abs(amount) >= 0.0001 else "<$0.0001"
+
+
+@register.filter
+def ms(value: float | None) -> str:
+    """850 ms, 1.24 s, 2.1 min."""
+    if value is None:
+        return NONE
+    if value < 1000:
+        return f"{value:.0f} ms"
+    if value < 60_000:
+        return f"{value / 1000:.2f} s"
+    return f"{value / 60_000:.1f} min"
+
+
+@register.filter
+def pct(rate: float | None) -> str:
+    """0.9876 → 98.8%; the exact ends stay whole (100%, 0%)."""
+    if rate is None:
+        return NONE
+    percent = rate * 100
+    if percent in (0, 100):
+        return f"{percent:.0f}%"
+    return f"{percent:.1f}%"
+
+
+@register.filter
+def share(part: float | int | None, whole: float | int | None) -> float:
+    """Part of whole in percent, for bar widths; 0 without a whole."""
+    return round(100 * float(part or 0) / float(whole), 1) if whole else 0.0
+
+
+@register.filter
+def iso(moment: datetime | None) -> str:
+    """For the `data-` attributes the page's JS ticks from (countdowns, "ago")."""
+    return moment.isoformat() if moment else ""
+
+
+@register.simple_tag
+def query_with(q: DashboardQuery, **changes: str | None) -> str:
+    """`{% query_with q status="error" cursor=None %}`: this page's query with changes."""
+    return q.with_params(**changes)

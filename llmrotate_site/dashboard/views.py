@@ -1,0 +1,140 @@
+"""Dashboard views: staff only, thin. A page renders its panels (panels.py); a panel URL renders
+one panel again for HTMX polling; the request view shows one request's failover path; the key
+action view runs the admin's disable / enable / reset on one key."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+from django.contrib import messages
+from django.contrib.admin.views.decorators import staff_member_required
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.views.decorators.http import require_GET, require_POST
+
+from keys.models import ApiKey
+from keys.services import HEALTH_ACTIONS, api_key_health_action
+from llmrotate_site.dashboard.panels import PANELS
+from llmrotate_site.dashboard.query import dashboard_query
+from usage.record_selectors import request_attempts
+
+View = Callable[..., HttpResponse]
+
+# Page name -> (title, panels in the order the page shows them).
+PAGES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "overview": (
+        "Overview",
+        ("providers", "summary", "timeseries", "models", "recent", "key_table"),
+    ),
+    "keys": ("Keys", ("key_details",)),
+    "health": ("Health", ("endpoints",)),
+    "calls": ("Calls", ("calls",)),
+    "clients": ("Clients", ("clients",)),
+}
+POLL_SECONDS = 5
+ACTION_DONE = {"disable": "disabled", "enable": "enabled", "reset": "health reset"}
+
+
+def _is_staff(request: HttpRequest) -> bool:
+    return bool(request.user.is_active and request.user.is_staff)
+
+
+def dashboard_view(view: View) -> View:
+    """Staff only, with the admin's login page. A poll that finds the session gone sends the
+    whole tab to the login page (HX-Redirect) instead of swapping the login form into a
+    panel."""
+    protected = staff_member_required(view)
+
+    @wraps(view)
+    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if request.headers.get("HX-Request") and not _is_staff(request):
+            # Back to the page the poll came from (its path and query, never another host).
+            page = urlsplit(request.headers.get("HX-Current-URL", ""))
+            back = urlunsplit(("", "", page.path or reverse("dashboard:overview"), page.query, ""))
+            login = f"{reverse('admin:login')}?{urlencode({'next': back})}"
+            return HttpResponse(headers={"HX-Redirect": login})
+        return protected(request, *args, **kwargs)
+
+    return wrapper
+
+
+def _base_context(request: HttpRequest, page: str) -> dict[str, Any]:
+    return {
+        "q": dashboard_query(request),
+        "page": page,
+        "nav": [(name, title) for name, (title, _) in PAGES.items()],
+        "poll_seconds": POLL_SECONDS,
+    }
+
+
+def _panel_context(request: HttpRequest, name: str, context: dict[str, Any]) -> dict[str, Any]:
+    # The name goes along so that the partial knows its own polling URL.
+    return {"name": name, **PANELS[name](request, context["q"])}
+
+
+@require_GET
+@dashboard_view
+def page(request: HttpRequest, name: str) -> HttpResponse:
+    title, panel_names = PAGES[name]
+    context = _base_context(request, name)
+    context["title"] = title
+    context["panels"] = {p: _panel_context(request, p, context) for p in panel_names}
+    return render(request, f"dashboard/{name}.html", context)
+
+
+@require_GET
+@dashboard_view
+def panel(request: HttpRequest, name: str) -> HttpResponse:
+    if name not in PANELS:
+        raise Http404
+    context = _base_context(request, "")
+    context["p"] = _panel_context(request, name, context)
+    return render(request, f"dashboard/partials/{name}.html", context)
+
+
+@require_GET
+@dashboard_view
+def call_request(request: HttpRequest, request_id: str) -> HttpResponse:
+    attempts = request_attempts(request_id=request_id)
+    if not attempts:
+        raise Http404
+    context = _base_context(request, "calls")
+    context.update(
+        title=f"Request {request_id}",
+        request_id=request_id,
+        attempts=attempts,
+        final=attempts[-1],
+        total_ms=(attempts[-1]["finished_at"] - attempts[0]["started_at"]).total_seconds() * 1000,
+        total_tokens=sum(a["total_tokens"] for a in attempts),
+        total_cost=sum(a["cost_usd"] or 0 for a in attempts),
+    )
+    # In the calls page's side panel when opened from a row; a whole page when linked to.
+    template = "request.html" if request.headers.get("HX-Request") else "request_page.html"
+    return render(request, f"dashboard/partials/{template}", context)
+
+
+@require_POST
+@dashboard_view
+def key_action(request: HttpRequest, key_id: str, action: str) -> HttpResponseRedirect:
+    if action not in HEALTH_ACTIONS:
+        raise Http404
+    # The same permission the admin's actions need.
+    if not request.user.has_perm("keys.change_apikey"):
+        raise PermissionDenied
+    api_key = get_object_or_404(ApiKey, key_id=key_id)
+    api_key_health_action(api_key=api_key, action=action)
+    messages.success(request, f"{key_id}: {ACTION_DONE[action]}.")
+    return redirect(f"{reverse('dashboard:keys')}?{dashboard_query(request).frame_query}")
+
+
+@require_GET
+@dashboard_view
+def key_admin(request: HttpRequest, key_id: str) -> HttpResponseRedirect:
+    """The admin change page of a key, found by its id (the dashboard only knows ids)."""
+    api_key = get_object_or_404(ApiKey, key_id=key_id)
+    return redirect("admin:keys_apikey_change", api_key.pk)

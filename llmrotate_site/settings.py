@@ -1,0 +1,292 @@
+"""Settings, all from the environment (and an optional `.env` next to manage.py).
+
+Every knob is documented in docs/configuration.md. Django's own settings reference:
+https://docs.djangoproject.com/en/5.2/ref/settings/
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import environ
+
+from llmrotate_site.bootstrap import ensure_secrets
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = environ.Env()
+if (BASE_DIR / ".env").is_file():
+    environ.Env.read_env(BASE_DIR / ".env")
+
+# Where generated secrets, the SQLite file and the record spool live.
+DATA_DIR = Path(env("LLMROTATE_DATA_DIR", default=str(BASE_DIR / "var")))
+if not DATA_DIR.is_absolute():
+    DATA_DIR = (BASE_DIR / DATA_DIR).resolve()
+
+_generated: dict[str, str] = {}
+if not env("SECRET_KEY", default="") or not env("LLMROTATE_ENCRYPTION_KEYS", default=""):
+    _generated = ensure_secrets(DATA_DIR)
+
+SECRET_KEY = env("SECRET_KEY", default="") or _generated["SECRET_KEY"]
+# Fernet keys for upstream API keys at rest, kept apart from SECRET_KEY so that rotating one
+# never makes the other unreadable. The first key encrypts; all of them decrypt.
+LLMROTATE_ENCRYPTION_KEYS: list[str] = [
+    k.strip()
+    for k in (
+        env("LLMROTATE_ENCRYPTION_KEYS", default="") or _generated["LLMROTATE_ENCRYPTION_KEYS"]
+    ).split(",")
+    if k.strip()
+]
+
+DEBUG = env.bool("DEBUG", default=False)
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "ninja",
+    "django_celery_beat",
+    "keys",
+    "usage",
+    "proxy",
+    "healthchecks",
+    "llmrotate_site.dashboard",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "llmrotate_site.urls"
+ASGI_APPLICATION = "llmrotate_site.asgi.application"
+WSGI_APPLICATION = "llmrotate_site.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# https://django-environ.readthedocs.io/en/latest/types.html#environ-env-db-url
+DATABASES = {
+    "default": env.db("DATABASE_URL", default=f"sqlite:///{DATA_DIR / 'llmrotate.sqlite3'}")
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # WAL lets the dashboard read while the recorder writes; IMMEDIATE transactions make a
+    # writer wait for the lock up front instead of failing half-way with "database is locked".
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {
+            "init_command": (
+                "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=10000;"
+            ),
+            "transaction_mode": "IMMEDIATE",
+            "timeout": 20,
+        }
+    )
+else:
+    # 0 under ASGI: Django runs sync database work in short-lived threads, and a persistent
+    # connection per such thread is never reused, only leaked until garbage collection.
+    # https://docs.djangoproject.com/en/5.2/ref/databases/#persistent-connections
+    DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=0)
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# Empty means embedded mode: key state in process. A redis:// URL shares key state, rate limits
+# and breaker state between every web worker and host.
+REDIS_URL = env("REDIS_URL", default="")
+LLMROTATE_REDIS_PREFIX = env("LLMROTATE_REDIS_PREFIX", default="llmrotate:")
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "/static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = DATA_DIR / "static"
+# The gateway serves its own static files (admin, dashboard) so one process is enough; behind a
+# CDN or a reverse proxy that serves STATIC_ROOT, turn this off.
+LLMROTATE_SERVE_STATIC = env.bool("LLMROTATE_SERVE_STATIC", default=True)
+
+LOGIN_URL = "/admin/login/"
+# Session storage, not the default cookie: a client token shown once after creation travels
+# as a message and must not sit in a (signed, unencrypted) cookie.
+MESSAGE_STORAGE = "django.contrib.messages.storage.session.SessionStorage"
+
+# --- Proxy ---------------------------------------------------------------------------------
+# Largest accepted request body; larger ones get 413 before any upstream is called.
+LLMROTATE_MAX_REQUEST_BYTES = env.int("LLMROTATE_MAX_REQUEST_BYTES", default=8 * 1024 * 1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = LLMROTATE_MAX_REQUEST_BYTES
+# Upper bound on upstream attempts for one client request, across keys and deployments.
+LLMROTATE_MAX_ATTEMPTS = env.int("LLMROTATE_MAX_ATTEMPTS", default=5)
+# Total time allowed to get a response (headers) from some upstream, failover included.
+LLMROTATE_REQUEST_DEADLINE_SECONDS = env.float("LLMROTATE_REQUEST_DEADLINE_SECONDS", default=120)
+LLMROTATE_CONNECT_TIMEOUT_SECONDS = env.float("LLMROTATE_CONNECT_TIMEOUT_SECONDS", default=5)
+# Longest silence allowed from an upstream: before the first byte, and between stream chunks.
+LLMROTATE_READ_TIMEOUT_SECONDS = env.float("LLMROTATE_READ_TIMEOUT_SECONDS", default=120)
+LLMROTATE_UPSTREAM_MAX_CONNECTIONS = env.int("LLMROTATE_UPSTREAM_MAX_CONNECTIONS", default=200)
+# How long routes, keys and tokens are cached in each process. Admin changes made in the same
+# process apply at once; other processes see them within this many seconds.
+LLMROTATE_CONFIG_CACHE_SECONDS = env.float("LLMROTATE_CONFIG_CACHE_SECONDS", default=5)
+
+# --- Recording -----------------------------------------------------------------------------
+LLMROTATE_RECORD_FLUSH_SECONDS = env.float("LLMROTATE_RECORD_FLUSH_SECONDS", default=1.0)
+LLMROTATE_RECORD_BATCH_SIZE = env.int("LLMROTATE_RECORD_BATCH_SIZE", default=500)
+# Records held in memory while the database is unreachable; beyond this they are spooled to
+# DATA_DIR/spool and replayed later, so nothing is dropped.
+LLMROTATE_RECORD_BUFFER_MAX = env.int("LLMROTATE_RECORD_BUFFER_MAX", default=20000)
+LLMROTATE_SPOOL_DIR = DATA_DIR / "spool"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "filters": {
+        # Defence in depth: whatever a library logs, secrets that look like provider keys or
+        # client tokens are masked before the line is written.
+        "redact": {"()": "llmrotate_site.logging.RedactSecretsFilter"},
+    },
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
+        "raw": {"format": "%(message)s"},
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "plain",
+            "filters": ["redact"],
+        },
+        "usage": {
+            "class": "logging.StreamHandler",
+            "stream": "ext://sys.stdout",
+            "formatter": "raw",
+            "filters": ["redact"],
+        },
+    },
+    "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
+    "loggers": {
+        # One JSON object per upstream attempt, for log shippers.
+        "llmrotate.usage": {
+            "handlers": ["usage"],
+            "level": env("LLMROTATE_USAGE_LOG_LEVEL", default="INFO"),
+            "propagate": False,
+        },
+        "httpx": {"level": "WARNING"},
+        "httpcore": {"level": "WARNING"},
+    },
+}
+
+# --- Celery --------------------------------------------------------------------------------
+# https://docs.celeryq.dev/en/stable/userguide/configuration.html
+# With REDIS_URL, Redis is the broker. Without it, kombu's filesystem transport queues messages as
+# files under DATA_DIR/broker, so the embedded mode needs no broker service (one host only).
+LLMROTATE_BROKER_DIR = DATA_DIR / "broker"
+if REDIS_URL:
+    CELERY_BROKER_URL = REDIS_URL
+    CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object] = {}
+else:
+    CELERY_BROKER_URL = "filesystem://localhost/"
+    CELERY_BROKER_TRANSPORT = "llmrotate_site.broker:Transport"  # filesystem, stops quicker
+    # Producers write to data_folder_out and the worker reads data_folder_in: on one host they
+    # are the same folder. Processed messages are deleted, not kept.
+    _broker_queue = LLMROTATE_BROKER_DIR / "queue"
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(_broker_queue),
+        "data_folder_out": str(_broker_queue),
+        "processed_folder": str(LLMROTATE_BROKER_DIR / "processed"),
+        "control_folder": str(LLMROTATE_BROKER_DIR / "control"),
+        "store_processed": False,
+        "polling_interval": env.float("LLMROTATE_BROKER_POLL_SECONDS", default=0.5),
+    }
+    for _folder in ("queue", "processed", "control"):
+        (LLMROTATE_BROKER_DIR / _folder).mkdir(mode=0o700, parents=True, exist_ok=True)
+# Several gateways may share one Redis (see LLMROTATE_REDIS_PREFIX); each needs its own queue.
+CELERY_TASK_DEFAULT_QUEUE = env("LLMROTATE_CELERY_QUEUE", default="llmrotate")
+# Tasks report through logs, health events and notifications; nobody reads task results, and
+# with no result expiry beat does not add its backend-cleanup entry.
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_RESULT_EXPIRES = None
+CELERY_TIMEZONE = TIME_ZONE
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# Keep Django's LOGGING (and its secret-masking filter) in the worker.
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# django-celery-beat's database scheduler (entries editable in the admin), which also writes
+# the schedule defined in llmrotate_site/beat.py on start.
+CELERY_BEAT_SCHEDULER = "llmrotate_site.beat:SyncedDatabaseScheduler"
+# A line per task run (several a second with short probe intervals) is noise; failures still
+# log at WARNING and above.
+LOGGING["loggers"].update(  # type: ignore[attr-defined]
+    {
+        name: {"level": env("LLMROTATE_TASK_LOG_LEVEL", default="WARNING")}
+        for name in ("celery.beat", "celery.app.trace", "celery.worker.strategy")
+    }
+)
+# Worker threads for `manage.py serve` (probes and webhooks wait on the network, not the CPU).
+LLMROTATE_WORKER_CONCURRENCY = env.int("LLMROTATE_WORKER_CONCURRENCY", default=4)
+
+# --- Health checks -------------------------------------------------------------------------
+# How often beat looks for due probes; each endpoint's own intervals are set in the admin.
+LLMROTATE_PROBE_TICK_SECONDS = env.float("LLMROTATE_PROBE_TICK_SECONDS", default=5)
+# Probe settings given to endpoints when they are first seen (then editable per endpoint).
+LLMROTATE_PING_INTERVAL_SECONDS = env.int("LLMROTATE_PING_INTERVAL_SECONDS", default=30)
+LLMROTATE_PING_FAILURE_THRESHOLD = env.int("LLMROTATE_PING_FAILURE_THRESHOLD", default=3)
+LLMROTATE_HTTP_PROBE_INTERVAL_SECONDS = env.int("LLMROTATE_HTTP_PROBE_INTERVAL_SECONDS", default=60)
+LLMROTATE_HTTP_PROBE_FAILURE_THRESHOLD = env.int(
+    "LLMROTATE_HTTP_PROBE_FAILURE_THRESHOLD", default=2
+)
+LLMROTATE_HTTP_PROBE_TIMEOUT_SECONDS = env.float("LLMROTATE_HTTP_PROBE_TIMEOUT_SECONDS", default=5)
+LLMROTATE_HEALTH_EVENT_RETENTION_DAYS = env.int("LLMROTATE_HEALTH_EVENT_RETENTION_DAYS", default=7)
+LLMROTATE_KEY_REVALIDATE_SECONDS = env.float("LLMROTATE_KEY_REVALIDATE_SECONDS", default=300)
+# Circuit breaker: the first open period, doubling per repeated trip up to the maximum.
+LLMROTATE_BREAKER_OPEN_SECONDS = env.float("LLMROTATE_BREAKER_OPEN_SECONDS", default=30)
+LLMROTATE_BREAKER_MAX_OPEN_SECONDS = env.float("LLMROTATE_BREAKER_MAX_OPEN_SECONDS", default=600)
+# Live traffic trips it when FAILURE_RATE of at least MIN_CALLS calls in WINDOW_SECONDS failed.
+LLMROTATE_BREAKER_WINDOW_SECONDS = env.float("LLMROTATE_BREAKER_WINDOW_SECONDS", default=60)
+LLMROTATE_BREAKER_MIN_CALLS = env.int("LLMROTATE_BREAKER_MIN_CALLS", default=10)
+LLMROTATE_BREAKER_FAILURE_RATE = env.float("LLMROTATE_BREAKER_FAILURE_RATE", default=0.5)
+# How often each web process re-reads breaker state changed by other processes.
+LLMROTATE_BREAKER_SYNC_SECONDS = env.float("LLMROTATE_BREAKER_SYNC_SECONDS", default=1)
+# Notifications: JSON POSTed to each URL on every health change, signed with the secret.
+LLMROTATE_WEBHOOK_URLS = env.list("LLMROTATE_WEBHOOK_URLS", default=[])
+LLMROTATE_WEBHOOK_SECRET = (
+    env("LLMROTATE_WEBHOOK_SECRET", default="")
+    or ensure_secrets(DATA_DIR)["LLMROTATE_WEBHOOK_SECRET"]
+)
+LLMROTATE_WEBHOOK_RETRIES = env.int("LLMROTATE_WEBHOOK_RETRIES", default=5)
+
+# --- Usage retention and monitoring --------------------------------------------------------
+# Call records (and minute rollups) older than this many days are deleted by the scheduled
+# `usage.usage_prune` task and by `manage.py prune_usage`; 0 keeps them forever. Hourly and
+# daily rollups are kept, so analytics of older periods stay available. docs/configuration.md
+LLMROTATE_USAGE_RETENTION_DAYS = env.int("LLMROTATE_USAGE_RETENTION_DAYS", default=90)
+# Postgres' JIT compiler spent 150-200 ms compiling each 30-day analytics query (their cost
+# estimates pass jit_above_cost) that then ran in 20-60 ms; the gateway's queries are all
+# short, so JIT is off for its connections. https://www.postgresql.org/docs/current/jit.html
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault("options", "-c jit=off")

@@ -1,0 +1,20 @@
+from django.contrib import admin
+from django.urls import include, path
+from django.views.generic import RedirectView
+
+from healthchecks import views as health_views
+from llmrotate_site.api import api
+
+admin.site.site_header = "llmrotate"
+admin.site.site_title = "llmrotate admin"
+# templates/admin/base_site.html links to the dashboard instead of a "View site".
+admin.site.site_url = None
+
+urlpatterns = [
+    path("", RedirectView.as_view(pattern_name="dashboard:overview"), name="home"),
+    path("dashboard/", include("llmrotate_site.dashboard.urls")),
+    path("admin/", admin.site.urls),
+    path("internal/health", health_views.internal_health, name="internal-health"),
+    path("healthz", health_views.healthz, name="healthz"),
+    path("", api.urls),
+]

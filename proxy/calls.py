@@ -1,0 +1,168 @@
+"""Per-request context and the CallRecord of each upstream attempt."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from keys.routing import DeploymentInfo, RouteInfo, TokenInfo, UpstreamKey
+from usage.models import UsageSource
+from usage.recorder import CallData, record_call
+
+
+@dataclass(slots=True)
+class CallContext:
+    request_id: str
+    client: TokenInfo
+    route: RouteInfo
+    body: dict[str, Any]
+    stream: bool
+    # The client did not ask for the usage chunk; we asked upstream for it anyway and strip it.
+    strip_usage: bool
+    started_wall: datetime
+    t0: float  # perf_counter at arrival
+    attempts: int = 0
+    # Time the request spent in the proxy before its first upstream attempt (auth, parsing,
+    # routing); charged to the first attempt's overhead.
+    pre_ms: float = 0.0
+    _first_attempt_started: bool = field(default=False)
+
+    def ms_since_start(self, t: float) -> float:
+        return (t - self.t0) * 1000.0
+
+    def wall(self, t: float) -> datetime:
+        return self.started_wall + timedelta(seconds=t - self.t0)
+
+    def begin_attempt(self) -> tuple[int, float]:
+        now = time.perf_counter()
+        if not self._first_attempt_started:
+            self._first_attempt_started = True
+            self.pre_ms = self.ms_since_start(now)
+            pre = self.pre_ms
+        else:
+            pre = 0.0
+        self.attempts += 1
+        return self.attempts, pre
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    reported: bool = False
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and value >= 0 else 0
+
+
+def usage_from(obj: Any) -> Usage | None:
+    """OpenAI's `usage` object, defensively: upstreams (vLLM, Ollama, …) vary in what they send."""
+    if not isinstance(obj, dict):
+        return None
+    prompt_details = obj.get("prompt_tokens_details")
+    completion_details = obj.get("completion_tokens_details")
+    prompt = _int(obj.get("prompt_tokens"))
+    completion = _int(obj.get("completion_tokens"))
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=_int(obj.get("total_tokens")) or prompt + completion,
+        cached_tokens=_int(prompt_details.get("cached_tokens"))
+        if isinstance(prompt_details, dict)
+        else 0,
+        reasoning_tokens=_int(completion_details.get("reasoning_tokens"))
+        if isinstance(completion_details, dict)
+        else 0,
+        reported=True,
+    )
+
+
+def prompt_text(body: dict[str, Any]) -> str:
+    """The text a tokenizer should count when the upstream reports no usage."""
+    parts: list[str] = []
+    messages = body.get("messages")
+    for message in messages if isinstance(messages, list) else ():
+        if not isinstance(message, dict):
+            continue
+        parts.append(str(message.get("role", "")))
+        content = message.get("content")
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            parts.extend(
+                str(p.get("text", "")) for p in content if isinstance(p, dict) and "text" in p
+            )
+    return "\n".join(parts)
+
+
+def record_attempt(
+    ctx: CallContext,
+    *,
+    attempt: int,
+    deployment: DeploymentInfo | None,
+    key: UpstreamKey | None,
+    outcome: str,
+    error_type: str = "",
+    status_code: int | None,
+    t_start: float,
+    t_end: float,
+    overhead_ms: float,
+    usage: Usage | None = None,
+    completion_text: str | None = None,
+    ttft_ms: float | None = None,
+    ttlt_ms: float | None = None,
+) -> None:
+    estimate = None
+    tokens_per_second = None
+    if usage is None or not usage.reported:
+        usage = Usage()
+        if completion_text is not None:
+            # Tokenizing is left to the recorder's thread: it costs milliseconds on long prompts.
+            estimate = (prompt_text(ctx.body), completion_text)
+    if (
+        ttft_ms is not None
+        and ttlt_ms is not None
+        and ttlt_ms > ttft_ms
+        and usage.completion_tokens > 1
+    ):
+        tokens_per_second = (usage.completion_tokens - 1) / ((ttlt_ms - ttft_ms) / 1000.0)
+    record_call(
+        CallData(
+            request_id=ctx.request_id,
+            attempt=attempt,
+            started_at=ctx.wall(t_start),
+            finished_at=ctx.wall(t_end),
+            client=ctx.client.name,
+            requested_model=ctx.route.name,
+            provider=deployment.provider.name if deployment else "",
+            provider_kind=deployment.provider.kind if deployment else "",
+            upstream_model=deployment.model if deployment else "",
+            key_id=key.key_id if key else "",
+            stream=ctx.stream,
+            status_code=status_code,
+            outcome=outcome,
+            error_type=error_type[:64],
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            total_tokens=usage.total_tokens,
+            cached_tokens=usage.cached_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
+            usage_source=UsageSource.REPORTED if usage.reported else UsageSource.NONE,
+            latency_ms=ctx.ms_since_start(t_end),
+            ttft_ms=ttft_ms,
+            ttlt_ms=ttlt_ms,
+            tokens_per_second=tokens_per_second,
+            overhead_ms=overhead_ms,
+            estimate=estimate,
+        )
+    )
+
+
+def now_wall() -> datetime:
+    return datetime.now(UTC)

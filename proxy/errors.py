@@ -1,0 +1,71 @@
+"""Errors the gateway itself returns, always OpenAI-shaped so that SDKs raise the right class.
+
+Status codes (docs/errors.md lists every code with an example):
+400 invalid JSON · 401 missing/invalid/revoked token · 403 scope or route not allowed ·
+404 unknown model · 413 body too large · 422 missing or mistyped fields ·
+502 upstream failed after failover · 503 no key available (with Retry-After) · 504 upstream timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from django.http import HttpResponse
+
+
+class ProxyError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str,
+        code: str,
+        param: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.retry_after = retry_after
+        self.headers: dict[str, str] = {}
+
+    def with_headers(self, headers: dict[str, str]) -> ProxyError:
+        self.headers.update(headers)
+        return self
+
+    def body(self) -> dict[str, object]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "code": self.code,
+                "param": self.param,
+            }
+        }
+
+    def response(self) -> HttpResponse:
+        response = HttpResponse(
+            json.dumps(self.body()), status=self.status, content_type="application/json"
+        )
+        if self.retry_after is not None:
+            response["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
+        for name, value in self.headers.items():
+            response[name] = value
+        return response
+
+
+def invalid_request(message: str, *, code: str, param: str | None = None) -> ProxyError:
+    return ProxyError(422, message, type="invalid_request_error", code=code, param=param)
+
+
+def unauthenticated(message: str, *, code: str = "invalid_api_key") -> ProxyError:
+    return ProxyError(401, message, type="authentication_error", code=code)
+
+
+def forbidden(message: str, *, code: str) -> ProxyError:
+    return ProxyError(403, message, type="permission_error", code=code)

@@ -1,0 +1,515 @@
+"""FakeUpstream: per-key scripted behaviours, request routing and the serving lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import threading
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from . import wire
+from .http11 import (
+    LAST_CHUNK,
+    Headers,
+    HTTPError,
+    Request,
+    chunk,
+    encode_json,
+    json_response,
+    read_request,
+    response_head,
+)
+
+DEFAULT_MODELS = ["gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "claude-3-5-haiku-latest"]
+DEFAULT_BEHAVIOUR: dict[str, Any] = {
+    "fault": "none",
+    "retry_after": None,
+    "latency_ms": 0,
+    "token_delay_ms": 0,
+    "cut_after": 3,
+    "completion_tokens": 16,
+}
+FAULTS = frozenset(
+    {"none", "429", "401", "403", "402", "quota", "500", "503", "529"}
+    | {"drop", "cut", "garbage", "tool_call"}
+)
+GARBAGE = b"<html>oops</html>"
+ROUTES = {
+    ("GET", "/v1/models"): "models",
+    ("POST", "/v1/chat/completions"): "chat",
+    ("POST", "/v1/messages"): "messages",
+}
+
+
+def normalize_behaviour(spec: Any) -> dict[str, Any]:
+    """Validate a behaviour (a dict, or a bare fault such as "429") and fill in defaults.
+
+    Unknown keys and faults raise ValueError so a typo in a test script fails loudly
+    instead of silently serving the happy path.
+    """
+    if isinstance(spec, str | int) and not isinstance(spec, bool):
+        spec = {"fault": str(spec)}
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"behaviour must be an object or a fault name, got {spec!r}")
+    unknown = set(spec) - set(DEFAULT_BEHAVIOUR) - {"times"}
+    if unknown:
+        raise ValueError(f"unknown behaviour keys: {sorted(unknown)}")
+    behaviour = {**DEFAULT_BEHAVIOUR, **spec}
+    behaviour.pop("times", None)  # only meaningful when enqueuing
+    fault = behaviour["fault"] = str(behaviour["fault"])
+    if fault not in FAULTS and not (fault.isdigit() and 400 <= int(fault) <= 599):
+        raise ValueError(f"unknown fault {fault!r}")
+    for name in ("latency_ms", "token_delay_ms", "cut_after", "completion_tokens"):
+        value = behaviour[name]
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+    return behaviour
+
+
+def load_script_file(path: str) -> dict[str, Any]:
+    """Read a script (same shape as the /_fake/script body) from a JSON or YAML file."""
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    if path.endswith((".yaml", ".yml")):
+        import yaml  # optional: only needed for YAML scripts
+
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a script must be a mapping")
+    return data
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+class FakeUpstream:
+    """A fake OpenAI/Anthropic upstream with per-key scripted latency and faults.
+
+    Scripting methods are thread-safe, so tests can drive a server that runs in
+    :meth:`start_in_thread` (or in the context manager) from the test thread.
+    """
+
+    def __init__(
+        self,
+        *,
+        script: dict[str, Any] | None = None,
+        models: list[str] | None = None,
+        allowed_keys: set[str] | None = None,
+    ) -> None:
+        self.models = list(models or DEFAULT_MODELS)
+        self.allowed_keys = set(allowed_keys) if allowed_keys is not None else None
+        self.host, self.port = "", 0
+        # Held only for dict/deque updates: the loop thread never waits on a test thread.
+        self._lock = threading.Lock()
+        self._queues: dict[str, collections.deque[dict[str, Any]]] = {}
+        self._defaults: dict[str, dict[str, Any]] = {}
+        self._global_default = normalize_behaviour({})
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._total = 0
+        self._bodies: collections.deque[Any] = collections.deque(maxlen=20)
+        self._server: asyncio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed: asyncio.Event | None = None
+        self._thread: threading.Thread | None = None
+        self._conns: set[asyncio.Task[Any]] = set()
+        if script:
+            self.script(script)
+
+    # ---- scripting ---------------------------------------------------------------------
+
+    def script(self, spec: Mapping[str, Any] | None = None, /, **kwargs: Any) -> None:
+        """Apply ``{"keys": {key: {"queue": [...], "default": b}}, "default": b, "reset": bool}``.
+
+        ``kwargs`` are merged into ``spec``. Queue entries are appended (``times`` copies
+        each); defaults are replaced; ``reset`` first clears every script (not counters).
+        Everything is validated before anything changes, so a bad script is a no-op.
+        """
+        spec = {**(spec or {}), **kwargs}
+        unknown = set(spec) - {"keys", "default", "reset"}
+        if unknown:
+            raise ValueError(f"unknown script keys: {sorted(unknown)}")
+        keys = spec.get("keys") or {}
+        if not isinstance(keys, Mapping):
+            raise ValueError("'keys' must be an object")
+        queued: dict[str, list[dict[str, Any]]] = {}
+        defaults: dict[str, dict[str, Any]] = {}
+        for key, entry in keys.items():
+            if not isinstance(entry, Mapping) or set(entry) - {"queue", "default"}:
+                raise ValueError(f"key {key!r}: expected {{'queue': [...], 'default': {{...}}}}")
+            items = entry.get("queue") or []
+            if not isinstance(items, list):
+                raise ValueError(f"key {key!r}: 'queue' must be a list")
+            queued[key] = []
+            for item in items:
+                times = item.get("times", 1) if isinstance(item, Mapping) else 1
+                if isinstance(times, bool) or not isinstance(times, int) or times < 0:
+                    raise ValueError(f"'times' must be a non-negative integer, got {times!r}")
+                queued[key].extend([normalize_behaviour(item)] * times)
+            if entry.get("default") is not None:
+                defaults[key] = normalize_behaviour(entry["default"])
+        new_global = None
+        if spec.get("default") is not None:
+            new_global = normalize_behaviour(spec["default"])
+        with self._lock:
+            if spec.get("reset"):
+                self._queues.clear()
+                self._defaults.clear()
+                self._global_default = normalize_behaviour({})
+            for key, items in queued.items():
+                self._queues.setdefault(key, collections.deque()).extend(items)
+            self._defaults.update(defaults)
+            if new_global is not None:
+                self._global_default = new_global
+
+    def reset(self) -> None:
+        """Forget every script, counter and recorded body."""
+        with self._lock:
+            self._queues.clear()
+            self._defaults.clear()
+            self._global_default = normalize_behaviour({})
+            self._counts.clear()
+            self._total = 0
+            self._bodies.clear()
+
+    def stats(self) -> dict[str, Any]:
+        """Per-key request counts (a missing key counts as ""), bodies, unconsumed queues."""
+        with self._lock:
+            return {
+                "requests": dict(self._counts),
+                "total": self._total,
+                "last_request_bodies": list(self._bodies),
+                "queued": {key: len(q) for key, q in self._queues.items() if q},
+            }
+
+    def _take_behaviour(self, key: str) -> dict[str, Any]:
+        with self._lock:
+            queue = self._queues.get(key)
+            if queue:
+                return queue.popleft()
+            return self._defaults.get(key, self._global_default)
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/v1"
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        """Start listening on the running loop; returns the bound (host, port)."""
+        if self._server is not None:
+            raise RuntimeError("already started")
+        self._loop = asyncio.get_running_loop()
+        self._closed = asyncio.Event()
+        self._server = await asyncio.start_server(self._handle, host, port, backlog=1024)
+        self.host, self.port = self._server.sockets[0].getsockname()[:2]
+        return self.host, self.port
+
+    async def serve(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        """Serve until :meth:`aclose`/:meth:`stop` (or cancellation); starts if needed."""
+        if self._server is None:
+            await self.start(host, port)
+        assert self._closed is not None
+        try:
+            await self._closed.wait()
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        # Python 3.11's wait_closed() neither waits for nor closes live keep-alive
+        # connections, so end them here or stop() would leave sockets open.
+        for task in list(self._conns):
+            task.cancel()
+        await asyncio.gather(*self._conns, return_exceptions=True)
+        await asyncio.sleep(0)  # let the transports' connection_lost callbacks run
+        await server.wait_closed()
+        if self._closed is not None:
+            self._closed.set()
+
+    def start_in_thread(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        """Serve on a private event loop in a daemon thread; returns once listening."""
+        if self._thread is not None:
+            raise RuntimeError("already running in a thread")
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            loop = new_event_loop()
+            asyncio.set_event_loop(loop)
+            try:
+                try:
+                    loop.run_until_complete(self.start(host, port))
+                except BaseException as exc:  # re-raised in the caller's thread
+                    failure.append(exc)
+                    return
+                finally:
+                    ready.set()
+                loop.run_until_complete(self.serve())
+            finally:
+                loop.close()
+
+        self._thread = threading.Thread(target=run, name="fake-upstream", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if failure:
+            self._thread = None
+            raise failure[0]
+        return self.host, self.port
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Close the listener and every connection. Idempotent; callable from any thread."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed() and self._server is not None:
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is loop:  # we cannot block on our own loop: schedule and return
+                loop.create_task(self.aclose())
+                return
+            with contextlib.suppress(RuntimeError, TimeoutError):
+                asyncio.run_coroutine_threadsafe(self.aclose(), loop).result(timeout)
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def __enter__(self) -> FakeUpstream:
+        if self._server is None:
+            self.start_in_thread()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # ---- serving -----------------------------------------------------------------------
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._conns.add(task)
+        try:
+            while True:
+                try:
+                    req = await read_request(reader, writer)
+                except HTTPError as exc:
+                    payload = wire.openai_error(exc.message)
+                    writer.write(json_response(exc.status, payload, keep=False))
+                    break
+                if req is None or not await self._dispatch(req, writer):
+                    break
+        except (OSError, asyncio.IncompleteReadError):
+            pass  # the peer went away mid-request: there is nobody left to answer
+        except asyncio.CancelledError:
+            # Only aclose() cancels us. Swallowed because StreamReaderProtocol logs a
+            # cancelled connection task as an "exception in callback".
+            pass
+        finally:
+            self._conns.discard(task)
+            writer.close()
+
+    async def _dispatch(self, req: Request, writer: asyncio.StreamWriter) -> bool:
+        """Answer one request; returns whether the connection may carry another."""
+        path, keep, headers = req.path, req.keep_alive, req.headers
+        if path.startswith("/_fake/"):
+            writer.write(self._control(req.method, path, req.body, keep))
+            return keep
+        route = ROUTES.get((req.method, path))
+        anthropic = route == "messages" or (
+            route != "chat" and ("anthropic-version" in headers or "x-api-key" in headers)
+        )
+
+        def error(
+            status: int, etype: str, message: str, code: str | None = None, param: str | None = None
+        ) -> bool:
+            if anthropic:
+                payload = wire.anthropic_error(etype, message)
+            else:
+                payload = wire.openai_error(message, etype, code, param)
+            writer.write(json_response(status, payload, keep))
+            return keep
+
+        if route is None:
+            etype = "not_found_error" if anthropic else "invalid_request_error"
+            return error(404, etype, f"Invalid URL ({req.method} {path})")
+
+        auth = headers.get("authorization", "")
+        key = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        if not key and anthropic:
+            key = headers.get("x-api-key", "").strip()
+        with self._lock:
+            self._total += 1
+            self._counts[key] += 1
+            nth = self._counts[key]
+        if not key:
+            if anthropic:
+                return error(401, "authentication_error", "x-api-key header is required")
+            msg = "You didn't provide an API key. Use an Authorization: Bearer header."
+            return error(401, "invalid_request_error", msg, "invalid_api_key")
+        masked = f"{key[:3]}{'*' * max(len(key) - 7, 0)}{key[-4:]}"
+        if self.allowed_keys is not None and key not in self.allowed_keys:
+            status, payload, extra = wire.fault_error("401", anthropic, None, masked, "")
+            writer.write(json_response(status, payload, keep, extra))
+            return keep
+
+        body: dict[str, Any] = {}
+        if route != "models":
+            try:
+                parsed = json.loads(req.body)
+            except ValueError:
+                parsed = None
+            if not isinstance(parsed, dict):
+                msg = "We could not parse the JSON body of your request: expected a JSON object."
+                return error(400, "invalid_request_error", msg)
+            body = parsed
+            with self._lock:
+                self._bodies.append(body)
+            required = ("model", "messages", "max_tokens") if anthropic else ("model", "messages")
+            for field in required:
+                value = body.get(field)
+                if value is None or (field == "messages" and not isinstance(value, list)):
+                    if anthropic:
+                        return error(400, "invalid_request_error", f"{field}: Field required")
+                    msg = f"Missing required parameter: '{field}'."
+                    code = "missing_required_parameter"
+                    return error(400, "invalid_request_error", msg, code, field)
+
+        # Taken only now so malformed requests never consume a scripted behaviour.
+        behaviour = self._take_behaviour(key)
+        if behaviour["latency_ms"]:
+            await asyncio.sleep(behaviour["latency_ms"] / 1000)
+        fault = behaviour["fault"]
+        if fault == "drop":
+            return False
+        if fault == "garbage":
+            writer.write(response_head(200, "application/json", len(GARBAGE), keep) + GARBAGE)
+            return keep
+        if fault not in ("none", "cut", "tool_call"):
+            model = str(body.get("model", ""))
+            retry_after = behaviour["retry_after"]
+            status, payload, extra = wire.fault_error(fault, anthropic, retry_after, masked, model)
+            writer.write(json_response(status, payload, keep, extra))
+            return keep
+        if route == "models":
+            return await self._send(
+                writer, wire.models_list(self.models, anthropic), behaviour, keep
+            )
+        return await self._complete(writer, body, behaviour, anthropic, nth, keep)
+
+    async def _complete(
+        self,
+        writer: asyncio.StreamWriter,
+        body: dict[str, Any],
+        behaviour: dict[str, Any],
+        anthropic: bool,
+        nth: int,
+        keep: bool,
+    ) -> bool:
+        """A successful chat completion / message, as JSON or SSE, possibly cut short."""
+        prompt_tokens, last_user = wire.prompt_info(body)
+        cap = (
+            body.get("max_tokens")
+            if anthropic
+            else (body.get("max_completion_tokens") or body.get("max_tokens"))
+        )
+        words, truncated = wire.reply_words(last_user, int(behaviour["completion_tokens"]), cap)
+        tool = behaviour["fault"] == "tool_call"
+        completion_tokens = 3 * len(wire.TOOL_ARG_PIECES) if tool else len(words)
+        extra = wire.ratelimit_headers(anthropic, nth, prompt_tokens + completion_tokens)
+        model, stream = str(body["model"]), body.get("stream") is True
+        if anthropic:
+            stop = "tool_use" if tool else ("max_tokens" if truncated else "end_turn")
+            args = (model, words, tool, stop, prompt_tokens, completion_tokens)
+            if stream:
+                return await self._stream(
+                    writer, wire.anthropic_events(*args), behaviour, keep, extra
+                )
+            return await self._send(writer, wire.anthropic_message(*args), behaviour, keep, extra)
+        finish = "tool_calls" if tool else ("length" if truncated else "stop")
+        usage = wire.openai_usage(prompt_tokens, completion_tokens)
+        if stream:
+            options = body.get("stream_options")
+            include_usage = isinstance(options, dict) and options.get("include_usage") is True
+            events = wire.openai_events(
+                model, words, tool, finish, usage if include_usage else None
+            )
+            return await self._stream(writer, events, behaviour, keep, extra)
+        payload = wire.openai_completion(model, words, tool, finish, usage)
+        return await self._send(writer, payload, behaviour, keep, extra)
+
+    async def _send(
+        self,
+        writer: asyncio.StreamWriter,
+        payload: Any,
+        behaviour: dict[str, Any],
+        keep: bool,
+        extra: Headers = (),
+    ) -> bool:
+        body = encode_json(payload).encode()
+        head = response_head(200, "application/json", len(body), keep, extra)
+        if behaviour["fault"] == "cut":
+            # Promise the full Content-Length, deliver half, close: a short read for the client.
+            writer.write(head + body[: len(body) // 2])
+            await writer.drain()
+            return False
+        writer.write(head + body)  # a single write: one syscall on the common path
+        return keep
+
+    async def _stream(
+        self,
+        writer: asyncio.StreamWriter,
+        events: Iterator[bytes],
+        behaviour: dict[str, Any],
+        keep: bool,
+        extra: Headers,
+    ) -> bool:
+        extra = [("cache-control", "no-cache"), *extra]
+        writer.write(response_head(200, "text/event-stream; charset=utf-8", None, keep, extra))
+        cut_after = int(behaviour["cut_after"]) if behaviour["fault"] == "cut" else -1
+        delay = behaviour["token_delay_ms"] / 1000
+        for i, event in enumerate(events):
+            if i == cut_after:
+                # Returning False closes the socket without the zero-length last chunk, so
+                # the client sees an incomplete chunked body, like a real upstream dying.
+                await writer.drain()
+                return False
+            if i and delay:
+                await asyncio.sleep(delay)
+            # One SSE event per HTTP chunk per write: a proxy that buffers instead of
+            # passing through becomes observable to the client.
+            writer.write(chunk(event))
+            await writer.drain()
+        writer.write(LAST_CHUNK)
+        return keep
+
+    def _control(self, method: str, path: str, raw: bytes, keep: bool) -> bytes:
+        if (method, path) == ("GET", "/_fake/stats"):
+            return json_response(200, self.stats(), keep)
+        if (method, path) == ("GET", "/_fake/health"):
+            return json_response(200, {"ok": True}, keep)
+        if (method, path) == ("POST", "/_fake/reset"):
+            self.reset()
+            return json_response(200, {"ok": True}, keep)
+        if (method, path) == ("POST", "/_fake/script"):
+            try:
+                spec = json.loads(raw or b"{}")
+                if not isinstance(spec, dict):
+                    raise ValueError("a script must be a JSON object")
+                self.script(spec)
+            except ValueError as exc:
+                return json_response(400, {"ok": False, "error": str(exc)}, keep)
+            return json_response(200, {"ok": True}, keep)
+        return json_response(404, {"ok": False, "error": f"no route {method} {path}"}, keep)

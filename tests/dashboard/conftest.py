@@ -1,0 +1,196 @@
+"""Dashboard fixtures: a seeded (or empty) gateway served by the real ASGI app in a uvicorn
+thread, and a real headless Chromium driven by Playwright.
+
+The browser is Debian's `chromium` (`make browser` installs it); Playwright's own browser
+download is never used. Each test gets a new browser context (no cookies, no localStorage) and
+a `BrowserWatch` that fails the test on any console error, page error, failed request or HTTP
+error status.
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import free_port
+from tests.dashboard.seed import SeededGateway, dashboard_seed
+from tests.e2e import conftest as e2e
+from tests.e2e.conftest import GatewayThread
+
+# The end-to-end tests' fake upstream (a real server on 127.0.0.1), shared with them.
+_fake_upstream_server = e2e._fake_upstream_server
+fake_upstream = e2e.fake_upstream
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "artifacts" / "screenshots"
+STAFF_USER, STAFF_PASSWORD = "ops", "correct-horse-battery-staple"
+# Polls every 5 s; a test waiting for one allows two.
+POLL_TIMEOUT_MS = 12_000
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "embedded: runs only in the embedded leg")
+
+
+@dataclass
+class Dashboard:
+    base_url: str  # http://127.0.0.1:<port>
+    seeded: SeededGateway | None
+
+    def url(self, path: str) -> str:
+        return f"{self.base_url}{path}"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: run `make browser` (Debian's chromium package)")
+    # Playwright's sync API keeps its event loop registered as this thread's running loop, and
+    # Django then refuses every ORM call of the test ("async context"). Nothing here is really
+    # async, so lift the check while the browser exists (this module only), as Playwright's
+    # Django guidance says.
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        sync_playwright() as playwright,
+    ):
+        patch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+        # launch() gives the browser a fresh temporary user-data-dir of its own.
+        chromium = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        yield chromium
+        chromium.close()
+
+
+@dataclass
+class BrowserWatch:
+    """Everything that went wrong in the page, as the browser saw it."""
+
+    problems: list[str] = field(default_factory=list)
+
+    def attach(self, page: Any) -> None:
+        page.on("console", self._console)
+        page.on("pageerror", lambda exc: self.problems.append(f"page error: {exc}"))
+        page.on("requestfailed", self._failed)
+        page.on("response", self._response)
+
+    def _console(self, message: Any) -> None:
+        if message.type == "error":
+            self.problems.append(f"console error: {message.text} ({message.location})")
+
+    def _failed(self, request: Any) -> None:
+        # A poll still in flight when the test navigates away is cancelled by the browser;
+        # that is not a failure of the page.
+        if request.failure == "net::ERR_ABORTED" and "/dashboard/panels/" in request.url:
+            return
+        self.problems.append(f"request failed: {request.method} {request.url} {request.failure}")
+
+    def _response(self, response: Any) -> None:
+        if response.status >= 400:
+            self.problems.append(f"HTTP {response.status}: {response.url}")
+
+    def assert_clean(self) -> None:
+        assert not self.problems, "\n".join(self.problems)
+
+
+def _start(seed: bool, upstream_url: str) -> tuple[GatewayThread, Dashboard]:
+    from django.contrib.auth.models import User
+
+    seeded = dashboard_seed(upstream_url=upstream_url, records=1500) if seed else None
+    User.objects.create_superuser(STAFF_USER, "ops@example.com", STAFF_PASSWORD)
+    server = GatewayThread(free_port())
+    server.start()
+    return server, Dashboard(base_url=f"http://127.0.0.1:{server.port}", seeded=seeded)
+
+
+def _stop(server: GatewayThread) -> None:
+    from usage.recorder import get_recorder
+
+    server.stop()
+    gc.collect()  # connections of the server's request threads (see tests/e2e/conftest.py)
+    assert get_recorder().stop(timeout=10), "call records were not written in time"
+
+
+@pytest.fixture
+def dashboard(transactional_db: None, fake_upstream: Any) -> Iterator[Dashboard]:
+    """The gateway with a realistic seeded history (see seed.py), served on 127.0.0.1."""
+    server, dash = _start(True, fake_upstream.base_url)
+    yield dash
+    _stop(server)
+
+
+@pytest.fixture
+def empty_dashboard(transactional_db: None, fake_upstream: Any) -> Iterator[Dashboard]:
+    """The gateway on a fresh database: no keys, no clients, no traffic."""
+    server, dash = _start(False, fake_upstream.base_url)
+    yield dash
+    _stop(server)
+
+
+@pytest.fixture
+def new_page(browser: Any) -> Iterator[Callable[..., tuple[Any, BrowserWatch]]]:
+    """`new_page(color_scheme="dark", width=390)`: a page in a fresh context, watched. Every
+    watch must be clean when the test ends."""
+    contexts: list[Any] = []
+    watches: list[BrowserWatch] = []
+
+    def make(*, color_scheme: str = "light", width: int = 1440) -> tuple[Any, BrowserWatch]:
+        context = browser.new_context(
+            viewport={"width": width, "height": 900}, color_scheme=color_scheme
+        )
+        contexts.append(context)
+        page = context.new_page()
+        watch = BrowserWatch()
+        watch.attach(page)
+        watches.append(watch)
+        return page, watch
+
+    yield make
+    for context in contexts:
+        context.close()
+    for watch in watches:
+        watch.assert_clean()
+
+
+def log_in(page: Any, dash: Dashboard, *, next_path: str = "/dashboard/") -> None:
+    """Through the admin's login form, as a person would."""
+    page.goto(dash.url(f"/admin/login/?next={next_path}"))
+    page.fill("#id_username", STAFF_USER)
+    page.fill("#id_password", STAFF_PASSWORD)
+    page.click("input[type=submit]")
+    page.wait_for_url(f"**{next_path}")
+
+
+def screenshot(page: Any, name: str, *, docs: str | None = None) -> Path:
+    """Save to tests/artifacts/screenshots/; with `docs`, also refresh docs/screenshots/<docs>
+    when LLMROTATE_UPDATE_SCREENSHOTS=1 (or when it is missing), so that ordinary runs leave
+    the committed images alone."""
+    import os
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    if docs:
+        target = Path(__file__).resolve().parents[2] / "docs" / "screenshots" / docs
+        if os.environ.get("LLMROTATE_UPDATE_SCREENSHOTS") == "1" or not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+    return path

@@ -1,0 +1,657 @@
+"""Wire-level tests for the fake upstream: no Django, no DB, only 127.0.0.1 sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from proxy.fake_upstream import FakeUpstream, load_script_file, normalize_behaviour
+
+REPO = Path(__file__).resolve().parents[2]
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello there, fake"}]}
+MSG = {
+    "model": "claude-haiku-4-5",
+    "max_tokens": 256,
+    "messages": [{"role": "user", "content": "Hello there, fake"}],
+}
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[FakeUpstream]:
+    with FakeUpstream() as fake:
+        yield fake
+
+
+@pytest.fixture
+def fake(server: FakeUpstream) -> FakeUpstream:
+    server.reset()
+    return server
+
+
+@pytest.fixture(scope="module")
+def http() -> Iterator[httpx.Client]:
+    # Shared: building an httpx.Client (its SSL context) costs ~30 ms, a request ~1 ms.
+    with httpx.Client(timeout=5) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def _k1_client(server: FakeUpstream) -> Iterator[httpx.Client]:
+    headers = {"authorization": "Bearer k1"}
+    with httpx.Client(base_url=server.base_url, headers=headers, timeout=5) as c:
+        yield c
+
+
+@pytest.fixture
+def client(fake: FakeUpstream, _k1_client: httpx.Client) -> httpx.Client:
+    """Authenticated as key "k1", against a freshly reset server."""
+    return _k1_client
+
+
+def sse_data(lines: Iterator[str]) -> list[Any]:
+    """Decoded `data:` payloads of an OpenAI stream; "[DONE]" kept as a string."""
+    out: list[Any] = []
+    for line in lines:
+        if line.startswith("data: "):
+            raw = line[len("data: ") :]
+            out.append(raw if raw == "[DONE]" else json.loads(raw))
+    return out
+
+
+def raw_exchange(fake: FakeUpstream, request: bytes) -> bytes:
+    """Send raw bytes, read until the server closes (the request must ask for close)."""
+    with socket.create_connection((fake.host, fake.port), timeout=2) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+def post_raw(path: str, body: dict[str, Any], extra: str = "") -> bytes:
+    payload = json.dumps(body).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k1\r\n{extra}"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode() + payload
+
+
+def dechunk(body: bytes) -> list[bytes]:
+    chunks = []
+    while True:
+        size_line, _, body = body.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            return chunks
+        chunks.append(body[:size])
+        assert body[size : size + 2] == b"\r\n"
+        body = body[size + 2 :]
+
+
+# ---- OpenAI happy paths --------------------------------------------------------------
+
+
+def test_models_list_requires_auth(
+    fake: FakeUpstream, client: httpx.Client, http: httpx.Client
+) -> None:
+    r = client.get("/models")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == [
+        "gpt-4o-mini",
+        "gpt-4o",
+        "gpt-4.1-mini",
+        "claude-3-5-haiku-latest",
+    ]
+    assert body["data"][0] == {
+        "id": "gpt-4o-mini",
+        "object": "model",
+        "created": body["data"][0]["created"],
+        "owned_by": "fake-upstream",
+    }
+    anon = http.get(f"{fake.base_url}/models")
+    assert anon.status_code == 401
+    assert anon.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_json_completion_shape_and_headers(client: httpx.Client) -> None:
+    r = client.post("/chat/completions", json=CHAT)
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "application/json"
+    for header in (
+        "x-request-id",
+        "x-ratelimit-limit-requests",
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-limit-tokens",
+        "x-ratelimit-remaining-tokens",
+    ):
+        assert header in r.headers
+    assert r.headers["x-ratelimit-reset-requests"] == "1s"
+    assert r.headers["x-ratelimit-reset-tokens"] == "6m0s"
+    body = r.json()
+    assert body["id"].startswith("chatcmpl-")
+    assert body["object"] == "chat.completion"
+    assert body["model"] == "gpt-4o-mini"
+    assert isinstance(body["created"], int)
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "stop"
+    assert choice["message"]["role"] == "assistant"
+    text = choice["message"]["content"]
+    assert text.startswith("This is a fake reply to: Hello there, fake")
+    assert len(text.split()) == 16
+    usage = body["usage"]
+    assert usage["prompt_tokens"] == 3
+    assert usage["completion_tokens"] == 16
+    assert usage["total_tokens"] == 19
+    assert usage["prompt_tokens_details"]["cached_tokens"] == 0
+    assert usage["completion_tokens_details"]["reasoning_tokens"] == 0
+    # Deterministic apart from ids/timestamps.
+    again = client.post("/chat/completions", json=CHAT).json()
+    assert again["choices"][0]["message"]["content"] == text
+    remaining = int(r.headers["x-ratelimit-remaining-requests"])
+    assert remaining == int(r.headers["x-ratelimit-limit-requests"]) - 1
+
+
+def test_completion_length_behaviour_and_max_tokens(fake: FakeUpstream, client: httpx.Client):
+    fake.script(keys={"k1": {"queue": [{"completion_tokens": 3}]}})
+    body = client.post("/chat/completions", json=CHAT).json()
+    assert body["choices"][0]["message"]["content"] == "This is a"
+    assert body["usage"]["completion_tokens"] == 3
+    body = client.post("/chat/completions", json={**CHAT, "max_completion_tokens": 5}).json()
+    assert len(body["choices"][0]["message"]["content"].split()) == 5
+    assert body["choices"][0]["finish_reason"] == "length"
+    body = client.post("/chat/completions", json={**CHAT, "max_tokens": 100}).json()
+    assert body["usage"]["completion_tokens"] == 16
+
+
+def test_stream_exact_sequence_without_usage(client: httpx.Client) -> None:
+    with client.stream("POST", "/chat/completions", json={**CHAT, "stream": True}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["transfer-encoding"] == "chunked"
+        events = sse_data(r.iter_lines())
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert len(chunks) == 1 + 16 + 1
+    assert all("usage" not in c for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "", "refusal": None}
+    words = [c["choices"][0]["delta"]["content"] for c in chunks[1:-1]]
+    assert "".join(words).startswith("This is a fake reply to:")
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    assert chunks[-1]["choices"][0] == {
+        "index": 0,
+        "delta": {},
+        "logprobs": None,
+        "finish_reason": "stop",
+    }
+
+
+def test_stream_with_include_usage(client: httpx.Client) -> None:
+    req = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/chat/completions", json=req) as r:
+        events = sse_data(r.iter_lines())
+    assert events[-1] == "[DONE]"
+    *chunks, usage_chunk = events[:-1]
+    assert all(c["usage"] is None for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert usage_chunk["choices"] == []
+    assert usage_chunk["usage"]["completion_tokens"] == 16
+    assert usage_chunk["usage"]["total_tokens"] == usage_chunk["usage"]["prompt_tokens"] + 16
+
+
+def test_each_sse_event_is_its_own_http_chunk(fake: FakeUpstream) -> None:
+    raw = raw_exchange(fake, post_raw("/v1/chat/completions", {**CHAT, "stream": True}))
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK")
+    assert b"connection: close" in head
+    chunks = dechunk(body)
+    assert len(chunks) == 1 + 16 + 1 + 1
+    assert all(c.startswith(b"data: ") and c.endswith(b"\n\n") for c in chunks)
+    assert all(c.count(b"data: ") == 1 for c in chunks)
+    assert chunks[-1] == b"data: [DONE]\n\n"
+
+
+def test_tool_call_stream_and_json(fake: FakeUpstream, client: httpx.Client) -> None:
+    fake.script(keys={"k1": {"queue": [{"fault": "tool_call", "times": 2}]}})
+    with client.stream("POST", "/chat/completions", json={**CHAT, "stream": True}) as r:
+        chunks = sse_data(r.iter_lines())[:-1]
+    first = chunks[0]["choices"][0]["delta"]["tool_calls"][0]
+    assert first["function"] == {"name": "get_weather", "arguments": ""}
+    assert first["id"].startswith("call_")
+    pieces = [
+        c["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"] for c in chunks[1:-1]
+    ]
+    assert len(pieces) == 3
+    assert json.loads("".join(pieces)) == {"location": "Paris, France"}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    body = client.post("/chat/completions", json=CHAT).json()
+    message = body["choices"][0]["message"]
+    assert message["content"] is None
+    assert json.loads(message["tool_calls"][0]["function"]["arguments"])["location"]
+    assert body["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_openai_sdk_roundtrip(fake: FakeUpstream) -> None:
+    openai = pytest.importorskip("openai")
+    sdk = openai.OpenAI(base_url=fake.base_url, api_key="sk-sdk", max_retries=0)
+    completion = sdk.chat.completions.create(**CHAT)
+    assert completion.choices[0].message.content.startswith("This is a fake reply")
+    assert completion.usage.completion_tokens == 16
+    stream = sdk.chat.completions.create(
+        **CHAT, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == completion.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == 16
+    assert next(m.id for m in sdk.models.list()) == "gpt-4o-mini"
+    fake.script(keys={"sk-sdk": {"queue": [{"fault": "429", "retry_after": 7}, "quota"]}})
+    with pytest.raises(openai.RateLimitError) as exc:
+        sdk.chat.completions.create(**CHAT)
+    assert exc.value.code == "rate_limit_exceeded"
+    with pytest.raises(openai.RateLimitError) as exc:
+        sdk.chat.completions.create(**CHAT)
+    assert exc.value.code == "insufficient_quota"
+
+
+# ---- faults --------------------------------------------------------------------------
+
+
+def test_429_with_retry_after(fake: FakeUpstream, client: httpx.Client) -> None:
+    fake.script(keys={"k1": {"queue": [{"fault": "429", "retry_after": 5}]}})
+    r = client.post("/chat/completions", json=CHAT)
+    assert r.status_code == 429
+    assert r.headers["retry-after"] == "5"
+    assert r.headers["x-ratelimit-remaining-requests"] == "0"
+    assert r.headers["x-ratelimit-reset-requests"] == "5s"
+    err = r.json()["error"]
+    assert err["type"] == "requests"
+    assert err["code"] == "rate_limit_exceeded"
+    assert err["param"] is None
+    assert err["message"].startswith("Rate limit reached for gpt-4o-mini")
+    assert client.post("/chat/completions", json=CHAT).status_code == 200  # one-shot
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "etype", "code"),
+    [
+        ("quota", 429, "insufficient_quota", "insufficient_quota"),
+        ("402", 402, "billing_error", "payment_required"),
+        ("401", 401, "invalid_request_error", "invalid_api_key"),
+        ("403", 403, "invalid_request_error", "invalid_api_key"),
+        ("500", 500, "server_error", None),
+        ("503", 503, "server_error", None),
+        ("418", 418, "invalid_request_error", None),
+    ],
+)
+def test_error_faults(fake: FakeUpstream, client: httpx.Client, fault, status, etype, code):
+    fake.script(keys={"k1": {"queue": [fault]}})
+    r = client.post("/chat/completions", json={**CHAT, "stream": True})
+    assert r.status_code == status
+    assert r.headers["content-type"] == "application/json"
+    err = r.json()["error"]
+    assert (err["type"], err["code"]) == (etype, code)
+    assert set(err) == {"message", "type", "param", "code"}
+    assert "retry-after" not in r.headers
+
+
+def test_drop_closes_without_response(fake: FakeUpstream, client: httpx.Client) -> None:
+    fake.script(keys={"k1": {"queue": ["drop"]}})
+    with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
+        client.post("/chat/completions", json=CHAT)
+    assert client.post("/chat/completions", json=CHAT).status_code == 200
+
+
+def test_cut_stream_mid_body(fake: FakeUpstream, client: httpx.Client) -> None:
+    fake.script(keys={"k1": {"queue": [{"fault": "cut", "cut_after": 3}]}})
+    received: list[str] = []
+    with (
+        pytest.raises(httpx.RemoteProtocolError),
+        client.stream("POST", "/chat/completions", json={**CHAT, "stream": True}) as r,
+    ):
+        assert r.status_code == 200
+        received.extend(line for line in r.iter_lines() if line)
+    assert len(received) == 3
+    assert "[DONE]" not in received[-1]
+
+
+def test_cut_json_body_is_short(fake: FakeUpstream, client: httpx.Client) -> None:
+    fake.script(keys={"k1": {"queue": ["cut"]}})
+    with pytest.raises(httpx.RemoteProtocolError):
+        client.post("/chat/completions", json=CHAT)
+
+
+def test_garbage_body(fake: FakeUpstream, client: httpx.Client) -> None:
+    fake.script(keys={"k1": {"queue": ["garbage"]}})
+    r = client.post("/chat/completions", json=CHAT)
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "application/json"
+    with pytest.raises(json.JSONDecodeError):
+        r.json()
+
+
+def test_latency_and_token_delay(fake: FakeUpstream, client: httpx.Client) -> None:
+    fake.script(keys={"k1": {"queue": [{"latency_ms": 80}, {"token_delay_ms": 10}]}})
+    start = time.perf_counter()
+    assert client.post("/chat/completions", json=CHAT).status_code == 200
+    assert time.perf_counter() - start >= 0.08
+    req = {**CHAT, "stream": True, "max_tokens": 4}
+    with client.stream("POST", "/chat/completions", json=req) as r:
+        start = time.perf_counter()
+        lines = r.iter_lines()
+        first = next(lines)
+        ttft = time.perf_counter() - start
+        list(lines)
+        total = time.perf_counter() - start
+    assert first.startswith("data: ")
+    assert ttft < 0.05
+    assert total >= 0.05  # 6 more events, 10 ms apart
+
+
+# ---- scripting, auth, validation -----------------------------------------------------
+
+
+def test_queue_then_key_default_then_global_default(fake: FakeUpstream, http: httpx.Client) -> None:
+    fake.script(
+        keys={"a": {"queue": [{"fault": "500", "times": 2}, "429"], "default": "503"}},
+        default="402",
+    )
+
+    def status(key: str) -> int:
+        headers = {"authorization": f"Bearer {key}"}
+        return http.post(
+            f"{fake.base_url}/chat/completions", json=CHAT, headers=headers
+        ).status_code
+
+    assert fake.stats()["queued"] == {"a": 3}
+    assert [status("a") for _ in range(5)] == [500, 500, 429, 503, 503]
+    assert status("b") == 402
+    fake.script(reset=True)
+    assert status("a") == 200
+    stats = fake.stats()
+    assert stats["requests"] == {"a": 6, "b": 1}
+    assert stats["total"] == 7
+    assert stats["queued"] == {}
+    assert stats["last_request_bodies"][-1] == CHAT
+
+
+def test_script_rejects_bad_input_atomically(fake: FakeUpstream) -> None:
+    for bad in ({"fault": "nope"}, {"latency": 5}, {"fault": "429", "times": -1}):
+        with pytest.raises(ValueError):
+            fake.script(keys={"ok": {"queue": ["500"]}, "bad": {"queue": [bad]}})
+    assert fake.stats()["queued"] == {}
+    assert normalize_behaviour("429")["fault"] == "429"
+
+
+def test_control_api(fake: FakeUpstream, http: httpx.Client) -> None:
+    base = f"http://{fake.host}:{fake.port}/_fake"
+    script = {"keys": {"k9": {"queue": [{"fault": "429", "retry_after": 2}]}}}
+    assert http.post(f"{base}/script", json=script).json() == {"ok": True}
+    r = http.post(
+        f"{fake.base_url}/chat/completions", json=CHAT, headers={"authorization": "Bearer k9"}
+    )
+    assert r.status_code == 429
+    stats = http.get(f"{base}/stats").json()
+    assert stats["requests"] == {"k9": 1}
+    assert stats["total"] == 1
+    assert stats["last_request_bodies"] == [CHAT]
+    bad = http.post(f"{base}/script", json={"keys": {"x": {"queue": ["bogus"]}}})
+    assert bad.status_code == 400
+    assert "bogus" in bad.json()["error"]
+    assert http.post(f"{base}/reset").json() == {"ok": True}
+    assert http.get(f"{base}/stats").json()["total"] == 0
+    assert http.get(f"{base}/health").json() == {"ok": True}
+    assert http.get(f"{base}/nope").status_code == 404
+
+
+def test_auth_and_validation_errors(
+    fake: FakeUpstream, client: httpx.Client, http: httpx.Client
+) -> None:
+    r = http.post(f"{fake.base_url}/chat/completions", json=CHAT)
+    assert r.status_code == 401
+    assert r.json()["error"]["code"] == "invalid_api_key"
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    r = client.post(
+        "/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    for missing in ("model", "messages"):
+        body = {k: v for k, v in CHAT.items() if k != missing}
+        r = client.post("/chat/completions", json=body)
+        assert r.status_code == 400
+        assert r.json()["error"]["param"] == missing
+    r = client.post("/completions", json=CHAT)
+    assert r.status_code == 404
+    assert r.json()["error"]["message"] == "Invalid URL (POST /v1/completions)"
+    # A malformed request does not consume the scripted behaviour.
+    fake.script(keys={"k1": {"queue": ["500"]}})
+    assert client.post("/chat/completions", json={"model": "x"}).status_code == 400
+    assert client.post("/chat/completions", json=CHAT).status_code == 500
+
+
+def test_allowed_keys(http: httpx.Client) -> None:
+    with FakeUpstream(allowed_keys={"good"}, models=["m1"]) as fake:
+        url = f"{fake.base_url}/models"
+        assert (
+            http.get(url, headers={"authorization": "Bearer good"}).json()["data"][0]["id"] == "m1"
+        )
+        bad = http.get(url, headers={"authorization": "Bearer sk-wrong-key"})
+        assert bad.status_code == 401
+        assert bad.json()["error"]["code"] == "invalid_api_key"
+        assert "sk-wrong-key" not in bad.json()["error"]["message"]  # masked like OpenAI
+
+
+def test_malformed_http_gets_400_and_close(fake: FakeUpstream) -> None:
+    raw = raw_exchange(fake, b"THIS IS NOT HTTP\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 400 ")
+    assert b"connection: close" in raw
+    raw = raw_exchange(fake, b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: x\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 400 ")
+
+
+def test_keep_alive_and_chunked_request_body(fake: FakeUpstream) -> None:
+    body = json.dumps(CHAT).encode()
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    keep = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k1\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + chunked
+    )
+    raw = raw_exchange(fake, keep + post_raw("/v1/chat/completions", CHAT))
+    assert raw.count(b"HTTP/1.1 200 OK") == 2  # two responses on one connection
+    assert raw.count(b"connection: keep-alive") == 1
+
+
+# ---- Anthropic -----------------------------------------------------------------------
+
+
+def test_anthropic_json_and_errors(fake: FakeUpstream, http: httpx.Client) -> None:
+    url = f"{fake.base_url}/messages"
+    headers = {"x-api-key": "ak1", "anthropic-version": "2023-06-01"}
+    r = http.post(url, json=MSG, headers=headers)
+    assert r.status_code == 200
+    assert "request-id" in r.headers
+    body = r.json()
+    assert body["type"] == "message"
+    assert body["role"] == "assistant"
+    assert body["id"].startswith("msg_")
+    assert body["content"][0]["type"] == "text"
+    assert body["content"][0]["text"].startswith("This is a fake reply to:")
+    assert body["stop_reason"] == "end_turn"
+    assert body["usage"]["input_tokens"] == 3
+    assert body["usage"]["output_tokens"] == 16
+    # Bearer works too.
+    assert http.post(url, json=MSG, headers={"authorization": "Bearer ak1"}).status_code == 200
+    r = http.post(url, json=MSG)
+    assert r.status_code == 401
+    assert r.json()["type"] == "error"
+    assert r.json()["error"]["type"] == "authentication_error"
+    fake.script(keys={"ak1": {"queue": [{"fault": "429", "retry_after": 3}, "quota", "503"]}})
+    r = http.post(url, json=MSG, headers=headers)
+    assert (r.status_code, r.json()["error"]["type"]) == (429, "rate_limit_error")
+    assert r.headers["retry-after"] == "3"
+    r = http.post(url, json=MSG, headers=headers)
+    assert (r.status_code, r.json()["error"]["type"]) == (400, "invalid_request_error")
+    assert "credit balance" in r.json()["error"]["message"]
+    r = http.post(url, json=MSG, headers=headers)
+    assert (r.status_code, r.json()["error"]["type"]) == (503, "overloaded_error")
+    r = http.post(url, json={k: v for k, v in MSG.items() if k != "max_tokens"}, headers=headers)
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == "max_tokens: Field required"
+
+
+def test_anthropic_sse_sequence(fake: FakeUpstream) -> None:
+    raw = raw_exchange(
+        fake, post_raw("/v1/messages", {**MSG, "stream": True}, "x-api-key: ak1\r\n")
+    )
+    _, _, body = raw.partition(b"\r\n\r\n")
+    events = []
+    for chunk in dechunk(body):
+        name_line, data_line, *_ = chunk.decode().split("\n")
+        name = name_line.removeprefix("event: ")
+        data = json.loads(data_line.removeprefix("data: "))
+        assert data["type"] == name
+        events.append(data)
+    names = [e["type"] for e in events]
+    assert names == [
+        "message_start",
+        "content_block_start",
+        "ping",
+        *["content_block_delta"] * 16,
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    assert events[0]["message"]["usage"]["input_tokens"] == 3
+    assert events[1]["content_block"] == {"type": "text", "text": ""}
+    text = "".join(e["delta"]["text"] for e in events if e["type"] == "content_block_delta")
+    assert text.startswith("This is a fake reply to: Hello there, fake")
+    assert events[-2]["delta"]["stop_reason"] == "end_turn"
+    assert events[-2]["usage"] == {"output_tokens": 16}
+
+
+def test_anthropic_sdk(fake: FakeUpstream) -> None:
+    anthropic = pytest.importorskip("anthropic")
+    sdk = anthropic.Anthropic(
+        base_url=fake.base_url.removesuffix("/v1"), api_key="ak2", max_retries=0
+    )
+    message = sdk.messages.create(**MSG)
+    assert message.content[0].text.startswith("This is a fake reply")
+    with sdk.messages.stream(**MSG) as stream:
+        streamed = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert streamed == message.content[0].text
+    assert final.usage.output_tokens == 16
+    fake.script(keys={"ak2": {"queue": ["tool_call", "429"]}})
+    with sdk.messages.stream(**MSG) as stream:
+        final = stream.get_final_message()
+    assert final.stop_reason == "tool_use"
+    assert final.content[0].input == {"location": "Paris, France"}
+    with pytest.raises(anthropic.RateLimitError):
+        sdk.messages.create(**MSG)
+    assert sdk.models.list().data[0].id == "gpt-4o-mini"
+
+
+# ---- lifecycle and CLI ---------------------------------------------------------------
+
+
+def test_serve_on_callers_loop() -> None:
+    async def scenario() -> int:
+        fake = FakeUpstream()
+        task = asyncio.create_task(fake.serve("127.0.0.1", 0))
+        while not fake.port:
+            await asyncio.sleep(0.001)
+        async with httpx.AsyncClient(headers={"authorization": "Bearer k"}) as client:
+            status = (await client.get(f"{fake.base_url}/models")).status_code
+        await fake.aclose()
+        await asyncio.wait_for(task, 2)
+        return status
+
+    assert asyncio.run(scenario()) == 200
+
+
+def test_stop_closes_idle_keep_alive_connections() -> None:
+    fake = FakeUpstream()
+    fake.start_in_thread()
+    with httpx.Client(headers={"authorization": "Bearer k"}) as client:
+        assert client.get(f"{fake.base_url}/models").status_code == 200
+        fake.stop()
+        fake.stop()  # idempotent
+        with pytest.raises(httpx.TransportError):
+            client.get(f"{fake.base_url}/models")
+
+
+def test_script_file_and_cli(tmp_path: Path, http: httpx.Client) -> None:
+    pytest.importorskip("yaml")
+    script = tmp_path / "script.yaml"
+    script.write_text("keys:\n  k-cli:\n    queue:\n      - {fault: '503', times: 2}\n")
+    assert load_script_file(str(script))["keys"]["k-cli"]["queue"][0]["times"] == 2
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy.fake_upstream", "--port", "0", "--script", str(script)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("fake-upstream listening on http://127.0.0.1:")
+        base = line.split()[-1]
+        headers = {"authorization": "Bearer k-cli"}
+        codes = [http.get(f"{base}/models", headers=headers).status_code for _ in range(3)]
+        assert codes == [503, 503, 200]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_expect_100_continue(fake: FakeUpstream) -> None:
+    body = json.dumps(CHAT).encode()
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k1\r\n"
+        b"Expect: 100-continue\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
+    with socket.create_connection((fake.host, fake.port), timeout=2) as sock:
+        sock.sendall(head)
+        assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        assert sock.recv(100).startswith(b"HTTP/1.1 200 OK")
+
+
+def test_stop_during_slow_stream_ends_it() -> None:
+    fake = FakeUpstream(script={"default": {"token_delay_ms": 50}})
+    fake.start_in_thread()
+    req = {**CHAT, "stream": True}
+    with (
+        httpx.Client(base_url=fake.base_url, headers={"authorization": "Bearer k"}) as client,
+        client.stream("POST", "/chat/completions", json=req) as r,
+    ):
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        start = time.perf_counter()
+        fake.stop()
+        with pytest.raises(httpx.RemoteProtocolError):
+            list(lines)
+    assert time.perf_counter() - start < 1

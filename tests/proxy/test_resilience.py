@@ -1,0 +1,60 @@
+"""The proxy keeps serving when the database or Redis goes away."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from django.db.utils import OperationalError
+from django.test import AsyncClient, override_settings
+
+from tests.proxy.conftest import Gateway
+
+pytestmark = pytest.mark.asyncio
+BODY = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+
+
+async def post(gateway: Gateway):
+    return await AsyncClient().post(
+        "/v1/chat/completions",
+        data=BODY,
+        content_type="application/json",
+        headers=gateway.headers(),
+    )
+
+
+async def test_it_serves_from_the_cached_config_while_the_database_is_down(gateway, monkeypatch):
+    assert (await post(gateway)).status_code == 200
+
+    def database_down():
+        raise OperationalError("could not connect to server")
+
+    monkeypatch.setattr("keys.routing.routing_load", database_down)
+    with override_settings(LLMROTATE_CONFIG_CACHE_SECONDS=0):
+        time.sleep(0.01)
+        assert (await post(gateway)).status_code == 200
+
+
+async def test_without_any_cached_config_a_database_outage_is_a_clean_500(gateway, monkeypatch):
+    from keys.routing import invalidate_routing_cache
+
+    def database_down():
+        raise OperationalError("could not connect to server")
+
+    invalidate_routing_cache()
+    monkeypatch.setattr("keys.routing.routing_load", database_down)
+    response = await post(gateway)
+    assert response.status_code == 500
+    assert response.json()["error"]["code"] == "internal_error"
+    assert "could not connect" not in response.content.decode()
+
+
+async def test_it_keeps_routing_when_redis_goes_away(gateway, settings):
+    from keys.state_store import reset_key_state_store
+
+    # A Redis URL nobody listens on: the store falls back to per-process state.
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"
+    reset_key_state_store()
+    for _ in range(3):
+        assert (await post(gateway)).status_code == 200

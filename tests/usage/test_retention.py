@@ -1,0 +1,72 @@
+"""`manage.py prune_usage` and the `usage_prune` service behind the scheduled task."""
+
+from __future__ import annotations
+
+import io
+from datetime import timedelta
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.test import override_settings
+from django.utils import timezone
+
+from tests.usage.monitoring import call, write_calls
+from usage.models import CallRecord, DayRollup, HourRollup, MinuteRollup
+from usage.services import usage_prune
+from usage.tasks import usage_prune as usage_prune_task
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def history() -> None:
+    now = timezone.now()
+    write_calls([call(started_at=now - timedelta(days=d)) for d in (1, 50, 100, 200, 200)])
+
+
+@pytest.mark.usefixtures("history")
+def test_it_deletes_old_records_and_minute_rollups_but_keeps_hours_and_days() -> None:
+    hours, days = HourRollup.objects.count(), DayRollup.objects.count()
+    result = usage_prune(older_than=timedelta(days=90), batch_size=1)
+    assert (result.records, result.minute_rollups) == (3, 2)
+    assert CallRecord.objects.count() == 2
+    assert MinuteRollup.objects.count() == 2
+    assert (HourRollup.objects.count(), DayRollup.objects.count()) == (hours, days)
+
+
+@pytest.mark.usefixtures("history")
+def test_it_reports_progress_batch_by_batch() -> None:
+    seen: list[int] = []
+    usage_prune(older_than=timedelta(days=90), batch_size=2, progress=seen.append)
+    assert seen == [2, 3, 5]
+
+
+@pytest.mark.usefixtures("history")
+@override_settings(LLMROTATE_USAGE_RETENTION_DAYS=30)
+def test_the_setting_is_the_default_and_the_task_applies_it() -> None:
+    assert usage_prune_task() == 4 + 3
+    assert CallRecord.objects.count() == 1
+
+
+@pytest.mark.usefixtures("history")
+@override_settings(LLMROTATE_USAGE_RETENTION_DAYS=0)
+def test_zero_days_keeps_everything() -> None:
+    assert usage_prune().cutoff is None
+    out = io.StringIO()
+    call_command("prune_usage", stdout=out)
+    assert "keeping everything" in out.getvalue()
+    assert CallRecord.objects.count() == 5
+
+
+@pytest.mark.usefixtures("history")
+def test_the_command_takes_older_than() -> None:
+    out = io.StringIO()
+    call_command("prune_usage", "--older-than", "150d", "--batch-size", "1", stdout=out)
+    assert "deleted 2 call records and 1 minute rollups" in out.getvalue()
+    assert CallRecord.objects.count() == 3
+
+
+def test_the_command_refuses_a_bad_duration() -> None:
+    with pytest.raises(CommandError, match="90d"):
+        call_command("prune_usage", "--older-than", "soon")

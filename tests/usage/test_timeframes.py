@@ -1,0 +1,103 @@
+"""Time frames: windows, since/until, buckets and their error messages."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from usage.timeframes import (
+    TimeFrame,
+    TimeFrameError,
+    default_bucket,
+    parse_bucket,
+    parse_duration,
+    timeframe_parse,
+)
+
+NOW = datetime(2025, 3, 30, 1, 30, tzinfo=UTC)  # the night Europe moves its clocks: UTC does not
+
+
+def parse(**kwargs: str | None) -> TimeFrame:
+    values: dict[str, str | None] = {"window": None, "since": None, "until": None}
+    values.update(kwargs)
+    return timeframe_parse(now=NOW, **values)  # type: ignore[arg-type]
+
+
+def test_nothing_means_all_time() -> None:
+    assert parse() == TimeFrame(since=None, until=None)
+
+
+def test_a_default_window_applies_when_nothing_is_given() -> None:
+    frame = timeframe_parse(window=None, since=None, until=None, now=NOW, default_window="24h")
+    assert frame == TimeFrame(since=NOW - timedelta(hours=24), until=None)
+
+
+@pytest.mark.parametrize(
+    ("window", "span"),
+    [("1h", timedelta(hours=1)), ("24h", timedelta(days=1)), ("7d", timedelta(days=7)),
+     ("30d", timedelta(days=30))],
+)  # fmt: skip
+def test_windows_end_now(window: str, span: timedelta) -> None:
+    assert parse(window=window) == TimeFrame(since=NOW - span, until=None)
+
+
+def test_an_unknown_window_says_what_is_accepted() -> None:
+    with pytest.raises(TimeFrameError, match=r"1h\|24h\|7d\|30d"):
+        parse(window="2w")
+
+
+def test_window_and_since_together_are_refused() -> None:
+    with pytest.raises(TimeFrameError, match="not both"):
+        parse(window="1h", since="2025-01-01")
+
+
+def test_timestamps_accept_z_offsets_and_naive_utc() -> None:
+    frame = parse(since="2025-01-01T10:00:00Z", until="2025-01-01T12:00:00+02:00")
+    assert frame.since == datetime(2025, 1, 1, 10, tzinfo=UTC)
+    assert frame.until == datetime(2025, 1, 1, 10, tzinfo=UTC)
+    assert parse(since="2025-01-01").since == datetime(2025, 1, 1, tzinfo=UTC)
+
+
+def test_a_bad_timestamp_says_iso_8601() -> None:
+    with pytest.raises(TimeFrameError, match="ISO 8601") as info:
+        parse(since="yesterday")
+    assert info.value.param == "since"
+
+
+def test_since_after_until_is_refused() -> None:
+    with pytest.raises(TimeFrameError, match="since must not be after until"):
+        parse(since="2025-01-02", until="2025-01-01")
+
+
+def test_since_equal_to_until_is_an_empty_frame() -> None:
+    frame = parse(since="2025-01-01", until="2025-01-01")
+    assert frame.since == frame.until
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("1m", 60), ("15m", 900), ("6h", 21600), ("1d", 86400), ("7d", 604800)]
+)
+def test_buckets_divide_a_day_or_are_whole_days(text: str, seconds: int) -> None:
+    assert parse_bucket(text).total_seconds() == seconds
+
+
+@pytest.mark.parametrize("text", ["7m", "0m", "5s", "1w", "", "36h"])
+def test_other_buckets_are_refused_with_examples(text: str) -> None:
+    with pytest.raises(TimeFrameError, match="1m, 5m, 15m, 1h, 6h or 1d"):
+        parse_bucket(text)
+
+
+@pytest.mark.parametrize(
+    ("window", "bucket"),
+    [("1h", timedelta(minutes=1)), ("24h", timedelta(minutes=15)), ("7d", timedelta(hours=1)),
+     ("30d", timedelta(hours=6))],
+)  # fmt: skip
+def test_the_default_bucket_follows_the_window(window: str, bucket: timedelta) -> None:
+    assert default_bucket(parse(window=window), now=NOW) == bucket
+
+
+def test_durations_for_retention() -> None:
+    assert parse_duration("90d", param="x") == timedelta(days=90)
+    with pytest.raises(TimeFrameError):
+        parse_duration("ninety days", param="--older-than")

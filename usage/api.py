@@ -1,0 +1,257 @@
+"""The usage and monitoring API (`/api/usage…`, `/api/events`, `/api/requests/…`).
+
+Thin adapters: parse the query, call one selector, shape the answer. All GET, all read-only,
+all behind `monitor_auth` (a staff session or a client token with the `monitor` scope).
+Reference with examples: docs/monitoring-api.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.core.handlers.asgi import ASGIRequest
+from django.http import Http404, HttpRequest, StreamingHttpResponse
+from django.utils import timezone
+from ninja import Query, Router
+
+from keys.auth import monitor_auth
+from keys.models import ClientToken
+from proxy.errors import invalid_request
+from usage import record_selectors, selectors
+from usage.export import CONTENT_TYPES, export_filename, iterate_async, usage_export
+from usage.schemas import (
+    ClientsOut,
+    EventsOut,
+    EventsQuery,
+    ExportQuery,
+    FilterQuery,
+    ModelsOut,
+    RecentOut,
+    RecentQuery,
+    RequestOut,
+    TimeFrameQuery,
+    TimeseriesOut,
+    TimeseriesQuery,
+    UsageOut,
+    UsageStatsOut,
+)
+from usage.selectors import Stats, Totals, UsageFilters
+from usage.timeframes import (
+    TimeFrame,
+    TimeFrameError,
+    default_bucket,
+    parse_bucket,
+    timeframe_parse,
+)
+
+router = Router(tags=["Monitoring"], auth=monitor_auth)
+
+
+def _frame(q: TimeFrameQuery, *, now: datetime, default_window: str | None = None) -> TimeFrame:
+    try:
+        return timeframe_parse(
+            window=q.window, since=q.since, until=q.until, now=now, default_window=default_window
+        )
+    except TimeFrameError as exc:
+        raise invalid_request(exc.message, code="invalid_parameter", param=exc.param) from None
+
+
+def _filters(q: FilterQuery) -> UsageFilters:
+    return UsageFilters(
+        provider=q.provider, model=q.model, key=q.key, client=q.client, status=q.status,
+        stream=q.stream,
+    )  # fmt: skip
+
+
+def _frame_out(frame: TimeFrame) -> dict[str, Any]:
+    return {"since": frame.since, "until": frame.until}
+
+
+def _stats_out(stats: Stats) -> dict[str, Any]:
+    return {
+        "calls": stats.calls,
+        "successes": stats.successes,
+        "errors": stats.errors,
+        "success_rate": stats.success_rate,
+        "error_rate": stats.error_rate,
+        "errors_by_type": stats.errors_by_type,
+        "tokens": stats.tokens,
+        "cost_usd": float(stats.cost_usd),
+        "ttft_stats": stats.ttft,
+        "duration_stats": stats.duration,
+        "overhead_stats": stats.overhead,
+        "tokens_per_second_stats": stats.tokens_per_second,
+    }
+
+
+def _provider_out(provider: str, totals: Totals) -> dict[str, Any]:
+    return {
+        "provider": provider,
+        "calls": totals.calls,
+        "successes": totals.successes,
+        "errors": totals.errors,
+        "prompt_tokens": totals.tokens.prompt,
+        "completion_tokens": totals.tokens.completion,
+        "total_tokens": totals.tokens.total,
+        "estimated_cost_usd": float(totals.cost_usd),
+    }
+
+
+@router.get("/usage", response=UsageOut, summary="Calls, tokens and cost per provider")
+def usage_by_provider(request: HttpRequest, q: Query[FilterQuery]) -> dict[str, Any]:
+    now = timezone.now()
+    frame = _frame(q, now=now)
+    rows = selectors.usage_totals_by(group=("provider",), frame=frame, filters=_filters(q), now=now)
+    total = Totals()
+    for _, totals in rows:
+        total.calls += totals.calls
+        total.successes += totals.successes
+        total.errors += totals.errors
+        total.tokens.prompt += totals.tokens.prompt
+        total.tokens.completion += totals.tokens.completion
+        total.tokens.total += totals.tokens.total
+        total.cost_usd += totals.cost_usd
+    return {
+        **_frame_out(frame),
+        "providers": [_provider_out(key[0], totals) for key, totals in rows],
+        "total": _provider_out("*", total),
+    }
+
+
+@router.get("/usage/models", response=ModelsOut, summary="The same figures per provider and model")
+def usage_by_model(request: HttpRequest, q: Query[FilterQuery]) -> dict[str, Any]:
+    now = timezone.now()
+    frame = _frame(q, now=now)
+    rows = selectors.usage_totals_by(
+        group=("provider", "requested_model"), frame=frame, filters=_filters(q), now=now
+    )
+    models = [
+        {
+            "provider": provider,
+            "model": model,
+            "calls": totals.calls,
+            "successes": totals.successes,
+            "errors": totals.errors,
+            "total_tokens": totals.tokens.total,
+            "estimated_cost_usd": float(totals.cost_usd),
+        }
+        for (provider, model), totals in rows
+    ]
+    return {**_frame_out(frame), "models": models}
+
+
+@router.get(
+    "/usage/timeseries", response=TimeseriesOut, summary="Calls, errors, tokens and cost per bucket"
+)
+def usage_timeseries(request: HttpRequest, q: Query[TimeseriesQuery]) -> dict[str, Any]:
+    now = timezone.now()
+    frame = _frame(q, now=now, default_window="24h")
+    try:
+        bucket = parse_bucket(q.bucket) if q.bucket else default_bucket(frame, now=now)
+        buckets = selectors.usage_timeseries(
+            frame=frame, bucket=bucket, filters=_filters(q), now=now
+        )
+    except TimeFrameError as exc:
+        raise invalid_request(exc.message, code="invalid_parameter", param=exc.param) from None
+    return {
+        **_frame_out(frame),
+        "bucket_seconds": int(bucket / timedelta(seconds=1)),
+        "buckets": [
+            {
+                "start": b.start,
+                "calls": b.totals.calls,
+                "errors": b.totals.errors,
+                "prompt_tokens": b.totals.tokens.prompt,
+                "completion_tokens": b.totals.tokens.completion,
+                "total_tokens": b.totals.tokens.total,
+                "cost_usd": float(b.totals.cost_usd),
+            }
+            for b in buckets
+        ],
+    }
+
+
+@router.get("/usage/stats", response=UsageStatsOut, summary="Counts, rates, tokens, cost, latency")
+def usage_stats(request: HttpRequest, q: Query[FilterQuery]) -> dict[str, Any]:
+    now = timezone.now()
+    frame = _frame(q, now=now)
+    stats = selectors.usage_stats(frame=frame, filters=_filters(q), now=now)
+    return {**_frame_out(frame), **_stats_out(stats)}
+
+
+@router.get("/usage/clients", response=ClientsOut, summary="The same figures per client token")
+def usage_clients(request: HttpRequest, q: Query[FilterQuery]) -> dict[str, Any]:
+    now = timezone.now()
+    frame = _frame(q, now=now)
+    rows = selectors.usage_stats_by_client(frame=frame, filters=_filters(q), now=now)
+    tokens = {t.name: t.masked for t in ClientToken.objects.filter(name__in=[n for n, _ in rows])}
+    clients = [
+        {"client": name, "token": tokens.get(name), **_stats_out(stats)} for name, stats in rows
+    ]
+    return {**_frame_out(frame), "clients": clients}
+
+
+@router.get("/usage/recent", response=RecentOut, summary="Call records, newest first, paginated")
+def usage_recent(request: HttpRequest, q: Query[RecentQuery]) -> dict[str, Any]:
+    frame = _frame(q, now=timezone.now())
+    try:
+        page = record_selectors.usage_recent_page(
+            frame=frame, filters=_filters(q), limit=q.limit, cursor=q.cursor
+        )
+    except TimeFrameError as exc:
+        raise invalid_request(exc.message, code="invalid_parameter", param=exc.param) from None
+    return {"records": page.records, "next_cursor": page.next_cursor}
+
+
+@router.get("/events", response=EventsOut, summary="Recent call records, newest last")
+def events(request: HttpRequest, q: Query[EventsQuery]) -> dict[str, Any]:
+    frame = _frame(q, now=timezone.now())
+    return {
+        "events": record_selectors.usage_events(frame=frame, filters=_filters(q), limit=q.limit)
+    }
+
+
+@router.get("/requests/{request_id}", response=RequestOut, summary="Every attempt of one request")
+def request_detail(request: HttpRequest, request_id: str) -> dict[str, Any]:
+    attempts = record_selectors.request_attempts(request_id=request_id)
+    if not attempts:
+        raise Http404
+    path = [
+        f"{a['provider'] or '-'}/{a['key_id'] or '-'} ({a['upstream_model'] or '-'}): "
+        f"{a['outcome']}"
+        for a in attempts
+    ]
+    return {
+        "request_id": request_id,
+        "attempts": attempts,
+        "path": path,
+        "final_outcome": attempts[-1]["outcome"],
+    }
+
+
+@router.get(
+    "/usage/export",
+    summary="Download call records (CSV, JSON Lines or JSON), streamed",
+    response={200: None},
+    openapi_extra={
+        "responses": {
+            200: {
+                "description": "The records, oldest first, streamed as they are read.",
+                "content": {ctype.split(";")[0]: {} for ctype in CONTENT_TYPES.values()},
+            }
+        }
+    },
+)
+def usage_export_download(request: HttpRequest, q: Query[ExportQuery]) -> StreamingHttpResponse:
+    now = timezone.now()
+    frame = _frame(q, now=now)
+    chunks: Iterator[str] = usage_export(frame=frame, filters=_filters(q), fmt=q.format)
+    # Under ASGI a sync iterator would be read whole into memory first; see iterate_async.
+    content = iterate_async(chunks) if isinstance(request, ASGIRequest) else chunks
+    response = StreamingHttpResponse(content, content_type=CONTENT_TYPES[q.format])
+    response["Content-Disposition"] = (
+        f'attachment; filename="{export_filename(fmt=q.format, now=now)}"'
+    )
+    return response

@@ -1,0 +1,73 @@
+"""Export call records as CSV, JSON Lines or JSON: the shell side of /api/usage/export."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.utils import timezone
+
+from usage.export import FORMATS, usage_export
+from usage.management.commands._progress import Progress
+from usage.selectors import UsageFilters
+from usage.timeframes import WINDOWS, TimeFrameError, timeframe_parse
+
+
+class Command(BaseCommand):
+    help = "Export call records (oldest first) with the filters of /api/usage/export."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--format", choices=FORMATS, default="csv")
+        parser.add_argument("--window", choices=list(WINDOWS))
+        parser.add_argument("--since", help="ISO 8601 start (inclusive)")
+        parser.add_argument("--until", help="ISO 8601 end (exclusive)")
+        parser.add_argument("--provider")
+        parser.add_argument("--model", help="requested model (route)")
+        parser.add_argument("--key", help="upstream key id")
+        parser.add_argument("--client", help="client (token) name")
+        parser.add_argument("--status", choices=["success", "error"])
+        parser.add_argument("--stream", choices=["true", "false"])
+        parser.add_argument("--output", "-o", help="file to write (default: stdout)")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        try:
+            frame = timeframe_parse(
+                window=options["window"],
+                since=options["since"],
+                until=options["until"],
+                now=timezone.now(),
+            )
+        except TimeFrameError as exc:
+            raise CommandError(exc.message) from None
+        stream = options["stream"]
+        filters = UsageFilters(
+            provider=options["provider"],
+            model=options["model"],
+            key=options["key"],
+            client=options["client"],
+            status=options["status"],
+            stream=None if stream is None else stream == "true",
+        )
+        progress = Progress("exported")
+        rows = 0
+
+        def count(n: int) -> None:
+            nonlocal rows
+            rows = n
+            progress.update(n)
+
+        chunks = usage_export(frame=frame, filters=filters, fmt=options["format"], on_rows=count)
+        path = options["output"]
+        # Text goes straight to the file (or stdout), never through self.stdout's line endings.
+        out = open(path, "w", encoding="utf-8", newline="") if path else sys.stdout  # noqa: SIM115
+        try:
+            for chunk in chunks:
+                out.write(chunk)
+            out.flush()
+        finally:
+            if path:
+                out.close()
+        progress.finish(rows)
+        if path:
+            self.stderr.write(f"exported {rows:,} records to {path}")

@@ -1,0 +1,227 @@
+"""One row per upstream attempt, and the price overrides used to cost them.
+
+Names (client, provider, key id) are stored as text rather than foreign keys: records outlive
+the keys and tokens they mention, and the recorder writes them in bulk without lookups.
+"""
+
+from __future__ import annotations
+
+from django.db import models
+
+
+class Outcome(models.TextChoices):
+    SUCCESS = "success", "success"
+    CLIENT_ERROR = "client_error", "client error (4xx)"
+    RATE_LIMITED = "rate_limited", "rate limited (429)"
+    QUOTA_EXHAUSTED = "quota_exhausted", "quota exhausted"
+    AUTH_FAILED = "auth_failed", "upstream auth failed"
+    UPSTREAM_ERROR = "upstream_error", "upstream error (5xx)"
+    TIMEOUT = "timeout", "timeout"
+    CONNECTION_ERROR = "connection_error", "connection error"
+    BAD_RESPONSE = "bad_response", "bad upstream response"
+    STREAM_ERROR = "stream_error", "stream failed midway"
+    CLIENT_DISCONNECTED = "client_disconnected", "client disconnected"
+
+
+class UsageSource(models.TextChoices):
+    REPORTED = "reported", "reported by upstream"
+    ESTIMATED = "estimated", "estimated (tiktoken)"
+    NONE = "none", "none"
+
+
+class CallRecord(models.Model):
+    request_id = models.CharField(max_length=40, db_index=True)
+    attempt = models.PositiveSmallIntegerField(default=1)
+    # Indexed with id (below): the keyset order of /api/usage/recent and the export.
+    started_at = models.DateTimeField()
+    finished_at = models.DateTimeField()
+
+    client = models.CharField(max_length=100, blank=True, default="")
+    requested_model = models.CharField(max_length=200)
+    provider = models.CharField(max_length=64, blank=True, default="")
+    upstream_model = models.CharField(max_length=200, blank=True, default="")
+    key_id = models.CharField(max_length=64, blank=True, default="")
+    stream = models.BooleanField(default=False)
+
+    status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    outcome = models.CharField(max_length=32, choices=Outcome.choices)
+    error_type = models.CharField(max_length=64, blank=True, default="")
+
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    total_tokens = models.PositiveIntegerField(default=0)
+    cached_tokens = models.PositiveIntegerField(default=0)
+    reasoning_tokens = models.PositiveIntegerField(default=0)
+    usage_source = models.CharField(
+        max_length=16, choices=UsageSource.choices, default=UsageSource.NONE
+    )
+
+    # Milliseconds, measured from when the proxy received the request.
+    latency_ms = models.FloatField(default=0)
+    ttft_ms = models.FloatField(null=True, blank=True)
+    ttlt_ms = models.FloatField("time to last token (ms)", null=True, blank=True)
+    tokens_per_second = models.FloatField(null=True, blank=True)
+    overhead_ms = models.FloatField("proxy overhead (ms)", default=0)
+
+    cost_usd = models.DecimalField(max_digits=18, decimal_places=10, null=True, blank=True)
+
+    class Meta:
+        ordering = ["-started_at", "-id"]
+        indexes = [
+            models.Index(fields=["provider", "started_at"], name="call_provider_time"),
+            models.Index(fields=["key_id", "started_at"], name="call_key_time"),
+            models.Index(fields=["client", "started_at"], name="call_client_time"),
+            models.Index(fields=["started_at", "id"], name="call_time_id"),
+            models.Index(fields=["requested_model", "started_at"], name="call_model_time"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.request_id}#{self.attempt} {self.outcome}"
+
+
+class ModelPrice(models.Model):
+    """Overrides genai-prices for a model (self-hosted models, negotiated rates, new models)."""
+
+    provider = models.CharField(
+        max_length=64, blank=True, default="", help_text="Provider name; blank matches any."
+    )
+    model = models.CharField(max_length=200, help_text="Upstream model name.")
+    input_per_mtok = models.DecimalField(
+        "input $ / 1M tokens", max_digits=12, decimal_places=6, default=0
+    )
+    cached_input_per_mtok = models.DecimalField(
+        "cached input $ / 1M tokens", max_digits=12, decimal_places=6, null=True, blank=True
+    )
+    output_per_mtok = models.DecimalField(
+        "output $ / 1M tokens", max_digits=12, decimal_places=6, default=0
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["provider", "model"]
+        constraints = [
+            models.UniqueConstraint(fields=["provider", "model"], name="model_price_unique")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.provider or '*'}/{self.model}"
+
+
+# --- Rollups ------------------------------------------------------------------------------
+# One row per (time bucket, dimensions) holding everything the analytics endpoints show, so
+# that a 30-day query reads a few thousand rows instead of millions of records. Three tables of
+# the same shape at three resolutions, all written in the recorder's transaction: see
+# usage/rollups.py for how they are written and usage/selectors.py for how they are read.
+#
+# Counters, token sums and histogram bins are NULL when zero, not 0: most bins of most rows are
+# empty, and Postgres stores a NULL in a bit of the row header rather than 4-8 bytes, which
+# keeps the minute table (about one row per four records at 10 million calls a month) close to
+# the size of its data.
+
+ROLLUP_DIMENSIONS = ("provider", "requested_model", "key_id", "client", "stream", "ok")
+OUTCOME_COLUMNS = {outcome.value: f"outcome_{outcome.value}" for outcome in Outcome}
+TOKEN_COLUMNS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
+    "reported_tokens",
+    "estimated_tokens",
+)
+# Cost in units of 1e-10 USD (CallRecord.cost_usd's precision), so that sums are exact integers
+# on every database (SQLite would add decimals as floats).
+COST_SCALE = 10
+
+
+class UsageRollup(models.Model):
+    bucket_start = models.DateTimeField(help_text="UTC start of the bucket.")
+    provider = models.CharField(max_length=64, blank=True, default="")
+    requested_model = models.CharField(max_length=200)
+    key_id = models.CharField(max_length=64, blank=True, default="")
+    client = models.CharField(max_length=100, blank=True, default="")
+    stream = models.BooleanField(default=False)
+    # Success or not: splitting rows by it keeps the `status` filter exact for every figure.
+    ok = models.BooleanField()
+
+    calls = models.IntegerField(default=0)
+    cost_e10 = models.BigIntegerField("cost (1e-10 USD)", null=True, blank=True)
+
+    class Meta:
+        abstract = True
+
+    def __str__(self) -> str:
+        return f"{self.bucket_start:%Y-%m-%d %H:%M} {self.provider}/{self.requested_model}"
+
+
+def _add_rollup_columns() -> None:
+    from usage.histograms import METRICS
+
+    for column in OUTCOME_COLUMNS.values():
+        UsageRollup.add_to_class(column, models.IntegerField(null=True, blank=True))
+    for column in TOKEN_COLUMNS:
+        UsageRollup.add_to_class(column, models.BigIntegerField(null=True, blank=True))
+    for metric in METRICS:
+        count = models.IntegerField(null=True, blank=True)
+        UsageRollup.add_to_class(f"{metric.prefix}_count", count)
+        for stat in ("sum", "min", "max"):
+            UsageRollup.add_to_class(
+                f"{metric.prefix}_{stat}", models.FloatField(null=True, blank=True)
+            )
+        for column in metric.bin_columns():
+            UsageRollup.add_to_class(column, models.IntegerField(null=True, blank=True))
+
+
+_add_rollup_columns()
+
+
+# The unique constraint is the upsert's conflict target, and the index every read uses (bucket
+# first, so a time range is one index range).
+_BUCKET_DIMS = ["bucket_start", *ROLLUP_DIMENSIONS]
+# What /api/usage, /api/usage/models and the time series read. On Postgres a covering index
+# holds them with the dimensions, so those reads are index-only scans of narrow index tuples
+# instead of visits to the wide rows (a 30-day series read 80 MB of hour rows, now about 10).
+# SQLite has no INCLUDE: there it is a plain index on bucket_start.
+SUMMARY_COLUMNS = (
+    "calls",
+    OUTCOME_COLUMNS[Outcome.SUCCESS.value],
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cost_e10",
+)
+
+
+def _summary_index(table: str) -> models.Index:
+    return models.Index(
+        fields=["bucket_start"],
+        include=[*ROLLUP_DIMENSIONS, *SUMMARY_COLUMNS],
+        name=f"{table.removeprefix('usage_')}_summary",
+    )
+
+
+class MinuteRollup(UsageRollup):
+    class Meta:
+        db_table = "usage_rollup_minute"
+        constraints = [
+            models.UniqueConstraint(fields=_BUCKET_DIMS, name="usage_rollup_minute_bucket_dims")
+        ]
+        indexes = [_summary_index("usage_rollup_minute")]
+
+
+class HourRollup(UsageRollup):
+    class Meta:
+        db_table = "usage_rollup_hour"
+        constraints = [
+            models.UniqueConstraint(fields=_BUCKET_DIMS, name="usage_rollup_hour_bucket_dims")
+        ]
+        indexes = [_summary_index("usage_rollup_hour")]
+
+
+class DayRollup(UsageRollup):
+    class Meta:
+        db_table = "usage_rollup_day"
+        constraints = [
+            models.UniqueConstraint(fields=_BUCKET_DIMS, name="usage_rollup_day_bucket_dims")
+        ]
+        indexes = [_summary_index("usage_rollup_day")]

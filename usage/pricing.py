@@ -1,0 +1,155 @@
+"""What one upstream call cost, in USD.
+
+Two sources, in order: the `ModelPrice` override table (admin-editable: self-hosted models,
+negotiated rates, models newer than the installed genai-prices), then genai-prices, whose data
+ships in the wheel so pricing never needs the network.
+
+Token semantics follow OpenAI: `prompt_tokens` INCLUDES `cached_tokens`. The proxy normalises
+Anthropic usage (where cache reads are reported apart from input) before it records a call.
+
+This runs in the recorder's flusher thread, never on the event loop, so reading the override
+table from the database here is fine.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from decimal import Decimal
+from functools import lru_cache
+
+import genai_prices
+
+from usage.models import ModelPrice
+
+logger = logging.getLogger(__name__)
+
+# Admin edits in this process apply at once (the admin invalidates the cache); other processes
+# pick them up within this many seconds.
+OVERRIDES_TTL_SECONDS = 30.0
+# After a failed read (database down), try again sooner than the full TTL.
+OVERRIDES_RETRY_SECONDS = 5.0
+
+_MTOK = Decimal(1_000_000)
+
+# genai-prices provider ids per provider kind. An OpenAI-compatible server (vLLM, Ollama, …) may
+# serve any model, so there genai-prices guesses the provider from the model name.
+_GENAI_PROVIDER_IDS: dict[str, str | None] = {
+    "openai": "openai",
+    "anthropic": "anthropic",
+    "openai_compatible": None,
+}
+
+_Rates = tuple[Decimal, Decimal | None, Decimal]  # input, cached input, output ($ / 1M tokens)
+
+
+class _OverrideCache:
+    """The whole override table in memory, refreshed at most every OVERRIDES_TTL_SECONDS.
+
+    Readers see an immutable dict that is swapped in whole, so they need no lock; the lock only
+    makes sure a single thread refreshes at a time. A refresh that fails keeps the previous
+    table (stale prices beat no prices while the database is briefly down).
+    """
+
+    def __init__(self) -> None:
+        self._rates: dict[tuple[str, str], _Rates] = {}
+        self._next_refresh = 0.0
+        self._lock = threading.Lock()
+
+    def get(self, provider: str, model: str) -> _Rates | None:
+        if time.monotonic() >= self._next_refresh:
+            self._refresh()
+        rates = self._rates
+        return rates.get((provider, model)) or rates.get(("", model))
+
+    def invalidate(self) -> None:
+        self._next_refresh = 0.0
+
+    def _refresh(self) -> None:
+        # Non-blocking: if another thread is already refreshing (or is stuck in a slow query),
+        # serve the table we have rather than wait behind it.
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            rows = ModelPrice.objects.values_list(
+                "provider", "model", "input_per_mtok", "cached_input_per_mtok", "output_per_mtok"
+            )
+            self._rates = {(p, m): (i, c, o) for p, m, i, c, o in rows}
+            self._next_refresh = time.monotonic() + OVERRIDES_TTL_SECONDS
+        except Exception as exc:
+            # Broad on purpose: OperationalError when the database is down, and
+            # SynchronousOnlyOperation if a graceful stop ends up here from an event loop.
+            logger.warning(
+                "price overrides unavailable, using the last known ones: %s", type(exc).__name__
+            )
+            self._next_refresh = time.monotonic() + OVERRIDES_RETRY_SECONDS
+        finally:
+            self._lock.release()
+
+
+_overrides = _OverrideCache()
+
+
+def price_overrides_invalidate() -> None:
+    """Make the next `call_cost` re-read the override table (after an admin edit, in tests)."""
+    _overrides.invalidate()
+
+
+def call_cost(
+    *,
+    provider: str,
+    provider_kind: str,
+    model: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int,
+) -> Decimal | None:
+    """The cost of one call in USD, or None when neither source knows the model."""
+    # Defensive: a count can never be negative, and cached tokens are part of the prompt.
+    prompt_tokens, completion_tokens = max(prompt_tokens, 0), max(completion_tokens, 0)
+    cached_tokens = min(max(cached_tokens, 0), prompt_tokens)
+    rates = _overrides.get(provider, model)
+    if rates is not None:
+        input_rate, cached_rate, output_rate = rates
+        # A cached-input price of 0 is meaningful (free cache hits); only None falls back.
+        if cached_rate is None:
+            cached_rate = input_rate
+        return (
+            (prompt_tokens - cached_tokens) * input_rate
+            + cached_tokens * cached_rate
+            + completion_tokens * output_rate
+        ) / _MTOK
+
+    provider_id = _GENAI_PROVIDER_IDS.get(provider_kind)
+    if not _genai_knows(provider_id, model):
+        return None
+    usage = genai_prices.Usage(
+        input_tokens=prompt_tokens,
+        output_tokens=completion_tokens,
+        cache_read_tokens=cached_tokens,
+    )
+    try:
+        return genai_prices.calc_price(usage, model_ref=model, provider_id=provider_id).total_price
+    except LookupError:  # pragma: no cover - _genai_knows said yes; keep pricing total anyway
+        return None
+
+
+@lru_cache(maxsize=1024)
+def _genai_knows(provider_id: str | None, model: str) -> bool:
+    """Whether genai-prices can price `model`, remembered per (provider, model).
+
+    genai-prices caches the models it finds but not the ones it misses, and a miss walks every
+    provider's match rules; self-hosted models miss on every call, so remember both answers.
+    The miss is logged once per model, here, because the result is cached.
+    """
+    try:
+        genai_prices.calc_price(genai_prices.Usage(), model_ref=model, provider_id=provider_id)
+    except LookupError:
+        logger.debug(
+            "no price for model %r (provider %s); add a model price override to cost it",
+            model,
+            provider_id or "guessed from the model name",
+        )
+        return False
+    return True

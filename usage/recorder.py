@@ -1,0 +1,456 @@
+"""The call recording buffer: the proxy hands over one CallData per upstream attempt, and a
+background thread writes them to the database in batches.
+
+Why a thread and not the event loop: the proxy's hot path must never wait on the database, and
+Django's ORM is synchronous. `record_call` only appends to a deque under a lock (microseconds);
+pricing, token estimates, the JSON log line and the write all happen in the flusher thread,
+which has its own database connection (Django connections are per thread).
+
+Nothing is dropped. A failed write keeps its batch in memory and is retried with exponential
+backoff; past LLMROTATE_RECORD_BUFFER_MAX records the oldest are spooled to fsync'd JSONL files
+in LLMROTATE_SPOOL_DIR, replayed (each file in one transaction) once the database is back, or by
+the next process to start if this one dies. A graceful stop that cannot reach the database
+spools everything it still holds.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+
+from django.conf import settings
+from django.db import close_old_connections, connection, connections, transaction
+
+from usage.models import CallRecord, UsageSource
+from usage.pricing import call_cost
+from usage.rollups import rollups_upsert
+from usage.spool import (
+    Row,
+    row_fit_to_columns,
+    row_to_json,
+    spool_files,
+    spool_replay_file,
+    spool_write,
+)
+from usage.tokens import estimate_prompt_tokens, estimate_tokens
+
+logger = logging.getLogger(__name__)
+usage_logger = logging.getLogger("llmrotate.usage")
+
+MAX_BACKOFF_SECONDS = 30.0
+
+
+@dataclass(slots=True)
+class CallData:
+    """One upstream attempt, as the proxy saw it. Field names are CallRecord's."""
+
+    request_id: str
+    started_at: datetime
+    finished_at: datetime
+    requested_model: str
+    outcome: str
+    attempt: int = 1
+    client: str = ""
+    provider: str = ""
+    upstream_model: str = ""
+    key_id: str = ""
+    stream: bool = False
+    status_code: int | None = None
+    error_type: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    usage_source: str = UsageSource.NONE
+    latency_ms: float = 0.0
+    ttft_ms: float | None = None
+    ttlt_ms: float | None = None
+    tokens_per_second: float | None = None
+    overhead_ms: float = 0.0
+    cost_usd: Decimal | None = None
+    # Never persisted. provider_kind (openai | anthropic | openai_compatible) picks the price
+    # list; estimate is (prompt text, completion text), set only when the upstream reported no
+    # usage, tokenized by the flusher and then discarded: text is never stored or logged.
+    provider_kind: str = ""
+    estimate: tuple[str, str] | None = None
+
+    def __repr__(self) -> str:
+        # The dataclass repr would include the estimate's prompt text.
+        return f"CallData({self.request_id}#{self.attempt} {self.outcome})"
+
+
+PERSISTED_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in fields(CallData) if f.name not in ("provider_kind", "estimate")
+)
+
+
+def _write_batch(
+    records: list[CallRecord], *, insert: Callable[[list[CallRecord]], None] | None = None
+) -> None:
+    """Write one batch in one transaction: the records and their rollups commit (or fail and
+    are retried) together. Spool replay comes through here too (see usage/spool.py); the
+    seeding command passes a faster `insert` (COPY) and shares the rest."""
+    with transaction.atomic():
+        if insert is None:
+            CallRecord.objects.bulk_create(records)
+        else:
+            insert(records)
+        rollups_upsert(records=records)
+
+
+def call_prepare(data: CallData, *, log: bool = True) -> Row:
+    """Fill estimates and cost, log the JSON line (once per record, before any write), and
+    return the row to insert. The seeding command uses it too, so seeded data is priced the
+    way real traffic is."""
+    if data.estimate is not None:
+        prompt_text, completion_text = data.estimate
+        data.estimate = None  # drop the text as early as possible
+        try:
+            if not data.prompt_tokens:
+                data.prompt_tokens = estimate_prompt_tokens(prompt_text)
+            if not data.completion_tokens:
+                data.completion_tokens = estimate_tokens(completion_text)
+            data.total_tokens = data.prompt_tokens + data.completion_tokens
+            data.usage_source = UsageSource.ESTIMATED
+        except Exception:
+            logger.warning("token estimate failed for %s", data.request_id, exc_info=True)
+        del prompt_text, completion_text
+    if not data.total_tokens:
+        data.total_tokens = data.prompt_tokens + data.completion_tokens
+    if data.cost_usd is None and (data.prompt_tokens or data.completion_tokens):
+        try:
+            data.cost_usd = call_cost(
+                provider=data.provider,
+                provider_kind=data.provider_kind,
+                model=data.upstream_model or data.requested_model,
+                prompt_tokens=data.prompt_tokens,
+                completion_tokens=data.completion_tokens,
+                cached_tokens=data.cached_tokens,
+            )
+        except Exception:
+            logger.warning("pricing failed for %s", data.request_id, exc_info=True)
+    row = row_fit_to_columns({name: getattr(data, name) for name in PERSISTED_FIELDS})
+    if log and usage_logger.isEnabledFor(logging.INFO):
+        usage_logger.info(row_to_json(row))
+    return row
+
+
+class Recorder:
+    """A thread-safe buffer with one flusher thread. See the module docstring.
+
+    Locking: `_lock` guards the deque, the thread handle and the flush handshake, and is held
+    only for O(1) work so the hot path never waits behind a write. `_work_lock` serialises the
+    writers (the flusher, or a caller flushing inline at interpreter exit) and guards
+    `_pending`, the backoff state and the spool, so a batch is never written twice.
+    """
+
+    def __init__(
+        self,
+        *,
+        flush_seconds: float | None = None,
+        batch_size: int | None = None,
+        buffer_max: int | None = None,
+        spool_dir: Path | str | None = None,
+    ) -> None:
+        self._flush_seconds = flush_seconds or settings.LLMROTATE_RECORD_FLUSH_SECONDS
+        self._batch_size = batch_size or settings.LLMROTATE_RECORD_BATCH_SIZE
+        self._buffer_max = buffer_max or settings.LLMROTATE_RECORD_BUFFER_MAX
+        self._spool_dir = Path(spool_dir or settings.LLMROTATE_SPOOL_DIR)
+
+        self._lock = threading.Lock()
+        self._buffer: deque[CallData] = deque()
+        self._thread: threading.Thread | None = None
+        self._exit = False
+        self._wake = threading.Event()
+        self._flush_cond = threading.Condition(self._lock)
+        self._flush_requested = 0
+        self._flush_done = 0
+        self._flush_ok = False
+
+        self._work_lock = threading.Lock()
+        self._pending: list[Row] = []  # prepared and logged, not yet committed
+        self._backoff = 0.0
+        self._retry_at = 0.0
+
+    # --- called from any thread -------------------------------------------------------------
+
+    def record(self, data: CallData) -> None:
+        with self._lock:
+            self._buffer.append(data)
+            size = len(self._buffer)
+            if self._thread is None:
+                self._start_locked()
+        if size >= self._batch_size or size > self._buffer_max:
+            self._wake.set()
+
+    def flush(self, timeout: float = 10) -> bool:
+        """Write everything recorded before this call (and any spool files) to the database.
+
+        Blocks the calling thread up to `timeout` seconds, retrying failed writes; the work
+        itself runs on the flusher thread (so this is safe where the ORM is not, e.g. next to
+        an event loop). True when it all committed."""
+        deadline = time.monotonic() + timeout
+        delay = 0.1
+        while True:
+            with self._lock:
+                thread = self._thread or self._start_locked()
+                self._flush_requested += 1
+                target = self._flush_requested
+            if thread is None:  # no thread can start at interpreter exit: do it here
+                return self._flush_inline(deadline)
+            self._wake.set()
+            if self._await_pass(thread=thread, target=target, deadline=deadline):
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, 2.0)
+
+    def _await_pass(self, *, thread: threading.Thread, target: int, deadline: float) -> bool:
+        """Wait for the flusher to finish the pass requested as `target`; True if it wrote all.
+        A later pass also covers ours: it drained the buffer after ours was requested."""
+        with self._lock:
+            self._flush_cond.wait_for(
+                lambda: self._flush_done >= target or self._thread is not thread,
+                timeout=max(0.0, deadline - time.monotonic()),
+            )
+            return self._flush_done >= target and self._flush_ok
+
+    def stop(self, timeout: float = 10) -> bool:
+        """Flush, then end the flusher thread. Idempotent; a later `record` starts a new one.
+
+        Whatever could not be written within `timeout` is spooled to disk, not lost. True when
+        everything reached the database."""
+        with self._lock:
+            thread = self._thread
+        if thread is None:
+            # Nothing to do unless records arrived while no thread could start (interpreter
+            # exit); then write them here. Spool files are left for the next start.
+            if not self.backlog:
+                return True
+            return self._flush_inline(time.monotonic() + timeout, spool_rest=True)
+        ok = self.flush(timeout)
+        with self._lock:
+            # The exit pass reports like a flush: it writes (or spools) the last records.
+            self._exit = self._thread is thread
+            self._flush_requested += 1
+            target = self._flush_requested
+        self._wake.set()
+        thread.join(timeout=max(timeout, 5.0))
+        if thread.is_alive():
+            logger.error("call recorder did not stop in time; %d records unwritten", self.backlog)
+            return False
+        with self._lock:
+            return ok and self._flush_done >= target and self._flush_ok
+
+    @property
+    def backlog(self) -> int:
+        """Records held in memory, not yet committed (spooled files not counted)."""
+        return len(self._buffer) + len(self._pending)
+
+    def _start_locked(self) -> threading.Thread | None:
+        thread = threading.Thread(target=self._run, name="llmrotate-recorder", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # "can't create new thread at interpreter shutdown"
+            return None
+        self._thread = thread
+        return thread
+
+    # --- the flusher thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        me = threading.current_thread()
+        try:
+            while True:
+                with self._lock:
+                    target, exiting = self._flush_requested, self._exit
+                try:
+                    # The first pass runs at once: it replays spool files a crashed process left.
+                    ok = self._cycle(force=exiting or target > self._flush_done)
+                    if exiting:
+                        ok = self._retire(database_ok=ok) and ok
+                except Exception:  # a bug must not kill the only writer; the data stays queued
+                    logger.exception("call recorder cycle failed")
+                    ok = False
+                with self._lock:
+                    if target > self._flush_done:
+                        self._flush_done, self._flush_ok = target, ok
+                    self._flush_cond.notify_all()
+                if exiting:
+                    return
+                self._wake.wait(self._wait_seconds())
+                self._wake.clear()  # a set() racing this is harmless: the next cycle drains
+        finally:
+            with self._lock:
+                if self._thread is me:
+                    self._thread = None
+                self._flush_cond.notify_all()
+            connections.close_all()  # this thread's connections only (they are thread-local)
+
+    def _wait_seconds(self) -> float:
+        until_retry = self._retry_at - time.monotonic()
+        if self._pending and until_retry > 0:
+            return max(0.05, min(self._flush_seconds, until_retry))
+        return self._flush_seconds
+
+    def _retire(self, *, database_ok: bool) -> bool:
+        """Final pass of a stopping thread: take the last records, write or spool them."""
+        with self._work_lock:
+            with self._lock:
+                # Retiring under the lock that `record` takes means every record appended
+                # from here on starts a new thread instead of landing in a dead buffer.
+                leftovers = list(self._buffer)
+                self._buffer.clear()
+                self._thread = None
+                self._exit = False
+            self._pending.extend(self._prepare(data) for data in leftovers)
+            if self._pending and database_ok:
+                self._write_pending()
+            written = not self._pending
+            # The process may be about to exit: what is still in memory goes to disk.
+            self._spool_pending(len(self._pending))
+            return written
+
+    def _flush_inline(self, deadline: float, *, spool_rest: bool = False) -> bool:
+        """Flush on the calling thread: at interpreter exit, or stop() with no thread running."""
+        while True:
+            try:
+                ok = self._cycle(force=True)
+            except Exception:
+                logger.exception("call recorder flush failed")
+                ok = False
+            if ok or time.monotonic() >= deadline:
+                break
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        if not ok and spool_rest:
+            with self._work_lock:
+                self._spool_pending(len(self._pending))
+        return ok
+
+    # --- one pass: prepare, spill, write, replay (callers hold no lock) -----------------------
+
+    def _cycle(self, *, force: bool) -> bool:
+        with self._work_lock:
+            with self._lock:
+                batch = list(self._buffer)
+                self._buffer.clear()
+            self._pending.extend(self._prepare(data) for data in batch)
+            if len(self._pending) > self._buffer_max:
+                # Spool the oldest down to half the limit: big files, few fsyncs.
+                self._spool_pending(len(self._pending) - self._buffer_max // 2)
+            if not force and time.monotonic() < self._retry_at:
+                return False
+            if not self._pending and not spool_files(spool_dir=self._spool_dir):
+                return True
+            return self._write_pending(replay=True)
+
+    def _write_pending(self, *, replay: bool = False) -> bool:
+        attempted = len(self._pending)
+        try:
+            # Long-lived thread: drop a connection that broke or outlived CONN_MAX_AGE, as
+            # Django does around each request. (Not inside a caller's transaction: an inline
+            # flush must not close the connection under it.)
+            if not connection.in_atomic_block:
+                close_old_connections()
+            while self._pending:
+                chunk = self._pending[: self._batch_size]
+                _write_batch([CallRecord(**row) for row in chunk])
+                del self._pending[: len(chunk)]
+            if replay:
+                self._replay_spool()
+        except Exception as exc:
+            self._backoff = min(max(self._backoff * 2, 0.5), MAX_BACKOFF_SECONDS)
+            self._retry_at = time.monotonic() + self._backoff
+            first_line = (str(exc).splitlines() or [""])[0][:200]
+            logger.warning(
+                "writing call records failed (%d waiting), retrying in %.1fs: %s: %s",
+                max(attempted, len(self._pending)),
+                self._backoff,
+                type(exc).__name__,
+                first_line,
+            )
+            # A restarted database is only picked up on a new connection.
+            if not connection.in_atomic_block:
+                try:
+                    connection.close()
+                except Exception:
+                    logger.debug("closing the broken connection failed", exc_info=True)
+            return False
+        self._backoff = self._retry_at = 0.0
+        return True
+
+    def _prepare(self, data: CallData) -> Row:
+        return call_prepare(data)
+
+    # --- spool ------------------------------------------------------------------------------
+
+    def _spool_pending(self, count: int) -> None:
+        rows = self._pending[:count]
+        if not rows:
+            return
+        try:
+            path = spool_write(spool_dir=self._spool_dir, rows=rows)
+        except OSError:
+            # Memory beats loss: keep the rows and try again on the next pass.
+            logger.exception("spooling %d call records to %s failed", len(rows), self._spool_dir)
+            return
+        del self._pending[: len(rows)]
+        logger.warning("database unavailable: spooled %d call records to %s", len(rows), path)
+
+    def _replay_spool(self) -> None:
+        for path in spool_files(spool_dir=self._spool_dir):
+            spool_replay_file(
+                path=path,
+                field_names=PERSISTED_FIELDS,
+                batch_size=self._batch_size,
+                write_batch=_write_batch,  # looked up per call, so the hook can be patched
+            )
+
+
+# --- the process singleton ----------------------------------------------------------------
+
+_recorder: Recorder | None = None
+_recorder_lock = threading.Lock()
+
+
+def get_recorder() -> Recorder:
+    global _recorder
+    if _recorder is None:
+        with _recorder_lock:
+            if _recorder is None:
+                _recorder = Recorder()
+    return _recorder
+
+
+def record_call(data: CallData) -> None:
+    """Queue one attempt for recording. Never blocks on I/O: safe on the event loop."""
+    get_recorder().record(data)
+
+
+def _stop_at_exit() -> None:
+    if _recorder is not None:
+        _recorder.stop(timeout=10)
+
+
+def _forget_after_fork() -> None:
+    # A forked child (a pre-forking server) inherits the parent's buffer and locks, but not its
+    # thread. Those records are the parent's to write, so the child starts from nothing.
+    global _recorder, _recorder_lock
+    _recorder = None
+    _recorder_lock = threading.Lock()
+
+
+atexit.register(_stop_at_exit)
+os.register_at_fork(after_in_child=_forget_after_fork)

@@ -1,0 +1,269 @@
+"""Writing rollups: a batch of call records becomes one upsert per bucket and resolution.
+
+The recorder calls `rollups_upsert` inside the transaction that inserts the records, so records
+and rollups commit (or fail and are retried) together. The batch is first summed in Python, so
+each (bucket, dimensions) appears once per statement; then every resolution is upserted with
+
+    INSERT … ON CONFLICT (bucket_start, dims…) DO UPDATE SET c = c + EXCLUDED.c, …
+
+which is atomic on Postgres and SQLite (≥ 3.24) alike: two writers adding to the same bucket
+both land, whichever commits first. Rows are sent in one fixed order (bucket, then dimensions)
+so that two Postgres writers touching the same buckets lock them in the same order and cannot
+deadlock; a failed batch is retried by the recorder anyway.
+
+Columns that are zero are sent as NULL (see the note in usage/models.py), so additive columns
+merge as COALESCE(old + new, old, new), and min/max keep whichever side is not NULL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from django.db import connection
+
+from usage.histograms import METRICS
+from usage.models import (
+    COST_SCALE,
+    OUTCOME_COLUMNS,
+    ROLLUP_DIMENSIONS,
+    TOKEN_COLUMNS,
+    CallRecord,
+    DayRollup,
+    HourRollup,
+    MinuteRollup,
+    Outcome,
+    UsageRollup,
+    UsageSource,
+)
+
+# Resolutions, finest first: (model, bucket length in seconds).
+RESOLUTIONS: tuple[tuple[type[UsageRollup], int], ...] = (
+    (MinuteRollup, 60),
+    (HourRollup, 3600),
+    (DayRollup, 86400),
+)
+
+# The accumulator is a flat list: additive columns first, then (min, max) per metric.
+ADDITIVE_COLUMNS: tuple[str, ...] = (
+    "calls",
+    *OUTCOME_COLUMNS.values(),
+    *TOKEN_COLUMNS,
+    "cost_e10",
+    *(
+        column
+        for metric in METRICS
+        for column in (f"{metric.prefix}_count", f"{metric.prefix}_sum", *metric.bin_columns())
+    ),
+)
+MIN_COLUMNS = tuple(f"{m.prefix}_min" for m in METRICS)
+MAX_COLUMNS = tuple(f"{m.prefix}_max" for m in METRICS)
+VALUE_COLUMNS = (*ADDITIVE_COLUMNS, *MIN_COLUMNS, *MAX_COLUMNS)
+
+_N_ADD = len(ADDITIVE_COLUMNS)
+_N_METRICS = len(METRICS)
+_INDEX = {name: i for i, name in enumerate(ADDITIVE_COLUMNS)}
+_OUTCOME_INDEX = {outcome: _INDEX[column] for outcome, column in OUTCOME_COLUMNS.items()}
+_TOKEN_INDEX = tuple((name, _INDEX[name]) for name in TOKEN_COLUMNS[:5])
+_REPORTED, _ESTIMATED = _INDEX["reported_tokens"], _INDEX["estimated_tokens"]
+_COST = _INDEX["cost_e10"]
+# Per metric: (record field, index of its count column, index of its first bin, the Metric).
+_METRIC_SLOTS = tuple(
+    (m.name, _INDEX[f"{m.prefix}_count"], _INDEX[f"{m.prefix}_h00"], m) for m in METRICS
+)
+_COST_FACTOR = Decimal(10) ** COST_SCALE
+
+Key = tuple[Any, ...]  # (bucket epoch seconds, *dimensions)
+Acc = list[Any]
+
+
+def _new_acc() -> Acc:
+    return [0] * _N_ADD + [None] * (2 * _N_METRICS)
+
+
+def rollups_aggregate(records: Iterable[CallRecord]) -> dict[Key, Acc]:
+    """Sum records into per-minute accumulators keyed by (minute epoch, *dimensions)."""
+    out: dict[Key, Acc] = {}
+    success = Outcome.SUCCESS.value
+    for r in records:
+        started = int(r.started_at.timestamp())
+        ok = r.outcome == success
+        key = (
+            started - started % 60,
+            r.provider,
+            r.requested_model,
+            r.key_id,
+            r.client,
+            bool(r.stream),
+            ok,
+        )
+        acc = out.get(key)
+        if acc is None:
+            acc = out[key] = _new_acc()
+        acc[0] += 1
+        slot = _OUTCOME_INDEX.get(r.outcome)
+        if slot is not None:
+            acc[slot] += 1
+        for name, index in _TOKEN_INDEX:
+            acc[index] += getattr(r, name) or 0
+        if r.usage_source == UsageSource.ESTIMATED:
+            acc[_ESTIMATED] += r.total_tokens or 0
+        elif r.usage_source == UsageSource.REPORTED:
+            acc[_REPORTED] += r.total_tokens or 0
+        if r.cost_usd is not None:
+            acc[_COST] += int(Decimal(r.cost_usd) * _COST_FACTOR)
+        for position, (field, count_index, bin_index, metric) in enumerate(_METRIC_SLOTS):
+            value = getattr(r, field)
+            if value is None:
+                continue
+            acc[count_index] += 1
+            acc[count_index + 1] += value
+            acc[bin_index + metric.bin_of(value)] += 1
+            low, high = _N_ADD + position, _N_ADD + _N_METRICS + position
+            if acc[low] is None or value < acc[low]:
+                acc[low] = value
+            if acc[high] is None or value > acc[high]:
+                acc[high] = value
+    return out
+
+
+def rollups_coarsen(rows: dict[Key, Acc], *, seconds: int) -> dict[Key, Acc]:
+    """Merge accumulators into buckets of `seconds` (a multiple of the input's)."""
+    out: dict[Key, Acc] = {}
+    for key, acc in rows.items():
+        coarse = (key[0] - key[0] % seconds, *key[1:])
+        target = out.get(coarse)
+        if target is None:
+            out[coarse] = list(acc)
+            continue
+        for i in range(_N_ADD):
+            target[i] += acc[i]
+        for i in range(_N_ADD, _N_ADD + _N_METRICS):
+            if acc[i] is not None and (target[i] is None or acc[i] < target[i]):
+                target[i] = acc[i]
+        for i in range(_N_ADD + _N_METRICS, _N_ADD + 2 * _N_METRICS):
+            if acc[i] is not None and (target[i] is None or acc[i] > target[i]):
+                target[i] = acc[i]
+    return out
+
+
+def rollups_upsert(*, records: Sequence[CallRecord]) -> None:
+    """Add `records` to every rollup resolution. Call inside the records' transaction."""
+    if not records:
+        return
+    rows = rollups_aggregate(records)
+    levels = []
+    for model, seconds in RESOLUTIONS:
+        if seconds != 60:
+            rows = rollups_coarsen(rows, seconds=seconds)
+        levels.append((model, rows))
+    if connection.vendor == "postgresql":
+        _upsert_postgres(levels)
+    else:
+        for model, level_rows in levels:
+            _upsert_sqlite(model, level_rows)
+
+
+# --- SQL --------------------------------------------------------------------------------------
+# Statements are built from column names defined in code (never from input), hence the S608
+# suppressions below.
+
+_COLUMNS = ("bucket_start", *ROLLUP_DIMENSIONS, *VALUE_COLUMNS)
+# SQLite: multi-row VALUES, within its 32766 parameters per statement.
+_SQLITE_ROWS_PER_STATEMENT = 30000 // len(_COLUMNS)
+_PG_STAGE = "llmrotate_rollup_stage"
+_PG_COPY_TYPES = {
+    "DateTimeField": "timestamptz",
+    "CharField": "text",
+    "BooleanField": "bool",
+    "IntegerField": "int4",
+    "BigIntegerField": "int8",
+    "FloatField": "float8",
+}
+_sql_cache: dict[tuple[str, str, int], str] = {}
+
+
+def _upsert_sql(model: type[UsageRollup], rows: int) -> str:
+    """The upsert for `rows` rows of VALUES (SQLite), or from the stage table (Postgres)."""
+    table = model._meta.db_table
+    cache_key = (connection.vendor, table, rows)
+    cached = _sql_cache.get(cache_key)
+    if cached is not None:
+        return cached
+    qn = connection.ops.quote_name
+    t = qn(table)
+    columns = ", ".join(qn(c) for c in _COLUMNS)
+    dims = ", ".join(qn(c) for c in ("bucket_start", *ROLLUP_DIMENSIONS))
+    if connection.vendor == "postgresql":
+        # Ordered, so that concurrent writers lock rows in the same order (no deadlocks).
+        source = f"SELECT {columns} FROM {_PG_STAGE} WHERE res = %s ORDER BY {dims}"  # noqa: S608
+    else:
+        source = "VALUES " + ", ".join(["(" + ", ".join(["%s"] * len(_COLUMNS)) + ")"] * rows)
+    sets = [f"{qn(c)} = COALESCE({t}.{qn(c)} + EXCLUDED.{qn(c)}, {t}.{qn(c)}, EXCLUDED.{qn(c)})"
+            for c in ADDITIVE_COLUMNS]  # fmt: skip
+    for names, op in ((MIN_COLUMNS, "<"), (MAX_COLUMNS, ">")):
+        sets += [
+            f"{qn(c)} = COALESCE(CASE WHEN EXCLUDED.{qn(c)} {op} {t}.{qn(c)} "
+            f"THEN EXCLUDED.{qn(c)} ELSE {t}.{qn(c)} END, EXCLUDED.{qn(c)})"
+            for c in names
+        ]
+    sql = (
+        f"INSERT INTO {t} ({columns}) {source} ON CONFLICT ({dims}) DO UPDATE SET {', '.join(sets)}"
+    )
+    _sql_cache[cache_key] = sql
+    return sql
+
+
+def _row_values(key: Key, acc: Acc, adapt: Any) -> list[Any]:
+    # Zero → NULL for additive columns; min/max are already None when unseen.
+    return [
+        adapt(datetime.fromtimestamp(key[0], UTC)),
+        *key[1:],
+        *[v or None for v in acc[:_N_ADD]],
+        *acc[_N_ADD:],
+    ]
+
+
+def _upsert_sqlite(model: type[UsageRollup], rows: dict[Key, Acc]) -> None:
+    adapt = connection.ops.adapt_datetimefield_value
+    values = [_row_values(key, acc, adapt) for key, acc in sorted(rows.items())]
+    with connection.cursor() as cursor:
+        for start in range(0, len(values), _SQLITE_ROWS_PER_STATEMENT):
+            chunk = values[start : start + _SQLITE_ROWS_PER_STATEMENT]
+            cursor.execute(_upsert_sql(model, len(chunk)), [v for row in chunk for v in row])
+
+
+def _upsert_postgres(levels: list[tuple[type[UsageRollup], dict[Key, Acc]]]) -> None:
+    """COPY every level's rows into a temporary stage table, then upsert from it: a VALUES
+    list of this width spends more time in parsing than in writing."""
+    import psycopg
+
+    connection.ensure_connection()
+    qn = connection.ops.quote_name
+    columns = ", ".join(qn(c) for c in _COLUMNS)
+    base = MinuteRollup._meta
+    types = ["int2"] + [
+        _PG_COPY_TYPES[base.get_field(name).get_internal_type()] for name in _COLUMNS
+    ]
+    # A server-binding cursor on Django's connection: same transaction, binary COPY.
+    with psycopg.Cursor(connection.connection) as cursor:
+        cursor.execute(
+            f"CREATE TEMPORARY TABLE IF NOT EXISTS {_PG_STAGE} ON COMMIT DELETE ROWS AS "  # noqa: S608
+            f"SELECT 0::smallint AS res, {columns} FROM {qn(base.db_table)} WITH NO DATA"
+        )
+        with cursor.copy(f"COPY {_PG_STAGE} (res, {columns}) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types(types)
+            for level, (_, rows) in enumerate(levels):
+                for key, acc in rows.items():
+                    copy.write_row([level, *_row_values(key, acc, _identity)])
+        for level, (model, _) in enumerate(levels):
+            cursor.execute(_upsert_sql(model, 0), [level])
+        # The stage empties at commit anyway; emptying it now keeps a caller's longer
+        # transaction (spool replay writes several batches in one) from upserting rows twice.
+        cursor.execute(f"DELETE FROM {_PG_STAGE}")  # noqa: S608
+
+
+def _identity(value: Any) -> Any:
+    return value

@@ -1,0 +1,308 @@
+"""Realistic synthetic call records, for demos, load tests and the 10-million-row benchmark.
+
+The traffic: four providers with eleven keys, seven routes (three with a fallback to another
+provider), six clients with their own model mix and streaming habits, a diurnal and weekly
+shape, errors of every kind (a retryable one fails over to the next key or deployment under the
+same request id, like the proxy does), streams with TTFT and tokens/s, a few estimated usages.
+
+Records go through the production write path: `call_prepare` (tokens, pricing) and the
+recorder's `_write_batch` (records and rollups in one transaction). Only the raw insert differs
+on Postgres, where COPY replaces bulk_create because it is several times faster; the rollup
+arithmetic is the same code.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from django.db import connection
+
+from usage.models import CallRecord, Outcome, UsageSource
+from usage.pricing import call_cost
+from usage.recorder import PERSISTED_FIELDS, CallData, _write_batch, call_prepare
+
+# provider -> (kind, keys)
+PROVIDERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "openai": ("openai", ("openai-1", "openai-2", "openai-3", "openai-4")),
+    "azure-eu": ("openai_compatible", ("azure-eu-1", "azure-eu-2")),
+    "anthropic": ("anthropic", ("anthropic-1", "anthropic-2", "anthropic-3")),
+    "vllm-local": ("openai_compatible", ("vllm-1", "vllm-2")),
+}
+# route -> fallback chain of (provider, upstream model)
+ROUTES: dict[str, tuple[tuple[str, str], ...]] = {
+    "gpt-4o-mini": (("openai", "gpt-4o-mini"), ("azure-eu", "gpt-4o-mini")),
+    "gpt-4o": (("openai", "gpt-4o"), ("azure-eu", "gpt-4o")),
+    "o3-mini": (("openai", "o3-mini"),),
+    "claude-sonnet": (("anthropic", "claude-3-5-sonnet-latest"), ("openai", "gpt-4o")),
+    "claude-haiku": (("anthropic", "claude-3-5-haiku-latest"),),
+    "llama-3.1-8b": (("vllm-local", "meta-llama/Llama-3.1-8B-Instruct"),),
+    "text-embedding-3-small": (("openai", "text-embedding-3-small"),),
+}
+
+
+@dataclass(frozen=True)
+class ClientProfile:
+    name: str
+    share: float
+    models: dict[str, float]
+    stream_ratio: float
+
+
+CLIENTS = (
+    ClientProfile("web-app", 0.40, {"gpt-4o-mini": 0.6, "claude-sonnet": 0.3, "gpt-4o": 0.1}, 0.9),
+    ClientProfile("batch-jobs", 0.25, {"gpt-4o-mini": 0.5, "llama-3.1-8b": 0.5}, 0.0),
+    ClientProfile("support-bot", 0.15, {"claude-haiku": 0.7, "gpt-4o-mini": 0.3}, 0.7),
+    ClientProfile("analytics", 0.10, {"text-embedding-3-small": 0.8, "o3-mini": 0.2}, 0.0),
+    ClientProfile("ci", 0.06, {"gpt-4o-mini": 0.7, "o3-mini": 0.3}, 0.2),
+    ClientProfile("dev-laptop", 0.04, {"gpt-4o": 0.4, "claude-sonnet": 0.4, "o3-mini": 0.2}, 0.5),
+)
+
+# Outcome of one attempt: (outcome, probability, status code, error type, retryable)
+FAILURES: tuple[tuple[str, float, int | None, str, bool], ...] = (
+    (Outcome.RATE_LIMITED, 0.020, 429, "rate_limit_exceeded", True),
+    (Outcome.UPSTREAM_ERROR, 0.008, 503, "server_error", True),
+    (Outcome.CLIENT_ERROR, 0.008, 400, "invalid_request_error", False),
+    (Outcome.TIMEOUT, 0.004, None, "read_timeout", True),
+    (Outcome.CONNECTION_ERROR, 0.002, None, "connect_error", True),
+    (Outcome.BAD_RESPONSE, 0.001, 200, "invalid_json", True),
+    (Outcome.QUOTA_EXHAUSTED, 0.001, 429, "insufficient_quota", True),
+    (Outcome.AUTH_FAILED, 0.0005, 401, "invalid_api_key", True),
+)
+STREAM_FAILURES: tuple[tuple[str, float], ...] = (
+    (Outcome.STREAM_ERROR, 0.003),
+    (Outcome.CLIENT_DISCONNECTED, 0.004),
+)
+
+
+def diurnal_weight(moment: datetime) -> float:
+    """Relative traffic at a UTC moment: a daytime peak, a night trough, quieter weekends."""
+    hour = moment.hour + moment.minute / 60
+    day = 1.0 + 0.75 * math.sin((hour - 8) / 24 * 2 * math.pi)
+    return day * (0.55 if moment.weekday() >= 5 else 1.0)
+
+
+class TrafficGenerator:
+    """Yields CallData for `records` attempts spread over [start, end), in time order."""
+
+    def __init__(
+        self,
+        *,
+        records: int,
+        start: datetime,
+        end: datetime,
+        seed: int = 1,
+        shard: tuple[int, int] = (0, 1),
+    ) -> None:
+        self.records = records
+        self.start = start.replace(second=0, microsecond=0)
+        self.end = end
+        # Shard k of n takes the k-th of n consecutive time slices, so n processes can seed
+        # in parallel and together write exactly `records`.
+        self.shard = shard
+        self.rng = random.Random(seed * 1000 + shard[0])  # noqa: S311 - synthetic data
+        self._clients = list(CLIENTS)
+        self._client_weights = [c.share for c in CLIENTS]
+
+    def __iter__(self) -> Iterator[CallData]:
+        minutes = max(1, int((self.end - self.start).total_seconds() // 60))
+        weights = [diurnal_weight(self.start + timedelta(minutes=m)) for m in range(minutes)]
+        scale = self.records / sum(weights)
+        index, count = self.shard
+        first, last = minutes * index // count, minutes * (index + 1) // count
+        produced, carry = 0, 0.0
+        for m, weight in enumerate(weights):
+            carry += weight * scale
+            # The last minute takes whatever rounding left over, so the total is exact.
+            due = self.records - produced if m == minutes - 1 else int(carry)
+            carry -= due
+            produced += due
+            if not first <= m < last:
+                continue
+            minute = self.start + timedelta(minutes=m)
+            pending: list[CallData] = []
+            while len(pending) < due:
+                pending.extend(self._request(minute))
+            # A request's last attempts may spill past the quota; trim to stay exact.
+            yield from pending[:due]
+
+    def _request(self, minute: datetime) -> list[CallData]:
+        rng = self.rng
+        client = rng.choices(self._clients, self._client_weights)[0]
+        route = rng.choices(list(client.models), list(client.models.values()))[0]
+        stream = rng.random() < client.stream_ratio and not route.startswith("text-embedding")
+        request_id = f"seed-{uuid.UUID(int=rng.getrandbits(128)).hex[:24]}"
+        at = minute + timedelta(seconds=rng.random() * 60)
+        attempts: list[CallData] = []
+        for provider, model in ROUTES[route]:
+            kind, keys = PROVIDERS[provider]
+            # Two keys per provider at most, then the next deployment (as a short deadline would).
+            for key_id in rng.sample(keys, min(2, len(keys))):
+                data, retry = self._attempt(
+                    request_id=request_id, attempt=len(attempts) + 1, at=at, client=client.name,
+                    route=route, provider=provider, kind=kind, model=model, key_id=key_id,
+                    stream=stream,
+                )  # fmt: skip
+                attempts.append(data)
+                at = data.finished_at
+                if not retry or len(attempts) >= 5:
+                    return attempts
+        return attempts
+
+    def _attempt(
+        self, *, request_id: str, attempt: int, at: datetime, client: str, route: str,
+        provider: str, kind: str, model: str, key_id: str, stream: bool,
+    ) -> tuple[CallData, bool]:  # fmt: skip
+        rng = self.rng
+        status: int | None = 200
+        outcome, error_type, retry = Outcome.SUCCESS.value, "", False
+        roll = rng.random()
+        for name, probability, code, kind_of_error, retryable in FAILURES:
+            if roll < probability:
+                outcome, status, error_type, retry = name, code, kind_of_error, retryable
+                break
+            roll -= probability
+        else:
+            if stream:
+                for name, probability in STREAM_FAILURES:
+                    if roll < probability:
+                        outcome, error_type = name, name
+                        break
+                    roll -= probability
+        data = CallData(
+            request_id=request_id, attempt=attempt, started_at=at, finished_at=at,
+            requested_model=route, outcome=outcome, client=client, provider=provider,
+            upstream_model=model, key_id=key_id, stream=stream, status_code=status,
+            error_type=error_type, provider_kind=kind,
+            overhead_ms=rng.lognormvariate(math.log(1.2), 0.5),
+        )  # fmt: skip
+        self._fill_timing_and_usage(data, embedding=route.startswith("text-embedding"))
+        data.finished_at = at + timedelta(milliseconds=data.latency_ms)
+        return data, retry
+
+    def _fill_timing_and_usage(self, data: CallData, *, embedding: bool) -> None:
+        rng = self.rng
+        outcome = data.outcome
+        if outcome in (Outcome.TIMEOUT,):
+            data.latency_ms = rng.uniform(30_000, 120_000)
+            return
+        if outcome not in (Outcome.SUCCESS, Outcome.STREAM_ERROR, Outcome.CLIENT_DISCONNECTED):
+            data.latency_ms = rng.lognormvariate(math.log(90), 0.6)
+            return
+        prompt = int(rng.lognormvariate(math.log(700), 1.0)) + 5
+        completion = 0 if embedding else int(rng.lognormvariate(math.log(220), 0.9)) + 1
+        ttft = rng.lognormvariate(math.log(450 if data.stream else 600), 0.5)
+        tps = rng.lognormvariate(math.log(70), 0.4)
+        if outcome != Outcome.SUCCESS:
+            completion = max(1, completion // 3)  # the stream broke off part way
+        data.latency_ms = (ttft if not embedding else ttft / 4) + completion / tps * 1000
+        data.prompt_tokens, data.completion_tokens = prompt, completion
+        data.cached_tokens = prompt // 2 if rng.random() < 0.2 else 0
+        data.reasoning_tokens = completion // 2 if data.upstream_model == "o3-mini" else 0
+        data.total_tokens = prompt + completion
+        data.usage_source = UsageSource.REPORTED
+        if data.stream:
+            if rng.random() < 0.05:  # an upstream that sent no usage chunk: estimated
+                data.usage_source = UsageSource.ESTIMATED
+            data.ttft_ms = ttft
+            data.ttlt_ms = data.latency_ms
+            if completion > 1:
+                data.tokens_per_second = (completion - 1) / ((data.ttlt_ms - ttft) / 1000)
+
+
+class _Prices:
+    """Per-model rates from the production price lookup, remembered: genai-prices takes about
+    a quarter of a millisecond per call, which would dominate a 10-million-row seed. Costs are
+    linear in the token counts, so the rates price every call the same as `call_cost`."""
+
+    def __init__(self) -> None:
+        self._rates: dict[tuple[str, str, str], tuple[Decimal, Decimal, Decimal] | None] = {}
+
+    def fill(self, data: CallData) -> None:
+        if not (data.prompt_tokens or data.completion_tokens):
+            return
+        key = (data.provider, data.provider_kind, data.upstream_model)
+        if key not in self._rates:
+            self._rates[key] = self._lookup(*key)
+        rates = self._rates[key]
+        if rates is None:
+            return
+        uncached = data.prompt_tokens - data.cached_tokens
+        data.cost_usd = (
+            uncached * rates[0] + data.cached_tokens * rates[1] + data.completion_tokens * rates[2]
+        ) / _MTOK
+
+    @staticmethod
+    def _lookup(provider: str, kind: str, model: str) -> tuple[Decimal, Decimal, Decimal] | None:
+        def price(prompt: int, completion: int, cached: int) -> Decimal | None:
+            return call_cost(
+                provider=provider, provider_kind=kind, model=model,
+                prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached,
+            )  # fmt: skip
+
+        prompt, cached, completion = price(_M, 0, 0), price(_M, 0, _M), price(0, _M, 0)
+        if prompt is None or cached is None or completion is None:
+            return None
+        return prompt, cached, completion
+
+
+_M = 1_000_000
+_MTOK = Decimal(_M)
+
+
+# --- writing ------------------------------------------------------------------------------
+
+_COPY_COLUMNS = PERSISTED_FIELDS
+
+
+def _copy_insert(records: list[CallRecord]) -> None:
+    """COPY the records in (Postgres only): the seeding shortcut for the raw insert."""
+    columns = ", ".join(connection.ops.quote_name(c) for c in _COPY_COLUMNS)
+    table = connection.ops.quote_name(CallRecord._meta.db_table)
+    with connection.cursor() as cursor:
+        raw = cursor.cursor  # the psycopg cursor under Django's wrapper
+        with raw.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
+            for record in records:
+                copy.write_row([getattr(record, c) for c in _COPY_COLUMNS])
+
+
+def usage_seed(
+    *,
+    records: int,
+    days: float,
+    end: datetime | None = None,
+    batch_size: int = 10_000,
+    seed: int = 1,
+    shard: tuple[int, int] = (0, 1),
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Write `records` synthetic call records (and their rollups) over the `days` days before
+    `end`; with `shard=(k, n)`, only the k-th time slice of n. Returns the number written."""
+    end = end or datetime.now(UTC)
+    generator = TrafficGenerator(
+        records=records, start=end - timedelta(days=days), end=end, seed=seed, shard=shard
+    )
+    insert = _copy_insert if connection.vendor == "postgresql" else None
+    written = 0
+    batch: list[CallRecord] = []
+    prices = _Prices()
+    for data in generator:
+        prices.fill(data)
+        batch.append(CallRecord(**call_prepare(data, log=False)))
+        if len(batch) >= batch_size:
+            _write_batch(batch, insert=insert)
+            written += len(batch)
+            batch = []
+            if progress:
+                progress(written)
+    if batch:
+        _write_batch(batch, insert=insert)
+        written += len(batch)
+        if progress:
+            progress(written)
+    return written
