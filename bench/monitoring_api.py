@@ -31,6 +31,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_P95_MS = 150.0
 TARGET_EXPORT_ROWS_PER_S = 50_000
+# The dashboard's pages render every panel server-side on first load; the overview has a
+# target of its own (issue: "server time for the overview ... under 300 ms").
+TARGET_DASHBOARD_P95_MS = 300.0
 
 
 def parse_args() -> argparse.Namespace:
@@ -44,6 +47,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reseed", action="store_true", help="drop and seed again")
     parser.add_argument("--no-full-export", action="store_true", help="skip the 30-day export")
     parser.add_argument("--quick", action="store_true", help="200k records, 5 runs")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     parser.add_argument(
         "--wait-quiet",
         type=float,
@@ -295,6 +299,14 @@ def main() -> None:
         f"/api/events?{w}&limit=100",
         f"/api/requests/{failover}",
     ]
+    pages = [
+        f"/dashboard/?{w}",
+        f"/dashboard/keys/?{w}",
+        f"/dashboard/health/?{w}",
+        f"/dashboard/calls/?{w}",
+        f"/dashboard/clients/?{w}",
+        f"/dashboard/calls/{failover}/",
+    ]
     deadline = time.monotonic() + args.wait_quiet
     while os.getloadavg()[0] >= 1.0 and time.monotonic() < deadline:
         time.sleep(5)
@@ -304,13 +316,19 @@ def main() -> None:
         result = time_endpoint(client, path, args.runs)
         results.append(result)
         print(f"{result['p50_ms']:8.1f} {result['p95_ms']:8.1f}  {path}", file=sys.stderr)
+    dashboard = []
+    for path in pages:
+        result = time_endpoint(client, path, args.runs)
+        dashboard.append(result)
+        print(f"{result['p50_ms']:8.1f} {result['p95_ms']:8.1f}  {path}", file=sys.stderr)
 
     exports = [
         time_export(client, "/api/usage/export?window=24h&format=csv"),
         time_export(client, "/api/usage/export?window=24h&format=jsonl"),
     ]
     if not args.no_full_export:
-        exports.append(time_export(client, f"/api/usage/export?{w}&format=csv"))
+        for fmt in ("csv", "jsonl", "json"):
+            exports.append(time_export(client, f"/api/usage/export?{w}&format={fmt}"))
     for export in exports:
         print(f"{export['rows_per_second']:>10,} rows/s  {export['path']}", file=sys.stderr)
 
@@ -331,6 +349,7 @@ def main() -> None:
         # and after the measurements says how much there was.
         "load_average": {"before": load_before[0], "after": os.getloadavg()[0]},
         "endpoints": results,
+        "dashboard": dashboard,
         "exports": exports,
     }
     out = ROOT / "bench" / "results"
@@ -339,16 +358,31 @@ def main() -> None:
     (out / f"monitoring_api-{datetime.now(UTC):%Y%m%d}{suffix}.json").write_text(
         json.dumps(report, indent=2) + "\n"
     )
+    missed = []
     print("\n| endpoint | p50 ms | p95 ms |\n|---|---:|---:|")
     for r in results:
-        flag = "" if r["p95_ms"] < TARGET_P95_MS and r["status"] == 200 else " ⚠"
-        print(f"| `{r['path']}` | {r['p50_ms']} | {r['p95_ms']}{flag} |")
+        ok = r["p95_ms"] < TARGET_P95_MS and r["status"] == 200
+        missed += [] if ok else [r["path"]]
+        print(f"| `{r['path']}` | {r['p50_ms']} | {r['p95_ms']}{'' if ok else ' ⚠'} |")
+    print("\n| dashboard page | p50 ms | p95 ms |\n|---|---:|---:|")
+    for r in dashboard:
+        ok = r["status"] == 200 and (
+            r["p95_ms"] < TARGET_DASHBOARD_P95_MS or not r["path"].startswith("/dashboard/?")
+        )
+        missed += [] if ok else [r["path"]]
+        print(f"| `{r['path']}` | {r['p50_ms']} | {r['p95_ms']}{'' if ok else ' ⚠'} |")
     print("\n| export | rows | seconds | rows/s |\n|---|---:|---:|---:|")
     for e in exports:
-        flag = "" if e["rows_per_second"] >= TARGET_EXPORT_ROWS_PER_S else " ⚠"
+        ok = e["rows_per_second"] >= TARGET_EXPORT_ROWS_PER_S
+        missed += [] if ok else [e["path"]]
         print(
-            f"| `{e['path']}` | {e['rows']:,} | {e['seconds']} | {e['rows_per_second']:,}{flag} |"
+            f"| `{e['path']}` | {e['rows']:,} | {e['seconds']} | {e['rows_per_second']:,}"
+            f"{'' if ok else ' ⚠'} |"
         )
+    if missed:
+        print(f"\ntargets missed: {', '.join(missed)}", file=sys.stderr)
+        if args.check:
+            sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ HTTP_FIELDS: list[str | list[str] | tuple[str, ...] | tuple[()]] = [
     "http_timeout_seconds",
 ]
 RESULT_FIELDS: list[str | list[str] | tuple[str, ...] | tuple[()]] = [
-    "is_up",
+    "health",
     "ping_status",
     "http_status",
     "ping_failures",
@@ -54,7 +54,7 @@ class EndpointAdmin(admin.ModelAdmin):
     list_display = [
         "base_url",
         "providers",
-        "is_up",
+        "health",
         "breaker",
         "ping_status",
         "http_status",

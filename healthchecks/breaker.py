@@ -3,12 +3,14 @@
 Like keys/health.py, every function takes the stored state and `now` and returns a new state,
 so the same rules run in process, inside a database transaction and inside a Redis one.
 
-- closed → open: the probes failed `threshold` times in a row, or live traffic failed too often
-  (see `Window`). The open period doubles with each trip that was not followed by a close.
+- closed → open: the probes say the endpoint is down (healthchecks.services decides when), or
+  live traffic failed too often (see `Window`). The open period doubles with each trip that was
+  not followed by a close.
 - open → half_open: lazily, once `open_until` has passed; nothing has to wake up for it.
-- half_open: exactly one trial decides. A live request claims the slot before it is sent
-  (`claim_trial`); a probe result that arrives while the slot is free is the trial itself.
-  Success closes the breaker, failure opens it again with a longer wait.
+- half_open: exactly one trial decides. A live request or a probe claims the slot before it is
+  sent (`claim_trial`), so only one is ever in flight; what else was already in flight when the
+  open period ran out does not count. Success closes the breaker, failure opens it again with a
+  longer wait.
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ def release_trial(state: BreakerState, *, now: float) -> BreakerState:
 def trial_result(
     state: BreakerState, *, ok: bool, now: float, policy: BreakerPolicy, reason: str
 ) -> BreakerState:
-    """The live request that claimed the half-open slot has its answer."""
+    """The live request or probe that claimed the half-open slot has its answer."""
     current = effective(state, now=now)
     if current.status != BreakerStatus.HALF_OPEN:
         return current  # an operator or a probe decided meanwhile
@@ -144,23 +146,19 @@ def probe_result(
     *,
     ok: bool,
     tripping: bool,
-    decides_trial: bool,
+    trial: bool,
     now: float,
     policy: BreakerPolicy,
     reason: str,
 ) -> BreakerState:
-    """A probe finished. `tripping`: its kind has now failed `threshold` times in a row.
-    `decides_trial`: this kind of probe may close a half-open breaker (see services)."""
+    """A probe finished. `tripping`: the probes now say the endpoint is down (see services).
+    `trial`: this probe claimed the half-open slot (`claim_trial`) before it was sent."""
+    if trial:
+        return trial_result(state, ok=ok, now=now, policy=policy, reason=reason)
     current = effective(state, now=now)
-    if current.status == BreakerStatus.HALF_OPEN:
-        if not decides_trial or current.trial_until > now:
-            return current  # a live trial is in flight: its answer decides
-        if ok:
-            return close(current, now=now, reason=reason)
-        return trip(current, now=now, policy=policy, reason=reason)
     if current.status == BreakerStatus.CLOSED and not ok and tripping:
         return trip(current, now=now, policy=policy, reason=reason)
-    return current
+    return current  # open: the wait runs its course; half-open: only the trial decides
 
 
 def transitions(before: BreakerState, after: BreakerState, *, now: float) -> list[str]:

@@ -10,10 +10,16 @@ operations. The shared store (healthchecks.breaker_store) is only touched in the
   within that interval. Without the lifespan (tests) a request that finds the copy stale
   starts a reload and goes on with the copy it has.
 - A trip decided here applies here at once and is written to the store in the background.
-- One write cannot be deferred: claiming the half-open trial has to be atomic across processes,
-  or the proxy and a probe (or two web processes) would both make "the one trial". The request
-  that finds a breaker half-open awaits that single store update, run in a thread; it happens
-  at most once per open period per endpoint.
+- One write cannot be deferred: claiming the half-open trial. The worker's probes claim the
+  same slot (healthchecks.services), and so do the other web processes (`serve --workers`,
+  other hosts); a claim made in this process's copy and written later would leave a window in
+  which two of them each send "the one trial". So the request that finds a breaker half-open
+  awaits that single store update (a Redis transaction, or one locked row on the database),
+  run in a thread while the event loop serves others. Requests of this process that find the
+  claim under way go to their next deployment instead of queueing behind it, so it is one
+  write per open period per endpoint and process.
+- Announcing a change (log line, signal, webhooks queued on the broker) is never awaited by a
+  request: it runs afterwards on a thread of its own, so a slow broker delays no call.
 
 Whenever the store cannot be reached the gate fails open: traffic flows as if every breaker
 were closed, and the failure is logged.
@@ -22,6 +28,7 @@ were closed, and the failure is logged.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import logging
 import threading
@@ -36,6 +43,7 @@ from django.conf import settings
 from healthchecks import breaker
 from healthchecks.breaker import BreakerPolicy, BreakerState, BreakerStatus, Window
 from healthchecks.breaker_store import Transition, get_breaker_store, reset_breaker_store
+from keys.crypto import base_url_masked
 
 logger = logging.getLogger("llmrotate.health")
 T = TypeVar("T")
@@ -67,6 +75,11 @@ class BreakerGate:
         self._warned_at = float("-inf")
         # The loop keeps only weak references to tasks; a collected task never runs.
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._claiming: set[str] = set()  # endpoints whose trial this process is claiming
+        # One thread, so that announcements keep the order of the changes they report.
+        self._announcer = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="breaker-announce"
+        )
 
     # ---- hot path
 
@@ -81,17 +94,20 @@ class BreakerGate:
             return ALLOW
         if current.status == BreakerStatus.OPEN:
             return Admission(False, retry_after=current.open_until - now)
-        if current.trial_until > now:
+        if current.trial_until > now or endpoint in self._claiming:
             return Admission(False, retry_after=_TRIAL_WAIT_SECONDS)
 
         def claim(s: BreakerState) -> tuple[BreakerState, bool]:
             return breaker.claim_trial(s, now=now, policy=self.policy)
 
+        self._claiming.add(endpoint)
         try:
             after, claimed = await self._apply(endpoint, claim, now=now)
         except Exception as exc:
             self._warn("cannot claim the half-open trial", exc)
             return ALLOW
+        finally:
+            self._claiming.discard(endpoint)
         if claimed:
             return Admission(True, trial=True)
         if breaker.effective(after, now=now).status == BreakerStatus.CLOSED:
@@ -161,16 +177,36 @@ class BreakerGate:
     async def _apply(
         self, endpoint: str, fn: Transition[T], *, now: float
     ) -> tuple[BreakerState, T]:
-        from healthchecks.services import breaker_apply
+        def update() -> tuple[BreakerState, BreakerState, T]:
+            return get_breaker_store().update(endpoint, fn)
 
         # thread_sensitive: the database store then uses the same thread (and connection) as
         # the routing snapshot, which the server closes at shutdown.
-        after, extra = await sync_to_async(breaker_apply, thread_sensitive=True)(
-            endpoint=endpoint, fn=fn, now=now
-        )
+        before, after, extra = await sync_to_async(update, thread_sensitive=True)()
         with self._lock:
             self._states[endpoint] = after
+        if breaker.transitions(before, after, now=now):
+            self._spawn(self._announce(endpoint, before=before, after=after, now=now))
         return after, extra
+
+    async def _announce(
+        self, endpoint: str, *, before: BreakerState, after: BreakerState, now: float
+    ) -> None:
+        from healthchecks.services import breaker_announce
+
+        # Not on asgiref's shared thread either: the database reads of other requests queue
+        # there, and would wait for the broker too.
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                self._announcer,
+                functools.partial(
+                    breaker_announce, endpoint=endpoint, before=before, after=after, now=now
+                ),
+            )
+        except Exception:
+            logger.exception(
+                "circuit breakers: cannot announce a change of %s", base_url_masked(endpoint)
+            )
 
     async def _ensure_fresh(self) -> None:
         if time.monotonic() - self._loaded_at < self.sync_seconds or self._refreshing:
@@ -225,5 +261,7 @@ def get_breaker_gate() -> BreakerGate:
 
 def reset_breaker_gate() -> None:
     """Forget this process's breaker copy, windows and store client (tests, settings changes)."""
+    if get_breaker_gate.cache_info().currsize:
+        get_breaker_gate()._announcer.shutdown(wait=False)
     get_breaker_gate.cache_clear()
     reset_breaker_store()

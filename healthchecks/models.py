@@ -83,7 +83,8 @@ class Endpoint(models.Model):
     )
     last_latency_ms = models.FloatField(null=True, blank=True, editable=False)
     last_checked_at = models.DateTimeField(null=True, blank=True, editable=False)
-    # None until a probe has said something; False once a probe kind reached its threshold.
+    # None until a probe has said something; False while the probes say it is down, which
+    # opens its breaker (healthchecks.services: failed pings alone do not, see `health`).
     is_up = models.BooleanField("up", null=True, editable=False)
     last_change_at = models.DateTimeField(null=True, blank=True, editable=False)
     # When the dispatcher sends the next probe of each kind (claimed atomically, see services).
@@ -102,6 +103,18 @@ class Endpoint(models.Model):
     @property
     def probe_url(self) -> str:
         return self.http_url or f"{self.base_url}/models"
+
+    @property
+    def health(self) -> str:
+        """unknown, up, down, or degraded: pings fail their threshold but the HTTP probe gets
+        answers (many providers filter ICMP), so the endpoint stays in routing."""
+        if self.is_up is None:
+            return "unknown"
+        if not self.is_up:
+            return "down"
+        if self.ping_enabled and self.ping_failures >= self.ping_failure_threshold:
+            return "degraded"
+        return "up"
 
 
 class HealthEvent(models.Model):

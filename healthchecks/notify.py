@@ -20,12 +20,13 @@ import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import httpx
 from django.conf import settings
 
 from healthchecks.signals import endpoint_health_changed
+from keys.crypto import base_url_masked
 
 logger = logging.getLogger("llmrotate.health")
 
@@ -37,14 +38,11 @@ class WebhookError(Exception):
     """The receiver answered, but not with a 2xx: worth retrying."""
 
 
-def public_url(url: str) -> str:
-    """The URL without credentials or query string (a base URL may carry either)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+def webhook_host(url: str) -> str:
+    """Where a webhook goes, for logs: the host only. Chat webhooks (Slack, Discord, Teams) carry
+    their secret in the path, so neither the path nor the query is shown."""
+    host = urlsplit(url).netloc.rsplit("@", 1)[-1]
+    return host or "(invalid webhook URL)"
 
 
 def webhook_signature(*, secret: str, body: bytes) -> str:
@@ -59,7 +57,7 @@ def health_change_notify(
     payload: dict[str, Any] = {
         "id": uuid.uuid4().hex,
         "event": event,
-        "endpoint": public_url(endpoint),
+        "endpoint": base_url_masked(endpoint),
         "previous": previous,
         "current": current,
         "reason": reason,
@@ -78,7 +76,7 @@ def health_change_notify(
             try:
                 webhook_deliver.delay(url=url, body=body)
             except Exception:  # the broker is down: the change is logged and signalled anyway
-                logger.exception("could not queue the webhook to %s", public_url(url))
+                logger.exception("could not queue the webhook to %s", webhook_host(url))
     return payload
 
 
@@ -96,5 +94,5 @@ def webhook_post(*, url: str, body: str) -> int:
     with httpx.Client(timeout=5.0, trust_env=False, follow_redirects=False) as client:
         response = client.post(url, content=raw, headers=headers)
     if not response.is_success:
-        raise WebhookError(f"{public_url(url)} answered HTTP {response.status_code}")
+        raise WebhookError(f"{webhook_host(url)} answered HTTP {response.status_code}")
     return response.status_code

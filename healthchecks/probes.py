@@ -1,17 +1,19 @@
 """The two probes and how their answers are judged.
 
 ICMP ping uses icmplib: privileged (raw socket) as root, unprivileged (datagram socket) for
-anyone else, which Linux allows only to groups in net.ipv4.ping_group_range. When the kernel
-refuses the socket the probe says `unavailable` and health rests on the HTTP probe alone.
+anyone else, which Linux allows only to groups in net.ipv4.ping_group_range. Root without
+CAP_NET_RAW (a container that dropped it) falls back to the unprivileged socket. When the kernel
+refuses both the probe says `unavailable` and health rests on the HTTP probe alone.
 
 The HTTP probe is by default the same cheap authenticated call as key re-validation,
 `GET {base_url}/models`: it spends no tokens. A 5xx, a timeout and a connection error mean the
 endpoint is down. A 401/403 does not: the endpoint answered, only the key is bad (key health
-deals with that).
+deals with that). Its timeout bounds the whole request, not each phase of it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
@@ -53,22 +55,40 @@ def classify_http(status_code: int, *, latency_ms: float, expected: int | None) 
 def classify_http_error(exc: Exception) -> ProbeResult:
     # The exception's class names what went wrong; its text may quote the URL, which is fine,
     # but never headers, so no key can end up in a HealthEvent.
+    if isinstance(exc, TimeoutError):
+        return ProbeResult(ProbeStatus.FAILED, error="timeout: no complete answer in time")
     kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "connection error"
     return ProbeResult(ProbeStatus.FAILED, error=f"{kind}: {type(exc).__name__}")
 
 
 def http_probe(
-    *, url: str, headers: dict[str, str], timeout: float, expected: int | None
+    *,
+    url: str,
+    headers: dict[str, str],
+    timeout: float,
+    expected: int | None,
+    transport: httpx.AsyncBaseTransport | None = None,
 ) -> ProbeResult:
-    with httpx.Client(timeout=timeout, trust_env=False, follow_redirects=False) as client:
-        # Timed from here: building the client (its TLS context) is not the endpoint's time.
-        started = time.perf_counter()
-        try:
-            response = client.get(url, headers=headers)
-        except httpx.HTTPError as exc:
-            return classify_http_error(exc)
-        latency_ms = (time.perf_counter() - started) * 1000
-    return classify_http(response.status_code, latency_ms=latency_ms, expected=expected)
+    """Runs in a worker thread, on an event loop of its own (`transport`: tests only)."""
+
+    async def probe() -> ProbeResult:
+        async with httpx.AsyncClient(
+            timeout=timeout, trust_env=False, follow_redirects=False, transport=transport
+        ) as client:
+            # Timed from here: building the client (its TLS context) is not the endpoint's time.
+            started = time.perf_counter()
+            try:
+                # httpx's timeout applies to each phase (connect, write, every read), so a
+                # server that drips its answer could hold the probe many times longer; this
+                # deadline bounds the whole request, body included.
+                async with asyncio.timeout(timeout):
+                    response = await client.get(url, headers=headers)
+            except (httpx.HTTPError, TimeoutError) as exc:
+                return classify_http_error(exc)
+            latency_ms = (time.perf_counter() - started) * 1000
+        return classify_http(response.status_code, latency_ms=latency_ms, expected=expected)
+
+    return asyncio.run(probe())
 
 
 def classify_ping(host: icmplib.Host) -> ProbeResult:
@@ -81,10 +101,14 @@ def ping_probe(*, host: str, timeout: float, privileged: bool) -> ProbeResult:
     try:
         reply = icmplib.ping(host, count=1, timeout=timeout, privileged=privileged)
     except icmplib.SocketPermissionError:
+        if privileged:
+            # Root without CAP_NET_RAW: the kernel's unprivileged ICMP socket may still be
+            # allowed (ping_group_range), so try it before giving up on ICMP.
+            return ping_probe(host=host, timeout=timeout, privileged=False)
         return ProbeResult(
             ProbeStatus.UNAVAILABLE,
-            error="ICMP sockets are not allowed for this user "
-            "(run as root, or add its group to net.ipv4.ping_group_range)",
+            error="ICMP sockets are not allowed for this user (run as root with CAP_NET_RAW, "
+            "or add its group to net.ipv4.ping_group_range)",
         )
     except icmplib.NameLookupError:
         return ProbeResult(ProbeStatus.FAILED, error=f"cannot resolve {host}")

@@ -11,7 +11,7 @@ from healthchecks import breaker
 from healthchecks.breaker import BreakerState, BreakerStatus
 from healthchecks.breaker_store import get_breaker_store
 from healthchecks.models import Endpoint, HealthEvent, ProbeStatus
-from healthchecks.notify import public_url
+from keys.crypto import base_url_masked
 from keys.models import Provider
 
 
@@ -19,7 +19,8 @@ from keys.models import Provider
 class EndpointHealth:
     endpoint: str  # the base URL without credentials or query string
     providers: list[str]
-    healthy: bool
+    healthy: bool  # in routing: breaker closed and not down (a degraded endpoint is healthy)
+    health: str  # unknown, up, degraded (pings fail, HTTP answers) or down
     ping_status: str
     http_status: str
     last_latency_ms: float | None
@@ -54,6 +55,7 @@ def endpoint_health_list() -> list[EndpointHealth]:
         ping = http = ProbeStatus.UNKNOWN.value
         failures = {"ping": 0, "http": 0}
         last_change = _when(state.changed_at)
+        health = row.health if row is not None else "unknown"
         if row is not None:
             ping = row.ping_status if row.ping_enabled else ProbeStatus.DISABLED.value
             http = row.http_status if row.http_enabled else ProbeStatus.DISABLED.value
@@ -62,10 +64,11 @@ def endpoint_health_list() -> list[EndpointHealth]:
                 last_change = row.last_change_at
         out.append(
             EndpointHealth(
-                endpoint=public_url(url),
+                endpoint=base_url_masked(url),
                 providers=sorted(providers[url]),
                 healthy=state.status == BreakerStatus.CLOSED
                 and (row is None or row.is_up is not False),
+                health=health,
                 ping_status=ping,
                 http_status=http,
                 last_latency_ms=row.last_latency_ms if row else None,

@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import timedelta
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -26,6 +27,7 @@ from healthchecks.breaker_store import Transition, get_breaker_store
 from healthchecks.models import Endpoint, HealthEvent, ProbeKind
 from healthchecks.notify import health_change_notify
 from healthchecks.probes import ProbeResult, http_probe, ping_probe
+from keys.crypto import base_url_masked
 from keys.models import ApiKey, Provider
 
 logger = logging.getLogger("llmrotate.health")
@@ -50,6 +52,15 @@ def breaker_policy() -> BreakerPolicy:
 def breaker_apply(*, endpoint: str, fn: Transition[T], now: float) -> tuple[BreakerState, T]:
     """Run one transition in the shared store and announce every status it passed through."""
     before, after, extra = get_breaker_store().update(endpoint, fn)
+    breaker_announce(endpoint=endpoint, before=before, after=after, now=now)
+    return after, extra
+
+
+def breaker_announce(
+    *, endpoint: str, before: BreakerState, after: BreakerState, now: float
+) -> None:
+    """Notify each status a transition passed through (the proxy calls this off the request
+    path, after `get_breaker_store().update`: see healthchecks.gate)."""
     steps = breaker.transitions(before, after, now=now)
     lapsed = breaker.effective(before, now=now)
     for previous, current in itertools.pairwise(steps):
@@ -67,7 +78,6 @@ def breaker_apply(*, endpoint: str, fn: Transition[T], now: float) -> tuple[Brea
             reason=reason,
             now=at,
         )
-    return after, extra
 
 
 def breaker_reset(*, endpoint: str) -> BreakerState:
@@ -162,44 +172,120 @@ def _probe_headers(base_url: str) -> dict[str, str]:
     return {}
 
 
+def _probe_claim_trial(*, endpoint: Endpoint, hold_seconds: float) -> bool | None:
+    """Before a probe that decides a half-open breaker is sent: claim its one trial.
+
+    True: claimed, the probe is the trial. False: not half-open, the probe goes as usual.
+    None: a live request holds the trial, so the probe is not sent (its answer decides)."""
+    now = time.time()
+    policy = breaker_policy()
+    # The slot is held for at least the probe's own timeout.
+    hold = replace(policy, trial_timeout_seconds=max(policy.trial_timeout_seconds, hold_seconds))
+
+    def claim(state: BreakerState) -> tuple[BreakerState, bool | None]:
+        current = breaker.effective(state, now=now)
+        if current.status != BreakerStatus.HALF_OPEN:
+            return current, False
+        after, claimed = breaker.claim_trial(current, now=now, policy=hold)
+        return after, True if claimed else None
+
+    return breaker_apply(endpoint=endpoint.base_url, fn=claim, now=now)[1]
+
+
 def endpoint_probe(*, endpoint_id: int, kind: str) -> ProbeResult | None:
-    """Run one probe and record it. None when the endpoint no longer exists."""
+    """Run one probe and record it. None when the endpoint no longer exists, or when it is
+    half-open and a live trial request is in flight (that request decides; no second trial)."""
     endpoint = Endpoint.objects.filter(pk=endpoint_id).first()
     if endpoint is None:
         return None
-    if kind == ProbeKind.PING:
-        result = ping_probe(
-            host=urlsplit(endpoint.base_url).hostname or "",
-            timeout=PING_TIMEOUT_SECONDS,
-            # Root gets a raw socket; everyone else asks for the kernel's unprivileged one.
-            privileged=not hasattr(os, "geteuid") or os.geteuid() == 0,
-        )
-    else:
-        result = http_probe(
-            url=endpoint.probe_url,
-            headers=_probe_headers(endpoint.base_url),
-            timeout=endpoint.http_timeout_seconds,
-            expected=endpoint.http_expected_status,
-        )
-    probe_record(endpoint=endpoint, kind=kind, result=result)
+    trial = False
+    # A ping reaching the host says nothing about the HTTP service that tripped the breaker,
+    # so only the HTTP probe (when there is one) may be the half-open trial.
+    if kind == ProbeKind.HTTP or not endpoint.http_enabled:
+        timeout = endpoint.http_timeout_seconds if kind == ProbeKind.HTTP else PING_TIMEOUT_SECONDS
+        claimed = _probe_claim_trial(endpoint=endpoint, hold_seconds=timeout * 2)
+        if claimed is None:
+            logger.debug(
+                "%s probe of %s skipped: a trial request is in flight",
+                kind,
+                base_url_masked(endpoint.base_url),
+            )
+            return None
+        trial = claimed
+    try:
+        if kind == ProbeKind.PING:
+            result = ping_probe(
+                host=urlsplit(endpoint.base_url).hostname or "",
+                timeout=PING_TIMEOUT_SECONDS,
+                # Root gets a raw socket; everyone else asks for the kernel's unprivileged one.
+                privileged=not hasattr(os, "geteuid") or os.geteuid() == 0,
+            )
+        else:
+            result = http_probe(
+                url=endpoint.probe_url,
+                headers=_probe_headers(endpoint.base_url),
+                timeout=endpoint.http_timeout_seconds,
+                expected=endpoint.http_expected_status,
+            )
+        probe_record(endpoint=endpoint, kind=kind, result=result, trial=trial)
+    except BaseException:
+        if trial:  # free the slot now rather than after its timeout
+            now = time.time()
+            breaker_apply(
+                endpoint=endpoint.base_url,
+                fn=lambda s: (breaker.release_trial(s, now=now), None),
+                now=now,
+            )
+        raise
     return result
 
 
-def _is_up(endpoint: Endpoint) -> bool:
-    return not (
-        (endpoint.ping_enabled and endpoint.ping_failures >= endpoint.ping_failure_threshold)
-        or (endpoint.http_enabled and endpoint.http_failures >= endpoint.http_failure_threshold)
+def _probes_down(ep: Endpoint) -> bool:
+    """Do the probes say the endpoint is down (which opens its breaker)?
+
+    Many providers filter ICMP (Azure, APIs behind Cloudflare): pings that get no reply say
+    nothing while the HTTP probe gets answers. So they count only while the HTTP probe fails
+    too, or when there is no HTTP probe; otherwise they only make the endpoint `degraded`.
+    """
+    http_down = ep.http_enabled and ep.http_failures >= ep.http_failure_threshold
+    ping_down = ep.ping_enabled and ep.ping_failures >= ep.ping_failure_threshold
+    return http_down or (ping_down and (not ep.http_enabled or ep.http_failures > 0))
+
+
+def _probe_reason(ep: Endpoint, *, kind: str, result: ProbeResult) -> str:
+    if result.ok:
+        return f"{kind} probe ok"
+    failures, threshold = (
+        (ep.ping_failures, ep.ping_failure_threshold)
+        if kind == ProbeKind.PING
+        else (ep.http_failures, ep.http_failure_threshold)
     )
+    if failures < threshold:
+        reason = f"{kind} probe failed ({result.error})"
+    else:
+        reason = f"{kind} probe failed {failures} times in a row ({result.error})"
+    if kind == ProbeKind.HTTP and _probes_down(ep) and failures < threshold:
+        reason += f", and ping failed {ep.ping_failures} times in a row"
+    elif kind == ProbeKind.PING and failures >= threshold and ep.http_enabled:
+        reason += (
+            ", and the HTTP probe fails too"
+            if ep.http_failures
+            else "; health rests on the HTTP probe"
+        )
+    return reason
 
 
-def probe_record(*, endpoint: Endpoint, kind: str, result: ProbeResult) -> Endpoint:
-    """Store a probe result, feed the breaker, and announce the endpoint going down or up."""
+def probe_record(
+    *, endpoint: Endpoint, kind: str, result: ProbeResult, trial: bool = False
+) -> Endpoint:
+    """Store a probe result, feed the breaker, and announce the endpoint's health changing
+    (down, degraded, up). `trial`: the probe claimed the half-open trial before it was sent."""
     at = timezone.now()
     prefix = "ping" if kind == ProbeKind.PING else "http"
     with transaction.atomic():
         # Locked: the ping and HTTP probes of one endpoint may finish at the same moment.
         ep = Endpoint.objects.select_for_update().get(pk=endpoint.pk)
-        was_up = ep.is_up
+        was = ep.health
         setattr(ep, f"{prefix}_status", result.status)
         if result.counts:
             failures = 0 if result.ok else getattr(ep, f"{prefix}_failures") + 1
@@ -207,8 +293,8 @@ def probe_record(*, endpoint: Endpoint, kind: str, result: ProbeResult) -> Endpo
             if result.latency_ms is not None:
                 ep.last_latency_ms = result.latency_ms
             ep.last_checked_at = at
-            ep.is_up = _is_up(ep)
-        if ep.is_up != was_up:
+            ep.is_up = not _probes_down(ep)
+        if ep.health != was:
             ep.last_change_at = at
         ep.save()
         HealthEvent.objects.create(
@@ -221,24 +307,25 @@ def probe_record(*, endpoint: Endpoint, kind: str, result: ProbeResult) -> Endpo
             error=result.error[:500],
             created_at=at,
         )
-    if not result.counts:
-        return ep
-    failures = getattr(ep, f"{prefix}_failures")
-    threshold = getattr(ep, f"{prefix}_failure_threshold")
-    reason = f"{kind} probe ok" if result.ok else f"{kind} probe failed ({result.error})"
-    if failures >= threshold:
-        reason = f"{kind} probe failed {failures} times in a row ({result.error})"
     now = time.time()
+    if not result.counts:
+        if trial:  # an unavailable ping says nothing: the next trial decides
+            breaker_apply(
+                endpoint=ep.base_url,
+                fn=lambda s: (breaker.release_trial(s, now=now), None),
+                now=now,
+            )
+        return ep
+    reason = _probe_reason(ep, kind=kind, result=result)
+    tripping = not ep.is_up
     breaker_apply(
         endpoint=ep.base_url,
         fn=lambda s: (
             breaker.probe_result(
                 s,
                 ok=result.ok,
-                tripping=failures >= threshold,
-                # A ping reaching the host says nothing about the HTTP service that tripped
-                # the breaker, so only the HTTP probe (when there is one) may close it.
-                decides_trial=kind == ProbeKind.HTTP or not ep.http_enabled,
+                tripping=tripping,
+                trial=trial,
                 now=now,
                 policy=breaker_policy(),
                 reason=reason,
@@ -248,12 +335,13 @@ def probe_record(*, endpoint: Endpoint, kind: str, result: ProbeResult) -> Endpo
         now=now,
     )
     # First contact that finds the endpoint up is not news; everything else is.
-    if ep.is_up != was_up and not (was_up is None and ep.is_up):
+    health = ep.health
+    if health != was and not (was == "unknown" and health == "up"):
         health_change_notify(
             endpoint=ep.base_url,
-            event="endpoint.up" if ep.is_up else "endpoint.down",
-            previous={True: "up", False: "down", None: "unknown"}[was_up],
-            current="up" if ep.is_up else "down",
+            event=f"endpoint.{health}",
+            previous=was,
+            current=health,
             reason=reason,
             now=now,
         )

@@ -44,7 +44,8 @@ def keys_revalidate() -> int:
 
     if not settings.REDIS_URL:
         # Embedded mode keeps key state inside the web process, out of this worker's sight;
-        # the web process runs the same re-validation itself (llmrotate_site/asgi.py).
+        # the web process runs the same re-validation itself, on this task's beat entry
+        # (proxy/recheck.py keys_revalidate_forever).
         logger.debug("key re-validation runs in the web process in embedded mode")
         return 0
     return len(keys_revalidate_blocking())
@@ -59,15 +60,15 @@ def keys_revalidate() -> int:
 def webhook_deliver(self: Task, *, url: str, body: str) -> None:
     import httpx
 
-    from healthchecks.notify import WebhookError, public_url, webhook_post
+    from healthchecks.notify import WebhookError, webhook_host, webhook_post
 
     try:
         webhook_post(url=url, body=body)
     except (httpx.HTTPError, WebhookError) as exc:
         attempt = self.request.retries
         if attempt >= settings.LLMROTATE_WEBHOOK_RETRIES:
-            logger.error("webhook to %s failed for good: %s", public_url(url), exc)
+            logger.error("webhook to %s failed for good: %s", webhook_host(url), exc)
             return
         delay = min(2 ** (attempt + 1), 300)  # 2, 4, 8 … seconds, at most five minutes
-        logger.warning("webhook to %s failed (%s); retrying in %ss", public_url(url), exc, delay)
+        logger.warning("webhook to %s failed (%s); retrying in %ss", webhook_host(url), exc, delay)
         raise self.retry(exc=exc, countdown=delay) from exc

@@ -15,6 +15,7 @@ from ninja import Field, Router, Schema
 
 from keys import selectors
 from keys.auth import monitor_auth
+from usage.schemas import AUTH_ERRORS
 
 router = Router(tags=["Monitoring"], auth=monitor_auth)
 
@@ -62,23 +63,35 @@ class KeysOut(Schema):
 
 class ConfigOut(Schema):
     strategy: str = Field(description="Default rotation strategy for new routes.")
-    providers: list[dict[str, Any]]
+    providers: list[dict[str, Any]] = Field(
+        description="base_url with any userinfo and secret-looking query values masked."
+    )
     routes: list[dict[str, Any]] = Field(description="Each with its ordered fallback_chain.")
     keys: list[dict[str, Any]] = Field(description="Masked: secret_hint and secret_source only.")
     clients: list[dict[str, Any]] = Field(description="Client tokens, masked.")
     settings: dict[str, Any]
 
 
-@router.get("/health", response=HealthOut, summary="Key counts per provider, by state")
+@router.get(
+    "/health", response={200: HealthOut, **AUTH_ERRORS}, summary="Key counts per provider, by state"
+)
 def health(request: HttpRequest) -> dict[str, Any]:
     return asdict(selectors.pool_health())
 
 
-@router.get("/keys", response=KeysOut, summary="Every upstream key with its live health")
+@router.get(
+    "/keys",
+    response={200: KeysOut, **AUTH_ERRORS},
+    summary="Every upstream key with its live health",
+)
 def keys(request: HttpRequest) -> dict[str, Any]:
     return {"keys": [asdict(k) for k in selectors.keys_health()]}
 
 
-@router.get("/config", response=ConfigOut, summary="The running configuration, sanitized")
+@router.get(
+    "/config",
+    response={200: ConfigOut, **AUTH_ERRORS},
+    summary="The running configuration, sanitized",
+)
 def config(request: HttpRequest) -> dict[str, Any]:
     return selectors.config_sanitized()

@@ -16,6 +16,7 @@ import string
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
@@ -149,6 +150,35 @@ _MAX_PREFIX = 8
 _TAIL = 4
 _MIN_FOR_TAIL = 16
 ELLIPSIS = "…"
+
+
+MASK = "***"
+# Query parameters whose value may be a credential: api-key=, key=, access_token=, sig=, …
+_SECRET_PARAM = re.compile(r"key|token|secret|pass|pwd|sig|auth|credential|session", re.I)
+
+
+def base_url_masked(url: str) -> str:
+    """A base URL fit to show: userinfo (`https://user:token@host`) and the values of
+    secret-looking query parameters (`?api-key=…`) replaced by ***, the rest as configured.
+
+    For everything that displays a provider or endpoint URL (API, dashboard, health checks);
+    the URL the gateway calls is never changed.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unbalanced [ in the host: nothing can be shown safely
+        return MASK
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = MASK + "@" + netloc.rsplit("@", 1)[1]
+    pairs = []
+    for pair in parts.query.split("&") if parts.query else []:
+        name, eq, value = pair.partition("=")
+        secret = value and _SECRET_PARAM.search(unquote_plus(name))
+        pairs.append(f"{name}={MASK}" if secret else f"{name}{eq}{value}")
+    # A base URL has no use for a fragment; whatever one holds stays out.
+    fragment = MASK if parts.fragment else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, "&".join(pairs), fragment))
 
 
 def mask_secret(secret: str) -> str:

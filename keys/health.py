@@ -69,6 +69,8 @@ class KeyState:
     last_error_type: str | None = None
     remaining_requests: int | None = None  # last seen headroom
     remaining_tokens: int | None = None
+    limit_requests: int | None = None  # the window those are counted against, if reported
+    limit_tokens: int | None = None
     headroom_at: float | None = None
     changed_at: float = 0.0
 
@@ -95,6 +97,11 @@ class KeyState:
         return state
 
 
+_OPTIONAL_INTS = frozenset(
+    {"remaining_requests", "remaining_tokens", "limit_requests", "limit_tokens"}
+)
+
+
 def _coerce(name: str, raw: Any, default: Any) -> Any:
     text = str(raw)
     try:
@@ -104,7 +111,7 @@ def _coerce(name: str, raw: Any, default: Any) -> Any:
             return text or None
         if name in {"last_used_at", "headroom_at"}:
             return float(text) if text else None
-        if name in {"remaining_requests", "remaining_tokens"}:
+        if name in _OPTIONAL_INTS:
             return int(text) if text else None
         if isinstance(default, float):
             return float(text)
@@ -120,6 +127,8 @@ class KeyPolicy:
     cooldown_seconds: float = 30
     quarantine_seconds: float = 300
     exhausted_seconds: float = 3600
+    # Cooldowns (after a 429, or a run of 5xx) last up to this fraction longer, at random, so
+    # keys benched together, in one process or many, do not all come back in the same instant.
     jitter_ratio: float = 0.1
     max_cooldown_seconds: float = 3600
     upstream_error_threshold: int = 3  # consecutive 5xx/timeouts before a short cooldown
@@ -196,6 +205,8 @@ def apply_outcome(
     if headroom is not None:
         new.remaining_requests = headroom.remaining_requests
         new.remaining_tokens = headroom.remaining_tokens
+        new.limit_requests = headroom.limit_requests
+        new.limit_tokens = headroom.limit_tokens
         new.headroom_at = now
     if outcome == Outcome.CLIENT_ERROR:
         return new
@@ -219,11 +230,9 @@ def apply_outcome(
             duration = max(retry_after, _MIN_RETRY_AFTER)
         else:
             duration = min(policy.cooldown_seconds * 2 ** (n - 1), policy.max_cooldown_seconds)
-        # Jitter only ever adds, so a server-given Retry-After is never cut short; it spreads
-        # the moment many processes' keys come back at once.
-        uniform = rng.uniform if rng is not None else random.uniform
-        jitter = uniform(0, policy.jitter_ratio * duration)
-        new.cooldown_until = max(new.cooldown_until, now + duration + jitter)
+        new.cooldown_until = max(
+            new.cooldown_until, now + _jittered(duration, policy=policy, rng=rng)
+        )
         return _escalate(new, KeyStatus.COOLDOWN, now=now)
 
     if outcome == Outcome.QUOTA_EXHAUSTED:
@@ -242,9 +251,18 @@ def apply_outcome(
     # UPSTREAM_ERROR: one 5xx says little about the key, a run of them says the key (or its
     # account or region) is not worth trying for a while.
     if fresh and new.consecutive_failures >= policy.upstream_error_threshold:
-        new.cooldown_until = max(new.cooldown_until, now + policy.cooldown_seconds)
+        # An outage hits every key of the endpoint at once: without jitter they would all
+        # return, and all fail again, together.
+        wait = _jittered(policy.cooldown_seconds, policy=policy, rng=rng)
+        new.cooldown_until = max(new.cooldown_until, now + wait)
         return _escalate(new, KeyStatus.COOLDOWN, now=now)
     return new
+
+
+def _jittered(duration: float, *, policy: KeyPolicy, rng: random.Random | None) -> float:
+    # Jitter only ever adds, so a server-given Retry-After is never cut short.
+    uniform = rng.uniform if rng is not None else random.uniform
+    return duration + uniform(0, policy.jitter_ratio * duration)
 
 
 def _on_success(new: KeyState, *, now: float) -> KeyState:
@@ -328,5 +346,7 @@ def apply_manual(
         new.last_error_type = None
         new.remaining_requests = None
         new.remaining_tokens = None
+        new.limit_requests = None
+        new.limit_tokens = None
         new.headroom_at = None
     return new

@@ -18,6 +18,8 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from keys.health import KeyPolicy
+from llmrotate_site.db import outside_request
+from proxy.errors import ProxyError
 
 logger = logging.getLogger("llmrotate.keys")
 
@@ -163,6 +165,7 @@ def routing_load() -> RoutingSnapshot:
 _snapshot: RoutingSnapshot | None = None
 _lock: asyncio.Lock | None = None
 _lock_loop: asyncio.AbstractEventLoop | None = None
+_refresh: asyncio.Task[None] | None = None
 
 
 def invalidate_routing_cache() -> None:
@@ -179,25 +182,66 @@ def _fresh(snapshot: RoutingSnapshot | None) -> bool:
 
 
 async def routing_snapshot() -> RoutingSnapshot:
-    global _snapshot, _lock, _lock_loop
+    global _lock, _lock_loop
     snapshot = _snapshot
-    if _fresh(snapshot):
-        assert snapshot is not None
+    if snapshot is not None:
+        # Stale while revalidating: a request never waits for the reload every TTL, which
+        # would stall every request in flight at that moment behind a database query.
+        if not _fresh(snapshot):
+            _refresh_in_background()
         return snapshot
     loop = asyncio.get_running_loop()
     if _lock is None or _lock_loop is not loop:
         _lock, _lock_loop = asyncio.Lock(), loop
-    # One reload at a time: a burst of requests arriving at expiry must not each query the DB.
+    # No snapshot (first request, or invalidated by a local write): load it now, once, however
+    # many requests are waiting for it.
     async with _lock:
-        if not _fresh(_snapshot):
-            _snapshot = _reloaded(await _load_async(), _snapshot)
+        if _snapshot is None:
+            result = await _load_async()
+            if isinstance(result, Exception):
+                raise _unavailable(result)
+            _install(result, stale=None)
         assert _snapshot is not None
         return _snapshot
 
 
+def _unavailable(cause: Exception) -> ProxyError:
+    # Nothing cached to fall back on (a process that just started, or a local write that
+    # invalidated the cache): the request cannot be routed until the database answers.
+    logger.warning("cannot load the routing configuration: %s", cause)
+    return ProxyError(
+        503,
+        "The gateway cannot read its configuration right now (database unavailable).",
+        type="service_unavailable",
+        code="config_unavailable",
+        retry_after=settings.LLMROTATE_CONFIG_CACHE_SECONDS,
+    )
+
+
+def _refresh_in_background() -> None:
+    global _refresh
+    loop = asyncio.get_running_loop()
+    if _refresh is not None and not _refresh.done() and _refresh.get_loop() is loop:
+        return
+    _refresh = loop.create_task(_refresh_from(_snapshot))
+
+
+async def _refresh_from(stale: RoutingSnapshot | None) -> None:
+    result = await _load_async()
+    # A local write invalidated the snapshot while this load ran: the load may predate the
+    # write, so drop it and let the next request load afresh.
+    if _snapshot is stale:
+        _install(result, stale=stale)
+
+
+def _install(result: RoutingSnapshot | Exception, *, stale: RoutingSnapshot | None) -> None:
+    global _snapshot
+    _snapshot = _reloaded(result, stale)
+
+
 async def _load_async() -> RoutingSnapshot | Exception:
     try:
-        return await sync_to_async(routing_load, thread_sensitive=True)()
+        return await sync_to_async(outside_request(routing_load), thread_sensitive=True)()
     except Exception as exc:  # the database may be down; see _reloaded
         return exc
 

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 
 from django.conf import settings
 
+from keys.crypto import base_url_masked
 from keys.health import KeyStatus, is_available
 from keys.models import ApiKey, ClientToken, Provider, Route
 from keys.state_store import get_key_state_store
@@ -140,7 +141,7 @@ def config_sanitized() -> dict[str, object]:
             {
                 "name": p.name,
                 "kind": p.kind,
-                "base_url": p.base_url,
+                "base_url": base_url_masked(p.base_url),
                 "enabled": p.enabled,
                 "cooldown_seconds": p.cooldown_seconds,
                 "quarantine_seconds": p.quarantine_seconds,

@@ -52,7 +52,15 @@ PROBE_SLOT_TTL_SECONDS = 300
 # Fields a success or client error may touch without changing the key's health. When nothing
 # else changes, the hot path skips the optimistic transaction (and its retries under load).
 _FAST_FIELDS = frozenset(
-    {"total_successes", "last_used_at", "remaining_requests", "remaining_tokens", "headroom_at"}
+    {
+        "total_successes",
+        "last_used_at",
+        "remaining_requests",
+        "remaining_tokens",
+        "limit_requests",
+        "limit_tokens",
+        "headroom_at",
+    }
 )
 _MAX_TRANSACTION_ATTEMPTS = 1000
 # Connection errors and timeouts above all, but also a Redis that answers with an error (out

@@ -26,6 +26,9 @@ DEFAULT_STRATEGY = "health_aware"
 # Headroom reported by the upstream is a snapshot of a sliding window; past this age it says
 # more about the past than about the next call, so it stops counting against the key.
 HEADROOM_FRESH_SECONDS = 60.0
+# Below this fraction of its window left (requests or tokens, whichever is tighter), a healthy
+# key is tried after the healthy keys that have more: it is the next to answer 429.
+HEADROOM_LOW_WATER = 0.1
 
 
 @dataclass(frozen=True)
@@ -93,17 +96,30 @@ def earliest_return(
 
 
 def _health_tier(state: KeyState, *, now: float) -> int:
-    # 0: healthy, 1: probing (one trial call, unproven), 2: told us it has nothing left.
-    # A key out of headroom is still tried last rather than skipped: windows refill and the
-    # numbers we hold may be a few seconds old.
-    depleted = (
-        (state.remaining_requests == 0 or state.remaining_tokens == 0)
-        and state.headroom_at is not None
-        and now - state.headroom_at < HEADROOM_FRESH_SECONDS
-    )
-    if depleted:
+    # 0: healthy, 1: healthy but nearly out of headroom, 2: probing (one trial call, unproven),
+    # 3: told us it has nothing left. A key out of headroom is still tried last rather than
+    # skipped: windows refill and the numbers we hold may be a few seconds old.
+    fresh = state.headroom_at is not None and now - state.headroom_at < HEADROOM_FRESH_SECONDS
+    if fresh and (state.remaining_requests == 0 or state.remaining_tokens == 0):
+        return 3
+    if state.status == KeyStatus.PROBING:
         return 2
-    return 1 if state.status == KeyStatus.PROBING else 0
+    if fresh and _headroom_fraction(state) < HEADROOM_LOW_WATER:
+        return 1
+    return 0
+
+
+def _headroom_fraction(state: KeyState) -> float:
+    """The tighter of requests and tokens left, as a fraction of the window; 1.0 if unknown."""
+    fractions = [
+        remaining / limit
+        for remaining, limit in (
+            (state.remaining_requests, state.limit_requests),
+            (state.remaining_tokens, state.limit_tokens),
+        )
+        if remaining is not None and limit
+    ]
+    return min(fractions, default=1.0)
 
 
 def _rotate(items: Sequence[Candidate], rr: int) -> list[Candidate]:

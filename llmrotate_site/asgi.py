@@ -4,26 +4,37 @@ Django's ASGI handler does not speak the lifespan protocol, so this wrapper does
 it flushes the call-record buffer and closes the pooled upstream clients. While running, it
 keeps this process's copy of the circuit breakers fresh (healthchecks/gate.py) and, in
 embedded mode, runs the scheduled key re-validation (proxy/recheck.py). It also refuses an
-oversized body from its Content-Length before Django reads it into memory.
+oversized body from its Content-Length before Django reads it into memory, and sends the
+proxy's `/v1/` calls past the middleware stack (ProxyHandler).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.core.asgi import get_asgi_application
+from django.core.exceptions import RequestAborted
+from django.core.handlers.asgi import ASGIHandler
+from django.core.handlers.exception import convert_exception_to_response
+from django.http import HttpRequest
+from django.http.response import HttpResponseBase
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llmrotate_site.settings")
 
 django_application = get_asgi_application()
 
 from django.conf import settings  # noqa: E402  (settings need the app registry first)
+from django.db import connections  # noqa: E402
 
 logger = logging.getLogger("llmrotate")
+
+Scope = dict[str, Any]
 
 _handler: Any = django_application
 if settings.LLMROTATE_SERVE_STATIC:
@@ -31,12 +42,90 @@ if settings.LLMROTATE_SERVE_STATIC:
 
     _handler = ASGIStaticFilesHandler(django_application)
 
-Scope = dict[str, Any]
+
+class ProxyHandler(ASGIHandler):
+    """Django's ASGI handler for `/v1/`, trimmed to what the proxy needs.
+
+    Django's own handler costs the proxy most of its CPU (docs/benchmarks.md): each sync
+    middleware is two thread hand-offs per request (MiddlewareMixin runs it through
+    sync_to_async), the per-request ThreadSensitiveContext starts and joins a thread, and the
+    request_started/finished signals and `response.close()` are two more hand-offs. The proxy
+    needs none of it. Clients authenticate with a bearer token (no session, CSRF or messages);
+    the ALLOWED_HOSTS check and nosniff that CommonMiddleware and SecurityMiddleware would give
+    are done here. The signals exist to recycle database connections, and the proxy never
+    touches the database on a request: its reads (routing snapshot, breaker sync) run in the
+    background and recycle their own connection (keys.routing, healthchecks.gate).
+
+    What is kept is Django's handling of a client that hangs up: the view is cancelled, so
+    the failover engine can release its key and record the attempt.
+    """
+
+    def load_middleware(self, is_async: bool = False) -> None:
+        self._view_middleware: list[Any] = []
+        self._template_response_middleware: list[Any] = []
+        self._exception_middleware: list[Any] = []
+        self._middleware_chain = convert_exception_to_response(self._proxy_response)
+
+    async def _proxy_response(self, request: HttpRequest) -> HttpResponseBase:
+        request.get_host()  # DisallowedHost becomes a 400, as behind CommonMiddleware
+        response = await self._get_response_async(request)  # type: ignore[attr-defined]
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        return response
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        try:
+            body_file = await self.read_body(receive)
+        except RequestAborted:
+            return
+        with body_file:
+            request, error_response = self.create_request(scope, body_file)
+            if request is None:
+                assert error_response is not None
+                await self.send_response(error_response, send)
+                return
+            await self._serve(request, receive, send)
+
+    async def _serve(self, request: HttpRequest, receive: Any, send: Any) -> None:
+        async def respond() -> HttpResponseBase:
+            response = await self.run_get_response(request)
+            # The client may go away while the body is being sent; the response is still
+            # closed below.
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.send_response(response, send)
+            return response
+
+        # As in ASGIHandler.handle: whichever ends first, the response or the client's
+        # disconnect, cancels the other.
+        listener = asyncio.create_task(self.listen_for_disconnect(receive))
+        responder = asyncio.create_task(respond())
+        await asyncio.wait((listener, responder), return_when=asyncio.FIRST_COMPLETED)
+        for task in (listener, responder):
+            if not task.done():
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, RequestAborted):
+                await task
+        if not responder.cancelled() and responder.exception() is None:
+            await _close(responder.result())
+
+
+async def _close(response: HttpResponseBase) -> None:
+    """Close the response (a streamed body's iterator too), and with it fire request_finished.
+
+    Its receivers recycle this thread's database connections. The gateway never opens one on
+    the event loop's thread, so there is nothing to do and no reason for a thread hop; where
+    one is open after all (a test's database, set up on the loop's thread), closing it here
+    would be a synchronous database call in async code, so that case goes through a thread.
+    """
+    if any(True for _ in connections.all(initialized_only=True)):
+        await sync_to_async(response.close, thread_sensitive=True)()
+    else:
+        response.close()
+
+
+_proxy_handler = ProxyHandler()
 
 
 async def _lifespan(receive: Any, send: Any) -> None:
-    from asgiref.sync import sync_to_async
-
     from healthchecks.gate import get_breaker_gate
     from proxy.recheck import keys_revalidate_forever
     from proxy.upstream import upstream_clients_close
@@ -105,7 +194,11 @@ async def application(scope: Scope, receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
         await _lifespan(receive, send)
         return
-    if scope["type"] == "http" and _too_large(scope):
-        await _reject_too_large(send)
-        return
+    if scope["type"] == "http":
+        if _too_large(scope):
+            await _reject_too_large(send)
+            return
+        if scope["path"].startswith("/v1/"):
+            await _proxy_handler(scope, receive, send)
+            return
     await _handler(scope, receive, send)

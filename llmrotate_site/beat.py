@@ -6,6 +6,9 @@ intervals come from settings), and never touches `enabled`.
 
 Run exactly one beat process. Two would each send every entry, so probes would run twice as
 often and notifications could be doubled.
+
+One entry is also read by the web process: in embedded mode key state lives there, so it runs
+the key re-validation itself (proxy/recheck.py), on that entry's switch and interval.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from django_celery_beat.models import IntervalSchedule, PeriodicTask
 from django_celery_beat.schedulers import DatabaseScheduler
 
 logger = logging.getLogger("llmrotate")
+
+
+KEYS_REVALIDATE_ENTRY = "keys: re-validate quarantined and exhausted keys"
 
 
 @dataclass(frozen=True)
@@ -39,11 +45,12 @@ def beat_schedule() -> list[BeatEntry]:
             "the endpoint (Health checks → Endpoints).",
         ),
         BeatEntry(
-            "keys: re-validate quarantined and exhausted keys",
+            KEYS_REVALIDATE_ENTRY,
             "healthchecks.keys_revalidate",
             settings.LLMROTATE_KEY_REVALIDATE_SECONDS,
             "GET /models with each quarantined (wait over) or exhausted key; success moves it "
-            "to probing. In embedded mode the web process does this itself.",
+            "to probing. In embedded mode the web process does this itself, following this "
+            "entry's switch and interval.",
         ),
         BeatEntry(
             "healthchecks: prune old probe results",
@@ -90,6 +97,16 @@ def beat_schedule_sync() -> list[str]:
     if changed:
         logger.info("beat schedule synced: %s", ", ".join(changed))
     return changed
+
+
+def beat_entry_schedule(*, name: str) -> tuple[bool, float | None] | None:
+    """(enabled, interval in seconds) of one entry as the admin has it; the interval is None
+    when the entry runs on another kind of schedule. None when beat has not written it yet."""
+    task = PeriodicTask.objects.filter(name=name).select_related("interval").first()
+    if task is None:
+        return None
+    every = task.interval.schedule.run_every.total_seconds() if task.interval else None
+    return task.enabled, every
 
 
 class SyncedDatabaseScheduler(DatabaseScheduler):

@@ -1,96 +1,50 @@
-"""The OpenAI-compatible endpoints: `POST /v1/chat/completions` and `GET /v1/models`.
+"""The proxy endpoints: OpenAI's `POST /v1/chat/completions`, Anthropic's `POST /v1/messages`,
+and `GET /v1/models` in whichever of the two shapes the caller speaks.
 
-The request body is forwarded as the client sent it (only `model`, and `stream_options` for
-streams, are rewritten), so fields this gateway does not know about still reach the upstream.
-That is why the body is validated by hand rather than with a ninja schema: a schema would drop
-or reshape unknown fields.
+Bodies are forwarded as the client sent them and checked by hand (proxy/validation.py says
+why).
 """
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from typing import Any
 
-from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from ninja import Router
 
-from keys.auth import proxy_auth
-from keys.routing import TokenInfo, routing_snapshot
+from keys.auth import anthropic_auth, anthropic_client, proxy_any_auth, proxy_auth
+from keys.routing import RouteInfo, TokenInfo, routing_snapshot
+from proxy.anthropic import (
+    ANTHROPIC_COUNT_TOKENS,
+    COUNT_TOKENS_BODY_DOC,
+    MESSAGES_BODY_DOC,
+    forward_headers,
+    messages_validate,
+    models_page,
+)
 from proxy.calls import CallContext, now_wall
+from proxy.dialects import ANTHROPIC, Dialect
 from proxy.engine import Failover
 from proxy.errors import ProxyError, forbidden, invalid_request
+from proxy.validation import body_check_conversation, body_load, json_body_doc
 
-router = Router(tags=["OpenAI-compatible proxy"])
+router = Router(tags=["Proxy (OpenAI and Anthropic wire formats)"])
 
 
-CHAT_BODY_DOC: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["model", "messages"],
-                    "additionalProperties": True,
-                    "properties": {
-                        "model": {"type": "string", "description": "A route name."},
-                        "messages": {"type": "array", "minItems": 1, "items": {"type": "object"}},
-                        "stream": {"type": "boolean"},
-                        "stream_options": {"type": "object"},
-                    },
-                }
-            }
-        },
-    }
-}
+CHAT_BODY_DOC = json_body_doc(
+    required=[], properties={"stream": {"type": "boolean"}, "stream_options": {"type": "object"}}
+)
+
+
+def _invalid(message: str, code: str, param: str | None) -> ProxyError:
+    return invalid_request(message, code=code, param=param)
 
 
 def _parse_body(request: HttpRequest) -> dict[str, Any]:
-    raw = request.body
-    if len(raw) > settings.LLMROTATE_MAX_REQUEST_BYTES:
-        raise ProxyError(
-            413,
-            f"Request body is larger than {settings.LLMROTATE_MAX_REQUEST_BYTES} bytes.",
-            type="invalid_request_error",
-            code="request_too_large",
-        )
-    try:
-        body = json.loads(raw)
-    except ValueError as exc:
-        raise ProxyError(
-            400,
-            f"The request body is not valid JSON: {exc}.",
-            type="invalid_request_error",
-            code="invalid_json",
-        ) from None
-    if not isinstance(body, dict):
-        raise invalid_request("The request body must be a JSON object.", code="invalid_type")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise invalid_request(
-            "'model' is required and must be a non-empty string.",
-            code="missing_required_parameter" if model is None else "invalid_type",
-            param="model",
-        )
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise invalid_request(
-            "'messages' is required and must be a non-empty array.",
-            code="missing_required_parameter" if messages is None else "invalid_type",
-            param="messages",
-        )
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise invalid_request(
-                f"messages[{i}] must be an object with a string 'role'.",
-                code="invalid_type",
-                param=f"messages[{i}]",
-            )
-    if not isinstance(body.get("stream", False), bool):
-        raise invalid_request("'stream' must be a boolean.", code="invalid_type", param="stream")
+    body = body_load(request)
+    body_check_conversation(body, invalid=_invalid)
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise invalid_request(
@@ -110,20 +64,7 @@ async def chat_completions(request: HttpRequest) -> HttpResponse | StreamingHttp
     started = now_wall()
     client: TokenInfo = request.auth  # type: ignore[attr-defined]
     body = _parse_body(request)
-    snapshot = await routing_snapshot()
-    route = snapshot.routes.get(body["model"])
-    if route is None:
-        raise ProxyError(
-            404,
-            f"The model '{body['model']}' does not exist or you do not have access to it.",
-            type="invalid_request_error",
-            code="model_not_found",
-            param="model",
-        )
-    if not client.allows_route(route.name):
-        raise forbidden(
-            f"This client token may not use the model '{route.name}'.", code="route_not_allowed"
-        )
+    route = await _route(body["model"], client)
     stream = bool(body.get("stream", False))
     options = body.get("stream_options") or {}
     ctx = CallContext(
@@ -139,13 +80,98 @@ async def chat_completions(request: HttpRequest) -> HttpResponse | StreamingHttp
     return await Failover(ctx).run()
 
 
-@router.get("/models", auth=proxy_auth, summary="List the models (routes) this token may use")
+async def _route(model: str, client: TokenInfo) -> RouteInfo:
+    snapshot = await routing_snapshot()
+    route = snapshot.routes.get(model)
+    if route is None:
+        raise ProxyError(
+            404,
+            f"The model '{model}' does not exist or you do not have access to it.",
+            type="invalid_request_error",
+            code="model_not_found",
+            param="model",
+        )
+    if not client.allows_route(route.name):
+        raise forbidden(
+            f"This client token may not use the model '{route.name}'.", code="route_not_allowed"
+        )
+    return route
+
+
+@router.post(
+    "/messages",
+    auth=anthropic_auth,
+    openapi_extra=MESSAGES_BODY_DOC,
+    summary="Create a message (Anthropic Messages wire format, streaming or not)",
+)
+async def messages(request: HttpRequest) -> HttpResponse | StreamingHttpResponse:
+    return await _anthropic_call(request, ANTHROPIC)
+
+
+@router.post(
+    "/messages/count_tokens",
+    auth=anthropic_auth,
+    openapi_extra=COUNT_TOKENS_BODY_DOC,
+    summary="Count a message's input tokens (Anthropic; passed through, not recorded)",
+)
+async def count_tokens(request: HttpRequest) -> HttpResponse | StreamingHttpResponse:
+    return await _anthropic_call(request, ANTHROPIC_COUNT_TOKENS)
+
+
+async def _anthropic_call(
+    request: HttpRequest, dialect: Dialect
+) -> HttpResponse | StreamingHttpResponse:
+    t0 = time.perf_counter()
+    started = now_wall()
+    client: TokenInfo = request.auth  # type: ignore[attr-defined]
+    counting = dialect is ANTHROPIC_COUNT_TOKENS
+    try:
+        body = messages_validate(body_load(request), count_tokens=counting)
+        route = await _route(body["model"], client)
+        if not any(ANTHROPIC.serves(d.provider.kind) for d in route.deployments):
+            raise ProxyError(
+                400,
+                f"The model '{route.name}' has no deployment on an Anthropic provider, and only"
+                " those speak the Messages API; use /v1/chat/completions for it.",
+                type="invalid_request_error",
+                code="dialect_not_supported",
+                param="model",
+            )
+        stream = not counting and bool(body.get("stream", False))
+        ctx = CallContext(
+            request_id=uuid.uuid4().hex,
+            client=client,
+            route=route,
+            body=body,
+            stream=stream,
+            strip_usage=False,  # Anthropic always reports usage, in events of their own
+            started_wall=started,
+            t0=t0,
+            dialect=dialect,
+            forward_headers=forward_headers(request.headers),
+        )
+        return await Failover(ctx).run()
+    except ProxyError as exc:
+        raise exc.for_anthropic() from None
+
+
+@router.get(
+    "/models",
+    auth=proxy_any_auth,
+    summary="List the models (routes) this token may use, in OpenAI's or Anthropic's shape",
+)
 async def list_models(request: HttpRequest) -> JsonResponse:
     client: TokenInfo = request.auth  # type: ignore[attr-defined]
     snapshot = await routing_snapshot()
+    routes = [r for r in snapshot.routes.values() if client.allows_route(r.name)]
+    if anthropic_client(request):
+        try:
+            page = models_page(((r.name, r.created) for r in routes), request.GET)
+        except ProxyError as exc:
+            raise exc.for_anthropic() from None
+        return JsonResponse(page)
     data = [
         {"id": route.name, "object": "model", "created": route.created, "owned_by": "llmrotate"}
-        for route in snapshot.routes.values()
-        if client.allows_route(route.name)
+        for route in routes
     ]
     return JsonResponse({"object": "list", "data": data})

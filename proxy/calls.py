@@ -1,4 +1,4 @@
-"""Per-request context and the CallRecord of each upstream attempt."""
+"""Per-request context, the CallRecord of each upstream attempt, and giving its key back."""
 
 from __future__ import annotations
 
@@ -7,7 +7,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
+
+from keys.health import KeyPolicy
+from keys.health import Outcome as Health
+from keys.ratelimits import Headroom
 from keys.routing import DeploymentInfo, RouteInfo, TokenInfo, UpstreamKey
+from keys.state_store import get_key_state_store
+from proxy.dialects import OPENAI, Dialect, Usage
+from proxy.dialects import usage_from as usage_from
 from usage.models import UsageSource
 from usage.recorder import CallData, record_call
 
@@ -23,6 +31,9 @@ class CallContext:
     strip_usage: bool
     started_wall: datetime
     t0: float  # perf_counter at arrival
+    dialect: Dialect = OPENAI
+    # Client headers sent upstream as they are (Anthropic: anthropic-version, anthropic-beta).
+    forward_headers: dict[str, str] = field(default_factory=dict)
     attempts: int = 0
     # Time the request spent in the proxy before its first upstream attempt (auth, parsing,
     # routing); charged to the first attempt's overhead.
@@ -47,45 +58,14 @@ class CallContext:
         return self.attempts, pre
 
 
-@dataclass(slots=True)
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-    cached_tokens: int = 0
-    reasoning_tokens: int = 0
-    reported: bool = False
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and value >= 0 else 0
-
-
-def usage_from(obj: Any) -> Usage | None:
-    """OpenAI's `usage` object, defensively: upstreams (vLLM, Ollama, …) vary in what they send."""
-    if not isinstance(obj, dict):
-        return None
-    prompt_details = obj.get("prompt_tokens_details")
-    completion_details = obj.get("completion_tokens_details")
-    prompt = _int(obj.get("prompt_tokens"))
-    completion = _int(obj.get("completion_tokens"))
-    return Usage(
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        total_tokens=_int(obj.get("total_tokens")) or prompt + completion,
-        cached_tokens=_int(prompt_details.get("cached_tokens"))
-        if isinstance(prompt_details, dict)
-        else 0,
-        reasoning_tokens=_int(completion_details.get("reasoning_tokens"))
-        if isinstance(completion_details, dict)
-        else 0,
-        reported=True,
-    )
-
-
 def prompt_text(body: dict[str, Any]) -> str:
     """The text a tokenizer should count when the upstream reports no usage."""
     parts: list[str] = []
+    system = body.get("system")  # Anthropic's system prompt: a string or text blocks
+    if isinstance(system, str):
+        parts.append(system)
+    elif isinstance(system, list):
+        parts.extend(str(p.get("text", "")) for p in system if isinstance(p, dict))
     messages = body.get("messages")
     for message in messages if isinstance(messages, list) else ():
         if not isinstance(message, dict):
@@ -118,13 +98,17 @@ def record_attempt(
     ttft_ms: float | None = None,
     ttlt_ms: float | None = None,
 ) -> None:
+    if not ctx.dialect.records:
+        return
     estimate = None
     tokens_per_second = None
-    if usage is None or not usage.reported:
+    if usage is None:
         usage = Usage()
-        if completion_text is not None:
-            # Tokenizing is left to the recorder's thread: it costs milliseconds on long prompts.
-            estimate = (prompt_text(ctx.body), completion_text)
+    if not usage.reported and completion_text is not None:
+        # Tokenizing is left to the recorder's thread: it costs milliseconds on long prompts.
+        # It only fills the counts still at zero: a cut Anthropic stream keeps its reported
+        # input tokens and gets its output estimated.
+        estimate = ("" if usage.prompt_tokens else prompt_text(ctx.body), completion_text)
     if (
         ttft_ms is not None
         and ttlt_ms is not None
@@ -152,6 +136,7 @@ def record_attempt(
             completion_tokens=usage.completion_tokens,
             total_tokens=usage.total_tokens,
             cached_tokens=usage.cached_tokens,
+            cache_write_tokens=usage.cache_write_tokens,
             reasoning_tokens=usage.reasoning_tokens,
             usage_source=UsageSource.REPORTED if usage.reported else UsageSource.NONE,
             latency_ms=ctx.ms_since_start(t_end),
@@ -162,6 +147,40 @@ def record_attempt(
             estimate=estimate,
         )
     )
+
+
+async def key_settle(
+    key_id: str,
+    upstream: httpx.Response | None,
+    *,
+    health: Health,
+    policy: KeyPolicy,
+    headroom: Headroom | None = None,
+    retry_after: float | None = None,
+    error_type: str | None = None,
+) -> None:
+    """The attempt holding `key_id` is over: release the key (which also frees a probing key's
+    one trial), apply what the attempt says about it, close the upstream body if still open.
+
+    Callers shield it (asyncio.shield) and write the CallRecord first: a client that hangs up
+    cancels the view, and a key left taken would look busy for good (in-flight counters have
+    no expiry) or keep a probing key's trial slot.
+    """
+    store = get_key_state_store()
+    try:
+        await store.release(key_id)
+        await store.record(
+            key_id,
+            health,
+            now=time.time(),
+            policy=policy,
+            retry_after=retry_after,
+            headroom=headroom,
+            error_type=error_type,
+        )
+    finally:
+        if upstream is not None:
+            await upstream.aclose()
 
 
 def now_wall() -> datetime:

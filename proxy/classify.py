@@ -2,6 +2,10 @@
 
 Three questions per attempt: how to record it (usage outcome), what it says about the key
 (health outcome), and whether another key or deployment should be tried.
+
+Anthropic's answers fall in the same status classes (429 rate_limit_error, 529
+overloaded_error, 401/403, 404 not_found_error for a model); only an empty credit balance
+and a disabled organization, both a 400, need the message read.
 """
 
 from __future__ import annotations
@@ -33,20 +37,34 @@ class Verdict:
 SUCCESS = Verdict(Outcome.SUCCESS, Health.SUCCESS, Next.DONE)
 
 
-def _error_code(body: bytes) -> str:
+def _error(body: bytes) -> tuple[str, str]:
+    """(code, message) of an OpenAI `{"error": {code, type, message}}` or Anthropic
+    `{"type": "error", "error": {type, message}}` body; the code falls back to the type."""
     try:
         error = json.loads(body).get("error")
     except (ValueError, AttributeError):
-        return ""
+        return "", ""
     if isinstance(error, dict):
-        return str(error.get("code") or error.get("type") or "")
-    return ""
+        message = error.get("message")
+        code = str(error.get("code") or error.get("type") or "")
+        return code, message if isinstance(message, str) else ""
+    return "", ""
+
+
+def _out_of_credit(code: str, message: str) -> bool:
+    # Anthropic answers an empty credit balance with a 400 invalid_request_error: only its
+    # message tells it from a bad request (and another key, on another account, may work).
+    return code == "billing_error" or "credit balance is too low" in message.lower()
+
+
+def _account_disabled(message: str) -> bool:
+    return "organization has been disabled" in message.lower()
 
 
 def classify_status(status: int, body: bytes) -> Verdict:
     if 200 <= status < 300:
         return SUCCESS
-    code = _error_code(body)
+    code, message = _error(body)
     if status == 429:
         # OpenAI reports an empty balance as a 429 too; only the code tells them apart, and
         # waiting a few seconds will not refill a quota.
@@ -69,6 +87,14 @@ def classify_status(status: int, body: bytes) -> Verdict:
         return Verdict(
             Outcome.UPSTREAM_ERROR, Health.UPSTREAM_ERROR, Next.NEXT_KEY, code or str(status)
         )
+    if 400 <= status < 500 and _account_disabled(message):
+        # Anthropic: "This organization has been disabled." The key's account is unusable
+        # until someone acts; quarantine waits for a re-check instead of failing every call.
+        return Verdict(Outcome.AUTH_FAILED, Health.AUTH_FAILED, Next.NEXT_KEY, "account_disabled")
+    if 400 <= status < 500 and _out_of_credit(code, message):
+        return Verdict(
+            Outcome.QUOTA_EXHAUSTED, Health.QUOTA_EXHAUSTED, Next.NEXT_KEY, "credit_balance_too_low"
+        )
     # 400, 413, 422 and the rest: the request itself is at fault; another key would fail alike.
     return Verdict(Outcome.CLIENT_ERROR, Health.CLIENT_ERROR, Next.DONE, code or str(status))
 
@@ -82,6 +108,14 @@ def classify_exception(exc: Exception) -> Verdict:
 
 
 BAD_RESPONSE = Verdict(Outcome.BAD_RESPONSE, Health.UPSTREAM_ERROR, Next.NEXT_KEY, "invalid_json")
+# The client hung up (its request was cancelled) while the attempt was in flight. Says nothing
+# about the key or its endpoint.
+CLIENT_GONE = Verdict(
+    Outcome.CLIENT_DISCONNECTED, Health.CLIENT_ERROR, Next.DONE, "client_disconnected"
+)
+# A 200 event stream that ended before its first byte: nothing reached the client, so another
+# key may answer instead.
+EMPTY_STREAM = Verdict(Outcome.BAD_RESPONSE, Health.UPSTREAM_ERROR, Next.NEXT_KEY, "empty_stream")
 
 
 # What says the endpoint itself is failing, for its circuit breaker. Not 4xx, 429 or 401/403

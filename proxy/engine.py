@@ -3,15 +3,24 @@
 Limits: at most LLMROTATE_MAX_ATTEMPTS upstream calls and LLMROTATE_REQUEST_DEADLINE_SECONDS
 for the whole request (each attempt's read timeout is cut to what is left). Once a stream has
 started sending bytes to the client it is never retried: a second key would repeat the text.
+
+Every acquired key is given back exactly once. A client that hangs up cancels the view (Django
+does that on disconnect), so each wait on the upstream handles asyncio.CancelledError: the
+attempt is recorded as `client_disconnected` and the key released, without counting against
+the key or its endpoint (see proxy.calls.key_settle for why that step is shielded).
+
+Both wire formats (OpenAI chat completions, Anthropic Messages) go through here; what differs
+is the CallContext's dialect (proxy.dialects). A deployment that cannot answer in the
+request's dialect (a native Messages call on an OpenAI-format provider) is skipped.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import random
 import time
-from typing import Any
 
 import httpx
 from django.conf import settings
@@ -19,14 +28,15 @@ from django.http import HttpResponse, StreamingHttpResponse
 
 from healthchecks.gate import get_breaker_gate
 from keys.health import returns_at
-from keys.ratelimits import parse_headroom, parse_retry_after
+from keys.ratelimits import parse_retry_after
 from keys.routing import DeploymentInfo, UpstreamKey
 from keys.state_store import get_key_state_store
 from keys.strategies import Candidate, order_candidates
 from proxy import recheck
-from proxy.calls import CallContext, record_attempt, usage_from
+from proxy.calls import CallContext, key_settle, record_attempt
 from proxy.classify import (
     BAD_RESPONSE,
+    CLIENT_GONE,
     SUCCESS,
     Next,
     Verdict,
@@ -34,6 +44,7 @@ from proxy.classify import (
     classify_status,
     endpoint_failed,
 )
+from proxy.dialects import upstream_headers as upstream_headers  # re-exported: probes use it
 from proxy.errors import ProxyError
 from proxy.streaming import StreamRelay
 from proxy.upstream import upstream_client
@@ -42,20 +53,6 @@ logger = logging.getLogger("llmrotate.proxy")
 # Only orders keys for the weighted strategy; nothing secret depends on it.
 _rng = random.Random()  # noqa: S311
 _ROUND_ROBIN_STRATEGIES = frozenset({"health_aware", "round_robin", "least_busy"})
-
-
-def upstream_headers(kind: str, secret: str, *, stream: bool) -> dict[str, str]:
-    headers = {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"}
-    if kind == "anthropic":
-        # Anthropic's OpenAI-compatible endpoint takes the bearer key; the native header is
-        # sent as well so that gateways in front of it that expect it work too.
-        headers["x-api-key"] = secret
-        headers["anthropic-version"] = "2023-06-01"
-    if stream:
-        # A compressed event stream would be buffered by the decoder; ask for plain bytes.
-        headers["Accept-Encoding"] = "identity"
-        headers["Accept"] = "text/event-stream"
-    return headers
 
 
 class Failover:
@@ -69,8 +66,9 @@ class Failover:
         self.open_retry_after: float | None = None
 
     async def run(self) -> HttpResponse | StreamingHttpResponse:
+        dialect = self.ctx.dialect
         for deployment in self.ctx.route.deployments:
-            if not deployment.keys:
+            if not deployment.keys or not dialect.serves(deployment.provider.kind):
                 continue
             endpoint = deployment.provider.base_url
             admission = await self.gate.admit(endpoint)
@@ -145,23 +143,18 @@ class Failover:
         attempt, pre_ms = ctx.begin_attempt()
         t_start = time.perf_counter()
         provider = deployment.provider
-        body = dict(ctx.body)
-        body["model"] = deployment.model
-        if ctx.stream:
-            options = body.get("stream_options")
-            body["stream_options"] = {
-                **(options if isinstance(options, dict) else {}),
-                "include_usage": True,
-            }
-        payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        dialect = ctx.dialect
+        payload = dialect.payload(ctx.body, model=deployment.model, stream=ctx.stream)
         client = upstream_client(provider.base_url)
         remaining = max(0.001, self.deadline - t_start)
         read_timeout = min(settings.LLMROTATE_READ_TIMEOUT_SECONDS, remaining)
         request = client.build_request(
             "POST",
-            f"{provider.base_url}/chat/completions",
+            provider.base_url + dialect.path,
             content=payload,
-            headers=upstream_headers(provider.kind, key.secret, stream=ctx.stream),
+            headers=dialect.headers(
+                provider.kind, key.secret, stream=ctx.stream, forward=ctx.forward_headers
+            ),
             timeout=httpx.Timeout(
                 connect=min(settings.LLMROTATE_CONNECT_TIMEOUT_SECONDS, remaining),
                 read=read_timeout,
@@ -170,22 +163,20 @@ class Failover:
             ),
         )
         t_sent = time.perf_counter()
+        overhead_ms = pre_ms + (t_sent - t_start) * 1000
         try:
             response = await client.send(request, stream=ctx.stream)
         except (httpx.HTTPError, OSError) as exc:
-            t_end = time.perf_counter()
             verdict = classify_exception(exc)
-            await self._fail(
-                deployment,
-                key,
-                verdict,
-                None,
-                attempt,
-                t_start,
-                t_end,
-                pre_ms + (t_sent - t_start) * 1000,
-            )
+            t_end = time.perf_counter()
+            await self._fail(deployment, key, verdict, None, attempt, t_start, t_end, overhead_ms)
             return None, verdict
+        except asyncio.CancelledError:
+            t_end = time.perf_counter()
+            await self._fail(
+                deployment, key, CLIENT_GONE, None, attempt, t_start, t_end, overhead_ms
+            )
+            raise
 
         if ctx.stream and response.status_code == 200:
             relay = StreamRelay(
@@ -195,41 +186,43 @@ class Failover:
                 response=response,
                 attempt=attempt,
                 t_start=t_start,
-                overhead_ms=pre_ms + (t_sent - t_start) * 1000,
+                overhead_ms=overhead_ms,
             )
-            return relay.response(), SUCCESS
+            try:
+                early = await relay.start()
+            except asyncio.CancelledError:
+                t_end = time.perf_counter()
+                await self._fail(
+                    deployment, key, CLIENT_GONE, response, attempt, t_start, t_end, overhead_ms
+                )
+                raise
+            if early is None:
+                return relay.response(), SUCCESS
+            # Nothing has reached the client yet: fail over like any other failed attempt.
+            t_end = time.perf_counter()
+            await self._fail(deployment, key, early, response, attempt, t_start, t_end, overhead_ms)
+            return None, early
 
         try:
             content = await response.aread() if ctx.stream else response.content
         except httpx.HTTPError as exc:
-            t_end = time.perf_counter()
             verdict = classify_exception(exc)
+            t_end = time.perf_counter()
             await self._fail(
-                deployment,
-                key,
-                verdict,
-                response,
-                attempt,
-                t_start,
-                t_end,
-                pre_ms + (t_sent - t_start) * 1000,
+                deployment, key, verdict, response, attempt, t_start, t_end, overhead_ms
             )
             return None, verdict
-        finally:
-            if ctx.stream:
-                await response.aclose()
+        except asyncio.CancelledError:
+            t_end = time.perf_counter()
+            await self._fail(
+                deployment, key, CLIENT_GONE, response, attempt, t_start, t_end, overhead_ms
+            )
+            raise
         t_recv = time.perf_counter()
-        verdict = classify_status(response.status_code, content)
+        verdict = dialect.verdict(classify_status(response.status_code, content))
         if verdict.next is not Next.DONE:
             await self._fail(
-                deployment,
-                key,
-                verdict,
-                response,
-                attempt,
-                t_start,
-                t_recv,
-                pre_ms + (t_sent - t_start) * 1000,
+                deployment, key, verdict, response, attempt, t_start, t_recv, overhead_ms
             )
             return None, verdict
 
@@ -242,19 +235,12 @@ class Failover:
                     raise ValueError("not an object")
             except ValueError:
                 await self._fail(
-                    deployment,
-                    key,
-                    BAD_RESPONSE,
-                    response,
-                    attempt,
-                    t_start,
-                    t_recv,
-                    pre_ms + (t_sent - t_start) * 1000,
+                    deployment, key, BAD_RESPONSE, response, attempt, t_start, t_recv, overhead_ms
                 )
                 return None, BAD_RESPONSE
-            usage = usage_from(parsed.get("usage"))
+            usage = dialect.usage(parsed)
             if usage is None:
-                completion_text = _completion_text(parsed)
+                completion_text = dialect.completion_text(parsed)
         out = HttpResponse(
             content,
             status=response.status_code,
@@ -264,15 +250,6 @@ class Failover:
         out["x-llmrotate-attempts"] = str(attempt)
         out["x-llmrotate-key"] = key.key_id
         t_end = time.perf_counter()
-        await self.store.release(key.key_id)
-        await self.store.record(
-            key.key_id,
-            verdict.health,
-            now=time.time(),
-            policy=provider.policy,
-            headroom=parse_headroom(response.headers),
-            error_type=verdict.error_type or None,
-        )
         record_attempt(
             ctx,
             attempt=attempt,
@@ -283,10 +260,20 @@ class Failover:
             status_code=response.status_code,
             t_start=t_start,
             t_end=t_end,
-            overhead_ms=pre_ms + (t_sent - t_start + t_end - t_recv) * 1000,
+            overhead_ms=overhead_ms + (t_end - t_recv) * 1000,
             usage=usage,
             completion_text=completion_text,
             ttlt_ms=ctx.ms_since_start(t_recv),
+        )
+        await asyncio.shield(
+            key_settle(
+                key.key_id,
+                response if ctx.stream else None,
+                health=verdict.health,
+                policy=provider.policy,
+                headroom=dialect.headroom(response.headers),
+                error_type=verdict.error_type or None,
+            )
         )
         return out, verdict
 
@@ -301,18 +288,7 @@ class Failover:
         t_end: float,
         overhead_ms: float,
     ) -> None:
-        await self.store.release(key.key_id)
         headers = response.headers if response is not None else httpx.Headers()
-        now = time.time()
-        await self.store.record(
-            key.key_id,
-            verdict.health,
-            now=now,
-            policy=deployment.provider.policy,
-            retry_after=parse_retry_after(headers, now=now),
-            headroom=parse_headroom(headers),
-            error_type=verdict.error_type or None,
-        )
         record_attempt(
             self.ctx,
             attempt=attempt,
@@ -326,7 +302,7 @@ class Failover:
             overhead_ms=overhead_ms,
         )
         logger.info(
-            "request %s attempt %d on %s/%s failed: %s (%s); trying %s",
+            "request %s attempt %d on %s/%s ended: %s (%s); next: %s",
             self.ctx.request_id,
             attempt,
             deployment.provider.name,
@@ -334,6 +310,17 @@ class Failover:
             verdict.outcome,
             verdict.error_type,
             verdict.next.value,
+        )
+        await asyncio.shield(
+            key_settle(
+                key.key_id,
+                response if self.ctx.stream else None,
+                health=verdict.health,
+                policy=deployment.provider.policy,
+                headroom=self.ctx.dialect.headroom(headers),
+                retry_after=parse_retry_after(headers, now=time.time()),
+                error_type=verdict.error_type or None,
+            )
         )
 
     async def _give_up(self, *, deadline_passed: bool = False) -> HttpResponse:
@@ -374,7 +361,7 @@ class Failover:
         earliest: float | None = None
         for deployment in self.ctx.route.deployments:
             ids = [k.key_id for k in deployment.keys]
-            if not ids:
+            if not ids or not self.ctx.dialect.serves(deployment.provider.kind):
                 continue
             for state, _ in (await self.store.snapshot(ids, now=now)).values():
                 when = returns_at(state) or state.quarantine_until or None
@@ -382,13 +369,3 @@ class Failover:
                     earliest = when
         waits = [w for w in (earliest and earliest - now, self.open_retry_after) if w]
         return min(waits) if waits else 30.0
-
-
-def _completion_text(parsed: dict[str, Any]) -> str:
-    choices = parsed.get("choices")
-    texts = []
-    for choice in choices if isinstance(choices, list) else ():
-        message = choice.get("message") if isinstance(choice, dict) else None
-        if isinstance(message, dict) and isinstance(message.get("content"), str):
-            texts.append(message["content"])
-    return "".join(texts)

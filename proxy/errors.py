@@ -1,4 +1,7 @@
-"""Errors the gateway itself returns, always OpenAI-shaped so that SDKs raise the right class.
+"""Errors the gateway itself returns, OpenAI-shaped so that SDKs raise the right class.
+
+On the Anthropic endpoints the same body also carries Anthropic's top-level `"type": "error"`:
+`{"type": "error", "error": {"type", "message", "code", "param"}}` reads right to both SDKs.
 
 Status codes (docs/errors.md lists every code with an example):
 400 invalid JSON · 401 missing/invalid/revoked token · 403 scope or route not allowed ·
@@ -33,20 +36,22 @@ class ProxyError(Exception):
         self.param = param
         self.retry_after = retry_after
         self.headers: dict[str, str] = {}
+        self.anthropic = False
+
+    def for_anthropic(self) -> ProxyError:
+        """Answer in Anthropic's envelope (the request came from an Anthropic client)."""
+        self.anthropic = True
+        return self
 
     def with_headers(self, headers: dict[str, str]) -> ProxyError:
         self.headers.update(headers)
         return self
 
     def body(self) -> dict[str, object]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "code": self.code,
-                "param": self.param,
-            }
-        }
+        error = {"message": self.message, "type": self.type, "code": self.code, "param": self.param}
+        if self.anthropic:
+            return {"type": "error", "error": error}
+        return {"error": error}
 
     def response(self) -> HttpResponse:
         response = HttpResponse(

@@ -7,7 +7,9 @@ in the background. Success moves the key to `probing`, where one good live call 
 
 `keys_revalidate` does the same on a schedule, for keys that see no traffic, and also for
 exhausted keys: a Celery beat task when key state is in Redis, or a loop in the web process in
-embedded mode, where key state lives in that process and a worker could not see it.
+embedded mode, where key state lives in that process and a worker could not see it. The loop
+follows the beat entry all the same (its switch and interval in the admin's Periodic tasks), so
+that the operator has one place to turn it off or slow it down in either mode.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import logging
 import time
 
 import httpx
+from asgiref.sync import sync_to_async
 
 from keys.health import KeyState, KeyStatus
 from keys.health import needs_recheck as _needs_recheck
@@ -28,6 +31,8 @@ logger = logging.getLogger("llmrotate.keys")
 
 # Per process, a key is re-checked at most this often, however many requests notice it.
 RECHECK_INTERVAL_SECONDS = 30.0
+# How often the embedded loop re-reads its beat entry: the delay before an admin change shows.
+SCHEDULE_POLL_SECONDS = 30.0
 _last_attempt: dict[str, float] = {}
 _tasks: set[asyncio.Task[bool | None]] = set()
 
@@ -115,10 +120,38 @@ def keys_revalidate_blocking() -> dict[str, bool | None]:
     return asyncio.run(run())
 
 
+def _revalidation_schedule(*, default: float) -> tuple[bool, float]:
+    """(enabled, seconds) of the beat entry; `default` and on until beat has written it."""
+    from llmrotate_site.beat import KEYS_REVALIDATE_ENTRY, beat_entry_schedule
+
+    entry = beat_entry_schedule(name=KEYS_REVALIDATE_ENTRY)
+    if entry is None:
+        return True, default
+    enabled, every = entry
+    return enabled, default if every is None else every
+
+
 async def keys_revalidate_forever(*, interval: float) -> None:
-    """The embedded web process's own schedule (see the module docstring)."""
+    """The embedded web process's own schedule (see the module docstring). `interval` holds
+    until beat has written its entry, or when the entry has no interval."""
+    loop = asyncio.get_running_loop()
+    last_run = loop.time()
+    enabled, every = True, interval
     while True:
-        await asyncio.sleep(interval)
+        try:
+            # One indexed row, read in the thread the routing snapshot uses.
+            enabled, every = await sync_to_async(_revalidation_schedule, thread_sensitive=True)(
+                default=interval
+            )
+        except Exception:
+            logger.exception("cannot read the key re-validation schedule; keeping the last one")
+        wait = last_run + every - loop.time()
+        if wait > 0:
+            await asyncio.sleep(min(wait, SCHEDULE_POLL_SECONDS))
+            continue
+        last_run = loop.time()
+        if not enabled:
+            continue  # switched off in the admin: skip this turn, look again next time
         try:
             await keys_revalidate(snapshot=await routing_snapshot())
         except Exception:

@@ -2,37 +2,41 @@
 
 Each upstream event is forwarded as soon as its terminating blank line is read: nothing waits
 for the rest of the stream. Along the way the relay notes the first content or tool-call delta
-(true TTFT: the role-only first chunk does not count), the last one, and the usage chunk,
-which it removes when the client did not ask for it.
+(true TTFT: the role-only first chunk or Anthropic's message_start does not count), the last
+one, and the usage, removing OpenAI's usage chunk when the client did not ask for it. What an
+event means is the dialect's business (proxy.dialects); the relay is the same for both.
 
-If the upstream fails midway the client gets an OpenAI-shaped `error` event (the SDKs raise on
+If the upstream fails midway the client gets the dialect's `error` event (the SDKs raise on
 it) instead of a silent truncation, and the request is not retried: text already sent would be
-duplicated by a second key.
+duplicated by a second key. Before its first chunk has arrived nothing has been sent, so the
+engine waits for it (`start`) and fails over if the upstream dies first.
+
+Once the client is answered the relay owns the key, and gives it back exactly once however the
+stream ends: read to the end, cut by the upstream, abandoned by a client that hung up (the
+view's task is cancelled mid-iteration), or never read at all (Django closes the response; a
+response dropped unclosed is caught when it is garbage-collected).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator
 
 import httpx
 from django.http import StreamingHttpResponse
 
 from keys.health import Outcome as Health
-from keys.ratelimits import parse_headroom
 from keys.routing import DeploymentInfo, UpstreamKey
-from keys.state_store import get_key_state_store
-from proxy.calls import CallContext, Usage, record_attempt, usage_from
+from proxy.calls import CallContext, key_settle, record_attempt
+from proxy.classify import EMPTY_STREAM, Verdict, classify_exception
+from proxy.dialects import StreamState
 
 logger = logging.getLogger("llmrotate.proxy")
-
-
-def error_event(message: str, *, code: str) -> bytes:
-    body = {"error": {"message": message, "type": "upstream_error", "code": code, "param": None}}
-    return b"data: " + json.dumps(body).encode() + b"\n\n"
+# Closing work scheduled from `close()`: the loop keeps only weak references to tasks.
+_closing: set[asyncio.Task[None]] = set()
 
 
 class StreamRelay:
@@ -54,16 +58,38 @@ class StreamRelay:
         self.attempt = attempt
         self.t_start = t_start
         self.overhead_ms = overhead_ms
-        self.first_token_at: float | None = None
-        self.last_token_at: float | None = None
-        self.usage: Usage | None = None
-        self.pieces: list[str] = []
-        self.finished = False  # saw a finish_reason
-        self.done = False  # saw [DONE]
-        self.failure: tuple[str, str] | None = None  # (outcome, error_type)
+        self.dialect = ctx.dialect
+        self.state = StreamState(strip_usage=ctx.strip_usage)
+        self.busy = 0.0  # time spent in our own parsing, i.e. proxy overhead
+        self._buffer = b""
+        self._pending = b""  # what arrived before the client was answered
+        self._chunks: AsyncIterator[bytes] | None = None
+        self._closed = False
+        self._loop = asyncio.get_running_loop()
+
+    async def start(self) -> Verdict | None:
+        """Wait for the upstream's first chunk; a verdict if the stream failed before it.
+
+        Nothing has reached the client yet, so such a failure is an ordinary failed attempt
+        (and the key is still the engine's to settle). It costs no TTFT: the chunk is parsed
+        here, on arrival, and is the first thing the client is sent.
+        """
+        self._chunks = self.upstream.aiter_bytes()
+        try:
+            first = await anext(self._chunks)
+        except StopAsyncIteration:
+            return EMPTY_STREAM
+        except (httpx.HTTPError, OSError) as exc:
+            return classify_exception(exc)
+        self._pending = self._feed(first)
+        return None
 
     def response(self) -> StreamingHttpResponse:
-        out = StreamingHttpResponse(self._relay(), content_type="text/event-stream")
+        # The relay itself is the content: Django calls its `close()` when it closes the
+        # response, even one it never iterated.
+        out = StreamingHttpResponse(self, content_type="text/event-stream")
+        finalizer = weakref.finalize(out, self.close)
+        finalizer.atexit = False
         out["Cache-Control"] = "no-cache"
         # Tells nginx and similar reverse proxies not to buffer the stream.
         out["X-Accel-Buffering"] = "no"
@@ -72,99 +98,105 @@ class StreamRelay:
         out["x-llmrotate-key"] = self.key.key_id
         return out
 
-    def _event(self, raw: bytes) -> bytes | None:
-        """Inspect one complete event; return what to forward (None drops it)."""
-        data = b""
-        for line in raw.splitlines():
-            if line.startswith(b"data:"):
-                data += line[5:].lstrip(b" ")
-        if not data:
-            return raw
-        if data == b"[DONE]":
-            self.done = True
-            return raw
-        try:
-            chunk = json.loads(data)
-        except ValueError:
-            return raw
-        if not isinstance(chunk, dict):
-            return raw
-        if "error" in chunk:
-            self.failure = ("stream_error", "upstream_error_event")
-            return raw
-        usage = chunk.get("usage")
-        choices = chunk.get("choices")
-        if usage:
-            self.usage = usage_from(usage)
-            if self.ctx.strip_usage and not choices:
-                return None
-        if isinstance(choices, list):
-            for choice in choices:
-                if not isinstance(choice, dict):
-                    continue
-                delta = choice.get("delta")
-                if isinstance(delta, dict):
-                    content = delta.get("content")
-                    if content or delta.get("tool_calls") or delta.get("reasoning_content"):
-                        now = time.perf_counter()
-                        if self.first_token_at is None:
-                            self.first_token_at = now
-                        self.last_token_at = now
-                        if isinstance(content, str):
-                            self.pieces.append(content)
-                if choice.get("finish_reason"):
-                    self.finished = True
-        return raw
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._relay()
+
+    def _feed(self, chunk: bytes) -> bytes:
+        """What to forward of the events completed by this chunk (b"" if none yet)."""
+        t = time.perf_counter()
+        buffer = self._buffer + chunk
+        if b"\r" in buffer:
+            buffer = buffer.replace(b"\r\n", b"\n")
+        out = []
+        while True:
+            end = buffer.find(b"\n\n")
+            if end < 0:
+                break
+            event, buffer = buffer[: end + 2], buffer[end + 2 :]
+            forwarded = self.dialect.event(self.state, event)
+            if forwarded is not None:
+                out.append(forwarded)
+        self._buffer = buffer
+        self.busy += time.perf_counter() - t
+        return b"".join(out)
 
     async def _relay(self) -> AsyncIterator[bytes]:
-        buffer = b""
-        busy = 0.0  # time spent in our own parsing, i.e. proxy overhead
         try:
-            async for chunk in self.upstream.aiter_bytes():
-                t = time.perf_counter()
-                buffer += chunk
-                if b"\r" in buffer:
-                    buffer = buffer.replace(b"\r\n", b"\n")
-                out = []
-                while True:
-                    end = buffer.find(b"\n\n")
-                    if end < 0:
-                        break
-                    event, buffer = buffer[: end + 2], buffer[end + 2 :]
-                    forwarded = self._event(event)
-                    if forwarded is not None:
-                        out.append(forwarded)
-                busy += time.perf_counter() - t
+            if self._pending:
+                pending, self._pending = self._pending, b""
+                yield pending
+            async for chunk in self._chunks or self.upstream.aiter_bytes():
+                out = self._feed(chunk)
                 if out:
-                    yield b"".join(out)
-            if buffer.strip():
-                forwarded = self._event(buffer + b"\n\n")
+                    yield out
+            if self._buffer.strip():
+                forwarded = self.dialect.event(self.state, self._buffer + b"\n\n")
                 if forwarded is not None:
                     yield forwarded
-            if not (self.done or self.finished) and self.failure is None:
-                self.failure = ("stream_error", "truncated")
-                yield error_event(
+            if not self.state.complete and self.state.failure is None:
+                self.state.failure = ("stream_error", "truncated")
+                yield self.dialect.error_event(
                     "The upstream closed the stream before it finished.", code="stream_truncated"
                 )
         except httpx.TimeoutException:
-            self.failure = ("timeout", "stream_read_timeout")
-            yield error_event("The upstream stopped sending mid-stream.", code="upstream_timeout")
+            self.state.failure = ("timeout", "stream_read_timeout")
+            yield self.dialect.error_event(
+                "The upstream stopped sending mid-stream.", code="upstream_timeout"
+            )
         except (httpx.HTTPError, OSError) as exc:
-            self.failure = ("stream_error", type(exc).__name__)
-            yield error_event(
+            self.state.failure = ("stream_error", type(exc).__name__)
+            yield self.dialect.error_event(
                 "The upstream connection failed mid-stream.", code="stream_interrupted"
             )
         except (asyncio.CancelledError, GeneratorExit):
-            self.failure = ("client_disconnected", "client_disconnected")
+            self._hung_up()
             raise
         finally:
-            self._finish(busy)
-            await self._settle()
+            await self._close()
+
+    def close(self) -> None:
+        """Django is done with the response. Settles the attempt unless the stream already did.
+
+        It runs after the stream ended (nothing left to do), after a client hung up mid-stream
+        (Django stops iterating without closing this iterator), or without any iteration at all.
+        """
+        if self._closed:
+            return
+        self._hung_up()
+        running: asyncio.AbstractEventLoop | None
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        closing = self._close()
+        if running is self._loop:
+            task = running.create_task(closing)
+            _closing.add(task)
+            task.add_done_callback(_closing.discard)
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(closing, self._loop)
+        except RuntimeError:  # the loop is gone (shutdown): nothing left to give the key to
+            closing.close()
+            logger.warning("could not settle key state after stream %s", self.ctx.request_id)
+
+    def _hung_up(self) -> None:
+        if self.state.failure is None:
+            self.state.failure = ("client_disconnected", "client_disconnected")
+
+    async def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True  # before any await: exactly once, whoever gets here first
+        self._finish(self.busy)
+        # Shielded: a second cancellation must not leave the key taken.
+        await asyncio.shield(self._settle())
 
     def _finish(self, busy: float) -> None:
         # Synchronous on purpose: it must run even when the task is being cancelled.
         t_end = time.perf_counter()
-        outcome, error_type = self.failure or ("success", "")
+        state = self.state
+        outcome, error_type = state.failure or ("success", "")
         ctx = self.ctx
         record_attempt(
             ctx,
@@ -177,31 +209,31 @@ class StreamRelay:
             t_start=self.t_start,
             t_end=t_end,
             overhead_ms=self.overhead_ms + busy * 1000,
-            usage=self.usage,
-            completion_text="".join(self.pieces) if self.usage is None else None,
-            ttft_ms=ctx.ms_since_start(self.first_token_at) if self.first_token_at else None,
-            ttlt_ms=ctx.ms_since_start(self.last_token_at) if self.last_token_at else None,
+            usage=state.usage,
+            completion_text=None
+            if state.usage is not None and state.usage.reported
+            else self.dialect.streamed_text(state),
+            ttft_ms=ctx.ms_since_start(state.first_token_at) if state.first_token_at else None,
+            ttlt_ms=ctx.ms_since_start(state.last_token_at) if state.last_token_at else None,
         )
 
     async def _settle(self) -> None:
-        store = get_key_state_store()
-        outcome = self.failure[0] if self.failure else "success"
+        failure = self.state.failure
+        outcome = failure[0] if failure else "success"
         if outcome == "client_disconnected":
-            health = Health.CLIENT_ERROR
+            health = Health.CLIENT_ERROR  # says nothing about the key
         elif outcome == "success":
             health = Health.SUCCESS
         else:
             health = Health.UPSTREAM_ERROR
         try:
-            await self.upstream.aclose()
-            await store.release(self.key.key_id)
-            await store.record(
+            await key_settle(
                 self.key.key_id,
-                health,
-                now=time.time(),
+                self.upstream,
+                health=health,
                 policy=self.deployment.provider.policy,
-                headroom=parse_headroom(self.upstream.headers),
-                error_type=self.failure[1] if self.failure else None,
+                headroom=self.dialect.headroom(self.upstream.headers),
+                error_type=failure[1] if failure else None,
             )
-        except (asyncio.CancelledError, Exception):
+        except Exception:
             logger.warning("could not settle key state after stream %s", self.ctx.request_id)

@@ -22,12 +22,15 @@ from proxy.errors import invalid_request
 from usage import record_selectors, selectors
 from usage.export import CONTENT_TYPES, export_filename, iterate_async, usage_export
 from usage.schemas import (
+    QUERY_ERRORS,
     ClientsOut,
+    ErrorOut,
     EventsOut,
     EventsQuery,
     ExportQuery,
     FilterQuery,
     ModelsOut,
+    PlainText,
     RecentOut,
     RecentQuery,
     RequestOut,
@@ -99,7 +102,11 @@ def _provider_out(provider: str, totals: Totals) -> dict[str, Any]:
     }
 
 
-@router.get("/usage", response=UsageOut, summary="Calls, tokens and cost per provider")
+@router.get(
+    "/usage",
+    response={200: UsageOut, **QUERY_ERRORS},
+    summary="Calls, tokens and cost per provider",
+)
 def usage_by_provider(request: HttpRequest, q: Query[FilterQuery]) -> dict[str, Any]:
     now = timezone.now()
     frame = _frame(q, now=now)
@@ -120,7 +127,11 @@ def usage_by_provider(request: HttpRequest, q: Query[FilterQuery]) -> dict[str, 
     }
 
 
-@router.get("/usage/models", response=ModelsOut, summary="The same figures per provider and model")
+@router.get(
+    "/usage/models",
+    response={200: ModelsOut, **QUERY_ERRORS},
+    summary="The same figures per provider and model",
+)
 def usage_by_model(request: HttpRequest, q: Query[FilterQuery]) -> dict[str, Any]:
     now = timezone.now()
     frame = _frame(q, now=now)
@@ -143,7 +154,9 @@ def usage_by_model(request: HttpRequest, q: Query[FilterQuery]) -> dict[str, Any
 
 
 @router.get(
-    "/usage/timeseries", response=TimeseriesOut, summary="Calls, errors, tokens and cost per bucket"
+    "/usage/timeseries",
+    response={200: TimeseriesOut, **QUERY_ERRORS},
+    summary="Calls, errors, tokens and cost per bucket",
 )
 def usage_timeseries(request: HttpRequest, q: Query[TimeseriesQuery]) -> dict[str, Any]:
     now = timezone.now()
@@ -173,7 +186,11 @@ def usage_timeseries(request: HttpRequest, q: Query[TimeseriesQuery]) -> dict[st
     }
 
 
-@router.get("/usage/stats", response=UsageStatsOut, summary="Counts, rates, tokens, cost, latency")
+@router.get(
+    "/usage/stats",
+    response={200: UsageStatsOut, **QUERY_ERRORS},
+    summary="Counts, rates, tokens, cost, latency",
+)
 def usage_stats(request: HttpRequest, q: Query[FilterQuery]) -> dict[str, Any]:
     now = timezone.now()
     frame = _frame(q, now=now)
@@ -181,11 +198,15 @@ def usage_stats(request: HttpRequest, q: Query[FilterQuery]) -> dict[str, Any]:
     return {**_frame_out(frame), **_stats_out(stats)}
 
 
-@router.get("/usage/clients", response=ClientsOut, summary="The same figures per client token")
+@router.get(
+    "/usage/clients",
+    response={200: ClientsOut, **QUERY_ERRORS},
+    summary="The same figures per client token",
+)
 def usage_clients(request: HttpRequest, q: Query[FilterQuery]) -> dict[str, Any]:
     now = timezone.now()
     frame = _frame(q, now=now)
-    rows = selectors.usage_stats_by_client(frame=frame, filters=_filters(q), now=now)
+    rows = selectors.usage_stats_by(group="client", frame=frame, filters=_filters(q), now=now)
     tokens = {t.name: t.masked for t in ClientToken.objects.filter(name__in=[n for n, _ in rows])}
     clients = [
         {"client": name, "token": tokens.get(name), **_stats_out(stats)} for name, stats in rows
@@ -193,7 +214,11 @@ def usage_clients(request: HttpRequest, q: Query[FilterQuery]) -> dict[str, Any]
     return {**_frame_out(frame), "clients": clients}
 
 
-@router.get("/usage/recent", response=RecentOut, summary="Call records, newest first, paginated")
+@router.get(
+    "/usage/recent",
+    response={200: RecentOut, **QUERY_ERRORS},
+    summary="Call records, newest first, paginated",
+)
 def usage_recent(request: HttpRequest, q: Query[RecentQuery]) -> dict[str, Any]:
     frame = _frame(q, now=timezone.now())
     try:
@@ -205,7 +230,9 @@ def usage_recent(request: HttpRequest, q: Query[RecentQuery]) -> dict[str, Any]:
     return {"records": page.records, "next_cursor": page.next_cursor}
 
 
-@router.get("/events", response=EventsOut, summary="Recent call records, newest last")
+@router.get(
+    "/events", response={200: EventsOut, **QUERY_ERRORS}, summary="Recent call records, newest last"
+)
 def events(request: HttpRequest, q: Query[EventsQuery]) -> dict[str, Any]:
     frame = _frame(q, now=timezone.now())
     return {
@@ -213,8 +240,12 @@ def events(request: HttpRequest, q: Query[EventsQuery]) -> dict[str, Any]:
     }
 
 
-@router.get("/requests/{request_id}", response=RequestOut, summary="Every attempt of one request")
-def request_detail(request: HttpRequest, request_id: str) -> dict[str, Any]:
+@router.get(
+    "/requests/{request_id}",
+    response={200: RequestOut, 404: ErrorOut, **QUERY_ERRORS},
+    summary="Every attempt of one request",
+)
+def request_detail(request: HttpRequest, request_id: PlainText) -> dict[str, Any]:
     attempts = record_selectors.request_attempts(request_id=request_id)
     if not attempts:
         raise Http404
@@ -234,7 +265,7 @@ def request_detail(request: HttpRequest, request_id: str) -> dict[str, Any]:
 @router.get(
     "/usage/export",
     summary="Download call records (CSV, JSON Lines or JSON), streamed",
-    response={200: None},
+    response={200: None, **QUERY_ERRORS},
     openapi_extra={
         "responses": {
             200: {

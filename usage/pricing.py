@@ -4,8 +4,11 @@ Two sources, in order: the `ModelPrice` override table (admin-editable: self-hos
 negotiated rates, models newer than the installed genai-prices), then genai-prices, whose data
 ships in the wheel so pricing never needs the network.
 
-Token semantics follow OpenAI: `prompt_tokens` INCLUDES `cached_tokens`. The proxy normalises
-Anthropic usage (where cache reads are reported apart from input) before it records a call.
+Token semantics follow OpenAI: `prompt_tokens` INCLUDES `cached_tokens` (cache reads) and
+`cache_write_tokens` (Anthropic's cache_creation_input_tokens). The proxy normalises Anthropic
+usage (where both are reported apart from input) before it records a call. genai-prices prices
+cache writes at their own (higher) rate; an override has no such column, so there they cost
+the input rate.
 
 This runs in the recorder's flusher thread, never on the event loop, so reading the override
 table from the database here is fine.
@@ -104,11 +107,14 @@ def call_cost(
     prompt_tokens: int,
     completion_tokens: int,
     cached_tokens: int,
+    cache_write_tokens: int = 0,
 ) -> Decimal | None:
     """The cost of one call in USD, or None when neither source knows the model."""
-    # Defensive: a count can never be negative, and cached tokens are part of the prompt.
+    # Defensive: a count can never be negative, and cache reads and writes are part of the
+    # prompt.
     prompt_tokens, completion_tokens = max(prompt_tokens, 0), max(completion_tokens, 0)
     cached_tokens = min(max(cached_tokens, 0), prompt_tokens)
+    cache_write_tokens = min(max(cache_write_tokens, 0), prompt_tokens - cached_tokens)
     rates = _overrides.get(provider, model)
     if rates is not None:
         input_rate, cached_rate, output_rate = rates
@@ -128,6 +134,7 @@ def call_cost(
         input_tokens=prompt_tokens,
         output_tokens=completion_tokens,
         cache_read_tokens=cached_tokens,
+        cache_write_tokens=cache_write_tokens,
     )
     try:
         return genai_prices.calc_price(usage, model_ref=model, provider_id=provider_id).total_price

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from django.db.models import Q, QuerySet
+from django.db.models import Min, Q, QuerySet
 
 from usage.models import CallRecord, Outcome
-from usage.selectors import UsageFilters
-from usage.timeframes import TimeFrame, TimeFrameError
+from usage.selectors import UsageFilters, usage_totals_by
+from usage.timeframes import EARLIEST, LATEST, TimeFrame, TimeFrameError, ceil_time, floor_time
 
 # What a record looks like outside: every persisted column except the surrogate id.
 RECORD_FIELDS: tuple[str, ...] = tuple(
@@ -83,8 +83,12 @@ def decode_cursor(cursor: str) -> tuple[datetime, int]:
         started_at = datetime.fromisoformat(moment)
         if started_at.tzinfo is None:
             started_at = started_at.replace(tzinfo=UTC)
+        # Out of range, these would fail in the database (bigint) or its adapter (year 1 with
+        # an offset), not as a bad cursor.
+        if not (EARLIEST <= started_at <= LATEST and 0 < int(pk) < 2**63):
+            raise ValueError(cursor)
         return started_at, int(pk)
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+    except (ValueError, OverflowError, binascii.Error, UnicodeDecodeError):
         raise TimeFrameError(
             "cursor", "cursor: not a cursor from this API; pass next_cursor unchanged."
         ) from None
@@ -140,3 +144,32 @@ def usage_export_rows(
         yield [row[1:] for row in chunk]
         if len(chunk) < chunk_size:
             return
+
+
+def usage_export_total(*, frame: TimeFrame, filters: UsageFilters, now: datetime) -> int:
+    """How many records an export will write, for a progress bar, without counting them all.
+
+    The whole minutes come from the rollups, which count every filter exactly (each is a
+    rollup dimension); the part minutes at the edges are counted from the records, by index.
+    Rollups outlive pruned records, so the count starts at the oldest record still kept. Only
+    records written meanwhile make the export differ.
+    """
+    oldest = CallRecord.objects.aggregate(oldest=Min("started_at"))["oldest"]
+    if oldest is None:
+        return 0
+    since = max(frame.since, oldest) if frame.since else oldest
+    start, stop = ceil_time(since, 60), frame.until
+    edges = [TimeFrame(since=since, until=start)]
+    # A frame running up to now has no right edge: the rollups hold everything written so far.
+    if frame.until is not None and frame.until < now:
+        stop = floor_time(frame.until, 60)
+        if stop <= start:
+            return _filtered(
+                frame=TimeFrame(since=since, until=frame.until), filters=filters
+            ).count()
+        edges.append(TimeFrame(since=stop, until=frame.until))
+    total = sum(_filtered(frame=edge, filters=filters).count() for edge in edges)
+    rows = usage_totals_by(
+        group=(), frame=TimeFrame(since=start, until=stop), filters=filters, now=now
+    )
+    return total + sum(totals.calls for _, totals in rows)

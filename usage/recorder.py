@@ -79,9 +79,12 @@ class CallData:
     overhead_ms: float = 0.0
     cost_usd: Decimal | None = None
     # Never persisted. provider_kind (openai | anthropic | openai_compatible) picks the price
-    # list; estimate is (prompt text, completion text), set only when the upstream reported no
-    # usage, tokenized by the flusher and then discarded: text is never stored or logged.
+    # list; cache_write_tokens (Anthropic's cache_creation_input_tokens, part of prompt_tokens)
+    # are priced above plain input; estimate is (prompt text, completion text), set only when
+    # the upstream reported no usage, tokenized by the flusher and then discarded: text is
+    # never stored or logged.
     provider_kind: str = ""
+    cache_write_tokens: int = 0
     estimate: tuple[str, str] | None = None
 
     def __repr__(self) -> str:
@@ -89,8 +92,9 @@ class CallData:
         return f"CallData({self.request_id}#{self.attempt} {self.outcome})"
 
 
+_NOT_PERSISTED = frozenset({"provider_kind", "cache_write_tokens", "estimate"})
 PERSISTED_FIELDS: tuple[str, ...] = tuple(
-    f.name for f in fields(CallData) if f.name not in ("provider_kind", "estimate")
+    f.name for f in fields(CallData) if f.name not in _NOT_PERSISTED
 )
 
 
@@ -136,6 +140,7 @@ def call_prepare(data: CallData, *, log: bool = True) -> Row:
                 prompt_tokens=data.prompt_tokens,
                 completion_tokens=data.completion_tokens,
                 cached_tokens=data.cached_tokens,
+                cache_write_tokens=data.cache_write_tokens,
             )
         except Exception:
             logger.warning("pricing failed for %s", data.request_id, exc_info=True)

@@ -3,33 +3,66 @@ field (they become the OpenAPI schema at /api/openapi.json)."""
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 from ninja import Field, Schema
+from pydantic import AfterValidator, WithJsonSchema
+from pydantic_core import PydanticCustomError
 
-from usage.timeframes import WINDOW_CHOICES
+from usage.timeframes import EARLIEST, LATEST, MAX_BUCKET, WINDOW_CHOICES
 
 WindowName = Literal["1h", "24h", "7d", "30d"]
 ExportFormat = Literal["csv", "jsonl", "json"]
 
-_SINCE = "Start (inclusive), ISO 8601, e.g. 2025-01-31T12:00:00Z. Naive times are UTC."
-_UNTIL = "End (exclusive), ISO 8601. Omitted: up to now."
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _no_control_characters(value: str) -> str:
+    # No name holds one, and Postgres refuses a NUL even in a comparison (a 500, not a miss).
+    if _CONTROL.search(value):
+        raise PydanticCustomError(
+            "control_character", "control characters (such as NUL) are not accepted in names."
+        )
+    return value
+
+
+# The JSON schema of each parameter declares what is accepted, so that the OpenAPI document is
+# a contract (and the fuzz test generates values on both sides of it); the checks themselves
+# stay in usage.timeframes and here, with messages that say what is accepted.
+PlainText = Annotated[
+    str,
+    AfterValidator(_no_control_characters),
+    WithJsonSchema({"type": "string", "pattern": r"^[^\x00-\x1f\x7f]*$"}),
+]
+Timestamp = Annotated[str, WithJsonSchema({"type": "string", "format": "date-time"})]
+BucketSize = Annotated[str, WithJsonSchema({"type": "string", "pattern": r"^[0-9]+[mhd]$"})]
+Cursor = Annotated[str, WithJsonSchema({"type": "string", "pattern": r"^[A-Za-z0-9_-]+$"})]
+
+_RANGE = f"Between {EARLIEST:%Y-%m-%d} and {LATEST:%Y-%m-%d}."
+_SINCE = (
+    "Start (inclusive), ISO 8601, e.g. 2025-01-31T12:00:00Z or 2025-01-31. Naive times are "
+    f"UTC. {_RANGE}"
+)
+_UNTIL = f"End (exclusive), ISO 8601. Omitted: up to now. {_RANGE}"
 
 
 class TimeFrameQuery(Schema):
     window: WindowName | None = Field(
         None, description=f"A window ending now ({WINDOW_CHOICES}). Not with since/until."
     )
-    since: str | None = Field(None, description=_SINCE)
-    until: str | None = Field(None, description=_UNTIL)
+    since: Timestamp | None = Field(None, description=_SINCE)
+    until: Timestamp | None = Field(None, description=_UNTIL)
 
 
 class FilterQuery(TimeFrameQuery):
-    provider: str | None = Field(None, description="Only calls to this provider.")
-    model: str | None = Field(None, description="Only calls for this requested model (route).")
-    key: str | None = Field(None, description="Only calls made with this upstream key id.")
-    client: str | None = Field(None, description="Only calls from this client (token name).")
+    provider: PlainText | None = Field(None, description="Only calls to this provider.")
+    model: PlainText | None = Field(
+        None, description="Only calls for this requested model (the route name)."
+    )
+    key: PlainText | None = Field(None, description="Only calls made with this upstream key id.")
+    client: PlainText | None = Field(None, description="Only calls from this client (token name).")
     status: Literal["success", "error"] | None = Field(
         None, description="success: the attempt succeeded; error: any other outcome."
     )
@@ -37,16 +70,18 @@ class FilterQuery(TimeFrameQuery):
 
 
 class TimeseriesQuery(FilterQuery):
-    bucket: str | None = Field(
+    bucket: BucketSize | None = Field(
         None,
-        description="Bucket size: 1m, 5m, 15m, 1h, 6h, 1d … (dividing a day, or whole days). "
-        "Default follows the window: 1h→1m, 24h→15m, 7d→1h, 30d→6h.",
+        description="Bucket size: 1m, 5m, 15m, 1h, 6h, 1d … (dividing a day, or whole days up "
+        f"to {MAX_BUCKET.days}d). Default follows the window: 1h→1m, 24h→15m, 7d→1h, 30d→6h; "
+        "a longer frame gets the first of 1d, 7d, 30d, 365d, 3650d that keeps it within 2000 "
+        "buckets.",
     )
 
 
 class RecentQuery(FilterQuery):
     limit: int = Field(50, ge=1, le=1000, description="Records per page (1-1000).")
-    cursor: str | None = Field(None, description="next_cursor of the previous page.")
+    cursor: Cursor | None = Field(None, description="next_cursor of the previous page.")
 
 
 class EventsQuery(FilterQuery):
@@ -58,6 +93,22 @@ class ExportQuery(FilterQuery):
 
 
 # --- responses ----------------------------------------------------------------------------
+
+
+class ErrorDetailOut(Schema):
+    message: str = Field(description="What went wrong and, for a bad parameter, what is accepted.")
+    type: str = Field(description="invalid_request_error, authentication_error, …")
+    code: str = Field(description="A stable code: invalid_parameter, missing_api_key, …")
+    param: str | None = Field(description="The parameter at fault, if one is.")
+
+
+class ErrorOut(Schema):
+    error: ErrorDetailOut
+
+
+# What each monitoring operation may answer besides 200 (bodies: llmrotate_site/api.py).
+AUTH_ERRORS: dict[int, type[Schema]] = {401: ErrorOut, 403: ErrorOut}
+QUERY_ERRORS: dict[int, type[Schema]] = {**AUTH_ERRORS, 422: ErrorOut}
 
 
 class FrameOut(Schema):

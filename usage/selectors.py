@@ -1,23 +1,16 @@
 """Reads over the rollups: totals, per-provider/model/client figures, stats, time series.
 
-Raw call records are never scanned here (usage/record_selectors.py reads those, by index).
-A frame is answered from the coarsest rollups that fit it: whole UTC days from the day table,
-the hours at either edge from the hour table, the minutes beyond from the minute table. A frame
-that runs up to now (a `window`, or no `until`) has no right edge at all: a bucket is always
-complete up to the last committed batch, so today's day row already holds today so far.
-
-Rollups resolve time to the minute: `since` is rounded down and `until` up to a whole minute.
+Raw call records are never scanned here (usage/record_selectors.py reads those, by index); the
+read plan over the rollup tables is in usage/rollup_reads.py.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any, Literal
-
-from django.db import connection
+from typing import Any
 
 from usage.histograms import METRICS, Metric, percentile_from_bins
 from usage.models import (
@@ -25,51 +18,24 @@ from usage.models import (
     OUTCOME_COLUMNS,
     SUMMARY_COLUMNS,
     TOKEN_COLUMNS,
+    HourRollup,
+    MinuteRollup,
     Outcome,
-    UsageRollup,
 )
-from usage.rollups import ADDITIVE_COLUMNS, MAX_COLUMNS, MIN_COLUMNS, RESOLUTIONS
-from usage.timeframes import MAX_BUCKETS, TimeFrame, TimeFrameError, ceil_time, floor_time
+from usage.rollup_reads import (
+    HOUR,
+    UsageFilters,
+    as_datetime,
+    minute_rollups_from,
+    rollup_merge,
+    rollup_select,
+)
+from usage.rollups import ADDITIVE_COLUMNS, RESOLUTIONS
+from usage.timeframes import MAX_BUCKETS, TimeFrame, TimeFrameError, bucket_span, floor_time
 
-Status = Literal["success", "error"]
+__all__ = ["Bucket", "MetricStats", "Stats", "Tokens", "Totals", "UsageFilters"]
+
 _SUCCESS_COLUMN = OUTCOME_COLUMNS[Outcome.SUCCESS.value]
-
-
-@dataclass(frozen=True, slots=True)
-class UsageFilters:
-    """The filters every usage endpoint accepts; None means "any"."""
-
-    provider: str | None = None
-    model: str | None = None
-    key: str | None = None
-    client: str | None = None
-    status: Status | None = None
-    stream: bool | None = None
-
-    def equalities(self) -> dict[str, Any]:
-        """column → value for the filters that are plain equalities, on columns that call
-        records and rollups share (`status` is not: see its two readings below)."""
-        pairs = (
-            ("provider", self.provider),
-            ("requested_model", self.model),
-            ("key_id", self.key),
-            ("client", self.client),
-            ("stream", self.stream),
-        )
-        return {column: value for column, value in pairs if value is not None}
-
-    def rollup_where(self) -> tuple[list[str], list[Any]]:
-        """SQL conditions (and their parameters) on the rollup dimensions."""
-        equal = self.equalities()
-        if self.status is not None:
-            equal["ok"] = self.status == "success"
-        return [f"{column} = %s" for column in equal], list(equal.values())
-
-
-def _as_datetime(value: datetime | str) -> datetime:
-    # Raw SQL on SQLite returns a naive datetime (or the stored text), always UTC.
-    moment = value if isinstance(value, datetime) else datetime.fromisoformat(value)
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 # --- results (plain data: the API and the dashboard render these) -------------------------
@@ -127,122 +93,6 @@ class Stats(Totals):
 class Bucket:
     start: datetime
     totals: Totals
-
-
-# --- planning: which table answers which part of the frame --------------------------------
-
-Segment = tuple[type[UsageRollup], datetime | None, datetime | None]
-
-
-def rollup_segments(frame: TimeFrame, *, now: datetime) -> list[Segment]:
-    """Cover the frame with rollup rows, coarsest first. None bounds are open."""
-    start = floor_time(frame.since, 60) if frame.since else None
-    end = None if frame.until is None or frame.until >= now else ceil_time(frame.until, 60)
-    if start is not None and end is not None and start >= end:
-        return []
-    return _plan(start, end, list(RESOLUTIONS))
-
-
-def _plan(
-    start: datetime | None, end: datetime | None, levels: list[tuple[type[UsageRollup], int]]
-) -> list[Segment]:
-    model, unit = levels[-1]
-    if len(levels) == 1:
-        return [(model, start, end)]
-    lo = ceil_time(start, unit) if start is not None else None
-    hi = floor_time(end, unit) if end is not None else None
-    if lo is not None and hi is not None and lo >= hi:
-        return _plan(start, end, levels[:-1])
-    segments: list[Segment] = []
-    if start is not None and lo is not None and start < lo:
-        segments += _plan(start, lo, levels[:-1])
-    segments.append((model, lo, hi))
-    if end is not None and hi is not None and hi < end:
-        segments += _plan(hi, end, levels[:-1])
-    return segments
-
-
-def _select(
-    model: type[UsageRollup],
-    *,
-    start: datetime | None,
-    end: datetime | None,
-    filters: UsageFilters,
-    group: Sequence[str],
-    aggregates: Sequence[tuple[str, str]],
-) -> list[dict[str, Any]]:
-    """One aggregate query over one rollup table, as dicts keyed by column name.
-
-    Raw SQL rather than the ORM: with a couple of hundred SUM() columns, building the ORM query
-    took several times longer than running it. The SQL is plain enough for SQLite and Postgres.
-    """
-    adapt = connection.ops.adapt_datetimefield_value
-    conditions, params = filters.rollup_where()
-    if start is not None:
-        conditions.append("bucket_start >= %s")
-        params.append(adapt(start))
-    if end is not None:
-        conditions.append("bucket_start < %s")
-        params.append(adapt(end))
-    select = [*group, *(f"{fn}({column})" for fn, column in aggregates)]
-    sql = f"SELECT {', '.join(select)} FROM {model._meta.db_table}"  # noqa: S608 - names only
-    if conditions:
-        sql += " WHERE " + " AND ".join(conditions)
-    if group:
-        sql += " GROUP BY " + ", ".join(group)
-    names = [*group, *(column for _, column in aggregates)]
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
-
-
-def _rows(
-    segment: Segment,
-    *,
-    filters: UsageFilters,
-    group: Sequence[str],
-    columns: Sequence[str],
-    extremes: bool,
-) -> list[dict[str, Any]]:
-    model, start, end = segment
-    aggregates = [("SUM", c) for c in columns]
-    if extremes:
-        aggregates += [("MIN", c) for c in MIN_COLUMNS] + [("MAX", c) for c in MAX_COLUMNS]
-    rows = _select(model, start=start, end=end, filters=filters, group=group, aggregates=aggregates)
-    # Without GROUP BY an empty range still yields one row, of NULLs.
-    return [row for row in rows if row["calls"]]
-
-
-def _merge(
-    frame: TimeFrame,
-    *,
-    now: datetime,
-    filters: UsageFilters,
-    group: Sequence[str],
-    columns: Sequence[str],
-    extremes: bool,
-) -> dict[tuple[Any, ...], dict[str, Any]]:
-    merged: dict[tuple[Any, ...], dict[str, Any]] = {}
-    for segment in rollup_segments(frame, now=now):
-        for row in _rows(segment, filters=filters, group=group, columns=columns, extremes=extremes):
-            key = tuple(row[g] for g in group)
-            target = merged.get(key)
-            if target is None:
-                merged[key] = {c: row[c] for c in (*group, *columns)} | {
-                    c: row[c] for c in (*MIN_COLUMNS, *MAX_COLUMNS) if extremes
-                }
-                continue
-            for c in columns:
-                if row[c] is not None:
-                    target[c] = (target[c] or 0) + row[c]
-            if extremes:
-                for c in MIN_COLUMNS:
-                    if row[c] is not None and (target[c] is None or row[c] < target[c]):
-                        target[c] = row[c]
-                for c in MAX_COLUMNS:
-                    if row[c] is not None and (target[c] is None or row[c] > target[c]):
-                        target[c] = row[c]
-    return merged
 
 
 # --- building results -------------------------------------------------------------------------
@@ -307,20 +157,20 @@ def _totals(row: dict[str, Any]) -> Totals:
 
 def usage_stats(*, frame: TimeFrame, filters: UsageFilters, now: datetime) -> Stats:
     """Everything about the matching calls: counts, rates, tokens, cost, percentiles."""
-    merged = _merge(
+    merged = rollup_merge(
         frame, now=now, filters=filters, group=(), columns=ADDITIVE_COLUMNS, extremes=True
     )
     return _stats(merged.get((), {}))
 
 
-def usage_stats_by_client(
-    *, frame: TimeFrame, filters: UsageFilters, now: datetime
+def usage_stats_by(
+    *, group: str, frame: TimeFrame, filters: UsageFilters, now: datetime
 ) -> list[tuple[str, Stats]]:
-    """`usage_stats` per client, busiest first."""
-    merged = _merge(
-        frame, now=now, filters=filters, group=("client",), columns=ADDITIVE_COLUMNS,
-        extremes=True,
-    )  # fmt: skip
+    """`usage_stats` per value of one dimension (`client`, `key_id`, …), busiest first, in one
+    pass over the rollups rather than one `usage_stats` per value."""
+    merged = rollup_merge(
+        frame, now=now, filters=filters, group=(group,), columns=ADDITIVE_COLUMNS, extremes=True
+    )
     result = [(key[0], _stats(row)) for key, row in merged.items()]
     return sorted(result, key=lambda item: (-item[1].calls, item[0]))
 
@@ -329,7 +179,7 @@ def usage_totals_by(
     *, group: Sequence[str], frame: TimeFrame, filters: UsageFilters, now: datetime
 ) -> list[tuple[tuple[Any, ...], Totals]]:
     """Counts, tokens and cost per value of the `group` columns (e.g. provider), sorted."""
-    merged = _merge(
+    merged = rollup_merge(
         frame, now=now, filters=filters, group=group, columns=SUMMARY_COLUMNS, extremes=False
     )
     return sorted(((key, _totals(row)) for key, row in merged.items()), key=lambda kv: kv[0])
@@ -342,28 +192,38 @@ def usage_timeseries(
     to UTC (the first one starts at or before `since`), so each is read from a single rollup
     resolution: the coarsest whose rows fit inside a bucket."""
     size = int(bucket.total_seconds())
-    until = frame.until or now
-    since = frame.since or until - timedelta(hours=24)
-    first = floor_time(since, size)
-    end = ceil_time(until, size) if until > first else first + bucket
-    count = int((end - first).total_seconds()) // size
+    first, count = bucket_span(frame, bucket, now=now)
     if count > MAX_BUCKETS:
         raise TimeFrameError(
             "bucket",
             f"bucket: {count} buckets is too many for this frame (at most {MAX_BUCKETS}); "
             "choose a larger bucket or a shorter frame.",
         )
+    end = first + count * bucket
     model = next(m for m, unit in reversed(RESOLUTIONS) if size % unit == 0)
-    rows = _select(
-        model, start=first, end=end, filters=filters, group=("bucket_start",),
-        aggregates=[("SUM", c) for c in SUMMARY_COLUMNS],
-    )  # fmt: skip
+    reads = [(model, first, end)]
+    if model is MinuteRollup:
+        # Sub-hour buckets before the minute rollups' horizon: each hour's figures go to the
+        # bucket its start falls in (the first bucket for the hour it begins in).
+        minutes_from = minute_rollups_from()
+        if minutes_from is None or first < minutes_from:
+            cut = end if minutes_from is None else min(max(minutes_from, first), end)
+            reads = [(HourRollup, floor_time(first, HOUR), cut), (model, cut, end)]
     folded: dict[int, dict[str, Any]] = {}
-    for row in rows:
-        index = int((_as_datetime(row["bucket_start"]) - first).total_seconds()) // size
-        target = folded.setdefault(index, dict.fromkeys(SUMMARY_COLUMNS, 0))
-        for c in SUMMARY_COLUMNS:
-            target[c] += row[c] or 0
+    for table, start, stop in reads:
+        if start >= stop:
+            continue
+        rows = rollup_select(
+            table, start=start, end=stop, filters=filters, group=("bucket_start",),
+            aggregates=[("SUM", c) for c in SUMMARY_COLUMNS],
+        )  # fmt: skip
+        for row in rows:
+            offset = (as_datetime(row["bucket_start"]) - first).total_seconds()
+            target = folded.setdefault(
+                max(int(offset) // size, 0), dict.fromkeys(SUMMARY_COLUMNS, 0)
+            )
+            for c in SUMMARY_COLUMNS:
+                target[c] += row[c] or 0
     return [
         Bucket(start=first + i * bucket, totals=_totals(folded.get(i, {}))) for i in range(count)
     ]

@@ -2,6 +2,9 @@
 
 Everything is UTC. A naive timestamp is read as UTC; an offset is converted. Invalid input
 raises TimeFrameError, whose message says what is accepted (the API answers 422 with it).
+
+Timestamps are bounded (EARLIEST..LATEST) and so are buckets (MAX_BUCKET), far enough inside
+what `datetime` can hold that no rounding or bucket arithmetic on them can overflow.
 """
 
 from __future__ import annotations
@@ -23,11 +26,19 @@ DEFAULT_BUCKETS: dict[str, timedelta] = {
     "7d": timedelta(hours=1),
     "30d": timedelta(hours=6),
 }
+# Past 30 days the default bucket is the first of these that keeps the count under MAX_BUCKETS.
+LONG_BUCKETS: tuple[timedelta, ...] = tuple(timedelta(days=d) for d in (1, 7, 30, 365, 3650))
 MAX_BUCKETS = 2000
+MAX_BUCKET = LONG_BUCKETS[-1]
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9000, 1, 1, tzinfo=UTC)
 WINDOW_CHOICES = "|".join(WINDOWS)
-_DURATION_RE = re.compile(r"^\s*(\d+)\s*([mhd])\s*$")
+# At most 9 digits: longer numbers are out of range anyway, and int() refuses very long ones.
+_DURATION_RE = re.compile(r"^\s*(\d{1,9})\s*([mhd])\s*$", re.ASCII)
 _UNITS = {"m": 60, "h": 3600, "d": 86400}
 DAY = 86400
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_RANGE = f"between {EARLIEST:%Y-%m-%d} and {LATEST:%Y-%m-%d} (UTC)"
 
 
 class TimeFrameError(ValueError):
@@ -57,9 +68,17 @@ def parse_timestamp(value: str, *, param: str) -> datetime:
             f"{param}: {value!r} is not an ISO 8601 timestamp; use e.g. 2025-01-31T12:00:00Z "
             "or 2025-01-31.",
         ) from None
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)
+    out_of_range = TimeFrameError(
+        param, f"{param}: {value!r} is out of range; use a time {_RANGE}."
+    )
+    try:
+        # Converting 0001-01-01T00:00+14:00 or 9999-12-31T23:59-14:00 leaves datetime's range.
+        moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except OverflowError:
+        raise out_of_range from None
+    if not EARLIEST <= moment <= LATEST:
+        raise out_of_range
+    return moment
 
 
 def timeframe_parse(
@@ -94,11 +113,12 @@ def parse_bucket(value: str) -> timedelta:
     be whole days, so that buckets line up with UTC midnight."""
     match = _DURATION_RE.match(value or "")
     seconds = int(match.group(1)) * _UNITS[match.group(2)] if match else 0
-    if seconds <= 0 or (DAY % seconds and seconds % DAY):
+    too_big = seconds > MAX_BUCKET.total_seconds()
+    if seconds <= 0 or too_big or (DAY % seconds and seconds % DAY):
         raise TimeFrameError(
             "bucket",
             f"bucket: {value!r} is not accepted; use minutes, hours or days such as 1m, 5m, "
-            "15m, 1h, 6h or 1d (dividing a day, or whole days).",
+            f"15m, 1h, 6h or 1d (dividing a day, or whole days up to {MAX_BUCKET.days}d).",
         )
     return timedelta(seconds=seconds)
 
@@ -106,24 +126,48 @@ def parse_bucket(value: str) -> timedelta:
 def parse_duration(value: str, *, param: str) -> timedelta:
     """`90d`, `12h`, `30m`: used by retention (`--older-than`)."""
     match = _DURATION_RE.match(value or "")
-    if not match:
-        raise TimeFrameError(param, f"{param}: {value!r} is not a duration like 90d, 12h or 30m.")
-    return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+    seconds = int(match.group(1)) * _UNITS[match.group(2)] if match else 0
+    # The cutoff (now - duration) must stay a valid time, and inside the range timestamps have.
+    if not match or seconds > (datetime.now(UTC) - EARLIEST).total_seconds():
+        raise TimeFrameError(
+            param,
+            f"{param}: {value!r} is not a duration like 90d, 12h or 30m (reaching back no "
+            "further than 1970).",
+        )
+    return timedelta(seconds=seconds)
+
+
+def bucket_span(frame: TimeFrame, bucket: timedelta, *, now: datetime) -> tuple[datetime, int]:
+    """The first bucket's start and the number of buckets that cover the frame (a frame
+    without `since` shows the 24 hours before its end). Buckets are aligned to UTC."""
+    size = int(bucket.total_seconds())
+    until = frame.until or now
+    since = frame.since or until - WINDOWS["24h"]
+    first = floor_time(since, size)
+    end = ceil_time(until, size) if until > first else first + bucket
+    return first, int((end - first).total_seconds()) // size
 
 
 def default_bucket(frame: TimeFrame, *, now: datetime) -> timedelta:
-    """The bucket that goes with the frame's length (see DEFAULT_BUCKETS)."""
+    """The bucket that goes with the frame's length (see DEFAULT_BUCKETS); past 30 days, the
+    first of LONG_BUCKETS that keeps the count within MAX_BUCKETS, so that a frame years
+    long asked for without `bucket=` is still answered."""
     since = frame.since or now - WINDOWS["24h"]
     length = (frame.until or now) - since
     for name, span in WINDOWS.items():
         if length <= span + timedelta(minutes=1):
             return DEFAULT_BUCKETS[name]
-    return timedelta(days=1)
+    for bucket in LONG_BUCKETS:
+        if bucket_span(frame, bucket, now=now)[1] <= MAX_BUCKETS:
+            return bucket
+    return MAX_BUCKET  # unreachable within EARLIEST..LATEST; the count check reports it
 
 
 def floor_time(moment: datetime, seconds: int) -> datetime:
-    epoch = int(moment.timestamp())
-    return datetime.fromtimestamp(epoch - epoch % seconds, UTC)
+    # Exact integer arithmetic on timedelta: no float rounding, and no OS limits on times
+    # before 1970 (fromtimestamp() refuses negative values on some platforms).
+    step = timedelta(seconds=seconds)
+    return _EPOCH + (moment - _EPOCH) // step * step
 
 
 def ceil_time(moment: datetime, seconds: int) -> datetime:

@@ -15,6 +15,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, cast
 
+from django.conf import settings
 from django.http import HttpRequest
 
 from healthchecks.selectors import EndpointHealth, endpoint_health_list
@@ -25,14 +26,14 @@ from keys.selectors import (
     keys_health,
     pool_health,
 )
-from llmrotate_site.dashboard.adapters import health_events_by_endpoint, usage_stats_by_key
+from llmrotate_site.dashboard.probe_history import KINDS, KindHistory, ProbeHistory, probe_history
 from llmrotate_site.dashboard.query import DashboardQuery
 from usage.record_selectors import usage_recent_page
 from usage.selectors import (
     Stats,
     UsageFilters,
     usage_stats,
-    usage_stats_by_client,
+    usage_stats_by,
     usage_timeseries,
     usage_totals_by,
 )
@@ -42,8 +43,8 @@ Context = dict[str, Any]
 Builder = Callable[[HttpRequest, DashboardQuery], Context]
 RECENT_FEED = 8
 CALLS_PER_PAGE = 50
-HEALTH_EVENTS = 30  # per endpoint: the sparkline; the timeline shows the newest few
-TIMELINE_EVENTS = 8
+TIMELINE_EVENTS = 8  # per endpoint, the newest in the frame
+SPARK_WIDTH, SPARK_HEIGHT = 160, 28  # the viewBox of templates/dashboard/partials/endpoints.html
 
 
 def _has_any_call() -> bool:
@@ -114,16 +115,20 @@ def timeseries(request: HttpRequest, q: DashboardQuery) -> Context:
         buckets = usage_timeseries(frame=q.frame, bucket=bucket, filters=q.filters, now=q.now)
     except TimeFrameError as exc:
         return {"error": exc.message}
-    return {
-        "chart": {
-            "bucket_seconds": int(bucket.total_seconds()),
-            "labels": [b.start.isoformat() for b in buckets],
-            "successes": [b.totals.successes for b in buckets],
-            "errors": [b.totals.errors for b in buckets],
-            "tokens": [b.totals.tokens.total for b in buckets],
-            "cost": [float(b.totals.cost_usd) for b in buckets],
-        }
+    chart: Context = {
+        "bucket_seconds": int(bucket.total_seconds()),
+        "labels": [b.start.isoformat() for b in buckets],
+        "successes": [b.totals.successes for b in buckets],
+        "errors": [b.totals.errors for b in buckets],
+        "tokens": [b.totals.tokens.total for b in buckets],
+        "cost": [float(b.totals.cost_usd) for b in buckets],
     }
+    # Empty, the charts would be bare 0-1 axes: the page shows what will appear there instead.
+    chart["empty"] = not any(chart["successes"]) and not any(chart["errors"])
+    context: Context = {"chart": chart}
+    if chart["empty"]:
+        context["ever_called"] = _has_any_call()
+    return context
 
 
 def models(request: HttpRequest, q: DashboardQuery) -> Context:
@@ -134,12 +139,13 @@ def models(request: HttpRequest, q: DashboardQuery) -> Context:
     return {
         "rows": [{"provider": p, "model": m, "totals": t} for (p, m), t in rows],
         "max_calls": max((t.calls for _, t in rows), default=0),
+        "ever_called": bool(rows) or _has_any_call(),
     }
 
 
 def recent(request: HttpRequest, q: DashboardQuery) -> Context:
     page = usage_recent_page(frame=q.frame, filters=q.filters, limit=RECENT_FEED)
-    return {"records": page.records}
+    return {"records": page.records, "ever_called": bool(page.records) or _has_any_call()}
 
 
 def key_table(request: HttpRequest, q: DashboardQuery) -> Context:
@@ -151,7 +157,7 @@ def key_table(request: HttpRequest, q: DashboardQuery) -> Context:
 
 def key_details(request: HttpRequest, q: DashboardQuery) -> Context:
     keys = keys_health()
-    stats = usage_stats_by_key(frame=q.frame, now=q.now)
+    stats = dict(usage_stats_by(group="key_id", frame=q.frame, filters=UsageFilters(), now=q.now))
     rows = _key_rows(keys)
     for row in rows:
         row["stats"] = stats.get(row["key"].key_id, Stats())
@@ -160,34 +166,51 @@ def key_details(request: HttpRequest, q: DashboardQuery) -> Context:
     return {"rows": rows, "can_change": request.user.has_perm("keys.change_apikey")}
 
 
-def sparkline(values: list[float], *, width: int = 160, height: int = 32) -> str:
-    """SVG polyline points for `values`, oldest first, scaled to the box (2px inset)."""
-    if len(values) < 2:
+def sparkline(
+    points: list[tuple[float, float]], *, width: int = SPARK_WIDTH, height: int = SPARK_HEIGHT
+) -> str:
+    """SVG polyline points for `points` ((0..1 along the frame, value), oldest first), scaled
+    to the box with a 2px inset."""
+    if len(points) < 2:
         return ""
+    values = [v for _, v in points]
     low, high = min(values), max(values)
     span = (high - low) or 1.0
-    step = (width - 4) / (len(values) - 1)
     return " ".join(
-        f"{2 + i * step:.1f},{height - 2 - (v - low) / span * (height - 4):.1f}"
-        for i, v in enumerate(values)
+        f"{2 + x * (width - 4):.1f},{height - 2 - (v - low) / span * (height - 4):.1f}"
+        for x, v in points
     )
 
 
+def _probe_line(kind: str, history: KindHistory) -> Context:
+    return {
+        "kind": kind,
+        "label": "HTTP" if kind == "http" else "Ping",
+        "history": history,
+        "points": sparkline(history.points),  # empty for a lone sample: the caption says so
+        "failures": [f"{2 + x * (SPARK_WIDTH - 4):.1f}" for x in history.failures],
+    }
+
+
 def endpoints(request: HttpRequest, q: DashboardQuery) -> Context:
-    events = health_events_by_endpoint(limit=HEALTH_EVENTS)
+    """Now: the probes' and the breaker's state. Over the frame: the latency of each probe
+    kind, where probes failed, and the newest results."""
+    history = probe_history(frame=q.frame, now=q.now, timeline=TIMELINE_EVENTS)
     rows = []
     for endpoint in endpoint_health_list():
-        recent_events = events.get(endpoint.endpoint, [])
-        latencies = [e.latency_ms for e in reversed(recent_events) if e.latency_ms is not None]
+        h = history.get(endpoint.endpoint, ProbeHistory())
+        kinds = h.kinds or {kind: KindHistory() for kind in KINDS}
         rows.append(
             {
                 "endpoint": endpoint,
-                "sparkline": sparkline(latencies),
-                "latency_range": (min(latencies), max(latencies)) if latencies else None,
-                "timeline": recent_events[:TIMELINE_EVENTS],
+                "history": h,
+                "lines": [_probe_line(kind, kinds[kind]) for kind in KINDS],
             }
         )
-    return {"rows": rows}
+    return {
+        "rows": rows,
+        "retention_days": settings.LLMROTATE_HEALTH_EVENT_RETENTION_DAYS,
+    }
 
 
 def calls(request: HttpRequest, q: DashboardQuery) -> Context:
@@ -206,7 +229,7 @@ def calls(request: HttpRequest, q: DashboardQuery) -> Context:
 
 
 def clients(request: HttpRequest, q: DashboardQuery) -> Context:
-    usage = dict(usage_stats_by_client(frame=q.frame, filters=q.filters, now=q.now))
+    usage = dict(usage_stats_by(group="client", frame=q.frame, filters=q.filters, now=q.now))
     # config_sanitized() is typed dict[str, object]; its "clients" is a list of dicts.
     entries = cast(list[dict[str, Any]], config_sanitized()["clients"])
     configured = {c["name"]: c for c in entries}

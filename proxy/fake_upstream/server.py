@@ -41,6 +41,7 @@ ROUTES = {
     ("GET", "/v1/models"): "models",
     ("POST", "/v1/chat/completions"): "chat",
     ("POST", "/v1/messages"): "messages",
+    ("POST", "/v1/messages/count_tokens"): "count_tokens",
 }
 
 
@@ -328,7 +329,7 @@ class FakeUpstream:
             writer.write(self._control(req.method, path, req.body, keep))
             return keep
         route = ROUTES.get((req.method, path))
-        anthropic = route == "messages" or (
+        anthropic = route in ("messages", "count_tokens") or (
             route != "chat" and ("anthropic-version" in headers or "x-api-key" in headers)
         )
 
@@ -377,7 +378,9 @@ class FakeUpstream:
             body = parsed
             with self._lock:
                 self._bodies.append(body)
-            required = ("model", "messages", "max_tokens") if anthropic else ("model", "messages")
+            required: tuple[str, ...] = ("model", "messages")
+            if route == "messages":
+                required += ("max_tokens",)
             for field in required:
                 value = body.get(field)
                 if value is None or (field == "messages" and not isinstance(value, list)):
@@ -407,6 +410,9 @@ class FakeUpstream:
             return await self._send(
                 writer, wire.models_list(self.models, anthropic), behaviour, keep
             )
+        if route == "count_tokens":
+            counted = {"input_tokens": wire.prompt_info(body)[0]}
+            return await self._send(writer, counted, behaviour, keep)
         return await self._complete(writer, body, behaviour, anthropic, nth, keep)
 
     async def _complete(

@@ -17,19 +17,43 @@
 
   // --- theme ------------------------------------------------------------------------------
 
-  const effectiveTheme = () => root.dataset.theme || (darkQuery.matches ? "dark" : "light");
+  // The choice is "light", "dark" or none (follow the system). A click goes from following
+  // the system to the other theme first, so that it always changes what is on screen; then to
+  // the system's theme, pinned; then back to following the system.
+  const toggle = document.getElementById("theme-toggle");
+  const systemTheme = () => (darkQuery.matches ? "dark" : "light");
+  const choice = () => root.dataset.theme || null;
+  const nextChoice = (current) => {
+    if (!current) return systemTheme() === "dark" ? "light" : "dark";
+    return current === systemTheme() ? null : systemTheme();
+  };
+  const describe = (c) => (c ? `${c}` : `system (${systemTheme()})`);
 
-  document.getElementById("theme-toggle")?.addEventListener("click", () => {
-    const next = effectiveTheme() === "dark" ? "light" : "dark";
-    root.dataset.theme = next;
+  function labelToggle() {
+    if (!toggle) return;
+    const text = `Theme: ${describe(choice())}. Switch to ${describe(nextChoice(choice()))}`;
+    toggle.setAttribute("aria-label", text);
+    toggle.title = text;
+  }
+
+  toggle?.addEventListener("click", () => {
+    const next = nextChoice(choice());
     try {
-      localStorage.setItem(THEME_KEY, next);
+      if (next) localStorage.setItem(THEME_KEY, next);
+      else localStorage.removeItem(THEME_KEY);
     } catch {
       // Storage refused (private mode): the choice lasts for this page only.
     }
+    if (next) root.dataset.theme = next;
+    else delete root.dataset.theme;
+    labelToggle();
     recolorCharts();
   });
-  darkQuery.addEventListener("change", () => recolorCharts());
+  darkQuery.addEventListener("change", () => {
+    labelToggle();
+    recolorCharts();
+  });
+  labelToggle();
 
   // --- countdowns and "ago" -----------------------------------------------------------------
 
@@ -231,6 +255,11 @@
     if (!source || !canvasCalls || !canvasTokens || !window.Chart || source === shownData) return;
     shownData = source;
     const data = JSON.parse(source.textContent);
+    for (const card of document.querySelectorAll("[data-chart-card]")) {
+      card.classList.toggle("is-empty", data.empty);
+    }
+    // Nothing to draw yet: the cards say what will be there; the charts start with data.
+    if (data.empty && !charts.calls) return;
     if (!charts.calls) createCharts(canvasCalls, canvasTokens, palette());
     const labels = labelFormat(data);
     charts.calls.data.labels = labels;

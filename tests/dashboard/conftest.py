@@ -111,10 +111,11 @@ class BrowserWatch:
         assert not self.problems, "\n".join(self.problems)
 
 
-def _start(seed: bool, upstream_url: str) -> tuple[GatewayThread, Dashboard]:
+def _start(records: int | None, upstream_url: str) -> tuple[GatewayThread, Dashboard]:
+    """`records`: None for an empty database, else the seeded gateway with that much traffic."""
     from django.contrib.auth.models import User
 
-    seeded = dashboard_seed(upstream_url=upstream_url, records=1500) if seed else None
+    seeded = None if records is None else dashboard_seed(upstream_url=upstream_url, records=records)
     User.objects.create_superuser(STAFF_USER, "ops@example.com", STAFF_PASSWORD)
     server = GatewayThread(free_port())
     server.start()
@@ -132,7 +133,16 @@ def _stop(server: GatewayThread) -> None:
 @pytest.fixture
 def dashboard(transactional_db: None, fake_upstream: Any) -> Iterator[Dashboard]:
     """The gateway with a realistic seeded history (see seed.py), served on 127.0.0.1."""
-    server, dash = _start(True, fake_upstream.base_url)
+    server, dash = _start(1500, fake_upstream.base_url)
+    yield dash
+    _stop(server)
+
+
+@pytest.fixture
+def configured_dashboard(transactional_db: None, fake_upstream: Any) -> Iterator[Dashboard]:
+    """The seeded gateway's providers, keys, routes and clients, but no traffic yet: for a
+    test that writes calls of its own."""
+    server, dash = _start(0, fake_upstream.base_url)
     yield dash
     _stop(server)
 
@@ -140,9 +150,36 @@ def dashboard(transactional_db: None, fake_upstream: Any) -> Iterator[Dashboard]
 @pytest.fixture
 def empty_dashboard(transactional_db: None, fake_upstream: Any) -> Iterator[Dashboard]:
     """The gateway on a fresh database: no keys, no clients, no traffic."""
-    server, dash = _start(False, fake_upstream.base_url)
+    server, dash = _start(None, fake_upstream.base_url)
     yield dash
     _stop(server)
+
+
+@pytest.fixture
+def poll_every(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None]:
+    """`poll_every(1)`: pages rendered from now on poll their panels every second, so that a
+    test of polling waits for seconds, not for the production interval."""
+    from llmrotate_site.dashboard import views
+
+    def set_interval(seconds: int) -> None:
+        monkeypatch.setattr(views, "POLL_SECONDS", seconds)
+
+    return set_interval
+
+
+def set_visibility(page: Any, state: str) -> None:
+    """Make the page believe its tab is `hidden` or `visible`, as a browser tells it: the
+    properties, then the event. (Headless Chromium has no tab to hide.)"""
+    page.evaluate(
+        """state => {
+            const set = (name, value) =>
+                Object.defineProperty(document, name, {value, configurable: true});
+            set("visibilityState", state);
+            set("hidden", state === "hidden");
+            document.dispatchEvent(new Event("visibilitychange"));
+        }""",
+        state,
+    )
 
 
 @pytest.fixture
@@ -179,10 +216,23 @@ def log_in(page: Any, dash: Dashboard, *, next_path: str = "/dashboard/") -> Non
     page.wait_for_url(f"**{next_path}")
 
 
+def png_size(path: Path) -> tuple[int, int]:
+    """Width and height from a PNG's header (bytes 16-24 of the IHDR chunk)."""
+    header = path.read_bytes()[:24]
+    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+
+
 def screenshot(page: Any, name: str, *, docs: str | None = None) -> Path:
-    """Save to tests/artifacts/screenshots/; with `docs`, also refresh docs/screenshots/<docs>
-    when LLMROTATE_UPDATE_SCREENSHOTS=1 (or when it is missing), so that ordinary runs leave
-    the committed images alone."""
+    """Save to tests/artifacts/screenshots/ (always: every run leaves current screenshots of
+    every page there). With `docs`, the README's copy in docs/screenshots/<docs> is refreshed
+    when LLMROTATE_UPDATE_SCREENSHOTS=1 (or when it is missing); otherwise it is left alone,
+    but it must still have the page's shape.
+
+    The shape check is what keeps the README from drifting unnoticed: the seeded gateway is the
+    same on every run, so the full page's height changes only when the layout does (a panel
+    added, moved or resized). A change of colour or wording alone is not caught; comparing
+    pixels would be, but the data's times and countdowns differ on every run.
+    """
     import os
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
@@ -193,4 +243,10 @@ def screenshot(page: Any, name: str, *, docs: str | None = None) -> Path:
         if os.environ.get("LLMROTATE_UPDATE_SCREENSHOTS") == "1" or not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, target)
+        (width, height), (docs_width, docs_height) = png_size(path), png_size(target)
+        assert width == docs_width and abs(height - docs_height) <= height * 0.01, (
+            f"docs/screenshots/{docs} ({docs_width}x{docs_height}) no longer shows the page as "
+            f"it renders ({width}x{height}, see {path}); refresh it with "
+            "`LLMROTATE_UPDATE_SCREENSHOTS=1 make test-embedded PYTEST_ARGS=tests/dashboard`"
+        )
     return path

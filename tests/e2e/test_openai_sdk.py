@@ -200,6 +200,38 @@ def test_a_stream_cut_midway_raises_in_the_sdk_and_is_not_replayed(
     assert (record.outcome, record.stream) == ("stream_error", True)
 
 
+def test_a_stream_that_dies_before_its_first_byte_is_answered_by_the_other_key(
+    live_gateway: LiveGateway, client
+):
+    live_gateway.prefer("key-a")
+    live_gateway.script(key_a=[{"fault": "cut", "cut_after": 0}])  # headers, then a reset
+    assert text_of(stream_chunks(client)) == REPLY
+    assert live_gateway.requests_per_key() == {"key-a": 1, "key-b": 1}
+    assert [(r.key_id, r.outcome) for r in call_records(2)] == [
+        ("key-a", "connection_error"),
+        ("key-b", "success"),
+    ]
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_key_and_is_recorded(
+    live_gateway: LiveGateway, client
+):
+    live_gateway.prefer("key-a")
+    live_gateway.script(key_a=[{"token_delay_ms": 300}])  # about 5 s for the whole answer
+    stream = chat(client, stream=True)
+    next(iter(stream))
+    stream.close()
+    [record] = call_records(1)
+    assert (record.key_id, record.outcome, record.status_code) == (
+        "key-a",
+        "client_disconnected",
+        200,
+    )
+    assert record.latency_ms < 3000, "the gateway kept streaming to a client that had left"
+    state, inflight = get_key_state_store().get_many(["key-a"], now=time.time())["key-a"]
+    assert (inflight, state.total_failures) == (0, 0)
+
+
 def test_the_usage_chunk_is_stripped_unless_the_client_asked(live_gateway: LiveGateway, client):
     chunks = stream_chunks(client)
     assert all(c.choices for c in chunks), "a usage-only chunk reached a client that did not ask"

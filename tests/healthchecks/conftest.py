@@ -1,5 +1,5 @@
-"""Health-check fixtures: the proxy gateway of tests/proxy, a loopback webhook receiver, and
-helpers to set breaker state directly in the shared store."""
+"""Health-check fixtures: the proxy gateway of tests/proxy, a loopback webhook receiver, the
+health changes announced, and helpers to set breaker state directly in the shared store."""
 
 from __future__ import annotations
 
@@ -36,6 +36,21 @@ def open_breaker(endpoint: str, *, open_until: float | None = None) -> BreakerSt
         return tripped, None
 
     return get_breaker_store().update(endpoint, fn)[1]
+
+
+@pytest.fixture
+def changes() -> Iterator[list[dict[str, Any]]]:
+    """Every health change announced (the endpoint_health_changed signal), in order."""
+    from healthchecks.signals import endpoint_health_changed
+
+    seen: list[dict[str, Any]] = []
+
+    def receiver(sender: Any, payload: dict[str, Any], **kwargs: Any) -> None:
+        seen.append(payload)
+
+    endpoint_health_changed.connect(receiver)
+    yield seen
+    endpoint_health_changed.disconnect(receiver)
 
 
 def stored(endpoint: str) -> BreakerState:

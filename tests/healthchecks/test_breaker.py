@@ -96,14 +96,14 @@ def test_a_trial_result_after_an_operator_closed_it_changes_nothing():
 
 
 def probe(
-    state: BreakerState, *, ok: bool, at: float, tripping: bool = False, decides: bool = True
+    state: BreakerState, *, ok: bool, at: float, tripping: bool = False, trial: bool = False
 ) -> BreakerState:
     return probe_result(
-        state, ok=ok, tripping=tripping, decides_trial=decides, now=at, policy=POLICY, reason="r"
+        state, ok=ok, tripping=tripping, trial=trial, now=at, policy=POLICY, reason="r"
     )
 
 
-def test_probes_trip_a_closed_breaker_only_at_the_threshold():
+def test_probes_trip_a_closed_breaker_only_when_they_say_the_endpoint_is_down():
     assert probe(BreakerState(), ok=False, at=NOW).status == BreakerStatus.CLOSED
     assert probe(BreakerState(), ok=False, at=NOW, tripping=True).status == BreakerStatus.OPEN
 
@@ -112,20 +112,20 @@ def test_a_probe_success_does_not_close_a_breaker_that_is_still_open():
     assert probe(opened(), ok=True, at=NOW + 5).status == BreakerStatus.OPEN
 
 
-def test_a_probe_is_the_trial_when_the_breaker_is_half_open_and_the_slot_is_free():
-    assert probe(opened(), ok=True, at=NOW + 31).status == BreakerStatus.CLOSED
-    failed = probe(opened(), ok=False, at=NOW + 31)
+def test_a_probe_that_claimed_the_half_open_trial_decides_it():
+    claimed, won = claim_trial(opened(), now=NOW + 31, policy=POLICY)
+    assert won
+    assert probe(claimed, ok=True, at=NOW + 32, trial=True).status == BreakerStatus.CLOSED
+    failed = probe(claimed, ok=False, at=NOW + 32, trial=True)
     assert failed.status == BreakerStatus.OPEN and failed.trips == 2
 
 
-def test_a_probe_waits_for_a_live_trial_in_flight():
-    state, _ = claim_trial(opened(), now=NOW + 31, policy=POLICY)
-    assert probe(state, ok=True, at=NOW + 31.5).status == BreakerStatus.HALF_OPEN
-
-
-def test_a_ping_does_not_decide_the_trial_of_an_endpoint_with_an_http_probe():
-    after = probe(opened(), ok=True, at=NOW + 31, decides=False)
-    assert after.status == BreakerStatus.HALF_OPEN
+def test_a_probe_that_did_not_claim_the_trial_never_decides_a_half_open_breaker():
+    # Sent while the breaker was still open, or a ping of an endpoint with an HTTP probe.
+    assert probe(opened(), ok=True, at=NOW + 31).status == BreakerStatus.HALF_OPEN
+    assert probe(opened(), ok=False, at=NOW + 31, tripping=True).status == BreakerStatus.HALF_OPEN
+    live, _ = claim_trial(opened(), now=NOW + 31, policy=POLICY)
+    assert probe(live, ok=True, at=NOW + 31.5).status == BreakerStatus.HALF_OPEN
 
 
 def test_transitions_name_the_half_open_step_a_lapsed_open_period_went_through():

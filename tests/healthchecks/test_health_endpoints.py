@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from unittest import mock
 
 import pytest
 from django.test import Client, override_settings
@@ -10,6 +11,7 @@ from django.test import Client, override_settings
 from healthchecks import services
 from healthchecks.models import Endpoint, ProbeStatus
 from healthchecks.probes import ProbeResult
+from tests.conftest import free_port
 from tests.factories import ApiKeyFactory, ClientTokenFactory, ProviderFactory
 from tests.healthchecks.conftest import open_breaker
 
@@ -45,7 +47,7 @@ def test_internal_health_lists_each_endpoint_with_probes_breaker_and_a_summary(
     assert good["healthy"] is True and good["breaker_state"] == "closed"
     assert good["http_status"] == "ok" and good["ping_status"] == "unknown"
     assert good["last_latency_ms"] == 8.0
-    bad = body["endpoint_health"]["https://bad.example.test/v1"]
+    bad = body["endpoint_health"]["https://***@bad.example.test/v1?key=***"]
     assert bad["healthy"] is False and bad["breaker_state"] == "open"
     assert bad["consecutive_failures"] == {"ping": 0, "http": 2}
     assert bad["breaker_reopens_at"] and bad["last_change"]
@@ -84,13 +86,48 @@ def test_the_api_has_the_same_data_behind_monitor_auth(
     assert response.json() == client.get("/internal/health").json()
 
 
-def test_healthz_reports_database_and_broker(client: Client, settings):
+def test_healthz_reports_each_part_ok_when_all_is_well(client: Client, settings):
     response = client.get("/healthz")
     assert response.status_code == 200
+    expected = {"database": "ok", "broker": "ok"} | ({"redis": "ok"} if settings.REDIS_URL else {})
+    assert response.json() == {"status": "ok", "checks": expected, "failing": []}
+
+
+def test_healthz_names_a_database_failure(client: Client):
+    from django.db import OperationalError, connections
+
+    refused = OperationalError("connection to server at 10.0.0.5 failed: Connection refused")
+    wrapper = type(connections["default"])  # the check runs in a thread of its own
+    with mock.patch.object(wrapper, "ensure_connection", side_effect=refused):
+        response = client.get("/healthz")
+    assert response.status_code == 503
     body = response.json()
-    assert body["status"] == "ok" and body["failing"] == []
-    expected = {"database", "broker"} | ({"redis"} if settings.REDIS_URL else set())
-    assert set(body["checks"]) == expected
+    assert body["failing"] == ["database"]
+    assert body["checks"]["database"] == "failed: OperationalError"
+    assert body["checks"]["broker"] == "ok"
+    assert "10.0.0.5" not in response.content.decode()
+
+
+def test_healthz_names_a_broker_failure(client: Client, settings, tmp_path):
+    from llmrotate_site.celery import app
+
+    if settings.REDIS_URL:  # the broker is Redis: point it at a port nobody listens on
+        original = app.conf.broker_url
+        app.conf.broker_url = f"redis://127.0.0.1:{free_port()}/0"
+        try:
+            response = client.get("/healthz")
+        finally:
+            app.conf.broker_url = original
+    else:  # the embedded broker: its folder cannot be written
+        options = dict(settings.CELERY_BROKER_TRANSPORT_OPTIONS)
+        options["data_folder_out"] = str(tmp_path / "missing")
+        with override_settings(CELERY_BROKER_TRANSPORT_OPTIONS=options):
+            response = client.get("/healthz")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "fail" and body["failing"] == ["broker"]
+    assert body["checks"]["broker"] in ("timed out", "failed: PermissionError")
+    assert body["checks"]["database"] == "ok"
 
 
 def test_healthz_names_the_failing_part_and_answers_fast(client: Client, settings, tmp_path):

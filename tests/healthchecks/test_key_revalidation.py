@@ -1,19 +1,26 @@
 """Scheduled re-validation: quarantined and exhausted keys come back through one cheap
-authenticated call (GET /models), never on a timer alone after an auth failure."""
+authenticated call (GET /models), never on a timer alone after an auth failure. Scaled out the
+Celery task does it; embedded, a loop in the web process, on the same beat entry's switch and
+interval."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from unittest import mock
 
 import httpx
 import pytest
+from asgiref.sync import sync_to_async
+from django.db import connections
+from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
 from keys.health import KeyPolicy, KeyStatus, Outcome
 from keys.routing import routing_snapshot_sync
 from keys.state_store import get_key_state_store
-from proxy.recheck import keys_revalidate, keys_revalidate_blocking
+from llmrotate_site.beat import KEYS_REVALIDATE_ENTRY, beat_entry_schedule, beat_schedule_sync
+from proxy.recheck import keys_revalidate, keys_revalidate_forever
 from tests.proxy.conftest import SECRETS, Gateway
 
 # tests/proxy/conftest.py: provider "openai" waits 300 s in quarantine.
@@ -127,10 +134,85 @@ def test_the_celery_task_revalidates_where_key_state_is_shared(models: ModelsEnd
 
     quarantine("openai-1", time.time() - 301)
     models.valid.add(SECRETS["k1"])
+    result = task.apply()  # as the worker runs it when beat sends it
+    assert result.successful()
     if not settings.REDIS_URL:
         # Embedded: the worker cannot see the web process's key state; the web process runs
-        # keys_revalidate itself (llmrotate_site/asgi.py).
-        assert task() == 0 and models.calls == []
+        # the re-validation itself (the loop tests below).
+        assert result.result == 0 and models.calls == []
         return
-    assert keys_revalidate_blocking() == {"openai-1": True}
+    assert result.result == 1 and models.calls == [("/v1/models", SECRETS["k1"])]
     assert status("openai-1", time.time()) == KeyStatus.PROBING
+
+
+@pytest.fixture
+def shared_thread() -> Iterator[None]:
+    """The loop reads its beat entry in asgiref's shared thread; close that connection."""
+    yield
+    asyncio.run(sync_to_async(connections.close_all, thread_sensitive=True)())
+
+
+def beat_entry(*, enabled: bool, every: int) -> None:
+    """The key re-validation entry as an operator leaves it in the admin."""
+    beat_schedule_sync()
+    interval, _ = IntervalSchedule.objects.get_or_create(
+        every=every, period=IntervalSchedule.SECONDS
+    )
+    PeriodicTask.objects.filter(name=KEYS_REVALIDATE_ENTRY).update(
+        enabled=enabled, interval=interval
+    )
+
+
+async def eventually(predicate: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(predicate):
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.05)
+
+
+async def quarantined_key_that_now_works(models: ModelsEndpoint) -> None:
+    store = get_key_state_store()
+    await store.record("openai-1", Outcome.AUTH_FAILED, now=time.time() - 301, policy=POLICY)
+    models.valid.add(SECRETS["k1"])
+
+
+@pytest.mark.asyncio
+async def test_the_web_process_loop_runs_on_the_interval_set_in_the_admin(
+    models: ModelsEndpoint, shared_thread: None
+):
+    await sync_to_async(beat_entry, thread_sensitive=True)(enabled=True, every=1)
+    await quarantined_key_that_now_works(models)
+    # The argument is what applies before beat has written its entry: an hour, here.
+    loop = asyncio.create_task(keys_revalidate_forever(interval=3600))
+    try:
+        await eventually(
+            lambda: status("openai-1", time.time()) == KeyStatus.PROBING,
+            "the key was not re-validated on the entry's 1 s interval",
+        )
+    finally:
+        loop.cancel()
+    assert models.calls == [("/v1/models", SECRETS["k1"])]
+
+
+@pytest.mark.asyncio
+async def test_the_web_process_loop_does_nothing_while_the_entry_is_switched_off(
+    models: ModelsEndpoint, shared_thread: None
+):
+    await sync_to_async(beat_entry, thread_sensitive=True)(enabled=False, every=1)
+    await quarantined_key_that_now_works(models)
+    with mock.patch("llmrotate_site.beat.beat_entry_schedule", wraps=beat_entry_schedule) as read:
+        loop = asyncio.create_task(keys_revalidate_forever(interval=1))
+        try:
+            # Four reads of the entry: at least one turn came, found it off and passed.
+            await eventually(lambda: read.call_count >= 4, "the loop stopped reading its entry")
+            assert models.calls == []
+            assert status("openai-1", time.time()) == KeyStatus.QUARANTINED
+
+            # Switched back on in the admin: the next turn runs, no restart needed.
+            await sync_to_async(beat_entry, thread_sensitive=True)(enabled=True, every=1)
+            await eventually(
+                lambda: status("openai-1", time.time()) == KeyStatus.PROBING,
+                "switching the entry back on did not take effect",
+            )
+        finally:
+            loop.cancel()

@@ -16,7 +16,7 @@ from healthchecks.notify import (
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
     health_change_notify,
-    public_url,
+    webhook_host,
     webhook_signature,
 )
 from tests.healthchecks.conftest import WebhookReceiver
@@ -64,7 +64,7 @@ def test_a_change_is_posted_to_every_webhook_signed_over_the_exact_body(
         assert body == payload
         assert delivery.headers[TIMESTAMP_HEADER] == str(body["timestamp"])
         assert delivery.headers["Content-Type"] == "application/json"
-    assert payload["endpoint"] == "https://api.example.test/v1"  # no credentials, no query
+    assert payload["endpoint"] == "https://***@api.example.test/v1?key=***"  # masked
     assert {k for k in payload} == {
         "id", "event", "endpoint", "previous", "current", "reason", "timestamp", "occurred_at",
     }  # fmt: skip
@@ -125,9 +125,10 @@ def test_a_broker_outage_does_not_break_the_caller(settings, caplog):
     assert "could not queue the webhook" in caplog.text
 
 
-def test_public_url_drops_credentials_and_query_but_keeps_the_port():
-    assert public_url("https://u:p@h.test:8443/v1?key=s#x") == "https://h.test:8443/v1"
-    assert public_url("http://[::1]:9100/v1") == "http://[::1]:9100/v1"
+def test_webhook_urls_are_logged_by_host_only():
+    slack = "https://hooks.slack.com/services/T0000/B0000/s3cretPathToken"
+    assert webhook_host(slack) == "hooks.slack.com"
+    assert webhook_host("https://u:p@hooks.example:8443/x?token=s3cret") == "hooks.example:8443"
 
 
 def test_the_signature_is_hmac_sha256_of_the_body():

@@ -4,7 +4,6 @@ the services are called directly, as the tasks do)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 from unittest import mock
@@ -16,7 +15,6 @@ from healthchecks import services
 from healthchecks.breaker import BreakerStatus
 from healthchecks.models import Endpoint, HealthEvent, ProbeStatus
 from healthchecks.probes import ProbeResult
-from healthchecks.signals import endpoint_health_changed
 from tests.factories import ApiKeyFactory, ProviderFactory
 from tests.healthchecks.conftest import open_breaker, stored
 
@@ -25,18 +23,6 @@ pytestmark = pytest.mark.django_db
 OK = ProbeResult(ProbeStatus.OK, latency_ms=12.5, status_code=200)
 DOWN = ProbeResult(ProbeStatus.FAILED, error="connection error: ConnectError")
 NO_ICMP = ProbeResult(ProbeStatus.UNAVAILABLE, error="ICMP sockets are not allowed")
-
-
-@pytest.fixture
-def changes() -> Iterator[list[dict[str, Any]]]:
-    seen: list[dict[str, Any]] = []
-
-    def receiver(sender: Any, payload: dict[str, Any], **kwargs: Any) -> None:
-        seen.append(payload)
-
-    endpoint_health_changed.connect(receiver)
-    yield seen
-    endpoint_health_changed.disconnect(receiver)
 
 
 @pytest.fixture
@@ -121,7 +107,9 @@ def test_recovery_goes_through_half_open_to_closed_and_up(
     endpoint = record(endpoint, "http", DOWN, times=2)
     open_breaker(endpoint.base_url, open_until=time.time() - 1)  # the open period is over
     changes.clear()
-    endpoint = record(endpoint, "http", OK)
+    with mock.patch("healthchecks.services.http_probe", return_value=OK):
+        services.endpoint_probe(endpoint_id=endpoint.pk, kind="http")  # the trial
+    endpoint.refresh_from_db()
     assert stored(endpoint.base_url).status == BreakerStatus.CLOSED
     assert endpoint.is_up is True and endpoint.http_failures == 0
     assert [c["event"] for c in changes] == [
@@ -142,11 +130,11 @@ def test_the_dispatcher_announces_half_open_when_the_open_period_ends(
 
 def test_a_ping_success_does_not_close_a_breaker_an_http_probe_guards(endpoint: Endpoint):
     open_breaker(endpoint.base_url, open_until=time.time() - 1)
-    record(endpoint, "ping", OK)
-    assert stored(endpoint.base_url).status == BreakerStatus.HALF_OPEN
-    Endpoint.objects.update(http_enabled=False)
-    endpoint.refresh_from_db()
-    record(endpoint, "ping", OK)
+    with mock.patch("healthchecks.services.ping_probe", return_value=OK):
+        services.endpoint_probe(endpoint_id=endpoint.pk, kind="ping")
+        assert stored(endpoint.base_url).status == BreakerStatus.HALF_OPEN
+        Endpoint.objects.update(http_enabled=False)
+        services.endpoint_probe(endpoint_id=endpoint.pk, kind="ping")
     assert stored(endpoint.base_url).status == BreakerStatus.CLOSED
 
 

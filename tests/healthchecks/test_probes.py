@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import AsyncIterator
 from unittest import mock
 
 import httpx
@@ -36,6 +39,17 @@ def test_a_refused_icmp_socket_makes_the_ping_unavailable_not_failed():
     assert result.status == ProbeStatus.UNAVAILABLE
     assert not result.counts  # health then rests on the HTTP probe alone
     assert "ping_group_range" in result.error
+
+
+def test_root_without_cap_net_raw_falls_back_to_the_unprivileged_socket():
+    refused = icmplib.SocketPermissionError(True)
+    with mock.patch("icmplib.ping", side_effect=[refused, host(True)]) as ping:
+        result = ping_probe(host="api.example.test", timeout=2, privileged=True)
+    assert result.status == ProbeStatus.OK
+    assert [c.kwargs["privileged"] for c in ping.call_args_list] == [True, False]
+    with mock.patch("icmplib.ping", side_effect=[refused, icmplib.SocketPermissionError(False)]):
+        result = ping_probe(host="api.example.test", timeout=2, privileged=True)
+    assert result.status == ProbeStatus.UNAVAILABLE and "CAP_NET_RAW" in result.error
 
 
 def test_any_other_socket_trouble_is_unavailable_too_and_never_raises():
@@ -99,3 +113,21 @@ def test_the_http_probe_sends_the_headers_and_times_the_answer():
     assert rejected.ok and rejected.status_code == 401
     down = http_probe(url=f"{fake.base_url}/models", headers={}, timeout=1, expected=None)
     assert down.status == ProbeStatus.FAILED and "connection error" in down.error
+
+
+def test_the_http_timeout_bounds_the_whole_request_not_each_read():
+    async def drip() -> AsyncIterator[bytes]:
+        for _ in range(40):  # each chunk well within the timeout, all of them far beyond it
+            await asyncio.sleep(0.25)
+            yield b" "
+
+    async def slow_body(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=drip())
+
+    started = time.monotonic()
+    result = http_probe(
+        url="https://api.example.test/v1/models", headers={}, timeout=1, expected=None,
+        transport=httpx.MockTransport(slow_body),
+    )  # fmt: skip
+    assert result.status == ProbeStatus.FAILED and "timeout" in result.error
+    assert time.monotonic() - started < 5  # the drip alone takes 10 s

@@ -178,3 +178,24 @@ async def test_a_trial_claimed_but_never_sent_is_released(gateway, upstream: ByH
     assert response["x-llmrotate-key"] == "backup-1"
     await settled(lambda: stored(PRIMARY).trial_until == 0)
     assert (await astored(PRIMARY)).status == BreakerStatus.HALF_OPEN
+
+
+async def test_an_endpoint_whose_pings_are_filtered_stays_in_routing(gateway, upstream: ByHost):
+    from healthchecks import services
+    from healthchecks.models import Endpoint, ProbeStatus
+    from healthchecks.probes import ProbeResult
+
+    def probes() -> None:
+        services.endpoints_sync()
+        endpoint = Endpoint.objects.get(base_url=PRIMARY)
+        services.probe_record(endpoint=endpoint, kind="http", result=ProbeResult(ProbeStatus.OK))
+        for _ in range(10):
+            failed = ProbeResult(ProbeStatus.FAILED, error="no echo reply")
+            endpoint = services.probe_record(endpoint=endpoint, kind="ping", result=failed)
+
+    await in_thread(probes)()
+    assert (await astored(PRIMARY)).status == BreakerStatus.CLOSED
+    response = await post(gateway)
+    assert response.status_code == 200 and response["x-llmrotate-attempts"] == "1"
+    assert response["x-llmrotate-key"].startswith("openai-")
+    assert upstream.hosts == ["upstream.test"]

@@ -46,9 +46,26 @@ def test_it_honours_retry_after() -> None:
 def test_jitter_never_shortens_a_server_given_retry_after() -> None:
     policy = KeyPolicy(jitter_ratio=0.5)
     rng = random.Random(1)
+    waits = set()
     for _ in range(200):
         state = hit(KeyState(), Outcome.RATE_LIMITED, retry_after=10, policy=policy, rng=rng)
         assert NOW + 10 <= state.cooldown_until <= NOW + 15
+        waits.add(state.cooldown_until)
+    assert len(waits) > 100, "keys cooled together would all come back in the same instant"
+
+
+def test_the_cooldown_after_repeated_upstream_errors_is_jittered_too() -> None:
+    policy = KeyPolicy(cooldown_seconds=30, jitter_ratio=0.2)
+    rng = random.Random(2)
+    waits = set()
+    for _ in range(200):
+        state = KeyState()
+        for _ in range(policy.upstream_error_threshold):
+            state = hit(state, Outcome.UPSTREAM_ERROR, policy=policy, rng=rng)
+        assert state.status == KeyStatus.COOLDOWN
+        assert NOW + 30 <= state.cooldown_until <= NOW + 36
+        waits.add(state.cooldown_until)
+    assert len(waits) > 100, "keys of a failing endpoint would all come back in the same instant"
 
 
 def test_repeated_429s_back_off_exponentially_up_to_the_cap() -> None:
@@ -210,9 +227,10 @@ def test_a_client_error_only_touches_last_used() -> None:
 
 
 def test_it_remembers_headroom_and_the_last_error() -> None:
-    headroom = Headroom(remaining_requests=0, remaining_tokens=500)
+    headroom = Headroom(remaining_requests=0, remaining_tokens=500, limit_tokens=1000)
     state = hit(KeyState(), Outcome.RATE_LIMITED, headroom=headroom)
     assert (state.remaining_requests, state.remaining_tokens) == (0, 500)
+    assert (state.limit_requests, state.limit_tokens) == (None, 1000)
     assert state.headroom_at == NOW
     assert state.last_used_at == NOW
     assert state.last_error_type == "rate_limited"
@@ -248,7 +266,8 @@ def test_an_unknown_manual_action_is_refused() -> None:
 
 
 def test_a_state_survives_a_round_trip_through_strings() -> None:
-    state = hit(KeyState(), Outcome.RATE_LIMITED, headroom=Headroom(remaining_requests=3))
+    headroom = Headroom(remaining_requests=3, limit_requests=10)
+    state = hit(KeyState(), Outcome.RATE_LIMITED, headroom=headroom)
     data = state.to_dict()
     assert all(isinstance(v, str) for v in data.values())
     assert KeyState.from_dict(data) == state

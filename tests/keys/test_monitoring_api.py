@@ -12,6 +12,7 @@ from django.utils import timezone
 
 from keys.health import KeyPolicy, KeyStatus
 from keys.models import ApiKey
+from keys.selectors import base_url_masked
 from keys.state_store import get_key_state_store
 from keys.strategies import DEFAULT_STRATEGY
 from llmrotate_site.api import api as ninja_api
@@ -108,6 +109,31 @@ def test_a_key_given_as_a_reference_shows_only_the_kind(api: Client) -> None:
     keys = {k["key_id"]: k for k in api.get("/api/config").json()["keys"]}
     assert keys["ref"]["secret_source"] == "env"
     assert "SECRET_NAME" not in api.get("/api/config").content.decode()
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [("https://api.openai.com/v1", "https://api.openai.com/v1"),
+     ("https://user:s3cret-token@proxy.example:8443/v1", "https://***@proxy.example:8443/v1"),
+     ("https://s3cret-token@proxy.example/v1", "https://***@proxy.example/v1"),
+     ("https://x.openai.azure.com/openai?api-version=2024-06-01&api-key=s3cret",
+      "https://x.openai.azure.com/openai?api-version=2024-06-01&api-key=***"),
+     ("https://h.example/v1?key=s3cret&Token=s3cret&sig=s3cret&region=eu",
+      "https://h.example/v1?key=***&Token=***&sig=***&region=eu"),
+     ("https://h.example/v1?access%5Ftoken=s3cret", "https://h.example/v1?access%5Ftoken=***"),
+     ("https://h.example/v1#access_token=s3cret", "https://h.example/v1#***"),
+     ("http://[::1:11434/v1?s3cret", "***")],
+)  # fmt: skip
+def test_base_urls_are_shown_without_credentials(url: str, shown: str) -> None:
+    assert base_url_masked(url) == shown
+
+
+def test_config_masks_credentials_in_provider_base_urls(api: Client) -> None:
+    ProviderFactory(name="relay", base_url="https://me:s3cret-pass@relay.example/v1?token=s3cret-t")
+    body = api.get("/api/config")
+    provider = next(p for p in body.json()["providers"] if p["name"] == "relay")
+    assert provider["base_url"] == "https://***@relay.example/v1?token=***"
+    assert "s3cret" not in body.content.decode()
 
 
 def _get_routes() -> list[str]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 import socket
 import uuid
 from collections.abc import AsyncIterator
@@ -20,17 +21,25 @@ from keys.state_store import (
     get_key_state_store,
     reset_key_state_store,
 )
+from tests.conftest import LEG, REDIS_TEST_URL
 
-REDIS_URL = "redis://127.0.0.1:6379/15"
+# The scaled-out leg's own Redis; the embedded leg uses one if there is one around.
+REDIS_URL = os.environ.get("REDIS_URL") or REDIS_TEST_URL
 NOW = 1_000_000.0
 POLICY = KeyPolicy(jitter_ratio=0.0)
 
 
-def redis_up() -> bool:
+def require_redis() -> None:
+    """Skip without Redis, except in the scaled-out leg: it exists to test Redis."""
     try:
-        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=0.5).ping())
+        if redis.Redis.from_url(REDIS_URL, socket_connect_timeout=0.5).ping():
+            return
     except redis.exceptions.RedisError:
-        return False
+        pass
+    message = f"Redis is not reachable at {REDIS_URL}"
+    if LEG == "scaled":
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 def unique_prefix() -> str:
@@ -48,8 +57,7 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[KeyStateStore]:
     if request.param == "memory":
         backend: KeyStateStore = MemoryKeyStateStore()
     else:
-        if not redis_up():
-            pytest.skip(f"Redis is not reachable at {REDIS_URL}")
+        require_redis()
         backend = RedisKeyStateStore(REDIS_URL, prefix=unique_prefix())
     yield backend
     backend.clear()
@@ -86,13 +94,14 @@ async def test_timers_only_move_forward(store: KeyStateStore) -> None:
 
 async def test_a_late_success_keeps_the_cooldown_but_is_counted(store: KeyStateStore) -> None:
     await store.record("k", Outcome.RATE_LIMITED, now=NOW, policy=POLICY, retry_after=60)
-    headroom = Headroom(remaining_requests=0, remaining_tokens=10)
+    headroom = Headroom(remaining_requests=0, remaining_tokens=10, limit_tokens=1000)
     await store.record("k", Outcome.SUCCESS, now=NOW + 1, policy=POLICY, headroom=headroom)
     state, _ = store.get_many(["k"], now=NOW + 2)["k"]
     assert state.status == KeyStatus.COOLDOWN
     assert state.cooldown_until == NOW + 60
     assert (state.total_successes, state.total_failures) == (1, 1)
     assert (state.remaining_requests, state.remaining_tokens) == (0, 10)
+    assert (state.limit_requests, state.limit_tokens) == (None, 1000)
     assert state.last_used_at == NOW + 1
 
 
@@ -180,8 +189,7 @@ def test_clear_forgets_everything(store: KeyStateStore) -> None:
 
 
 def test_clear_only_touches_its_own_prefix() -> None:
-    if not redis_up():
-        pytest.skip(f"Redis is not reachable at {REDIS_URL}")
+    require_redis()
     mine = RedisKeyStateStore(REDIS_URL, prefix=unique_prefix())
     other = RedisKeyStateStore(REDIS_URL, prefix=unique_prefix())
     try:
@@ -222,8 +230,7 @@ def _hammer(prefix: str, worker: int, rounds: int, barrier: Any) -> None:
 
 
 def test_two_processes_hammering_one_key_lose_no_update() -> None:
-    if not redis_up():
-        pytest.skip(f"Redis is not reachable at {REDIS_URL}")
+    require_redis()
     prefix, rounds = unique_prefix(), 300
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(2)

@@ -68,6 +68,62 @@ def test_health_aware_puts_keys_without_headroom_last() -> None:
     assert order(cands, "health_aware") == ["fine", "empty"]
 
 
+def test_health_aware_tries_keys_nearly_out_of_headroom_after_those_with_more() -> None:
+    cands = [
+        cand("low", remaining_requests=5, limit_requests=100, headroom_at=NOW - 5),
+        cand("roomy", priority=5, remaining_requests=60, limit_requests=100, headroom_at=NOW - 5),
+        cand("unknown", priority=9),
+    ]
+    assert order(cands, "health_aware") == ["roomy", "unknown", "low"]
+
+
+def test_health_aware_judges_headroom_by_the_tighter_of_requests_and_tokens() -> None:
+    tokens_low = cand(
+        "tokens-low",
+        remaining_requests=90,
+        limit_requests=100,
+        remaining_tokens=1_000,
+        limit_tokens=100_000,
+        headroom_at=NOW - 5,
+    )
+    assert order([tokens_low, cand("other", priority=3)], "health_aware") == [
+        "other",
+        "tokens-low",
+    ]
+
+
+def test_health_aware_keeps_priority_first_among_keys_above_the_low_water_mark() -> None:
+    cands = [
+        cand("p1-half", priority=1, remaining_requests=50, limit_requests=100, headroom_at=NOW),
+        cand("p0-fifth", remaining_requests=20, limit_requests=100, headroom_at=NOW),
+    ]
+    assert order(cands, "health_aware") == ["p0-fifth", "p1-half"]
+
+
+def test_health_aware_rotates_ties_among_keys_low_on_headroom() -> None:
+    low = {"remaining_requests": 1, "limit_requests": 100, "headroom_at": NOW}
+    cands = [cand("b", **low), cand("a", **low), cand("fine")]
+    assert order(cands, "health_aware", rr=0) == ["fine", "a", "b"]
+    assert order(cands, "health_aware", rr=1) == ["fine", "b", "a"]
+
+
+def test_health_aware_prefers_a_key_low_on_headroom_to_probing_or_empty_ones() -> None:
+    cands = [
+        cand("empty", remaining_requests=0, limit_requests=100, headroom_at=NOW),
+        cand("probing", status=KeyStatus.PROBING),
+        cand("low", remaining_requests=2, limit_requests=100, headroom_at=NOW),
+    ]
+    assert order(cands, "health_aware") == ["low", "probing", "empty"]
+
+
+def test_health_aware_ignores_low_headroom_once_it_is_stale() -> None:
+    cands = [
+        cand("was-low", remaining_requests=1, limit_requests=100, headroom_at=NOW - 600),
+        cand("other", priority=5),
+    ]
+    assert order(cands, "health_aware") == ["was-low", "other"]
+
+
 def test_health_aware_forgets_old_headroom() -> None:
     cands = [
         cand("was-empty", remaining_tokens=0, headroom_at=NOW - 600),

@@ -36,18 +36,19 @@ async def test_it_serves_from_the_cached_config_while_the_database_is_down(gatew
         assert (await post(gateway)).status_code == 200
 
 
-async def test_without_any_cached_config_a_database_outage_is_a_clean_500(gateway, monkeypatch):
+async def test_without_any_cached_config_a_database_outage_is_a_503(gateway, monkeypatch):
     from keys.routing import invalidate_routing_cache
 
     def database_down():
-        raise OperationalError("could not connect to server")
+        raise OperationalError("could not connect to server at 10.0.0.7")
 
     invalidate_routing_cache()
     monkeypatch.setattr("keys.routing.routing_load", database_down)
     response = await post(gateway)
-    assert response.status_code == 500
-    assert response.json()["error"]["code"] == "internal_error"
-    assert "could not connect" not in response.content.decode()
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "config_unavailable"
+    assert int(response["Retry-After"]) >= 1
+    assert "10.0.0.7" not in response.content.decode()
 
 
 async def test_it_keeps_routing_when_redis_goes_away(gateway, settings):

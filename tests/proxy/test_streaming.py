@@ -1,14 +1,16 @@
-"""Streaming pass-through: usage chunk handling, TTFT, and a stream cut midway."""
+"""Streaming pass-through: usage chunk handling, TTFT, and a stream that fails (midway, or
+before its first byte, when another key can still answer)."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
+import httpx
 import pytest
 from django.test import AsyncClient
 
-from tests.proxy.conftest import Gateway, stream_cut
+from tests.proxy.conftest import Gateway, stream_cut, streaming
 from usage.models import CallRecord
 
 pytestmark = pytest.mark.asyncio
@@ -81,8 +83,6 @@ async def test_a_stream_cut_midway_ends_with_an_error_event_and_no_retry(gateway
 
 
 async def test_a_stream_that_ends_without_finishing_is_reported(gateway: Gateway):
-    import httpx
-
     def truncated(request: httpx.Request) -> httpx.Response:
         return httpx.Response(
             200,
@@ -102,3 +102,28 @@ async def test_a_429_before_the_stream_starts_still_fails_over(gateway: Gateway)
     response, events = await stream(gateway)
     assert response["x-llmrotate-attempts"] == "2"
     assert events[-1] == "[DONE]"
+
+
+@pytest.mark.parametrize(
+    ("break_with", "outcome"),
+    [
+        (httpx.RemoteProtocolError("peer closed connection"), "connection_error"),
+        (httpx.ReadTimeout("no first byte in time"), "timeout"),
+        (None, "bad_response"),  # a 200 that ends at once, with no event at all
+    ],
+    ids=["reset", "read-timeout", "empty"],
+)
+async def test_a_stream_that_fails_before_its_first_byte_moves_to_the_next_key(
+    gateway: Gateway, flush_records, break_with: Exception | None, outcome: str
+):
+    gateway.upstream.first(streaming(break_with) if break_with else streaming())
+    response, events = await stream(gateway)
+    assert response.status_code == 200
+    assert response["x-llmrotate-attempts"] == "2"
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1] if e["choices"])
+    assert (text, events[-1]) == ("Hello!", "[DONE]")
+    first, second = gateway.upstream.keys_used()
+    assert first != second
+    flush_records()
+    rows = [r async for r in CallRecord.objects.order_by("attempt")]
+    assert [(r.key_id, r.outcome) for r in rows] == [(first, outcome), (second, "success")]

@@ -39,3 +39,12 @@ def test_forced_it_prints_plain_lines_without_repeating_the_last() -> None:
     progress.finish(10)
     assert out.getvalue().splitlines() == [out.getvalue().splitlines()[0]]
     assert "\r" not in out.getvalue()
+
+
+def test_a_total_that_was_an_estimate_ends_at_what_was_done() -> None:
+    out = Terminal()
+    progress = Progress("exported", total=10, stream=out, every=0)
+    progress.update(8)
+    progress.finish(8)
+    last = out.getvalue().rsplit("\r", 1)[-1]
+    assert "8/8 (100.0%)" in last

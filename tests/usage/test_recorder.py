@@ -27,10 +27,14 @@ COMPLETION = "Paris is the capital of France."
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def test_call_data_carries_exactly_the_call_record_columns_plus_two_private_fields() -> None:
+def test_call_data_carries_exactly_the_call_record_columns_plus_three_private_fields() -> None:
     columns = {f.name for f in CallRecord._meta.concrete_fields} - {"id"}
     assert set(PERSISTED_FIELDS) == columns
-    assert {f.name for f in fields(CallData)} - columns == {"provider_kind", "estimate"}
+    assert {f.name for f in fields(CallData)} - columns == {
+        "provider_kind",
+        "cache_write_tokens",
+        "estimate",
+    }
 
 
 def test_record_call_does_no_database_work_on_the_calling_thread(recorder: Recorder) -> None:

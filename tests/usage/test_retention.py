@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.core.management import call_command
@@ -13,8 +13,10 @@ from django.utils import timezone
 
 from tests.usage.monitoring import call, write_calls
 from usage.models import CallRecord, DayRollup, HourRollup, MinuteRollup
+from usage.selectors import UsageFilters, usage_stats, usage_timeseries
 from usage.services import usage_prune
 from usage.tasks import usage_prune as usage_prune_task
+from usage.timeframes import TimeFrame
 
 pytestmark = pytest.mark.django_db
 
@@ -70,3 +72,50 @@ def test_the_command_takes_older_than() -> None:
 def test_the_command_refuses_a_bad_duration() -> None:
     with pytest.raises(CommandError, match="90d"):
         call_command("prune_usage", "--older-than", "soon")
+
+
+# After a prune the minute rollups begin at 12:00 on CUTOFF's day; hour and day rows stay.
+NOW = datetime(2025, 6, 1, 12, 30, tzinfo=UTC)
+CUTOFF = NOW - timedelta(days=90)  # 2025-03-03 12:30
+HOUR = CUTOFF.replace(minute=0)
+
+
+@pytest.fixture
+def pruned() -> None:
+    write_calls([call(started_at=HOUR - timedelta(minutes=m)) for m in (50, 10)]  # 11:10, 11:50
+                + [call(started_at=HOUR + timedelta(minutes=10))])  # fmt: skip
+    usage_prune(older_than=timedelta(days=90), now=NOW)
+
+
+@pytest.mark.usefixtures("pruned")
+def test_minute_rollups_go_in_whole_hours() -> None:
+    assert CallRecord.objects.count() == 0
+    assert list(MinuteRollup.objects.values_list("bucket_start", flat=True)) == [
+        HOUR + timedelta(minutes=10)
+    ]
+
+
+@pytest.mark.usefixtures("pruned")
+def test_an_edge_before_the_minute_rollups_is_read_at_hour_resolution() -> None:
+    def calls(since: datetime, until: datetime | None = None) -> int:
+        frame = TimeFrame(since=since, until=until)
+        return usage_stats(frame=frame, filters=UsageFilters(), now=NOW).calls
+
+    # Not an undercount: the whole 11:00 hour counts, as documented.
+    assert calls(HOUR - timedelta(minutes=30)) == 3
+    assert calls(HOUR - timedelta(minutes=30), HOUR - timedelta(minutes=20)) == 2
+    # From the hour the minute rows cover, minute resolution again.
+    assert calls(HOUR + timedelta(minutes=5)) == 1
+    assert calls(HOUR + timedelta(minutes=15)) == 0
+    assert calls(HOUR - timedelta(days=1)) == 3
+
+
+@pytest.mark.usefixtures("pruned")
+def test_a_pruned_hour_shows_in_the_first_of_its_sub_hour_buckets() -> None:
+    frame = TimeFrame(since=HOUR - timedelta(hours=1), until=HOUR + timedelta(hours=1))
+    buckets = usage_timeseries(
+        frame=frame, bucket=timedelta(minutes=15), filters=UsageFilters(), now=NOW
+    )
+    assert [(b.start.strftime("%H:%M"), b.totals.calls) for b in buckets if b.totals.calls] == [
+        ("11:00", 2), ("12:00", 1)
+    ]  # fmt: skip

@@ -29,6 +29,8 @@ calls = st.fixed_dictionaries(
         "minute": st.integers(0, SPAN_MINUTES),
         "second": st.floats(0, 59.999),
         "provider": st.sampled_from(["openai", "anthropic"]),
+        "requested_model": st.sampled_from(["fast", "smart"]),
+        "key_id": st.sampled_from(["k1", "k2", "k3"]),
         "client": st.sampled_from(["a", "b", "c"]),
         "stream": st.booleans(),
         "outcome": st.sampled_from([Outcome.SUCCESS, Outcome.SUCCESS, Outcome.RATE_LIMITED,
@@ -38,6 +40,7 @@ calls = st.fixed_dictionaries(
         "usage_source": st.sampled_from(list(UsageSource)),
         "latency_ms": st.floats(1, 200_000),
         "ttft_ms": st.none() | st.floats(10, 20_000),
+        "overhead_ms": st.floats(0, 500),
         "tokens_per_second": st.none() | st.floats(0.5, 5000),
         "cost_usd": st.none() | st.decimals(min_value=0, max_value=3, places=10),
     }
@@ -46,6 +49,8 @@ bounds = st.none() | st.integers(0, SPAN_MINUTES + 60)
 filters = st.builds(
     UsageFilters,
     provider=st.none() | st.sampled_from(["openai", "anthropic"]),
+    model=st.none() | st.sampled_from(["fast", "smart"]),
+    key=st.none() | st.sampled_from(["k1", "k2"]),
     client=st.none() | st.sampled_from(["a", "b"]),
     status=st.none() | st.sampled_from(["success", "error"]),
     stream=st.none() | st.booleans(),
@@ -69,6 +74,8 @@ def _matches(r: CallRecord, frame: TimeFrame, f: UsageFilters) -> bool:
         (frame.since is None or r.started_at >= frame.since)
         and (frame.until is None or r.started_at < frame.until)
         and (f.provider is None or r.provider == f.provider)
+        and (f.model is None or r.requested_model == f.model)
+        and (f.key is None or r.key_id == f.key)
         and (f.client is None or r.client == f.client)
         and (f.stream is None or r.stream == f.stream)
         and (f.status is None or (r.outcome == Outcome.SUCCESS) == (f.status == "success"))
@@ -106,9 +113,11 @@ def test_rollup_aggregates_equal_raw_aggregates(
         r.total_tokens for r in raw if r.usage_source == UsageSource.ESTIMATED
     )
     assert stats.cost_usd == sum((Decimal(r.cost_usd) for r in raw if r.cost_usd), Decimal(0))
+    by_name = {m.name: m for m in METRICS}
     for metric, figures in (
-        (METRICS[0], stats.duration), (METRICS[1], stats.ttft),
-        (METRICS[3], stats.tokens_per_second),
+        (by_name["latency_ms"], stats.duration), (by_name["ttft_ms"], stats.ttft),
+        (by_name["overhead_ms"], stats.overhead),
+        (by_name["tokens_per_second"], stats.tokens_per_second),
     ):  # fmt: skip
         values = [getattr(r, metric.name) for r in raw if getattr(r, metric.name) is not None]
         assert figures.count == len(values)
@@ -124,6 +133,12 @@ def test_rollup_aggregates_equal_raw_aggregates(
 
     by_provider = dict(usage_totals_by(group=("provider",), frame=frame, filters=f, now=NOW))
     assert {k[0]: v.calls for k, v in by_provider.items()} == dict(Counter(r.provider for r in raw))
+    by_model = usage_totals_by(
+        group=("provider", "requested_model"), frame=frame, filters=f, now=NOW
+    )
+    assert {k: v.calls for k, v in by_model} == dict(
+        Counter((r.provider, r.requested_model) for r in raw)
+    )
 
 
 @pytest.mark.django_db

@@ -7,9 +7,13 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from usage.timeframes import (
+    MAX_BUCKETS,
     TimeFrame,
     TimeFrameError,
+    bucket_span,
+    ceil_time,
     default_bucket,
+    floor_time,
     parse_bucket,
     parse_duration,
     timeframe_parse,
@@ -82,7 +86,23 @@ def test_buckets_divide_a_day_or_are_whole_days(text: str, seconds: int) -> None
     assert parse_bucket(text).total_seconds() == seconds
 
 
-@pytest.mark.parametrize("text", ["7m", "0m", "5s", "1w", "", "36h"])
+@pytest.mark.parametrize(
+    "value",
+    ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00", "1969-12-31T23:59Z", "9999-12-31"],
+)
+def test_timestamps_outside_1970_to_9000_are_refused_with_the_range(value: str) -> None:
+    with pytest.raises(TimeFrameError, match="between 1970-01-01 and 9000-01-01") as info:
+        parse(until=value)
+    assert info.value.param == "until"
+
+
+def test_the_ends_of_the_range_are_accepted() -> None:
+    frame = parse(since="1970-01-01T00:00:00Z", until="9000-01-01T00:00:00Z")
+    assert frame.since == datetime(1970, 1, 1, tzinfo=UTC)
+    assert frame.until == datetime(9000, 1, 1, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("text", ["7m", "0m", "5s", "1w", "", "36h", "3651d", "1000000000d"])
 def test_other_buckets_are_refused_with_examples(text: str) -> None:
     with pytest.raises(TimeFrameError, match="1m, 5m, 15m, 1h, 6h or 1d"):
         parse_bucket(text)
@@ -97,7 +117,40 @@ def test_the_default_bucket_follows_the_window(window: str, bucket: timedelta) -
     assert default_bucket(parse(window=window), now=NOW) == bucket
 
 
+def test_the_largest_bucket_is_ten_years() -> None:
+    assert parse_bucket("3650d") == timedelta(days=3650)
+
+
+@pytest.mark.parametrize(
+    ("since", "until", "bucket"),
+    [("2025-01-01", "2025-03-01", timedelta(days=1)),  # 59 days: 60 daily buckets
+     ("2000-01-01", "2005-06-01", timedelta(days=1)),  # under 2,000 days
+     ("2000-01-01", "2025-01-01", timedelta(days=7)),  # 9,132 days: weekly
+     ("1970-01-01", "2100-01-01", timedelta(days=30)),
+     ("1970-01-01", "3000-01-01", timedelta(days=365)),
+     ("1970-01-01", "9000-01-01", timedelta(days=3650))],
+)  # fmt: skip
+def test_a_long_frame_gets_the_first_bucket_that_stays_within_the_cap(
+    since: str, until: str, bucket: timedelta
+) -> None:
+    frame = parse(since=since, until=until)
+    assert default_bucket(frame, now=NOW) == bucket
+    assert bucket_span(frame, bucket, now=NOW)[1] <= MAX_BUCKETS
+
+
+def test_bucket_arithmetic_is_exact_before_1970_and_at_the_end_of_the_range() -> None:
+    before = datetime(1969, 12, 31, 23, 59, 30, 500, tzinfo=UTC)
+    assert floor_time(before, 60) == datetime(1969, 12, 31, 23, 59, tzinfo=UTC)
+    assert ceil_time(before, 60) == datetime(1970, 1, 1, tzinfo=UTC)
+    end = datetime(9000, 1, 1, tzinfo=UTC)
+    assert ceil_time(end - timedelta(seconds=1), 3650 * 86400) > end
+
+
 def test_durations_for_retention() -> None:
     assert parse_duration("90d", param="x") == timedelta(days=90)
     with pytest.raises(TimeFrameError):
         parse_duration("ninety days", param="--older-than")
+    # Far enough back that the cutoff would precede 1970 (or leave datetime's range).
+    for too_long in ("1000000000d", "30000d"):
+        with pytest.raises(TimeFrameError, match="1970"):
+            parse_duration(too_long, param="--older-than")

@@ -154,6 +154,16 @@ def test_the_timeseries_bucket_follows_the_window(api: Client, window: str, seco
     assert api.get(f"/api/usage/timeseries?window={window}").json()["bucket_seconds"] == seconds
 
 
+def test_a_frame_years_long_without_a_bucket_is_answered_in_weeks(api: Client) -> None:
+    write_calls([call(started_at=datetime(2010, 6, 1, 12, tzinfo=UTC))])
+    response = api.get("/api/usage/timeseries?since=2000-01-01&until=2025-01-01")
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert body["bucket_seconds"] == 7 * 86400
+    assert len(body["buckets"]) <= 2000
+    assert sum(b["calls"] for b in body["buckets"]) == 1
+
+
 def test_timeseries_buckets_are_utc_aligned_across_a_dst_change(api: Client) -> None:
     # Europe changed its clocks at 01:00 UTC that night; UTC buckets do not notice.
     write_calls([call(started_at=datetime(2025, 3, 30, 0, 59, tzinfo=UTC)),

@@ -16,6 +16,7 @@ from llmrotate_site.dashboard.query import DashboardQuery
 register = template.Library()
 
 NONE = "—"
+EN_DASH = "\u2013"
 # One palette for every state the dashboard shows: ok (green), warn (amber), bad (red),
 # info (blue), muted (grey). The CSS defines `.tone-<name>` for badges, dots and bars.
 TONES = {
@@ -107,6 +108,16 @@ def ms(value: float | None) -> str:
     if value < 60_000:
         return f"{value / 1000:.2f} s"
     return f"{value / 60_000:.1f} min"
+
+
+@register.filter
+def ms_range(low: float | None, high: float | None) -> str:
+    """40-62 ms with an en dash; each end with its own unit when they differ (850 ms - 1.24 s)."""
+    if low is None or high is None:
+        return NONE
+    if high < 1000:
+        return f"{low:.0f}{EN_DASH}{high:.0f} ms"
+    return f"{ms(low)} {EN_DASH} {ms(high)}"
 
 
 @register.filter

@@ -42,7 +42,11 @@ class Progress:
 
     def finish(self, done: int) -> None:
         if self.enabled:
-            if self._drawn != done:
+            # A total is often an estimate; at the end the count is the total.
+            estimated = self.total is not None and self.total != done
+            if estimated:
+                self.total = done
+            if self._drawn != done or estimated:
                 self._draw(done, time.monotonic())
             if self.tty:
                 self.stream.write("\n")

@@ -14,8 +14,9 @@ from usage.timeframes import TimeFrameError, parse_duration
 
 class Command(BaseCommand):
     help = (
-        "Delete call records and minute rollups older than --older-than (default: "
-        "LLMROTATE_USAGE_RETENTION_DAYS), in batches. Hourly and daily rollups are kept."
+        "Delete call records older than --older-than (default: LLMROTATE_USAGE_RETENTION_DAYS) "
+        "and minute rollups of the whole hours before that, in batches. Hourly and daily "
+        "rollups are kept."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from datetime import datetime
 from typing import Any
@@ -48,8 +47,6 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         if options["records"] < 0 or options["days"] <= 0:
             raise CommandError("--records must be ≥ 0 and --days > 0")
-        # One JSON log line per seeded record would drown the terminal.
-        logging.getLogger("llmrotate.usage").setLevel(logging.WARNING)
         index, count = options["shard"]
         expected = options["records"] // count
         progress = Progress("seeding", total=expected, force=options["progress"])

@@ -1,0 +1,374 @@
+"""The two wire formats the proxy speaks: OpenAI chat completions and Anthropic Messages.
+
+Everything that differs between them lives here: the upstream path and headers, the body sent
+upstream, where usage is reported, how a stream's events are read, and the error event the
+gateway adds to a stream that breaks. The failover engine and the stream relay take the
+dialect from the CallContext and are otherwise the same for both, so rotation, failover, key
+health, recording and the disconnect handling cannot drift apart between the two.
+
+Token semantics are OpenAI's whatever the dialect: `prompt_tokens` includes cache reads
+(`cached_tokens`) and cache writes (`cache_write_tokens`). Anthropic reports them apart from
+`input_tokens`, so its usage is normalised here, once, before anything is recorded or priced.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from keys.ratelimits import Headroom, parse_headroom
+from proxy.classify import Verdict
+
+DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    cache_write_tokens: int = 0
+    # False while only part of it is known: an Anthropic stream reports its input tokens at
+    # the start and the output count at the end; a stream cut in between gets the rest
+    # estimated from the text it carried.
+    reported: bool = False
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and value >= 0 else 0
+
+
+def usage_from(obj: Any) -> Usage | None:
+    """OpenAI's `usage` object, defensively: upstreams (vLLM, Ollama, …) vary in what they send."""
+    if not isinstance(obj, dict):
+        return None
+    prompt_details = obj.get("prompt_tokens_details")
+    completion_details = obj.get("completion_tokens_details")
+    prompt = _int(obj.get("prompt_tokens"))
+    completion = _int(obj.get("completion_tokens"))
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=_int(obj.get("total_tokens")) or prompt + completion,
+        cached_tokens=_int(prompt_details.get("cached_tokens"))
+        if isinstance(prompt_details, dict)
+        else 0,
+        reasoning_tokens=_int(completion_details.get("reasoning_tokens"))
+        if isinstance(completion_details, dict)
+        else 0,
+        reported=True,
+    )
+
+
+def anthropic_usage_from(obj: Any, *, reported: bool = True) -> Usage | None:
+    """Anthropic's `usage`, normalised: cache reads and writes are added to the prompt."""
+    if not isinstance(obj, dict):
+        return None
+    read = _int(obj.get("cache_read_input_tokens"))
+    write = _int(obj.get("cache_creation_input_tokens"))
+    prompt = _int(obj.get("input_tokens")) + read + write
+    completion = _int(obj.get("output_tokens")) if reported else 0
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        cached_tokens=read,
+        cache_write_tokens=write,
+        reported=reported,
+    )
+
+
+@dataclass(slots=True)
+class StreamState:
+    """What the relay has learnt from a stream's events so far."""
+
+    strip_usage: bool = False  # OpenAI: drop the usage chunk the client did not ask for
+    usage: Usage | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    complete: bool = False  # the upstream said the answer is whole ([DONE], message_stop, …)
+    failure: tuple[str, str] | None = None  # (outcome, error_type)
+    # The streamed text, for a token estimate when usage is missing. OpenAI: the content
+    # strings. Anthropic: the raw `data` of each content delta, decoded only if an estimate is
+    # needed (it always reports usage, so that is rare and parsing each delta would be waste).
+    pieces: list[Any] = field(default_factory=list)
+    # Anthropic: the usage of message_start, updated by message_delta.
+    raw_usage: dict[str, Any] = field(default_factory=dict)
+
+
+def _data(raw: bytes) -> tuple[bytes, bytes]:
+    """(event name, data) of one SSE event."""
+    name = b""
+    data = b""
+    for line in raw.splitlines():
+        if line.startswith(b"data:"):
+            data += line[5:].lstrip(b" ")
+        elif line.startswith(b"event:"):
+            name = line[6:].strip()
+    return name, data
+
+
+def _dumps(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _json_object(data: bytes) -> dict[str, Any] | None:
+    try:
+        parsed = json.loads(data)
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+class Dialect:
+    name = ""
+    path = ""  # appended to the provider's base_url
+    anthropic = False
+    records = True  # whether each attempt becomes a CallRecord
+
+    def serves(self, kind: str) -> bool:
+        """Whether a deployment of this provider kind can answer in this dialect."""
+        return True
+
+    def verdict(self, verdict: Verdict) -> Verdict:
+        """What an upstream answer means here (the classification is shared)."""
+        return verdict
+
+    def headroom(self, headers: Any) -> Headroom | None:
+        return parse_headroom(headers)
+
+    def payload(self, body: dict[str, Any], *, model: str, stream: bool) -> bytes:
+        """The body sent upstream: the client's, with the deployment's model."""
+        out = dict(body)
+        out["model"] = model
+        return _dumps(out)
+
+    def headers(
+        self, kind: str, secret: str, *, stream: bool, forward: dict[str, str]
+    ) -> dict[str, str]:
+        raise NotImplementedError
+
+    def usage(self, parsed: dict[str, Any]) -> Usage | None:
+        raise NotImplementedError
+
+    def completion_text(self, parsed: dict[str, Any]) -> str:
+        raise NotImplementedError
+
+    def event(self, state: StreamState, raw: bytes) -> bytes | None:
+        """Inspect one complete event; return what to forward (None drops it)."""
+        raise NotImplementedError
+
+    def streamed_text(self, state: StreamState) -> str:
+        raise NotImplementedError
+
+    def error_event(self, message: str, *, code: str) -> bytes:
+        """What the gateway sends when the upstream fails mid-stream, so the SDK raises."""
+        raise NotImplementedError
+
+
+def upstream_headers(kind: str, secret: str, *, stream: bool) -> dict[str, str]:
+    """Headers of an OpenAI-format call (also used by the key re-check and the HTTP probes)."""
+    headers = {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"}
+    if kind == "anthropic":
+        # Anthropic's OpenAI-compatible endpoint takes the bearer key; the native header is
+        # sent as well so that gateways in front of it that expect it work too.
+        headers["x-api-key"] = secret
+        headers["anthropic-version"] = DEFAULT_ANTHROPIC_VERSION
+    if stream:
+        # A compressed event stream would be buffered by the decoder; ask for plain bytes.
+        headers["Accept-Encoding"] = "identity"
+        headers["Accept"] = "text/event-stream"
+    return headers
+
+
+class OpenAIDialect(Dialect):
+    name = "openai"
+    path = "/chat/completions"
+
+    def payload(self, body: dict[str, Any], *, model: str, stream: bool) -> bytes:
+        out = dict(body)
+        out["model"] = model
+        if stream:
+            # Asked for always, so a stream's tokens are reported rather than estimated; the
+            # relay strips the extra chunk when the client did not ask for it.
+            options = body.get("stream_options")
+            out["stream_options"] = {
+                **(options if isinstance(options, dict) else {}),
+                "include_usage": True,
+            }
+        return _dumps(out)
+
+    def headers(
+        self, kind: str, secret: str, *, stream: bool, forward: dict[str, str]
+    ) -> dict[str, str]:
+        return upstream_headers(kind, secret, stream=stream)
+
+    def usage(self, parsed: dict[str, Any]) -> Usage | None:
+        return usage_from(parsed.get("usage"))
+
+    def completion_text(self, parsed: dict[str, Any]) -> str:
+        choices = parsed.get("choices")
+        texts = []
+        for choice in choices if isinstance(choices, list) else ():
+            message = choice.get("message") if isinstance(choice, dict) else None
+            if isinstance(message, dict) and isinstance(message.get("content"), str):
+                texts.append(message["content"])
+        return "".join(texts)
+
+    def event(self, state: StreamState, raw: bytes) -> bytes | None:
+        _, data = _data(raw)
+        if not data:
+            return raw
+        if data == b"[DONE]":
+            state.complete = True
+            return raw
+        chunk = _json_object(data)
+        if chunk is None:
+            return raw
+        if "error" in chunk:
+            state.failure = ("stream_error", "upstream_error_event")
+            return raw
+        usage = chunk.get("usage")
+        choices = chunk.get("choices")
+        if usage:
+            state.usage = usage_from(usage)
+            if state.strip_usage and not choices:
+                return None
+        if isinstance(choices, list):
+            for choice in choices:
+                if not isinstance(choice, dict):
+                    continue
+                delta = choice.get("delta")
+                if isinstance(delta, dict):
+                    content = delta.get("content")
+                    if content or delta.get("tool_calls") or delta.get("reasoning_content"):
+                        now = time.perf_counter()
+                        if state.first_token_at is None:
+                            state.first_token_at = now
+                        state.last_token_at = now
+                        if isinstance(content, str):
+                            state.pieces.append(content)
+                if choice.get("finish_reason"):
+                    state.complete = True
+        return raw
+
+    def streamed_text(self, state: StreamState) -> str:
+        return "".join(state.pieces)
+
+    def error_event(self, message: str, *, code: str) -> bytes:
+        body = {
+            "error": {"message": message, "type": "upstream_error", "code": code, "param": None}
+        }
+        return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+# Content deltas that are generated output (TTFT starts at the first non-empty one), and the
+# field that carries each one's text.
+_ANTHROPIC_DELTAS = {
+    "text_delta": "text",
+    "input_json_delta": "partial_json",
+    "thinking_delta": "thinking",
+}
+
+
+def _delta_text(data: bytes) -> str:
+    """The generated text a content_block_delta carries ("" for signatures and the like)."""
+    chunk = _json_object(data)
+    delta = chunk.get("delta") if chunk else None
+    if not isinstance(delta, dict):
+        return ""
+    text = delta.get(_ANTHROPIC_DELTAS.get(str(delta.get("type")), ""))
+    return text if isinstance(text, str) else ""
+
+
+class AnthropicDialect(Dialect):
+    name = "anthropic"
+    path = "/messages"
+    anthropic = True
+
+    def serves(self, kind: str) -> bool:
+        # Only Anthropic itself speaks the native Messages API; the other kinds are OpenAI's
+        # wire format (and an `anthropic` provider's base_url is api.anthropic.com/v1).
+        return kind == "anthropic"
+
+    def headers(
+        self, kind: str, secret: str, *, stream: bool, forward: dict[str, str]
+    ) -> dict[str, str]:
+        headers = {
+            "x-api-key": secret,
+            "anthropic-version": DEFAULT_ANTHROPIC_VERSION,
+            "Content-Type": "application/json",
+            **forward,  # the client's anthropic-version / anthropic-beta
+        }
+        if stream:
+            headers["Accept-Encoding"] = "identity"
+            headers["Accept"] = "text/event-stream"
+        return headers
+
+    def usage(self, parsed: dict[str, Any]) -> Usage | None:
+        return anthropic_usage_from(parsed.get("usage"))
+
+    def completion_text(self, parsed: dict[str, Any]) -> str:
+        content = parsed.get("content")
+        return "".join(
+            block["text"]
+            for block in (content if isinstance(content, list) else ())
+            if isinstance(block, dict) and isinstance(block.get("text"), str)
+        )
+
+    def event(self, state: StreamState, raw: bytes) -> bytes | None:
+        name, data = _data(raw)
+        if name == b"content_block_delta":
+            # The bulk of a stream. Once its first token is seen nothing in it is needed
+            # but the time it arrived (its text is kept raw for a possible estimate).
+            now = time.perf_counter()
+            if state.first_token_at is None:
+                if not _delta_text(data):
+                    return raw
+                state.first_token_at = now
+            state.last_token_at = now
+            state.pieces.append(data)
+            return raw
+        if name in (b"ping", b"content_block_start", b"content_block_stop") or not data:
+            return raw
+        if name == b"message_stop":
+            state.complete = True
+            return raw
+        chunk = _json_object(data)
+        if chunk is None:
+            return raw
+        kind = name.decode() if name else str(chunk.get("type", ""))
+        if kind == "message_start":
+            message = chunk.get("message")
+            usage = message.get("usage") if isinstance(message, dict) else None
+            if isinstance(usage, dict):
+                state.raw_usage = dict(usage)
+                # Its output_tokens is a placeholder; the real count comes with message_delta.
+                state.usage = anthropic_usage_from(usage, reported=False)
+        elif kind == "message_delta":
+            usage = chunk.get("usage")
+            if isinstance(usage, dict):
+                # Cumulative counts: they replace what message_start said (a null does not).
+                state.raw_usage.update((k, v) for k, v in usage.items() if v is not None)
+                state.usage = anthropic_usage_from(state.raw_usage)
+        elif kind == "error":
+            state.failure = ("stream_error", "upstream_error_event")
+        elif kind == "message_stop":  # an event without its `event:` line
+            state.complete = True
+        return raw
+
+    def streamed_text(self, state: StreamState) -> str:
+        return "".join(_delta_text(data) for data in state.pieces)
+
+    def error_event(self, message: str, *, code: str) -> bytes:
+        # The anthropic SDK raises on an `error` event; `code` is the gateway's own detail.
+        body = {"type": "error", "error": {"type": "api_error", "message": message, "code": code}}
+        return b"event: error\ndata: " + json.dumps(body).encode() + b"\n\n"
+
+
+OPENAI = OpenAIDialect()
+ANTHROPIC = AnthropicDialect()

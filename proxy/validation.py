@@ -1,0 +1,91 @@
+"""Request bodies of the proxy endpoints, checked by hand.
+
+The body is forwarded as the client sent it (only `model`, and `stream_options` for OpenAI
+streams, are rewritten), so fields this gateway does not know about still reach the upstream.
+A ninja schema would drop or reshape them, which is why these checks exist instead, and why
+the OpenAPI document describes the body separately (`json_body_doc`). Only what the gateway
+itself relies on is checked; the upstream checks the rest.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from django.conf import settings
+from django.http import HttpRequest
+
+from proxy.errors import ProxyError
+
+# (message, code, param) -> the error to raise: 422 on the OpenAI endpoint, 400 on Anthropic's,
+# each as its own API answers.
+Invalid = Callable[[str, str, str | None], ProxyError]
+
+_MODEL = {"model": {"type": "string", "description": "A route name."}}
+_MESSAGES = {"messages": {"type": "array", "minItems": 1, "items": {"type": "object"}}}
+
+
+def json_body_doc(*, required: list[str], properties: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI `requestBody` of a JSON object with `model` and `messages`."""
+    schema = {
+        "type": "object",
+        "required": ["model", "messages", *required],
+        "additionalProperties": True,
+        "properties": {**_MODEL, **_MESSAGES, **properties},
+    }
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def body_load(request: HttpRequest) -> dict[str, Any]:
+    raw = request.body
+    if len(raw) > settings.LLMROTATE_MAX_REQUEST_BYTES:
+        raise ProxyError(
+            413,
+            f"Request body is larger than {settings.LLMROTATE_MAX_REQUEST_BYTES} bytes.",
+            type="invalid_request_error",
+            code="request_too_large",
+        )
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise ProxyError(
+            400,
+            f"The request body is not valid JSON: {exc}.",
+            type="invalid_request_error",
+            code="invalid_json",
+        ) from None
+    if not isinstance(body, dict):
+        raise ProxyError(
+            422,
+            "The request body must be a JSON object.",
+            type="invalid_request_error",
+            code="invalid_type",
+        )
+    return body
+
+
+def _code(value: object) -> str:
+    return "missing_required_parameter" if value is None else "invalid_type"
+
+
+def body_check_conversation(
+    body: dict[str, Any], *, invalid: Invalid, item: str = "messages[{}]"
+) -> None:
+    """`model` a non-empty string, `messages` a non-empty array of objects with a string role,
+    `stream` (when present) a boolean: what both wire formats share. `item` names a message
+    the way the endpoint's own API does (`messages[0]`, Anthropic's `messages.0`)."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise invalid("'model' is required and must be a non-empty string.", _code(model), "model")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise invalid(
+            "'messages' is required and must be a non-empty array.", _code(messages), "messages"
+        )
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            where = item.format(i)
+            raise invalid(f"{where} must be an object with a string 'role'.", "invalid_type", where)
+    if not isinstance(body.get("stream", False), bool):
+        raise invalid("'stream' must be a boolean.", "invalid_type", "stream")

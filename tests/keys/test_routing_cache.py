@@ -1,0 +1,75 @@
+"""The per-process routing snapshot: requests never wait for its periodic reload."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+from django.test import override_settings
+
+from keys import routing
+from keys.routing import RoutingSnapshot, invalidate_routing_cache, routing_snapshot
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture
+def loads(db: None, monkeypatch: pytest.MonkeyPatch) -> list[RoutingSnapshot]:
+    """routing_load replaced by one that hands out numbered, empty snapshots."""
+    made: list[RoutingSnapshot] = []
+
+    def load() -> RoutingSnapshot:
+        made.append(RoutingSnapshot())
+        return made[-1]
+
+    monkeypatch.setattr(routing, "routing_load", load)
+    return made
+
+
+async def wait_for_refresh() -> None:
+    assert routing._refresh is not None
+    await routing._refresh
+
+
+async def test_a_stale_snapshot_is_served_while_it_reloads_in_the_background(loads, monkeypatch):
+    first = await routing_snapshot()
+    release = threading.Event()
+
+    def slow_load() -> RoutingSnapshot:
+        assert release.wait(10)
+        loads.append(RoutingSnapshot())
+        return loads[-1]
+
+    monkeypatch.setattr(routing, "routing_load", slow_load)
+    with override_settings(LLMROTATE_CONFIG_CACHE_SECONDS=0):
+        # The reload is blocked, yet the request gets an answer at once: the old snapshot.
+        assert await asyncio.wait_for(routing_snapshot(), timeout=2) is first
+        assert await asyncio.wait_for(routing_snapshot(), timeout=2) is first
+        release.set()
+        await wait_for_refresh()
+    assert len(loads) == 2, "two requests on a stale snapshot started one reload"
+    assert await routing_snapshot() is loads[-1]
+
+
+async def test_a_reload_that_a_local_write_overtook_is_dropped(loads, monkeypatch):
+    await routing_snapshot()
+    release = threading.Event()
+
+    def slow_load() -> RoutingSnapshot:
+        assert release.wait(10)
+        return RoutingSnapshot()
+
+    monkeypatch.setattr(routing, "routing_load", slow_load)
+    with override_settings(LLMROTATE_CONFIG_CACHE_SECONDS=0):
+        await routing_snapshot()  # starts the background reload
+    invalidate_routing_cache()  # an admin write lands while it runs
+    release.set()
+    await wait_for_refresh()
+    assert routing._snapshot is None, "the reload may predate the write; it must not be kept"
+
+
+async def test_without_a_snapshot_the_request_waits_for_the_load(loads):
+    invalidate_routing_cache()
+    snapshot = await routing_snapshot()
+    assert snapshot is loads[-1]

@@ -1,0 +1,63 @@
+"""The interactive reference at /api/docs and the OpenAPI document behind it."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from django.contrib.staticfiles import finders
+from django.test import Client
+
+from llmrotate_site.api import api as ninja_api
+
+MONITORING = [
+    "/api/health", "/api/keys", "/api/config", "/api/usage", "/api/usage/models",
+    "/api/usage/timeseries", "/api/usage/stats", "/api/usage/clients", "/api/usage/recent",
+    "/api/events", "/api/requests/{request_id}", "/api/usage/export",
+]  # fmt: skip
+
+
+@pytest.mark.django_db
+def test_the_docs_page_loads_with_assets_served_here_not_from_a_cdn() -> None:
+    response = Client().get("/api/docs")
+    assert response.status_code == 200
+    html = response.content.decode()
+    urls = re.findall(r'(?:src|href)="([^"]+)"', html)
+    assert any(url.endswith("swagger-ui-bundle.js") for url in urls)
+    for url in urls:
+        assert url.startswith("/static/"), url
+        assert finders.find(url.removeprefix("/static/")), f"{url} is not shipped"
+    assert "//cdn" not in html and "https://" not in html
+    assert "/api/openapi.json" in html
+
+
+def test_every_monitoring_operation_documents_its_errors_openai_shaped() -> None:
+    schema = ninja_api.get_openapi_schema()
+    error = schema["components"]["schemas"]["ErrorDetailOut"]
+    assert set(error["properties"]) == {"message", "type", "code", "param"}
+    for path in MONITORING:
+        operation = schema["paths"][path]["get"]
+        responses = {str(code): spec for code, spec in operation["responses"].items()}
+        expected = {"401", "403"} | ({"422"} if operation.get("parameters") else set())
+        if "{" in path:
+            expected.add("404")
+        assert expected <= set(responses), path
+        for code in expected:
+            ref = responses[code]["content"]["application/json"]["schema"]["$ref"]
+            assert ref == "#/components/schemas/ErrorOut", (path, code)
+
+
+def test_parameters_declare_what_is_accepted() -> None:
+    parameters = {
+        p["name"]: p["schema"]
+        for p in ninja_api.get_openapi_schema()["paths"]["/api/usage/recent"]["get"]["parameters"]
+    }
+
+    def string(name: str) -> dict[str, object]:
+        return next(s for s in parameters[name]["anyOf"] if s.get("type") == "string")
+
+    assert string("since")["format"] == "date-time" and string("until")["format"] == "date-time"
+    assert string("window")["enum"] == ["1h", "24h", "7d", "30d"]
+    assert re.fullmatch(str(string("provider")["pattern"]), "openai")
+    assert not re.fullmatch(str(string("provider")["pattern"]), "open\x00ai")
+    assert (parameters["limit"]["minimum"], parameters["limit"]["maximum"]) == (1, 1000)
