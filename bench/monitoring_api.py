@@ -1,5 +1,6 @@
-"""Monitoring API at 10 million call records: seed (or reuse) a Postgres database, then time
-every endpoint over a 30-day window, and the export's rows per second.
+"""Monitoring API and dashboard at 10 million call records: seed (or reuse) a Postgres database,
+then time every endpoint and dashboard page over a 30-day window, and the export's rows per
+second.
 
     .venv/bin/python bench/monitoring_api.py                 # 10M records, 20 runs each
     .venv/bin/python bench/monitoring_api.py --quick         # 200k records, smoke run
@@ -11,7 +12,9 @@ with `manage.py seed_usage` in --workers parallel shards, through the production
 goes through Django's full stack in this process (middleware, session auth, ninja, JSON), via
 the test client: "server time" is the time from request to the last byte of the body, with no
 network. Each endpoint is called twice to warm up, then --runs times; p50 and p95 are nearest
-rank. Results go to stdout as Markdown and to bench/results/monitoring_api-<date>.json.
+rank. Results go to stdout as Markdown and to bench/results/monitoring_api-<date>.json;
+--check exits 1 when a target is missed (API p95 150 ms, overview page p95 300 ms, export
+50,000 rows/s).
 """
 
 from __future__ import annotations
