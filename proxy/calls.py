@@ -19,6 +19,11 @@ from proxy.dialects import usage_from as usage_from
 from usage.models import UsageSource
 from usage.recorder import CallData, record_call
 
+# Tokens/s is the generation rate after the first token. An upstream (or a proxy in front of
+# it) that buffers sends the rest in one burst, microseconds after the first: a "rate" over
+# that gap would be millions of tokens per second and skew every average, so it is left out.
+MIN_GENERATION_MS = 10.0
+
 
 @dataclass(slots=True)
 class CallContext:
@@ -112,7 +117,7 @@ def record_attempt(
     if (
         ttft_ms is not None
         and ttlt_ms is not None
-        and ttlt_ms > ttft_ms
+        and ttlt_ms - ttft_ms >= MIN_GENERATION_MS
         and usage.completion_tokens > 1
     ):
         tokens_per_second = (usage.completion_tokens - 1) / ((ttlt_ms - ttft_ms) / 1000.0)

@@ -77,3 +77,28 @@ async def test_ttft_is_the_first_tool_call_delta_and_tool_calls_pass_through_int
     assert record.ttft_ms is not None and record.ttft_ms >= DELAY * 1000 * 0.95
     assert record.ttlt_ms is not None and record.ttlt_ms >= record.ttft_ms
     assert (record.completion_tokens, record.usage_source) == (6, "reported")
+
+
+async def test_tokens_per_second_is_the_generation_rate_after_the_first_token(
+    gateway: Gateway, flush_records
+):
+    words = [chunk_event({"content": w}) for w in ("a", "b", "c", "d", "e", "f")]
+    paced: list[bytes | float] = [ROLE, words[0]]
+    for word in words[1:]:
+        paced += [0.04, word]  # 5 more tokens over ~200 ms: about 25 tokens/s
+    gateway.upstream.first(streaming(*paced, chunk_event({}, "stop"), USAGE, DONE))
+    await timed_stream(gateway)
+    record = await the_record(flush_records)
+    assert record.tokens_per_second is not None
+    assert 5 <= record.tokens_per_second <= 30
+
+
+async def test_a_buffered_answer_has_no_tokens_per_second(gateway: Gateway, flush_records):
+    # Everything after the first token in one burst: there is no rate to speak of.
+    burst = b"".join(chunk_event({"content": w}) for w in ("b", "c", "d", "e", "f"))
+    script = [ROLE, DELAY, chunk_event({"content": "a"}), burst, chunk_event({}, "stop")]
+    gateway.upstream.first(streaming(*script, USAGE, DONE))
+    await timed_stream(gateway)
+    record = await the_record(flush_records)
+    assert record.completion_tokens == 6 and record.ttft_ms is not None
+    assert record.tokens_per_second is None
