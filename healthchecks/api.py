@@ -7,6 +7,7 @@ from ninja import Router, Schema
 
 from healthchecks.selectors import EndpointHealth, endpoint_health_report
 from keys.auth import monitor_auth
+from proxy.error_schemas import AUTH_ERRORS
 
 router = Router(tags=["Health checks"])
 
@@ -25,7 +26,7 @@ class EndpointHealthReportOut(Schema):
 @router.get(
     "/endpoints",
     auth=monitor_auth,
-    response=EndpointHealthReportOut,
+    response={200: EndpointHealthReportOut, **AUTH_ERRORS},
     summary="Upstream endpoints: probe results and circuit breakers (as /internal/health)",
 )
 def endpoints_health(request: HttpRequest) -> dict[str, object]:

@@ -36,7 +36,8 @@ class BreakerPolicy:
     window_seconds: float = 60.0
     min_calls: int = 10
     failure_rate: float = 0.5
-    # A live trial that never reports (its process died) frees the half-open slot after this.
+    # A trial that never reports (its process died) frees the half-open slot after this; a
+    # probe holds it for at least twice its own timeout (healthchecks.services).
     trial_timeout_seconds: float = 60.0
 
 
@@ -45,7 +46,7 @@ class BreakerState:
     status: BreakerStatus = BreakerStatus.CLOSED
     open_until: float = 0.0  # epoch seconds; when an open breaker turns half-open
     trips: int = 0  # trips since the last close: the exponent of the open period
-    trial_until: float = 0.0  # a live trial holds the half-open slot until then
+    trial_until: float = 0.0  # the trial (a live request or a probe) holds the slot until then
     changed_at: float = 0.0
     reason: str = ""
 

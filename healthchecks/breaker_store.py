@@ -22,6 +22,7 @@ from django.db import transaction
 from redis.exceptions import WatchError
 
 from healthchecks.breaker import BreakerState
+from keys.crypto import base_url_masked
 
 T = TypeVar("T")
 # fn(stored state) -> (new state, anything the caller wants back)
@@ -41,6 +42,7 @@ class BreakerStore(ABC):
     def clear(self) -> None: ...
 
     def get(self, endpoint: str) -> BreakerState:
+        """One endpoint's stored state (not `effective`: an open one may be due to half-open)."""
         return self.load_all().get(endpoint, BreakerState())
 
 
@@ -73,6 +75,12 @@ class DatabaseBreakerStore(BreakerStore):
             endpoint: BreakerState.from_json(raw)
             for endpoint, raw in BreakerRecord.objects.values_list("endpoint", "state")
         }
+
+    def get(self, endpoint: str) -> BreakerState:
+        from healthchecks.models import BreakerRecord
+
+        rows = BreakerRecord.objects.filter(endpoint=endpoint).values_list("state", flat=True)
+        return BreakerState.from_json(rows.first())
 
     def update(self, endpoint: str, fn: Transition[T]) -> tuple[BreakerState, BreakerState, T]:
         from healthchecks.models import BreakerRecord
@@ -118,6 +126,9 @@ class RedisBreakerStore(BreakerStore):
         values: list[str | None] = self._client.mget([self._key(e) for e in endpoints])  # type: ignore[assignment]  # sync client
         return {e: BreakerState.from_json(v) for e, v in zip(endpoints, values, strict=True)}
 
+    def get(self, endpoint: str) -> BreakerState:
+        return BreakerState.from_json(self._client.get(self._key(endpoint)))
+
     def _endpoints(self) -> list[str]:
         return sorted(str(e) for e in self._client.smembers(self._index))
 
@@ -136,7 +147,10 @@ class RedisBreakerStore(BreakerStore):
                     return before, after, extra
                 except WatchError:
                     continue  # another process changed it: read again and re-apply
-        raise RuntimeError(f"breaker of {endpoint} kept changing; gave up updating it")
+        # Logged by the callers: the endpoint as fit to show, never its credentials.
+        raise RuntimeError(
+            f"breaker of {base_url_masked(endpoint)} kept changing; gave up updating it"
+        )
 
     def clear(self) -> None:
         self._client.delete(self._index, *[self._key(e) for e in self._endpoints()])

@@ -44,6 +44,7 @@ from healthchecks import breaker
 from healthchecks.breaker import BreakerPolicy, BreakerState, BreakerStatus, Window
 from healthchecks.breaker_store import Transition, get_breaker_store, reset_breaker_store
 from keys.crypto import base_url_masked
+from llmrotate_site.db import outside_request
 
 logger = logging.getLogger("llmrotate.health")
 T = TypeVar("T")
@@ -181,8 +182,9 @@ class BreakerGate:
             return get_breaker_store().update(endpoint, fn)
 
         # thread_sensitive: the database store then uses the same thread (and connection) as
-        # the routing snapshot, which the server closes at shutdown.
-        before, after, extra = await sync_to_async(update, thread_sensitive=True)()
+        # the routing snapshot, which the server closes at shutdown. No request is around it
+        # to recycle that connection (the /v1 path sends no request signals), so the call does.
+        before, after, extra = await sync_to_async(outside_request(update), thread_sensitive=True)()
         with self._lock:
             self._states[endpoint] = after
         if breaker.transitions(before, after, now=now):
@@ -219,7 +221,9 @@ class BreakerGate:
 
     async def _refresh(self) -> None:
         try:
-            loaded = await sync_to_async(get_breaker_store().load_all, thread_sensitive=True)()
+            loaded = await sync_to_async(
+                outside_request(get_breaker_store().load_all), thread_sensitive=True
+            )()
         except Exception as exc:
             self._warn("cannot read the breaker store; serving the last known states", exc)
             loaded = None

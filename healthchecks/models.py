@@ -11,6 +11,8 @@ from django.core.validators import MinValueValidator
 from django.db import models
 from django.utils import timezone
 
+from keys.crypto import base_url_masked
+
 
 class ProbeKind(models.TextChoices):
     PING = "ping", "ICMP ping"
@@ -98,11 +100,23 @@ class Endpoint(models.Model):
         ordering = ["base_url"]
 
     def __str__(self) -> str:
-        return self.base_url
+        # Shown by the admin (and kept in its change log), and by any log line or error that
+        # formats an endpoint: never the credentials a base URL may hold.
+        return base_url_masked(self.base_url)
 
     @property
     def probe_url(self) -> str:
         return self.http_url or f"{self.base_url}/models"
+
+    @property
+    def ping_down(self) -> bool:
+        """The pings have failed their threshold in a row."""
+        return self.ping_enabled and self.ping_failures >= self.ping_failure_threshold
+
+    @property
+    def http_down(self) -> bool:
+        """The HTTP probes have failed their threshold in a row."""
+        return self.http_enabled and self.http_failures >= self.http_failure_threshold
 
     @property
     def health(self) -> str:
@@ -112,9 +126,7 @@ class Endpoint(models.Model):
             return "unknown"
         if not self.is_up:
             return "down"
-        if self.ping_enabled and self.ping_failures >= self.ping_failure_threshold:
-            return "degraded"
-        return "up"
+        return "degraded" if self.ping_down else "up"
 
 
 class HealthEvent(models.Model):
@@ -151,4 +163,4 @@ class BreakerRecord(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
 
     def __str__(self) -> str:
-        return self.endpoint
+        return base_url_masked(self.endpoint)

@@ -21,6 +21,7 @@ import httpx
 import icmplib
 
 from healthchecks.models import ProbeStatus
+from proxy import upstream
 
 
 @dataclass(frozen=True)
@@ -61,19 +62,24 @@ def classify_http_error(exc: Exception) -> ProbeResult:
     return ProbeResult(ProbeStatus.FAILED, error=f"{kind}: {type(exc).__name__}")
 
 
+def _transport() -> httpx.AsyncBaseTransport | None:
+    """The transport tests inject for every upstream call (proxy.upstream's factory), or
+    None for httpx's own, over the network."""
+    factory = upstream._transport_factory
+    return factory() if factory else None
+
+
 def http_probe(
-    *,
-    url: str,
-    headers: dict[str, str],
-    timeout: float,
-    expected: int | None,
-    transport: httpx.AsyncBaseTransport | None = None,
+    *, url: str, headers: dict[str, str], timeout: float, expected: int | None
 ) -> ProbeResult:
-    """Runs in a worker thread, on an event loop of its own (`transport`: tests only)."""
+    """Runs in a worker thread, on an event loop of its own.
+
+    Its own client, not the proxy's pooled one: that one belongs to the web process's event
+    loop and has the proxy's timeouts; a probe every minute gains nothing from a pool."""
 
     async def probe() -> ProbeResult:
         async with httpx.AsyncClient(
-            timeout=timeout, trust_env=False, follow_redirects=False, transport=transport
+            timeout=timeout, trust_env=False, follow_redirects=False, transport=_transport()
         ) as client:
             # Timed from here: building the client (its TLS context) is not the endpoint's time.
             started = time.perf_counter()

@@ -1,23 +1,36 @@
-"""Reads: the endpoint health shown by /internal/health, the ninja API and the admin."""
+"""Reads: the endpoint health shown by /internal/health, the ninja API, the admin and the
+dashboard's Health page, and the probe history behind that page's latency lines.
+
+Endpoints are told apart by their row (or, before the worker has created it, their provider's
+base URL), never by the URL as shown: masking hides what may be all that differs between two
+(`https://a:x@host/v1` and `https://b:y@host/v1`). A URL is masked only where it is shown.
+"""
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
+
+from django.conf import settings
+from django.db import connection
+from django.db.models import CharField, Count, Expression, Q, Sum
+from django.db.models.functions import Cast, Substr, Trunc
 
 from healthchecks import breaker
 from healthchecks.breaker import BreakerState, BreakerStatus
 from healthchecks.breaker_store import get_breaker_store
-from healthchecks.models import Endpoint, HealthEvent, ProbeStatus
+from healthchecks.models import Endpoint, HealthEvent, ProbeKind, ProbeStatus
 from keys.crypto import base_url_masked
 from keys.models import Provider
+from usage.timeframes import TimeFrame
 
 
 @dataclass(frozen=True)
 class EndpointHealth:
-    endpoint: str  # the base URL without credentials or query string
+    endpoint: str  # the base URL as fit to show (keys.crypto.base_url_masked)
     providers: list[str]
     healthy: bool  # in routing: breaker closed and not down (a degraded endpoint is healthy)
     health: str  # unknown, up, degraded (pings fail, HTTP answers) or down
@@ -31,6 +44,15 @@ class EndpointHealth:
     last_checked: datetime | None
 
 
+@dataclass(frozen=True)
+class EndpointEntry:
+    """One endpoint as listed: `health` is what is shown; `endpoint_id` (None until the
+    worker has created the endpoint's row) is how it is told apart and found again."""
+
+    endpoint_id: int | None
+    health: EndpointHealth
+
+
 def _when(epoch: float) -> datetime | None:
     return datetime.fromtimestamp(epoch, UTC) if epoch else None
 
@@ -40,12 +62,18 @@ def breaker_state_of(*, endpoint: str, now: float | None = None) -> BreakerState
     return breaker.effective(get_breaker_store().get(endpoint), now=now)
 
 
-def endpoint_health_list() -> list[EndpointHealth]:
-    """Every enabled provider's endpoint, probed or not, with its breaker."""
-    now = time.time()
+def _listed_urls() -> dict[str, list[str]]:
+    """The endpoints listed (those of enabled providers): base URL -> provider names."""
     providers: dict[str, list[str]] = {}
     for name, url in Provider.objects.filter(enabled=True).values_list("name", "base_url"):
         providers.setdefault(url.rstrip("/"), []).append(name)
+    return providers
+
+
+def endpoint_health_list() -> list[EndpointEntry]:
+    """Every enabled provider's endpoint, probed or not, with its breaker."""
+    now = time.time()
+    providers = _listed_urls()
     rows = {e.base_url: e for e in Endpoint.objects.filter(base_url__in=list(providers))}
     breakers = get_breaker_store().load_all()
     out = []
@@ -62,37 +90,204 @@ def endpoint_health_list() -> list[EndpointHealth]:
             failures = {"ping": row.ping_failures, "http": row.http_failures}
             if row.last_change_at and (last_change is None or row.last_change_at > last_change):
                 last_change = row.last_change_at
-        out.append(
-            EndpointHealth(
-                endpoint=base_url_masked(url),
-                providers=sorted(providers[url]),
-                healthy=state.status == BreakerStatus.CLOSED
-                and (row is None or row.is_up is not False),
-                health=health,
-                ping_status=ping,
-                http_status=http,
-                last_latency_ms=row.last_latency_ms if row else None,
-                consecutive_failures=failures,
-                breaker_state=state.status.value,
-                breaker_reopens_at=_when(state.open_until)
-                if state.status == BreakerStatus.OPEN
-                else None,
-                last_change=last_change,
-                last_checked=row.last_checked_at if row else None,
-            )
+        shown = EndpointHealth(
+            endpoint=base_url_masked(url),
+            providers=sorted(providers[url]),
+            healthy=state.status == BreakerStatus.CLOSED
+            and (row is None or row.is_up is not False),
+            health=health,
+            ping_status=ping,
+            http_status=http,
+            last_latency_ms=row.last_latency_ms if row else None,
+            consecutive_failures=failures,
+            breaker_state=state.status.value,
+            breaker_reopens_at=_when(state.open_until)
+            if state.status == BreakerStatus.OPEN
+            else None,
+            last_change=last_change,
+            last_checked=row.last_checked_at if row else None,
         )
+        out.append(EndpointEntry(endpoint_id=row.pk if row else None, health=shown))
     return out
 
 
+def _report_keys(entries: list[EndpointEntry]) -> list[str]:
+    """Each entry's key in the report: its shown URL, unless masking makes that the same for
+    several; then each of them is `<shown URL>#<endpoint id>` (`#new-<n>` while the worker has
+    not created the endpoint yet)."""
+    shown = Counter(entry.health.endpoint for entry in entries)
+    new: Counter[str] = Counter()
+    keys = []
+    for entry in entries:
+        url = entry.health.endpoint
+        if shown[url] == 1:
+            keys.append(url)
+        elif entry.endpoint_id is not None:
+            keys.append(f"{url}#{entry.endpoint_id}")
+        else:
+            new[url] += 1
+            keys.append(f"{url}#new-{new[url]}")
+    return keys
+
+
 def endpoint_health_report() -> dict[str, Any]:
-    """{"endpoint_health": {url: {...}}, "summary": {"total", "healthy", "unhealthy"}}."""
-    items = endpoint_health_list()
-    healthy = sum(1 for item in items if item.healthy)
+    """{"endpoint_health": {shown URL: {...}}, "summary": {"total", "healthy", "unhealthy"}}."""
+    entries = endpoint_health_list()
+    healthy = sum(1 for entry in entries if entry.health.healthy)
+    keys = _report_keys(entries)
     return {
-        "endpoint_health": {item.endpoint: asdict(item) for item in items},
-        "summary": {"total": len(items), "healthy": healthy, "unhealthy": len(items) - healthy},
+        "endpoint_health": {
+            key: asdict(entry.health) for key, entry in zip(keys, entries, strict=True)
+        },
+        "summary": {"total": len(entries), "healthy": healthy, "unhealthy": len(entries) - healthy},
     }
 
 
-def health_events_recent(*, endpoint: Endpoint, limit: int = 20) -> list[HealthEvent]:
-    return list(endpoint.events.order_by("-created_at", "-id")[:limit])
+def _in_frame(frame: TimeFrame) -> Q:
+    q = Q()
+    if frame.since:
+        q &= Q(created_at__gte=frame.since)
+    if frame.until:
+        q &= Q(created_at__lt=frame.until)
+    return q
+
+
+def health_events_recent(
+    *, endpoint: Endpoint, limit: int = 20, frame: TimeFrame | None = None
+) -> list[HealthEvent]:
+    """The newest probe results, both kinds mixed; within `frame` if given. By the
+    (endpoint, created_at) index."""
+    events = endpoint.events.all() if frame is None else endpoint.events.filter(_in_frame(frame))
+    return list(events.order_by("-created_at", "-id")[:limit])
+
+
+# --- probe history -----------------------------------------------------------------------------
+# A ping's round trip and an HTTP probe's response time are different measures on different
+# scales: one line through both says nothing true about either, so each kind has its own.
+
+POINTS = 60  # at most, per line: enough for a sparkline's shape, few enough to read
+KINDS = (ProbeKind.HTTP.value, ProbeKind.PING.value)  # the order the page shows them in
+_UNITS = {"minute": timedelta(minutes=1), "hour": timedelta(hours=1), "day": timedelta(days=1)}
+# SQLite stores a datetime as 'YYYY-MM-DD HH:MM:SS[.ffffff]' (UTC): a prefix is its bucket.
+_SQLITE_PREFIX = {"minute": 16, "hour": 13, "day": 10}
+
+
+@dataclass
+class KindHistory:
+    """One probe kind of one endpoint over the frame."""
+
+    points: list[tuple[float, float]] = field(default_factory=list)  # (0..1, mean ms of ok)
+    failures: list[float] = field(default_factory=list)  # where (0..1) at least one failed
+    probes: int = 0
+    failed: int = 0
+
+    @property
+    def low(self) -> float | None:
+        return min((v for _, v in self.points), default=None)
+
+    @property
+    def high(self) -> float | None:
+        return max((v for _, v in self.points), default=None)
+
+
+@dataclass
+class ProbeHistory:
+    kinds: dict[str, KindHistory] = field(
+        default_factory=lambda: {kind: KindHistory() for kind in KINDS}
+    )
+    timeline: list[HealthEvent] = field(default_factory=list)  # newest first
+
+    @property
+    def probes(self) -> int:
+        return sum(k.probes for k in self.kinds.values())
+
+    @property
+    def failed(self) -> int:
+        return sum(k.failed for k in self.kinds.values())
+
+
+def _unit(frame: TimeFrame, *, now: datetime) -> str:
+    """The database's bucket: fine enough for POINTS bins over the frame, coarse enough that
+    a week of probes every 30 s is a few hundred rows, not tens of thousands."""
+    retention = timedelta(days=settings.LLMROTATE_HEALTH_EVENT_RETENTION_DAYS)
+    span = (frame.until or now) - (frame.since or now - retention)
+    if span <= timedelta(days=1):
+        return "minute"
+    return "hour" if span <= timedelta(days=60) else "day"
+
+
+def _bucket(unit: str) -> Expression:
+    if connection.vendor == "sqlite":
+        # Django's Trunc runs a Python function per row on SQLite, five times slower than
+        # this over a week of probes (measured: 0.7 s against 0.15 s for 120k results).
+        return Substr(Cast("created_at", CharField()), 1, _SQLITE_PREFIX[unit])
+    return Trunc("created_at", unit, tzinfo=UTC)
+
+
+def _start(bucket: Any) -> datetime:
+    if isinstance(bucket, str):
+        return datetime.fromisoformat(bucket).replace(tzinfo=UTC)
+    return bucket.astimezone(UTC)
+
+
+def _lines(rows: list[dict[str, Any]], unit: timedelta) -> KindHistory:
+    """Database buckets (oldest first) merged into at most POINTS bins over the span they
+    cover, so that the line runs from the first probe in the frame to the last."""
+    first, last = _start(rows[0]["bucket"]), _start(rows[-1]["bucket"]) + unit
+    bins = max(1, min(POINTS, round((last - first) / unit)))
+    width = (last - first) / bins
+    sums: dict[int, list[float]] = {}
+    failed_bins: set[int] = set()
+    history = KindHistory()
+    for row in rows:
+        index = min(bins - 1, int((_start(row["bucket"]) - first) / width))
+        if row["samples"]:
+            acc = sums.setdefault(index, [0.0, 0])
+            acc[0] += row["latency_sum"]
+            acc[1] += row["samples"]
+        if row["failed"]:
+            failed_bins.add(index)
+        history.probes += row["probes"]
+        history.failed += row["failed"]
+    span = max(bins - 1, 1)
+    history.points = [(i / span, total / n) for i, (total, n) in sorted(sums.items())]
+    history.failures = [i / span for i in sorted(failed_bins)]
+    return history
+
+
+def health_history(*, frame: TimeFrame, now: datetime, timeline: int) -> dict[int, ProbeHistory]:
+    """The probe history in `frame` of every endpoint `endpoint_health_list()` lists, by
+    endpoint id: per probe kind, the latency line, where probes failed and how many ran; and
+    the newest `timeline` results. One grouped query for the lines, one per endpoint for the
+    results."""
+    endpoints = list(Endpoint.objects.filter(base_url__in=list(_listed_urls())))
+    unit = _unit(frame, now=now)
+    rows = (
+        HealthEvent.objects.filter(_in_frame(frame), endpoint_id__in=[e.pk for e in endpoints])
+        .annotate(bucket=_bucket(unit))
+        .values("endpoint_id", "kind", "bucket")
+        .annotate(
+            # Failed probes have no meaningful latency (a timeout, a refused connection):
+            # the line is of the ones that answered; failures are marked on it instead.
+            latency_sum=Sum("latency_ms", filter=Q(ok=True)),
+            samples=Count("latency_ms", filter=Q(ok=True)),
+            probes=Count("id"),
+            failed=Count("id", filter=Q(ok=False)),
+        )
+        .order_by("endpoint_id", "kind", "bucket")
+    )
+    grouped: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        grouped.setdefault((row["endpoint_id"], row["kind"]), []).append(dict(row))
+    return {
+        endpoint.pk: ProbeHistory(
+            kinds={
+                kind: _lines(grouped[(endpoint.pk, kind)], _UNITS[unit])
+                if (endpoint.pk, kind) in grouped
+                else KindHistory()
+                for kind in KINDS
+            },
+            timeline=health_events_recent(endpoint=endpoint, limit=timeline, frame=frame),
+        )
+        for endpoint in endpoints
+    }

@@ -157,7 +157,7 @@ def _probe_headers(base_url: str) -> dict[str, str]:
     from keys.crypto import SecretError
     from keys.services import api_key_resolve_secret
     from llmrotate_site.logging import register_secret
-    from proxy.engine import upstream_headers
+    from proxy.dialects import upstream_headers
 
     keys = ApiKey.objects.filter(
         enabled=True, provider__enabled=True, provider__base_url__in=[base_url, base_url + "/"]
@@ -178,6 +178,13 @@ def _probe_claim_trial(*, endpoint: Endpoint, hold_seconds: float) -> bool | Non
     True: claimed, the probe is the trial. False: not half-open, the probe goes as usual.
     None: a live request holds the trial, so the probe is not sent (its answer decides)."""
     now = time.time()
+    # Nearly always the breaker is closed: a plain read then, and the locking transaction
+    # (a row lock, or a Redis WATCH) only for the rare probe that may become the trial.
+    # A breaker that half-opens after this read lets the probe go as an ordinary one, which
+    # decides nothing (`breaker.probe_result`): no second trial either way.
+    stored = breaker.effective(get_breaker_store().get(endpoint.base_url), now=now)
+    if stored.status != BreakerStatus.HALF_OPEN:
+        return False
     policy = breaker_policy()
     # The slot is held for at least the probe's own timeout.
     hold = replace(policy, trial_timeout_seconds=max(policy.trial_timeout_seconds, hold_seconds))
@@ -247,9 +254,7 @@ def _probes_down(ep: Endpoint) -> bool:
     nothing while the HTTP probe gets answers. So they count only while the HTTP probe fails
     too, or when there is no HTTP probe; otherwise they only make the endpoint `degraded`.
     """
-    http_down = ep.http_enabled and ep.http_failures >= ep.http_failure_threshold
-    ping_down = ep.ping_enabled and ep.ping_failures >= ep.ping_failure_threshold
-    return http_down or (ping_down and (not ep.http_enabled or ep.http_failures > 0))
+    return ep.http_down or (ep.ping_down and (not ep.http_enabled or ep.http_failures > 0))
 
 
 def _probe_reason(ep: Endpoint, *, kind: str, result: ProbeResult) -> str:

@@ -2,7 +2,7 @@
 
 Neither needs authentication, like the health pages of the tools they replace: load
 balancers and uptime checkers call them without credentials. They show no secrets: base URLs
-lose any credentials and query string, errors are named by their exception class. The same
+are masked (keys.crypto.base_url_masked), errors are named by their exception class. The same
 endpoint data, behind monitor auth, is `GET /api/health/endpoints`.
 """
 

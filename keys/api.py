@@ -15,7 +15,7 @@ from ninja import Field, Router, Schema
 
 from keys import selectors
 from keys.auth import monitor_auth
-from usage.schemas import AUTH_ERRORS
+from proxy.error_schemas import AUTH_ERRORS
 
 router = Router(tags=["Monitoring"], auth=monitor_auth)
 

@@ -153,17 +153,23 @@ ELLIPSIS = "…"
 
 
 MASK = "***"
-# Query parameters whose value may be a credential: api-key=, key=, access_token=, sig=, …
-_SECRET_PARAM = re.compile(r"key|token|secret|pass|pwd|sig|auth|credential|session", re.I)
+
+# Query parameters a base URL carries that are configuration, not credentials: shown as they
+# are. Every other value is masked, since a credential can hide under any name (Azure
+# Functions' `code`, a `jwt`, a bare `?s3cret`).
+_PLAIN_PARAMS = frozenset({"api-version", "api_version", "version", "region", "format"})
 
 
 def base_url_masked(url: str) -> str:
-    """A base URL fit to show: userinfo (`https://user:token@host`) and the values of
-    secret-looking query parameters (`?api-key=…`) replaced by ***, the rest as configured.
+    """A base URL fit to show: userinfo (`https://user:token@host`), every query value but the
+    known-harmless ones (`?api-version=…`), any fragment, and anything in the path shaped like
+    a key or equal to a decrypted secret replaced by a mask, the rest as configured.
 
     For everything that displays a provider or endpoint URL (API, dashboard, health checks);
     the URL the gateway calls is never changed.
     """
+    from llmrotate_site.logging import redact
+
     try:
         parts = urlsplit(url)
     except ValueError:  # an unbalanced [ in the host: nothing can be shown safely
@@ -172,13 +178,18 @@ def base_url_masked(url: str) -> str:
     if "@" in netloc:
         netloc = MASK + "@" + netloc.rsplit("@", 1)[1]
     pairs = []
-    for pair in parts.query.split("&") if parts.query else []:
-        name, eq, value = pair.partition("=")
-        secret = value and _SECRET_PARAM.search(unquote_plus(name))
-        pairs.append(f"{name}={MASK}" if secret else f"{name}{eq}{value}")
+    for pair in re.split(r"[&;]", parts.query) if parts.query else []:
+        name, eq, _ = pair.partition("=")
+        if not eq:
+            pairs.append(MASK)  # a bare item is a value without a name
+        elif unquote_plus(name).lower() in _PLAIN_PARAMS:
+            pairs.append(pair)
+        else:
+            pairs.append(f"{name}={MASK}")
     # A base URL has no use for a fragment; whatever one holds stays out.
     fragment = MASK if parts.fragment else ""
-    return urlunsplit((parts.scheme, netloc, parts.path, "&".join(pairs), fragment))
+    path = redact(parts.path)
+    return urlunsplit((parts.scheme, netloc, path, "&".join(pairs), fragment))
 
 
 def mask_secret(secret: str) -> str:

@@ -65,17 +65,32 @@ def parse_headroom(
         # Anthropic may report input and output token budgets separately; the tighter one is
         # what will stop the next call.
         token_dims = ("tokens", "input-tokens", "output-tokens")
+        remaining_tokens, limit_tokens = _tightest(
+            (_int(h.get(f"{_ANTHROPIC}{d}-remaining")), _int(h.get(f"{_ANTHROPIC}{d}-limit")))
+            for d in token_dims
+        )
         return Headroom(
             remaining_requests=_int(h.get(_ANTHROPIC + "requests-remaining")),
-            remaining_tokens=_min(_int(h.get(f"{_ANTHROPIC}{d}-remaining")) for d in token_dims),
+            remaining_tokens=remaining_tokens,
             limit_requests=_int(h.get(_ANTHROPIC + "requests-limit")),
-            limit_tokens=_min(_int(h.get(f"{_ANTHROPIC}{d}-limit")) for d in token_dims),
+            limit_tokens=limit_tokens,
             reset_requests_s=_until(h.get(_ANTHROPIC + "requests-reset"), now=now),
             reset_tokens_s=_max(
                 _until(h.get(f"{_ANTHROPIC}{d}-reset"), now=now) for d in token_dims
             ),
         )
     return None
+
+
+def _tightest(budgets: Iterable[tuple[int | None, int | None]]) -> tuple[int | None, int | None]:
+    """(remaining, limit) of the budget with the smallest fraction left, the two kept from the
+    same budget: 20k of 400k input tokens is tighter than 79k of 80k output tokens. Budgets
+    without a limit count only when none has one (then the smallest remaining)."""
+    known = [(r, limit) for r, limit in budgets if r is not None]
+    limited = [(r, limit) for r, limit in known if limit]
+    if limited:
+        return min(limited, key=lambda b: b[0] / b[1])
+    return _min(r for r, _ in known), None
 
 
 def parse_retry_after(headers: Mapping[str, str] | Any, *, now: float) -> float | None:

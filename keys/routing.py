@@ -174,33 +174,38 @@ def invalidate_routing_cache() -> None:
     _snapshot = None
 
 
+def _age(snapshot: RoutingSnapshot) -> float:
+    return time.monotonic() - snapshot.loaded_at
+
+
 def _fresh(snapshot: RoutingSnapshot | None) -> bool:
-    return (
-        snapshot is not None
-        and time.monotonic() - snapshot.loaded_at < settings.LLMROTATE_CONFIG_CACHE_SECONDS
-    )
+    return snapshot is not None and _age(snapshot) < settings.LLMROTATE_CONFIG_CACHE_SECONDS
 
 
 async def routing_snapshot() -> RoutingSnapshot:
     global _lock, _lock_loop
     snapshot = _snapshot
-    if snapshot is not None:
-        # Stale while revalidating: a request never waits for the reload every TTL, which
-        # would stall every request in flight at that moment behind a database query.
-        if not _fresh(snapshot):
+    ttl = settings.LLMROTATE_CONFIG_CACHE_SECONDS
+    if snapshot is not None and _age(snapshot) < 2 * ttl:
+        # Stale while revalidating, for one more TTL: under steady traffic no request waits
+        # for the reload every TTL, which would stall every request in flight at that moment
+        # behind a database query.
+        if _age(snapshot) >= ttl:
             _refresh_in_background()
         return snapshot
     loop = asyncio.get_running_loop()
     if _lock is None or _lock_loop is not loop:
         _lock, _lock_loop = asyncio.Lock(), loop
-    # No snapshot (first request, or invalidated by a local write): load it now, once, however
-    # many requests are waiting for it.
+    # No snapshot (first request, or invalidated by a local write), or one older than two TTLs
+    # (a process that sat idle: its revocations and key changes are too old to serve): load it
+    # now, once, however many requests are waiting for it.
     async with _lock:
-        if _snapshot is None:
+        if _snapshot is None or _age(_snapshot) >= 2 * ttl:
             result = await _load_async()
-            if isinstance(result, Exception):
+            if isinstance(result, Exception) and _snapshot is None:
                 raise _unavailable(result)
-            _install(result, stale=None)
+            # With the database down, _reloaded keeps serving the old snapshot.
+            _install(result, stale=_snapshot)
         assert _snapshot is not None
         return _snapshot
 

@@ -13,6 +13,7 @@ from django.conf import settings
 from keys.crypto import base_url_masked
 from keys.health import KeyStatus, is_available
 from keys.models import ApiKey, ClientToken, Provider, Route
+from keys.routing import routing_snapshot_sync
 from keys.state_store import get_key_state_store
 from keys.strategies import DEFAULT_STRATEGY
 
@@ -62,15 +63,20 @@ def _moment(epoch: float | None) -> datetime | None:
 
 def keys_health(*, now: float | None = None) -> list[KeyHealth]:
     """Every configured key with its live state, by provider then key id. A key disabled in
-    the configuration reports `disabled` whatever the state store says."""
+    the configuration reports `disabled` whatever the state store says; one whose secret
+    cannot be read is not `available` and its last error is `secret_unavailable`."""
     now = time.time() if now is None else now
     keys = list(ApiKey.objects.select_related("provider").order_by("provider__name", "key_id"))
     states = get_key_state_store().get_many([k.key_id for k in keys], now=now)
+    # A key whose secret cannot be read (an unset env:// variable, a missing file, a wrong
+    # encryption key) is left out of routing, whatever its health says.
+    unusable = routing_snapshot_sync().unusable_keys
     result = []
     for key in keys:
         state, in_flight = states[key.key_id]
         enabled = key.enabled and key.provider.enabled
         health = state.status.value if enabled else KeyStatus.DISABLED.value
+        usable = key.key_id not in unusable
         result.append(
             KeyHealth(
                 key_id=key.key_id,
@@ -78,7 +84,7 @@ def keys_health(*, now: float | None = None) -> list[KeyHealth]:
                 secret_hint=key.secret_hint,
                 enabled=enabled,
                 health=health,
-                available=enabled and is_available(state, now=now),
+                available=enabled and usable and is_available(state, now=now),
                 cooldown_until=_moment(state.cooldown_until),
                 quarantine_until=_moment(state.quarantine_until),
                 exhausted_until=_moment(state.exhausted_until),
@@ -86,7 +92,7 @@ def keys_health(*, now: float | None = None) -> list[KeyHealth]:
                 total_successes=state.total_successes,
                 total_failures=state.total_failures,
                 last_used_at=_moment(state.last_used_at),
-                last_error_type=state.last_error_type,
+                last_error_type=state.last_error_type if usable else "secret_unavailable",
                 remaining_requests=state.remaining_requests,
                 remaining_tokens=state.remaining_tokens,
                 headroom_at=_moment(state.headroom_at),

@@ -11,7 +11,7 @@ from ninja.errors import AuthenticationError, HttpError, ValidationError
 from healthchecks.api import router as healthchecks_router
 from keys.api import router as keys_router
 from proxy.api import router as proxy_router
-from proxy.errors import ProxyError, unauthenticated
+from proxy.errors import ProxyError, anthropic_caller, unauthenticated
 from usage.api import router as usage_router
 
 logger = logging.getLogger("llmrotate.api")
@@ -28,14 +28,23 @@ api = NinjaAPI(
 
 @api.exception_handler(ProxyError)
 def _proxy_error(request: HttpRequest, exc: ProxyError) -> HttpResponse:
-    return exc.response()
+    return _render(request, exc)
+
+
+def _render(request: HttpRequest, exc: ProxyError) -> HttpResponse:
+    # Every error of a request from an Anthropic client, whichever layer raised it, in the
+    # envelope the anthropic SDK reads.
+    return exc.response(anthropic=anthropic_caller(request.path, request.headers))
 
 
 @api.exception_handler(AuthenticationError)
 def _auth_error(request: HttpRequest, exc: AuthenticationError) -> HttpResponse:
-    return unauthenticated(
-        "Missing client token: send 'Authorization: Bearer <token>'.", code="missing_api_key"
-    ).response()
+    where = "'Authorization: Bearer <token>'"
+    if anthropic_caller(request.path, request.headers):
+        where = f"'x-api-key: <token>' or {where}"
+    return _render(
+        request, unauthenticated(f"Missing client token: send {where}.", code="missing_api_key")
+    )
 
 
 @api.exception_handler(ValidationError)
@@ -43,37 +52,46 @@ def _validation_error(request: HttpRequest, exc: ValidationError) -> HttpRespons
     first = exc.errors[0] if exc.errors else {}
     where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "path", "body"))
     message = first.get("msg", "Invalid request.")
-    return ProxyError(
+    error = ProxyError(
         422,
         f"{where}: {message}" if where else message,
         type="invalid_request_error",
         code="invalid_parameter",
         param=where or None,
-    ).response()
+    )
+    return _render(request, error)
 
 
 @api.exception_handler(HttpError)
 def _http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
-    return ProxyError(
-        exc.status_code, str(exc), type="invalid_request_error", code=f"http_{exc.status_code}"
-    ).response()
+    return _render(
+        request,
+        ProxyError(
+            exc.status_code, str(exc), type="invalid_request_error", code=f"http_{exc.status_code}"
+        ),
+    )
 
 
 @api.exception_handler(Http404)
 def _not_found(request: HttpRequest, exc: Http404) -> HttpResponse:
-    return ProxyError(404, "Not found.", type="invalid_request_error", code="not_found").response()
+    return _render(
+        request, ProxyError(404, "Not found.", type="invalid_request_error", code="not_found")
+    )
 
 
 @api.exception_handler(Exception)
 def _unexpected(request: HttpRequest, exc: Exception) -> HttpResponse:
     # The log line goes through the redacting filter; the client gets no internals.
     logger.exception("unhandled error on %s %s", request.method, request.path)
-    return ProxyError(
-        500,
-        "Internal gateway error; see the gateway log.",
-        type="server_error",
-        code="internal_error",
-    ).response()
+    return _render(
+        request,
+        ProxyError(
+            500,
+            "Internal gateway error; see the gateway log.",
+            type="server_error",
+            code="internal_error",
+        ),
+    )
 
 
 api.add_router("/v1/", proxy_router)

@@ -168,18 +168,17 @@ def _too_large(scope: Scope) -> bool:
     return False
 
 
-async def _reject_too_large(send: Any) -> None:
-    body = json.dumps(
-        {
-            "error": {
-                "message": f"Request body is larger than "
-                f"{settings.LLMROTATE_MAX_REQUEST_BYTES} bytes.",
-                "type": "invalid_request_error",
-                "code": "request_too_large",
-                "param": None,
-            }
-        }
-    ).encode()
+async def _reject_too_large(scope: Scope, send: Any) -> None:
+    from proxy.errors import ProxyError, anthropic_caller
+
+    error = ProxyError(
+        413,
+        f"Request body is larger than {settings.LLMROTATE_MAX_REQUEST_BYTES} bytes.",
+        type="invalid_request_error",
+        code="request_too_large",
+    )
+    headers = {name.decode("latin-1"): value for name, value in scope.get("headers", ())}
+    body = json.dumps(error.body(anthropic=anthropic_caller(scope["path"], headers))).encode()
     await send(
         {
             "type": "http.response.start",
@@ -196,7 +195,7 @@ async def application(scope: Scope, receive: Any, send: Any) -> None:
         return
     if scope["type"] == "http":
         if _too_large(scope):
-            await _reject_too_large(send)
+            await _reject_too_large(scope, send)
             return
         if scope["path"].startswith("/v1/"):
             await _proxy_handler(scope, receive, send)

@@ -38,17 +38,17 @@ COUNT_TOKENS_BODY_DOC = json_body_doc(required=[], properties={})
 
 
 def _bad(message: str, *, code: str, param: str | None = None) -> ProxyError:
-    return ProxyError(
-        400, message, type="invalid_request_error", code=code, param=param
-    ).for_anthropic()
+    return ProxyError(400, message, type="invalid_request_error", code=code, param=param)
+
+
+def anthropic_invalid(message: str, code: str, param: str | None) -> ProxyError:
+    return _bad(message, code=code, param=param)
 
 
 def messages_validate(body: dict[str, Any], *, count_tokens: bool = False) -> dict[str, Any]:
     """Check what the gateway itself relies on; the upstream checks the rest. Counting
     tokens needs no `max_tokens` and never streams."""
-    body_check_conversation(
-        body, invalid=lambda m, code, param: _bad(m, code=code, param=param), item="messages.{}"
-    )
+    body_check_conversation(body, invalid=anthropic_invalid, item="messages.{}")
     if count_tokens:
         return body
     max_tokens = body.get("max_tokens")
@@ -117,7 +117,6 @@ class AnthropicCountDialect(AnthropicDialect):
     failures and 5xx count as on any call.
     """
 
-    name = "anthropic_count_tokens"
     path = "/messages/count_tokens"
     records = False
 

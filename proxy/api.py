@@ -14,12 +14,13 @@ from typing import Any
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from ninja import Router
 
-from keys.auth import anthropic_auth, anthropic_client, proxy_any_auth, proxy_auth
+from keys.auth import proxy_any_auth, proxy_auth
 from keys.routing import RouteInfo, TokenInfo, routing_snapshot
 from proxy.anthropic import (
     ANTHROPIC_COUNT_TOKENS,
     COUNT_TOKENS_BODY_DOC,
     MESSAGES_BODY_DOC,
+    anthropic_invalid,
     forward_headers,
     messages_validate,
     models_page,
@@ -27,7 +28,7 @@ from proxy.anthropic import (
 from proxy.calls import CallContext, now_wall
 from proxy.dialects import ANTHROPIC, Dialect
 from proxy.engine import Failover
-from proxy.errors import ProxyError, forbidden, invalid_request
+from proxy.errors import ProxyError, anthropic_caller, forbidden, invalid_request
 from proxy.validation import body_check_conversation, body_load, json_body_doc
 
 router = Router(tags=["Proxy (OpenAI and Anthropic wire formats)"])
@@ -43,7 +44,7 @@ def _invalid(message: str, code: str, param: str | None) -> ProxyError:
 
 
 def _parse_body(request: HttpRequest) -> dict[str, Any]:
-    body = body_load(request)
+    body = body_load(request, invalid=_invalid)
     body_check_conversation(body, invalid=_invalid)
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
@@ -100,7 +101,7 @@ async def _route(model: str, client: TokenInfo) -> RouteInfo:
 
 @router.post(
     "/messages",
-    auth=anthropic_auth,
+    auth=proxy_any_auth,
     openapi_extra=MESSAGES_BODY_DOC,
     summary="Create a message (Anthropic Messages wire format, streaming or not)",
 )
@@ -110,7 +111,7 @@ async def messages(request: HttpRequest) -> HttpResponse | StreamingHttpResponse
 
 @router.post(
     "/messages/count_tokens",
-    auth=anthropic_auth,
+    auth=proxy_any_auth,
     openapi_extra=COUNT_TOKENS_BODY_DOC,
     summary="Count a message's input tokens (Anthropic; passed through, not recorded)",
 )
@@ -125,34 +126,31 @@ async def _anthropic_call(
     started = now_wall()
     client: TokenInfo = request.auth  # type: ignore[attr-defined]
     counting = dialect is ANTHROPIC_COUNT_TOKENS
-    try:
-        body = messages_validate(body_load(request), count_tokens=counting)
-        route = await _route(body["model"], client)
-        if not any(ANTHROPIC.serves(d.provider.kind) for d in route.deployments):
-            raise ProxyError(
-                400,
-                f"The model '{route.name}' has no deployment on an Anthropic provider, and only"
-                " those speak the Messages API; use /v1/chat/completions for it.",
-                type="invalid_request_error",
-                code="dialect_not_supported",
-                param="model",
-            )
-        stream = not counting and bool(body.get("stream", False))
-        ctx = CallContext(
-            request_id=uuid.uuid4().hex,
-            client=client,
-            route=route,
-            body=body,
-            stream=stream,
-            strip_usage=False,  # Anthropic always reports usage, in events of their own
-            started_wall=started,
-            t0=t0,
-            dialect=dialect,
-            forward_headers=forward_headers(request.headers),
+    body = messages_validate(body_load(request, invalid=anthropic_invalid), count_tokens=counting)
+    route = await _route(body["model"], client)
+    if not ANTHROPIC.deployments(route):
+        raise ProxyError(
+            400,
+            f"The model '{route.name}' has no deployment on an Anthropic provider, and only"
+            " those speak the Messages API; use /v1/chat/completions for it.",
+            type="invalid_request_error",
+            code="dialect_not_supported",
+            param="model",
         )
-        return await Failover(ctx).run()
-    except ProxyError as exc:
-        raise exc.for_anthropic() from None
+    stream = not counting and bool(body.get("stream", False))
+    ctx = CallContext(
+        request_id=uuid.uuid4().hex,
+        client=client,
+        route=route,
+        body=body,
+        stream=stream,
+        strip_usage=False,  # Anthropic always reports usage, in events of their own
+        started_wall=started,
+        t0=t0,
+        dialect=dialect,
+        forward_headers=forward_headers(request.headers),
+    )
+    return await Failover(ctx).run()
 
 
 @router.get(
@@ -164,12 +162,10 @@ async def list_models(request: HttpRequest) -> JsonResponse:
     client: TokenInfo = request.auth  # type: ignore[attr-defined]
     snapshot = await routing_snapshot()
     routes = [r for r in snapshot.routes.values() if client.allows_route(r.name)]
-    if anthropic_client(request):
-        try:
-            page = models_page(((r.name, r.created) for r in routes), request.GET)
-        except ProxyError as exc:
-            raise exc.for_anthropic() from None
-        return JsonResponse(page)
+    if anthropic_caller(request.path, request.headers):
+        # Only what /v1/messages can answer: routes with a deployment on an Anthropic provider.
+        served = (r for r in routes if ANTHROPIC.deployments(r))
+        return JsonResponse(models_page(((r.name, r.created) for r in served), request.GET))
     data = [
         {"id": route.name, "object": "model", "created": route.created, "owned_by": "llmrotate"}
         for route in routes

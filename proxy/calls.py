@@ -15,7 +15,6 @@ from keys.ratelimits import Headroom
 from keys.routing import DeploymentInfo, RouteInfo, TokenInfo, UpstreamKey
 from keys.state_store import get_key_state_store
 from proxy.dialects import OPENAI, Dialect, Usage
-from proxy.dialects import usage_from as usage_from
 from usage.models import UsageSource
 from usage.recorder import CallData, record_call
 

@@ -5,7 +5,8 @@ Three questions per attempt: how to record it (usage outcome), what it says abou
 
 Anthropic's answers fall in the same status classes (429 rate_limit_error, 529
 overloaded_error, 401/403, 404 not_found_error for a model); only an empty credit balance
-and a disabled organization, both a 400, need the message read.
+and a disabled organization, both a 400, need the message read, and only from an Anthropic
+provider.
 """
 
 from __future__ import annotations
@@ -51,17 +52,22 @@ def _error(body: bytes) -> tuple[str, str]:
     return "", ""
 
 
-def _out_of_credit(code: str, message: str) -> bool:
-    # Anthropic answers an empty credit balance with a 400 invalid_request_error: only its
-    # message tells it from a bad request (and another key, on another account, may work).
-    return code == "billing_error" or "credit balance is too low" in message.lower()
+# Anthropic answers an empty credit balance and a disabled organization with a plain 400
+# invalid_request_error; only the message tells them from a bad request. Matched whole and
+# only from an Anthropic provider: a 400 often repeats the client's own field names ("<field>:
+# Extra inputs are not permitted"), so a substring match would let any client quarantine or
+# exhaust every key by naming a field after one of these messages.
+_ANTHROPIC_EXHAUSTED = frozenset(
+    {
+        "Your credit balance is too low to access the Anthropic API. "
+        "Please go to Plans & Billing to upgrade or purchase credits.",
+    }
+)
+_ANTHROPIC_DISABLED = frozenset({"This organization has been disabled."})
 
 
-def _account_disabled(message: str) -> bool:
-    return "organization has been disabled" in message.lower()
-
-
-def classify_status(status: int, body: bytes) -> Verdict:
+def classify_status(status: int, body: bytes, *, kind: str = "openai") -> Verdict:
+    """`kind` is the provider's (openai | anthropic | openai_compatible)."""
     if 200 <= status < 300:
         return SUCCESS
     code, message = _error(body)
@@ -87,11 +93,12 @@ def classify_status(status: int, body: bytes) -> Verdict:
         return Verdict(
             Outcome.UPSTREAM_ERROR, Health.UPSTREAM_ERROR, Next.NEXT_KEY, code or str(status)
         )
-    if 400 <= status < 500 and _account_disabled(message):
-        # Anthropic: "This organization has been disabled." The key's account is unusable
-        # until someone acts; quarantine waits for a re-check instead of failing every call.
+    if code == "billing_error":
+        return Verdict(Outcome.QUOTA_EXHAUSTED, Health.QUOTA_EXHAUSTED, Next.NEXT_KEY, code)
+    if kind == "anthropic" and message.strip() in _ANTHROPIC_DISABLED:
+        # The key's account is unusable until someone acts: quarantine, then a re-check.
         return Verdict(Outcome.AUTH_FAILED, Health.AUTH_FAILED, Next.NEXT_KEY, "account_disabled")
-    if 400 <= status < 500 and _out_of_credit(code, message):
+    if kind == "anthropic" and message.strip() in _ANTHROPIC_EXHAUSTED:
         return Verdict(
             Outcome.QUOTA_EXHAUSTED, Health.QUOTA_EXHAUSTED, Next.NEXT_KEY, "credit_balance_too_low"
         )
@@ -100,6 +107,10 @@ def classify_status(status: int, body: bytes) -> Verdict:
 
 
 def classify_exception(exc: Exception) -> Verdict:
+    if isinstance(exc, httpx.PoolTimeout):
+        # Our own connection pool for this upstream is full: nothing was sent, so neither the
+        # key nor the endpoint is at fault. Another deployment has a pool of its own.
+        return Verdict(Outcome.TIMEOUT, Health.CLIENT_ERROR, Next.NEXT_DEPLOYMENT, "pool_full")
     if isinstance(exc, httpx.TimeoutException):
         return Verdict(Outcome.TIMEOUT, Health.UPSTREAM_ERROR, Next.NEXT_KEY, type(exc).__name__)
     return Verdict(
@@ -116,6 +127,11 @@ CLIENT_GONE = Verdict(
 # A 200 event stream that ended before its first byte: nothing reached the client, so another
 # key may answer instead.
 EMPTY_STREAM = Verdict(Outcome.BAD_RESPONSE, Health.UPSTREAM_ERROR, Next.NEXT_KEY, "empty_stream")
+# A 200 stream whose first event is an error (Anthropic's overloaded_error, an OpenAI-compatible
+# server's {"error": …}): nothing has been generated, so another key may answer.
+ERROR_FIRST = Verdict(
+    Outcome.UPSTREAM_ERROR, Health.UPSTREAM_ERROR, Next.NEXT_KEY, "upstream_error_event"
+)
 
 
 # What says the endpoint itself is failing, for its circuit breaker. Not 4xx, 429 or 401/403

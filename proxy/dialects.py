@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from keys.ratelimits import Headroom, parse_headroom
+from keys.routing import DeploymentInfo, RouteInfo
 from proxy.classify import Verdict
 
 DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
@@ -112,8 +113,12 @@ def _data(raw: bytes) -> tuple[bytes, bytes]:
     return name, data
 
 
+# One encoder for every upstream body: json.dumps with options builds a new one per call.
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def _dumps(body: dict[str, Any]) -> bytes:
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    return _encode(body).encode()
 
 
 def _json_object(data: bytes) -> dict[str, Any] | None:
@@ -125,14 +130,16 @@ def _json_object(data: bytes) -> dict[str, Any] | None:
 
 
 class Dialect:
-    name = ""
     path = ""  # appended to the provider's base_url
-    anthropic = False
     records = True  # whether each attempt becomes a CallRecord
 
     def serves(self, kind: str) -> bool:
         """Whether a deployment of this provider kind can answer in this dialect."""
         return True
+
+    def deployments(self, route: RouteInfo) -> list[DeploymentInfo]:
+        """The route's fallback chain, in order, as far as this dialect can use it."""
+        return [d for d in route.deployments if self.serves(d.provider.kind)]
 
     def verdict(self, verdict: Verdict) -> Verdict:
         """What an upstream answer means here (the classification is shared)."""
@@ -186,7 +193,6 @@ def upstream_headers(kind: str, secret: str, *, stream: bool) -> dict[str, str]:
 
 
 class OpenAIDialect(Dialect):
-    name = "openai"
     path = "/chat/completions"
 
     def payload(self, body: dict[str, Any], *, model: str, stream: bool) -> bytes:
@@ -286,9 +292,7 @@ def _delta_text(data: bytes) -> str:
 
 
 class AnthropicDialect(Dialect):
-    name = "anthropic"
     path = "/messages"
-    anthropic = True
 
     def serves(self, kind: str) -> bool:
         # Only Anthropic itself speaks the native Messages API; the other kinds are OpenAI's
@@ -322,6 +326,10 @@ class AnthropicDialect(Dialect):
 
     def event(self, state: StreamState, raw: bytes) -> bytes | None:
         name, data = _data(raw)
+        if not name and data:
+            # An intermediary that drops `event:` lines: the data's own type names it.
+            chunk = _json_object(data)
+            name = str(chunk.get("type", "")).encode() if chunk else b""
         if name == b"content_block_delta":
             # The bulk of a stream. Once its first token is seen nothing in it is needed
             # but the time it arrived (its text is kept raw for a possible estimate).

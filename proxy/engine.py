@@ -44,7 +44,6 @@ from proxy.classify import (
     classify_status,
     endpoint_failed,
 )
-from proxy.dialects import upstream_headers as upstream_headers  # re-exported: probes use it
 from proxy.errors import ProxyError
 from proxy.streaming import StreamRelay
 from proxy.upstream import upstream_client
@@ -66,9 +65,8 @@ class Failover:
         self.open_retry_after: float | None = None
 
     async def run(self) -> HttpResponse | StreamingHttpResponse:
-        dialect = self.ctx.dialect
-        for deployment in self.ctx.route.deployments:
-            if not deployment.keys or not dialect.serves(deployment.provider.kind):
+        for deployment in self.ctx.dialect.deployments(self.ctx.route):
+            if not deployment.keys:
                 continue
             endpoint = deployment.provider.base_url
             admission = await self.gate.admit(endpoint)
@@ -219,7 +217,9 @@ class Failover:
             )
             raise
         t_recv = time.perf_counter()
-        verdict = dialect.verdict(classify_status(response.status_code, content))
+        verdict = dialect.verdict(
+            classify_status(response.status_code, content, kind=deployment.provider.kind)
+        )
         if verdict.next is not Next.DONE:
             await self._fail(
                 deployment, key, verdict, response, attempt, t_start, t_recv, overhead_ms
@@ -359,9 +359,9 @@ class Failover:
     async def _retry_after(self) -> float:
         now = time.time()
         earliest: float | None = None
-        for deployment in self.ctx.route.deployments:
+        for deployment in self.ctx.dialect.deployments(self.ctx.route):
             ids = [k.key_id for k in deployment.keys]
-            if not ids or not self.ctx.dialect.serves(deployment.provider.kind):
+            if not ids:
                 continue
             for state, _ in (await self.store.snapshot(ids, now=now)).values():
                 when = returns_at(state) or state.quarantine_until or None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 
 from django.http import HttpResponse
 
@@ -36,32 +37,39 @@ class ProxyError(Exception):
         self.param = param
         self.retry_after = retry_after
         self.headers: dict[str, str] = {}
-        self.anthropic = False
-
-    def for_anthropic(self) -> ProxyError:
-        """Answer in Anthropic's envelope (the request came from an Anthropic client)."""
-        self.anthropic = True
-        return self
 
     def with_headers(self, headers: dict[str, str]) -> ProxyError:
         self.headers.update(headers)
         return self
 
-    def body(self) -> dict[str, object]:
+    def body(self, *, anthropic: bool = False) -> dict[str, object]:
         error = {"message": self.message, "type": self.type, "code": self.code, "param": self.param}
-        if self.anthropic:
+        if anthropic:
+            # Anthropic's envelope adds a top-level type; OpenAI clients read `error` alike.
             return {"type": "error", "error": error}
         return {"error": error}
 
-    def response(self) -> HttpResponse:
+    def response(self, *, anthropic: bool = False) -> HttpResponse:
         response = HttpResponse(
-            json.dumps(self.body()), status=self.status, content_type="application/json"
+            json.dumps(self.body(anthropic=anthropic)),
+            status=self.status,
+            content_type="application/json",
         )
         if self.retry_after is not None:
             response["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
         for name, value in self.headers.items():
             response[name] = value
         return response
+
+
+def anthropic_caller(path: str, headers: Mapping[str, str]) -> bool:
+    """Whether the gateway's own errors go in Anthropic's envelope: on an Anthropic-only
+    endpoint, or for a caller that speaks Anthropic's API (the anthropic SDK always sends
+    `anthropic-version`, and its key in `x-api-key`). Decided once, where errors are rendered
+    (llmrotate_site.api), for every error of the request."""
+    return (
+        path.startswith("/v1/messages") or "anthropic-version" in headers or "x-api-key" in headers
+    )
 
 
 def invalid_request(message: str, *, code: str, param: str | None = None) -> ProxyError:

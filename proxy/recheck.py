@@ -25,6 +25,7 @@ from keys.health import KeyState, KeyStatus
 from keys.health import needs_recheck as _needs_recheck
 from keys.routing import ProviderInfo, RoutingSnapshot, UpstreamKey, routing_load, routing_snapshot
 from keys.state_store import get_key_state_store
+from llmrotate_site.db import outside_request
 from proxy.upstream import upstream_client, upstream_clients_close
 
 logger = logging.getLogger("llmrotate.keys")
@@ -56,7 +57,7 @@ async def recheck_key(
     provider: ProviderInfo, key: UpstreamKey, *, now: float | None = None
 ) -> bool | None:
     """Returns True (valid), False (rejected) or None (inconclusive: upstream down)."""
-    from proxy.engine import upstream_headers
+    from proxy.dialects import upstream_headers
 
     try:
         response = await upstream_client(provider.base_url).get(
@@ -139,10 +140,11 @@ async def keys_revalidate_forever(*, interval: float) -> None:
     enabled, every = True, interval
     while True:
         try:
-            # One indexed row, read in the thread the routing snapshot uses.
-            enabled, every = await sync_to_async(_revalidation_schedule, thread_sensitive=True)(
-                default=interval
-            )
+            # One indexed row, read in the thread the routing snapshot uses, outside any
+            # request: the connection is recycled here (llmrotate_site.db).
+            enabled, every = await sync_to_async(
+                outside_request(_revalidation_schedule), thread_sensitive=True
+            )(default=interval)
         except Exception:
             logger.exception("cannot read the key re-validation schedule; keeping the last one")
         wait = last_run + every - loop.time()

@@ -31,7 +31,7 @@ from django.http import StreamingHttpResponse
 from keys.health import Outcome as Health
 from keys.routing import DeploymentInfo, UpstreamKey
 from proxy.calls import CallContext, key_settle, record_attempt
-from proxy.classify import EMPTY_STREAM, Verdict, classify_exception
+from proxy.classify import EMPTY_STREAM, ERROR_FIRST, Verdict, classify_exception
 from proxy.dialects import StreamState
 
 logger = logging.getLogger("llmrotate.proxy")
@@ -82,6 +82,8 @@ class StreamRelay:
         except (httpx.HTTPError, OSError) as exc:
             return classify_exception(exc)
         self._pending = self._feed(first)
+        if self.state.failure is not None and self.state.first_token_at is None:
+            return ERROR_FIRST
         return None
 
     def response(self) -> StreamingHttpResponse:
@@ -125,7 +127,8 @@ class StreamRelay:
             if self._pending:
                 pending, self._pending = self._pending, b""
                 yield pending
-            async for chunk in self._chunks or self.upstream.aiter_bytes():
+            assert self._chunks is not None, "start() runs before the stream is relayed"
+            async for chunk in self._chunks:
                 out = self._feed(chunk)
                 if out:
                     yield out
@@ -188,11 +191,11 @@ class StreamRelay:
         if self._closed:
             return
         self._closed = True  # before any await: exactly once, whoever gets here first
-        self._finish(self.busy)
+        self._finish()
         # Shielded: a second cancellation must not leave the key taken.
         await asyncio.shield(self._settle())
 
-    def _finish(self, busy: float) -> None:
+    def _finish(self) -> None:
         # Synchronous on purpose: it must run even when the task is being cancelled.
         t_end = time.perf_counter()
         state = self.state
@@ -208,7 +211,7 @@ class StreamRelay:
             status_code=self.upstream.status_code,
             t_start=self.t_start,
             t_end=t_end,
-            overhead_ms=self.overhead_ms + busy * 1000,
+            overhead_ms=self.overhead_ms + self.busy * 1000,
             usage=state.usage,
             completion_text=None
             if state.usage is not None and state.usage.reported

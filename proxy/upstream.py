@@ -68,8 +68,14 @@ class ShardedTransport(httpx.AsyncBaseTransport):
 
 def _network_transport() -> httpx.AsyncBaseTransport:
     shards = max(1, settings.LLMROTATE_UPSTREAM_POOL_SHARDS)
-    per_shard = math.ceil(settings.LLMROTATE_UPSTREAM_MAX_CONNECTIONS / shards)
-    limits = httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard)
+    limit = settings.LLMROTATE_UPSTREAM_MAX_CONNECTIONS
+    # Turns are strict, and streams last unequally long, so one pool can be busier than the
+    # others: each may open up to the whole limit rather than queue behind a fixed share while
+    # the others sit idle. What is kept open between calls is split, so the idle connections
+    # of all pools together stay within the limit.
+    limits = httpx.Limits(
+        max_connections=limit, max_keepalive_connections=math.ceil(limit / shards)
+    )
     # trust_env=False: environment proxies and .netrc are not the operator's intent for
     # upstream calls that carry provider keys.
     pools: list[httpx.AsyncBaseTransport] = [

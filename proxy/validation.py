@@ -37,7 +37,7 @@ def json_body_doc(*, required: list[str], properties: dict[str, Any]) -> dict[st
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
-def body_load(request: HttpRequest) -> dict[str, Any]:
+def body_load(request: HttpRequest, *, invalid: Invalid) -> dict[str, Any]:
     raw = request.body
     if len(raw) > settings.LLMROTATE_MAX_REQUEST_BYTES:
         raise ProxyError(
@@ -56,12 +56,7 @@ def body_load(request: HttpRequest) -> dict[str, Any]:
             code="invalid_json",
         ) from None
     if not isinstance(body, dict):
-        raise ProxyError(
-            422,
-            "The request body must be a JSON object.",
-            type="invalid_request_error",
-            code="invalid_type",
-        )
+        raise invalid("The request body must be a JSON object.", "invalid_type", None)
     return body
 
 

@@ -18,13 +18,14 @@ from ninja import Query, Router
 
 from keys.auth import monitor_auth
 from keys.models import ClientToken
+from proxy.error_schemas import ErrorOut
 from proxy.errors import invalid_request
 from usage import record_selectors, selectors
 from usage.export import CONTENT_TYPES, export_filename, iterate_async, usage_export
+from usage.filters import UsageFilters
 from usage.schemas import (
     QUERY_ERRORS,
     ClientsOut,
-    ErrorOut,
     EventsOut,
     EventsQuery,
     ExportQuery,
@@ -40,7 +41,7 @@ from usage.schemas import (
     UsageOut,
     UsageStatsOut,
 )
-from usage.selectors import Stats, Totals, UsageFilters
+from usage.selectors import Stats, Totals
 from usage.timeframes import (
     TimeFrame,
     TimeFrameError,

@@ -19,8 +19,8 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.db import connection
 
+from usage.filters import UsageFilters
 from usage.record_selectors import RECORD_FIELDS, usage_export_rows
-from usage.selectors import UsageFilters
 from usage.timeframes import TimeFrame
 
 FORMATS = ("csv", "jsonl", "json")

@@ -18,8 +18,8 @@ from typing import Any
 
 from django.db import connection
 
+from usage.filters import UsageFilters
 from usage.record_selectors import RECORD_FIELDS, record_conditions
-from usage.selectors import UsageFilters
 from usage.timeframes import TimeFrame
 
 CHUNK_ROWS = 10_000

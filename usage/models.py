@@ -6,6 +6,8 @@ the keys and tokens they mention, and the recorder writes them in bulk without l
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 from django.db import models
 
 
@@ -118,7 +120,8 @@ class ModelPrice(models.Model):
 # keeps the minute table (about one row per four records at 10 million calls a month) close to
 # the size of its data.
 
-ROLLUP_DIMENSIONS = ("provider", "requested_model", "key_id", "client", "stream", "ok")
+RollupDimension = Literal["provider", "requested_model", "key_id", "client", "stream", "ok"]
+ROLLUP_DIMENSIONS: tuple[RollupDimension, ...] = get_args(RollupDimension)
 OUTCOME_COLUMNS = {outcome.value: f"outcome_{outcome.value}" for outcome in Outcome}
 TOKEN_COLUMNS = (
     "prompt_tokens",

@@ -16,8 +16,9 @@ from typing import Any
 
 from django.db.models import Min, Q, QuerySet
 
+from usage.filters import UsageFilters
 from usage.models import CallRecord, Outcome
-from usage.selectors import UsageFilters, usage_totals_by
+from usage.selectors import usage_totals_by
 from usage.timeframes import EARLIEST, LATEST, TimeFrame, TimeFrameError, ceil_time, floor_time
 
 # What a record looks like outside: every persisted column except the surrogate id.

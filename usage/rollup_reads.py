@@ -15,48 +15,15 @@ resolution; where nothing was pruned that changes no figure (there is nothing ol
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 from django.db import connection
 
+from usage.filters import UsageFilters
 from usage.models import HourRollup, MinuteRollup, UsageRollup
 from usage.rollups import MAX_COLUMNS, MIN_COLUMNS, RESOLUTIONS
-from usage.timeframes import TimeFrame, ceil_time, floor_time
-
-Status = Literal["success", "error"]
-
-
-@dataclass(frozen=True, slots=True)
-class UsageFilters:
-    """The filters every usage endpoint accepts; None means "any"."""
-
-    provider: str | None = None
-    model: str | None = None
-    key: str | None = None
-    client: str | None = None
-    status: Status | None = None
-    stream: bool | None = None
-
-    def equalities(self) -> dict[str, Any]:
-        """column → value for the filters that are plain equalities, on columns that call
-        records and rollups share (`status` is not: see its two readings below)."""
-        pairs = (
-            ("provider", self.provider),
-            ("requested_model", self.model),
-            ("key_id", self.key),
-            ("client", self.client),
-            ("stream", self.stream),
-        )
-        return {column: value for column, value in pairs if value is not None}
-
-    def rollup_where(self) -> tuple[list[str], list[Any]]:
-        """SQL conditions (and their parameters) on the rollup dimensions."""
-        equal = self.equalities()
-        if self.status is not None:
-            equal["ok"] = self.status == "success"
-        return [f"{column} = %s" for column in equal], list(equal.values())
+from usage.timeframes import HOUR, TimeFrame, ceil_time, floor_time
 
 
 def as_datetime(value: datetime | str) -> datetime:
@@ -66,9 +33,6 @@ def as_datetime(value: datetime | str) -> datetime:
 
 
 Segment = tuple[type[UsageRollup], datetime | None, datetime | None]
-
-
-HOUR = 3600
 
 
 def minute_rollups_from() -> datetime | None:
@@ -93,10 +57,10 @@ def rollup_segments(frame: TimeFrame, *, now: datetime) -> list[Segment]:
     segments = _plan(start, end, list(RESOLUTIONS))
     if not any(model is MinuteRollup for model, _, _ in segments):
         return segments
-    return _past_minutes_from_hours(segments, minutes_from=minute_rollups_from())
+    return past_minutes_from_hours(segments, minutes_from=minute_rollups_from())
 
 
-def _past_minutes_from_hours(
+def past_minutes_from_hours(
     segments: list[Segment], *, minutes_from: datetime | None
 ) -> list[Segment]:
     """Minute segments before `minutes_from` read from the hours they fall in instead.

@@ -11,12 +11,15 @@ from ninja import Field, Schema
 from pydantic import AfterValidator, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
-from usage.timeframes import EARLIEST, LATEST, MAX_BUCKET, WINDOW_CHOICES
+from proxy.error_schemas import AUTH_ERRORS, ErrorOut
+from usage.timeframes import DURATION_PATTERN, EARLIEST, LATEST, MAX_BUCKET, WINDOW_CHOICES
 
 WindowName = Literal["1h", "24h", "7d", "30d"]
 ExportFormat = Literal["csv", "jsonl", "json"]
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# One definition for the check and for the pattern the schema declares.
+_CONTROL_CHARS = r"\x00-\x1f\x7f"
+_CONTROL = re.compile(f"[{_CONTROL_CHARS}]")
 
 
 def _no_control_characters(value: str) -> str:
@@ -34,10 +37,16 @@ def _no_control_characters(value: str) -> str:
 PlainText = Annotated[
     str,
     AfterValidator(_no_control_characters),
-    WithJsonSchema({"type": "string", "pattern": r"^[^\x00-\x1f\x7f]*$"}),
+    WithJsonSchema({"type": "string", "pattern": f"^[^{_CONTROL_CHARS}]*$"}),
 ]
-Timestamp = Annotated[str, WithJsonSchema({"type": "string", "format": "date-time"})]
-BucketSize = Annotated[str, WithJsonSchema({"type": "string", "pattern": r"^[0-9]+[mhd]$"})]
+# A date alone (2025-01-31) is midnight UTC: both are documented, so both are declared.
+Timestamp = Annotated[
+    str,
+    WithJsonSchema(
+        {"anyOf": [{"type": "string", "format": "date-time"}, {"type": "string", "format": "date"}]}
+    ),
+]
+BucketSize = Annotated[str, WithJsonSchema({"type": "string", "pattern": DURATION_PATTERN})]
 Cursor = Annotated[str, WithJsonSchema({"type": "string", "pattern": r"^[A-Za-z0-9_-]+$"})]
 
 _RANGE = f"Between {EARLIEST:%Y-%m-%d} and {LATEST:%Y-%m-%d}."
@@ -95,19 +104,7 @@ class ExportQuery(FilterQuery):
 # --- responses ----------------------------------------------------------------------------
 
 
-class ErrorDetailOut(Schema):
-    message: str = Field(description="What went wrong and, for a bad parameter, what is accepted.")
-    type: str = Field(description="invalid_request_error, authentication_error, …")
-    code: str = Field(description="A stable code: invalid_parameter, missing_api_key, …")
-    param: str | None = Field(description="The parameter at fault, if one is.")
-
-
-class ErrorOut(Schema):
-    error: ErrorDetailOut
-
-
-# What each monitoring operation may answer besides 200 (bodies: llmrotate_site/api.py).
-AUTH_ERRORS: dict[int, type[Schema]] = {401: ErrorOut, 403: ErrorOut}
+# What each monitoring operation may answer besides 200 (the envelope: proxy.error_schemas).
 QUERY_ERRORS: dict[int, type[Schema]] = {**AUTH_ERRORS, 422: ErrorOut}
 
 

@@ -12,27 +12,30 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from usage.filters import UsageFilters
 from usage.histograms import METRICS, Metric, percentile_from_bins
 from usage.models import (
     COST_SCALE,
     OUTCOME_COLUMNS,
+    ROLLUP_DIMENSIONS,
     SUMMARY_COLUMNS,
     TOKEN_COLUMNS,
-    HourRollup,
     MinuteRollup,
     Outcome,
+    RollupDimension,
 )
 from usage.rollup_reads import (
-    HOUR,
-    UsageFilters,
+    Segment,
     as_datetime,
     minute_rollups_from,
+    past_minutes_from_hours,
     rollup_merge,
     rollup_select,
 )
 from usage.rollups import ADDITIVE_COLUMNS, RESOLUTIONS
-from usage.timeframes import MAX_BUCKETS, TimeFrame, TimeFrameError, bucket_span, floor_time
+from usage.timeframes import MAX_BUCKETS, TimeFrame, TimeFrameError, bucket_span
 
+# UsageFilters lives in usage.filters; re-exported for callers that import it from here.
 __all__ = ["Bucket", "MetricStats", "Stats", "Tokens", "Totals", "UsageFilters"]
 
 _SUCCESS_COLUMN = OUTCOME_COLUMNS[Outcome.SUCCESS.value]
@@ -164,10 +167,12 @@ def usage_stats(*, frame: TimeFrame, filters: UsageFilters, now: datetime) -> St
 
 
 def usage_stats_by(
-    *, group: str, frame: TimeFrame, filters: UsageFilters, now: datetime
+    *, group: RollupDimension, frame: TimeFrame, filters: UsageFilters, now: datetime
 ) -> list[tuple[str, Stats]]:
     """`usage_stats` per value of one dimension (`client`, `key_id`, …), busiest first, in one
     pass over the rollups rather than one `usage_stats` per value."""
+    # The name goes into the SQL as a column: only a rollup dimension may.
+    assert group in ROLLUP_DIMENSIONS, group
     merged = rollup_merge(
         frame, now=now, filters=filters, group=(group,), columns=ADDITIVE_COLUMNS, extremes=True
     )
@@ -176,9 +181,10 @@ def usage_stats_by(
 
 
 def usage_totals_by(
-    *, group: Sequence[str], frame: TimeFrame, filters: UsageFilters, now: datetime
+    *, group: Sequence[RollupDimension], frame: TimeFrame, filters: UsageFilters, now: datetime
 ) -> list[tuple[tuple[Any, ...], Totals]]:
     """Counts, tokens and cost per value of the `group` columns (e.g. provider), sorted."""
+    assert set(group) <= set(ROLLUP_DIMENSIONS), group
     merged = rollup_merge(
         frame, now=now, filters=filters, group=group, columns=SUMMARY_COLUMNS, extremes=False
     )
@@ -201,18 +207,14 @@ def usage_timeseries(
         )
     end = first + count * bucket
     model = next(m for m, unit in reversed(RESOLUTIONS) if size % unit == 0)
-    reads = [(model, first, end)]
+    reads: list[Segment] = [(model, first, end)]
     if model is MinuteRollup:
-        # Sub-hour buckets before the minute rollups' horizon: each hour's figures go to the
-        # bucket its start falls in (the first bucket for the hour it begins in).
-        minutes_from = minute_rollups_from()
-        if minutes_from is None or first < minutes_from:
-            cut = end if minutes_from is None else min(max(minutes_from, first), end)
-            reads = [(HourRollup, floor_time(first, HOUR), cut), (model, cut, end)]
+        # Sub-hour buckets before the minute rollups' horizon come from hour rows: each hour's
+        # figures go to the bucket its start falls in (the first bucket for the hour it
+        # begins in).
+        reads = past_minutes_from_hours(reads, minutes_from=minute_rollups_from())
     folded: dict[int, dict[str, Any]] = {}
     for table, start, stop in reads:
-        if start >= stop:
-            continue
         rows = rollup_select(
             table, start=start, end=stop, filters=filters, group=("bucket_start",),
             aggregates=[("SUM", c) for c in SUMMARY_COLUMNS],

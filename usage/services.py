@@ -12,7 +12,7 @@ from django.db import models, transaction
 from django.utils import timezone
 
 from usage.models import CallRecord, MinuteRollup
-from usage.timeframes import floor_time
+from usage.timeframes import HOUR, floor_time
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +38,18 @@ def usage_prune(
     the whole hours before that.
 
     Hourly and daily rollups are kept: analytics over old periods stay available after the
-    raw records are gone, at a few hundred rows per hour. Minute rows go in whole hours so
-    that reads can tell where they stop (usage.selectors.minute_rollups_from) and answer
-    older edges from hour rows instead of undercounting them. Deletes go in batches of
-    `batch_size` rows, each its own short transaction, so the recorder's writes interleave
-    and a huge first prune neither locks the table for long nor bloats one transaction.
-    `progress` gets the running count of deleted rows. The scheduled job calls this.
+    raw records are gone, at a few hundred rows per hour. Records go in batches of
+    `batch_size` rows, each its own short transaction, so the recorder's writes interleave and
+    a huge first prune neither locks the table for long nor bloats one transaction.
+
+    Minute rows go one whole hour per transaction, oldest hour first (batched within the hour
+    if it is large): reads take every hour from the oldest minute row on as complete
+    (usage.rollup_reads.minute_rollups_from) and answer older edges from hour rows. A batch
+    that cut through an hour would, until the next one committed (or for good, if the prune
+    died there), leave a partial hour that reads as whole and undercounts.
+
+    `progress` gets the running count of deleted rows, after each commit. The scheduled job
+    calls this.
     """
     if older_than is None:
         days = settings.LLMROTATE_USAGE_RETENTION_DAYS
@@ -54,27 +60,33 @@ def usage_prune(
     result = PruneResult(cutoff=cutoff)
     deleted = 0
 
-    def batches(model: type[models.Model], field: str, before: datetime) -> int:
+    def committed(count: int) -> None:
         nonlocal deleted
-        total = 0
-        while True:
-            # Oldest first by an indexed column; the ids, then a delete by primary key.
-            ids = list(
-                model._default_manager.filter(**{f"{field}__lt": before})
-                .order_by(field)
-                .values_list("pk", flat=True)[:batch_size]
-            )
-            if not ids:
-                return total
-            with transaction.atomic():
-                model._default_manager.filter(pk__in=ids).delete()
-            total += len(ids)
-            deleted += len(ids)
-            if progress:
-                progress(deleted)
+        deleted += count
+        if progress:
+            progress(deleted)
 
-    result.records = batches(CallRecord, "started_at", cutoff)
-    result.minute_rollups = batches(MinuteRollup, "bucket_start", floor_time(cutoff, 3600))
+    while True:
+        with transaction.atomic():
+            count = _delete_batch(CallRecord, "started_at", before=cutoff, size=batch_size)
+        if not count:
+            break
+        result.records += count
+        committed(count)
+
+    horizon = floor_time(cutoff, HOUR)
+    oldest = MinuteRollup.objects.filter(bucket_start__lt=horizon).order_by("bucket_start")
+    while (start := oldest.values_list("bucket_start", flat=True).first()) is not None:
+        hour_end = floor_time(start, HOUR) + timedelta(seconds=HOUR)
+        count = 0
+        with transaction.atomic():
+            while batch := _delete_batch(
+                MinuteRollup, "bucket_start", before=hour_end, size=batch_size
+            ):
+                count += batch
+        result.minute_rollups += count
+        committed(count)
+
     logger.info(
         "pruned %d call records and %d minute rollups older than %s",
         result.records,
@@ -82,3 +94,15 @@ def usage_prune(
         cutoff.isoformat(),
     )
     return result
+
+
+def _delete_batch(model: type[models.Model], field: str, *, before: datetime, size: int) -> int:
+    # Oldest first by an indexed column; the ids, then a delete by primary key.
+    ids = list(
+        model._default_manager.filter(**{f"{field}__lt": before})
+        .order_by(field)
+        .values_list("pk", flat=True)[:size]
+    )
+    if ids:
+        model._default_manager.filter(pk__in=ids).delete()
+    return len(ids)

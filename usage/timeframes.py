@@ -33,11 +33,14 @@ MAX_BUCKET = LONG_BUCKETS[-1]
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
 LATEST = datetime(9000, 1, 1, tzinfo=UTC)
 WINDOW_CHOICES = "|".join(WINDOWS)
-# At most 9 digits: longer numbers are out of range anyway, and int() refuses very long ones.
-_DURATION_RE = re.compile(r"^\s*(\d{1,9})\s*([mhd])\s*$", re.ASCII)
-_UNITS = {"m": 60, "h": 3600, "d": 86400}
+HOUR = 3600
 DAY = 86400
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Buckets and durations: `5m`, `6h`, `90d`, nothing around them (usage.schemas declares the same
+# pattern). At most 9 digits: longer numbers are out of range anyway, and int() refuses very
+# long ones.
+DURATION_PATTERN = r"^[0-9]{1,9}[mhd]$"
+_DURATION_RE = re.compile(DURATION_PATTERN)
+_UNITS = {"m": 60, "h": HOUR, "d": DAY}
 _RANGE = f"between {EARLIEST:%Y-%m-%d} and {LATEST:%Y-%m-%d} (UTC)"
 
 
@@ -68,17 +71,18 @@ def parse_timestamp(value: str, *, param: str) -> datetime:
             f"{param}: {value!r} is not an ISO 8601 timestamp; use e.g. 2025-01-31T12:00:00Z "
             "or 2025-01-31.",
         ) from None
-    out_of_range = TimeFrameError(
-        param, f"{param}: {value!r} is out of range; use a time {_RANGE}."
-    )
     try:
         # Converting 0001-01-01T00:00+14:00 or 9999-12-31T23:59-14:00 leaves datetime's range.
         moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
     except OverflowError:
-        raise out_of_range from None
+        raise _out_of_range(value, param=param) from None
     if not EARLIEST <= moment <= LATEST:
-        raise out_of_range
+        raise _out_of_range(value, param=param)
     return moment
+
+
+def _out_of_range(value: str, *, param: str) -> TimeFrameError:
+    return TimeFrameError(param, f"{param}: {value!r} is out of range; use a time {_RANGE}.")
 
 
 def timeframe_parse(
@@ -108,11 +112,17 @@ def timeframe_parse(
     return TimeFrame(since=start, until=end)
 
 
+def _seconds(value: str) -> int | None:
+    """The seconds of a `5m`/`6h`/`90d` written as DURATION_PATTERN says; None if it is not."""
+    if not _DURATION_RE.fullmatch(value or ""):
+        return None
+    return int(value[:-1]) * _UNITS[value[-1]]
+
+
 def parse_bucket(value: str) -> timedelta:
     """`bucket=`: N minutes, hours or days (`5m`, `6h`, `1d`). A bucket must divide a day or
     be whole days, so that buckets line up with UTC midnight."""
-    match = _DURATION_RE.match(value or "")
-    seconds = int(match.group(1)) * _UNITS[match.group(2)] if match else 0
+    seconds = _seconds(value) or 0
     too_big = seconds > MAX_BUCKET.total_seconds()
     if seconds <= 0 or too_big or (DAY % seconds and seconds % DAY):
         raise TimeFrameError(
@@ -123,12 +133,12 @@ def parse_bucket(value: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
-def parse_duration(value: str, *, param: str) -> timedelta:
-    """`90d`, `12h`, `30m`: used by retention (`--older-than`)."""
-    match = _DURATION_RE.match(value or "")
-    seconds = int(match.group(1)) * _UNITS[match.group(2)] if match else 0
-    # The cutoff (now - duration) must stay a valid time, and inside the range timestamps have.
-    if not match or seconds > (datetime.now(UTC) - EARLIEST).total_seconds():
+def parse_duration(value: str, *, param: str, now: datetime) -> timedelta:
+    """`90d`, `12h`, `30m`: used by retention (`--older-than`). `now` is the moment the cutoff
+    (now - duration) is taken from: it must stay a valid time, inside the range timestamps
+    have."""
+    seconds = _seconds(value)
+    if seconds is None or seconds > (now - EARLIEST).total_seconds():
         raise TimeFrameError(
             param,
             f"{param}: {value!r} is not a duration like 90d, 12h or 30m (reaching back no "
@@ -165,9 +175,10 @@ def default_bucket(frame: TimeFrame, *, now: datetime) -> timedelta:
 
 def floor_time(moment: datetime, seconds: int) -> datetime:
     # Exact integer arithmetic on timedelta: no float rounding, and no OS limits on times
-    # before 1970 (fromtimestamp() refuses negative values on some platforms).
+    # before 1970 (fromtimestamp() refuses negative values on some platforms). EARLIEST is the
+    # Unix epoch, so whole-day buckets start at UTC midnight.
     step = timedelta(seconds=seconds)
-    return _EPOCH + (moment - _EPOCH) // step * step
+    return EARLIEST + (moment - EARLIEST) // step * step
 
 
 def ceil_time(moment: datetime, seconds: int) -> datetime:

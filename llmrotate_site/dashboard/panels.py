@@ -18,7 +18,14 @@ from typing import Any, cast
 from django.conf import settings
 from django.http import HttpRequest
 
-from healthchecks.selectors import EndpointHealth, endpoint_health_list
+from healthchecks.selectors import (
+    KINDS,
+    EndpointHealth,
+    KindHistory,
+    ProbeHistory,
+    endpoint_health_list,
+    health_history,
+)
 from keys.selectors import (
     KeyHealth,
     ProviderHealth,
@@ -26,7 +33,6 @@ from keys.selectors import (
     keys_health,
     pool_health,
 )
-from llmrotate_site.dashboard.probe_history import KINDS, KindHistory, ProbeHistory, probe_history
 from llmrotate_site.dashboard.query import DashboardQuery
 from usage.record_selectors import usage_recent_page
 from usage.selectors import (
@@ -37,7 +43,7 @@ from usage.selectors import (
     usage_timeseries,
     usage_totals_by,
 )
-from usage.timeframes import TimeFrame, TimeFrameError, default_bucket
+from usage.timeframes import TimeFrameError, default_bucket
 
 Context = dict[str, Any]
 Builder = Callable[[HttpRequest, DashboardQuery], Context]
@@ -47,14 +53,8 @@ TIMELINE_EVENTS = 8  # per endpoint, the newest in the frame
 SPARK_WIDTH, SPARK_HEIGHT = 160, 28  # the viewBox of templates/dashboard/partials/endpoints.html
 
 
-def _has_any_call() -> bool:
-    # One row by the (started_at, id) index: tells "no traffic ever" (teach the first request)
-    # from "none in this frame" (suggest a longer one).
-    return bool(usage_recent_page(frame=TimeFrame(), filters=UsageFilters(), limit=1).records)
-
-
-def _first_request(request: HttpRequest) -> Context:
-    return {"base_url": request.build_absolute_uri("/v1"), "ever_called": _has_any_call()}
+def _first_request(request: HttpRequest, q: DashboardQuery) -> Context:
+    return {"base_url": request.build_absolute_uri("/v1"), "ever_called": q.ever_called}
 
 
 def _timer(key: KeyHealth) -> datetime | None:
@@ -83,7 +83,7 @@ def _provider_tone(provider: ProviderHealth, endpoint: EndpointHealth | None) ->
 
 def providers(request: HttpRequest, q: DashboardQuery) -> Context:
     pool = pool_health()
-    endpoints = {name: e for e in endpoint_health_list() for name in e.providers}
+    endpoints = {name: e.health for e in endpoint_health_list() for name in e.health.providers}
     return {
         "pool": pool,
         "providers": [
@@ -105,7 +105,7 @@ def summary(request: HttpRequest, q: DashboardQuery) -> Context:
     if stats.calls:
         context["cost_per_1k"] = stats.cost_usd / stats.calls * 1000
     if not stats.calls:
-        context.update(_first_request(request))
+        context.update(_first_request(request, q))
     return context
 
 
@@ -123,12 +123,11 @@ def timeseries(request: HttpRequest, q: DashboardQuery) -> Context:
         "tokens": [b.totals.tokens.total for b in buckets],
         "cost": [float(b.totals.cost_usd) for b in buckets],
     }
-    # Empty, the charts would be bare 0-1 axes: the page shows what will appear there instead.
+    # Empty, the charts would be bare 0-1 axes: the page shows what will appear there instead,
+    # worded by whether any call was ever made (app.js switches it as the data comes in).
     chart["empty"] = not any(chart["successes"]) and not any(chart["errors"])
-    context: Context = {"chart": chart}
-    if chart["empty"]:
-        context["ever_called"] = _has_any_call()
-    return context
+    chart["ever_called"] = not chart["empty"] or q.ever_called
+    return {"chart": chart}
 
 
 def models(request: HttpRequest, q: DashboardQuery) -> Context:
@@ -139,13 +138,13 @@ def models(request: HttpRequest, q: DashboardQuery) -> Context:
     return {
         "rows": [{"provider": p, "model": m, "totals": t} for (p, m), t in rows],
         "max_calls": max((t.calls for _, t in rows), default=0),
-        "ever_called": bool(rows) or _has_any_call(),
+        "ever_called": bool(rows) or q.ever_called,
     }
 
 
 def recent(request: HttpRequest, q: DashboardQuery) -> Context:
     page = usage_recent_page(frame=q.frame, filters=q.filters, limit=RECENT_FEED)
-    return {"records": page.records, "ever_called": bool(page.records) or _has_any_call()}
+    return {"records": page.records, "ever_called": bool(page.records) or q.ever_called}
 
 
 def key_table(request: HttpRequest, q: DashboardQuery) -> Context:
@@ -166,6 +165,11 @@ def key_details(request: HttpRequest, q: DashboardQuery) -> Context:
     return {"rows": rows, "can_change": request.user.has_perm("keys.change_apikey")}
 
 
+def _spark_x(x: float, *, width: int = SPARK_WIDTH) -> str:
+    """Where 0..1 along the frame is in the sparkline's box, 2px in from either side."""
+    return f"{2 + x * (width - 4):.1f}"
+
+
 def sparkline(
     points: list[tuple[float, float]], *, width: int = SPARK_WIDTH, height: int = SPARK_HEIGHT
 ) -> str:
@@ -177,7 +181,7 @@ def sparkline(
     low, high = min(values), max(values)
     span = (high - low) or 1.0
     return " ".join(
-        f"{2 + x * (width - 4):.1f},{height - 2 - (v - low) / span * (height - 4):.1f}"
+        f"{_spark_x(x, width=width)},{height - 2 - (v - low) / span * (height - 4):.1f}"
         for x, v in points
     )
 
@@ -188,23 +192,23 @@ def _probe_line(kind: str, history: KindHistory) -> Context:
         "label": "HTTP" if kind == "http" else "Ping",
         "history": history,
         "points": sparkline(history.points),  # empty for a lone sample: the caption says so
-        "failures": [f"{2 + x * (SPARK_WIDTH - 4):.1f}" for x in history.failures],
+        "failures": [_spark_x(x) for x in history.failures],  # on the same scale as the line
     }
 
 
 def endpoints(request: HttpRequest, q: DashboardQuery) -> Context:
     """Now: the probes' and the breaker's state. Over the frame: the latency of each probe
     kind, where probes failed, and the newest results."""
-    history = probe_history(frame=q.frame, now=q.now, timeline=TIMELINE_EVENTS)
+    history = health_history(frame=q.frame, now=q.now, timeline=TIMELINE_EVENTS)
     rows = []
-    for endpoint in endpoint_health_list():
-        h = history.get(endpoint.endpoint, ProbeHistory())
-        kinds = h.kinds or {kind: KindHistory() for kind in KINDS}
+    for entry in endpoint_health_list():
+        # By the endpoint's id: two endpoints may show the same masked URL.
+        h = history.get(entry.endpoint_id, ProbeHistory()) if entry.endpoint_id else ProbeHistory()
         rows.append(
             {
-                "endpoint": endpoint,
+                "endpoint": entry.health,
                 "history": h,
-                "lines": [_probe_line(kind, kinds[kind]) for kind in KINDS],
+                "lines": [_probe_line(kind, h.kinds[kind]) for kind in KINDS],
             }
         )
     return {
@@ -224,7 +228,7 @@ def calls(request: HttpRequest, q: DashboardQuery) -> Context:
         return {**context, "error": exc.message, "records": []}
     context.update(records=page.records, next_cursor=page.next_cursor)
     if not page.records and not cursor:
-        context.update(_first_request(request))
+        context.update(_first_request(request, q))
     return context
 
 

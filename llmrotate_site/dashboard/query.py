@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from urllib.parse import urlencode
 
 from django.http import HttpRequest
 from django.utils import timezone
 
+from usage.record_selectors import usage_recent_page
 from usage.selectors import UsageFilters
 from usage.timeframes import WINDOWS, TimeFrame, TimeFrameError, timeframe_parse
 
@@ -51,6 +53,14 @@ class DashboardQuery:
     @property
     def has_filters(self) -> bool:
         return any(k in FILTER_PARAMS for k in self.params)
+
+    @cached_property
+    def ever_called(self) -> bool:
+        """Has the gateway ever recorded a call? Tells "no traffic ever" (teach the first
+        request) from "none in this frame" (suggest a longer one). Asked by several panels of
+        a page, answered once per request: one row by the (started_at, id) index."""
+        page = usage_recent_page(frame=TimeFrame(), filters=UsageFilters(), limit=1)
+        return bool(page.records)
 
     def with_params(self, **changes: str | None) -> str:
         """The query string with some parameters changed (None drops one)."""

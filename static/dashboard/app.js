@@ -257,6 +257,10 @@
     const data = JSON.parse(source.textContent);
     for (const card of document.querySelectorAll("[data-chart-card]")) {
       card.classList.toggle("is-empty", data.empty);
+      // "None in this frame" or "none yet": the first call may arrive while the page is open.
+      for (const text of card.querySelectorAll("[data-empty-when]")) {
+        text.hidden = (text.dataset.emptyWhen === "ever") !== data.ever_called;
+      }
     }
     // Nothing to draw yet: the cards say what will be there; the charts start with data.
     if (data.empty && !charts.calls) return;

@@ -1,5 +1,5 @@
 """Polling follows the tab: panels refresh while it is visible, not at all while it is hidden,
-and at once when it is shown again.
+and at once when it is shown again; and what a poll brings changes the page in place.
 
 The tab's visibility is the page's `document.visibilityState` (headless Chromium has no tab to
 hide), set the way a browser sets it: the property, then a `visibilitychange` event.
@@ -7,12 +7,14 @@ hide), set the way a browser sets it: the property, then a `visibilitychange` ev
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from llmrotate_site.dashboard.views import PAGES
-from tests.dashboard.conftest import Dashboard, log_in, set_visibility
+from tests.dashboard.conftest import POLL_TIMEOUT_MS, Dashboard, log_in, set_visibility
+from tests.usage.monitoring import call, write_calls
 
 pytestmark = [pytest.mark.embedded, pytest.mark.e2e]
 
@@ -64,3 +66,23 @@ def test_a_hidden_tab_stops_polling_and_refreshes_at_once_when_shown(
     _until_every_panel(page, polls, within_ms=3000)
     page.wait_for_timeout(200)  # and nothing more
     assert sorted(polls) == sorted(OVERVIEW_PANELS)
+
+
+def test_an_empty_chart_rewords_itself_when_the_first_call_arrives(
+    empty_dashboard: Dashboard, new_page: Any, poll_every: Any
+) -> None:
+    poll_every(1)
+    page, _ = new_page()
+    # A frame in the past: it stays empty whatever arrives, only its wording may change.
+    log_in(page, empty_dashboard)
+    page.goto(empty_dashboard.url("/dashboard/?since=2000-01-01T00:00&until=2000-01-02T00:00"))
+    chart = page.locator("[data-chart-card]").first
+    assert "Charts start with the first call" in chart.inner_text()
+    now = datetime.now(UTC)
+    write_calls([call(started_at=now, finished_at=now + timedelta(milliseconds=300))])
+    page.wait_for_function(
+        """() => [...document.querySelectorAll('[data-chart-card]')].every(card =>
+            card.innerText.includes('No calls in this time frame')
+            && !card.innerText.includes('Charts start with the first call'))""",
+        timeout=POLL_TIMEOUT_MS,
+    )

@@ -14,8 +14,8 @@ from django.test import Client
 from django.utils import timezone
 
 from healthchecks.models import Endpoint, HealthEvent, ProbeKind, ProbeStatus
+from healthchecks.selectors import POINTS
 from llmrotate_site.dashboard.panels import sparkline
-from llmrotate_site.dashboard.probe_history import POINTS
 from tests.factories import ProviderFactory
 
 pytestmark = pytest.mark.django_db
@@ -58,6 +58,14 @@ def line(html: str, kind: str) -> str:
 
 def panel(client: Client, query: str) -> str:
     return client.get(f"/dashboard/panels/endpoints/?{query}").content.decode()
+
+
+def card(html: str, provider: str) -> str:
+    """The card of the endpoint the provider uses, as rendered."""
+    cards = re.findall(r'<article class="card endpoint">.*?</article>', html, re.S)
+    mine = [c for c in cards if f'<span class="subtle">{provider}</span>' in c]
+    assert len(mine) == 1, f"{len(mine)} cards for {provider}"
+    return mine[0]
 
 
 def test_http_and_ping_each_have_their_own_line(staff: Client, endpoint: Endpoint) -> None:
@@ -118,3 +126,34 @@ def test_a_sparkline_spans_its_box_and_its_values() -> None:
     points = sparkline([(0, 10.0), (0.5, 30.0), (1, 20.0)], width=160, height=28)
     assert points == "2.0,26.0 80.0,2.0 158.0,14.0"
     assert sparkline([(0, 10.0)]) == ""  # one sample is not a line
+
+
+def test_endpoints_that_differ_only_in_their_secrets_each_show_their_own_history(
+    staff: Client,
+) -> None:
+    # Both show as https://***@h.test/v1?api-key=***: only their rows tell them apart.
+    urls = {
+        "first": "https://u:tok3n-first@h.test/v1?api-key=s3cret-first",
+        "second": "https://v:tok3n-second@h.test/v1?api-key=s3cret-second",
+    }
+    now = timezone.now()
+    for i, (name, url) in enumerate(urls.items()):
+        ProviderFactory(name=name, base_url=url)
+        endpoint = Endpoint.objects.create(base_url=url, last_checked_at=now)
+        for minutes, latency in ((20, 100 + 500 * i), (10, 120 + 500 * i)):
+            probe(endpoint, ProbeKind.HTTP, latency, at=now - timedelta(minutes=minutes))
+    html = panel(staff, "window=1h")
+    assert f"100{DASH}120 ms" in line(card(html, "first"), "http")
+    assert f"600{DASH}620 ms" in line(card(html, "second"), "http")
+    assert "https://***@h.test/v1?api-key=***" in card(html, "first")
+    for secret in ("tok3n", "s3cret"):
+        assert secret not in html
+
+
+def test_a_degraded_endpoint_says_so_on_its_card(staff: Client, endpoint: Endpoint) -> None:
+    # Pings fail their threshold while the HTTP probe answers: still in routing, but not well.
+    endpoint.is_up, endpoint.ping_failures = True, endpoint.ping_failure_threshold
+    endpoint.save()
+    head = re.search(r'<header class="card-head">(.*?)</header>', panel(staff, "window=1h"), re.S)
+    assert head
+    assert re.search(r'class="badge endpoint-health tone-warn"[^>]*>degraded<', head.group(1))

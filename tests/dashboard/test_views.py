@@ -3,8 +3,11 @@ panel answers, the request view, and the key actions. Both legs (SQLite and Post
 
 from __future__ import annotations
 
+import json
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from unittest import mock
 
 import pytest
 from django.contrib.auth.models import Permission, User
@@ -110,6 +113,38 @@ def test_a_custom_frame_filters_the_calls(staff: Client) -> None:
     html = staff.get("/dashboard/calls/?since=2025-01-01T00:00&until=2025-01-02T00:00")
     assert "old-model" in html.content.decode()
     assert ">x</a>" not in html.content.decode()
+
+
+def chart_data(client: Client, query: str) -> dict[str, Any]:
+    html = client.get(f"/dashboard/panels/timeseries/?{query}").content.decode()
+    found = re.search(r'<script id="timeseries-data" type="application/json">(.*?)</script>', html)
+    assert found, html
+    return dict(json.loads(found.group(1)))
+
+
+def test_the_polled_chart_data_says_whether_any_call_was_ever_made(staff: Client) -> None:
+    # The empty chart's wording depends on it, and the first call may come while the page is
+    # open: so it travels with every poll, not only with the page.
+    past = "since=2000-01-01T00:00&until=2000-01-02T00:00"
+    assert chart_data(staff, past)["empty"] is True
+    assert chart_data(staff, past)["ever_called"] is False
+    write_calls([at(datetime.now(UTC))])
+    assert chart_data(staff, past)["ever_called"] is True
+    # The page's first paint agrees with it.
+    page = staff.get(f"/dashboard/?{past}").content.decode()
+    assert '<p class="chart-empty-title" data-empty-when="ever">No calls in this' in page
+    assert '<p class="chart-empty-title" data-empty-when="never" hidden>' in page
+
+
+def test_the_overview_asks_once_whether_any_call_was_ever_made(staff: Client) -> None:
+    from llmrotate_site.dashboard import query
+
+    with mock.patch.object(
+        query, "usage_recent_page", wraps=query.usage_recent_page
+    ) as ever_called:
+        response = staff.get("/dashboard/?since=2000-01-01T00:00&until=2000-01-02T00:00")
+    assert response.status_code == 200
+    assert ever_called.call_count == 1  # four panels want to know
 
 
 def test_the_request_view_shows_every_attempt(staff: Client) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from unittest import mock
 
@@ -67,6 +68,29 @@ def test_an_endpoint_never_probed_is_listed_as_unknown_and_healthy(client: Clien
     body = client.get("/internal/health").json()
     new = body["endpoint_health"]["https://new.example.test/v1"]
     assert (new["http_status"], new["breaker_state"], new["healthy"]) == ("unknown", "closed", True)
+
+
+def test_endpoints_that_differ_only_in_what_is_masked_are_each_listed(client: Client):
+    ProviderFactory(name="team-a", base_url="https://a:tok3n-a@shared.example.test/v1")
+    ProviderFactory(name="team-b", base_url="https://b:tok3n-b@shared.example.test/v1")
+    body = client.get("/internal/health").json()
+    # Before the worker has created their rows, and after.
+    shown = "https://***@shared.example.test/v1"
+    assert sorted(body["endpoint_health"]) == [f"{shown}#new-1", f"{shown}#new-2"]
+    services.endpoints_sync()
+    team_a = Endpoint.objects.get(base_url__contains="tok3n-a")
+    for _ in range(2):
+        services.probe_record(
+            endpoint=team_a, kind="http", result=ProbeResult(ProbeStatus.FAILED, error="HTTP 503")
+        )
+    text = client.get("/internal/health").content.decode()
+    assert "tok3n" not in text
+    health = json.loads(text)["endpoint_health"]
+    team_b = Endpoint.objects.get(base_url__contains="tok3n-b")
+    assert set(health) == {f"{shown}#{team_a.pk}", f"{shown}#{team_b.pk}"}
+    assert health[f"{shown}#{team_a.pk}"]["providers"] == ["team-a"]
+    assert health[f"{shown}#{team_a.pk}"]["healthy"] is False
+    assert health[f"{shown}#{team_b.pk}"]["healthy"] is True
 
 
 def test_the_api_has_the_same_data_behind_monitor_auth(

@@ -87,3 +87,23 @@ def test_a_probe_that_crashes_frees_the_trial_at_once(endpoint: Endpoint):
         probe(endpoint, side_effect=RuntimeError("worker trouble"))
     assert stored(endpoint.base_url).status == BreakerStatus.HALF_OPEN
     assert live_claim(endpoint)
+
+
+def test_a_probe_of_a_closed_breaker_claims_nothing_before_it_is_sent():
+    ProviderFactory(name="calm", base_url="https://calm.example.test/v1")
+    services.endpoints_sync()
+    calm = Endpoint.objects.get()
+    store = get_breaker_store()
+    writes_before_sending: list[int] = []
+
+    with mock.patch.object(store, "update", wraps=store.update) as update:
+
+        def answer(**kwargs: Any) -> ProbeResult:
+            writes_before_sending.append(update.call_count)
+            return OK
+
+        probe(calm, side_effect=answer)
+    # No locking transaction ahead of the probe; its result is the one write.
+    assert writes_before_sending == [0]
+    assert update.call_count == 1
+    assert stored(calm.base_url).status == BreakerStatus.CLOSED

@@ -10,9 +10,10 @@ import pytest
 from django.test import Client
 from django.utils import timezone
 
+from healthchecks.models import Endpoint, ProbeStatus
+from keys.crypto import base_url_masked
 from keys.health import KeyPolicy, KeyStatus
 from keys.models import ApiKey
-from keys.selectors import base_url_masked
 from keys.state_store import get_key_state_store
 from keys.strategies import DEFAULT_STRATEGY
 from llmrotate_site.api import api as ninja_api
@@ -122,7 +123,14 @@ def test_a_key_given_as_a_reference_shows_only_the_kind(api: Client) -> None:
       "https://h.example/v1?key=***&Token=***&sig=***&region=eu"),
      ("https://h.example/v1?access%5Ftoken=s3cret", "https://h.example/v1?access%5Ftoken=***"),
      ("https://h.example/v1#access_token=s3cret", "https://h.example/v1#***"),
-     ("http://[::1:11434/v1?s3cret", "***")],
+     ("http://[::1:11434/v1?s3cret", "***"),
+     # Credentials under names no list would guess: every value but a known setting is masked.
+     ("https://fn.azurewebsites.net/api/v1?code=s3cret", "https://fn.azurewebsites.net/api/v1?code=***"),
+     ("https://h.example/v1?jwt=eyJhbGciOi.s3cret", "https://h.example/v1?jwt=***"),
+     ("https://h.example/v1?s3cret-token", "https://h.example/v1?***"),
+     ("https://h.example/v1?region=eu;key=s3cret", "https://h.example/v1?region=eu&key=***"),
+     ("https://h.example/k/sk-proj-s3cretPathKey0123456789/v1",
+      "https://h.example/k/sk-proj-…6789/v1")],
 )  # fmt: skip
 def test_base_urls_are_shown_without_credentials(url: str, shown: str) -> None:
     assert base_url_masked(url) == shown
@@ -149,19 +157,34 @@ def test_no_endpoint_ever_outputs_a_secret_or_a_token(
     api: Client, monitor_token: str, pool: dict[str, Any]
 ) -> None:
     tokens = [ClientTokenFactory(name=n, scopes=["proxy"]).raw_token for n in ("web", "batch")]
+    # A provider whose base URL carries credentials, with its probed endpoint.
+    relay_url = "https://u:s3cret-userinfo@relay.example/v1?token=s3cret-query"
+    ProviderFactory(name="relay", base_url=relay_url)
+    Endpoint.objects.create(
+        base_url=relay_url, is_up=False, http_status=ProbeStatus.FAILED, http_failures=2,
+        last_checked_at=timezone.now(), last_change_at=timezone.now(),
+    )  # fmt: skip
+    url_secrets = ["u:s3cret", "s3cret-userinfo", "s3cret-query"]
     secrets = [k.raw_secret for k in pool.values()] + tokens + [monitor_token]
     write_calls(
         [call(request_id="req-secret", client="web", key_id="o1", started_at=timezone.now())]
     )
     paths = _get_routes()
     assert {"/api/health", "/api/keys", "/api/config", "/api/usage/export"} <= set(paths)
+    assert "/api/health/endpoints" in paths
+    seen_relay = False
     for path in paths:
         for query in ("", "?window=24h", "?format=jsonl"):
             response = api.get(path + query)
             text = (
                 b"".join(response.streaming_content) if response.streaming else response.content
             ).decode()
+            seen_relay = seen_relay or "relay.example" in text
             for secret in secrets:
                 assert secret not in text, path
                 # Not even the random body of a secret (what follows a vendor prefix).
                 assert secret[-12:] not in text, path
+            for part in url_secrets:
+                assert part not in text, (path, part)
+    # The relay was shown somewhere (masked): the check above looked at its URL.
+    assert seen_relay

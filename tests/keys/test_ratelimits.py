@@ -173,3 +173,19 @@ def test_it_never_raises_on_arbitrary_headers(headers: dict[str, str]) -> None:
 def test_it_never_raises_on_garbage_in_known_headers(headers: dict[str, str]) -> None:
     retry = parse_retry_after(headers, now=NOW)
     assert retry is None or retry >= 0
+
+
+def test_anthropic_headroom_keeps_the_tightest_token_budget_whole():
+    # 20k of 400k input tokens left (5%) is tighter than 79k of 80k output tokens (99%):
+    # the remaining and the limit must come from the same budget.
+    headroom = parse_headroom(
+        {
+            "anthropic-ratelimit-input-tokens-remaining": "20000",
+            "anthropic-ratelimit-input-tokens-limit": "400000",
+            "anthropic-ratelimit-output-tokens-remaining": "79000",
+            "anthropic-ratelimit-output-tokens-limit": "80000",
+        },
+        now=0,
+    )
+    assert headroom is not None
+    assert (headroom.remaining_tokens, headroom.limit_tokens) == (20000, 400000)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 from django.test import override_settings
@@ -27,6 +28,10 @@ def loads(db: None, monkeypatch: pytest.MonkeyPatch) -> list[RoutingSnapshot]:
     return made
 
 
+def age_by(snapshot: RoutingSnapshot, seconds: float) -> None:
+    snapshot.loaded_at = time.monotonic() - seconds
+
+
 async def wait_for_refresh() -> None:
     assert routing._refresh is not None
     await routing._refresh
@@ -42,7 +47,8 @@ async def test_a_stale_snapshot_is_served_while_it_reloads_in_the_background(loa
         return loads[-1]
 
     monkeypatch.setattr(routing, "routing_load", slow_load)
-    with override_settings(LLMROTATE_CONFIG_CACHE_SECONDS=0):
+    age_by(first, 15)
+    with override_settings(LLMROTATE_CONFIG_CACHE_SECONDS=10):
         # The reload is blocked, yet the request gets an answer at once: the old snapshot.
         assert await asyncio.wait_for(routing_snapshot(), timeout=2) is first
         assert await asyncio.wait_for(routing_snapshot(), timeout=2) is first
@@ -53,7 +59,7 @@ async def test_a_stale_snapshot_is_served_while_it_reloads_in_the_background(loa
 
 
 async def test_a_reload_that_a_local_write_overtook_is_dropped(loads, monkeypatch):
-    await routing_snapshot()
+    age_by(await routing_snapshot(), 15)
     release = threading.Event()
 
     def slow_load() -> RoutingSnapshot:
@@ -61,7 +67,7 @@ async def test_a_reload_that_a_local_write_overtook_is_dropped(loads, monkeypatc
         return RoutingSnapshot()
 
     monkeypatch.setattr(routing, "routing_load", slow_load)
-    with override_settings(LLMROTATE_CONFIG_CACHE_SECONDS=0):
+    with override_settings(LLMROTATE_CONFIG_CACHE_SECONDS=10):
         await routing_snapshot()  # starts the background reload
     invalidate_routing_cache()  # an admin write lands while it runs
     release.set()
@@ -73,3 +79,24 @@ async def test_without_a_snapshot_the_request_waits_for_the_load(loads):
     invalidate_routing_cache()
     snapshot = await routing_snapshot()
     assert snapshot is loads[-1]
+
+
+async def test_a_snapshot_older_than_two_ttls_is_not_served(loads):
+    # A process that sat idle must not answer with hours-old tokens and keys.
+    old = await routing_snapshot()
+    age_by(old, 25)
+    with override_settings(LLMROTATE_CONFIG_CACHE_SECONDS=10):
+        current = await routing_snapshot()
+    assert current is not old and current is loads[-1]
+
+
+async def test_with_the_database_down_an_old_snapshot_is_still_served(loads, monkeypatch):
+    old = await routing_snapshot()
+    age_by(old, 25)
+
+    def database_down() -> RoutingSnapshot:
+        raise OSError("database unreachable")
+
+    monkeypatch.setattr(routing, "routing_load", database_down)
+    with override_settings(LLMROTATE_CONFIG_CACHE_SECONDS=10):
+        assert await routing_snapshot() is old

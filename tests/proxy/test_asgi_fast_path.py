@@ -8,12 +8,9 @@ import json
 import time
 
 import httpx
-import pytest
 
-from proxy.upstream import ShardedTransport
+from proxy.upstream import ShardedTransport, _network_transport
 from tests.proxy.conftest import Gateway, asgi_request
-
-pytestmark = pytest.mark.asyncio
 
 CHAT = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
 
@@ -81,3 +78,46 @@ async def test_sharded_pools_are_used_in_turn():
         for _ in range(6):
             await client.get("http://upstream.test/v1/models")
     assert seen == [0, 1, 2, 0, 1, 2]
+
+
+def pool_limits(transport: httpx.AsyncHTTPTransport) -> tuple[int | None, int | None]:
+    pool = transport._pool  # httpcore's pool: where the limits end up
+    return pool._max_connections, pool._max_keepalive_connections
+
+
+def test_each_pool_may_use_the_whole_limit_but_keeps_only_its_share_idle(settings):
+    settings.LLMROTATE_UPSTREAM_MAX_CONNECTIONS = 200
+    settings.LLMROTATE_UPSTREAM_POOL_SHARDS = 8
+    transport = _network_transport()
+    assert isinstance(transport, ShardedTransport) and len(transport.shards) == 8
+    for shard in transport.shards:
+        assert isinstance(shard, httpx.AsyncHTTPTransport)
+        assert pool_limits(shard) == (200, 25)
+
+
+def test_one_shard_is_the_plain_pool(settings):
+    settings.LLMROTATE_UPSTREAM_MAX_CONNECTIONS = 50
+    settings.LLMROTATE_UPSTREAM_POOL_SHARDS = 1
+    transport = _network_transport()
+    assert isinstance(transport, httpx.AsyncHTTPTransport)
+    assert pool_limits(transport) == (50, 50)
+
+
+async def test_an_oversized_body_is_refused_before_it_is_read_in_the_callers_envelope(
+    gateway: Gateway, settings
+):
+    settings.LLMROTATE_MAX_REQUEST_BYTES = 100
+    big = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x" * 200}]})
+    openai = await asgi_request("/v1/chat/completions", body=big.encode())
+    assert openai.status == 413
+    assert json.loads(openai.body) == {
+        "error": {
+            "message": "Request body is larger than 100 bytes.",
+            "type": "invalid_request_error",
+            "code": "request_too_large",
+            "param": None,
+        }
+    }
+    anthropic = await asgi_request("/v1/messages", body=big.encode())
+    assert anthropic.status == 413
+    assert json.loads(anthropic.body)["type"] == "error"

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from keys.health import Outcome as Health
-from proxy.classify import Next, classify_exception, classify_status
+from proxy.classify import Next, classify_exception, classify_status, endpoint_failed
 
 
 def body(code: str) -> bytes:
@@ -49,7 +49,6 @@ def test_it_keeps_the_upstream_error_code_as_the_error_type():
     [
         (httpx.ConnectTimeout("t"), "timeout"),
         (httpx.ReadTimeout("t"), "timeout"),
-        (httpx.PoolTimeout("t"), "timeout"),
         (httpx.ConnectError("refused"), "connection_error"),
         (httpx.RemoteProtocolError("reset"), "connection_error"),
         (httpx.ReadError("reset"), "connection_error"),
@@ -60,3 +59,13 @@ def test_transport_failures_fail_over_and_count_against_the_key(exc, outcome):
     assert verdict.outcome == outcome
     assert verdict.health is Health.UPSTREAM_ERROR
     assert verdict.next is Next.NEXT_KEY
+
+
+def test_a_full_connection_pool_is_not_held_against_the_key_or_the_endpoint():
+    verdict = classify_exception(httpx.PoolTimeout("pool full"))
+    assert (verdict.health, verdict.next, verdict.error_type) == (
+        Health.CLIENT_ERROR,
+        Next.NEXT_DEPLOYMENT,
+        "pool_full",
+    )
+    assert not endpoint_failed(verdict)

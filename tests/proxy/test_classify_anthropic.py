@@ -10,7 +10,10 @@ import pytest
 from keys.health import Outcome as Health
 from proxy.classify import Next, classify_status
 
-CREDIT = "Your credit balance is too low to access the Anthropic API."
+CREDIT = (
+    "Your credit balance is too low to access the Anthropic API. "
+    "Please go to Plans & Billing to upgrade or purchase credits."
+)
 
 
 def body(etype: str, message: str = "m") -> bytes:
@@ -103,10 +106,34 @@ def body(etype: str, message: str = "m") -> bytes:
     ],
 )
 def test_it_classifies_anthropic_answers(status, payload, outcome, health, next_step, error_type):
-    verdict = classify_status(status, payload)
+    verdict = classify_status(status, payload, kind="anthropic")
     assert (verdict.outcome, verdict.health, verdict.next, verdict.error_type) == (
         outcome,
         health,
         next_step,
         error_type,
     )
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        f"{CREDIT}: Extra inputs are not permitted",
+        "This organization has been disabled.: Extra inputs are not permitted",
+        "Unrecognized request argument supplied: This organization has been disabled.",
+    ],
+)
+def test_a_client_cannot_penalise_keys_by_naming_a_field_after_an_account_error(message):
+    # Upstreams repeat the client's field names in a 400; such an echo is the client's fault.
+    verdict = classify_status(400, body("invalid_request_error", message), kind="anthropic")
+    assert (verdict.outcome, verdict.health, verdict.next) == (
+        "client_error",
+        Health.CLIENT_ERROR,
+        Next.DONE,
+    )
+
+
+@pytest.mark.parametrize("message", [CREDIT, "This organization has been disabled."])
+def test_account_messages_count_only_from_an_anthropic_provider(message):
+    verdict = classify_status(400, body("invalid_request_error", message), kind="openai")
+    assert verdict.next is Next.DONE

@@ -172,3 +172,14 @@ async def test_invalid_json_is_a_400_in_anthropics_envelope(anthropic_gateway):
     assert response.status_code == 400
     assert response.json()["type"] == "error"
     assert response.json()["error"]["code"] == "invalid_json"
+
+
+async def test_a_body_that_is_not_an_object_is_a_400_as_anthropic_answers(anthropic_gateway):
+    response = await AsyncClient().post(
+        "/v1/messages",
+        data=b"[1, 2]",
+        content_type="application/json",
+        headers=anthropic_gateway.headers(),
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_type"

@@ -218,3 +218,29 @@ async def test_message_delta_counts_replace_message_start_ones_but_nulls_do_not(
         1000,
         60,
     )
+
+
+async def test_events_without_event_lines_are_read_by_their_type(anthropic_gateway, flush_records):
+    # What an intermediary that keeps only `data:` lines passes on.
+    bare = [e.split(b"\n", 1)[1] for e in events(["Hel", "lo", "!"])]
+    anthropic_gateway.upstream.first(streaming(*bare))
+    _, chunks, _ = await stream(anthropic_gateway)
+    assert b"".join(chunks) == b"".join(bare)
+    record = await the_record(flush_records)
+    assert (record.outcome, record.completion_tokens) == ("success", 50)
+    assert record.ttft_ms is not None
+
+
+async def test_a_stream_that_opens_with_an_error_event_goes_to_the_next_key(
+    anthropic_gateway, flush_records
+):
+    overloaded = event(
+        {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    )
+    anthropic_gateway.upstream.first(streaming(overloaded))
+    response, chunks, _ = await stream(anthropic_gateway)
+    assert response["x-llmrotate-attempts"] == "2"
+    assert overloaded not in chunks
+    flush_records()
+    rows = [r async for r in CallRecord.objects.order_by("attempt")]
+    assert [r.outcome for r in rows] == ["upstream_error", "success"]

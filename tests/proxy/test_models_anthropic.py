@@ -11,7 +11,9 @@ from tests.proxy.conftest import AnthropicGateway, Gateway
 
 pytestmark = pytest.mark.asyncio
 
-ROUTES = ["claude", "gpt-first", "gpt-only"]  # the anthropic_gateway's, by name
+# The anthropic_gateway's routes that /v1/messages can answer (gpt-only has no Anthropic
+# deployment), by name.
+ROUTES = ["claude", "gpt-first"]
 
 
 async def models(gateway: Gateway, query: str = "", **headers: str) -> dict:
@@ -29,19 +31,31 @@ async def test_an_anthropic_client_gets_anthropics_list_shape(anthropic_gateway)
     assert set(first) == {"type", "id", "display_name", "created_at"}
     assert (first["type"], first["display_name"]) == ("model", "claude")
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", first["created_at"])
-    assert (body["has_more"], body["first_id"], body["last_id"]) == (False, "claude", "gpt-only")
+    assert (body["has_more"], body["first_id"], body["last_id"]) == (False, "claude", "gpt-first")
     assert anthropic_gateway.upstream.requests == []
 
 
 async def test_it_pages_like_anthropic(anthropic_gateway):
-    first = await models(anthropic_gateway, "?limit=2")
-    assert [m["id"] for m in first["data"]] == ["claude", "gpt-first"]
+    first = await models(anthropic_gateway, "?limit=1")
+    assert [m["id"] for m in first["data"]] == ["claude"]
     assert first["has_more"] is True
-    rest = await models(anthropic_gateway, f"?limit=2&after_id={first['last_id']}")
-    assert [m["id"] for m in rest["data"]] == ["gpt-only"]
+    rest = await models(anthropic_gateway, f"?limit=1&after_id={first['last_id']}")
+    assert [m["id"] for m in rest["data"]] == ["gpt-first"]
     assert rest["has_more"] is False
-    back = await models(anthropic_gateway, "?limit=1&before_id=gpt-only")
-    assert [m["id"] for m in back["data"]] == ["gpt-first"] and back["has_more"] is True
+    back = await models(anthropic_gateway, "?limit=1&before_id=gpt-first")
+    assert [m["id"] for m in back["data"]] == ["claude"] and back["has_more"] is False
+
+
+async def test_routes_without_an_anthropic_deployment_are_listed_for_openai_clients_only(
+    anthropic_gateway,
+):
+    anthropic_ids = [m["id"] for m in (await models(anthropic_gateway))["data"]]
+    response = await AsyncClient().get(
+        "/v1/models", headers={"Authorization": f"Bearer {anthropic_gateway.token}"}
+    )
+    openai_ids = [m["id"] for m in response.json()["data"]]
+    assert "gpt-only" not in anthropic_ids
+    assert "gpt-only" in openai_ids
 
 
 async def test_a_bearer_token_with_the_anthropic_version_header_gets_anthropics_shape(

@@ -127,3 +127,19 @@ async def test_a_stream_that_fails_before_its_first_byte_moves_to_the_next_key(
     flush_records()
     rows = [r async for r in CallRecord.objects.order_by("attempt")]
     assert [(r.key_id, r.outcome) for r in rows] == [(first, outcome), (second, "success")]
+
+
+async def test_a_stream_that_opens_with_an_error_event_moves_to_the_next_key(
+    gateway: Gateway, flush_records
+):
+    overloaded = b'data: {"error": {"message": "Overloaded", "type": "server_error"}}\n\n'
+    gateway.upstream.first(streaming(overloaded))
+    response, events = await stream(gateway)
+    assert response["x-llmrotate-attempts"] == "2"
+    assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1])
+    flush_records()
+    rows = [r async for r in CallRecord.objects.order_by("attempt")]
+    assert [(r.outcome, r.error_type) for r in rows] == [
+        ("upstream_error", "upstream_error_event"),
+        ("success", ""),
+    ]

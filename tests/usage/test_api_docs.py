@@ -9,6 +9,7 @@ from django.contrib.staticfiles import finders
 from django.test import Client
 
 from llmrotate_site.api import api as ninja_api
+from usage.timeframes import TimeFrameError, parse_bucket
 
 MONITORING = [
     "/api/health", "/api/keys", "/api/config", "/api/usage", "/api/usage/models",
@@ -56,8 +57,29 @@ def test_parameters_declare_what_is_accepted() -> None:
     def string(name: str) -> dict[str, object]:
         return next(s for s in parameters[name]["anyOf"] if s.get("type") == "string")
 
-    assert string("since")["format"] == "date-time" and string("until")["format"] == "date-time"
+    for name in ("since", "until"):  # a date alone is accepted (and documented) too
+        formats = {s.get("format") for s in parameters[name]["anyOf"] if s.get("type") == "string"}
+        assert formats == {"date-time", "date"}, name
     assert string("window")["enum"] == ["1h", "24h", "7d", "30d"]
     assert re.fullmatch(str(string("provider")["pattern"]), "openai")
     assert not re.fullmatch(str(string("provider")["pattern"]), "open\x00ai")
     assert (parameters["limit"]["minimum"], parameters["limit"]["maximum"]) == (1, 1000)
+
+
+@pytest.mark.parametrize("text", ["1m", "15m", "6h", "1d", "3650d"])
+def test_a_bucket_the_api_accepts_matches_the_declared_pattern(text: str) -> None:
+    assert re.fullmatch(_bucket_pattern(), text)
+    parse_bucket(text)
+
+
+@pytest.mark.parametrize("text", [" 5m", "5m ", "5 m", "5m\n", "0000000005m", "\uff15m", "5s", ""])
+def test_a_bucket_off_the_declared_pattern_is_refused(text: str) -> None:
+    assert not re.fullmatch(_bucket_pattern(), text)
+    with pytest.raises(TimeFrameError):
+        parse_bucket(text)
+
+
+def _bucket_pattern() -> str:
+    operation = ninja_api.get_openapi_schema()["paths"]["/api/usage/timeseries"]["get"]
+    schema = next(p["schema"] for p in operation["parameters"] if p["name"] == "bucket")
+    return str(next(s["pattern"] for s in schema["anyOf"] if s.get("type") == "string"))

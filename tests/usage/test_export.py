@@ -19,9 +19,9 @@ from django.utils import timezone
 from tests.usage import monitoring
 from tests.usage.monitoring import call, write_calls
 from usage import record_selectors
+from usage.filters import UsageFilters
 from usage.models import CallRecord, Outcome
 from usage.record_selectors import RECORD_FIELDS
-from usage.selectors import UsageFilters
 from usage.timeframes import TimeFrame
 
 # Fixtures shared by the monitoring API tests.

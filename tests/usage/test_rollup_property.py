@@ -13,9 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.usage.monitoring import call, write_calls
+from usage.filters import UsageFilters
 from usage.histograms import METRICS, RELATIVE_ERROR_BOUND, exact_percentile
 from usage.models import CallRecord, DayRollup, HourRollup, MinuteRollup, Outcome, UsageSource
-from usage.selectors import UsageFilters, usage_stats, usage_timeseries, usage_totals_by
+from usage.selectors import usage_stats, usage_timeseries, usage_totals_by
 from usage.timeframes import TimeFrame
 
 # Three days and a bit, starting just before midnight: windows cross minute, hour and day

@@ -147,10 +147,24 @@ def test_bucket_arithmetic_is_exact_before_1970_and_at_the_end_of_the_range() ->
 
 
 def test_durations_for_retention() -> None:
-    assert parse_duration("90d", param="x") == timedelta(days=90)
+    assert parse_duration("90d", param="x", now=NOW) == timedelta(days=90)
     with pytest.raises(TimeFrameError):
-        parse_duration("ninety days", param="--older-than")
+        parse_duration("ninety days", param="--older-than", now=NOW)
     # Far enough back that the cutoff would precede 1970 (or leave datetime's range).
     for too_long in ("1000000000d", "30000d"):
         with pytest.raises(TimeFrameError, match="1970"):
-            parse_duration(too_long, param="--older-than")
+            parse_duration(too_long, param="--older-than", now=NOW)
+
+
+def test_a_duration_is_bounded_by_the_now_its_cutoff_is_taken_from() -> None:
+    # 1970-01-01 + 100 days: 100d reaches back exactly to 1970, 101d before it.
+    now = datetime(1970, 4, 11, tzinfo=UTC)
+    assert parse_duration("100d", param="--older-than", now=now) == timedelta(days=100)
+    with pytest.raises(TimeFrameError, match="1970"):
+        parse_duration("101d", param="--older-than", now=now)
+
+
+@pytest.mark.parametrize("text", [" 90d", "90d ", "90 d", "90d\n", "0000000090d"])
+def test_durations_are_read_as_strictly_as_buckets(text: str) -> None:
+    with pytest.raises(TimeFrameError, match="90d"):
+        parse_duration(text, param="--older-than", now=NOW)

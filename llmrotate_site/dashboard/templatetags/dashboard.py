@@ -35,7 +35,8 @@ TONES = {
     "failed": "bad",
     "unknown": "muted",
     "unavailable": "muted",
-    # pool (keys.selectors.pool_health)
+    # pool (keys.selectors.pool_health) and endpoint health (healthchecks.models.Endpoint.health)
+    "up": "ok",
     "degraded": "warn",
     "down": "bad",
     # call outcomes (usage.models.Outcome); the rest are "bad"

@@ -9,9 +9,9 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
 from usage.export import FORMATS, usage_export
+from usage.filters import UsageFilters
 from usage.management.commands._progress import Progress
 from usage.record_selectors import usage_export_total
-from usage.selectors import UsageFilters
 from usage.timeframes import WINDOWS, TimeFrameError, timeframe_parse
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.utils import timezone
 
 from usage.management.commands._progress import Progress
 from usage.services import PRUNE_BATCH, usage_prune
@@ -27,10 +28,12 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        # One now for the bound check and the cutoff: the duration is valid for this cutoff.
+        now = timezone.now()
         older_than = None
         if options["older_than"]:
             try:
-                older_than = parse_duration(options["older_than"], param="--older-than")
+                older_than = parse_duration(options["older_than"], param="--older-than", now=now)
             except TimeFrameError as exc:
                 raise CommandError(exc.message) from None
         elif settings.LLMROTATE_USAGE_RETENTION_DAYS <= 0:
@@ -38,7 +41,10 @@ class Command(BaseCommand):
             return
         progress = Progress("deleted", force=options["progress"])
         result = usage_prune(
-            older_than=older_than, batch_size=options["batch_size"], progress=progress.update
+            older_than=older_than,
+            now=now,
+            batch_size=options["batch_size"],
+            progress=progress.update,
         )
         progress.finish(result.records + result.minute_rollups)
         assert result.cutoff is not None
