@@ -37,14 +37,13 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from healthchecks import breaker
 from healthchecks.breaker import BreakerPolicy, BreakerState, BreakerStatus, Window
 from healthchecks.breaker_store import Transition, get_breaker_store, reset_breaker_store
 from keys.crypto import base_url_masked
-from llmrotate_site.db import outside_request
+from llmrotate_site.db import run_outside_request
 
 logger = logging.getLogger("llmrotate.health")
 T = TypeVar("T")
@@ -181,10 +180,9 @@ class BreakerGate:
         def update() -> tuple[BreakerState, BreakerState, T]:
             return get_breaker_store().update(endpoint, fn)
 
-        # thread_sensitive: the database store then uses the same thread (and connection) as
-        # the routing snapshot, which the server closes at shutdown. No request is around it
-        # to recycle that connection (the /v1 path sends no request signals), so the call does.
-        before, after, extra = await sync_to_async(outside_request(update), thread_sensitive=True)()
+        # On the gateway's database thread, as the routing snapshot's reloads: this may run
+        # after the request that decided it has ended (llmrotate_site.db says why that matters).
+        before, after, extra = await run_outside_request(update)
         with self._lock:
             self._states[endpoint] = after
         if breaker.transitions(before, after, now=now):
@@ -221,9 +219,7 @@ class BreakerGate:
 
     async def _refresh(self) -> None:
         try:
-            loaded = await sync_to_async(
-                outside_request(get_breaker_store().load_all), thread_sensitive=True
-            )()
+            loaded = await run_outside_request(get_breaker_store().load_all)
         except Exception as exc:
             self._warn("cannot read the breaker store; serving the last known states", exc)
             loaded = None

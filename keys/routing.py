@@ -18,7 +18,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from keys.health import KeyPolicy
-from llmrotate_site.db import outside_request
+from llmrotate_site.db import outside_request, run_outside_request
 from proxy.errors import ProxyError
 
 logger = logging.getLogger("llmrotate.keys")
@@ -166,12 +166,22 @@ _snapshot: RoutingSnapshot | None = None
 _lock: asyncio.Lock | None = None
 _lock_loop: asyncio.AbstractEventLoop | None = None
 _refresh: asyncio.Task[None] | None = None
+# Set while reloads fail (the database is unreachable): when the first failure was seen, and
+# when to try again. The last good snapshot keeps being served meanwhile, but is never made to
+# look fresh, so the first reload that works applies every change (revocations included).
+_failing_since: float | None = None
+_retry_at = 0.0
+_failure_logged_at = float("-inf")
+# How soon a failed reload is tried again, and how often a lasting failure is logged again.
+RETRY_SECONDS = 1.0
+_LOG_EVERY_SECONDS = 30.0
 
 
 def invalidate_routing_cache() -> None:
     """Drop this process's cached routes, keys and tokens so the next request reloads them."""
-    global _snapshot
+    global _snapshot, _failing_since, _retry_at
     _snapshot = None
+    _failing_since, _retry_at = None, 0.0
 
 
 def _age(snapshot: RoutingSnapshot) -> float:
@@ -183,29 +193,39 @@ def _fresh(snapshot: RoutingSnapshot | None) -> bool:
 
 
 async def routing_snapshot() -> RoutingSnapshot:
+    """The routing configuration, at most LLMROTATE_CONFIG_CACHE_SECONDS old under traffic.
+
+    A snapshot older than that is served while a reload runs in the background (stale while
+    revalidating), up to twice that age: under steady traffic no request waits for the
+    database. An older one (a process that sat idle) is reloaded before answering. While the
+    database cannot be read, the last snapshot is served and the reload retried every
+    RETRY_SECONDS in the background.
+    """
     global _lock, _lock_loop
     snapshot = _snapshot
     ttl = settings.LLMROTATE_CONFIG_CACHE_SECONDS
-    if snapshot is not None and _age(snapshot) < 2 * ttl:
-        # Stale while revalidating, for one more TTL: under steady traffic no request waits
-        # for the reload every TTL, which would stall every request in flight at that moment
-        # behind a database query.
-        if _age(snapshot) >= ttl:
+    if snapshot is not None:
+        age = _age(snapshot)
+        if age < ttl:
+            return snapshot
+        if age < 2 * ttl or _failing_since is not None:
             _refresh_in_background()
-        return snapshot
+            return snapshot
     loop = asyncio.get_running_loop()
     if _lock is None or _lock_loop is not loop:
         _lock, _lock_loop = asyncio.Lock(), loop
-    # No snapshot (first request, or invalidated by a local write), or one older than two TTLs
-    # (a process that sat idle: its revocations and key changes are too old to serve): load it
-    # now, once, however many requests are waiting for it.
+    # No snapshot (first request, or invalidated by a local write), or one too old to serve:
+    # load it now, once, however many requests are waiting for it.
     async with _lock:
-        if _snapshot is None or _age(_snapshot) >= 2 * ttl:
+        current = _snapshot
+        if current is None or _age(current) >= 2 * ttl:
             result = await _load_async()
-            if isinstance(result, Exception) and _snapshot is None:
-                raise _unavailable(result)
-            # With the database down, _reloaded keeps serving the old snapshot.
-            _install(result, stale=_snapshot)
+            if isinstance(result, Exception):
+                if _snapshot is None:
+                    raise _unavailable(result)
+                # The database went away: keep serving what we have (see above).
+                return _snapshot
+            _install(result)
         assert _snapshot is not None
         return _snapshot
 
@@ -213,7 +233,6 @@ async def routing_snapshot() -> RoutingSnapshot:
 def _unavailable(cause: Exception) -> ProxyError:
     # Nothing cached to fall back on (a process that just started, or a local write that
     # invalidated the cache): the request cannot be routed until the database answers.
-    logger.warning("cannot load the routing configuration: %s", cause)
     return ProxyError(
         503,
         "The gateway cannot read its configuration right now (database unavailable).",
@@ -225,6 +244,8 @@ def _unavailable(cause: Exception) -> ProxyError:
 
 def _refresh_in_background() -> None:
     global _refresh
+    if time.monotonic() < _retry_at:
+        return
     loop = asyncio.get_running_loop()
     if _refresh is not None and not _refresh.done() and _refresh.get_loop() is loop:
         return
@@ -232,47 +253,79 @@ def _refresh_in_background() -> None:
 
 
 async def _refresh_from(stale: RoutingSnapshot | None) -> None:
-    result = await _load_async()
+    result = await _load_async(background=True)
     # A local write invalidated the snapshot while this load ran: the load may predate the
     # write, so drop it and let the next request load afresh.
-    if _snapshot is stale:
-        _install(result, stale=stale)
+    if isinstance(result, RoutingSnapshot) and _snapshot is stale:
+        _install(result)
 
 
-def _install(result: RoutingSnapshot | Exception, *, stale: RoutingSnapshot | None) -> None:
+def _install(result: RoutingSnapshot) -> None:
     global _snapshot
-    _snapshot = _reloaded(result, stale)
+    _snapshot = result
 
 
-async def _load_async() -> RoutingSnapshot | Exception:
+async def _load_async(*, background: bool = False) -> RoutingSnapshot | Exception:
+    # A request waiting for the load runs it the Django way, on the request's own thread (in a
+    # test, that thread's transaction is the one holding the test's rows). A background reload
+    # may outlive the request that started it, and that thread with it, so it runs on the
+    # gateway's database thread instead (llmrotate_site.db).
     try:
-        return await sync_to_async(outside_request(routing_load), thread_sensitive=True)()
-    except Exception as exc:  # the database may be down; see _reloaded
-        return exc
+        if background:
+            result: RoutingSnapshot | Exception = await run_outside_request(routing_load)
+        else:
+            result = await sync_to_async(outside_request(routing_load), thread_sensitive=True)()
+    except Exception as exc:  # the database may be down; the caller serves the last snapshot
+        result = exc
+    _note(result)
+    return result
 
 
-def _reloaded(
-    result: RoutingSnapshot | Exception, stale: RoutingSnapshot | None
-) -> RoutingSnapshot:
+def _note(result: RoutingSnapshot | Exception) -> None:
+    """Track reload failures: schedule the retry, and say so loudly (but not on every retry)."""
+    global _failing_since, _retry_at, _failure_logged_at
+    now = time.monotonic()
     if isinstance(result, RoutingSnapshot):
-        return result
-    if stale is None:
-        raise result
-    # The database is unreachable: keep routing with the last known configuration rather than
-    # failing every request, and try again after another TTL.
-    logger.warning("cannot reload routing configuration, serving the cached one: %s", result)
-    stale.loaded_at = time.monotonic()
-    return stale
+        if _failing_since is not None:
+            logger.warning(
+                "routing configuration reloaded again after %.0f s of failures",
+                now - _failing_since,
+            )
+        _failing_since, _retry_at = None, 0.0
+        return
+    first = _failing_since is None
+    if first:
+        _failing_since = now
+    _retry_at = now + min(RETRY_SECONDS, settings.LLMROTATE_CONFIG_CACHE_SECONDS)
+    if first or now - _failure_logged_at >= _LOG_EVERY_SECONDS:
+        _failure_logged_at = now
+        served = _snapshot
+        logger.error(
+            "cannot reload the routing configuration (%s: %s); %s, retrying every %.0f s",
+            type(result).__name__,
+            str(result).splitlines()[0][:200] if str(result) else "",
+            f"serving the one loaded {_age(served):.0f} s ago (revocations and key changes "
+            "since then are not applied)"
+            if served is not None
+            else "no configuration to serve: requests get 503 config_unavailable",
+            RETRY_SECONDS,
+        )
 
 
 def routing_snapshot_sync() -> RoutingSnapshot:
+    """The snapshot for synchronous callers (admin, monitoring, tasks): reloaded when older
+    than the TTL; with the database down, the last one."""
     global _snapshot
-    if not _fresh(_snapshot):
-        try:
-            loaded: RoutingSnapshot | Exception = routing_load()
-        except Exception as exc:
-            loaded = exc
-        _snapshot = _reloaded(loaded, _snapshot)
+    if _fresh(_snapshot):
+        assert _snapshot is not None
         return _snapshot
-    assert _snapshot is not None
+    try:
+        loaded: RoutingSnapshot | Exception = routing_load()
+    except Exception as exc:
+        loaded = exc
+    _note(loaded)
+    if isinstance(loaded, RoutingSnapshot):
+        _snapshot = loaded
+    elif _snapshot is None:
+        raise loaded
     return _snapshot

@@ -127,6 +127,7 @@ _proxy_handler = ProxyHandler()
 
 async def _lifespan(receive: Any, send: Any) -> None:
     from healthchecks.gate import get_breaker_gate
+    from llmrotate_site.db import db_thread_close
     from proxy.recheck import keys_revalidate_forever
     from proxy.upstream import upstream_clients_close
     from usage.recorder import get_recorder
@@ -154,6 +155,7 @@ async def _lifespan(receive: Any, send: Any) -> None:
             await upstream_clients_close()
             # Graceful stop: nothing recorded in memory may be lost.
             await sync_to_async(get_recorder().stop, thread_sensitive=False)()
+            await db_thread_close()
             await send({"type": "lifespan.shutdown.complete"})
             return
 

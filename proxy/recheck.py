@@ -15,17 +15,17 @@ that the operator has one place to turn it off or slow it down in either mode.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 
 import httpx
-from asgiref.sync import sync_to_async
 
 from keys.health import KeyState, KeyStatus
 from keys.health import needs_recheck as _needs_recheck
 from keys.routing import ProviderInfo, RoutingSnapshot, UpstreamKey, routing_load, routing_snapshot
 from keys.state_store import get_key_state_store
-from llmrotate_site.db import outside_request
+from llmrotate_site.db import run_outside_request
 from proxy.upstream import upstream_client, upstream_clients_close
 
 logger = logging.getLogger("llmrotate.keys")
@@ -142,9 +142,9 @@ async def keys_revalidate_forever(*, interval: float) -> None:
         try:
             # One indexed row, read in the thread the routing snapshot uses, outside any
             # request: the connection is recycled here (llmrotate_site.db).
-            enabled, every = await sync_to_async(
-                outside_request(_revalidation_schedule), thread_sensitive=True
-            )(default=interval)
+            enabled, every = await run_outside_request(
+                functools.partial(_revalidation_schedule, default=interval)
+            )
         except Exception:
             logger.exception("cannot read the key re-validation schedule; keeping the last one")
         wait = last_run + every - loop.time()

@@ -114,17 +114,19 @@ class GatewayThread:
 
 async def _close_loop_resources() -> None:
     """Close what the server's loop opened and would otherwise leak past it: the Redis client
-    of this loop and the database connection of asgiref's thread (which would keep Postgres
+    of this loop and the database connections of asgiref's thread and the gateway's (which would keep Postgres
     from dropping the test database)."""
     from asgiref.sync import sync_to_async
     from django.db import connections
 
     from keys.state_store import RedisKeyStateStore, get_key_state_store
+    from llmrotate_site.db import db_thread_close
 
     store = get_key_state_store()
     if isinstance(store, RedisKeyStateStore):
         await store.aclose()
     await sync_to_async(connections.close_all, thread_sensitive=True)()
+    await db_thread_close()
 
 
 def _accepts_connections(port: int) -> bool:

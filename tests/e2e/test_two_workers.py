@@ -21,8 +21,11 @@ import pytest
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import connection
+from django.utils import timezone
 
 from keys.config_io import config_import
+from keys.models import ClientToken
+from keys.services import client_token_create
 from keys.state_store import RedisKeyStateStore
 from proxy.fake_upstream import FakeUpstream
 from tests.conftest import free_port
@@ -53,7 +56,12 @@ class Workers:
 
 
 def start_workers(
-    tmp_path: Path, serve_processes: list[ServeProcess], *, token: str, prefix: str
+    tmp_path: Path,
+    serve_processes: list[ServeProcess],
+    *,
+    token: str,
+    prefix: str,
+    cache_seconds: float = 5,
 ) -> list[str]:
     env = env_without(
         "LLMROTATE_TEST_LEG",
@@ -65,6 +73,7 @@ def start_workers(
         LLMROTATE_DATA_DIR=str(tmp_path / "data"),
         LOG_LEVEL="WARNING",
         LLMROTATE_USAGE_LOG_LEVEL="WARNING",
+        LLMROTATE_CONFIG_CACHE_SECONDS=str(cache_seconds),
     )
     urls = []
     for name in ("a", "b"):
@@ -99,10 +108,12 @@ def workers_factory(
     get_user_model().objects.create_superuser(username="admin", email="", password="x" * 20)
     clients: list[httpx.Client] = []
 
-    def start(key_ids: tuple[str, ...]) -> Workers:
+    def start(key_ids: tuple[str, ...], *, cache_seconds: float = 5) -> Workers:
         config = gateway_config(fake_upstream.base_url, strategy="round_robin", key_ids=key_ids)
         token = config_import(data=config).generated_tokens["e2e"]
-        a, b = start_workers(tmp_path, serve_processes, token=token, prefix=prefix)
+        a, b = start_workers(
+            tmp_path, serve_processes, token=token, prefix=prefix, cache_seconds=cache_seconds
+        )
         headers = {"Authorization": f"Bearer {token}"}
         clients.extend(httpx.Client(base_url=url, headers=headers, timeout=20) for url in (a, b))
         return Workers(a=clients[0], b=clients[1], state=state, upstream=fake_upstream)
@@ -154,3 +165,29 @@ def test_rotation_and_health_counters_are_shared(workers_factory):
     assert {key: s.total_successes for key, (s, _) in states.items()} == {"key-a": 2, "key-b": 2}
     counts = workers.upstream.stats()["requests"]
     assert counts == {KEY_SECRETS["key-a"]: 2, KEY_SECRETS["key-b"]: 2}
+
+
+def test_a_revocation_reaches_both_workers_within_the_bound(workers_factory):
+    ttl = 1.0
+    workers: Workers = workers_factory(("key-a",), cache_seconds=ttl)
+    _, token = client_token_create(name="grafana", routes=["*"], scopes=["proxy", "monitor"])
+    auth = {"Authorization": f"Bearer {token}"}
+
+    def statuses() -> set[int]:
+        return {
+            client.get(path, headers=auth).status_code
+            for client in (workers.a, workers.b)
+            for path in ("/api/usage", "/v1/models")
+        }
+
+    # Both workers load the new token (created by this process, which neither of them is).
+    deadline = time.monotonic() + 2 * ttl + 5
+    while statuses() != {200}:
+        assert time.monotonic() < deadline, "the new token did not reach both workers"
+        time.sleep(0.1)
+    # Revoked as `manage.py revoke_token` would, from yet another process.
+    ClientToken.objects.filter(name="grafana").update(revoked_at=timezone.now())
+    deadline = time.monotonic() + 2 * ttl + 5
+    while statuses() != {401}:
+        assert time.monotonic() < deadline, "a worker still accepts the revoked token"
+        time.sleep(0.1)

@@ -16,14 +16,15 @@ from typing import TypeVar
 from unittest import mock
 
 import pytest
-from asgiref.sync import sync_to_async
-from django.db import connection, connections
+from django.db import connection
 
 from healthchecks import breaker
 from healthchecks.breaker import BreakerState
 from healthchecks.breaker_store import DatabaseBreakerStore
 from healthchecks.gate import BreakerGate
 from healthchecks.services import breaker_policy
+from llmrotate_site import db
+from llmrotate_site.db import db_thread_close
 from tests.healthchecks.conftest import PRIMARY
 
 T = TypeVar("T")
@@ -37,7 +38,7 @@ pytestmark = [
 @pytest.fixture(autouse=True)
 def _close_the_gateway_thread_connection() -> Iterator[None]:
     yield
-    asyncio.run(sync_to_async(connections.close_all, thread_sensitive=True)())
+    asyncio.run(db_thread_close())
 
 
 @pytest.fixture
@@ -78,7 +79,7 @@ async def drop_the_gateway_thread_connection() -> None:
             cursor.execute("SELECT pg_backend_pid()")
             return int(cursor.fetchone()[0])
 
-    backend = await sync_to_async(pid, thread_sensitive=True)()
+    backend = await asyncio.get_running_loop().run_in_executor(db._db_executor(), pid)
 
     def terminate() -> None:
         with connection.cursor() as cursor:

@@ -100,3 +100,29 @@ async def test_with_the_database_down_an_old_snapshot_is_still_served(loads, mon
     monkeypatch.setattr(routing, "routing_load", database_down)
     with override_settings(LLMROTATE_CONFIG_CACHE_SECONDS=10):
         assert await routing_snapshot() is old
+
+
+async def test_a_failed_reload_is_retried_soon_not_taken_as_fresh(loads, monkeypatch, caplog):
+    old = await routing_snapshot()
+    age_by(old, 15)
+    down = True
+
+    def flaky() -> RoutingSnapshot:
+        if down:
+            raise OSError("database unreachable")
+        loads.append(RoutingSnapshot())
+        return loads[-1]
+
+    monkeypatch.setattr(routing, "routing_load", flaky)
+    with override_settings(LLMROTATE_CONFIG_CACHE_SECONDS=10):
+        assert await routing_snapshot() is old
+        await wait_for_refresh()
+        assert any(r.levelname == "ERROR" for r in caplog.records), "a failed reload is loud"
+        down = False
+        # Within the retry delay, not a whole TTL (10 s) later: the failure did not make the
+        # old snapshot look fresh.
+        deadline = time.monotonic() + 3 * routing.RETRY_SECONDS + 2
+        while (current := await routing_snapshot()) is old:
+            assert time.monotonic() < deadline, "the reload was not retried"
+            await asyncio.sleep(0.05)
+    assert current is loads[-1]
