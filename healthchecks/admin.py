@@ -7,7 +7,6 @@ they cannot be added here, only tuned. The beat schedule is django-celery-beat's
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 from django.contrib import admin, messages
@@ -18,6 +17,7 @@ from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.timesince import timeuntil
 
+from common.timestamps import datetime_from_epoch
 from healthchecks.breaker import BreakerStatus
 from healthchecks.models import Endpoint, HealthEvent
 from healthchecks.selectors import breaker_state_of, health_events_recent
@@ -46,7 +46,8 @@ RESULT_FIELDS: list[str | list[str] | tuple[str, ...] | tuple[()]] = [
 
 
 def _timeuntil_epoch(epoch: float) -> str:
-    return timeuntil(datetime.fromtimestamp(epoch, UTC))
+    moment = datetime_from_epoch(epoch)
+    return timeuntil(moment) if moment else "—"
 
 
 @admin.register(Endpoint)

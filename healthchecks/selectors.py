@@ -19,6 +19,7 @@ from django.db import connection
 from django.db.models import CharField, Count, Expression, Q, Sum
 from django.db.models.functions import Cast, Substr, Trunc
 
+from common.timestamps import datetime_from_epoch
 from healthchecks import breaker
 from healthchecks.breaker import BreakerState, BreakerStatus
 from healthchecks.breaker_store import get_breaker_store
@@ -54,7 +55,7 @@ class EndpointEntry:
 
 
 def _when(epoch: float) -> datetime | None:
-    return datetime.fromtimestamp(epoch, UTC) if epoch else None
+    return datetime_from_epoch(epoch)
 
 
 def breaker_state_of(*, endpoint: str, now: float | None = None) -> BreakerState:

@@ -8,17 +8,18 @@ its ciphertext, only the masked hint.
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
+from django.db import models
 from django.db.models import QuerySet
 from django.forms import BaseInlineFormSet
 from django.http import HttpRequest
 from django.utils.timesince import timesince, timeuntil
 
+from common.timestamps import datetime_from_epoch
 from keys.health import KeyState, KeyStatus
 from keys.models import ApiKey, ClientToken, Deployment, Provider, Route
 from keys.services import (
@@ -64,6 +65,8 @@ class ProviderAdmin(InvalidatesRoutingMixin):
     list_display = ["name", "kind", "base_url", "enabled", "key_count"]
     list_filter = ["kind", "enabled"]
     search_fields = ["name", "base_url"]
+    # A base URL typed without a scheme is taken as https (Django 6's default, chosen now).
+    formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
 
     @admin.display(description="keys")
     def key_count(self, obj: Provider) -> int:
@@ -130,8 +133,10 @@ class ApiKeyForm(forms.ModelForm):
 def _relative(epoch: float | None, now: float) -> str:
     if not epoch:
         return "—"
-    moment = datetime.fromtimestamp(epoch, tz=UTC)
-    reference = datetime.fromtimestamp(now, tz=UTC)
+    moment = datetime_from_epoch(epoch)
+    reference = datetime_from_epoch(now)
+    if moment is None or reference is None:
+        return "—"
     if epoch >= now:
         return f"in {timeuntil(moment, reference)}"
     return f"{timesince(moment, reference)} ago"

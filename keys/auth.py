@@ -11,25 +11,93 @@ error of the request in the envelope proxy.errors.anthropic_caller picks.
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 from django.http import HttpRequest
 from ninja.security import APIKeyHeader, HttpBearer
 from ninja.security.base import AuthBase
 
-from keys.crypto import hash_token, tokens_match
+from keys.crypto import TOKEN_PREFIX, hash_token, split_token, tokens_match
 from keys.routing import TokenInfo, routing_snapshot
 from keys.services import client_token_lookup_prefix
 from proxy.errors import forbidden, unauthenticated
 
+# What a staff session needs to read the monitoring API and the dashboard (superusers have
+# every permission). Client tokens need the `monitor` scope instead.
+MONITOR_PERMISSION = "usage.view_callrecord"
 
-async def _client_token(token: str, *, scope: str) -> TokenInfo:
+logger = logging.getLogger("llmrotate.auth")
+
+
+class _RejectedTokenLog:
+    """One warning line per source address per `interval` seconds at most, in this process;
+    the rejections held back in between are counted in the next line from that address.
+
+    A flood of bad tokens must neither flood the log nor slow the proxy: no I/O but the log
+    line, and a table of recent addresses kept bounded.
+    """
+
+    MAX_ADDRESSES = 10_000
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        # address -> (time of its last line, rejections held back since)
+        self._seen: dict[str, tuple[float, int]] = {}
+
+    def __call__(self, address: str, token: str, reason: str) -> None:
+        now = time.monotonic()
+        last = self._seen.get(address)
+        if last is not None and now - last[0] < self.interval:
+            self._seen[address] = (last[0], last[1] + 1)
+            return
+        if len(self._seen) >= self.MAX_ADDRESSES:
+            # Forget the quiet addresses; should a flood from that many addresses fill the
+            # table all the same, start over rather than let it grow or slow every rejection.
+            self._seen = {a: e for a, e in self._seen.items() if now - e[0] < self.interval}
+            if len(self._seen) >= self.MAX_ADDRESSES // 2:
+                self._seen.clear()
+        self._seen[address] = (now, 0)
+        held_back = last[1] if last is not None else 0
+        logger.warning(
+            "rejected %s client token %s from %s%s",
+            reason,
+            _token_hint(token),
+            address,
+            f" (and {held_back} more from this address since its last line)" if held_back else "",
+        )
+
+
+def _token_hint(token: str) -> str:
+    """The lookup prefix, never more: `llmr_ab12cd34_…`, as the admin lists tokens."""
+    prefix = split_token(token)
+    if prefix is not None:
+        return f"{TOKEN_PREFIX}{prefix}_…"
+    # A token from configuration may have any shape; it is stored under a hash prefix.
+    return f"of another shape (lookup prefix {client_token_lookup_prefix(token)})"
+
+
+_log_rejected = _RejectedTokenLog()
+
+
+async def client_token_verified(token: str, *, source: str) -> TokenInfo:
+    """The token's TokenInfo if it is known and not revoked; a 401 (logged) if not. `source`
+    is the caller's address, for the log. Scopes are the caller's to check."""
     snapshot = await routing_snapshot()
     info = snapshot.tokens.get(client_token_lookup_prefix(token))
     if info is None or not tokens_match(info.token_hash, hash_token(token)):
+        _log_rejected(source, token, "invalid")
         raise unauthenticated("Invalid client token.")
     if info.revoked:
+        _log_rejected(source, token, "revoked")
         raise unauthenticated("This client token has been revoked.", code="token_revoked")
+    return info
+
+
+async def _client_token(request: HttpRequest, token: str, *, scope: str) -> TokenInfo:
+    source = str(request.META.get("REMOTE_ADDR") or "unknown")
+    info = await client_token_verified(token, source=source)
     if scope not in info.scopes:
         raise forbidden(
             f"This client token does not have the '{scope}' scope.", code="missing_scope"
@@ -52,7 +120,7 @@ class ClientTokenAuth(HttpBearer):
         self.scope = scope
 
     async def authenticate(self, request: HttpRequest, token: str) -> TokenInfo:
-        return await _client_token(token, scope=self.scope)
+        return await _client_token(request, token, scope=self.scope)
 
 
 class ClientApiKeyAuth(APIKeyHeader):
@@ -67,11 +135,16 @@ class ClientApiKeyAuth(APIKeyHeader):
         self.scope = scope
 
     async def authenticate(self, request: HttpRequest, key: str | None) -> TokenInfo | None:
-        return await _client_token(key, scope=self.scope) if key else None
+        return await _client_token(request, key, scope=self.scope) if key else None
 
 
 class StaffSessionAuth(AuthBase):
-    """A logged-in, active staff user (the admin's session cookie). Read-only use: no CSRF."""
+    """A logged-in, active staff user with MONITOR_PERMISSION (the admin's session cookie).
+    Read-only use: no CSRF.
+
+    Staff without the permission get a 403 that says what is missing, unless the request also
+    carries a token, which then decides.
+    """
 
     openapi_type = "apiKey"
     is_async = True
@@ -83,9 +156,17 @@ class StaffSessionAuth(AuthBase):
 
     async def __call__(self, request: HttpRequest) -> Any:
         user = await request.auser()
-        if user.is_authenticated and user.is_active and user.is_staff:
+        if not (user.is_authenticated and user.is_active and user.is_staff):
+            return None
+        if await user.ahas_perm(MONITOR_PERMISSION):
             return user
-        return None
+        if "authorization" in request.headers:
+            return None
+        raise forbidden(
+            f"Your account lacks the '{MONITOR_PERMISSION}' permission (Usage | call record | "
+            "Can view call record) that reading the monitoring data needs.",
+            code="missing_permission",
+        )
 
 
 proxy_auth = ClientTokenAuth("proxy")

@@ -15,7 +15,7 @@ from django.core.validators import URLValidator
 
 from keys.config_readers import _MISSING, _Reader, _type_name
 from keys.crypto import SecretError, hash_token, resolve_reference
-from keys.models import ClientToken, Provider, slug_validator
+from keys.models import ClientToken, Provider, slug_validator, validate_base_url
 from keys.services import SecretSpec, api_key_parse_secret
 from keys.strategies import STRATEGIES
 
@@ -37,6 +37,12 @@ PLAINTEXT_WARNING = (
     "{path}: the secret is written in the file; prefer env://NAME or file://path "
     "(it is stored encrypted either way)"
 )
+
+
+def _check_base_url(value: str) -> None:
+    # The admin's checks, in its order.
+    URLValidator()(value)
+    validate_base_url(value)
 
 
 class ConfigError(Exception):
@@ -102,7 +108,7 @@ class _Parser(_Reader):
             values: dict[str, Any] = {}
             readers: dict[str, Callable[[Any, str], Any]] = {
                 "kind": lambda v, p: self.choice(v, p, Provider.Kind.values),
-                "base_url": lambda v, p: self.string(v, p, max_length=500, check=URLValidator()),
+                "base_url": lambda v, p: self.string(v, p, max_length=500, check=_check_base_url),
                 "cooldown_seconds": lambda v, p: self.integer(v, p, minimum=0),
                 "quarantine_seconds": lambda v, p: self.integer(v, p, minimum=0),
                 "exhausted_seconds": lambda v, p: self.integer(v, p, minimum=0),

@@ -133,6 +133,27 @@ class KeyPolicy:
     max_cooldown_seconds: float = 3600
     upstream_error_threshold: int = 3  # consecutive 5xx/timeouts before a short cooldown
     auth_failures_to_disable: int = 3
+    # The longest an upstream may bench a key through Retry-After or a reset header
+    # (LLMROTATE_MAX_UPSTREAM_WAIT_SECONDS): more is broken or hostile, and is cut to this.
+    max_wait_seconds: float = 6 * 3600
+
+
+def longest_timer(policy: KeyPolicy) -> float:
+    """How far ahead any timer this policy sets can lie, jitter included."""
+    longest = max(
+        policy.max_wait_seconds,
+        policy.max_cooldown_seconds,
+        policy.cooldown_seconds,
+        policy.exhausted_seconds,
+        policy.quarantine_seconds,
+    )
+    return longest * (1 + policy.jitter_ratio)
+
+
+def overlong(state: KeyState, *, now: float, policy: KeyPolicy) -> bool:
+    """A timer further out than this policy can set: written before waits were clamped, or by
+    a bug. Not trusted: the key is re-checked rather than benched for years."""
+    return max(state.cooldown_until, state.exhausted_until) > now + longest_timer(policy)
 
 
 def effective_state(state: KeyState, *, now: float) -> KeyState:
@@ -174,9 +195,12 @@ def is_available(state: KeyState, *, now: float) -> bool:
     return effective_state(state, now=now).status in _AVAILABLE
 
 
-def needs_recheck(state: KeyState, now: float) -> bool:
-    """A quarantined key whose wait is over and that should now be re-validated."""
-    return state.status == KeyStatus.QUARANTINED and state.quarantine_until <= now
+def needs_recheck(state: KeyState, now: float, *, policy: KeyPolicy | None = None) -> bool:
+    """A quarantined key whose wait is over, or (given its policy) a key whose timer is not to
+    be trusted (`overlong`): either should now be re-validated."""
+    if state.status == KeyStatus.QUARANTINED and state.quarantine_until <= now:
+        return True
+    return policy is not None and overlong(state, now=now, policy=policy)
 
 
 def returns_at(state: KeyState) -> float | None:
@@ -227,16 +251,19 @@ def apply_outcome(
             new.consecutive_rate_limits += 1
         n = max(1, new.consecutive_rate_limits)
         if retry_after is not None:
-            duration = max(retry_after, _MIN_RETRY_AFTER)
+            duration = min(max(retry_after, _MIN_RETRY_AFTER), policy.max_wait_seconds)
         else:
-            duration = min(policy.cooldown_seconds * 2 ** (n - 1), policy.max_cooldown_seconds)
+            # The exponent is capped: past 2**32 the cap below has long applied, and a float
+            # times a huge integer overflows.
+            backoff = policy.cooldown_seconds * 2 ** min(n - 1, 32)
+            duration = min(backoff, policy.max_cooldown_seconds)
         new.cooldown_until = max(
             new.cooldown_until, now + _jittered(duration, policy=policy, rng=rng)
         )
         return _escalate(new, KeyStatus.COOLDOWN, now=now)
 
     if outcome == Outcome.QUOTA_EXHAUSTED:
-        duration = max(policy.exhausted_seconds, retry_after or 0.0)
+        duration = max(policy.exhausted_seconds, min(retry_after or 0.0, policy.max_wait_seconds))
         new.exhausted_until = max(new.exhausted_until, now + duration)
         return _escalate(new, KeyStatus.EXHAUSTED, now=now)
 
@@ -294,13 +321,17 @@ def apply_recheck(state: KeyState, *, ok: bool, now: float, policy: KeyPolicy) -
         return current  # sticky: only a person re-enables
     new = replace(current)
     if ok:
-        if new.status in (KeyStatus.QUARANTINED, KeyStatus.EXHAUSTED):
+        untrusted = overlong(current, now=now, policy=policy)
+        if new.status in (KeyStatus.QUARANTINED, KeyStatus.EXHAUSTED) or untrusted:
             # Half-open rather than active: a models list can succeed on a key that still
             # cannot complete (or has no credit left); one good live call makes it active, a
             # quota error sends it back. The check is evidence, so it may end the exhaustion
-            # timer early: the one place besides an operator's action where a timer moves back.
+            # timer early (and an untrusted cooldown): the one place besides an operator's
+            # action where a timer moves back.
             new.status = KeyStatus.PROBING
             new.exhausted_until = min(new.exhausted_until, now)
+            if untrusted:
+                new.cooldown_until = min(new.cooldown_until, now)
             new.changed_at = now
         return new
     new.consecutive_auth_failures += 1
@@ -308,7 +339,7 @@ def apply_recheck(state: KeyState, *, ok: bool, now: float, policy: KeyPolicy) -
     new.total_failures += 1
     new.last_error_type = Outcome.AUTH_FAILED.value
     cap = max(policy.quarantine_seconds, policy.max_cooldown_seconds)
-    wait = min(policy.quarantine_seconds * 2 ** (new.consecutive_auth_failures - 1), cap)
+    wait = min(policy.quarantine_seconds * 2 ** min(new.consecutive_auth_failures - 1, 32), cap)
     new.quarantine_until = max(new.quarantine_until, now + wait)
     if new.consecutive_auth_failures >= policy.auth_failures_to_disable:
         target = KeyStatus.DISABLED

@@ -6,6 +6,9 @@ lives in the key state store (in process, or Redis when scaled out). See keys/st
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
+from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models
 
@@ -17,6 +20,21 @@ slug_validator = RegexValidator(
 )
 
 
+def validate_base_url(value: str) -> None:
+    """What the proxy can append paths to. httpx would send userinfo as Basic auth instead of
+    the key, and `/chat/completions` appended after a query or fragment would land in it."""
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        raise ValidationError("Enter a valid URL.") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValidationError("base_url must start with http:// or https://")
+    if "@" in parts.netloc:
+        raise ValidationError("base_url must not contain credentials; put the key in an API key")
+    if "?" in value or "#" in value:  # even an empty one: `https://host/v1?`
+        raise ValidationError("base_url must not contain a query string or fragment")
+
+
 class Provider(models.Model):
     class Kind(models.TextChoices):
         OPENAI = "openai", "OpenAI"
@@ -26,7 +44,9 @@ class Provider(models.Model):
     name = models.CharField(max_length=64, unique=True, validators=[slug_validator])
     kind = models.CharField(max_length=32, choices=Kind.choices, default=Kind.OPENAI)
     base_url = models.URLField(
-        max_length=500, help_text="Including the version prefix, e.g. https://api.openai.com/v1"
+        max_length=500,
+        validators=[validate_base_url],
+        help_text="Including the version prefix, e.g. https://api.openai.com/v1",
     )
     enabled = models.BooleanField(default=True)
     cooldown_seconds = models.PositiveIntegerField(

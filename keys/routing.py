@@ -122,6 +122,7 @@ def routing_load() -> RoutingSnapshot:
             cooldown_seconds=provider.cooldown_seconds,
             quarantine_seconds=provider.quarantine_seconds,
             exhausted_seconds=provider.exhausted_seconds,
+            max_wait_seconds=settings.LLMROTATE_MAX_UPSTREAM_WAIT_SECONDS,
         )
         keys = tuple(
             dataclasses.replace(k, provider=provider.name)

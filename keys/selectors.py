@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
 from django.conf import settings
 
+from common.timestamps import datetime_from_epoch
 from keys.crypto import base_url_masked
 from keys.health import KeyStatus, is_available
 from keys.models import ApiKey, ClientToken, Provider, Route
@@ -58,7 +59,7 @@ class PoolHealth:
 
 def _moment(epoch: float | None) -> datetime | None:
     # The state store keeps epoch seconds, 0 meaning "no timer".
-    return datetime.fromtimestamp(epoch, UTC) if epoch else None
+    return datetime_from_epoch(epoch)
 
 
 def keys_health(*, now: float | None = None) -> list[KeyHealth]:

@@ -137,7 +137,16 @@ class MemoryKeyStateStore(KeyStateStore):
             }
 
     def manual(self, key_id: str, action: ManualAction, *, now: float) -> KeyState:
+        if action == "reset":
+            self.forget_inflight(key_id)
         return self.apply(key_id, lambda s: apply_manual(s, action, now=now))
+
+    def forget_inflight(self, key_id: str) -> None:
+        """A reset also forgets the calls counted in flight: one a bug or a crash never gave
+        back would otherwise make the key look busy (or its trial taken) until a restart."""
+        with self._lock:
+            self._inflight.pop(key_id, None)
+            self._probes.discard(key_id)
 
     def recheck(self, key_id: str, *, ok: bool, now: float, policy: KeyPolicy) -> KeyState:
         return self.apply(key_id, lambda s: apply_recheck(s, ok=ok, now=now, policy=policy))

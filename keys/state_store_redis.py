@@ -211,6 +211,12 @@ class RedisKeyStateStore(KeyStateStore):
         return self._guard(op, lambda: self._fallback.get_many(key_ids, now=now))
 
     def manual(self, key_id: str, action: ManualAction, *, now: float) -> KeyState:
+        if action == "reset":
+            # As in the memory store (forget_inflight): the count and the probe slot go.
+            def forget() -> None:
+                self._sync.delete(self._ikey(key_id), self._pkey(key_id))
+
+            self._guard(forget, lambda: self._fallback.forget_inflight(key_id))
         return self._transact(key_id, lambda s: apply_manual(s, action, now=now))
 
     def recheck(self, key_id: str, *, ok: bool, now: float, policy: KeyPolicy) -> KeyState:

@@ -11,7 +11,7 @@ from ninja.errors import AuthenticationError, HttpError, ValidationError
 from healthchecks.api import router as healthchecks_router
 from keys.api import router as keys_router
 from proxy.api import router as proxy_router
-from proxy.errors import ProxyError, anthropic_caller, unauthenticated
+from proxy.errors import ProxyError, anthropic_caller, missing_token
 from usage.api import router as usage_router
 
 logger = logging.getLogger("llmrotate.api")
@@ -39,11 +39,8 @@ def _render(request: HttpRequest, exc: ProxyError) -> HttpResponse:
 
 @api.exception_handler(AuthenticationError)
 def _auth_error(request: HttpRequest, exc: AuthenticationError) -> HttpResponse:
-    where = "'Authorization: Bearer <token>'"
-    if anthropic_caller(request.path, request.headers):
-        where = f"'x-api-key: <token>' or {where}"
     return _render(
-        request, unauthenticated(f"Missing client token: send {where}.", code="missing_api_key")
+        request, missing_token(anthropic=anthropic_caller(request.path, request.headers))
     )
 
 

@@ -4,8 +4,9 @@ Django's ASGI handler does not speak the lifespan protocol, so this wrapper does
 it flushes the call-record buffer and closes the pooled upstream clients. While running, it
 keeps this process's copy of the circuit breakers fresh (healthchecks/gate.py) and, in
 embedded mode, runs the scheduled key re-validation (proxy/recheck.py). It also refuses an
-oversized body from its Content-Length before Django reads it into memory, and sends the
-proxy's `/v1/` calls past the middleware stack (ProxyHandler).
+oversized body (413) from its Content-Length, or while receiving one sent without (chunked),
+before Django reads it whole, and sends the proxy's `/v1/` calls past the middleware stack
+(ProxyHandler).
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ django_application = get_asgi_application()
 
 from django.conf import settings  # noqa: E402  (settings need the app registry first)
 from django.db import connections  # noqa: E402
+
+from proxy.errors import ProxyError, anthropic_caller, missing_token  # noqa: E402
+from proxy.validation import body_too_large  # noqa: E402
 
 logger = logging.getLogger("llmrotate")
 
@@ -73,6 +77,13 @@ class ProxyHandler(ASGIHandler):
         return response
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["method"] == "POST":
+            # Authenticated before the body is read: a caller without a valid token gets its
+            # 401 without having its upload received. (The view checks scopes and routes.)
+            refusal = await _without_valid_token(scope)
+            if refusal is not None:
+                await _send_error(scope, send, refusal)
+                return
         try:
             body_file = await self.read_body(receive)
         except RequestAborted:
@@ -106,6 +117,24 @@ class ProxyHandler(ASGIHandler):
                 await task
         if not responder.cancelled() and responder.exception() is None:
             await _close(responder.result())
+
+
+async def _without_valid_token(scope: Scope) -> ProxyError | None:
+    """Why the request's client token (bearer, else `x-api-key`) is refused, or None."""
+    from keys.auth import client_token_verified
+
+    headers = dict(scope.get("headers", ()))
+    scheme, _, bearer = headers.get(b"authorization", b"").partition(b" ")
+    token = bearer.strip() if scheme.lower() == b"bearer" else headers.get(b"x-api-key", b"")
+    if not token:
+        text = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items()}
+        return missing_token(anthropic=anthropic_caller(scope["path"], text))
+    client = scope.get("client") or ("unknown", 0)
+    try:
+        await client_token_verified(token.decode("latin-1"), source=str(client[0]))
+    except ProxyError as refusal:
+        return refusal
+    return None
 
 
 async def _close(response: HttpResponseBase) -> None:
@@ -170,21 +199,38 @@ def _too_large(scope: Scope) -> bool:
     return False
 
 
-async def _reject_too_large(scope: Scope, send: Any) -> None:
-    from proxy.errors import ProxyError, anthropic_caller
+class _BodyTooLarge(Exception):
+    """The body went past LLMROTATE_MAX_REQUEST_BYTES while it was being received."""
 
-    error = ProxyError(
-        413,
-        f"Request body is larger than {settings.LLMROTATE_MAX_REQUEST_BYTES} bytes.",
-        type="invalid_request_error",
-        code="request_too_large",
-    )
+
+def _counting(receive: Any) -> Any:
+    """`receive`, counting the body's bytes as they arrive: a chunked upload carries no
+    Content-Length to refuse it by, and Django would otherwise read it whole (to a temporary
+    file past a few megabytes) before anything looks at its size."""
+    limit = settings.LLMROTATE_MAX_REQUEST_BYTES
+    received = 0
+
+    async def counted() -> Any:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise _BodyTooLarge
+        return message
+
+    return counted
+
+
+async def _send_error(scope: Scope, send: Any, error: ProxyError) -> None:
+    """An error answered here, before Django: in the envelope the caller's API uses, and with
+    `Connection: close`, since the rest of the request body is left unread."""
     headers = {name.decode("latin-1"): value for name, value in scope.get("headers", ())}
     body = json.dumps(error.body(anthropic=anthropic_caller(scope["path"], headers))).encode()
     await send(
         {
             "type": "http.response.start",
-            "status": 413,
+            "status": error.status,
             "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
         }
     )
@@ -195,11 +241,17 @@ async def application(scope: Scope, receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
         await _lifespan(receive, send)
         return
-    if scope["type"] == "http":
-        if _too_large(scope):
-            await _reject_too_large(scope, send)
-            return
+    if scope["type"] != "http":
+        await _handler(scope, receive, send)
+        return
+    if _too_large(scope):
+        await _send_error(scope, send, body_too_large())
+        return
+    try:
         if scope["path"].startswith("/v1/"):
-            await _proxy_handler(scope, receive, send)
-            return
-    await _handler(scope, receive, send)
+            await _proxy_handler(scope, _counting(receive), send)
+        else:
+            await _handler(scope, _counting(receive), send)
+    except _BodyTooLarge:
+        # Raised while Django reads the body, which it does before anything is answered.
+        await _send_error(scope, send, body_too_large())

@@ -6,11 +6,17 @@ https://docs.djangoproject.com/en/5.2/ref/settings/
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import environ
 
-from llmrotate_site.bootstrap import ensure_secrets
+from llmrotate_site.bootstrap import (
+    GENERATED,
+    data_dir_prepare,
+    ensure_secrets,
+    sqlite_file_prepare,
+)
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -23,19 +29,18 @@ DATA_DIR = Path(env("LLMROTATE_DATA_DIR", default=str(BASE_DIR / "var")))
 if not DATA_DIR.is_absolute():
     DATA_DIR = (BASE_DIR / DATA_DIR).resolve()
 
-_generated: dict[str, str] = {}
-if not env("SECRET_KEY", default="") or not env("LLMROTATE_ENCRYPTION_KEYS", default=""):
-    _generated = ensure_secrets(DATA_DIR)
+data_dir_prepare(DATA_DIR)
+# Secrets the environment does not provide come from DATA_DIR/secrets.env, generated there once.
+_secrets = {name: env(name, default="") for name in GENERATED}
+_unset = [name for name, value in _secrets.items() if not value]
+if _unset:
+    _secrets.update(ensure_secrets(DATA_DIR, _unset))
 
-SECRET_KEY = env("SECRET_KEY", default="") or _generated["SECRET_KEY"]
+SECRET_KEY = _secrets["SECRET_KEY"]
 # Fernet keys for upstream API keys at rest, kept apart from SECRET_KEY so that rotating one
 # never makes the other unreadable. The first key encrypts; all of them decrypt.
 LLMROTATE_ENCRYPTION_KEYS: list[str] = [
-    k.strip()
-    for k in (
-        env("LLMROTATE_ENCRYPTION_KEYS", default="") or _generated["LLMROTATE_ENCRYPTION_KEYS"]
-    ).split(",")
-    if k.strip()
+    k.strip() for k in _secrets["LLMROTATE_ENCRYPTION_KEYS"].split(",") if k.strip()
 ]
 
 DEBUG = env.bool("DEBUG", default=False)
@@ -51,6 +56,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "ninja",
     "django_celery_beat",
+    "axes",
     "keys",
     "usage",
     "proxy",
@@ -66,6 +72,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: turns a locked-out login into its 403 answer.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "llmrotate_site.urls"
@@ -92,6 +100,8 @@ DATABASES = {
     "default": env.db("DATABASE_URL", default=f"sqlite:///{DATA_DIR / 'llmrotate.sqlite3'}")
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    if str(DATABASES["default"]["NAME"]) not in ("", ":memory:"):
+        sqlite_file_prepare(Path(DATABASES["default"]["NAME"]))
     # WAL lets the dashboard read while the recorder writes; IMMEDIATE transactions make a
     # writer wait for the lock up front instead of failing half-way with "database is locked".
     DATABASES["default"].setdefault("OPTIONS", {}).update(
@@ -136,6 +146,29 @@ STATIC_ROOT = DATA_DIR / "static"
 LLMROTATE_SERVE_STATIC = env.bool("LLMROTATE_SERVE_STATIC", default=True)
 
 LOGIN_URL = "/admin/login/"
+# Failed admin logins, counted per client address by django-axes, which then refuses every
+# login from that address (a 403, the right password included) until the address has made no
+# attempt for the cool-off time. https://django-axes.readthedocs.io/en/latest/4_configuration.html
+# Client tokens (the proxy, `/v1/` and `/api/`) never go through Django's authentication, so
+# none of this costs them anything.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env.int("LLMROTATE_LOGIN_FAILURE_LIMIT", default=5)
+AXES_COOLOFF_TIME = timedelta(minutes=env.float("LLMROTATE_LOGIN_COOLOFF_MINUTES", default=15))
+# By address only: locking a username would let anyone lock the admin out.
+AXES_LOCKOUT_PARAMETERS = ["ip_address"]
+AXES_HTTP_RESPONSE_CODE = 403
+AXES_COOLOFF_MESSAGE = (
+    "Too many failed logins from your address: logging in is blocked for "
+    f"{AXES_COOLOFF_TIME.total_seconds() / 60:g} minutes after the last attempt."
+)
+# axes logs each failure and each lockout (a warning on the `axes` loggers); with these
+# cleared, the lines show the username as typed and the client address (never the password).
+AXES_SENSITIVE_PARAMETERS: list[str] = []
+# Successful logins need no table of their own.
+AXES_DISABLE_ACCESS_LOG = True
 # Session storage, not the default cookie: a client token shown once after creation travels
 # as a message and must not sit in a (signed, unencrypted) cookie.
 MESSAGE_STORAGE = "django.contrib.messages.storage.session.SessionStorage"
@@ -157,6 +190,20 @@ LLMROTATE_UPSTREAM_POOL_SHARDS = env.int("LLMROTATE_UPSTREAM_POOL_SHARDS", defau
 # How long routes, keys and tokens are cached in each process. Admin changes made in the same
 # process apply at once; other processes see them within this many seconds.
 LLMROTATE_CONFIG_CACHE_SECONDS = env.float("LLMROTATE_CONFIG_CACHE_SECONDS", default=5)
+# Deepest nesting of arrays and objects accepted in a request body (a 400 beyond it): the
+# gateway re-encodes the body, and Python's JSON encoder recurses once per level.
+LLMROTATE_MAX_JSON_DEPTH = env.int("LLMROTATE_MAX_JSON_DEPTH", default=100)
+# The longest wait an upstream may impose on a key through Retry-After, retry-after-ms or a
+# rate-limit reset header; longer values are cut to this (they are more likely broken or
+# hostile than true), and a key benched past it is re-checked instead of trusted.
+LLMROTATE_MAX_UPSTREAM_WAIT_SECONDS = env.float(
+    "LLMROTATE_MAX_UPSTREAM_WAIT_SECONDS", default=6 * 3600
+)
+# Largest non-streamed upstream answer held in memory; a larger one is a failed attempt
+# (bad_response, response_too_large) and the next deployment is tried.
+LLMROTATE_MAX_RESPONSE_BYTES = env.int("LLMROTATE_MAX_RESPONSE_BYTES", default=32 * 1024 * 1024)
+# Largest single server-sent event relayed; a larger one ends the stream with an error event.
+LLMROTATE_MAX_SSE_EVENT_BYTES = env.int("LLMROTATE_MAX_SSE_EVENT_BYTES", default=8 * 1024 * 1024)
 
 # --- Recording -----------------------------------------------------------------------------
 LLMROTATE_RECORD_FLUSH_SECONDS = env.float("LLMROTATE_RECORD_FLUSH_SECONDS", default=1.0)
@@ -165,7 +212,15 @@ LLMROTATE_RECORD_BATCH_SIZE = env.int("LLMROTATE_RECORD_BATCH_SIZE", default=500
 # DATA_DIR/spool and replayed later, so nothing is dropped.
 LLMROTATE_RECORD_BUFFER_MAX = env.int("LLMROTATE_RECORD_BUFFER_MAX", default=20000)
 LLMROTATE_SPOOL_DIR = DATA_DIR / "spool"
+# Token estimates (for calls whose upstream reported no usage) tokenize at most this many
+# characters of each text and extrapolate the rest, so one huge call costs bounded time.
+LLMROTATE_ESTIMATE_MAX_CHARS = env.int("LLMROTATE_ESTIMATE_MAX_CHARS", default=64 * 1024)
+# Reported tokens per call above which usage is implausible (flagged, kept out of the totals
+# until accepted), for models whose context window is unknown.
+LLMROTATE_MAX_PLAUSIBLE_TOKENS = env.int("LLMROTATE_MAX_PLAUSIBLE_TOKENS", default=20_000_000)
 
+# Also masks secrets in the lines of uvicorn's own loggers (its access log).
+LOGGING_CONFIG = "llmrotate_site.logging.configure_logging"
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
@@ -201,6 +256,8 @@ LOGGING = {
         },
         "httpx": {"level": "WARNING"},
         "httpcore": {"level": "WARNING"},
+        # Failed logins and lockouts are warnings; the rest is chatter.
+        "axes": {"level": "WARNING"},
     },
 }
 
@@ -276,10 +333,7 @@ LLMROTATE_BREAKER_FAILURE_RATE = env.float("LLMROTATE_BREAKER_FAILURE_RATE", def
 LLMROTATE_BREAKER_SYNC_SECONDS = env.float("LLMROTATE_BREAKER_SYNC_SECONDS", default=1)
 # Notifications: JSON POSTed to each URL on every health change, signed with the secret.
 LLMROTATE_WEBHOOK_URLS = env.list("LLMROTATE_WEBHOOK_URLS", default=[])
-LLMROTATE_WEBHOOK_SECRET = (
-    env("LLMROTATE_WEBHOOK_SECRET", default="")
-    or ensure_secrets(DATA_DIR)["LLMROTATE_WEBHOOK_SECRET"]
-)
+LLMROTATE_WEBHOOK_SECRET = _secrets["LLMROTATE_WEBHOOK_SECRET"]
 LLMROTATE_WEBHOOK_RETRIES = env.int("LLMROTATE_WEBHOOK_RETRIES", default=5)
 
 # --- Usage retention and monitoring --------------------------------------------------------

@@ -25,6 +25,7 @@ MODELS_PAGE_DEFAULT = 20
 MODELS_PAGE_MAX = 1000
 # Client headers that say how the request is to be read: passed upstream as they are.
 FORWARDED_HEADERS = ("anthropic-version", "anthropic-beta")
+_MAX_HEADER = 1024
 
 MESSAGES_BODY_DOC = json_body_doc(
     required=["max_tokens"],
@@ -62,7 +63,21 @@ def messages_validate(body: dict[str, Any], *, count_tokens: bool = False) -> di
 
 
 def forward_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    return {name: headers[name] for name in FORWARDED_HEADERS if headers.get(name)}
+    """The client's headers that go upstream as they are; checked here, before any key is
+    taken, because a value HTTP cannot carry would only fail when sent."""
+    forwarded = {}
+    for name in FORWARDED_HEADERS:
+        value = headers.get(name)
+        if not value:
+            continue
+        if not value.isascii() or not value.isprintable() or len(value) > _MAX_HEADER:
+            raise _bad(
+                f"{name}: the header must be printable ASCII of at most {_MAX_HEADER} characters.",
+                code="invalid_header",
+                param=name,
+            )
+        forwarded[name] = value
+    return forwarded
 
 
 def _created_at(epoch: int) -> str:

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+from django.conf import settings
 
 from keys.health import KeyPolicy
 from keys.health import Outcome as Health
@@ -62,8 +63,9 @@ class CallContext:
         return self.attempts, pre
 
 
-def prompt_text(body: dict[str, Any]) -> str:
-    """The text a tokenizer should count when the upstream reports no usage."""
+def prompt_text(body: dict[str, Any], *, max_chars: int) -> tuple[str, int]:
+    """The text a tokenizer should count when the upstream reports no usage: its first
+    `max_chars` characters (all the estimator reads) and the whole text's length."""
     parts: list[str] = []
     system = body.get("system")  # Anthropic's system prompt: a string or text blocks
     if isinstance(system, str):
@@ -82,7 +84,25 @@ def prompt_text(body: dict[str, Any]) -> str:
             parts.extend(
                 str(p.get("text", "")) for p in content if isinstance(p, dict) and "text" in p
             )
-    return "\n".join(parts)
+    # Joined with "\n" as the estimator always counted it; only the kept part is built.
+    total = sum(map(len, parts)) + max(0, len(parts) - 1)
+    kept: list[str] = []
+    size = 0
+    for part in parts:
+        if size >= max_chars:
+            break
+        kept.append(part[: max_chars - size])
+        size += len(kept[-1]) + 1
+    return "\n".join(kept), total
+
+
+def max_output_tokens(body: dict[str, Any]) -> int | None:
+    """The client's own limit on the answer's length, if it set one."""
+    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def record_attempt(
@@ -99,20 +119,31 @@ def record_attempt(
     overhead_ms: float,
     usage: Usage | None = None,
     completion_text: str | None = None,
+    completion_chars: int | None = None,
     ttft_ms: float | None = None,
     ttlt_ms: float | None = None,
 ) -> None:
+    """Queue the CallRecord of one attempt. `completion_text` is the answer's text when the
+    upstream reported no usage (or only part of it), for the recorder to estimate from;
+    `completion_chars` its whole length when only a part of it was kept."""
     if not ctx.dialect.records:
         return
     estimate = None
+    estimate_chars = None
     tokens_per_second = None
     if usage is None:
         usage = Usage()
     if not usage.reported and completion_text is not None:
-        # Tokenizing is left to the recorder's thread: it costs milliseconds on long prompts.
+        # Tokenizing is left to the recorder's threads: it costs milliseconds on long texts.
         # It only fills the counts still at zero: a cut Anthropic stream keeps its reported
         # input tokens and gets its output estimated.
-        estimate = ("" if usage.prompt_tokens else prompt_text(ctx.body), completion_text)
+        max_chars = settings.LLMROTATE_ESTIMATE_MAX_CHARS
+        prompt, prompt_chars = (
+            ("", 0) if usage.prompt_tokens else prompt_text(ctx.body, max_chars=max_chars)
+        )
+        completion = completion_text[:max_chars]
+        estimate = (prompt, completion)
+        estimate_chars = (prompt_chars, completion_chars or len(completion_text))
     if (
         ttft_ms is not None
         and ttlt_ms is not None
@@ -149,6 +180,8 @@ def record_attempt(
             tokens_per_second=tokens_per_second,
             overhead_ms=overhead_ms,
             estimate=estimate,
+            estimate_chars=estimate_chars,
+            max_output_tokens=max_output_tokens(ctx.body),
         )
     )
 

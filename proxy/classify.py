@@ -12,6 +12,7 @@ provider.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -38,16 +39,27 @@ class Verdict:
 SUCCESS = Verdict(Outcome.SUCCESS, Health.SUCCESS, Next.DONE)
 
 
+# An upstream's error code ends up in the record, the key's state, logs and the client's 502
+# message; whatever the upstream sends, it is cut to this (the record column's width).
+MAX_ERROR_CODE = 64
+_UNPRINTABLE = re.compile(r"[^\x21-\x7e]+")
+
+
+def clip_code(code: str) -> str:
+    """An upstream-supplied error code fit to keep and show: printable ASCII, bounded."""
+    return _UNPRINTABLE.sub("_", code[: MAX_ERROR_CODE * 4])[:MAX_ERROR_CODE]
+
+
 def _error(body: bytes) -> tuple[str, str]:
     """(code, message) of an OpenAI `{"error": {code, type, message}}` or Anthropic
     `{"type": "error", "error": {type, message}}` body; the code falls back to the type."""
     try:
         error = json.loads(body).get("error")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return "", ""
     if isinstance(error, dict):
         message = error.get("message")
-        code = str(error.get("code") or error.get("type") or "")
+        code = clip_code(str(error.get("code") or error.get("type") or ""))
         return code, message if isinstance(message, str) else ""
     return "", ""
 
@@ -124,6 +136,19 @@ BAD_RESPONSE = Verdict(Outcome.BAD_RESPONSE, Health.UPSTREAM_ERROR, Next.NEXT_KE
 CLIENT_GONE = Verdict(
     Outcome.CLIENT_DISCONNECTED, Health.CLIENT_ERROR, Next.DONE, "client_disconnected"
 )
+# The upstream's answer was larger than LLMROTATE_MAX_RESPONSE_BYTES: not read further. Not the
+# key's fault, and another key of the same deployment would send the same.
+RESPONSE_TOO_LARGE = Verdict(
+    Outcome.BAD_RESPONSE, Health.CLIENT_ERROR, Next.NEXT_DEPLOYMENT, "response_too_large"
+)
+# A stream's first event was larger than LLMROTATE_MAX_SSE_EVENT_BYTES (before anything reached
+# the client); the same bounds as RESPONSE_TOO_LARGE.
+EVENT_TOO_LARGE = Verdict(
+    Outcome.BAD_RESPONSE, Health.CLIENT_ERROR, Next.NEXT_DEPLOYMENT, "event_too_large"
+)
+# Something in the gateway itself raised while the attempt held its key (a bug): recorded, the
+# key given back untouched, and the client answered 500.
+GATEWAY_FAILED = Verdict(Outcome.GATEWAY_ERROR, Health.CLIENT_ERROR, Next.DONE, "gateway_error")
 # A 200 event stream that ended before its first byte: nothing reached the client, so another
 # key may answer instead.
 EMPTY_STREAM = Verdict(Outcome.BAD_RESPONSE, Health.UPSTREAM_ERROR, Next.NEXT_KEY, "empty_stream")

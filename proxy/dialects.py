@@ -96,21 +96,38 @@ class StreamState:
     # The streamed text, for a token estimate when usage is missing. OpenAI: the content
     # strings. Anthropic: the raw `data` of each content delta, decoded only if an estimate is
     # needed (it always reports usage, so that is rare and parsing each delta would be waste).
+    # Only the first `keep_max` (in characters or bytes, as kept) are held: the estimator
+    # tokenizes no more than that and scales by `seen`, so a long stream costs no memory.
     pieces: list[Any] = field(default_factory=list)
+    kept: int = 0
+    seen: int = 0
+    keep_max: int = 64 * 1024
     # Anthropic: the usage of message_start, updated by message_delta.
     raw_usage: dict[str, Any] = field(default_factory=dict)
 
+    def keep(self, piece: str | bytes) -> None:
+        self.seen += len(piece)
+        if self.kept < self.keep_max:
+            self.pieces.append(piece)
+            self.kept += len(piece)
+
+    def full_length(self, text: str) -> int:
+        """The length of the whole streamed text, of which `text` is the kept part."""
+        return len(text) if self.seen <= self.kept else round(len(text) * self.seen / self.kept)
+
 
 def _data(raw: bytes) -> tuple[bytes, bytes]:
-    """(event name, data) of one SSE event."""
+    """(event name, data) of one SSE event; several `data:` lines are joined with newlines and
+    one space after the colon is dropped, as the SSE specification says."""
     name = b""
-    data = b""
-    for line in raw.splitlines():
+    data: list[bytes] = []
+    for line in raw.split(b"\n"):
         if line.startswith(b"data:"):
-            data += line[5:].lstrip(b" ")
+            value = line[5:]
+            data.append(value[1:] if value.startswith(b" ") else value)
         elif line.startswith(b"event:"):
             name = line[6:].strip()
-    return name, data
+    return name, b"\n".join(data)
 
 
 # One encoder for every upstream body: json.dumps with options builds a new one per call.
@@ -132,6 +149,7 @@ def _json_object(data: bytes) -> dict[str, Any] | None:
 class Dialect:
     path = ""  # appended to the provider's base_url
     records = True  # whether each attempt becomes a CallRecord
+    anthropic = False  # whether the gateway's own errors take Anthropic's envelope
 
     def serves(self, kind: str) -> bool:
         """Whether a deployment of this provider kind can answer in this dialect."""
@@ -257,7 +275,7 @@ class OpenAIDialect(Dialect):
                             state.first_token_at = now
                         state.last_token_at = now
                         if isinstance(content, str):
-                            state.pieces.append(content)
+                            state.keep(content)
                 if choice.get("finish_reason"):
                     state.complete = True
         return raw
@@ -293,6 +311,7 @@ def _delta_text(data: bytes) -> str:
 
 class AnthropicDialect(Dialect):
     path = "/messages"
+    anthropic = True
 
     def serves(self, kind: str) -> bool:
         # Only Anthropic itself speaks the native Messages API; the other kinds are OpenAI's
@@ -339,7 +358,7 @@ class AnthropicDialect(Dialect):
                     return raw
                 state.first_token_at = now
             state.last_token_at = now
-            state.pieces.append(data)
+            state.keep(data)
             return raw
         if name in (b"ping", b"content_block_start", b"content_block_stop") or not data:
             return raw

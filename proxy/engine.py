@@ -4,10 +4,17 @@ Limits: at most LLMROTATE_MAX_ATTEMPTS upstream calls and LLMROTATE_REQUEST_DEAD
 for the whole request (each attempt's read timeout is cut to what is left). Once a stream has
 started sending bytes to the client it is never retried: a second key would repeat the text.
 
-Every acquired key is given back exactly once. A client that hangs up cancels the view (Django
-does that on disconnect), so each wait on the upstream handles asyncio.CancelledError: the
-attempt is recorded as `client_disconnected` and the key released, without counting against
-the key or its endpoint (see proxy.calls.key_settle for why that step is shielded).
+One request, top to bottom: `Failover.run` walks the route's deployments (skipping those whose
+circuit breaker is open), `_run_deployment` encodes the body for the deployment and walks its
+keys in strategy order, and each key that can be taken becomes an `Attempt`: one upstream call
+that owns the key from acquire to settle, its timings and its verdict. The attempt answers the
+client (a JSON body, or a stream handed to proxy.streaming.StreamRelay) or says why not, and the
+engine moves on or gives up with the error of the last failure.
+
+Every acquired key is given back exactly once, structurally: the attempt is an `async with`
+block, and whatever ends it (an answer, a failure, a client that hangs up and cancels the view,
+a bug that raises) records the attempt and settles the key on the way out, unless a stream
+relay has taken the key over (it then settles it when the stream ends).
 
 Both wire formats (OpenAI chat completions, Anthropic Messages) go through here; what differs
 is the CallContext's dialect (proxy.dialects). A deployment that cannot answer in the
@@ -21,6 +28,9 @@ import json
 import logging
 import random
 import time
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
 
 import httpx
 from django.conf import settings
@@ -37,6 +47,8 @@ from proxy.calls import CallContext, key_settle, record_attempt
 from proxy.classify import (
     BAD_RESPONSE,
     CLIENT_GONE,
+    GATEWAY_FAILED,
+    RESPONSE_TOO_LARGE,
     SUCCESS,
     Next,
     Verdict,
@@ -44,14 +56,17 @@ from proxy.classify import (
     classify_status,
     endpoint_failed,
 )
-from proxy.errors import ProxyError
+from proxy.dialects import Usage
+from proxy.errors import ProxyError, invalid_body
 from proxy.streaming import StreamRelay
-from proxy.upstream import upstream_client
+from proxy.upstream import ResponseTooLarge, read_bounded, upstream_client
 
 logger = logging.getLogger("llmrotate.proxy")
 # Only orders keys for the weighted strategy; nothing secret depends on it.
 _rng = random.Random()  # noqa: S311
 _ROUND_ROBIN_STRATEGIES = frozenset({"health_aware", "round_robin", "least_busy"})
+
+Answer = HttpResponse | StreamingHttpResponse
 
 
 class Failover:
@@ -64,7 +79,7 @@ class Failover:
         # Set when a deployment was skipped for an open circuit: seconds until it half-opens.
         self.open_retry_after: float | None = None
 
-    async def run(self) -> HttpResponse | StreamingHttpResponse:
+    async def run(self) -> Answer:
         for deployment in self.ctx.dialect.deployments(self.ctx.route):
             if not deployment.keys:
                 continue
@@ -88,9 +103,12 @@ class Failover:
 
     async def _run_deployment(
         self, deployment: DeploymentInfo, *, trial: bool
-    ) -> tuple[HttpResponse | StreamingHttpResponse | None, bool]:
+    ) -> tuple[Answer | None, bool]:
         """Try the deployment's keys in order. Returns (response or None, trial still unused)."""
         ctx = self.ctx
+        # Encoded before any key is taken: a body that cannot be sent is the client's error,
+        # the same on every key, and must not cost a key its slot.
+        call = UpstreamCall.prepare(ctx, deployment)
         for key in await self._ordered_keys(deployment):
             if ctx.attempts >= settings.LLMROTATE_MAX_ATTEMPTS:
                 return await self._give_up(), trial
@@ -98,7 +116,9 @@ class Failover:
                 return await self._give_up(deadline_passed=True), trial
             if not await self.store.acquire(key.key_id, now=time.time()):
                 continue  # a half-open key already has its one trial call in flight
-            response, verdict = await self._attempt(deployment, key)
+            async with Attempt(ctx, deployment, key) as attempt:
+                response = await attempt.run(call, deadline=self.deadline)
+            verdict = attempt.verdict
             failed = endpoint_failed(verdict)
             self.gate.observe(deployment.provider.base_url, failed=failed, trial=trial)
             if response is not None:
@@ -116,7 +136,7 @@ class Failover:
         candidates = []
         for key in deployment.keys:
             state, inflight = states[key.key_id]
-            if recheck.needs_recheck(state, now=now):
+            if recheck.needs_recheck(state, now=now, policy=deployment.provider.policy):
                 recheck.schedule(deployment.provider, key)
             candidates.append(
                 Candidate(
@@ -133,195 +153,6 @@ class Failover:
             rr = await self.store.next_rr(f"{self.ctx.route.name}:{deployment.position}")
         ordered = order_candidates(candidates, strategy=strategy, rr=rr, now=now, rng=_rng)
         return [keys[c.key_id] for c in ordered]
-
-    async def _attempt(
-        self, deployment: DeploymentInfo, key: UpstreamKey
-    ) -> tuple[HttpResponse | StreamingHttpResponse | None, Verdict]:
-        ctx = self.ctx
-        attempt, pre_ms = ctx.begin_attempt()
-        t_start = time.perf_counter()
-        provider = deployment.provider
-        dialect = ctx.dialect
-        payload = dialect.payload(ctx.body, model=deployment.model, stream=ctx.stream)
-        client = upstream_client(provider.base_url)
-        remaining = max(0.001, self.deadline - t_start)
-        read_timeout = min(settings.LLMROTATE_READ_TIMEOUT_SECONDS, remaining)
-        request = client.build_request(
-            "POST",
-            provider.base_url + dialect.path,
-            content=payload,
-            headers=dialect.headers(
-                provider.kind, key.secret, stream=ctx.stream, forward=ctx.forward_headers
-            ),
-            timeout=httpx.Timeout(
-                connect=min(settings.LLMROTATE_CONNECT_TIMEOUT_SECONDS, remaining),
-                read=read_timeout,
-                write=read_timeout,
-                pool=min(settings.LLMROTATE_CONNECT_TIMEOUT_SECONDS, remaining),
-            ),
-        )
-        t_sent = time.perf_counter()
-        overhead_ms = pre_ms + (t_sent - t_start) * 1000
-        try:
-            response = await client.send(request, stream=ctx.stream)
-        except (httpx.HTTPError, OSError) as exc:
-            verdict = classify_exception(exc)
-            t_end = time.perf_counter()
-            await self._fail(deployment, key, verdict, None, attempt, t_start, t_end, overhead_ms)
-            return None, verdict
-        except asyncio.CancelledError:
-            t_end = time.perf_counter()
-            await self._fail(
-                deployment, key, CLIENT_GONE, None, attempt, t_start, t_end, overhead_ms
-            )
-            raise
-
-        if ctx.stream and response.status_code == 200:
-            relay = StreamRelay(
-                ctx=ctx,
-                deployment=deployment,
-                key=key,
-                response=response,
-                attempt=attempt,
-                t_start=t_start,
-                overhead_ms=overhead_ms,
-            )
-            try:
-                early = await relay.start()
-            except asyncio.CancelledError:
-                t_end = time.perf_counter()
-                await self._fail(
-                    deployment, key, CLIENT_GONE, response, attempt, t_start, t_end, overhead_ms
-                )
-                raise
-            if early is None:
-                return relay.response(), SUCCESS
-            # Nothing has reached the client yet: fail over like any other failed attempt.
-            t_end = time.perf_counter()
-            await self._fail(deployment, key, early, response, attempt, t_start, t_end, overhead_ms)
-            return None, early
-
-        try:
-            content = await response.aread() if ctx.stream else response.content
-        except httpx.HTTPError as exc:
-            verdict = classify_exception(exc)
-            t_end = time.perf_counter()
-            await self._fail(
-                deployment, key, verdict, response, attempt, t_start, t_end, overhead_ms
-            )
-            return None, verdict
-        except asyncio.CancelledError:
-            t_end = time.perf_counter()
-            await self._fail(
-                deployment, key, CLIENT_GONE, response, attempt, t_start, t_end, overhead_ms
-            )
-            raise
-        t_recv = time.perf_counter()
-        verdict = dialect.verdict(
-            classify_status(response.status_code, content, kind=deployment.provider.kind)
-        )
-        if verdict.next is not Next.DONE:
-            await self._fail(
-                deployment, key, verdict, response, attempt, t_start, t_recv, overhead_ms
-            )
-            return None, verdict
-
-        usage = None
-        completion_text = None
-        if verdict.outcome == "success":
-            try:
-                parsed = json.loads(content)
-                if not isinstance(parsed, dict):
-                    raise ValueError("not an object")
-            except ValueError:
-                await self._fail(
-                    deployment, key, BAD_RESPONSE, response, attempt, t_start, t_recv, overhead_ms
-                )
-                return None, BAD_RESPONSE
-            usage = dialect.usage(parsed)
-            if usage is None:
-                completion_text = dialect.completion_text(parsed)
-        out = HttpResponse(
-            content,
-            status=response.status_code,
-            content_type=response.headers.get("content-type", "application/json"),
-        )
-        out["x-llmrotate-request-id"] = ctx.request_id
-        out["x-llmrotate-attempts"] = str(attempt)
-        out["x-llmrotate-key"] = key.key_id
-        t_end = time.perf_counter()
-        record_attempt(
-            ctx,
-            attempt=attempt,
-            deployment=deployment,
-            key=key,
-            outcome=verdict.outcome,
-            error_type=verdict.error_type,
-            status_code=response.status_code,
-            t_start=t_start,
-            t_end=t_end,
-            overhead_ms=overhead_ms + (t_end - t_recv) * 1000,
-            usage=usage,
-            completion_text=completion_text,
-            ttlt_ms=ctx.ms_since_start(t_recv),
-        )
-        await asyncio.shield(
-            key_settle(
-                key.key_id,
-                response if ctx.stream else None,
-                health=verdict.health,
-                policy=provider.policy,
-                headroom=dialect.headroom(response.headers),
-                error_type=verdict.error_type or None,
-            )
-        )
-        return out, verdict
-
-    async def _fail(
-        self,
-        deployment: DeploymentInfo,
-        key: UpstreamKey,
-        verdict: Verdict,
-        response: httpx.Response | None,
-        attempt: int,
-        t_start: float,
-        t_end: float,
-        overhead_ms: float,
-    ) -> None:
-        headers = response.headers if response is not None else httpx.Headers()
-        record_attempt(
-            self.ctx,
-            attempt=attempt,
-            deployment=deployment,
-            key=key,
-            outcome=verdict.outcome,
-            error_type=verdict.error_type,
-            status_code=response.status_code if response is not None else None,
-            t_start=t_start,
-            t_end=t_end,
-            overhead_ms=overhead_ms,
-        )
-        logger.info(
-            "request %s attempt %d on %s/%s ended: %s (%s); next: %s",
-            self.ctx.request_id,
-            attempt,
-            deployment.provider.name,
-            key.key_id,
-            verdict.outcome,
-            verdict.error_type,
-            verdict.next.value,
-        )
-        await asyncio.shield(
-            key_settle(
-                key.key_id,
-                response if self.ctx.stream else None,
-                health=verdict.health,
-                policy=deployment.provider.policy,
-                headroom=self.ctx.dialect.headroom(headers),
-                retry_after=parse_retry_after(headers, now=time.time()),
-                error_type=verdict.error_type or None,
-            )
-        )
 
     async def _give_up(self, *, deadline_passed: bool = False) -> HttpResponse:
         ctx = self.ctx
@@ -368,4 +199,245 @@ class Failover:
                 if when and when > now and (earliest is None or when < earliest):
                     earliest = when
         waits = [w for w in (earliest and earliest - now, self.open_retry_after) if w]
-        return min(waits) if waits else 30.0
+        # Timers are clamped when set, but a state written before that (or by a bug) must not
+        # make the client wait for centuries either.
+        longest = settings.LLMROTATE_MAX_UPSTREAM_WAIT_SECONDS
+        return min(min(waits), longest) if waits else 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamCall:
+    """What is sent to one deployment, whichever of its keys sends it."""
+
+    url: str
+    payload: bytes
+
+    @classmethod
+    def prepare(cls, ctx: CallContext, deployment: DeploymentInfo) -> UpstreamCall:
+        try:
+            payload = ctx.dialect.payload(ctx.body, model=deployment.model, stream=ctx.stream)
+        except UnicodeEncodeError:
+            # JSON allows "\ud800" escapes; UTF-8 cannot carry a lone surrogate. JavaScript
+            # clients produce them when they cut a string inside an emoji.
+            raise invalid_body(
+                "The request body contains a lone UTF-16 surrogate (such as \\ud800) in a"
+                " string, which cannot be sent as UTF-8.",
+                code="invalid_unicode",
+            ) from None
+        except RecursionError:
+            raise invalid_body(
+                "The request body is nested too deeply to be sent upstream.", code="too_deep"
+            ) from None
+        return cls(url=deployment.provider.base_url + ctx.dialect.path, payload=payload)
+
+
+class Attempt:
+    """One upstream call with one key, from the moment the key is acquired.
+
+    Used as `async with`: however the block ends, the attempt is recorded and its key settled
+    exactly once (see the module docstring), unless a stream relay took the key over.
+    """
+
+    def __init__(self, ctx: CallContext, deployment: DeploymentInfo, key: UpstreamKey) -> None:
+        self.ctx = ctx
+        self.deployment = deployment
+        self.key = key
+        self.number, pre_ms = ctx.begin_attempt()
+        self.t_start = time.perf_counter()
+        # Time spent in the gateway: before the first attempt (auth, parsing, routing), and
+        # building this call; what the relay spends parsing a stream is added to it there.
+        self.overhead_ms = pre_ms
+        self.response: httpx.Response | None = None
+        self.verdict: Verdict = GATEWAY_FAILED
+        self._owned = True  # until settled here, or handed to a stream relay
+
+    async def __aenter__(self) -> Attempt:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self._owned:
+            return
+        if exc_type is not None and issubclass(exc_type, asyncio.CancelledError):
+            # The client hung up (Django cancels the view): says nothing about the key.
+            await self.finish(CLIENT_GONE)
+        else:
+            # A bug raised (the API answers 500, and logs it): the key is still given back.
+            await self.finish(GATEWAY_FAILED)
+
+    async def run(self, call: UpstreamCall, *, deadline: float) -> Answer | None:
+        """The answer for the client, or None when another key or deployment should try."""
+        ctx, provider = self.ctx, self.deployment.provider
+        client = upstream_client(provider.base_url)
+        remaining = max(0.001, deadline - self.t_start)
+        read = min(settings.LLMROTATE_READ_TIMEOUT_SECONDS, remaining)
+        connect = min(settings.LLMROTATE_CONNECT_TIMEOUT_SECONDS, remaining)
+        request = client.build_request(
+            "POST",
+            call.url,
+            content=call.payload,
+            headers=ctx.dialect.headers(
+                provider.kind, self.key.secret, stream=ctx.stream, forward=ctx.forward_headers
+            ),
+            timeout=httpx.Timeout(connect=connect, read=read, write=read, pool=connect),
+        )
+        self.overhead_ms += (time.perf_counter() - self.t_start) * 1000
+        try:
+            # Always streamed, so that the body is read under our size limit, not httpx's none.
+            self.response = await client.send(request, stream=True)
+        except (httpx.HTTPError, OSError) as exc:
+            await self.finish(classify_exception(exc))
+            return None
+        if ctx.stream and self.response.status_code == 200:
+            return await self._relay()
+        try:
+            content = await read_bounded(self.response, settings.LLMROTATE_MAX_RESPONSE_BYTES)
+        except ResponseTooLarge:
+            await self.finish(RESPONSE_TOO_LARGE)
+            return None
+        except (httpx.HTTPError, OSError) as exc:
+            await self.finish(classify_exception(exc))
+            return None
+        return await self._answer(content)
+
+    async def _relay(self) -> Answer | None:
+        assert self.response is not None
+        relay = StreamRelay(self)
+        early = await relay.start()
+        if early is not None:
+            # Nothing has reached the client yet: fail over like any other failed attempt.
+            await self.finish(early)
+            return None
+        self.verdict = SUCCESS
+        self._owned = False  # the relay settles the key when the stream ends
+        return relay.response()
+
+    async def _answer(self, content: bytes) -> Answer | None:
+        assert self.response is not None
+        t_recv = time.perf_counter()
+        status = self.response.status_code
+        dialect = self.ctx.dialect
+        verdict = dialect.verdict(
+            classify_status(status, content, kind=self.deployment.provider.kind)
+        )
+        if verdict.next is not Next.DONE:
+            await self.finish(verdict, t_end=t_recv)
+            return None
+        parsed = _json_object(content)
+        usage = None
+        completion_text = None
+        if verdict.outcome == "success":
+            if parsed is None:
+                await self.finish(BAD_RESPONSE, t_end=t_recv)
+                return None
+            usage = dialect.usage(parsed)
+            if usage is None:
+                completion_text = dialect.completion_text(parsed)
+        elif parsed is None:
+            # The client's own error, relayed; but what the client reads must be JSON in its
+            # own API's envelope, whatever the upstream (or a proxy before it) sent.
+            content = _non_json_error(self.ctx, status, self.response.headers)
+        out = HttpResponse(content, status=status, content_type="application/json")
+        out["x-llmrotate-request-id"] = self.ctx.request_id
+        out["x-llmrotate-attempts"] = str(self.number)
+        out["x-llmrotate-key"] = self.key.key_id
+        await self.finish(
+            verdict,
+            usage=usage,
+            completion_text=completion_text,
+            ttlt_ms=self.ctx.ms_since_start(t_recv),
+            extra_overhead_ms=(time.perf_counter() - t_recv) * 1000,
+        )
+        return out
+
+    async def finish(
+        self,
+        verdict: Verdict,
+        *,
+        t_end: float | None = None,
+        usage: Usage | None = None,
+        completion_text: str | None = None,
+        completion_chars: int | None = None,
+        ttft_ms: float | None = None,
+        ttlt_ms: float | None = None,
+        extra_overhead_ms: float = 0.0,
+    ) -> None:
+        """Record the attempt, then give its key back with what the attempt says about it.
+
+        The record is written first and synchronously: a client that hangs up cancels the
+        view, and the settle (shielded) must not be what stops the record.
+        """
+        self.verdict = verdict
+        self._owned = False
+        ctx, deployment = self.ctx, self.deployment
+        record_attempt(
+            ctx,
+            attempt=self.number,
+            deployment=deployment,
+            key=self.key,
+            outcome=verdict.outcome,
+            error_type=verdict.error_type,
+            status_code=self.response.status_code if self.response is not None else None,
+            t_start=self.t_start,
+            t_end=t_end or time.perf_counter(),
+            overhead_ms=self.overhead_ms + extra_overhead_ms,
+            usage=usage,
+            completion_text=completion_text,
+            completion_chars=completion_chars,
+            ttft_ms=ttft_ms,
+            ttlt_ms=ttlt_ms,
+        )
+        if verdict.outcome != "success":
+            logger.info(
+                "request %s attempt %d on %s/%s ended: %s (%s); next: %s",
+                ctx.request_id,
+                self.number,
+                deployment.provider.name,
+                self.key.key_id,
+                verdict.outcome,
+                verdict.error_type,
+                verdict.next.value,
+            )
+        headers = self.response.headers if self.response is not None else httpx.Headers()
+        retry_after = None
+        if verdict.next is not Next.DONE:  # only a failure that moves on may say when to return
+            retry_after = parse_retry_after(headers, now=time.time())
+        try:
+            await asyncio.shield(
+                key_settle(
+                    self.key.key_id,
+                    self.response,
+                    health=verdict.health,
+                    policy=deployment.provider.policy,
+                    headroom=ctx.dialect.headroom(headers),
+                    retry_after=retry_after,
+                    error_type=verdict.error_type or None,
+                )
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.warning("could not settle key state after request %s", ctx.request_id)
+
+
+def _json_object(content: bytes) -> dict[str, Any] | None:
+    try:
+        parsed = json.loads(content)
+    except (ValueError, RecursionError):
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _non_json_error(ctx: CallContext, status: int, headers: httpx.Headers) -> bytes:
+    kind = (headers.get("content-type") or "no content type").split(";")[0].strip()[:64]
+    error = ProxyError(
+        status,
+        f"The upstream answered {status} with a body that is not JSON ({kind}).",
+        type="upstream_error",
+        code="upstream_non_json_error",
+    )
+    return json.dumps(error.body(anthropic=ctx.dialect.anthropic)).encode()

@@ -72,12 +72,25 @@ def anthropic_caller(path: str, headers: Mapping[str, str]) -> bool:
     )
 
 
+def invalid_body(message: str, *, code: str, param: str | None = None) -> ProxyError:
+    """A body the gateway cannot read or pass on (not JSON, too deep, not encodable): 400 on
+    both endpoints, as an invalid JSON body is at OpenAI and Anthropic alike."""
+    return ProxyError(400, message, type="invalid_request_error", code=code, param=param)
+
+
 def invalid_request(message: str, *, code: str, param: str | None = None) -> ProxyError:
     return ProxyError(422, message, type="invalid_request_error", code=code, param=param)
 
 
 def unauthenticated(message: str, *, code: str = "invalid_api_key") -> ProxyError:
     return ProxyError(401, message, type="authentication_error", code=code)
+
+
+def missing_token(*, anthropic: bool) -> ProxyError:
+    where = "'Authorization: Bearer <token>'"
+    if anthropic:
+        where = f"'x-api-key: <token>' or {where}"
+    return unauthenticated(f"Missing client token: send {where}.", code="missing_api_key")
 
 
 def forbidden(message: str, *, code: str) -> ProxyError:

@@ -21,7 +21,7 @@ import time
 
 import httpx
 
-from keys.health import KeyState, KeyStatus
+from keys.health import KeyPolicy, KeyState, KeyStatus
 from keys.health import needs_recheck as _needs_recheck
 from keys.routing import ProviderInfo, RoutingSnapshot, UpstreamKey, routing_load, routing_snapshot
 from keys.state_store import get_key_state_store
@@ -38,8 +38,8 @@ _last_attempt: dict[str, float] = {}
 _tasks: set[asyncio.Task[bool | None]] = set()
 
 
-def needs_recheck(state: KeyState, *, now: float) -> bool:
-    return _needs_recheck(state, now)
+def needs_recheck(state: KeyState, *, now: float, policy: KeyPolicy) -> bool:
+    return _needs_recheck(state, now, policy=policy)
 
 
 def schedule(provider: ProviderInfo, key: UpstreamKey) -> None:
@@ -84,8 +84,8 @@ async def recheck_key(
     return ok
 
 
-def _revalidation_due(state: KeyState, *, now: float) -> bool:
-    return needs_recheck(state, now=now) or state.status == KeyStatus.EXHAUSTED
+def _revalidation_due(state: KeyState, *, now: float, policy: KeyPolicy) -> bool:
+    return needs_recheck(state, now=now, policy=policy) or state.status == KeyStatus.EXHAUSTED
 
 
 async def keys_revalidate(
@@ -103,7 +103,11 @@ async def keys_revalidate(
         return {}
     store = get_key_state_store()
     states = await asyncio.to_thread(store.get_many, list(keys), now=now)
-    due = [keys[k] for k, (state, _) in states.items() if _revalidation_due(state, now=now)]
+    due = [
+        (provider, key)
+        for provider, key in keys.values()
+        if _revalidation_due(states[key.key_id][0], now=now, policy=provider.policy)
+    ]
     results = await asyncio.gather(*(recheck_key(p, k, now=now) for p, k in due))
     return {key.key_id: ok for (_, key), ok in zip(due, results, strict=True)}
 

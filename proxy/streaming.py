@@ -6,15 +6,22 @@ for the rest of the stream. Along the way the relay notes the first content or t
 one, and the usage, removing OpenAI's usage chunk when the client did not ask for it. What an
 event means is the dialect's business (proxy.dialects); the relay is the same for both.
 
+Events are split as the SSE specification says: lines end in LF, CRLF or a bare CR (an
+upstream's line ends are normalised to LF on the way through), and an event ends at a blank
+line. Each chunk is scanned once, from where the previous scan stopped, so an event delivered
+in many small chunks costs time in proportion to its size; an event that grows past
+LLMROTATE_MAX_SSE_EVENT_BYTES without ending ends the stream instead (`event_too_large`).
+
 If the upstream fails midway the client gets the dialect's `error` event (the SDKs raise on
 it) instead of a silent truncation, and the request is not retried: text already sent would be
 duplicated by a second key. Before its first chunk has arrived nothing has been sent, so the
 engine waits for it (`start`) and fails over if the upstream dies first.
 
-Once the client is answered the relay owns the key, and gives it back exactly once however the
-stream ends: read to the end, cut by the upstream, abandoned by a client that hung up (the
-view's task is cancelled mid-iteration), or never read at all (Django closes the response; a
-response dropped unclosed is caught when it is garbage-collected).
+Once the client is answered the relay owns the attempt's key (proxy.engine.Attempt), and gives
+it back exactly once however the stream ends: read to the end, cut by the upstream, abandoned
+by a client that hung up (the view's task is cancelled mid-iteration), or never read at all
+(Django closes the response; a response dropped unclosed is caught when it is
+garbage-collected).
 """
 
 from __future__ import annotations
@@ -24,44 +31,93 @@ import logging
 import time
 import weakref
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import httpx
+from django.conf import settings
 from django.http import StreamingHttpResponse
 
 from keys.health import Outcome as Health
-from keys.routing import DeploymentInfo, UpstreamKey
-from proxy.calls import CallContext, key_settle, record_attempt
-from proxy.classify import EMPTY_STREAM, ERROR_FIRST, Verdict, classify_exception
+from proxy.classify import (
+    EMPTY_STREAM,
+    ERROR_FIRST,
+    EVENT_TOO_LARGE,
+    SUCCESS,
+    Next,
+    Verdict,
+    classify_exception,
+)
 from proxy.dialects import StreamState
+
+if TYPE_CHECKING:
+    from proxy.engine import Attempt
 
 logger = logging.getLogger("llmrotate.proxy")
 # Closing work scheduled from `close()`: the loop keeps only weak references to tasks.
 _closing: set[asyncio.Task[None]] = set()
 
 
+class SseSplitter:
+    """Splits a byte stream into SSE events (each ending in a blank line), incrementally."""
+
+    def __init__(self, *, max_event: int) -> None:
+        self.max_event = max_event
+        self._buffer = bytearray()
+        self._scanned = 0  # bytes of the buffer already searched for an event's end
+        self._after_cr = False  # the last chunk ended in CR: an LF opening the next is its pair
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """The events this chunk completes. See `overflowed` after each call."""
+        if self._after_cr and chunk.startswith(b"\n"):
+            chunk = chunk[1:]
+        if b"\r" in chunk:
+            self._after_cr = chunk.endswith(b"\r")
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        else:
+            self._after_cr = False
+        buffer = self._buffer
+        buffer += chunk
+        events = []
+        start = 0
+        # One character back: the blank line may begin in what was scanned before.
+        at = max(0, self._scanned - 1)
+        while (end := buffer.find(b"\n\n", at)) >= 0:
+            events.append(bytes(buffer[start : end + 2]))
+            start = at = end + 2
+        if start:
+            del buffer[:start]
+        self._scanned = len(buffer)
+        return events
+
+    @property
+    def overflowed(self) -> bool:
+        """An event has grown past the size limit without ending."""
+        return len(self._buffer) > self.max_event
+
+    def rest(self) -> bytes:
+        """What is left after the stream ended (an event without its blank line)."""
+        rest = bytes(self._buffer)
+        self._buffer.clear()
+        self._scanned = 0
+        return rest
+
+
+class EventTooLarge(Exception):
+    """Raised by the relay, to end the stream, when the splitter overflowed."""
+
+
 class StreamRelay:
-    def __init__(
-        self,
-        *,
-        ctx: CallContext,
-        deployment: DeploymentInfo,
-        key: UpstreamKey,
-        response: httpx.Response,
-        attempt: int,
-        t_start: float,
-        overhead_ms: float,
-    ) -> None:
-        self.ctx = ctx
-        self.deployment = deployment
-        self.key = key
-        self.upstream = response
+    def __init__(self, attempt: Attempt) -> None:
+        assert attempt.response is not None
         self.attempt = attempt
-        self.t_start = t_start
-        self.overhead_ms = overhead_ms
-        self.dialect = ctx.dialect
-        self.state = StreamState(strip_usage=ctx.strip_usage)
+        self.ctx = attempt.ctx
+        self.upstream: httpx.Response = attempt.response
+        self.dialect = self.ctx.dialect
+        self.state = StreamState(
+            strip_usage=self.ctx.strip_usage, keep_max=settings.LLMROTATE_ESTIMATE_MAX_CHARS
+        )
         self.busy = 0.0  # time spent in our own parsing, i.e. proxy overhead
-        self._buffer = b""
+        self._events = SseSplitter(max_event=settings.LLMROTATE_MAX_SSE_EVENT_BYTES)
         self._pending = b""  # what arrived before the client was answered
         self._chunks: AsyncIterator[bytes] | None = None
         self._closed = False
@@ -71,7 +127,7 @@ class StreamRelay:
         """Wait for the upstream's first chunk; a verdict if the stream failed before it.
 
         Nothing has reached the client yet, so such a failure is an ordinary failed attempt
-        (and the key is still the engine's to settle). It costs no TTFT: the chunk is parsed
+        (and the key is still the attempt's to settle). It costs no TTFT: the chunk is parsed
         here, on arrival, and is the first thing the client is sent.
         """
         self._chunks = self.upstream.aiter_bytes()
@@ -82,6 +138,8 @@ class StreamRelay:
         except (httpx.HTTPError, OSError) as exc:
             return classify_exception(exc)
         self._pending = self._feed(first)
+        if self._events.overflowed:
+            return EVENT_TOO_LARGE
         if self.state.failure is not None and self.state.first_token_at is None:
             return ERROR_FIRST
         return None
@@ -96,8 +154,8 @@ class StreamRelay:
         # Tells nginx and similar reverse proxies not to buffer the stream.
         out["X-Accel-Buffering"] = "no"
         out["x-llmrotate-request-id"] = self.ctx.request_id
-        out["x-llmrotate-attempts"] = str(self.attempt)
-        out["x-llmrotate-key"] = self.key.key_id
+        out["x-llmrotate-attempts"] = str(self.attempt.number)
+        out["x-llmrotate-key"] = self.attempt.key.key_id
         return out
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -106,19 +164,11 @@ class StreamRelay:
     def _feed(self, chunk: bytes) -> bytes:
         """What to forward of the events completed by this chunk (b"" if none yet)."""
         t = time.perf_counter()
-        buffer = self._buffer + chunk
-        if b"\r" in buffer:
-            buffer = buffer.replace(b"\r\n", b"\n")
         out = []
-        while True:
-            end = buffer.find(b"\n\n")
-            if end < 0:
-                break
-            event, buffer = buffer[: end + 2], buffer[end + 2 :]
+        for event in self._events.feed(chunk):
             forwarded = self.dialect.event(self.state, event)
             if forwarded is not None:
                 out.append(forwarded)
-        self._buffer = buffer
         self.busy += time.perf_counter() - t
         return b"".join(out)
 
@@ -132,8 +182,11 @@ class StreamRelay:
                 out = self._feed(chunk)
                 if out:
                     yield out
-            if self._buffer.strip():
-                forwarded = self.dialect.event(self.state, self._buffer + b"\n\n")
+                if self._events.overflowed:
+                    raise EventTooLarge
+            rest = self._events.rest()
+            if rest.strip():
+                forwarded = self.dialect.event(self.state, rest + b"\n\n")
                 if forwarded is not None:
                     yield forwarded
             if not self.state.complete and self.state.failure is None:
@@ -141,6 +194,12 @@ class StreamRelay:
                 yield self.dialect.error_event(
                     "The upstream closed the stream before it finished.", code="stream_truncated"
                 )
+        except EventTooLarge:
+            self.state.failure = ("stream_error", "event_too_large")
+            yield self.dialect.error_event(
+                "The upstream sent an event larger than the gateway relays.",
+                code="event_too_large",
+            )
         except httpx.TimeoutException:
             self.state.failure = ("timeout", "stream_read_timeout")
             yield self.dialect.error_event(
@@ -191,52 +250,28 @@ class StreamRelay:
         if self._closed:
             return
         self._closed = True  # before any await: exactly once, whoever gets here first
-        self._finish()
-        # Shielded: a second cancellation must not leave the key taken.
-        await asyncio.shield(self._settle())
-
-    def _finish(self) -> None:
-        # Synchronous on purpose: it must run even when the task is being cancelled.
-        t_end = time.perf_counter()
         state = self.state
-        outcome, error_type = state.failure or ("success", "")
+        usage = state.usage
         ctx = self.ctx
-        record_attempt(
-            ctx,
-            attempt=self.attempt,
-            deployment=self.deployment,
-            key=self.key,
-            outcome=outcome,
-            error_type=error_type,
-            status_code=self.upstream.status_code,
-            t_start=self.t_start,
-            t_end=t_end,
-            overhead_ms=self.overhead_ms + self.busy * 1000,
-            usage=state.usage,
-            completion_text=None
-            if state.usage is not None and state.usage.reported
-            else self.dialect.streamed_text(state),
+        # Recorded (synchronously, before its first await) and settled by the attempt; the
+        # settle is shielded there, so a second cancellation cannot leave the key taken.
+        text = None if usage is not None and usage.reported else self.dialect.streamed_text(state)
+        await self.attempt.finish(
+            _verdict(state.failure),
+            usage=usage,
+            completion_text=text,
+            completion_chars=state.full_length(text) if text is not None else None,
             ttft_ms=ctx.ms_since_start(state.first_token_at) if state.first_token_at else None,
             ttlt_ms=ctx.ms_since_start(state.last_token_at) if state.last_token_at else None,
+            extra_overhead_ms=self.busy * 1000,
         )
 
-    async def _settle(self) -> None:
-        failure = self.state.failure
-        outcome = failure[0] if failure else "success"
-        if outcome == "client_disconnected":
-            health = Health.CLIENT_ERROR  # says nothing about the key
-        elif outcome == "success":
-            health = Health.SUCCESS
-        else:
-            health = Health.UPSTREAM_ERROR
-        try:
-            await key_settle(
-                self.key.key_id,
-                self.upstream,
-                health=health,
-                policy=self.deployment.provider.policy,
-                headroom=self.dialect.headroom(self.upstream.headers),
-                error_type=failure[1] if failure else None,
-            )
-        except Exception:
-            logger.warning("could not settle key state after stream %s", self.ctx.request_id)
+
+def _verdict(failure: tuple[str, str] | None) -> Verdict:
+    """How a stream that reached the client ended. Never retried, whatever happened."""
+    if failure is None:
+        return SUCCESS
+    outcome, error_type = failure
+    # A client that hung up says nothing about the key; anything else the upstream did does.
+    health = Health.CLIENT_ERROR if outcome == "client_disconnected" else Health.UPSTREAM_ERROR
+    return Verdict(outcome, health, Next.DONE, error_type)

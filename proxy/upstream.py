@@ -6,15 +6,22 @@ created them, hence the loop in the cache key: tests and `async_to_sync` run oth
 
 Tests inject an `httpx.MockTransport` with `set_transport_factory`; everything else goes through
 the real network stack to the configured base URL.
+
+A shared client must not carry state from one call to the next: it keeps no cookies (a
+`Set-Cookie` answered to one client's call, with one organisation's key, would otherwise be
+sent with everyone's calls on that base URL), follows no redirects and ignores environment
+proxies.
 """
 
 from __future__ import annotations
 
 import asyncio
+import http.cookiejar
 import itertools
 import math
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 from django.conf import settings
@@ -84,6 +91,40 @@ def _network_transport() -> httpx.AsyncBaseTransport:
     return pools[0] if shards == 1 else ShardedTransport(pools)
 
 
+class _NoCookies(http.cookiejar.DefaultCookiePolicy):
+    """Refuses to keep any cookie, so none is ever sent back."""
+
+    def set_ok(self, cookie: http.cookiejar.Cookie, request: Any) -> bool:
+        return False
+
+    def return_ok(self, cookie: http.cookiejar.Cookie, request: Any) -> bool:
+        return False
+
+
+def _cookieless_jar() -> http.cookiejar.CookieJar:
+    return http.cookiejar.CookieJar(policy=_NoCookies())
+
+
+class ResponseTooLarge(Exception):
+    """An upstream answer larger than the gateway will hold in memory."""
+
+
+async def read_bounded(response: httpx.Response, limit: int) -> bytes:
+    """The body of a streamed response, refusing to hold more than `limit` bytes of it (after
+    decompression, so a compressed bomb is caught too)."""
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ResponseTooLarge
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > limit:
+            raise ResponseTooLarge
+        parts.append(chunk)
+    return b"".join(parts)
+
+
 def upstream_client(base_url: str) -> httpx.AsyncClient:
     loop = asyncio.get_running_loop()
     cache_key = (id(loop), base_url)
@@ -95,6 +136,7 @@ def upstream_client(base_url: str) -> httpx.AsyncClient:
         transport=_transport_factory() if _transport_factory else _network_transport(),
         trust_env=False,
         follow_redirects=False,
+        cookies=_cookieless_jar(),
     )
     with _lock:
         _clients[cache_key] = (loop, client)

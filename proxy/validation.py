@@ -10,13 +10,14 @@ itself relies on is checked; the upstream checks the rest.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest
 
-from proxy.errors import ProxyError
+from proxy.errors import ProxyError, invalid_body
 
 # (message, code, param) -> the error to raise: 422 on the OpenAI endpoint, 400 on Anthropic's,
 # each as its own API answers.
@@ -38,26 +39,62 @@ def json_body_doc(*, required: list[str], properties: dict[str, Any]) -> dict[st
 
 
 def body_load(request: HttpRequest, *, invalid: Invalid) -> dict[str, Any]:
-    raw = request.body
-    if len(raw) > settings.LLMROTATE_MAX_REQUEST_BYTES:
-        raise ProxyError(
-            413,
-            f"Request body is larger than {settings.LLMROTATE_MAX_REQUEST_BYTES} bytes.",
-            type="invalid_request_error",
-            code="request_too_large",
-        )
+    try:
+        raw = request.body
+    except RequestDataTooBig:
+        raw = None
+    if raw is None or len(raw) > settings.LLMROTATE_MAX_REQUEST_BYTES:
+        raise body_too_large()
     try:
         body = json.loads(raw)
+    except RecursionError:
+        raise _too_deep() from None
     except ValueError as exc:
-        raise ProxyError(
-            400,
-            f"The request body is not valid JSON: {exc}.",
-            type="invalid_request_error",
-            code="invalid_json",
+        raise invalid_body(
+            f"The request body is not valid JSON: {exc}.", code="invalid_json"
         ) from None
     if not isinstance(body, dict):
         raise invalid("The request body must be a JSON object.", "invalid_type", None)
+    limit = settings.LLMROTATE_MAX_JSON_DEPTH
+    # Counting brackets is fast and usually settles it: fewer of them than the limit cannot
+    # nest deeper. (Brackets inside strings only make the count err on the safe side.)
+    if raw.count(b"{") + raw.count(b"[") > limit and _depth_exceeds(body, limit):
+        raise _too_deep()
     return body
+
+
+def body_too_large() -> ProxyError:
+    return ProxyError(
+        413,
+        f"Request body is larger than {settings.LLMROTATE_MAX_REQUEST_BYTES} bytes.",
+        type="invalid_request_error",
+        code="request_too_large",
+    )
+
+
+def _too_deep() -> ProxyError:
+    return invalid_body(
+        f"The request body nests arrays and objects more than"
+        f" {settings.LLMROTATE_MAX_JSON_DEPTH} levels deep.",
+        code="too_deep",
+    )
+
+
+def _depth_exceeds(value: object, limit: int) -> bool:
+    """Whether `value` nests arrays and objects more than `limit` deep (the top one is 1).
+    Iterative: recursion is what a deep body is built to break."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children: Iterable[object] = (
+            item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        )
+        containers = [c for c in children if isinstance(c, dict | list)]
+        if containers:
+            if depth >= limit:
+                return True
+            stack.extend((c, depth + 1) for c in containers)
+    return False
 
 
 def _code(value: object) -> str:

@@ -2,18 +2,23 @@
 
 The records table grows to millions of rows: no full result count, filters on low-cardinality
 columns only, and searches on indexed (or prefix-friendly) columns.
+
+The one write on records: accepting usage that was flagged as implausible, which puts its
+tokens and cost into the rollups (and so into the dashboards and /api/usage).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.db import transaction
+from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from usage.models import CallRecord, ModelPrice
 from usage.pricing import price_overrides_invalidate
+from usage.rollups import flagged_usage_accept
 
 
 @admin.register(CallRecord)
@@ -34,12 +39,28 @@ class CallRecordAdmin(admin.ModelAdmin):
         "ttft_ms",
         "cost_usd",
     )
-    list_filter = ("outcome", "provider", "stream", "usage_source")
+    list_filter = ("outcome", "provider", "stream", "usage_source", "usage_flagged")
     search_fields = ("request_id", "key_id", "client", "requested_model")
     date_hierarchy = "started_at"
     # COUNT(*) over millions of rows on every page view is the slow part of a changelist.
     show_full_result_count = False
     list_per_page = 100
+    actions = ("accept_flagged_usage",)
+
+    @admin.action(
+        description="Accept flagged usage (add its tokens and cost to the totals)",
+        permissions=["accept_usage"],
+    )
+    def accept_flagged_usage(self, request: HttpRequest, queryset: QuerySet[CallRecord]) -> None:
+        ids = queryset.filter(usage_flagged=True).values_list("pk", flat=True)
+        accepted = flagged_usage_accept(record_ids=ids)
+        self.message_user(
+            request, f"Accepted the usage of {accepted} flagged call record(s).", messages.SUCCESS
+        )
+
+    def has_accept_usage_permission(self, request: HttpRequest) -> bool:
+        # Records are otherwise read-only for everyone; this changes what every total shows.
+        return bool(request.user.is_active and request.user.has_perm("usage.change_callrecord"))
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

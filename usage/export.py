@@ -20,6 +20,7 @@ from asgiref.sync import sync_to_async
 from django.db import connection
 
 from usage.filters import UsageFilters
+from usage.models import CallRecord
 from usage.record_selectors import RECORD_FIELDS, usage_export_rows
 from usage.timeframes import TimeFrame
 
@@ -33,6 +34,16 @@ _DATETIME_COLUMNS = frozenset(
     i for i, name in enumerate(RECORD_FIELDS) if name in ("started_at", "finished_at")
 )
 _COST_COLUMN = RECORD_FIELDS.index("cost_usd")
+# A spreadsheet runs a cell that starts with one of these as a formula, and error codes,
+# client and route names come from upstreams and clients. OWASP's advice for CSV: prefix such
+# a text cell with a quote. https://owasp.org/www-community/attacks/CSV_Injection
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+TEXT_FIELDS = frozenset(
+    name
+    for name in RECORD_FIELDS
+    if CallRecord._meta.get_field(name).get_internal_type() in ("CharField", "TextField")
+)
+_TEXT_COLUMNS = frozenset(i for i, name in enumerate(RECORD_FIELDS) if name in TEXT_FIELDS)
 
 
 def _plain(row: tuple[Any, ...]) -> list[Any]:
@@ -46,17 +57,50 @@ def _plain(row: tuple[Any, ...]) -> list[Any]:
     return values
 
 
+class _CsvWriter:
+    """csv.writer for the export: rows end in "\n" as COPY's do; a text cell that starts like a
+    formula gets a quote in front; a cell holding a bare "\r" is quoted, as COPY does (Python's
+    csv before 3.11.9 leaves it bare, and a spreadsheet starts a new row there)."""
+
+    def __init__(self) -> None:
+        self.buffer = io.StringIO()
+        self._writer = csv.writer(self.buffer, lineterminator="\n")
+        # With "\r\n" ending its rows, csv quotes every field holding a "\r" on any Python.
+        self._cr_buffer = io.StringIO()
+        self._cr_writer = csv.writer(self._cr_buffer, lineterminator="\r\n")
+
+    def writerow(self, values: list[Any]) -> None:
+        bare_cr = False
+        for i in _TEXT_COLUMNS:
+            value = values[i]
+            if isinstance(value, str):
+                if value.startswith(FORMULA_STARTS):
+                    values[i] = "'" + value
+                bare_cr = bare_cr or "\r" in value
+        if not bare_cr:
+            self._writer.writerow(values)
+            return
+        self._cr_writer.writerow(values)
+        self.buffer.write(self._cr_buffer.getvalue()[:-2] + "\n")
+        self._cr_buffer.seek(0)
+        self._cr_buffer.truncate()
+
+    def take(self) -> str:
+        text = self.buffer.getvalue()
+        self.buffer.seek(0)
+        self.buffer.truncate()
+        return text
+
+
 def _csv_chunks(chunks: Iterable[list[tuple[Any, ...]]]) -> Iterator[str]:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(RECORD_FIELDS)
+    out = _CsvWriter()
+    out.writerow(list(RECORD_FIELDS))
     for chunk in chunks:
-        writer.writerows(_plain(row) for row in chunk)
-        yield buffer.getvalue()
-        buffer.seek(0)
-        buffer.truncate()
-    if buffer.tell():
-        yield buffer.getvalue()
+        for row in chunk:
+            out.writerow(_plain(row))
+        yield out.take()
+    if text := out.take():
+        yield text
 
 
 def _json_objects(chunks: Iterable[list[tuple[Any, ...]]]) -> Iterator[list[str]]:

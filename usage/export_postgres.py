@@ -18,12 +18,18 @@ from typing import Any
 
 from django.db import connection
 
+from usage.export import FORMULA_STARTS, TEXT_FIELDS
 from usage.filters import UsageFilters
 from usage.record_selectors import RECORD_FIELDS, record_conditions
 from usage.timeframes import TimeFrame
 
 CHUNK_ROWS = 10_000
 _TIMESTAMPS = ("started_at", "finished_at")
+_BOOLEANS = ("stream", "usage_flagged")
+# E'' literals: tab and CR written as escapes, not as raw control characters in the SQL.
+_FORMULA_STARTS_SQL = ", ".join(
+    "E'" + char.encode("unicode_escape").decode() + "'" for char in FORMULA_STARTS
+)
 
 
 def _columns(*, for_json: bool) -> str:
@@ -31,8 +37,15 @@ def _columns(*, for_json: bool) -> str:
     for name in RECORD_FIELDS:
         if name in _TIMESTAMPS and not for_json:
             out.append(f"to_json({name}) #>> '{{}}' AS {name}")  # ISO 8601 with a T
-        elif name == "stream" and not for_json:
-            out.append("CASE WHEN stream THEN 'True' ELSE 'False' END AS stream")
+        elif name in _BOOLEANS and not for_json:
+            # As Python writes them on the other path, not Postgres' t/f.
+            out.append(f"CASE WHEN {name} THEN 'True' ELSE 'False' END AS {name}")
+        elif name in TEXT_FIELDS and not for_json:
+            # As usage.export's writer does on the other path (OWASP's advice for CSV).
+            out.append(
+                f"CASE WHEN left({name}, 1) IN ({_FORMULA_STARTS_SQL}) THEN '''' || {name}"
+                f" ELSE {name} END AS {name}"
+            )
         elif name == "cost_usd":
             out.append("cost_usd::text AS cost_usd")  # a string in JSON too: all 10 decimals
         else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 from django.db import models
+from django.db.models import Q
 
 
 class Outcome(models.TextChoices):
@@ -23,11 +24,14 @@ class Outcome(models.TextChoices):
     BAD_RESPONSE = "bad_response", "bad upstream response"
     STREAM_ERROR = "stream_error", "stream failed midway"
     CLIENT_DISCONNECTED = "client_disconnected", "client disconnected"
+    GATEWAY_ERROR = "gateway_error", "gateway error (a bug: see the log)"
 
 
 class UsageSource(models.TextChoices):
     REPORTED = "reported", "reported by upstream"
     ESTIMATED = "estimated", "estimated (tiktoken)"
+    # Counted on samples of a text too long to tokenize whole, scaled to its full length.
+    EXTRAPOLATED = "extrapolated", "estimated from a sample"
     NONE = "none", "none"
 
 
@@ -57,6 +61,9 @@ class CallRecord(models.Model):
     usage_source = models.CharField(
         max_length=16, choices=UsageSource.choices, default=UsageSource.NONE
     )
+    # Reported usage beyond what the request could have used (usage.pricing.usage_implausible):
+    # kept with its cost, but left out of the rollups until an operator accepts it (admin).
+    usage_flagged = models.BooleanField(default=False)
 
     # Milliseconds, measured from when the proxy received the request.
     latency_ms = models.FloatField(default=0)
@@ -75,6 +82,10 @@ class CallRecord(models.Model):
             models.Index(fields=["client", "started_at"], name="call_client_time"),
             models.Index(fields=["started_at", "id"], name="call_time_id"),
             models.Index(fields=["requested_model", "started_at"], name="call_model_time"),
+            # The admin's "flagged" filter: a handful of rows among millions.
+            models.Index(
+                fields=["started_at", "id"], condition=Q(usage_flagged=True), name="call_flagged"
+            ),
         ]
 
     def __str__(self) -> str:

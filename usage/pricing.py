@@ -1,4 +1,4 @@
-"""What one upstream call cost, in USD.
+"""What one upstream call cost, in USD, and whether its reported usage is plausible at all.
 
 Two sources, in order: the `ModelPrice` override table (admin-editable: self-hosted models,
 negotiated rates, models newer than the installed genai-prices), then genai-prices, whose data
@@ -23,6 +23,7 @@ from decimal import Decimal
 from functools import lru_cache
 
 import genai_prices
+from django.conf import settings
 
 from usage.models import ModelPrice
 
@@ -160,3 +161,59 @@ def _genai_knows(provider_id: str | None, model: str) -> bool:
         )
         return False
     return True
+
+
+# --- plausibility ---------------------------------------------------------------------------
+
+
+def usage_implausible(
+    *,
+    provider_kind: str,
+    model: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    total_tokens: int,
+    cached_tokens: int,
+    reasoning_tokens: int,
+    max_output_tokens: int | None,
+) -> str | None:
+    """Why reported usage cannot be true for this request, or None when it can.
+
+    An upstream (or a relay in front of it) that reports 2**31 - 1 tokens would otherwise be
+    billed and charted as such. The bounds: the model's context window where genai-prices knows
+    it (else LLMROTATE_MAX_PLAUSIBLE_TOKENS), and the output limit the client asked for. Both
+    get 10 % + 16 tokens of slack: servers differ in what they count (an end-of-turn token, a
+    chat template), and a false alarm costs an operator's click while a miss skews every total.
+    """
+    used = max(prompt_tokens + completion_tokens, total_tokens, cached_tokens, reasoning_tokens)
+    window = _context_window(_GENAI_PROVIDER_IDS.get(provider_kind), model)
+    if window is not None:
+        if used > _with_slack(window):
+            return f"{used} tokens exceed the model's context window of {window}"
+    else:
+        ceiling = settings.LLMROTATE_MAX_PLAUSIBLE_TOKENS
+        if used > ceiling:
+            return f"{used} tokens exceed LLMROTATE_MAX_PLAUSIBLE_TOKENS ({ceiling})"
+    output = max(completion_tokens, reasoning_tokens)
+    if max_output_tokens and max_output_tokens > 0 and output > _with_slack(max_output_tokens):
+        return f"{output} output tokens exceed the request's limit of {max_output_tokens}"
+    return None
+
+
+def _with_slack(limit: int) -> int:
+    return limit + limit // 10 + 16
+
+
+@lru_cache(maxsize=1024)
+def _context_window(provider_id: str | None, model: str) -> int | None:
+    """The model's context window in tokens per genai-prices, or None if it does not say."""
+    if not _genai_knows(provider_id, model):
+        return None
+    try:
+        found = genai_prices.calc_price(
+            genai_prices.Usage(), model_ref=model, provider_id=provider_id
+        )
+    except LookupError:  # pragma: no cover - _genai_knows said yes
+        return None
+    window = found.model.context_window
+    return window if isinstance(window, int) and window > 0 else None

@@ -3,8 +3,14 @@ background thread writes them to the database in batches.
 
 Why a thread and not the event loop: the proxy's hot path must never wait on the database, and
 Django's ORM is synchronous. `record_call` only appends to a deque under a lock (microseconds);
-pricing, token estimates, the JSON log line and the write all happen in the flusher thread,
-which has its own database connection (Django connections are per thread).
+pricing, the JSON log line and the write all happen in the flusher thread, which has its own
+database connection (Django connections are per thread).
+
+Token estimates (calls whose upstream reported no usage) have a thread of their own, which
+hands each record to the flusher once its counts are filled: an estimate takes up to tens of
+milliseconds, and a burst of them must not hold back the writes of every other record. `flush`
+waits for the estimates recorded before it; `stop` hands those still queued to the flusher,
+which estimates them itself (bounded, see usage/tokens.py) on its way out.
 
 Nothing is dropped. A failed write keeps its batch in memory and is retried with exponential
 backoff; past LLMROTATE_RECORD_BUFFER_MAX records the oldest are spooled to fsync'd JSONL files
@@ -31,7 +37,7 @@ from django.conf import settings
 from django.db import close_old_connections, connection, connections, transaction
 
 from usage.models import CallRecord, UsageSource
-from usage.pricing import call_cost
+from usage.pricing import call_cost, usage_implausible
 from usage.rollups import rollups_upsert
 from usage.spool import (
     Row,
@@ -41,7 +47,7 @@ from usage.spool import (
     spool_replay_file,
     spool_write,
 )
-from usage.tokens import estimate_prompt_tokens, estimate_tokens
+from usage.tokens import estimate_prompt_tokens, estimate_text_tokens
 
 logger = logging.getLogger(__name__)
 usage_logger = logging.getLogger("llmrotate.usage")
@@ -72,6 +78,7 @@ class CallData:
     cached_tokens: int = 0
     reasoning_tokens: int = 0
     usage_source: str = UsageSource.NONE
+    usage_flagged: bool = False
     latency_ms: float = 0.0
     ttft_ms: float | None = None
     ttlt_ms: float | None = None
@@ -81,18 +88,25 @@ class CallData:
     # Never persisted. provider_kind (openai | anthropic | openai_compatible) picks the price
     # list; cache_write_tokens (Anthropic's cache_creation_input_tokens, part of prompt_tokens)
     # are priced above plain input; estimate is (prompt text, completion text), set only when
-    # the upstream reported no usage, tokenized by the flusher and then discarded: text is
-    # never stored or logged.
+    # the upstream reported no usage, tokenized by the recorder and then discarded: text is
+    # never stored or logged. estimate_chars is the full length in characters of (prompt,
+    # completion) when the proxy kept only part of those texts (None: they are whole), so the
+    # estimate scales to it. max_output_tokens is the client's output limit (max_tokens,
+    # max_completion_tokens), against which reported usage is checked.
     provider_kind: str = ""
     cache_write_tokens: int = 0
     estimate: tuple[str, str] | None = None
+    estimate_chars: tuple[int, int] | None = None
+    max_output_tokens: int | None = None
 
     def __repr__(self) -> str:
         # The dataclass repr would include the estimate's prompt text.
         return f"CallData({self.request_id}#{self.attempt} {self.outcome})"
 
 
-_NOT_PERSISTED = frozenset({"provider_kind", "cache_write_tokens", "estimate"})
+_NOT_PERSISTED = frozenset(
+    {"provider_kind", "cache_write_tokens", "estimate", "estimate_chars", "max_output_tokens"}
+)
 PERSISTED_FIELDS: tuple[str, ...] = tuple(
     f.name for f in fields(CallData) if f.name not in _NOT_PERSISTED
 )
@@ -112,23 +126,37 @@ def _write_batch(
         rollups_upsert(records=records)
 
 
+def call_estimate(data: CallData) -> None:
+    """Fill the token counts the upstream did not report from `data.estimate`, and drop the
+    text. Tokenizes at most LLMROTATE_ESTIMATE_MAX_CHARS characters of each text."""
+    if data.estimate is None:
+        return
+    prompt_text, completion_text = data.estimate
+    prompt_chars, completion_chars = data.estimate_chars or (0, 0)
+    data.estimate = data.estimate_chars = None  # drop the text as early as possible
+    max_chars = settings.LLMROTATE_ESTIMATE_MAX_CHARS
+    try:
+        sampled = False
+        if not data.prompt_tokens:
+            prompt = estimate_prompt_tokens(prompt_text, length=prompt_chars, max_chars=max_chars)
+            data.prompt_tokens, sampled = prompt.tokens, prompt.sampled
+        if not data.completion_tokens:
+            completion = estimate_text_tokens(
+                completion_text, length=completion_chars, max_chars=max_chars
+            )
+            data.completion_tokens = completion.tokens
+            sampled = sampled or completion.sampled
+        data.total_tokens = data.prompt_tokens + data.completion_tokens
+        data.usage_source = UsageSource.EXTRAPOLATED if sampled else UsageSource.ESTIMATED
+    except Exception:
+        logger.warning("token estimate failed for %s", data.request_id, exc_info=True)
+
+
 def call_prepare(data: CallData, *, log: bool = True) -> Row:
-    """Fill estimates and cost, log the JSON line (once per record, before any write), and
-    return the row to insert. The seeding command uses it too, so seeded data is priced the
-    way real traffic is."""
-    if data.estimate is not None:
-        prompt_text, completion_text = data.estimate
-        data.estimate = None  # drop the text as early as possible
-        try:
-            if not data.prompt_tokens:
-                data.prompt_tokens = estimate_prompt_tokens(prompt_text)
-            if not data.completion_tokens:
-                data.completion_tokens = estimate_tokens(completion_text)
-            data.total_tokens = data.prompt_tokens + data.completion_tokens
-            data.usage_source = UsageSource.ESTIMATED
-        except Exception:
-            logger.warning("token estimate failed for %s", data.request_id, exc_info=True)
-        del prompt_text, completion_text
+    """Fill estimates and cost, flag implausible usage, log the JSON line (once per record,
+    before any write), and return the row to insert. The seeding command uses it too, so
+    seeded data is priced the way real traffic is."""
+    call_estimate(data)  # normally done already, on the estimator thread
     if not data.total_tokens:
         data.total_tokens = data.prompt_tokens + data.completion_tokens
     if data.cost_usd is None and (data.prompt_tokens or data.completion_tokens):
@@ -144,19 +172,56 @@ def call_prepare(data: CallData, *, log: bool = True) -> Row:
             )
         except Exception:
             logger.warning("pricing failed for %s", data.request_id, exc_info=True)
+    if data.usage_source == UsageSource.REPORTED:
+        _flag_implausible_usage(data)
     row = row_fit_to_columns({name: getattr(data, name) for name in PERSISTED_FIELDS})
     if log and usage_logger.isEnabledFor(logging.INFO):
         usage_logger.info(row_to_json(row))
     return row
 
 
-class Recorder:
-    """A thread-safe buffer with one flusher thread. See the module docstring.
+def _flag_implausible_usage(data: CallData) -> None:
+    model = data.upstream_model or data.requested_model
+    try:
+        reason = usage_implausible(
+            provider_kind=data.provider_kind,
+            model=model,
+            prompt_tokens=data.prompt_tokens,
+            completion_tokens=data.completion_tokens,
+            total_tokens=data.total_tokens,
+            cached_tokens=data.cached_tokens,
+            reasoning_tokens=data.reasoning_tokens,
+            max_output_tokens=data.max_output_tokens,
+        )
+    except Exception:
+        logger.warning("usage plausibility check failed for %s", data.request_id, exc_info=True)
+        return
+    if reason is None:
+        return
+    data.usage_flagged = True
+    logger.warning(
+        "implausible usage flagged, kept out of the rollups until accepted in the admin: "
+        "request %s attempt %d model %r prompt_tokens=%d completion_tokens=%d total_tokens=%d "
+        "(%s)",
+        data.request_id,
+        data.attempt,
+        model,
+        data.prompt_tokens,
+        data.completion_tokens,
+        data.total_tokens,
+        reason,
+    )
 
-    Locking: `_lock` guards the deque, the thread handle and the flush handshake, and is held
-    only for O(1) work so the hot path never waits behind a write. `_work_lock` serialises the
-    writers (the flusher, or a caller flushing inline at interpreter exit) and guards
-    `_pending`, the backoff state and the spool, so a batch is never written twice.
+
+class Recorder:
+    """A thread-safe buffer with one flusher thread and one estimator thread. See the module
+    docstring.
+
+    Locking: `_lock` guards both deques, the thread handles, the estimate counters and the
+    flush handshake, and is held only for O(1) work so the hot path never waits behind a write
+    or an estimate. `_work_lock` serialises the writers (the flusher, or a caller flushing
+    inline at interpreter exit) and guards `_pending`, the backoff state and the spool, so a
+    batch is never written twice.
     """
 
     def __init__(
@@ -177,10 +242,17 @@ class Recorder:
         self._thread: threading.Thread | None = None
         self._exit = False
         self._wake = threading.Event()
-        self._flush_cond = threading.Condition(self._lock)
+        self._flush_cond = threading.Condition(self._lock)  # also: each estimate handed over
         self._flush_requested = 0
         self._flush_done = 0
         self._flush_ok = False
+        # Records waiting for a token estimate; `_estimates_done` catches up with
+        # `_estimates_queued` as each reaches the buffer, which is what flush() waits for.
+        self._estimates: deque[CallData] = deque()
+        self._estimator: threading.Thread | None = None
+        self._estimate_cond = threading.Condition(self._lock)
+        self._estimates_queued = 0
+        self._estimates_done = 0
 
         self._work_lock = threading.Lock()
         self._pending: list[Row] = []  # prepared and logged, not yet committed
@@ -190,9 +262,24 @@ class Recorder:
     # --- called from any thread -------------------------------------------------------------
 
     def record(self, data: CallData) -> None:
+        if data.estimate is not None:
+            with self._lock:
+                if self._estimator is not None or self._start_estimator_locked() is not None:
+                    self._estimates.append(data)
+                    self._estimates_queued += 1
+                    # All: a retiring estimator may be waiting too, and would just leave.
+                    self._estimate_cond.notify_all()
+                    return
+            # No thread can start (interpreter exit): the flusher estimates it itself.
+        self._enqueue(data)
+
+    def _enqueue(self, data: CallData, *, estimated: bool = False) -> None:
         with self._lock:
             self._buffer.append(data)
             size = len(self._buffer)
+            if estimated:
+                self._estimates_done += 1
+                self._flush_cond.notify_all()
             if self._thread is None:
                 self._start_locked()
         if size >= self._batch_size or size > self._buffer_max:
@@ -205,6 +292,8 @@ class Recorder:
         itself runs on the flusher thread (so this is safe where the ORM is not, e.g. next to
         an event loop). True when it all committed."""
         deadline = time.monotonic() + timeout
+        if not self._await_estimates(deadline):
+            return False
         delay = 0.1
         while True:
             with self._lock:
@@ -232,20 +321,38 @@ class Recorder:
             )
             return self._flush_done >= target and self._flush_ok
 
+    def _await_estimates(self, deadline: float) -> bool:
+        """Wait until every estimate queued before this call has reached the buffer."""
+        with self._lock:
+            target = self._estimates_queued
+            return self._flush_cond.wait_for(
+                lambda: self._estimates_done >= target,
+                timeout=max(0.0, deadline - time.monotonic()),
+            )
+
     def stop(self, timeout: float = 10) -> bool:
-        """Flush, then end the flusher thread. Idempotent; a later `record` starts a new one.
+        """Flush, then end the threads. Idempotent; a later `record` starts new ones.
 
         Whatever could not be written within `timeout` is spooled to disk, not lost. True when
         everything reached the database."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            estimator = self._retire_estimator_locked()
+        estimated = True
+        if estimator is not None:
+            # It finishes the record in hand (bounded work) and hands it over.
+            estimator.join(timeout)
+            estimated = not estimator.is_alive()
+        timeout = max(0.1, deadline - time.monotonic())
         with self._lock:
             thread = self._thread
         if thread is None:
             # Nothing to do unless records arrived while no thread could start (interpreter
             # exit); then write them here. Spool files are left for the next start.
             if not self.backlog:
-                return True
-            return self._flush_inline(time.monotonic() + timeout, spool_rest=True)
-        ok = self.flush(timeout)
+                return estimated
+            return self._flush_inline(time.monotonic() + timeout, spool_rest=True) and estimated
+        ok = self.flush(timeout) and estimated
         with self._lock:
             # The exit pass reports like a flush: it writes (or spools) the last records.
             self._exit = self._thread is thread
@@ -262,7 +369,8 @@ class Recorder:
     @property
     def backlog(self) -> int:
         """Records held in memory, not yet committed (spooled files not counted)."""
-        return len(self._buffer) + len(self._pending)
+        estimating = self._estimates_queued - self._estimates_done
+        return estimating + len(self._buffer) + len(self._pending)
 
     def _start_locked(self) -> threading.Thread | None:
         thread = threading.Thread(target=self._run, name="llmrotate-recorder", daemon=True)
@@ -271,6 +379,53 @@ class Recorder:
         except RuntimeError:  # "can't create new thread at interpreter shutdown"
             return None
         self._thread = thread
+        return thread
+
+    # --- the estimator thread ---------------------------------------------------------------
+
+    def _start_estimator_locked(self) -> threading.Thread | None:
+        thread = threading.Thread(
+            target=self._estimate_loop, name="llmrotate-estimator", daemon=True
+        )
+        try:
+            thread.start()
+        except RuntimeError:  # "can't create new thread at interpreter shutdown"
+            return None
+        self._estimator = thread
+        return thread
+
+    def _estimate_loop(self) -> None:
+        me = threading.current_thread()
+        try:
+            while True:
+                with self._lock:
+                    self._estimate_cond.wait_for(
+                        lambda: self._estimates or self._estimator is not me
+                    )
+                    if self._estimator is not me:
+                        return
+                    data = self._estimates.popleft()
+                try:
+                    call_estimate(data)
+                finally:
+                    self._enqueue(data, estimated=True)
+        finally:
+            with self._lock:
+                if self._estimator is me:  # died of a bug: the flusher estimates the rest
+                    self._retire_estimator_locked()
+
+    def _retire_estimator_locked(self) -> threading.Thread | None:
+        """Detach the estimator thread (it ends after the record in hand) and move what it
+        had not started on to the buffer; a later estimate starts a new thread."""
+        thread, self._estimator = self._estimator, None
+        moved = len(self._estimates)
+        self._buffer.extend(self._estimates)
+        self._estimates.clear()
+        self._estimates_done += moved
+        self._estimate_cond.notify_all()
+        self._flush_cond.notify_all()
+        if moved and self._thread is None:
+            self._start_locked()
         return thread
 
     # --- the flusher thread -----------------------------------------------------------------

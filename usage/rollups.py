@@ -13,6 +13,10 @@ deadlock; a failed batch is retried by the recorder anyway.
 
 Columns that are zero are sent as NULL (see the note in usage/models.py), so additive columns
 merge as COALESCE(old + new, old, new), and min/max keep whichever side is not NULL.
+
+A record whose reported usage was flagged as implausible (CallRecord.usage_flagged) counts as a
+call, with its outcome and timings, but adds no tokens and no cost until an operator accepts
+it: `flagged_usage_accept` then adds exactly those.
 """
 
 from __future__ import annotations
@@ -20,9 +24,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
+from functools import reduce
+from operator import or_
 from typing import Any
 
-from django.db import connection
+from django.db import connection, transaction
+from django.db.models import F, Q, Value
+from django.db.models.functions import Coalesce
 
 from usage.histograms import METRICS
 from usage.models import (
@@ -69,6 +77,9 @@ _OUTCOME_INDEX = {outcome: _INDEX[column] for outcome, column in OUTCOME_COLUMNS
 _TOKEN_INDEX = tuple((name, _INDEX[name]) for name in TOKEN_COLUMNS[:5])
 _REPORTED, _ESTIMATED = _INDEX["reported_tokens"], _INDEX["estimated_tokens"]
 _COST = _INDEX["cost_e10"]
+# What a flagged record leaves out until accepted: every token column and the cost.
+_USAGE_COLUMNS = (*TOKEN_COLUMNS, "cost_e10")
+_ESTIMATED_SOURCES = frozenset({UsageSource.ESTIMATED, UsageSource.EXTRAPOLATED})
 # Per metric: (record field, index of its count column, index of its first bin, the Metric).
 _METRIC_SLOTS = tuple(
     (m.name, _INDEX[f"{m.prefix}_count"], _INDEX[f"{m.prefix}_h00"], m) for m in METRICS
@@ -83,22 +94,29 @@ def _new_acc() -> Acc:
     return [0] * _N_ADD + [None] * (2 * _N_METRICS)
 
 
+def _key(r: CallRecord) -> Key:
+    started = int(r.started_at.timestamp())
+    ok = r.outcome == Outcome.SUCCESS.value
+    return (started - started % 60, r.provider, r.requested_model, r.key_id, r.client,
+            bool(r.stream), ok)  # fmt: skip
+
+
+def _add_usage(acc: Acc, r: CallRecord) -> None:
+    for name, index in _TOKEN_INDEX:
+        acc[index] += getattr(r, name) or 0
+    if r.usage_source in _ESTIMATED_SOURCES:
+        acc[_ESTIMATED] += r.total_tokens or 0
+    elif r.usage_source == UsageSource.REPORTED:
+        acc[_REPORTED] += r.total_tokens or 0
+    if r.cost_usd is not None:
+        acc[_COST] += int(Decimal(r.cost_usd) * _COST_FACTOR)
+
+
 def rollups_aggregate(records: Iterable[CallRecord]) -> dict[Key, Acc]:
     """Sum records into per-minute accumulators keyed by (minute epoch, *dimensions)."""
     out: dict[Key, Acc] = {}
-    success = Outcome.SUCCESS.value
     for r in records:
-        started = int(r.started_at.timestamp())
-        ok = r.outcome == success
-        key = (
-            started - started % 60,
-            r.provider,
-            r.requested_model,
-            r.key_id,
-            r.client,
-            bool(r.stream),
-            ok,
-        )
+        key = _key(r)
         acc = out.get(key)
         if acc is None:
             acc = out[key] = _new_acc()
@@ -106,14 +124,8 @@ def rollups_aggregate(records: Iterable[CallRecord]) -> dict[Key, Acc]:
         slot = _OUTCOME_INDEX.get(r.outcome)
         if slot is not None:
             acc[slot] += 1
-        for name, index in _TOKEN_INDEX:
-            acc[index] += getattr(r, name) or 0
-        if r.usage_source == UsageSource.ESTIMATED:
-            acc[_ESTIMATED] += r.total_tokens or 0
-        elif r.usage_source == UsageSource.REPORTED:
-            acc[_REPORTED] += r.total_tokens or 0
-        if r.cost_usd is not None:
-            acc[_COST] += int(Decimal(r.cost_usd) * _COST_FACTOR)
+        if not r.usage_flagged:
+            _add_usage(acc, r)
         for position, (field, count_index, bin_index, metric) in enumerate(_METRIC_SLOTS):
             value = getattr(r, field)
             if value is None:
@@ -164,6 +176,50 @@ def rollups_upsert(*, records: Sequence[CallRecord]) -> None:
     else:
         for model, level_rows in levels:
             _upsert_sqlite(model, level_rows)
+
+
+def flagged_usage_accept(*, record_ids: Iterable[int]) -> int:
+    """Clear the flag of these records and add their tokens and cost (nothing else: their
+    calls and timings were counted when they were written) to every rollup resolution, in one
+    transaction. Records not flagged (any more) are skipped, so accepting twice adds once.
+    Returns how many were accepted."""
+    with transaction.atomic():
+        # Locked, and re-read under the lock on Postgres: a concurrent accept of the same
+        # records waits here, then finds them no longer flagged.
+        records = list(
+            CallRecord.objects.select_for_update()
+            .filter(pk__in=list(record_ids), usage_flagged=True)
+            .order_by("pk")
+        )
+        if not records:
+            return 0
+        CallRecord.objects.filter(pk__in=[r.pk for r in records]).update(usage_flagged=False)
+        rows: dict[Key, Acc] = {}
+        for r in records:
+            _add_usage(rows.setdefault(_key(r), _new_acc()), r)
+        for model, seconds in RESOLUTIONS:
+            if seconds != 60:
+                rows = rollups_coarsen(rows, seconds=seconds)
+            where = {key: _bucket_q(key) for key in rows}
+            # Lock the rows in the writers' order (the database's, collation included) so a
+            # concurrent batch touching the same buckets cannot deadlock with this.
+            locking = model._default_manager.select_for_update().filter(reduce(or_, where.values()))
+            list(locking.order_by("bucket_start", *ROLLUP_DIMENSIONS).values_list("pk"))
+            for key, acc in rows.items():
+                added = {
+                    c: Coalesce(F(c), Value(0)) + acc[_INDEX[c]]
+                    for c in _USAGE_COLUMNS
+                    if acc[_INDEX[c]]
+                }
+                # An update, not an upsert: a bucket missing now was pruned, and stays so.
+                if added:
+                    model._default_manager.filter(where[key]).update(**added)
+    return len(records)
+
+
+def _bucket_q(key: Key) -> Q:
+    dimensions = dict(zip(ROLLUP_DIMENSIONS, key[1:], strict=True))
+    return Q(bucket_start=datetime.fromtimestamp(key[0], UTC), **dimensions)
 
 
 # --- SQL --------------------------------------------------------------------------------------

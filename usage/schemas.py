@@ -120,7 +120,9 @@ class TokensOut(Schema):
     cached: int = Field(description="Prompt tokens served from the provider's cache.")
     reasoning: int = Field(description="Reasoning tokens (part of completion).")
     reported: int = Field(description="Total tokens of calls whose usage the upstream reported.")
-    estimated: int = Field(description="Total tokens of calls whose usage was estimated.")
+    estimated: int = Field(
+        description="Total tokens of calls whose usage was estimated (or extrapolated)."
+    )
 
 
 class MetricStatsOut(Schema):
@@ -225,7 +227,15 @@ class RecordOut(Schema):
     total_tokens: int
     cached_tokens: int
     reasoning_tokens: int
-    usage_source: str = Field(description="reported, estimated or none.")
+    usage_source: str = Field(
+        description="reported (by the upstream), estimated (tokenized here), extrapolated "
+        "(tokenized on a sample of a long text, scaled to its length) or none."
+    )
+    usage_flagged: bool = Field(
+        description="The reported usage is implausible for the request (over the model's "
+        "context window or the request's output limit): left out of the usage totals until "
+        "an operator accepts it."
+    )
     latency_ms: float
     ttft_ms: float | None
     ttlt_ms: float | None = Field(description="Time to last token, ms (streams).")

@@ -73,6 +73,7 @@ FAILURES: tuple[tuple[str, float, int | None, str, bool], ...] = (
     (Outcome.BAD_RESPONSE, 0.001, 200, "invalid_json", True),
     (Outcome.QUOTA_EXHAUSTED, 0.001, 429, "insufficient_quota", True),
     (Outcome.AUTH_FAILED, 0.0005, 401, "invalid_api_key", True),
+    (Outcome.GATEWAY_ERROR, 0.0005, None, "gateway_error", False),
 )
 STREAM_FAILURES: tuple[tuple[str, float], ...] = (
     (Outcome.STREAM_ERROR, 0.003),
@@ -195,6 +196,9 @@ class TrafficGenerator:
             data.latency_ms = rng.lognormvariate(math.log(90), 0.6)
             return
         prompt = int(rng.lognormvariate(math.log(700), 1.0)) + 5
+        if embedding:
+            # Within the embedding model's input window: more would be flagged implausible.
+            prompt = min(prompt, 8191)
         completion = 0 if embedding else int(rng.lognormvariate(math.log(220), 0.9)) + 1
         ttft = rng.lognormvariate(math.log(450 if data.stream else 600), 0.5)
         tps = rng.lognormvariate(math.log(70), 0.4)

@@ -1,6 +1,7 @@
-"""Dashboard views: staff only, thin. A page renders its panels (panels.py); a panel URL renders
-one panel again for HTMX polling; the request view shows one request's failover path; the key
-action view runs the admin's disable / enable / reset on one key."""
+"""Dashboard views: staff with the monitoring permission only, thin. A page renders its panels
+(panels.py); a panel URL renders one panel again for HTMX polling; the request view shows one
+request's failover path; the key action view runs the admin's disable / enable / reset on one
+key."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
+from keys.auth import MONITOR_PERMISSION
 from keys.models import ApiKey
 from keys.services import HEALTH_ACTIONS, api_key_health_action
 from llmrotate_site.dashboard.panels import PANELS
@@ -45,13 +47,16 @@ def _is_staff(request: HttpRequest) -> bool:
 
 
 def dashboard_view(view: View) -> View:
-    """Staff only, with the admin's login page. A poll that finds the session gone sends the
-    whole tab to the login page (HX-Redirect) instead of swapping the login form into a
-    panel."""
+    """Staff with MONITOR_PERMISSION only, with the admin's login page. A poll that finds the
+    session gone sends the whole tab to the login page (HX-Redirect) instead of swapping the
+    login form into a panel. Staff without the permission get a 403, pages and polls alike:
+    the login page would only send them back here."""
     protected = staff_member_required(view)
 
     @wraps(view)
     def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if _is_staff(request) and not request.user.has_perm(MONITOR_PERMISSION):
+            raise PermissionDenied
         if request.headers.get("HX-Request") and not _is_staff(request):
             # Back to the page the poll came from (its path and query, never another host).
             page = urlsplit(request.headers.get("HX-Current-URL", ""))

@@ -47,6 +47,28 @@ def test_it_refuses_users_who_are_not_staff(client: Client) -> None:
     assert client.get("/dashboard/")["Location"].startswith("/admin/login/")
 
 
+def staff_user(username: str, *permissions: str) -> User:
+    user = User.objects.create_user(username, password="pw", is_staff=True)
+    user.user_permissions.add(*Permission.objects.filter(codename__in=permissions))
+    return user
+
+
+def test_staff_need_the_view_call_record_permission_for_pages_and_polls(client: Client) -> None:
+    clerk = staff_user("clerk", "view_apikey")
+    client.force_login(clerk)
+    poll_headers = {"HX-Request": "true", "HX-Current-URL": "http://testserver/dashboard/"}
+    for url in PAGE_URLS:
+        assert client.get(url).status_code == 403, url
+    poll = client.get("/dashboard/panels/summary/", headers=poll_headers)
+    assert poll.status_code == 403
+    assert "HX-Redirect" not in poll
+
+    clerk.user_permissions.add(Permission.objects.get(codename="view_callrecord"))
+    for url in PAGE_URLS:
+        assert client.get(url).status_code == 200, url
+    assert client.get("/dashboard/panels/summary/", headers=poll_headers).status_code == 200
+
+
 def test_a_poll_after_the_session_ended_sends_the_tab_to_the_login_page(client: Client) -> None:
     response = client.get(
         "/dashboard/panels/summary/",
@@ -182,11 +204,11 @@ def test_the_key_actions_call_the_admin_service(staff: Client) -> None:
 
 def test_the_key_actions_need_the_change_permission(client: Client) -> None:
     ApiKeyFactory(key_id="k1")
-    viewer = User.objects.create_user("viewer", password="pw", is_staff=True)
-    viewer.user_permissions.add(Permission.objects.get(codename="view_apikey"))
-    client.force_login(viewer)
+    client.force_login(staff_user("viewer", "view_apikey", "view_callrecord"))
     assert _post_action(client, "k1", "disable").status_code == 403
-    assert "Disable</button>" not in client.get("/dashboard/keys/").content.decode()
+    keys_page = client.get("/dashboard/keys/")
+    assert keys_page.status_code == 200
+    assert "Disable</button>" not in keys_page.content.decode()
 
 
 def test_the_key_actions_need_a_csrf_token() -> None:

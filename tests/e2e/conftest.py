@@ -114,8 +114,8 @@ class GatewayThread:
 
 async def _close_loop_resources() -> None:
     """Close what the server's loop opened and would otherwise leak past it: the Redis client
-    of this loop and the database connections of asgiref's thread and the gateway's (which would keep Postgres
-    from dropping the test database)."""
+    of this loop, and the database connections of asgiref's thread and of the gateway's own
+    (which would keep Postgres from dropping the test database)."""
     from asgiref.sync import sync_to_async
     from django.db import connections
 

@@ -279,3 +279,36 @@ def test_from_dict_tolerates_missing_and_garbage_fields() -> None:
     state = KeyState.from_dict({"status": "bogus", "total_successes": "x", "cooldown_until": ""})
     assert state == KeyState()
     assert KeyState.from_dict({}) == KeyState()
+
+
+def test_a_retry_after_longer_than_the_maximum_wait_is_cut_to_it() -> None:
+    policy = KeyPolicy(jitter_ratio=0.0, max_wait_seconds=3600)
+    for wait in (99_999_999_999, 1e308):
+        state = hit(KeyState(), Outcome.RATE_LIMITED, retry_after=wait, policy=policy)
+        assert state.cooldown_until == NOW + 3600
+        exhausted = hit(KeyState(), Outcome.QUOTA_EXHAUSTED, retry_after=wait, policy=policy)
+        assert exhausted.exhausted_until == NOW + max(3600, policy.exhausted_seconds)
+
+
+def test_a_long_run_of_429s_never_overflows_the_backoff() -> None:
+    state = KeyState(consecutive_rate_limits=5000)
+    policy = KeyPolicy(jitter_ratio=0.0, cooldown_seconds=30.5)
+    state = hit(state, Outcome.RATE_LIMITED, policy=policy)
+    assert state.cooldown_until == NOW + policy.max_cooldown_seconds
+
+
+def test_a_timer_beyond_anything_the_policy_sets_is_rechecked_not_trusted() -> None:
+    # Stored before waits were clamped: a 429 that said "come back in 10,000 years".
+    state = KeyState(status=KeyStatus.COOLDOWN, cooldown_until=NOW + 3e11)
+    assert not needs_recheck(state, NOW)  # without its policy, nothing to compare to
+    assert needs_recheck(state, NOW, policy=POLICY)
+    checked = apply_recheck(state, ok=True, now=NOW, policy=POLICY)
+    assert checked.status == KeyStatus.PROBING
+    assert checked.cooldown_until <= NOW
+    assert is_available(checked, now=NOW)
+
+
+def test_an_ordinary_cooldown_is_not_rechecked() -> None:
+    state = hit(KeyState(), Outcome.RATE_LIMITED, retry_after=600)
+    assert not needs_recheck(state, NOW, policy=POLICY)
+    assert apply_recheck(state, ok=True, now=NOW, policy=POLICY).status == KeyStatus.COOLDOWN

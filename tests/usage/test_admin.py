@@ -7,7 +7,7 @@ from decimal import Decimal
 
 import pytest
 from django.contrib import admin
-from django.contrib.auth.models import AnonymousUser, User
+from django.contrib.auth.models import AnonymousUser, Permission, User
 from django.test import RequestFactory
 
 from usage.admin import CallRecordAdmin, ModelPriceAdmin
@@ -58,3 +58,15 @@ def test_saving_a_price_override_applies_it_after_the_commit(
     for callback in callbacks:
         callback()
     assert invalidated == [True]
+
+
+@pytest.mark.django_db
+def test_flagged_records_have_a_filter_and_only_users_who_may_change_records_accept_them() -> None:
+    model_admin = admin.site._registry[CallRecord]
+    assert "usage_flagged" in model_admin.list_filter
+    staff = User.objects.create_user("staff", is_staff=True)
+    operator = User.objects.create_user("operator", is_staff=True)
+    operator.user_permissions.add(Permission.objects.get(codename="change_callrecord"))
+    operator = User.objects.get(pk=operator.pk)  # permissions are cached per instance
+    assert "accept_flagged_usage" not in model_admin.get_actions(request_as(staff))  # type: ignore[arg-type]
+    assert "accept_flagged_usage" in model_admin.get_actions(request_as(operator))  # type: ignore[arg-type]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from django.contrib.auth.models import User
+from django.contrib.auth.models import Permission, User
 from django.test import Client
 from django.utils import timezone
 
@@ -59,8 +59,12 @@ def test_it_accepts_a_monitor_token(api: Client, path: str) -> None:
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_it_accepts_a_staff_session(client: Client, path: str) -> None:
-    client.force_login(User.objects.create_user("staff", is_staff=True))
+def test_it_accepts_a_staff_session_with_the_monitoring_permission(
+    client: Client, path: str
+) -> None:
+    staff = User.objects.create_user("staff", is_staff=True)
+    staff.user_permissions.add(Permission.objects.get(codename="view_callrecord"))
+    client.force_login(staff)
     assert client.get(path).status_code == 200
 
 

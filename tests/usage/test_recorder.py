@@ -19,7 +19,7 @@ import usage.recorder as recorder_module
 from tests.usage.conftest import make_call, wait_until
 from usage.models import CallRecord, UsageSource
 from usage.recorder import PERSISTED_FIELDS, CallData, Recorder, record_call
-from usage.tokens import estimate_prompt_tokens, estimate_tokens
+from usage.tokens import estimate_tokens
 
 PROMPT = "user: What is the capital of France? Answer in one sentence."
 COMPLETION = "Paris is the capital of France."
@@ -27,13 +27,15 @@ COMPLETION = "Paris is the capital of France."
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def test_call_data_carries_exactly_the_call_record_columns_plus_three_private_fields() -> None:
+def test_call_data_carries_exactly_the_call_record_columns_plus_five_private_fields() -> None:
     columns = {f.name for f in CallRecord._meta.concrete_fields} - {"id"}
     assert set(PERSISTED_FIELDS) == columns
     assert {f.name for f in fields(CallData)} - columns == {
         "provider_kind",
         "cache_write_tokens",
         "estimate",
+        "estimate_chars",
+        "max_output_tokens",
     }
 
 
@@ -46,23 +48,27 @@ def test_record_call_does_no_database_work_on_the_calling_thread(recorder: Recor
     assert CallRecord.objects.count() == 50
 
 
-def test_pricing_and_token_estimates_run_on_the_flusher_thread(
+def test_pricing_runs_on_the_flusher_thread_and_token_estimates_on_the_estimator(
     recorder: Recorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    seen: list[str] = []
+    seen: list[tuple[str, str]] = []
 
-    def spy(real: Callable[..., object]) -> Callable[..., object]:
+    def spy(name: str, real: Callable[..., object]) -> Callable[..., object]:
         def wrapper(*args: object, **kwargs: object) -> object:
-            seen.append(threading.current_thread().name)
+            seen.append((name, threading.current_thread().name))
             return real(*args, **kwargs)
 
         return wrapper
 
-    monkeypatch.setattr(recorder_module, "call_cost", spy(recorder_module.call_cost))
-    monkeypatch.setattr(recorder_module, "estimate_tokens", spy(estimate_tokens))
+    for name in ("call_cost", "estimate_prompt_tokens", "estimate_text_tokens"):
+        monkeypatch.setattr(recorder_module, name, spy(name, getattr(recorder_module, name)))
     record_call(make_call(estimate=(PROMPT, COMPLETION)))
     assert recorder.flush()
-    assert seen and set(seen) == {"llmrotate-recorder"}
+    assert sorted(seen) == [
+        ("call_cost", "llmrotate-recorder"),
+        ("estimate_prompt_tokens", "llmrotate-estimator"),
+        ("estimate_text_tokens", "llmrotate-estimator"),
+    ]
 
 
 def test_record_call_returns_at_once_while_a_database_write_hangs(
@@ -181,7 +187,7 @@ def test_a_missing_usage_is_estimated_off_the_hot_path_and_the_text_is_not_kept(
     assert recorder.flush()
 
     row = CallRecord.objects.get()
-    assert row.prompt_tokens == estimate_prompt_tokens(PROMPT) > 0
+    assert row.prompt_tokens == estimate_tokens(PROMPT) > 0
     assert row.completion_tokens == estimate_tokens(COMPLETION) > 0
     assert row.total_tokens == row.prompt_tokens + row.completion_tokens
     assert row.usage_source == UsageSource.ESTIMATED

@@ -111,8 +111,9 @@ def test_a_forked_child_does_not_write_its_parents_buffer(
     assert fresh.backlog == 0
 
 
-def test_an_interpreter_exit_flushes_what_is_buffered(tmp_path: Path) -> None:
-    """A real process that records a call and exits without stopping anything."""
+def test_an_interpreter_exit_flushes_what_is_buffered_and_estimating(tmp_path: Path) -> None:
+    """A real process that records two calls (one to estimate) and exits without stopping
+    anything."""
     env = {
         **os.environ,
         "LLMROTATE_DATA_DIR": str(tmp_path),
@@ -132,9 +133,14 @@ def test_an_interpreter_exit_flushes_what_is_buffered(tmp_path: Path) -> None:
         now = datetime.now(UTC)
         record_call(CallData(request_id="at-exit", started_at=now, finished_at=now,
                              requested_model="m", outcome="success"))
+        record_call(CallData(request_id="estimated", started_at=now, finished_at=now,
+                             requested_model="m", outcome="success",
+                             estimate=("hello", "world " * 10_000)))
         """
     )
     subprocess.run([python, "-c", script], cwd=cwd, env=env, check=True, timeout=60)
     with sqlite3.connect(tmp_path / "exit.sqlite3") as db:
-        rows = db.execute("select request_id from usage_callrecord").fetchall()
-    assert rows == [("at-exit",)]
+        rows = db.execute(
+            "select request_id, completion_tokens > 0 from usage_callrecord order by request_id"
+        ).fetchall()
+    assert rows == [("at-exit", 0), ("estimated", 1)]

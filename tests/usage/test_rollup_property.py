@@ -39,6 +39,7 @@ calls = st.fixed_dictionaries(
         "prompt_tokens": st.integers(0, 5000),
         "completion_tokens": st.integers(0, 2000),
         "usage_source": st.sampled_from(list(UsageSource)),
+        "usage_flagged": st.booleans(),  # flagged usage stays out of tokens and cost
         "latency_ms": st.floats(1, 200_000),
         "ttft_ms": st.none() | st.floats(10, 20_000),
         "overhead_ms": st.floats(0, 500),
@@ -108,12 +109,15 @@ def test_rollup_aggregates_equal_raw_aggregates(
     assert stats.calls == len(raw)
     assert stats.successes == sum(r.outcome == Outcome.SUCCESS for r in raw)
     assert stats.errors_by_type == dict(Counter(r.outcome for r in raw if r.outcome != "success"))
-    assert stats.tokens.prompt == sum(r.prompt_tokens for r in raw)
-    assert stats.tokens.total == sum(r.total_tokens for r in raw)
+    counted = [r for r in raw if not r.usage_flagged]
+    assert stats.tokens.prompt == sum(r.prompt_tokens for r in counted)
+    assert stats.tokens.total == sum(r.total_tokens for r in counted)
     assert stats.tokens.estimated == sum(
-        r.total_tokens for r in raw if r.usage_source == UsageSource.ESTIMATED
+        r.total_tokens
+        for r in counted
+        if r.usage_source in (UsageSource.ESTIMATED, UsageSource.EXTRAPOLATED)
     )
-    assert stats.cost_usd == sum((Decimal(r.cost_usd) for r in raw if r.cost_usd), Decimal(0))
+    assert stats.cost_usd == sum((Decimal(r.cost_usd) for r in counted if r.cost_usd), Decimal(0))
     by_name = {m.name: m for m in METRICS}
     for metric, figures in (
         (by_name["latency_ms"], stats.duration), (by_name["ttft_ms"], stats.ttft),
@@ -171,4 +175,6 @@ def test_timeseries_buckets_equal_raw_counts(
             if _matches(r, whole, f) and b.start <= r.started_at < b.start + size
         ]  # fmt: skip
         assert b.totals.calls == len(inside)
-        assert b.totals.tokens.completion == sum(r.completion_tokens for r in inside)
+        assert b.totals.tokens.completion == sum(
+            r.completion_tokens for r in inside if not r.usage_flagged
+        )

@@ -49,6 +49,18 @@ def test_one_batch_fills_minute_hour_and_day_rows() -> None:
     assert (day.latency_min, day.latency_max) == (100, 300)
 
 
+def test_extrapolated_usage_counts_as_estimated_tokens() -> None:
+    write_calls(
+        [
+            call(started_at=T, prompt_tokens=7, usage_source=UsageSource.ESTIMATED),
+            call(started_at=T, prompt_tokens=1000, usage_source=UsageSource.EXTRAPOLATED),
+        ]
+    )
+    for model in (MinuteRollup, HourRollup, DayRollup):
+        row = model.objects.get()
+        assert (row.estimated_tokens, row.reported_tokens, row.total_tokens) == (1007, None, 1007)
+
+
 def test_zero_counters_are_stored_as_null() -> None:
     write_calls([call(started_at=T)])
     row = MinuteRollup.objects.get()

@@ -1,4 +1,5 @@
-"""Token estimates: cl100k_base from the wheel, offline; a rough fallback if that fails."""
+"""Token estimates: cl100k_base from the wheel, offline; a rough fallback if that fails; long
+texts counted on samples of bounded size."""
 
 from __future__ import annotations
 
@@ -10,7 +11,30 @@ import tiktoken
 import tiktoken.registry
 
 import usage.tokens as tokens
-from usage.tokens import estimate_prompt_tokens, estimate_tokens
+from usage.tokens import estimate_prompt_tokens, estimate_text_tokens, estimate_tokens
+
+WORDS = "the quick brown fox jumps over the lazy dog. "
+
+
+class CountingEncoder:
+    """The real encoder, counting the characters it is given."""
+
+    def __init__(self) -> None:
+        encoder = tokens._get_encoder()
+        assert encoder is not None
+        self.real = encoder
+        self.chars = 0
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        self.chars += len(text)
+        return self.real.encode_ordinary(text)
+
+
+@pytest.fixture
+def counting_encoder(monkeypatch: pytest.MonkeyPatch) -> CountingEncoder:
+    encoder = CountingEncoder()
+    monkeypatch.setattr(tokens, "_encoder", encoder)
+    return encoder
 
 
 @pytest.fixture
@@ -32,7 +56,41 @@ def test_special_token_text_in_a_prompt_is_counted_not_rejected() -> None:
 
 def test_a_prompt_is_counted_on_the_text_the_proxy_gives() -> None:
     text = "system: You are terse.\nuser: Say hi."
-    assert estimate_prompt_tokens(text) == estimate_tokens(text) > 0
+    assert estimate_prompt_tokens(text, max_chars=1000) == (estimate_tokens(text), False)
+    assert estimate_tokens(text) > 0
+
+
+def test_a_text_within_the_cap_is_counted_whole() -> None:
+    text = WORDS * 10
+    assert estimate_text_tokens(text, max_chars=len(text)) == (estimate_tokens(text), False)
+
+
+def test_a_text_over_the_cap_is_tokenized_up_to_the_cap_and_scaled_to_its_length(
+    counting_encoder: CountingEncoder,
+) -> None:
+    text = WORDS * 20_000  # 900,000 characters, 200,000 tokens
+    estimate = estimate_text_tokens(text, max_chars=4096)
+    assert counting_encoder.chars <= 4096
+    assert estimate.sampled
+    assert abs(estimate.tokens - 200_000) / 200_000 < 0.02
+
+
+def test_a_long_run_of_one_character_at_the_start_does_not_decide_the_estimate() -> None:
+    # A quarter of one repeated character (about 8 characters a token), then prose (about 4.5):
+    # judged by a prefix, the whole text would look like the run.
+    text = "a" * 200_000 + WORDS * 13_334
+    exact = estimate_tokens(text)
+    estimate = estimate_text_tokens(text, max_chars=8192)
+    assert abs(estimate.tokens - exact) / exact < 0.1
+
+
+def test_a_text_the_proxy_cut_is_scaled_to_the_length_it_had(
+    counting_encoder: CountingEncoder,
+) -> None:
+    kept = WORDS * 10
+    estimate = estimate_text_tokens(kept, length=len(kept) * 1000, max_chars=65536)
+    assert estimate == (estimate_tokens(kept) * 1000, True)
+    assert counting_encoder.chars == 2 * len(kept)  # the estimate, and the comparison
 
 
 def test_the_encoding_loads_without_the_network(

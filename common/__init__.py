@@ -1,0 +1,1 @@
+"""What every layer of the gateway may use: no models, not a Django app, imports nothing of ours."""
