@@ -380,6 +380,26 @@ class AsgiResult:
     sent: list[str]
 
 
+def asgi_scope(
+    path: str, *, method: str = "POST", headers: tuple[tuple[bytes, bytes], ...] = ()
+) -> dict[str, Any]:
+    """The HTTP scope uvicorn would pass for a JSON request from 127.0.0.1 (host first)."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"testserver"), (b"content-type", b"application/json"), *headers],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }
+
+
 async def asgi_request(
     path: str,
     *,
@@ -396,25 +416,10 @@ async def asgi_request(
     from llmrotate_site.asgi import application
 
     gone = hang_up or asyncio.Event()
-    scope: dict[str, Any] = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [
-            (b"host", host),
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            *headers,
-        ],
-        "client": ("127.0.0.1", 50000),
-        "server": ("testserver", 80),
-    }
+    scope = asgi_scope(
+        path, method=method, headers=((b"content-length", str(len(body)).encode()), *headers)
+    )
+    scope["headers"][0] = (b"host", host)
     messages: list[dict[str, Any]] = []
     received = False
 

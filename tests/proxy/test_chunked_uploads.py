@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from django.test import override_settings
 
-from tests.proxy.conftest import Gateway
+from tests.proxy.conftest import Gateway, asgi_scope
 
 pytestmark = pytest.mark.asyncio
 LIMIT = 64 * 1024
@@ -36,26 +36,8 @@ async def upload(
 
     result = Upload()
     total = -(-size // CHUNK)
-    scope: dict[str, Any] = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        # No content-length: the client streams the body (Transfer-Encoding: chunked).
-        "headers": [
-            (b"host", b"testserver"),
-            (b"content-type", b"application/json"),
-            (b"transfer-encoding", b"chunked"),
-            *headers,
-        ],
-        "client": ("127.0.0.1", 50000),
-        "server": ("testserver", 80),
-    }
+    # No content-length: the client streams the body (Transfer-Encoding: chunked).
+    scope = asgi_scope(path, method=method, headers=((b"transfer-encoding", b"chunked"), *headers))
 
     async def receive() -> dict[str, Any]:
         if result.chunks_read < total:
