@@ -36,6 +36,7 @@ fake-upstream: $(VENV)/.base-$(HASH)
 lint: $(VENV)/.dev-$(HASH)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 	$(BIN)/mypy .
 
 # Embedded default: SQLite, key state in process, no Redis.

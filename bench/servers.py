@@ -154,7 +154,7 @@ class Stack:
         # Port 0: the fake binds a free port itself and prints it, so there is no race.
         child = self.spawn(
             "fake-upstream",
-            [PYTHON, "-m", "proxy.fake_upstream", "--host", "127.0.0.1", "--port", "0"],
+            [PYTHON, "-m", "fake_upstream", "--host", "127.0.0.1", "--port", "0"],
             cpu=cpu,
         )
         pattern = re.compile(r"listening on (http://\S+)")

@@ -5,9 +5,9 @@ from __future__ import annotations
 from django.http import HttpRequest
 from ninja import Router, Schema
 
+from common.errors import AUTH_ERRORS
 from healthchecks.selectors import EndpointHealth, endpoint_health_report
 from keys.auth import monitor_auth
-from proxy.error_schemas import AUTH_ERRORS
 
 router = Router(tags=["Health checks"])
 

@@ -21,8 +21,8 @@ import redis
 from django.db import transaction
 from redis.exceptions import WatchError
 
+from common.redaction import base_url_masked
 from healthchecks.breaker import BreakerState
-from keys.crypto import base_url_masked
 
 T = TypeVar("T")
 # fn(stored state) -> (new state, anything the caller wants back)

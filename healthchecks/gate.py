@@ -33,17 +33,18 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from django.conf import settings
 
+from common.background import spawn
+from common.db import run_outside_request
+from common.redaction import base_url_masked
 from healthchecks import breaker
 from healthchecks.breaker import BreakerPolicy, BreakerState, BreakerStatus, Window
 from healthchecks.breaker_store import Transition, get_breaker_store, reset_breaker_store
-from keys.crypto import base_url_masked
-from llmrotate_site.db import run_outside_request
+from healthchecks.breakers import breaker_announce, breaker_policy
 
 logger = logging.getLogger("llmrotate.health")
 T = TypeVar("T")
@@ -74,7 +75,6 @@ class BreakerGate:
         self._refreshing = False
         self._warned_at = float("-inf")
         # The loop keeps only weak references to tasks; a collected task never runs.
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._claiming: set[str] = set()  # endpoints whose trial this process is claiming
         # One thread, so that announcements keep the order of the changes they report.
         self._announcer = concurrent.futures.ThreadPoolExecutor(
@@ -172,7 +172,7 @@ class BreakerGate:
             except Exception as exc:
                 self._warn("cannot update the breaker store", exc)
 
-        self._spawn(write())
+        spawn(write())
 
     async def _apply(
         self, endpoint: str, fn: Transition[T], *, now: float
@@ -181,19 +181,17 @@ class BreakerGate:
             return get_breaker_store().update(endpoint, fn)
 
         # On the gateway's database thread, as the routing snapshot's reloads: this may run
-        # after the request that decided it has ended (llmrotate_site.db says why that matters).
+        # after the request that decided it has ended (common.db says why that matters).
         before, after, extra = await run_outside_request(update)
         with self._lock:
             self._states[endpoint] = after
         if breaker.transitions(before, after, now=now):
-            self._spawn(self._announce(endpoint, before=before, after=after, now=now))
+            spawn(self._announce(endpoint, before=before, after=after, now=now))
         return after, extra
 
     async def _announce(
         self, endpoint: str, *, before: BreakerState, after: BreakerState, now: float
     ) -> None:
-        from healthchecks.services import breaker_announce
-
         # Not on asgiref's shared thread either: the database reads of other requests queue
         # there, and would wait for the broker too.
         try:
@@ -213,7 +211,7 @@ class BreakerGate:
             return
         self._refreshing = True
         if self._loaded:
-            self._spawn(self._refresh())
+            spawn(self._refresh())
         else:
             await self._refresh()  # the process's first request: nothing to serve stale yet
 
@@ -237,11 +235,6 @@ class BreakerGate:
                     loaded[endpoint] = local
             self._states = loaded
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     def _warn(self, what: str, exc: Exception) -> None:
         moment = time.monotonic()
         if moment - self._warned_at >= _WARN_EVERY_SECONDS:
@@ -252,8 +245,6 @@ class BreakerGate:
 @functools.cache
 def get_breaker_gate() -> BreakerGate:
     """This process's gate. First called on the event loop, so never built twice."""
-    from healthchecks.services import breaker_policy
-
     return BreakerGate(
         policy=breaker_policy(), sync_seconds=settings.LLMROTATE_BREAKER_SYNC_SECONDS
     )

@@ -11,7 +11,7 @@ from django.core.validators import MinValueValidator
 from django.db import models
 from django.utils import timezone
 
-from keys.crypto import base_url_masked
+from common.redaction import base_url_masked
 
 
 class ProbeKind(models.TextChoices):

@@ -25,8 +25,8 @@ from urllib.parse import urlsplit
 import httpx
 from django.conf import settings
 
+from common.redaction import base_url_masked
 from healthchecks.signals import endpoint_health_changed
-from keys.crypto import base_url_masked
 
 logger = logging.getLogger("llmrotate.health")
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import httpx
 import icmplib
 
+from common import upstream
 from healthchecks.models import ProbeStatus
-from proxy import upstream
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def classify_http_error(exc: Exception) -> ProbeResult:
 
 
 def _transport() -> httpx.AsyncBaseTransport | None:
-    """The transport tests inject for every upstream call (proxy.upstream's factory), or
+    """The transport tests inject for every upstream call (common.upstream's factory), or
     None for httpx's own, over the network."""
     factory = upstream._transport_factory
     return factory() if factory else None

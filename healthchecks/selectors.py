@@ -19,19 +19,19 @@ from django.db import connection
 from django.db.models import CharField, Count, Expression, Q, Sum
 from django.db.models.functions import Cast, Substr, Trunc
 
+from common.redaction import base_url_masked
+from common.timeframes import TimeFrame
 from common.timestamps import datetime_from_epoch
 from healthchecks import breaker
 from healthchecks.breaker import BreakerState, BreakerStatus
 from healthchecks.breaker_store import get_breaker_store
 from healthchecks.models import Endpoint, HealthEvent, ProbeKind, ProbeStatus
-from keys.crypto import base_url_masked
 from keys.models import Provider
-from usage.timeframes import TimeFrame
 
 
 @dataclass(frozen=True)
 class EndpointHealth:
-    endpoint: str  # the base URL as fit to show (keys.crypto.base_url_masked)
+    endpoint: str  # the base URL as fit to show (common.redaction.base_url_masked)
     providers: list[str]
     healthy: bool  # in routing: breaker closed and not down (a degraded endpoint is healthy)
     health: str  # unknown, up, degraded (pings fail, HTTP answers) or down

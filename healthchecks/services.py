@@ -7,7 +7,6 @@ a single schedule entry.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import time
@@ -21,14 +20,18 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from common.redaction import base_url_masked
+from common.upstream import upstream_headers
 from healthchecks import breaker
-from healthchecks.breaker import BreakerPolicy, BreakerState, BreakerStatus
+from healthchecks.breaker import BreakerState, BreakerStatus
 from healthchecks.breaker_store import Transition, get_breaker_store
+from healthchecks.breakers import breaker_announce, breaker_policy
 from healthchecks.models import Endpoint, HealthEvent, ProbeKind
 from healthchecks.notify import health_change_notify
 from healthchecks.probes import ProbeResult, http_probe, ping_probe
-from keys.crypto import base_url_masked
+from keys.crypto import SecretError
 from keys.models import ApiKey, Provider
+from keys.secrets import api_key_resolve_secret
 
 logger = logging.getLogger("llmrotate.health")
 T = TypeVar("T")
@@ -39,45 +42,11 @@ PING_TIMEOUT_SECONDS = 2.0
 _PRUNE_BATCH = 5000
 
 
-def breaker_policy() -> BreakerPolicy:
-    return BreakerPolicy(
-        open_seconds=settings.LLMROTATE_BREAKER_OPEN_SECONDS,
-        max_open_seconds=settings.LLMROTATE_BREAKER_MAX_OPEN_SECONDS,
-        window_seconds=settings.LLMROTATE_BREAKER_WINDOW_SECONDS,
-        min_calls=settings.LLMROTATE_BREAKER_MIN_CALLS,
-        failure_rate=settings.LLMROTATE_BREAKER_FAILURE_RATE,
-    )
-
-
 def breaker_apply(*, endpoint: str, fn: Transition[T], now: float) -> tuple[BreakerState, T]:
     """Run one transition in the shared store and announce every status it passed through."""
     before, after, extra = get_breaker_store().update(endpoint, fn)
     breaker_announce(endpoint=endpoint, before=before, after=after, now=now)
     return after, extra
-
-
-def breaker_announce(
-    *, endpoint: str, before: BreakerState, after: BreakerState, now: float
-) -> None:
-    """Notify each status a transition passed through (the proxy calls this off the request
-    path, after `get_breaker_store().update`: see healthchecks.gate)."""
-    steps = breaker.transitions(before, after, now=now)
-    lapsed = breaker.effective(before, now=now)
-    for previous, current in itertools.pairwise(steps):
-        if current == BreakerStatus.HALF_OPEN and before.status == BreakerStatus.OPEN:
-            # Half-open happened when the open period ran out, not when someone noticed: so
-            # dated, the notifications sort in the order things happened.
-            reason, at = "the open period is over", min(now, lapsed.changed_at)
-        else:
-            reason, at = after.reason, now
-        health_change_notify(
-            endpoint=endpoint,
-            event=f"breaker.{current}",
-            previous=previous,
-            current=current,
-            reason=reason,
-            now=at,
-        )
 
 
 def breaker_reset(*, endpoint: str) -> BreakerState:
@@ -154,11 +123,6 @@ def probes_dispatch(*, send: Callable[[int, str], None]) -> int:
 
 def _probe_headers(base_url: str) -> dict[str, str]:
     """Authentication with one of the endpoint's keys (the first usable by priority)."""
-    from keys.crypto import SecretError
-    from keys.services import api_key_resolve_secret
-    from llmrotate_site.logging import register_secret
-    from proxy.dialects import upstream_headers
-
     keys = ApiKey.objects.filter(
         enabled=True, provider__enabled=True, provider__base_url__in=[base_url, base_url + "/"]
     ).select_related("provider")
@@ -167,7 +131,6 @@ def _probe_headers(base_url: str) -> dict[str, str]:
             secret = api_key_resolve_secret(api_key=key)
         except SecretError:
             continue
-        register_secret(secret)  # masked in any log line, should a library print it
         return upstream_headers(key.provider.kind, secret, stream=False)
     return {}
 

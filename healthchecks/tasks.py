@@ -1,4 +1,4 @@
-"""Celery tasks: thin adapters over healthchecks.services (and proxy.recheck for keys).
+"""Celery tasks: thin adapters over healthchecks.services (and healthchecks.key_recheck for keys).
 
 The beat schedule that runs the periodic ones is in llmrotate_site/beat.py.
 """
@@ -40,12 +40,12 @@ def health_events_prune() -> int:
 
 @shared_task(name="healthchecks.keys_revalidate", ignore_result=True)
 def keys_revalidate() -> int:
-    from proxy.recheck import keys_revalidate_blocking
+    from healthchecks.key_recheck import keys_revalidate_blocking
 
     if not settings.REDIS_URL:
         # Embedded mode keeps key state inside the web process, out of this worker's sight;
         # the web process runs the same re-validation itself, on this task's beat entry
-        # (proxy/recheck.py keys_revalidate_forever).
+        # (healthchecks/key_recheck.py keys_revalidate_forever).
         logger.debug("key re-validation runs in the web process in embedded mode")
         return 0
     return len(keys_revalidate_blocking())

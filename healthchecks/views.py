@@ -1,84 +1,20 @@
-"""`GET /internal/health` (upstream endpoints) and `GET /healthz` (the gateway itself).
+"""`GET /internal/health`: the upstream endpoints' health (the gateway's own is `/healthz`,
+llmrotate_site.healthz).
 
-Neither needs authentication, like the health pages of the tools they replace: load
-balancers and uptime checkers call them without credentials. They show no secrets: base URLs
-are masked (keys.crypto.base_url_masked), errors are named by their exception class. The same
-endpoint data, behind monitor auth, is `GET /api/health/endpoints`.
+No authentication, like the health pages of the tools it replaces: load balancers and uptime
+checkers call it without credentials. It shows no secrets: base URLs are masked
+(common.redaction.base_url_masked). The same data, behind monitor auth, is
+`GET /api/health/endpoints`.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import os
-from collections.abc import Callable
-
-from django.conf import settings
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.http import require_GET
 
 from healthchecks.selectors import endpoint_health_report
 
-CHECK_TIMEOUT_SECONDS = 1.0
-
 
 @require_GET
 def internal_health(request: HttpRequest) -> JsonResponse:
     return JsonResponse(endpoint_health_report())
-
-
-def _check_database() -> None:
-    from django.db import connections
-
-    try:
-        with connections["default"].cursor() as cursor:
-            cursor.execute("SELECT 1")
-    finally:
-        # This thread is thrown away; its connection must not linger.
-        connections.close_all()
-
-
-def _check_broker() -> None:
-    from llmrotate_site.celery import app
-
-    folder = settings.CELERY_BROKER_TRANSPORT_OPTIONS.get("data_folder_out")
-    if isinstance(folder, str) and not os.access(folder, os.W_OK):
-        raise PermissionError("the broker folder is not writable")
-    with app.connection_for_write() as connection:
-        connection.ensure_connection(max_retries=1, timeout=CHECK_TIMEOUT_SECONDS)
-
-
-def _check_redis() -> None:
-    import redis
-
-    client = redis.Redis.from_url(
-        settings.REDIS_URL,
-        socket_connect_timeout=CHECK_TIMEOUT_SECONDS,
-        socket_timeout=CHECK_TIMEOUT_SECONDS,
-    )
-    try:
-        client.ping()
-    finally:
-        client.close()
-
-
-@require_GET
-def healthz(request: HttpRequest) -> JsonResponse:
-    checks: dict[str, Callable[[], None]] = {"database": _check_database, "broker": _check_broker}
-    if settings.REDIS_URL:
-        checks["redis"] = _check_redis
-    # In parallel, each bounded: a hung dependency costs this request one second, not more.
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(checks))
-    futures = {name: pool.submit(check) for name, check in checks.items()}
-    results: dict[str, str] = {}
-    for name, future in futures.items():
-        try:
-            future.result(timeout=CHECK_TIMEOUT_SECONDS)
-            results[name] = "ok"
-        except concurrent.futures.TimeoutError:
-            results[name] = "timed out"
-        except Exception as exc:
-            results[name] = f"failed: {type(exc).__name__}"
-    pool.shutdown(wait=False)
-    failing = [name for name, result in results.items() if result != "ok"]
-    body = {"status": "fail" if failing else "ok", "checks": results, "failing": failing}
-    return JsonResponse(body, status=503 if failing else 200)

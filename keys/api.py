@@ -13,9 +13,9 @@ from typing import Any
 from django.http import HttpRequest
 from ninja import Field, Router, Schema
 
+from common.errors import AUTH_ERRORS
 from keys import selectors
 from keys.auth import monitor_auth
-from proxy.error_schemas import AUTH_ERRORS
 
 router = Router(tags=["Monitoring"], auth=monitor_auth)
 

@@ -6,7 +6,7 @@ async operations (the proxy) never touch the database on the event loop; ninja a
 for sync operations.
 
 An Anthropic client gets its 401/403 in Anthropic's envelope: llmrotate_site.api renders every
-error of the request in the envelope proxy.errors.anthropic_caller picks.
+error of the request in the envelope common.errors.anthropic_caller picks.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from django.http import HttpRequest
 from ninja.security import APIKeyHeader, HttpBearer
 from ninja.security.base import AuthBase
 
+from common.errors import forbidden, unauthenticated
 from keys.crypto import TOKEN_PREFIX, hash_token, split_token, tokens_match
 from keys.routing import TokenInfo, routing_snapshot
 from keys.services import client_token_lookup_prefix
-from proxy.errors import forbidden, unauthenticated
 
 # What a staff session needs to read the monitoring API and the dashboard (superusers have
 # every permission). Client tokens need the `monitor` scope instead.

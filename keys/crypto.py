@@ -16,7 +16,6 @@ import string
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
@@ -136,81 +135,6 @@ def resolve_reference(ref: str) -> str:
             raise SecretError(f"secret file {path} is empty")
         return value
     raise SecretError("not a secret reference; expected env://NAME or file://path")
-
-
-# ---------------------------------------------------------------------------------------------
-# Masking
-
-_PREFIX_PATTERNS = (
-    re.compile(r"[A-Za-z]+(?:-[A-Za-z0-9]+)?-"),  # sk-proj-, sk-ant-
-    re.compile(r"[A-Za-z]+-"),  # sk-, xai-
-    re.compile(r"[A-Za-z]+_"),  # llmr_, gsk_
-)
-_MAX_PREFIX = 8
-_TAIL = 4
-_MIN_FOR_TAIL = 16
-ELLIPSIS = "…"
-
-
-MASK = "***"
-
-# Query parameters a base URL carries that are configuration, not credentials: shown as they
-# are. Every other value is masked, since a credential can hide under any name (Azure
-# Functions' `code`, a `jwt`, a bare `?s3cret`).
-_PLAIN_PARAMS = frozenset({"api-version", "api_version", "version", "region", "format"})
-
-
-def base_url_masked(url: str) -> str:
-    """A base URL fit to show: userinfo (`https://user:token@host`), every query value but the
-    known-harmless ones (`?api-version=…`), any fragment, and anything in the path shaped like
-    a key or equal to a decrypted secret replaced by a mask, the rest as configured.
-
-    For everything that displays a provider or endpoint URL (API, dashboard, health checks);
-    the URL the gateway calls is never changed.
-    """
-    from llmrotate_site.logging import redact
-
-    try:
-        parts = urlsplit(url)
-    except ValueError:  # an unbalanced [ in the host: nothing can be shown safely
-        return MASK
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = MASK + "@" + netloc.rsplit("@", 1)[1]
-    pairs = []
-    for pair in re.split(r"[&;]", parts.query) if parts.query else []:
-        name, eq, _ = pair.partition("=")
-        if not eq:
-            pairs.append(MASK)  # a bare item is a value without a name
-        elif unquote_plus(name).lower() in _PLAIN_PARAMS:
-            pairs.append(pair)
-        else:
-            pairs.append(f"{name}={MASK}")
-    # A base URL has no use for a fragment; whatever one holds stays out.
-    fragment = MASK if parts.fragment else ""
-    path = redact(parts.path)
-    return urlunsplit((parts.scheme, netloc, path, "&".join(pairs), fragment))
-
-
-def mask_secret(secret: str) -> str:
-    """`sk-proj-…abcd`: the vendor prefix (≤ 8 chars) and the last 4 chars, nothing more."""
-    if not secret:
-        return ""
-    prefix = _vendor_prefix(secret)
-    # Whatever the shape, at least half of the secret stays hidden: short secrets lose the
-    # prefix, and the tail only shows on secrets long enough to keep most of the body hidden.
-    if len(prefix) * 2 > len(secret):
-        prefix = ""
-    show_tail = len(secret) >= _MIN_FOR_TAIL and (len(prefix) + _TAIL) * 2 <= len(secret)
-    return prefix + ELLIPSIS + (secret[-_TAIL:] if show_tail else "")
-
-
-def _vendor_prefix(secret: str) -> str:
-    for pattern in _PREFIX_PATTERNS:
-        match = pattern.match(secret)
-        if match and len(match.group()) <= _MAX_PREFIX:
-            return match.group()
-    return ""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,11 +17,25 @@ from dataclasses import dataclass, field
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
+from common.background import spawn
+from common.db import outside_request, run_outside_request
+from common.redaction import mask_secret
+from keys.crypto import SecretError
 from keys.health import KeyPolicy
-from llmrotate_site.db import outside_request, run_outside_request
-from proxy.errors import ProxyError
+from keys.models import ApiKey, ClientToken, Provider, Route
+from keys.secrets import api_key_resolve_secret
 
 logger = logging.getLogger("llmrotate.keys")
+
+
+class RoutingUnavailable(Exception):
+    """No routing configuration to serve: the database cannot be read and this process has no
+    cached copy (it just started, or a local write invalidated it). Whoever answers the
+    request turns it into a 503 `config_unavailable` with this Retry-After."""
+
+    def __init__(self, *, retry_after: float) -> None:
+        super().__init__("the routing configuration cannot be read (database unavailable)")
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,11 +102,6 @@ class RoutingSnapshot:
 
 def routing_load() -> RoutingSnapshot:
     """Read the whole routing configuration. Synchronous: it queries the database."""
-    from keys.crypto import SecretError, mask_secret
-    from keys.models import ApiKey, ClientToken, Provider, Route
-    from keys.services import api_key_resolve_secret
-    from llmrotate_site.logging import register_secret
-
     snapshot = RoutingSnapshot(loaded_at=time.monotonic())
     providers: dict[int, ProviderInfo] = {}
     keys_by_provider: dict[int, list[UpstreamKey]] = {}
@@ -105,7 +114,6 @@ def routing_load() -> RoutingSnapshot:
             snapshot.unusable_keys[key.key_id] = str(exc)
             logger.error("upstream key %s is unusable: %s", key.key_id, exc)
             continue
-        register_secret(secret)
         keys_by_provider.setdefault(key.provider_id, []).append(
             UpstreamKey(
                 key_id=key.key_id,
@@ -223,24 +231,14 @@ async def routing_snapshot() -> RoutingSnapshot:
             result = await _load_async()
             if isinstance(result, Exception):
                 if _snapshot is None:
-                    raise _unavailable(result)
+                    raise RoutingUnavailable(
+                        retry_after=settings.LLMROTATE_CONFIG_CACHE_SECONDS
+                    ) from result
                 # The database went away: keep serving what we have (see above).
                 return _snapshot
             _install(result)
         assert _snapshot is not None
         return _snapshot
-
-
-def _unavailable(cause: Exception) -> ProxyError:
-    # Nothing cached to fall back on (a process that just started, or a local write that
-    # invalidated the cache): the request cannot be routed until the database answers.
-    return ProxyError(
-        503,
-        "The gateway cannot read its configuration right now (database unavailable).",
-        type="service_unavailable",
-        code="config_unavailable",
-        retry_after=settings.LLMROTATE_CONFIG_CACHE_SECONDS,
-    )
 
 
 def _refresh_in_background() -> None:
@@ -250,7 +248,7 @@ def _refresh_in_background() -> None:
     loop = asyncio.get_running_loop()
     if _refresh is not None and not _refresh.done() and _refresh.get_loop() is loop:
         return
-    _refresh = loop.create_task(_refresh_from(_snapshot))
+    _refresh = spawn(_refresh_from(_snapshot))
 
 
 async def _refresh_from(stale: RoutingSnapshot | None) -> None:
@@ -270,7 +268,7 @@ async def _load_async(*, background: bool = False) -> RoutingSnapshot | Exceptio
     # A request waiting for the load runs it the Django way, on the request's own thread (in a
     # test, that thread's transaction is the one holding the test's rows). A background reload
     # may outlive the request that started it, and that thread with it, so it runs on the
-    # gateway's database thread instead (llmrotate_site.db).
+    # gateway's database thread instead (common.db).
     try:
         if background:
             result: RoutingSnapshot | Exception = await run_outside_request(routing_load)

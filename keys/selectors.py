@@ -10,8 +10,8 @@ from datetime import datetime
 
 from django.conf import settings
 
+from common.redaction import base_url_masked
 from common.timestamps import datetime_from_epoch
-from keys.crypto import base_url_masked
 from keys.health import KeyStatus, is_available
 from keys.models import ApiKey, ClientToken, Provider, Route
 from keys.routing import routing_snapshot_sync

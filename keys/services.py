@@ -18,6 +18,7 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
+from common.redaction import mask_secret
 from keys.crypto import (
     ENV_PREFIX,
     FILE_PREFIX,
@@ -27,14 +28,12 @@ from keys.crypto import (
     encrypt_secret,
     generate_client_token,
     hash_token,
-    mask_secret,
     resolve_reference,
     split_token,
 )
 from keys.models import ApiKey, ClientToken
 from keys.routing import invalidate_routing_cache
 from keys.state_store import get_key_state_store
-from llmrotate_site.logging import register_secret
 
 LITERAL_WARNING = (
     "a literal secret is stored encrypted, but keeping it in a file is discouraged; "
@@ -160,23 +159,6 @@ def api_key_save(*, api_key: ApiKey, secret: str | None = None) -> list[str]:
         api_key.save()
     invalidate_routing_on_commit()
     return []
-
-
-def api_key_resolve_secret(*, api_key: ApiKey) -> str:
-    """The plaintext secret, for the upstream call only. Never log or display it.
-
-    Raises SecretDecryptionError when the ciphertext does not decrypt with the configured keys
-    and SecretError when a reference cannot be resolved: there is no fallback to stored text.
-    """
-    if api_key.secret_ref:
-        secret = resolve_reference(api_key.secret_ref)
-    elif api_key.secret_encrypted:
-        secret = decrypt_secret(api_key.secret_encrypted)
-    else:
-        raise SecretError(f"key {api_key.key_id} has no secret")
-    # Whatever gets logged from here on (an httpx error quoting headers, say) is masked.
-    register_secret(secret)
-    return secret
 
 
 def api_key_health_action(*, api_key: ApiKey, action: HealthAction) -> None:

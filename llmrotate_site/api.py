@@ -8,10 +8,11 @@ from django.http import Http404, HttpRequest, HttpResponse
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 
+from common.errors import ApiError, anthropic_caller, missing_token
 from healthchecks.api import router as healthchecks_router
 from keys.api import router as keys_router
+from keys.routing import RoutingUnavailable
 from proxy.api import router as proxy_router
-from proxy.errors import ProxyError, anthropic_caller, missing_token
 from usage.api import router as usage_router
 
 logger = logging.getLogger("llmrotate.api")
@@ -26,15 +27,30 @@ api = NinjaAPI(
 )
 
 
-@api.exception_handler(ProxyError)
-def _proxy_error(request: HttpRequest, exc: ProxyError) -> HttpResponse:
+@api.exception_handler(ApiError)
+def _proxy_error(request: HttpRequest, exc: ApiError) -> HttpResponse:
     return _render(request, exc)
 
 
-def _render(request: HttpRequest, exc: ProxyError) -> HttpResponse:
+def _render(request: HttpRequest, exc: ApiError) -> HttpResponse:
     # Every error of a request from an Anthropic client, whichever layer raised it, in the
     # envelope the anthropic SDK reads.
     return exc.response(anthropic=anthropic_caller(request.path, request.headers))
+
+
+def routing_unavailable(exc: RoutingUnavailable) -> ApiError:
+    return ApiError(
+        503,
+        "The gateway cannot read its configuration right now (database unavailable).",
+        type="service_unavailable",
+        code="config_unavailable",
+        retry_after=exc.retry_after,
+    )
+
+
+@api.exception_handler(RoutingUnavailable)
+def _routing_unavailable(request: HttpRequest, exc: RoutingUnavailable) -> HttpResponse:
+    return _render(request, routing_unavailable(exc))
 
 
 @api.exception_handler(AuthenticationError)
@@ -49,7 +65,7 @@ def _validation_error(request: HttpRequest, exc: ValidationError) -> HttpRespons
     first = exc.errors[0] if exc.errors else {}
     where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "path", "body"))
     message = first.get("msg", "Invalid request.")
-    error = ProxyError(
+    error = ApiError(
         422,
         f"{where}: {message}" if where else message,
         type="invalid_request_error",
@@ -63,7 +79,7 @@ def _validation_error(request: HttpRequest, exc: ValidationError) -> HttpRespons
 def _http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
     return _render(
         request,
-        ProxyError(
+        ApiError(
             exc.status_code, str(exc), type="invalid_request_error", code=f"http_{exc.status_code}"
         ),
     )
@@ -72,7 +88,7 @@ def _http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
 @api.exception_handler(Http404)
 def _not_found(request: HttpRequest, exc: Http404) -> HttpResponse:
     return _render(
-        request, ProxyError(404, "Not found.", type="invalid_request_error", code="not_found")
+        request, ApiError(404, "Not found.", type="invalid_request_error", code="not_found")
     )
 
 
@@ -82,7 +98,7 @@ def _unexpected(request: HttpRequest, exc: Exception) -> HttpResponse:
     logger.exception("unhandled error on %s %s", request.method, request.path)
     return _render(
         request,
-        ProxyError(
+        ApiError(
             500,
             "Internal gateway error; see the gateway log.",
             type="server_error",

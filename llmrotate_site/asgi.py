@@ -3,16 +3,17 @@
 Django's ASGI handler does not speak the lifespan protocol, so this wrapper does: at shutdown
 it flushes the call-record buffer and closes the pooled upstream clients. While running, it
 keeps this process's copy of the circuit breakers fresh (healthchecks/gate.py) and, in
-embedded mode, runs the scheduled key re-validation (proxy/recheck.py). It also refuses an
-oversized body (413) from its Content-Length, or while receiving one sent without (chunked),
-before Django reads it whole, and sends the proxy's `/v1/` calls past the middleware stack
-(ProxyHandler).
+embedded mode, runs the scheduled key re-validation (healthchecks/key_recheck.py). It also
+refuses an oversized body (413) from its Content-Length, or while receiving one sent without
+(chunked), before Django reads it whole, and sends the proxy's `/v1/` calls past the middleware
+stack (ProxyHandler).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -33,8 +34,18 @@ django_application = get_asgi_application()
 from django.conf import settings  # noqa: E402  (settings need the app registry first)
 from django.db import connections  # noqa: E402
 
-from proxy.errors import ProxyError, anthropic_caller, missing_token  # noqa: E402
+# The app registry is ready from here on (get_asgi_application above set it up).
+from common.db import db_thread_close  # noqa: E402
+from common.errors import ApiError, anthropic_caller, missing_token  # noqa: E402
+from common.upstream import upstream_clients_close  # noqa: E402
+from healthchecks.gate import get_breaker_gate  # noqa: E402
+from healthchecks.key_recheck import keys_revalidate_forever  # noqa: E402
+from keys.auth import client_token_verified  # noqa: E402
+from keys.routing import RoutingUnavailable  # noqa: E402
+from llmrotate_site.api import routing_unavailable  # noqa: E402
+from llmrotate_site.beat import keys_revalidation_schedule  # noqa: E402
 from proxy.validation import body_too_large  # noqa: E402
+from usage.recorder import get_recorder  # noqa: E402
 
 logger = logging.getLogger("llmrotate")
 
@@ -119,9 +130,8 @@ class ProxyHandler(ASGIHandler):
             await _close(responder.result())
 
 
-async def _without_valid_token(scope: Scope) -> ProxyError | None:
+async def _without_valid_token(scope: Scope) -> ApiError | None:
     """Why the request's client token (bearer, else `x-api-key`) is refused, or None."""
-    from keys.auth import client_token_verified
 
     headers = dict(scope.get("headers", ()))
     scheme, _, bearer = headers.get(b"authorization", b"").partition(b" ")
@@ -132,8 +142,10 @@ async def _without_valid_token(scope: Scope) -> ProxyError | None:
     client = scope.get("client") or ("unknown", 0)
     try:
         await client_token_verified(token.decode("latin-1"), source=str(client[0]))
-    except ProxyError as refusal:
+    except ApiError as refusal:
         return refusal
+    except RoutingUnavailable as exc:
+        return routing_unavailable(exc)
     return None
 
 
@@ -155,11 +167,6 @@ _proxy_handler = ProxyHandler()
 
 
 async def _lifespan(receive: Any, send: Any) -> None:
-    from healthchecks.gate import get_breaker_gate
-    from llmrotate_site.db import db_thread_close
-    from proxy.recheck import keys_revalidate_forever
-    from proxy.upstream import upstream_clients_close
-    from usage.recorder import get_recorder
 
     background: list[asyncio.Task[None]] = []
     while True:
@@ -174,7 +181,12 @@ async def _lifespan(receive: Any, send: Any) -> None:
                 # quarantined and exhausted keys itself (scaled out, a Celery task does it).
                 background.append(
                     loop.create_task(
-                        keys_revalidate_forever(interval=settings.LLMROTATE_KEY_REVALIDATE_SECONDS)
+                        keys_revalidate_forever(
+                            schedule=functools.partial(
+                                keys_revalidation_schedule,
+                                default=settings.LLMROTATE_KEY_REVALIDATE_SECONDS,
+                            )
+                        )
                     )
                 )
             await send({"type": "lifespan.startup.complete"})
@@ -222,7 +234,7 @@ def _counting(receive: Any) -> Any:
     return counted
 
 
-async def _send_error(scope: Scope, send: Any, error: ProxyError) -> None:
+async def _send_error(scope: Scope, send: Any, error: ApiError) -> None:
     """An error answered here, before Django: in the envelope the caller's API uses, and with
     `Connection: close`, since the rest of the request body is left unread."""
     headers = {name.decode("latin-1"): value for name, value in scope.get("headers", ())}

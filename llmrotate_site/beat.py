@@ -8,7 +8,7 @@ Run exactly one beat process. Two would each send every entry, so probes would r
 often and notifications could be doubled.
 
 One entry is also read by the web process: in embedded mode key state lives there, so it runs
-the key re-validation itself (proxy/recheck.py), on that entry's switch and interval.
+the key re-validation itself (healthchecks/key_recheck.py), on that entry's switch and interval.
 """
 
 from __future__ import annotations
@@ -119,3 +119,13 @@ class SyncedDatabaseScheduler(DatabaseScheduler):
     def setup_schedule(self) -> None:
         beat_schedule_sync()
         super().setup_schedule()
+
+
+def keys_revalidation_schedule(*, default: float) -> tuple[bool, float]:
+    """(enabled, seconds) of the key re-validation entry, for the embedded web process's own
+    loop (healthchecks.key_recheck); `default` and on until beat has written the entry."""
+    entry = beat_entry_schedule(name=KEYS_REVALIDATE_ENTRY)
+    if entry is None:
+        return True, default
+    enabled, every = entry
+    return enabled, default if every is None else every

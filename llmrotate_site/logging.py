@@ -1,4 +1,5 @@
-"""A logging filter that masks secrets in every record, whoever logged it.
+"""A logging filter that masks secrets in every record, whoever logged it (the masking itself
+is common.redaction's).
 
 Our own code never logs a key or token, but libraries (httpx, Django's error pages, Celery,
 uvicorn's access log) log URLs, headers and exception texts. The filter masks anything shaped
@@ -11,51 +12,9 @@ from __future__ import annotations
 
 import logging
 import logging.config
-import re
-import threading
 from typing import Any
 
-# A masked value ends in "…" or "…abcd"; the possessive `++` with the `(?!…)` check keeps a
-# masked value from matching again, so that masking twice changes nothing (see the filter).
-_PATTERNS = re.compile(
-    r"(?P<query>[?&;](?:[A-Za-z0-9]+[_-])*"
-    r"(?i:key|apikey|token|secret|password|passwd|auth|sig|signature|credential)=)"
-    r"(?P<query_value>[^&;#\s\"'…]++)(?!…)"
-    r"|(?P<bearer>(?i:bearer)\s+)(?P<bearer_value>[A-Za-z0-9._~+/=-]{8,}+)(?!…)"
-    r"|(?P<token>llmr_[a-z0-9]{8}_[A-Za-z0-9_-]{8,})"
-    r"|(?P<key>\b(?:sk|pk|rk)-[A-Za-z0-9_-]{12,})"
-)
-
-_known: set[str] = set()
-_known_lock = threading.Lock()
-_known_re: re.Pattern[str] | None = None
-
-
-def register_secret(secret: str) -> None:
-    """Remember a decrypted secret so that it is masked even if it has no familiar shape."""
-    global _known_re
-    if len(secret) < 8 or secret in _known:
-        return
-    with _known_lock:
-        _known.add(secret)
-        longest_first = sorted(_known, key=len, reverse=True)
-        _known_re = re.compile("|".join(re.escape(s) for s in longest_first))
-
-
-def redact(text: str) -> str:
-    from keys.crypto import mask_secret
-
-    if _known_re is not None:
-        text = _known_re.sub(lambda m: mask_secret(m.group(0)), text)
-
-    def _mask(m: re.Match[str]) -> str:
-        if m.group("query"):
-            return m.group("query") + mask_secret(m.group("query_value"))
-        if m.group("bearer"):
-            return m.group("bearer") + mask_secret(m.group("bearer_value"))
-        return mask_secret(m.group(0))
-
-    return _PATTERNS.sub(_mask, text)
+from common.redaction import redact
 
 
 class RedactSecretsFilter(logging.Filter):

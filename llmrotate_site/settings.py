@@ -62,6 +62,8 @@ INSTALLED_APPS = [
     "proxy",
     "healthchecks",
     "llmrotate_site.dashboard",
+    # The composition root is an app only for its management commands (serve, demo, …).
+    "llmrotate_site",
 ]
 
 MIDDLEWARE = [

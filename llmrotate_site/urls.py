@@ -3,6 +3,7 @@ from django.urls import include, path
 from django.views.generic import RedirectView
 
 from healthchecks import views as health_views
+from llmrotate_site import healthz
 from llmrotate_site.api import api
 
 admin.site.site_header = "llmrotate"
@@ -15,6 +16,6 @@ urlpatterns = [
     path("dashboard/", include("llmrotate_site.dashboard.urls")),
     path("admin/", admin.site.urls),
     path("internal/health", health_views.internal_health, name="internal-health"),
-    path("healthz", health_views.healthz, name="healthz"),
+    path("healthz", healthz.healthz, name="healthz"),
     path("", api.urls),
 ]

@@ -13,11 +13,11 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
+from common.errors import ApiError
 from keys.health import Outcome as Health
 from keys.ratelimits import Headroom
 from proxy.classify import Verdict
 from proxy.dialects import AnthropicDialect, Usage
-from proxy.errors import ProxyError
 from proxy.validation import body_check_conversation, json_body_doc
 
 # Anthropic's default page size for GET /v1/models, and its maximum.
@@ -38,11 +38,11 @@ MESSAGES_BODY_DOC = json_body_doc(
 COUNT_TOKENS_BODY_DOC = json_body_doc(required=[], properties={})
 
 
-def _bad(message: str, *, code: str, param: str | None = None) -> ProxyError:
-    return ProxyError(400, message, type="invalid_request_error", code=code, param=param)
+def _bad(message: str, *, code: str, param: str | None = None) -> ApiError:
+    return ApiError(400, message, type="invalid_request_error", code=code, param=param)
 
 
-def anthropic_invalid(message: str, code: str, param: str | None) -> ProxyError:
+def anthropic_invalid(message: str, code: str, param: str | None) -> ApiError:
     return _bad(message, code=code, param=param)
 
 

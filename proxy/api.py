@@ -14,6 +14,7 @@ from typing import Any
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from ninja import Router
 
+from common.errors import ApiError, anthropic_caller, forbidden, invalid_request
 from keys.auth import proxy_any_auth, proxy_auth
 from keys.routing import RouteInfo, TokenInfo, routing_snapshot
 from proxy.anthropic import (
@@ -28,7 +29,6 @@ from proxy.anthropic import (
 from proxy.calls import CallContext, now_wall
 from proxy.dialects import ANTHROPIC, Dialect
 from proxy.engine import Failover
-from proxy.errors import ProxyError, anthropic_caller, forbidden, invalid_request
 from proxy.validation import body_check_conversation, body_load, json_body_doc
 
 router = Router(tags=["Proxy (OpenAI and Anthropic wire formats)"])
@@ -39,7 +39,7 @@ CHAT_BODY_DOC = json_body_doc(
 )
 
 
-def _invalid(message: str, code: str, param: str | None) -> ProxyError:
+def _invalid(message: str, code: str, param: str | None) -> ApiError:
     return invalid_request(message, code=code, param=param)
 
 
@@ -85,7 +85,7 @@ async def _route(model: str, client: TokenInfo) -> RouteInfo:
     snapshot = await routing_snapshot()
     route = snapshot.routes.get(model)
     if route is None:
-        raise ProxyError(
+        raise ApiError(
             404,
             f"The model '{model}' does not exist or you do not have access to it.",
             type="invalid_request_error",
@@ -129,7 +129,7 @@ async def _anthropic_call(
     body = messages_validate(body_load(request, invalid=anthropic_invalid), count_tokens=counting)
     route = await _route(body["model"], client)
     if not ANTHROPIC.deployments(route):
-        raise ProxyError(
+        raise ApiError(
             400,
             f"The model '{route.name}' has no deployment on an Anthropic provider, and only"
             " those speak the Messages API; use /v1/chat/completions for it.",

@@ -18,11 +18,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.upstream import DEFAULT_ANTHROPIC_VERSION, upstream_headers
 from keys.ratelimits import Headroom, parse_headroom
 from keys.routing import DeploymentInfo, RouteInfo
 from proxy.classify import Verdict
-
-DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
 
 
 @dataclass(slots=True)
@@ -193,21 +192,6 @@ class Dialect:
     def error_event(self, message: str, *, code: str) -> bytes:
         """What the gateway sends when the upstream fails mid-stream, so the SDK raises."""
         raise NotImplementedError
-
-
-def upstream_headers(kind: str, secret: str, *, stream: bool) -> dict[str, str]:
-    """Headers of an OpenAI-format call (also used by the key re-check and the HTTP probes)."""
-    headers = {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"}
-    if kind == "anthropic":
-        # Anthropic's OpenAI-compatible endpoint takes the bearer key; the native header is
-        # sent as well so that gateways in front of it that expect it work too.
-        headers["x-api-key"] = secret
-        headers["anthropic-version"] = DEFAULT_ANTHROPIC_VERSION
-    if stream:
-        # A compressed event stream would be buffered by the decoder; ask for plain bytes.
-        headers["Accept-Encoding"] = "identity"
-        headers["Accept"] = "text/event-stream"
-    return headers
 
 
 class OpenAIDialect(Dialect):

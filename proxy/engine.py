@@ -36,13 +36,15 @@ import httpx
 from django.conf import settings
 from django.http import HttpResponse, StreamingHttpResponse
 
+from common.errors import ApiError, invalid_body
+from common.upstream import ResponseTooLarge, read_bounded, upstream_client
+from healthchecks import key_recheck as recheck
 from healthchecks.gate import get_breaker_gate
 from keys.health import returns_at
 from keys.ratelimits import parse_retry_after
 from keys.routing import DeploymentInfo, UpstreamKey
 from keys.state_store import get_key_state_store
 from keys.strategies import Candidate, order_candidates
-from proxy import recheck
 from proxy.calls import CallContext, key_settle, record_attempt
 from proxy.classify import (
     BAD_RESPONSE,
@@ -57,9 +59,7 @@ from proxy.classify import (
     endpoint_failed,
 )
 from proxy.dialects import Usage
-from proxy.errors import ProxyError, invalid_body
 from proxy.streaming import StreamRelay
-from proxy.upstream import ResponseTooLarge, read_bounded, upstream_client
 
 logger = logging.getLogger("llmrotate.proxy")
 # Only orders keys for the weighted strategy; nothing secret depends on it.
@@ -159,7 +159,7 @@ class Failover:
         failure = self.last_failure
         headers = {"x-llmrotate-request-id": ctx.request_id}
         if deadline_passed or (failure is not None and failure.outcome == "timeout"):
-            raise ProxyError(
+            raise ApiError(
                 504,
                 f"The upstream did not answer in time ({ctx.attempts} attempt(s)).",
                 type="upstream_timeout",
@@ -170,7 +170,7 @@ class Failover:
             "connection_error",
             "bad_response",
         ):
-            raise ProxyError(
+            raise ApiError(
                 502,
                 f"The upstream failed after {ctx.attempts} attempt(s): {failure.outcome}"
                 f" ({failure.error_type}).",
@@ -178,7 +178,7 @@ class Failover:
                 code="upstream_error",
             ).with_headers(headers)
         why = " (circuit open)" if ctx.attempts == 0 and self.open_retry_after else ""
-        raise ProxyError(
+        raise ApiError(
             503,
             f"No upstream key is available for '{ctx.route.name}' right now{why}"
             f" ({ctx.attempts} attempt(s) made).",
@@ -434,7 +434,7 @@ def _json_object(content: bytes) -> dict[str, Any] | None:
 
 def _non_json_error(ctx: CallContext, status: int, headers: httpx.Headers) -> bytes:
     kind = (headers.get("content-type") or "no content type").split(";")[0].strip()[:64]
-    error = ProxyError(
+    error = ApiError(
         status,
         f"The upstream answered {status} with a body that is not JSON ({kind}).",
         type="upstream_error",

@@ -37,6 +37,7 @@ import httpx
 from django.conf import settings
 from django.http import StreamingHttpResponse
 
+from common.background import spawn
 from keys.health import Outcome as Health
 from proxy.classify import (
     EMPTY_STREAM,
@@ -53,8 +54,6 @@ if TYPE_CHECKING:
     from proxy.engine import Attempt
 
 logger = logging.getLogger("llmrotate.proxy")
-# Closing work scheduled from `close()`: the loop keeps only weak references to tasks.
-_closing: set[asyncio.Task[None]] = set()
 
 
 class SseSplitter:
@@ -232,9 +231,7 @@ class StreamRelay:
             running = None
         closing = self._close()
         if running is self._loop:
-            task = running.create_task(closing)
-            _closing.add(task)
-            task.add_done_callback(_closing.discard)
+            spawn(closing)
             return
         try:
             asyncio.run_coroutine_threadsafe(closing, self._loop)

@@ -17,11 +17,11 @@ from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest
 
-from proxy.errors import ProxyError, invalid_body
+from common.errors import ApiError, invalid_body
 
 # (message, code, param) -> the error to raise: 422 on the OpenAI endpoint, 400 on Anthropic's,
 # each as its own API answers.
-Invalid = Callable[[str, str, str | None], ProxyError]
+Invalid = Callable[[str, str, str | None], ApiError]
 
 _MODEL = {"model": {"type": "string", "description": "A route name."}}
 _MESSAGES = {"messages": {"type": "array", "minItems": 1, "items": {"type": "object"}}}
@@ -63,8 +63,8 @@ def body_load(request: HttpRequest, *, invalid: Invalid) -> dict[str, Any]:
     return body
 
 
-def body_too_large() -> ProxyError:
-    return ProxyError(
+def body_too_large() -> ApiError:
+    return ApiError(
         413,
         f"Request body is larger than {settings.LLMROTATE_MAX_REQUEST_BYTES} bytes.",
         type="invalid_request_error",
@@ -72,7 +72,7 @@ def body_too_large() -> ProxyError:
     )
 
 
-def _too_deep() -> ProxyError:
+def _too_deep() -> ApiError:
     return invalid_body(
         f"The request body nests arrays and objects more than"
         f" {settings.LLMROTATE_MAX_JSON_DEPTH} levels deep.",

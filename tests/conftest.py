@@ -53,10 +53,10 @@ def _recorder_stopped_before_the_test_database_goes(django_db_setup: None) -> It
 @pytest.fixture(autouse=True)
 def _isolated_gateway_state() -> Iterator[None]:
     """Every test starts with empty key state, no cached routing and the real network stack."""
+    from common.upstream import set_transport_factory
     from healthchecks.gate import reset_breaker_gate
     from keys.routing import invalidate_routing_cache
     from keys.state_store import get_key_state_store, reset_key_state_store
-    from proxy.upstream import set_transport_factory
 
     reset_key_state_store()
     # Also empties the Redis breaker store (same prefix); the database one rolls back per test.
@@ -74,7 +74,7 @@ def _isolated_gateway_state() -> Iterator[None]:
 @pytest.fixture
 def mock_upstream() -> Iterator[Callable[[Callable[[httpx.Request], httpx.Response]], None]]:
     """Install an httpx.MockTransport handler for every upstream call of the proxy."""
-    from proxy.upstream import set_transport_factory
+    from common.upstream import set_transport_factory
 
     def install(handler: Callable[[httpx.Request], httpx.Response]) -> None:
         set_transport_factory(lambda: httpx.MockTransport(handler))

@@ -14,7 +14,8 @@ import factory
 from django.utils import timezone
 from factory.django import DjangoModelFactory
 
-from keys.crypto import encrypt_secret, generate_client_token, hash_token, mask_secret
+from common.redaction import mask_secret
+from keys.crypto import encrypt_secret, generate_client_token, hash_token
 from keys.models import ApiKey, ClientToken, Deployment, Provider, Route
 from keys.services import client_token_lookup_prefix
 from usage.models import CallRecord, Outcome, UsageSource

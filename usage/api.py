@@ -16,15 +16,20 @@ from django.http import Http404, HttpRequest, StreamingHttpResponse
 from django.utils import timezone
 from ninja import Query, Router
 
+from common.errors import QUERY_ERRORS, ErrorOut, invalid_request
+from common.timeframes import (
+    TimeFrame,
+    TimeFrameError,
+    default_bucket,
+    parse_bucket,
+    timeframe_parse,
+)
 from keys.auth import monitor_auth
 from keys.models import ClientToken
-from proxy.error_schemas import ErrorOut
-from proxy.errors import invalid_request
 from usage import record_selectors, selectors
 from usage.export import CONTENT_TYPES, export_filename, iterate_async, usage_export
 from usage.filters import UsageFilters
 from usage.schemas import (
-    QUERY_ERRORS,
     ClientsOut,
     EventsOut,
     EventsQuery,
@@ -42,13 +47,6 @@ from usage.schemas import (
     UsageStatsOut,
 )
 from usage.selectors import Stats, Totals
-from usage.timeframes import (
-    TimeFrame,
-    TimeFrameError,
-    default_bucket,
-    parse_bucket,
-    timeframe_parse,
-)
 
 router = Router(tags=["Monitoring"], auth=monitor_auth)
 

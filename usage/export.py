@@ -19,10 +19,10 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.db import connection
 
+from common.timeframes import TimeFrame
 from usage.filters import UsageFilters
 from usage.models import CallRecord
 from usage.record_selectors import RECORD_FIELDS, usage_export_rows
-from usage.timeframes import TimeFrame
 
 FORMATS = ("csv", "jsonl", "json")
 CONTENT_TYPES = {

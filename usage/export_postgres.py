@@ -18,10 +18,10 @@ from typing import Any
 
 from django.db import connection
 
+from common.timeframes import TimeFrame
 from usage.export import FORMULA_STARTS, TEXT_FIELDS
 from usage.filters import UsageFilters
 from usage.record_selectors import RECORD_FIELDS, record_conditions
-from usage.timeframes import TimeFrame
 
 CHUNK_ROWS = 10_000
 _TIMESTAMPS = ("started_at", "finished_at")

@@ -16,10 +16,10 @@ from typing import Any
 
 from django.db.models import Min, Q, QuerySet
 
+from common.timeframes import EARLIEST, LATEST, TimeFrame, TimeFrameError, ceil_time, floor_time
 from usage.filters import UsageFilters
 from usage.models import CallRecord, Outcome
 from usage.selectors import usage_totals_by
-from usage.timeframes import EARLIEST, LATEST, TimeFrame, TimeFrameError, ceil_time, floor_time
 
 # What a record looks like outside: every persisted column except the surrogate id.
 RECORD_FIELDS: tuple[str, ...] = tuple(

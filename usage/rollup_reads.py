@@ -20,10 +20,10 @@ from typing import Any
 
 from django.db import connection
 
+from common.timeframes import HOUR, TimeFrame, ceil_time, floor_time
 from usage.filters import UsageFilters
 from usage.models import HourRollup, MinuteRollup, UsageRollup
 from usage.rollups import MAX_COLUMNS, MIN_COLUMNS, RESOLUTIONS
-from usage.timeframes import HOUR, TimeFrame, ceil_time, floor_time
 
 
 def as_datetime(value: datetime | str) -> datetime:

@@ -11,8 +11,7 @@ from ninja import Field, Schema
 from pydantic import AfterValidator, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
-from proxy.error_schemas import AUTH_ERRORS, ErrorOut
-from usage.timeframes import DURATION_PATTERN, EARLIEST, LATEST, MAX_BUCKET, WINDOW_CHOICES
+from common.timeframes import DURATION_PATTERN, EARLIEST, LATEST, MAX_BUCKET, WINDOW_CHOICES
 
 WindowName = Literal["1h", "24h", "7d", "30d"]
 ExportFormat = Literal["csv", "jsonl", "json"]
@@ -33,7 +32,7 @@ def _no_control_characters(value: str) -> str:
 
 # The JSON schema of each parameter declares what is accepted, so that the OpenAPI document is
 # a contract (and the fuzz test generates values on both sides of it); the checks themselves
-# stay in usage.timeframes and here, with messages that say what is accepted.
+# stay in common.timeframes and here, with messages that say what is accepted.
 PlainText = Annotated[
     str,
     AfterValidator(_no_control_characters),
@@ -102,10 +101,6 @@ class ExportQuery(FilterQuery):
 
 
 # --- responses ----------------------------------------------------------------------------
-
-
-# What each monitoring operation may answer besides 200 (the envelope: proxy.error_schemas).
-QUERY_ERRORS: dict[int, type[Schema]] = {**AUTH_ERRORS, 422: ErrorOut}
 
 
 class FrameOut(Schema):

@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from common.timeframes import MAX_BUCKETS, TimeFrame, TimeFrameError, bucket_span
 from usage.filters import UsageFilters
 from usage.histograms import METRICS, Metric, percentile_from_bins
 from usage.models import (
@@ -33,7 +34,6 @@ from usage.rollup_reads import (
     rollup_select,
 )
 from usage.rollups import ADDITIVE_COLUMNS, RESOLUTIONS
-from usage.timeframes import MAX_BUCKETS, TimeFrame, TimeFrameError, bucket_span
 
 # UsageFilters lives in usage.filters; re-exported for callers that import it from here.
 __all__ = ["Bucket", "MetricStats", "Stats", "Tokens", "Totals", "UsageFilters"]

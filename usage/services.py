@@ -11,8 +11,8 @@ from django.conf import settings
 from django.db import models, transaction
 from django.utils import timezone
 
+from common.timeframes import HOUR, floor_time
 from usage.models import CallRecord, MinuteRollup
-from usage.timeframes import HOUR, floor_time
 
 logger = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ from typing import Any, cast
 from django.conf import settings
 from django.http import HttpRequest
 
+from common.timeframes import TimeFrameError, default_bucket
 from healthchecks.selectors import (
     KINDS,
     EndpointHealth,
@@ -43,7 +44,6 @@ from usage.selectors import (
     usage_timeseries,
     usage_totals_by,
 )
-from usage.timeframes import TimeFrameError, default_bucket
 
 Context = dict[str, Any]
 Builder = Callable[[HttpRequest, DashboardQuery], Context]

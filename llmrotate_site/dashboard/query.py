@@ -16,9 +16,9 @@ from urllib.parse import urlencode
 from django.http import HttpRequest
 from django.utils import timezone
 
+from common.timeframes import WINDOWS, TimeFrame, TimeFrameError, timeframe_parse
 from usage.record_selectors import usage_recent_page
 from usage.selectors import UsageFilters
-from usage.timeframes import WINDOWS, TimeFrame, TimeFrameError, timeframe_parse
 
 DEFAULT_WINDOW = "24h"
 FRAME_PARAMS = ("window", "since", "until")

@@ -97,9 +97,12 @@ class BrowserWatch:
             self.problems.append(f"console error: {message.text} ({message.location})")
 
     def _failed(self, request: Any) -> None:
-        # A poll still in flight when the test navigates away is cancelled by the browser;
-        # that is not a failure of the page.
-        if request.failure == "net::ERR_ABORTED" and "/dashboard/panels/" in request.url:
+        # A poll (or the favicon, which the page's load event does not wait for) still in
+        # flight when the test navigates away is cancelled by the browser; that is not a
+        # failure of the page.
+        if request.failure == "net::ERR_ABORTED" and (
+            "/dashboard/panels/" in request.url or request.url.endswith("/favicon.svg")
+        ):
             return
         self.problems.append(f"request failed: {request.method} {request.url} {request.failure}")
 
@@ -214,6 +217,7 @@ def log_in(page: Any, dash: Dashboard, *, next_path: str = "/dashboard/") -> Non
     page.fill("#id_password", STAFF_PASSWORD)
     page.click("input[type=submit]")
     page.wait_for_url(f"**{next_path}")
+    page.wait_for_load_state("load")
 
 
 def png_size(path: Path) -> tuple[int, int]:

@@ -31,7 +31,7 @@ import openai
 import pytest
 import uvicorn
 
-from proxy.fake_upstream import FakeUpstream
+from fake_upstream import FakeUpstream
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -119,8 +119,8 @@ async def _close_loop_resources() -> None:
     from asgiref.sync import sync_to_async
     from django.db import connections
 
+    from common.db import db_thread_close
     from keys.state_store import RedisKeyStateStore, get_key_state_store
-    from llmrotate_site.db import db_thread_close
 
     store = get_key_state_store()
     if isinstance(store, RedisKeyStateStore):

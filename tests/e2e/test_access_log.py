@@ -14,8 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from keys.crypto import generate_client_token, mask_secret
-from proxy.management.commands.serve import Command as ServeCommand
+from common.redaction import mask_secret
+from keys.crypto import generate_client_token
+from llmrotate_site.management.commands.serve import Command as ServeCommand
 from tests.conftest import free_port
 from tests.e2e.conftest import REPO, env_without
 

@@ -23,11 +23,11 @@ from django.contrib.auth import get_user_model
 from django.db import connection
 from django.utils import timezone
 
+from fake_upstream import FakeUpstream
 from keys.config_io import config_import
 from keys.models import ClientToken
 from keys.services import client_token_create
 from keys.state_store import RedisKeyStateStore
-from proxy.fake_upstream import FakeUpstream
 from tests.conftest import free_port
 from tests.e2e.conftest import KEY_SECRETS, ROUTE, ServeProcess, env_without, gateway_config
 

@@ -17,7 +17,7 @@ import pytest
 from healthchecks import breaker
 from healthchecks.breaker import BreakerState
 from healthchecks.breaker_store import get_breaker_store
-from healthchecks.services import breaker_policy
+from healthchecks.breakers import breaker_policy
 from tests.e2e.conftest import serve_processes  # noqa: F401 - fixtures these tests use too
 from tests.proxy.conftest import gateway  # noqa: F401
 

@@ -15,7 +15,7 @@ from healthchecks.breaker_store import (
     RedisBreakerStore,
     get_breaker_store,
 )
-from healthchecks.services import breaker_policy
+from healthchecks.breakers import breaker_policy
 
 NOW = 1_000_000.0
 

@@ -18,13 +18,13 @@ from unittest import mock
 import pytest
 from django.db import connection
 
+from common import db
+from common.db import db_thread_close
 from healthchecks import breaker
 from healthchecks.breaker import BreakerState
 from healthchecks.breaker_store import DatabaseBreakerStore
+from healthchecks.breakers import breaker_policy
 from healthchecks.gate import BreakerGate
-from healthchecks.services import breaker_policy
-from llmrotate_site import db
-from llmrotate_site.db import db_thread_close
 from tests.healthchecks.conftest import PRIMARY
 
 T = TypeVar("T")

@@ -41,7 +41,7 @@ async def test_claiming_the_trial_does_not_wait_for_a_slow_broker():
         announced.append(kwargs["event"])
         return {}
 
-    with mock.patch("healthchecks.services.health_change_notify", side_effect=slow_notify):
+    with mock.patch("healthchecks.breakers.health_change_notify", side_effect=slow_notify):
         admission = await asyncio.wait_for(get_breaker_gate().admit(PRIMARY), timeout=5)
         assert admission.allowed and admission.trial
         assert announced == []  # the request went on while the announcement waits

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import pytest
 
-from proxy.fake_upstream import FakeUpstream
+from fake_upstream import FakeUpstream
 from tests.conftest import LEG, free_port
 from tests.e2e.conftest import REPO, ServeProcess, env_without
 from tests.healthchecks.conftest import WebhookReceiver, wait_until

@@ -6,6 +6,7 @@ interval."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable, Iterator
 from unittest import mock
@@ -16,11 +17,16 @@ from asgiref.sync import sync_to_async
 from django.db import connections
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
+from healthchecks.key_recheck import keys_revalidate, keys_revalidate_forever
 from keys.health import KeyPolicy, KeyStatus, Outcome
 from keys.routing import routing_snapshot_sync
 from keys.state_store import get_key_state_store
-from llmrotate_site.beat import KEYS_REVALIDATE_ENTRY, beat_entry_schedule, beat_schedule_sync
-from proxy.recheck import keys_revalidate, keys_revalidate_forever
+from llmrotate_site.beat import (
+    KEYS_REVALIDATE_ENTRY,
+    beat_entry_schedule,
+    beat_schedule_sync,
+    keys_revalidation_schedule,
+)
 from tests.proxy.conftest import SECRETS, Gateway
 
 # tests/proxy/conftest.py: provider "openai" waits 300 s in quarantine.
@@ -183,7 +189,11 @@ async def test_the_web_process_loop_runs_on_the_interval_set_in_the_admin(
     await sync_to_async(beat_entry, thread_sensitive=True)(enabled=True, every=1)
     await quarantined_key_that_now_works(models)
     # The argument is what applies before beat has written its entry: an hour, here.
-    loop = asyncio.create_task(keys_revalidate_forever(interval=3600))
+    loop = asyncio.create_task(
+        keys_revalidate_forever(
+            schedule=functools.partial(keys_revalidation_schedule, default=3600)
+        )
+    )
     try:
         await eventually(
             lambda: status("openai-1", time.time()) == KeyStatus.PROBING,
@@ -201,7 +211,11 @@ async def test_the_web_process_loop_does_nothing_while_the_entry_is_switched_off
     await sync_to_async(beat_entry, thread_sensitive=True)(enabled=False, every=1)
     await quarantined_key_that_now_works(models)
     with mock.patch("llmrotate_site.beat.beat_entry_schedule", wraps=beat_entry_schedule) as read:
-        loop = asyncio.create_task(keys_revalidate_forever(interval=1))
+        loop = asyncio.create_task(
+            keys_revalidate_forever(
+                schedule=functools.partial(keys_revalidation_schedule, default=1)
+            )
+        )
         try:
             # Four reads of the entry: at least one turn came, found it off and passed.
             await eventually(lambda: read.call_count >= 4, "the loop stopped reading its entry")

@@ -149,7 +149,7 @@ def test_an_unavailable_ping_is_recorded_but_changes_no_health(
 
 
 def test_the_http_probe_authenticates_with_a_key_of_the_endpoint(settings):
-    from proxy.fake_upstream import FakeUpstream
+    from fake_upstream import FakeUpstream
 
     secret = "sk-probe-0123456789abcdefghij"
     with FakeUpstream(allowed_keys={secret}) as fake:

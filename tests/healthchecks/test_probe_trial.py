@@ -9,7 +9,7 @@ from unittest import mock
 
 import pytest
 
-from healthchecks import breaker, services
+from healthchecks import breaker, breakers, services
 from healthchecks.breaker import BreakerStatus
 from healthchecks.breaker_store import get_breaker_store
 from healthchecks.models import Endpoint, ProbeStatus
@@ -35,7 +35,7 @@ def endpoint() -> Endpoint:
 def live_claim(endpoint: Endpoint) -> bool:
     """What the proxy does before it sends a request to a half-open endpoint."""
     now = time.time()
-    policy = services.breaker_policy()
+    policy = breakers.breaker_policy()
     _, _, claimed = get_breaker_store().update(
         endpoint.base_url, lambda s: breaker.claim_trial(s, now=now, policy=policy)
     )

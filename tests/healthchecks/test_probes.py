@@ -97,7 +97,7 @@ def test_timeouts_and_connection_errors_are_failures(exc: Exception, word: str):
 
 
 def test_the_http_probe_sends_the_headers_and_times_the_answer():
-    from proxy.fake_upstream import FakeUpstream
+    from fake_upstream import FakeUpstream
 
     with FakeUpstream(allowed_keys={"sk-probe-key-0123456789"}) as fake:
         good = http_probe(

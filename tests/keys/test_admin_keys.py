@@ -12,7 +12,8 @@ from django.urls import reverse
 from keys.crypto import hash_token
 from keys.health import KeyPolicy, KeyStatus, Outcome
 from keys.models import ApiKey, ClientToken, Route
-from keys.services import api_key_resolve_secret, client_token_lookup_prefix
+from keys.secrets import api_key_resolve_secret
+from keys.services import client_token_lookup_prefix
 from keys.state_store import get_key_state_store
 from tests.factories import ApiKeyFactory, ClientTokenFactory, ProviderFactory
 

@@ -16,7 +16,8 @@ from keys.config_io import ConfigError, config_export, config_import
 from keys.crypto import hash_token
 from keys.management.commands.import_config import Command as ImportCommand
 from keys.models import ApiKey, ClientToken, Provider, Route
-from keys.services import api_key_resolve_secret, client_token_lookup_prefix
+from keys.secrets import api_key_resolve_secret
+from keys.services import client_token_lookup_prefix
 from tests.factories import ApiKeyFactory, ProviderFactory
 
 pytestmark = pytest.mark.django_db

@@ -8,6 +8,7 @@ from cryptography.fernet import Fernet
 from hypothesis import given
 from hypothesis import strategies as st
 
+from common.redaction import mask_secret
 from keys.crypto import (
     SecretDecryptionError,
     SecretError,
@@ -16,7 +17,6 @@ from keys.crypto import (
     generate_client_token,
     hash_token,
     is_reference,
-    mask_secret,
     reencrypt_secret,
     resolve_reference,
     split_token,

@@ -10,8 +10,8 @@ import pytest
 from django.test import Client
 from django.utils import timezone
 
+from common.redaction import base_url_masked
 from healthchecks.models import Endpoint, ProbeStatus
-from keys.crypto import base_url_masked
 from keys.health import KeyPolicy, KeyStatus
 from keys.models import ApiKey
 from keys.state_store import get_key_state_store

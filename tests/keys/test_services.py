@@ -15,10 +15,10 @@ from keys.crypto import (
 )
 from keys.health import KeyStatus
 from keys.models import ApiKey, ClientToken
+from keys.secrets import api_key_resolve_secret
 from keys.services import (
     LITERAL_WARNING,
     api_key_health_action,
-    api_key_resolve_secret,
     api_key_set_secret,
     client_token_create,
     client_token_lookup_prefix,

@@ -9,7 +9,7 @@ import time
 
 import httpx
 
-from proxy.upstream import ShardedTransport, _network_transport
+from common.upstream import ShardedTransport, _network_transport
 from tests.proxy.conftest import Gateway, asgi_request
 
 CHAT = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})

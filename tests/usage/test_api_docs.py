@@ -8,8 +8,8 @@ import pytest
 from django.contrib.staticfiles import finders
 from django.test import Client
 
+from common.timeframes import TimeFrameError, parse_bucket
 from llmrotate_site.api import api as ninja_api
-from usage.timeframes import TimeFrameError, parse_bucket
 
 MONITORING = [
     "/api/health", "/api/keys", "/api/config", "/api/usage", "/api/usage/models",

@@ -16,13 +16,13 @@ from django.test import AsyncClient, Client
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from common.timeframes import TimeFrame
 from tests.usage import monitoring
 from tests.usage.monitoring import call, write_calls
 from usage import record_selectors
 from usage.filters import UsageFilters
 from usage.models import CallRecord, Outcome
 from usage.record_selectors import RECORD_FIELDS
-from usage.timeframes import TimeFrame
 
 # Fixtures shared by the monitoring API tests.
 api = monitoring.api

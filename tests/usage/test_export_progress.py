@@ -15,12 +15,12 @@ import pytest
 from django.core.management import call_command
 from django.utils import timezone
 
+from common.timeframes import TimeFrame
 from tests.usage.monitoring import call, write_calls
 from usage.filters import UsageFilters
 from usage.models import Outcome
 from usage.record_selectors import usage_export_rows, usage_export_total
 from usage.services import usage_prune
-from usage.timeframes import TimeFrame
 
 pytestmark = pytest.mark.django_db
 

@@ -8,9 +8,9 @@ from typing import Any, cast
 import pytest
 from django.utils import timezone
 
+from common.timeframes import TimeFrame
 from usage.filters import UsageFilters
 from usage.selectors import usage_stats_by, usage_totals_by
-from usage.timeframes import TimeFrame
 
 pytestmark = pytest.mark.django_db
 

@@ -9,12 +9,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from django.db.models import QuerySet
 
+from common.timeframes import TimeFrame
 from tests.usage.monitoring import call, write_calls
 from usage.filters import UsageFilters
 from usage.models import MinuteRollup
 from usage.selectors import usage_stats
 from usage.services import usage_prune
-from usage.timeframes import TimeFrame
 
 pytestmark = pytest.mark.django_db
 

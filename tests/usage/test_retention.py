@@ -11,13 +11,13 @@ from django.core.management.base import CommandError
 from django.test import override_settings
 from django.utils import timezone
 
+from common.timeframes import TimeFrame
 from tests.usage.monitoring import call, write_calls
 from usage.filters import UsageFilters
 from usage.models import CallRecord, DayRollup, HourRollup, MinuteRollup
 from usage.selectors import usage_stats, usage_timeseries
 from usage.services import usage_prune
 from usage.tasks import usage_prune as usage_prune_task
-from usage.timeframes import TimeFrame
 
 pytestmark = pytest.mark.django_db
 

@@ -12,12 +12,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from common.timeframes import TimeFrame
 from tests.usage.monitoring import call, write_calls
 from usage.filters import UsageFilters
 from usage.histograms import METRICS, RELATIVE_ERROR_BOUND, exact_percentile
 from usage.models import CallRecord, DayRollup, HourRollup, MinuteRollup, Outcome, UsageSource
 from usage.selectors import usage_stats, usage_timeseries, usage_totals_by
-from usage.timeframes import TimeFrame
 
 # Three days and a bit, starting just before midnight: windows cross minute, hour and day
 # boundaries in every combination.

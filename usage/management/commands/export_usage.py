@@ -8,11 +8,11 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
+from common.timeframes import WINDOWS, TimeFrameError, timeframe_parse
 from usage.export import FORMATS, usage_export
 from usage.filters import UsageFilters
 from usage.management.commands._progress import Progress
 from usage.record_selectors import usage_export_total
-from usage.timeframes import WINDOWS, TimeFrameError, timeframe_parse
 
 
 class Command(BaseCommand):

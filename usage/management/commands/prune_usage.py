@@ -8,9 +8,9 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
+from common.timeframes import TimeFrameError, parse_duration
 from usage.management.commands._progress import Progress
 from usage.services import PRUNE_BATCH, usage_prune
-from usage.timeframes import TimeFrameError, parse_duration
 
 
 class Command(BaseCommand):

@@ -20,10 +20,10 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandParser
 
+from fake_upstream import FakeUpstream
 from keys.config_io import config_import
 from keys.models import ClientToken
-from proxy.fake_upstream import FakeUpstream
-from proxy.management.commands.serve import admin_ensure
+from llmrotate_site.management.commands.serve import admin_ensure
 
 DEMO_KEYS = ("demo-1", "demo-2", "demo-3")
 FAULTS: list[dict[str, Any]] = [

@@ -1,4 +1,4 @@
-"""Command line: ``python -m proxy.fake_upstream --host 127.0.0.1 --port 9100 [--script F]``."""
+"""Command line: ``python -m fake_upstream --host 127.0.0.1 --port 9100 [--script F]``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from .server import FakeUpstream, load_script_file, new_event_loop
 def main(argv: list[str] | None = None) -> int:
     """Serve until SIGINT/SIGTERM. Reused by the Django ``fake_upstream`` command."""
     parser = argparse.ArgumentParser(
-        prog="python -m proxy.fake_upstream",
+        prog="python -m fake_upstream",
         description="Scriptable fake OpenAI/Anthropic upstream for tests, demos and benchmarks.",
     )
     parser.add_argument("--host", default="127.0.0.1")

@@ -17,9 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy.fake_upstream import FakeUpstream, load_script_file, normalize_behaviour
+from fake_upstream import FakeUpstream, load_script_file, normalize_behaviour
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello there, fake"}]}
 MSG = {
     "model": "claude-haiku-4-5",
@@ -605,7 +605,7 @@ def test_script_file_and_cli(tmp_path: Path, http: httpx.Client) -> None:
     assert load_script_file(str(script))["keys"]["k-cli"]["queue"][0]["times"] == 2
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy.fake_upstream", "--port", "0", "--script", str(script)],
+        [sys.executable, "-m", "fake_upstream", "--port", "0", "--script", str(script)],
         stdout=subprocess.PIPE,
         text=True,
         env=env,

@@ -1,4 +1,6 @@
-"""Pooled upstream HTTP clients: one `httpx.AsyncClient` per upstream base URL and event loop.
+"""Pooled upstream HTTP clients (one `httpx.AsyncClient` per upstream base URL and event loop),
+and the headers that authenticate a call with a provider key. Shared by the proxy and the
+health checks (probes, key re-validation).
 
 Building a client per request would pay for a new connection pool (and TLS handshakes) every
 time, so clients live as long as the process. httpx pools are bound to the event loop that
@@ -27,6 +29,7 @@ import httpx
 from django.conf import settings
 
 TransportFactory = Callable[[], httpx.AsyncBaseTransport]
+DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
 
 _clients: dict[tuple[int, str], tuple[asyncio.AbstractEventLoop, httpx.AsyncClient]] = {}
 _lock = threading.Lock()
@@ -151,3 +154,18 @@ async def upstream_clients_close() -> None:
         clients = [_clients.pop(key)[1] for key in mine]
     for client in clients:
         await client.aclose()
+
+
+def upstream_headers(kind: str, secret: str, *, stream: bool) -> dict[str, str]:
+    """Headers of an OpenAI-format call (also used by the key re-check and the HTTP probes)."""
+    headers = {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"}
+    if kind == "anthropic":
+        # Anthropic's OpenAI-compatible endpoint takes the bearer key; the native header is
+        # sent as well so that gateways in front of it that expect it work too.
+        headers["x-api-key"] = secret
+        headers["anthropic-version"] = DEFAULT_ANTHROPIC_VERSION
+    if stream:
+        # A compressed event stream would be buffered by the decoder; ask for plain bytes.
+        headers["Accept-Encoding"] = "identity"
+        headers["Accept"] = "text/event-stream"
+    return headers

@@ -9,24 +9,26 @@ in the background. Success moves the key to `probing`, where one good live call 
 exhausted keys: a Celery beat task when key state is in Redis, or a loop in the web process in
 embedded mode, where key state lives in that process and a worker could not see it. The loop
 follows the beat entry all the same (its switch and interval in the admin's Periodic tasks), so
-that the operator has one place to turn it off or slow it down in either mode.
+that the operator has one place to turn it off or slow it down in either mode (the site hands
+that entry's schedule in: llmrotate_site.beat.keys_revalidation_schedule).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
+from collections.abc import Callable
 
 import httpx
 
+from common.background import spawn
+from common.db import run_outside_request
+from common.upstream import upstream_client, upstream_clients_close, upstream_headers
 from keys.health import KeyPolicy, KeyState, KeyStatus
 from keys.health import needs_recheck as _needs_recheck
 from keys.routing import ProviderInfo, RoutingSnapshot, UpstreamKey, routing_load, routing_snapshot
 from keys.state_store import get_key_state_store
-from llmrotate_site.db import run_outside_request
-from proxy.upstream import upstream_client, upstream_clients_close
 
 logger = logging.getLogger("llmrotate.keys")
 
@@ -35,7 +37,6 @@ RECHECK_INTERVAL_SECONDS = 30.0
 # How often the embedded loop re-reads its beat entry: the delay before an admin change shows.
 SCHEDULE_POLL_SECONDS = 30.0
 _last_attempt: dict[str, float] = {}
-_tasks: set[asyncio.Task[bool | None]] = set()
 
 
 def needs_recheck(state: KeyState, *, now: float, policy: KeyPolicy) -> bool:
@@ -47,18 +48,13 @@ def schedule(provider: ProviderInfo, key: UpstreamKey) -> None:
     if now - _last_attempt.get(key.key_id, -RECHECK_INTERVAL_SECONDS) < RECHECK_INTERVAL_SECONDS:
         return
     _last_attempt[key.key_id] = now
-    task = asyncio.get_running_loop().create_task(recheck_key(provider, key))
-    # Keep a reference: the event loop only holds weak ones, and a collected task never runs.
-    _tasks.add(task)
-    task.add_done_callback(_tasks.discard)
+    spawn(recheck_key(provider, key))
 
 
 async def recheck_key(
     provider: ProviderInfo, key: UpstreamKey, *, now: float | None = None
 ) -> bool | None:
     """Returns True (valid), False (rejected) or None (inconclusive: upstream down)."""
-    from proxy.dialects import upstream_headers
-
     try:
         response = await upstream_client(provider.base_url).get(
             f"{provider.base_url}/models",
@@ -125,30 +121,17 @@ def keys_revalidate_blocking() -> dict[str, bool | None]:
     return asyncio.run(run())
 
 
-def _revalidation_schedule(*, default: float) -> tuple[bool, float]:
-    """(enabled, seconds) of the beat entry; `default` and on until beat has written it."""
-    from llmrotate_site.beat import KEYS_REVALIDATE_ENTRY, beat_entry_schedule
-
-    entry = beat_entry_schedule(name=KEYS_REVALIDATE_ENTRY)
-    if entry is None:
-        return True, default
-    enabled, every = entry
-    return enabled, default if every is None else every
-
-
-async def keys_revalidate_forever(*, interval: float) -> None:
-    """The embedded web process's own schedule (see the module docstring). `interval` holds
-    until beat has written its entry, or when the entry has no interval."""
+async def keys_revalidate_forever(*, schedule: Callable[[], tuple[bool, float]]) -> None:
+    """The embedded web process's own schedule (see the module docstring). `schedule` says
+    whether the job is on and how often it runs; the site reads it from the beat entry."""
     loop = asyncio.get_running_loop()
     last_run = loop.time()
-    enabled, every = True, interval
+    enabled, every = True, SCHEDULE_POLL_SECONDS
     while True:
         try:
-            # One indexed row, read in the thread the routing snapshot uses, outside any
-            # request: the connection is recycled here (llmrotate_site.db).
-            enabled, every = await run_outside_request(
-                functools.partial(_revalidation_schedule, default=interval)
-            )
+            # One indexed row, read on the gateway's database thread, outside any request:
+            # the connection is recycled there (common.db).
+            enabled, every = await run_outside_request(schedule)
         except Exception:
             logger.exception("cannot read the key re-validation schedule; keeping the last one")
         wait = last_run + every - loop.time()

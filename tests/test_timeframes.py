@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from usage.timeframes import (
+from common.timeframes import (
     MAX_BUCKETS,
     TimeFrame,
     TimeFrameError,

@@ -1,4 +1,6 @@
-"""Errors the gateway itself returns, OpenAI-shaped so that SDKs raise the right class.
+"""The gateway's API errors, OpenAI-shaped so that SDKs raise the right class: raised by any
+layer (the proxy, authentication, the monitoring API), rendered by llmrotate_site.api (and,
+before Django, by llmrotate_site.asgi), and described as an OpenAPI schema (ErrorOut).
 
 On the Anthropic endpoints the same body also carries Anthropic's top-level `"type": "error"`:
 `{"type": "error", "error": {"type", "message", "code", "param"}}` reads right to both SDKs.
@@ -16,9 +18,10 @@ import math
 from collections.abc import Mapping
 
 from django.http import HttpResponse
+from ninja import Field, Schema
 
 
-class ProxyError(Exception):
+class ApiError(Exception):
     def __init__(
         self,
         status: int,
@@ -38,7 +41,7 @@ class ProxyError(Exception):
         self.retry_after = retry_after
         self.headers: dict[str, str] = {}
 
-    def with_headers(self, headers: dict[str, str]) -> ProxyError:
+    def with_headers(self, headers: dict[str, str]) -> ApiError:
         self.headers.update(headers)
         return self
 
@@ -72,26 +75,47 @@ def anthropic_caller(path: str, headers: Mapping[str, str]) -> bool:
     )
 
 
-def invalid_body(message: str, *, code: str, param: str | None = None) -> ProxyError:
+def invalid_body(message: str, *, code: str, param: str | None = None) -> ApiError:
     """A body the gateway cannot read or pass on (not JSON, too deep, not encodable): 400 on
     both endpoints, as an invalid JSON body is at OpenAI and Anthropic alike."""
-    return ProxyError(400, message, type="invalid_request_error", code=code, param=param)
+    return ApiError(400, message, type="invalid_request_error", code=code, param=param)
 
 
-def invalid_request(message: str, *, code: str, param: str | None = None) -> ProxyError:
-    return ProxyError(422, message, type="invalid_request_error", code=code, param=param)
+def invalid_request(message: str, *, code: str, param: str | None = None) -> ApiError:
+    return ApiError(422, message, type="invalid_request_error", code=code, param=param)
 
 
-def unauthenticated(message: str, *, code: str = "invalid_api_key") -> ProxyError:
-    return ProxyError(401, message, type="authentication_error", code=code)
+def unauthenticated(message: str, *, code: str = "invalid_api_key") -> ApiError:
+    return ApiError(401, message, type="authentication_error", code=code)
 
 
-def missing_token(*, anthropic: bool) -> ProxyError:
+def missing_token(*, anthropic: bool) -> ApiError:
     where = "'Authorization: Bearer <token>'"
     if anthropic:
         where = f"'x-api-key: <token>' or {where}"
     return unauthenticated(f"Missing client token: send {where}.", code="missing_api_key")
 
 
-def forbidden(message: str, *, code: str) -> ProxyError:
-    return ProxyError(403, message, type="permission_error", code=code)
+def forbidden(message: str, *, code: str) -> ApiError:
+    return ApiError(403, message, type="permission_error", code=code)
+
+
+# The envelope as an OpenAPI schema: what ApiError.body() builds. Operations list these in
+# their `response=` so that the OpenAPI document says what a 401, 403, 404 or 422 holds.
+
+
+class ErrorDetailOut(Schema):
+    message: str = Field(description="What went wrong and, for a bad parameter, what is accepted.")
+    type: str = Field(description="invalid_request_error, authentication_error, …")
+    code: str = Field(description="A stable code: invalid_parameter, missing_api_key, …")
+    param: str | None = Field(description="The parameter at fault, if one is.")
+
+
+class ErrorOut(Schema):
+    error: ErrorDetailOut
+
+
+# What an operation behind monitor_auth may answer besides its own responses; and one that
+# takes parameters, besides.
+AUTH_ERRORS: dict[int, type[Schema]] = {401: ErrorOut, 403: ErrorOut}
+QUERY_ERRORS: dict[int, type[Schema]] = {**AUTH_ERRORS, 422: ErrorOut}
