@@ -212,18 +212,26 @@ def returns_at(state: KeyState) -> float | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class CallResult:
+    """What one upstream call says about the key that made it: the evidence every transition
+    below is computed from, handed as one value from the engine through the stores (in process,
+    or inside a Redis transaction) to `apply_outcome`."""
+
+    outcome: Outcome
+    now: float
+    policy: KeyPolicy
+    retry_after: float | None = None  # seconds, as the upstream asked (clamped here)
+    headroom: Headroom | None = None
+    error_type: str | None = None
+
+
 def apply_outcome(
-    state: KeyState,
-    outcome: Outcome,
-    *,
-    now: float,
-    policy: KeyPolicy,
-    retry_after: float | None = None,
-    headroom: Headroom | None = None,
-    error_type: str | None = None,
-    rng: random.Random | None = None,
+    state: KeyState, result: CallResult, *, rng: random.Random | None = None
 ) -> KeyState:
-    """The state after one upstream call with this key ended with `outcome`."""
+    """The state after one upstream call with this key ended as `result` says."""
+    outcome, now, policy = result.outcome, result.now, result.policy
+    retry_after, headroom, error_type = result.retry_after, result.headroom, result.error_type
     current = effective_state(state, now=now)
     new = replace(current, last_used_at=now)
     if headroom is not None:

@@ -12,16 +12,15 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 from keys.health import (
+    CallResult,
     KeyPolicy,
     KeyState,
     KeyStatus,
-    Outcome,
     apply_manual,
     apply_outcome,
     apply_recheck,
     effective_state,
 )
-from keys.ratelimits import Headroom
 
 ManualAction = Literal["disable", "enable", "reset"]
 Snapshot = dict[str, tuple[KeyState, int]]
@@ -37,18 +36,8 @@ class KeyStateStore(ABC):
         """Effective state and calls in flight for each key."""
 
     @abstractmethod
-    async def record(
-        self,
-        key_id: str,
-        outcome: Outcome,
-        *,
-        now: float,
-        policy: KeyPolicy,
-        retry_after: float | None = None,
-        headroom: Headroom | None = None,
-        error_type: str | None = None,
-    ) -> KeyState:
-        """Apply one call's outcome; returns the new state."""
+    async def record(self, key_id: str, result: CallResult) -> KeyState:
+        """Apply what one call says about the key; returns the new state."""
 
     @abstractmethod
     async def acquire(self, key_id: str, *, now: float) -> bool:
@@ -92,19 +81,8 @@ class MemoryKeyStateStore(KeyStateStore):
     async def snapshot(self, key_ids: Sequence[str], *, now: float) -> Snapshot:
         return self.get_many(key_ids, now=now)
 
-    async def record(
-        self,
-        key_id: str,
-        outcome: Outcome,
-        *,
-        now: float,
-        policy: KeyPolicy,
-        retry_after: float | None = None,
-        headroom: Headroom | None = None,
-        error_type: str | None = None,
-    ) -> KeyState:
-        fn = _outcome_fn(outcome, now, policy, retry_after, headroom, error_type)
-        return self.apply(key_id, fn)
+    async def record(self, key_id: str, result: CallResult) -> KeyState:
+        return self.apply(key_id, lambda state: apply_outcome(state, result))
 
     async def acquire(self, key_id: str, *, now: float) -> bool:
         with self._lock:
@@ -163,20 +141,3 @@ class MemoryKeyStateStore(KeyStateStore):
         with self._lock:
             new = self._states[key_id] = fn(self._states.get(key_id, KeyState()))
             return new
-
-
-def _outcome_fn(
-    outcome: Outcome,
-    now: float,
-    policy: KeyPolicy,
-    retry_after: float | None,
-    headroom: Headroom | None,
-    error_type: str | None,
-) -> Transition:
-    def fn(state: KeyState) -> KeyState:
-        return apply_outcome(
-            state, outcome, now=now, policy=policy, retry_after=retry_after,
-            headroom=headroom, error_type=error_type,
-        )  # fmt: skip
-
-    return fn

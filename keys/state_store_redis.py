@@ -23,15 +23,16 @@ from redis.exceptions import RedisError, WatchError
 from redis.retry import Retry
 
 from keys.health import (
+    CallResult,
     KeyPolicy,
     KeyState,
     KeyStatus,
     Outcome,
     apply_manual,
+    apply_outcome,
     apply_recheck,
     effective_state,
 )
-from keys.ratelimits import Headroom
 from keys.state_store_base import (
     _AVAILABLE,
     KeyStateStore,
@@ -39,7 +40,6 @@ from keys.state_store_base import (
     MemoryKeyStateStore,
     Snapshot,
     Transition,
-    _outcome_fn,
 )
 
 log = logging.getLogger("llmrotate.keys")
@@ -120,23 +120,16 @@ class RedisKeyStateStore(KeyStateStore):
 
         return await self._guard_async(op, lambda: self._fallback.snapshot(key_ids, now=now))
 
-    async def record(
-        self,
-        key_id: str,
-        outcome: Outcome,
-        *,
-        now: float,
-        policy: KeyPolicy,
-        retry_after: float | None = None,
-        headroom: Headroom | None = None,
-        error_type: str | None = None,
-    ) -> KeyState:
-        fn = _outcome_fn(outcome, now, policy, retry_after, headroom, error_type)
+    async def record(self, key_id: str, result: CallResult) -> KeyState:
+        def fn(state: KeyState) -> KeyState:
+            return apply_outcome(state, result)
 
         async def op() -> KeyState:
             client, hkey = self._aclient(), self._hkey(key_id)
-            if outcome in (Outcome.SUCCESS, Outcome.CLIENT_ERROR):
-                before = effective_state(KeyState.from_dict(await client.hgetall(hkey)), now=now)
+            if result.outcome in (Outcome.SUCCESS, Outcome.CLIENT_ERROR):
+                before = effective_state(
+                    KeyState.from_dict(await client.hgetall(hkey)), now=result.now
+                )
                 after = fn(before)
                 changed = _changed(before, after)
                 if changed <= _FAST_FIELDS:

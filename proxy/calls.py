@@ -10,9 +10,7 @@ from typing import Any
 import httpx
 from django.conf import settings
 
-from keys.health import KeyPolicy
-from keys.health import Outcome as Health
-from keys.ratelimits import Headroom
+from keys.health import CallResult
 from keys.routing import DeploymentInfo, RouteInfo, TokenInfo, UpstreamKey
 from keys.state_store import get_key_state_store
 from proxy.dialects import OPENAI, Dialect, Usage
@@ -186,16 +184,7 @@ def record_attempt(
     )
 
 
-async def key_settle(
-    key_id: str,
-    upstream: httpx.Response | None,
-    *,
-    health: Health,
-    policy: KeyPolicy,
-    headroom: Headroom | None = None,
-    retry_after: float | None = None,
-    error_type: str | None = None,
-) -> None:
+async def key_settle(key_id: str, upstream: httpx.Response | None, result: CallResult) -> None:
     """The attempt holding `key_id` is over: release the key (which also frees a probing key's
     one trial), apply what the attempt says about it, close the upstream body if still open.
 
@@ -206,15 +195,7 @@ async def key_settle(
     store = get_key_state_store()
     try:
         await store.release(key_id)
-        await store.record(
-            key_id,
-            health,
-            now=time.time(),
-            policy=policy,
-            retry_after=retry_after,
-            headroom=headroom,
-            error_type=error_type,
-        )
+        await store.record(key_id, result)
     finally:
         if upstream is not None:
             await upstream.aclose()

@@ -40,7 +40,7 @@ from common.errors import ApiError, invalid_body
 from common.upstream import ResponseTooLarge, read_bounded, upstream_client
 from healthchecks import key_recheck as recheck
 from healthchecks.gate import get_breaker_gate
-from keys.health import returns_at
+from keys.health import CallResult, returns_at
 from keys.ratelimits import parse_retry_after
 from keys.routing import DeploymentInfo, UpstreamKey
 from keys.state_store import get_key_state_store
@@ -403,21 +403,20 @@ class Attempt:
                 verdict.next.value,
             )
         headers = self.response.headers if self.response is not None else httpx.Headers()
-        retry_after = None
-        if verdict.next is not Next.DONE:  # only a failure that moves on may say when to return
-            retry_after = parse_retry_after(headers, now=time.time())
+        now = time.time()
+        result = CallResult(
+            verdict.health,
+            now=now,
+            policy=deployment.provider.policy,
+            # Only a failure that moves on may say when to come back.
+            retry_after=parse_retry_after(headers, now=now)
+            if verdict.next is not Next.DONE
+            else None,
+            headroom=ctx.dialect.headroom(headers),
+            error_type=verdict.error_type or None,
+        )
         try:
-            await asyncio.shield(
-                key_settle(
-                    self.key.key_id,
-                    self.response,
-                    health=verdict.health,
-                    policy=deployment.provider.policy,
-                    headroom=ctx.dialect.headroom(headers),
-                    retry_after=retry_after,
-                    error_type=verdict.error_type or None,
-                )
-            )
+            await asyncio.shield(key_settle(self.key.key_id, self.response, result))
         except asyncio.CancelledError:
             raise
         except Exception:

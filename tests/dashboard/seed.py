@@ -22,7 +22,7 @@ from healthchecks.models import Endpoint, HealthEvent, ProbeKind, ProbeStatus
 from healthchecks.probes import ProbeResult
 from healthchecks.services import endpoints_sync, probe_record
 from keys.config_io import config_import
-from keys.health import KeyPolicy, Outcome
+from keys.health import CallResult, KeyPolicy, Outcome
 from keys.models import ApiKey
 from keys.ratelimits import Headroom
 from keys.services import api_key_health_action
@@ -90,7 +90,7 @@ def _key_states() -> None:
     now = time.time()
 
     async def record(key_id: str, outcome: Outcome, **kwargs: Any) -> None:
-        await store.record(key_id, outcome, now=now, policy=policy, **kwargs)
+        await store.record(key_id, CallResult(outcome, now=now, policy=policy, **kwargs))
 
     async def apply() -> None:
         for i, key_id in enumerate(SECRETS):

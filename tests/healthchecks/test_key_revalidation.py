@@ -18,7 +18,7 @@ from django.db import connections
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
 from healthchecks.key_recheck import keys_revalidate, keys_revalidate_forever
-from keys.health import KeyPolicy, KeyStatus, Outcome
+from keys.health import CallResult, KeyPolicy, KeyStatus, Outcome
 from keys.routing import routing_snapshot_sync
 from keys.state_store import get_key_state_store
 from llmrotate_site.beat import (
@@ -65,7 +65,11 @@ def revalidate(now: float) -> dict[str, bool | None]:
 
 
 def quarantine(key_id: str, now: float) -> None:
-    asyncio.run(get_key_state_store().record(key_id, Outcome.AUTH_FAILED, now=now, policy=POLICY))
+    asyncio.run(
+        get_key_state_store().record(
+            key_id, CallResult(Outcome.AUTH_FAILED, now=now, policy=POLICY)
+        )
+    )
 
 
 def test_an_auth_quarantined_key_comes_back_only_after_revalidation_succeeds(
@@ -94,7 +98,9 @@ def test_an_auth_quarantined_key_comes_back_only_after_revalidation_succeeds(
     assert revalidate(later) == {"openai-1": True}
     assert status("openai-1", later) == KeyStatus.PROBING
     asyncio.run(
-        get_key_state_store().record("openai-1", Outcome.SUCCESS, now=later + 1, policy=POLICY)
+        get_key_state_store().record(
+            "openai-1", CallResult(Outcome.SUCCESS, now=later + 1, policy=POLICY)
+        )
     )
     assert status("openai-1", later + 1) == KeyStatus.ACTIVE
 
@@ -102,7 +108,9 @@ def test_an_auth_quarantined_key_comes_back_only_after_revalidation_succeeds(
 def test_an_exhausted_key_is_revalidated_into_probing(models: ModelsEndpoint):
     now = time.time()
     asyncio.run(
-        get_key_state_store().record("openai-2", Outcome.QUOTA_EXHAUSTED, now=now, policy=POLICY)
+        get_key_state_store().record(
+            "openai-2", CallResult(Outcome.QUOTA_EXHAUSTED, now=now, policy=POLICY)
+        )
     )
     assert status("openai-2", now + 60) == KeyStatus.EXHAUSTED
     models.valid.add(SECRETS["k2"])
@@ -111,7 +119,7 @@ def test_an_exhausted_key_is_revalidated_into_probing(models: ModelsEndpoint):
     # A quota error on its trial call sends it straight back.
     asyncio.run(
         get_key_state_store().record(
-            "openai-2", Outcome.QUOTA_EXHAUSTED, now=now + 62, policy=POLICY
+            "openai-2", CallResult(Outcome.QUOTA_EXHAUSTED, now=now + 62, policy=POLICY)
         )
     )
     assert status("openai-2", now + 63) == KeyStatus.EXHAUSTED
@@ -178,7 +186,9 @@ async def eventually(predicate: Callable[[], bool], what: str, timeout: float = 
 
 async def quarantined_key_that_now_works(models: ModelsEndpoint) -> None:
     store = get_key_state_store()
-    await store.record("openai-1", Outcome.AUTH_FAILED, now=time.time() - 301, policy=POLICY)
+    await store.record(
+        "openai-1", CallResult(Outcome.AUTH_FAILED, now=time.time() - 301, policy=POLICY)
+    )
     models.valid.add(SECRETS["k1"])
 
 

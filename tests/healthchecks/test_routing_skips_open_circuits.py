@@ -166,13 +166,13 @@ async def test_a_failed_trial_reopens_the_breaker_with_a_longer_wait(gateway, up
 
 
 async def test_a_trial_claimed_but_never_sent_is_released(gateway, upstream: ByHost):
-    from keys.health import KeyPolicy, Outcome
+    from keys.health import CallResult, KeyPolicy, Outcome
     from keys.state_store import get_key_state_store
 
     store = get_key_state_store()
     policy = KeyPolicy()
     for key_id in ("openai-1", "openai-2"):
-        await store.record(key_id, Outcome.AUTH_FAILED, now=time.time(), policy=policy)
+        await store.record(key_id, CallResult(Outcome.AUTH_FAILED, now=time.time(), policy=policy))
     await in_thread(open_breaker)(PRIMARY, open_until=time.time() - 1)
     response = await post(gateway)
     assert response["x-llmrotate-key"] == "backup-1"

@@ -10,7 +10,7 @@ from django.test import Client
 from django.urls import reverse
 
 from keys.crypto import hash_token
-from keys.health import KeyPolicy, KeyStatus, Outcome
+from keys.health import CallResult, KeyPolicy, KeyStatus, Outcome
 from keys.models import ApiKey, ClientToken, Route
 from keys.secrets import api_key_resolve_secret
 from keys.services import client_token_lookup_prefix
@@ -149,11 +149,13 @@ def test_a_cooling_key_shows_when_it_comes_back(admin_client: Client) -> None:
     asyncio.run(
         get_key_state_store().record(
             key.key_id,
-            Outcome.RATE_LIMITED,
-            now=time.time(),
-            policy=KeyPolicy(),
-            retry_after=600,
-            error_type="rate_limited",
+            CallResult(
+                Outcome.RATE_LIMITED,
+                now=time.time(),
+                policy=KeyPolicy(),
+                retry_after=600,
+                error_type="rate_limited",
+            ),
         )
     )
 

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 
 from keys.health import (
+    CallResult,
     KeyPolicy,
     KeyState,
     KeyStatus,
@@ -23,9 +25,10 @@ NOW = 1_000_000.0
 POLICY = KeyPolicy(jitter_ratio=0.0)
 
 
-def hit(state: KeyState, outcome: Outcome, *, now: float = NOW, **kw: object) -> KeyState:
+def hit(state: KeyState, outcome: Outcome, *, now: float = NOW, **kw: Any) -> KeyState:
     policy = kw.pop("policy", POLICY)
-    return apply_outcome(state, outcome, now=now, policy=policy, **kw)  # type: ignore[arg-type]
+    rng = kw.pop("rng", None)
+    return apply_outcome(state, CallResult(outcome, now=now, policy=policy, **kw), rng=rng)
 
 
 def test_a_new_key_is_active_and_available() -> None:

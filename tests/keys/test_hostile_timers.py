@@ -9,7 +9,7 @@ import time
 import pytest
 from django.test import Client
 
-from keys.health import KeyPolicy, Outcome
+from keys.health import CallResult, KeyPolicy, Outcome
 from keys.state_store import get_key_state_store
 from tests.factories import ApiKeyFactory, ClientTokenFactory, ProviderFactory
 
@@ -24,7 +24,11 @@ def benched_for_ever() -> str:
     unbounded = KeyPolicy(max_wait_seconds=float("inf"))
     now = time.time()
     for outcome, wait in ((Outcome.RATE_LIMITED, 3e11), (Outcome.QUOTA_EXHAUSTED, 1e308)):
-        asyncio.run(store.record(key.key_id, outcome, now=now, policy=unbounded, retry_after=wait))
+        asyncio.run(
+            store.record(
+                key.key_id, CallResult(outcome, now=now, policy=unbounded, retry_after=wait)
+            )
+        )
     state, _ = store.get_many([key.key_id], now=now)[key.key_id]
     assert state.exhausted_until >= 1e308
     return key.key_id

@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from common.redaction import base_url_masked
 from healthchecks.models import Endpoint, ProbeStatus
-from keys.health import KeyPolicy, KeyStatus
+from keys.health import CallResult, KeyPolicy, KeyStatus
 from keys.models import ApiKey
 from keys.state_store import get_key_state_store
 from keys.strategies import DEFAULT_STRATEGY
@@ -70,11 +70,15 @@ def test_keys_show_live_state_with_llm_rotate_field_names(
     now = time.time()
     import asyncio
 
-    asyncio.run(
-        store.record("o1", Outcome.RATE_LIMITED, now=now, policy=KeyPolicy(), retry_after=30,
-                     headroom=Headroom(remaining_requests=0, remaining_tokens=1200),
-                     error_type="rate_limit_exceeded")
-    )  # fmt: skip
+    limited = CallResult(
+        Outcome.RATE_LIMITED,
+        now=now,
+        policy=KeyPolicy(),
+        retry_after=30,
+        headroom=Headroom(remaining_requests=0, remaining_tokens=1200),
+        error_type="rate_limit_exceeded",
+    )
+    asyncio.run(store.record("o1", limited))
     keys = {k["key_id"]: k for k in api.get("/api/keys").json()["keys"]}
     o1 = keys["o1"]
     assert o1["health"] == KeyStatus.COOLDOWN

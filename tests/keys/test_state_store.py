@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import redis
 
-from keys.health import KeyPolicy, KeyStatus, Outcome
+from keys.health import CallResult, KeyPolicy, KeyStatus, Outcome
 from keys.ratelimits import Headroom
 from keys.state_store import (
     KeyStateStore,
@@ -75,7 +75,9 @@ async def test_a_new_key_is_active_with_nothing_in_flight(store: KeyStateStore) 
 
 
 async def test_it_records_a_429_and_reports_the_cooldown(store: KeyStateStore) -> None:
-    new = await store.record("k", Outcome.RATE_LIMITED, now=NOW, policy=POLICY, retry_after=30)
+    new = await store.record(
+        "k", CallResult(Outcome.RATE_LIMITED, now=NOW, policy=POLICY, retry_after=30)
+    )
     assert new.status == KeyStatus.COOLDOWN
     state, _ = (await store.snapshot(["k"], now=NOW + 1))["k"]
     assert state.status == KeyStatus.COOLDOWN
@@ -86,16 +88,24 @@ async def test_it_records_a_429_and_reports_the_cooldown(store: KeyStateStore) -
 
 
 async def test_timers_only_move_forward(store: KeyStateStore) -> None:
-    await store.record("k", Outcome.RATE_LIMITED, now=NOW, policy=POLICY, retry_after=100)
-    await store.record("k", Outcome.RATE_LIMITED, now=NOW + 1, policy=POLICY, retry_after=2)
+    await store.record(
+        "k", CallResult(Outcome.RATE_LIMITED, now=NOW, policy=POLICY, retry_after=100)
+    )
+    await store.record(
+        "k", CallResult(Outcome.RATE_LIMITED, now=NOW + 1, policy=POLICY, retry_after=2)
+    )
     state, _ = store.get_many(["k"], now=NOW + 2)["k"]
     assert state.cooldown_until == NOW + 100
 
 
 async def test_a_late_success_keeps_the_cooldown_but_is_counted(store: KeyStateStore) -> None:
-    await store.record("k", Outcome.RATE_LIMITED, now=NOW, policy=POLICY, retry_after=60)
+    await store.record(
+        "k", CallResult(Outcome.RATE_LIMITED, now=NOW, policy=POLICY, retry_after=60)
+    )
     headroom = Headroom(remaining_requests=0, remaining_tokens=10, limit_tokens=1000)
-    await store.record("k", Outcome.SUCCESS, now=NOW + 1, policy=POLICY, headroom=headroom)
+    await store.record(
+        "k", CallResult(Outcome.SUCCESS, now=NOW + 1, policy=POLICY, headroom=headroom)
+    )
     state, _ = store.get_many(["k"], now=NOW + 2)["k"]
     assert state.status == KeyStatus.COOLDOWN
     assert state.cooldown_until == NOW + 60
@@ -106,11 +116,11 @@ async def test_a_late_success_keeps_the_cooldown_but_is_counted(store: KeyStateS
 
 
 async def test_successes_reset_a_run_of_failures(store: KeyStateStore) -> None:
-    await store.record("k", Outcome.UPSTREAM_ERROR, now=NOW, policy=POLICY)
-    await store.record("k", Outcome.UPSTREAM_ERROR, now=NOW, policy=POLICY)
-    await store.record("k", Outcome.SUCCESS, now=NOW, policy=POLICY)
+    await store.record("k", CallResult(Outcome.UPSTREAM_ERROR, now=NOW, policy=POLICY))
+    await store.record("k", CallResult(Outcome.UPSTREAM_ERROR, now=NOW, policy=POLICY))
+    await store.record("k", CallResult(Outcome.SUCCESS, now=NOW, policy=POLICY))
     for _ in range(5):
-        await store.record("k", Outcome.SUCCESS, now=NOW, policy=POLICY)
+        await store.record("k", CallResult(Outcome.SUCCESS, now=NOW, policy=POLICY))
     state, _ = store.get_many(["k"], now=NOW)["k"]
     assert state.consecutive_failures == 0
     assert (state.total_successes, state.total_failures) == (6, 2)
@@ -118,7 +128,7 @@ async def test_successes_reset_a_run_of_failures(store: KeyStateStore) -> None:
 
 async def test_concurrent_records_lose_no_update(store: KeyStateStore) -> None:
     calls = [
-        store.record("k", outcome, now=NOW + i, policy=POLICY, retry_after=i + 1)
+        store.record("k", CallResult(outcome, now=NOW + i, policy=POLICY, retry_after=i + 1))
         for i in range(40)
         for outcome in (Outcome.RATE_LIMITED, Outcome.SUCCESS, Outcome.UPSTREAM_ERROR)
     ]
@@ -142,20 +152,22 @@ async def test_acquire_counts_calls_in_flight(store: KeyStateStore) -> None:
 
 
 async def test_acquire_refuses_a_benched_key(store: KeyStateStore) -> None:
-    await store.record("k", Outcome.RATE_LIMITED, now=NOW, policy=POLICY, retry_after=30)
+    await store.record(
+        "k", CallResult(Outcome.RATE_LIMITED, now=NOW, policy=POLICY, retry_after=30)
+    )
     assert not await store.acquire("k", now=NOW + 1)
     assert await store.acquire("k", now=NOW + 31)
 
 
 async def test_a_probing_key_allows_one_trial_at_a_time(store: KeyStateStore) -> None:
-    await store.record("k", Outcome.QUOTA_EXHAUSTED, now=NOW, policy=POLICY)
+    await store.record("k", CallResult(Outcome.QUOTA_EXHAUSTED, now=NOW, policy=POLICY))
     later = NOW + POLICY.exhausted_seconds + 1
     assert (await store.snapshot(["k"], now=later))["k"][0].status == KeyStatus.PROBING
     assert await store.acquire("k", now=later)
     assert not await store.acquire("k", now=later)  # the trial is already in flight
     await store.release("k")
     assert await store.acquire("k", now=later)  # the trial ended without a verdict: try again
-    await store.record("k", Outcome.SUCCESS, now=later, policy=POLICY)
+    await store.record("k", CallResult(Outcome.SUCCESS, now=later, policy=POLICY))
     await store.release("k")
     assert (await store.snapshot(["k"], now=later))["k"][0].status == KeyStatus.ACTIVE
     assert await store.acquire("k", now=later)
@@ -175,7 +187,7 @@ def test_manual_actions_disable_and_enable_a_key(store: KeyStateStore) -> None:
 
 
 async def test_a_recheck_brings_a_quarantined_key_back_to_probing(store: KeyStateStore) -> None:
-    await store.record("k", Outcome.AUTH_FAILED, now=NOW, policy=POLICY)
+    await store.record("k", CallResult(Outcome.AUTH_FAILED, now=NOW, policy=POLICY))
     later = NOW + POLICY.quarantine_seconds + 1
     assert not await store.acquire("k", now=later)
     assert store.recheck("k", ok=True, now=later, policy=POLICY).status == KeyStatus.PROBING
@@ -218,9 +230,9 @@ def _hammer(prefix: str, worker: int, rounds: int, barrier: Any) -> None:
         for i in range(rounds):
             now = NOW + i
             retry = _retry_after(worker, i)
-            await store.record("shared", Outcome.RATE_LIMITED, now=now, policy=POLICY,
-                               retry_after=retry)  # fmt: skip
-            await store.record("shared", Outcome.SUCCESS, now=now, policy=POLICY)
+            limited = CallResult(Outcome.RATE_LIMITED, now=now, policy=POLICY, retry_after=retry)
+            await store.record("shared", limited)
+            await store.record("shared", CallResult(Outcome.SUCCESS, now=now, policy=POLICY))
             await store.acquire("counted", now=now)
             await store.next_rr("race")
 
@@ -267,7 +279,9 @@ def test_two_processes_hammering_one_key_lose_no_update() -> None:
 async def test_a_redis_outage_falls_back_without_raising(caplog: pytest.LogCaptureFixture) -> None:
     store = RedisKeyStateStore(f"redis://:hunter2@127.0.0.1:{unused_port()}/15", prefix="x:")
     with caplog.at_level(logging.WARNING, logger="llmrotate.keys"):
-        await store.record("k", Outcome.RATE_LIMITED, now=NOW, policy=POLICY, retry_after=30)
+        await store.record(
+            "k", CallResult(Outcome.RATE_LIMITED, now=NOW, policy=POLICY, retry_after=30)
+        )
         state, inflight = (await store.snapshot(["k"], now=NOW + 1))["k"]
         assert state.status == KeyStatus.COOLDOWN  # the fallback remembers, in this process
         assert inflight == 0

@@ -17,7 +17,7 @@ from django.http import StreamingHttpResponse
 from django.test import AsyncClient
 
 from healthchecks.gate import get_breaker_gate
-from keys.health import KeyPolicy, KeyState, KeyStatus, Outcome
+from keys.health import CallResult, KeyPolicy, KeyState, KeyStatus, Outcome
 from keys.routing import routing_snapshot
 from keys.state_store import get_key_state_store
 from proxy.calls import CallContext, now_wall
@@ -69,7 +69,7 @@ def key(key_id: str = "openai-1") -> tuple[KeyState, int]:
 async def only_a_probing_key() -> KeyState:
     """openai-1 half-open (one trial call allowed), openai-2 disabled: every call is the trial."""
     store, now, policy = get_key_state_store(), time.time(), KeyPolicy()
-    await store.record("openai-1", Outcome.AUTH_FAILED, now=now, policy=policy)
+    await store.record("openai-1", CallResult(Outcome.AUTH_FAILED, now=now, policy=policy))
     assert store.recheck("openai-1", ok=True, now=now, policy=policy).status == KeyStatus.PROBING
     store.manual("openai-2", "disable", now=now)
     return key()[0]

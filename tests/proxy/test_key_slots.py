@@ -15,7 +15,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.test import AsyncClient
 
-from keys.health import KeyPolicy, KeyState, KeyStatus, Outcome
+from keys.health import CallResult, KeyPolicy, KeyState, KeyStatus, Outcome
 from keys.models import ApiKey
 from keys.services import api_key_health_action
 from keys.state_store import get_key_state_store
@@ -35,7 +35,7 @@ def in_flight(key_ids: list[str] = KEYS) -> dict[str, int]:
 async def only_a_probing_key() -> None:
     """openai-1 half-open (one trial call), openai-2 disabled: every call is openai-1's trial."""
     store, now, policy = get_key_state_store(), time.time(), KeyPolicy()
-    await store.record("openai-1", Outcome.AUTH_FAILED, now=now, policy=policy)
+    await store.record("openai-1", CallResult(Outcome.AUTH_FAILED, now=now, policy=policy))
     assert store.recheck("openai-1", ok=True, now=now, policy=policy).status == KeyStatus.PROBING
     store.manual("openai-2", "disable", now=now)
 
