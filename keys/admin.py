@@ -20,10 +20,9 @@ from django.http import HttpRequest
 from django.utils.timesince import timesince, timeuntil
 
 from common.timestamps import datetime_from_epoch
-from keys.health import KeyState, KeyStatus
+from keys.health import KeyState, KeyStatus, ManualAction
 from keys.models import ApiKey, ClientToken, Deployment, Provider, Route
 from keys.services import (
-    HealthAction,
     api_key_health_action,
     api_key_parse_secret,
     api_key_save,
@@ -256,7 +255,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
         invalidate_routing_on_commit()
 
     def _health_action(
-        self, request: HttpRequest, queryset: QuerySet[ApiKey], action: HealthAction, done: str
+        self, request: HttpRequest, queryset: QuerySet[ApiKey], action: ManualAction, done: str
     ) -> None:
         keys = list(queryset)
         for key in keys:

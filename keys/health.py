@@ -359,9 +359,12 @@ def apply_recheck(state: KeyState, *, ok: bool, now: float, policy: KeyPolicy) -
     return new
 
 
-def apply_manual(
-    state: KeyState, action: Literal["disable", "enable", "reset"], *, now: float
-) -> KeyState:
+# An operator's action on a key (admin, dashboard).
+ManualAction = Literal["disable", "enable", "reset"]
+MANUAL_ACTIONS: tuple[ManualAction, ...] = ("disable", "enable", "reset")
+
+
+def apply_manual(state: KeyState, action: ManualAction, *, now: float) -> KeyState:
     """An operator's action. `reset` also forgets the last error and headroom; totals stay."""
     if action == "disable":
         if state.status == KeyStatus.DISABLED:

@@ -109,9 +109,6 @@ class ApiKey(models.Model):
     def __str__(self) -> str:
         return self.key_id
 
-    def serves(self, model: str) -> bool:
-        return not self.allowed_models or model in self.allowed_models
-
 
 class Route(models.Model):
     """What clients ask for (the `model` of a request) and where it may go, in order."""
@@ -175,6 +172,3 @@ class ClientToken(models.Model):
     @property
     def masked(self) -> str:
         return f"llmr_{self.prefix}_…"
-
-    def allows_route(self, route: str) -> bool:
-        return "*" in self.routes or route in self.routes

@@ -31,6 +31,7 @@ from keys.crypto import (
     resolve_reference,
     split_token,
 )
+from keys.health import MANUAL_ACTIONS, ManualAction
 from keys.models import ApiKey, ClientToken
 from keys.routing import invalidate_routing_cache
 from keys.state_store import get_key_state_store
@@ -43,8 +44,6 @@ LITERAL_WARNING = (
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 CLIENT_TOKEN_MIN_LENGTH = 20
-HealthAction = Literal["disable", "enable", "reset"]
-HEALTH_ACTIONS: tuple[HealthAction, ...] = ("disable", "enable", "reset")
 
 
 def invalidate_routing_on_commit() -> None:
@@ -161,13 +160,13 @@ def api_key_save(*, api_key: ApiKey, secret: str | None = None) -> list[str]:
     return []
 
 
-def api_key_health_action(*, api_key: ApiKey, action: HealthAction) -> None:
+def api_key_health_action(*, api_key: ApiKey, action: ManualAction) -> None:
     """An operator's disable / enable / reset.
 
     `disable` and `enable` also flip `enabled` so that the decision survives a lost state store
     (an in-process store forgets on restart); `reset` only clears the live health state.
     """
-    if action not in HEALTH_ACTIONS:
+    if action not in MANUAL_ACTIONS:
         raise ValueError(f"unknown action {action!r}")
     get_key_state_store().manual(api_key.key_id, action, now=time.time())
     if action in ("disable", "enable"):

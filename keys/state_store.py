@@ -14,7 +14,6 @@ from __future__ import annotations
 import threading
 
 from keys.state_store_base import KeyStateStore as KeyStateStore
-from keys.state_store_base import ManualAction as ManualAction
 from keys.state_store_base import MemoryKeyStateStore as MemoryKeyStateStore
 from keys.state_store_base import Snapshot as Snapshot
 from keys.state_store_base import Transition as Transition

@@ -9,20 +9,19 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Literal
 
 from keys.health import (
     CallResult,
     KeyPolicy,
     KeyState,
     KeyStatus,
+    ManualAction,
     apply_manual,
     apply_outcome,
     apply_recheck,
     effective_state,
 )
 
-ManualAction = Literal["disable", "enable", "reset"]
 Snapshot = dict[str, tuple[KeyState, int]]
 Transition = Callable[[KeyState], KeyState]
 

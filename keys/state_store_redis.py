@@ -27,6 +27,7 @@ from keys.health import (
     KeyPolicy,
     KeyState,
     KeyStatus,
+    ManualAction,
     Outcome,
     apply_manual,
     apply_outcome,
@@ -36,7 +37,6 @@ from keys.health import (
 from keys.state_store_base import (
     _AVAILABLE,
     KeyStateStore,
-    ManualAction,
     MemoryKeyStateStore,
     Snapshot,
     Transition,

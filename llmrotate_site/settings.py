@@ -66,6 +66,9 @@ INSTALLED_APPS = [
     "llmrotate_site",
 ]
 
+# For the admin, the dashboard and /api/ only: the proxy's /v1/ calls go past this stack
+# (llmrotate_site.asgi.ProxyHandler, for speed), so a middleware added here never sees them.
+# Anything the proxy needs belongs in proxy/ or in ProxyHandler itself.
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",

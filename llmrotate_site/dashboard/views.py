@@ -19,8 +19,9 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
 from keys.auth import MONITOR_PERMISSION
+from keys.health import MANUAL_ACTIONS
 from keys.models import ApiKey
-from keys.services import HEALTH_ACTIONS, api_key_health_action
+from keys.services import api_key_health_action
 from llmrotate_site.dashboard.panels import PANELS
 from llmrotate_site.dashboard.query import dashboard_query
 from usage.record_selectors import request_attempts
@@ -126,7 +127,7 @@ def call_request(request: HttpRequest, request_id: str) -> HttpResponse:
 @require_POST
 @dashboard_view
 def key_action(request: HttpRequest, key_id: str, action: str) -> HttpResponseRedirect:
-    if action not in HEALTH_ACTIONS:
+    if action not in MANUAL_ACTIONS:
         raise Http404
     # The same permission the admin's actions need.
     if not request.user.has_perm("keys.change_apikey"):
