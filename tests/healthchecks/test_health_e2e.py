@@ -191,13 +191,16 @@ def run_scenario(
     assert health["healthy"] is False and health["http_status"] == "failed"
     assert took < THRESHOLD * 1 + 8, f"opened after {took:.1f}s"  # 1 s probes, loaded CI
 
-    # Routing skips it: one attempt, straight to the backup (the web process has seen the
-    # worker's trip within LLMROTATE_BREAKER_SYNC_SECONDS; the open period is 4 s).
-    time.sleep(0.6)
-    answer = http.post("/v1/chat/completions", json=CHAT, headers=auth)
-    assert answer.status_code == 200, answer.text
-    assert answer.headers["x-llmrotate-attempts"] == "1"
-    assert answer.headers["x-llmrotate-key"] == "backup-1"
+    # Routing skips it: one attempt, straight to the backup, once the web process has seen
+    # the worker's trip (within LLMROTATE_BREAKER_SYNC_SECONDS; the open period is 4 s).
+    def straight_to_backup() -> bool:
+        answer = http.post("/v1/chat/completions", json=CHAT, headers=auth)
+        assert answer.status_code == 200, answer.text
+        return answer.headers["x-llmrotate-key"] == "backup-1" and (
+            answer.headers["x-llmrotate-attempts"] == "1"
+        )
+
+    until(straight_to_backup, "routing still tries the open endpoint", timeout=3)
     assert http.get("/internal/health").json()["summary"] == {
         "total": 2, "healthy": 1, "unhealthy": 1,
     }  # fmt: skip
@@ -216,9 +219,14 @@ def run_scenario(
     health = primary_health()
     assert health["breaker_state"] == "closed" and health["healthy"] is True
     # Traffic returns to the primary once the web process has seen the close.
-    time.sleep(0.6)
-    answer = http.post("/v1/chat/completions", json=CHAT, headers=auth)
-    assert answer.headers["x-llmrotate-key"] == "primary-1"
+    until(
+        lambda: (
+            http.post("/v1/chat/completions", json=CHAT, headers=auth).headers["x-llmrotate-key"]
+            == "primary-1"
+        ),
+        "traffic did not return to the primary",
+        timeout=3,
+    )
     assert backup.stats()["requests"].get("sk-e2e-backup-0123456789abcde", 0) >= 1
     http.close()
     assert "Traceback" not in server.output(), server.output()
