@@ -190,7 +190,7 @@ LLMROTATE_CONNECT_TIMEOUT_SECONDS = env.float("LLMROTATE_CONNECT_TIMEOUT_SECONDS
 # Longest silence allowed from an upstream: before the first byte, and between stream chunks.
 LLMROTATE_READ_TIMEOUT_SECONDS = env.float("LLMROTATE_READ_TIMEOUT_SECONDS", default=120)
 LLMROTATE_UPSTREAM_MAX_CONNECTIONS = env.int("LLMROTATE_UPSTREAM_MAX_CONNECTIONS", default=200)
-# Connection pools per upstream, taken in turn (proxy/upstream.py; docs/configuration.md).
+# Connection pools per upstream, taken in turn (common/upstream.py; docs/configuration.md).
 LLMROTATE_UPSTREAM_POOL_SHARDS = env.int("LLMROTATE_UPSTREAM_POOL_SHARDS", default=8)
 # How long routes, keys and tokens are cached in each process. Admin changes made in the same
 # process apply at once; other processes see them within this many seconds.
