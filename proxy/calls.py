@@ -14,8 +14,9 @@ from keys.health import CallResult
 from keys.routing import DeploymentInfo, RouteInfo, TokenInfo, UpstreamKey
 from keys.state_store import get_key_state_store
 from proxy.dialects import OPENAI, Dialect, Usage
+from usage.calls import CallData
 from usage.models import UsageSource
-from usage.recorder import CallData, record_call
+from usage.recorder import record_call
 
 # Tokens/s is the generation rate after the first token. An upstream (or a proxy in front of
 # it) that buffers sends the rest in one burst, microseconds after the first: a "rate" over

@@ -27,190 +27,18 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, fields
-from datetime import datetime
-from decimal import Decimal
 from pathlib import Path
 
 from django.conf import settings
-from django.db import close_old_connections, connection, connections, transaction
+from django.db import close_old_connections, connection, connections
 
-from usage.models import CallRecord, UsageSource
-from usage.pricing import call_cost, usage_implausible
-from usage.rollups import rollups_upsert
-from usage.spool import (
-    Row,
-    row_fit_to_columns,
-    row_to_json,
-    spool_files,
-    spool_replay_file,
-    spool_write,
-)
-from usage.tokens import estimate_prompt_tokens, estimate_text_tokens
+from usage.calls import PERSISTED_FIELDS, CallData, call_estimate, call_prepare, calls_write
+from usage.models import CallRecord
+from usage.spool import Row, spool_files, spool_replay_file, spool_write
 
 logger = logging.getLogger(__name__)
-usage_logger = logging.getLogger("llmrotate.usage")
 
 MAX_BACKOFF_SECONDS = 30.0
-
-
-@dataclass(slots=True)
-class CallData:
-    """One upstream attempt, as the proxy saw it. Field names are CallRecord's."""
-
-    request_id: str
-    started_at: datetime
-    finished_at: datetime
-    requested_model: str
-    outcome: str
-    attempt: int = 1
-    client: str = ""
-    provider: str = ""
-    upstream_model: str = ""
-    key_id: str = ""
-    stream: bool = False
-    status_code: int | None = None
-    error_type: str = ""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-    cached_tokens: int = 0
-    reasoning_tokens: int = 0
-    usage_source: str = UsageSource.NONE
-    usage_flagged: bool = False
-    latency_ms: float = 0.0
-    ttft_ms: float | None = None
-    ttlt_ms: float | None = None
-    tokens_per_second: float | None = None
-    overhead_ms: float = 0.0
-    cost_usd: Decimal | None = None
-    # Never persisted. provider_kind (openai | anthropic | openai_compatible) picks the price
-    # list; cache_write_tokens (Anthropic's cache_creation_input_tokens, part of prompt_tokens)
-    # are priced above plain input; estimate is (prompt text, completion text), set only when
-    # the upstream reported no usage, tokenized by the recorder and then discarded: text is
-    # never stored or logged. estimate_chars is the full length in characters of (prompt,
-    # completion) when the proxy kept only part of those texts (None: they are whole), so the
-    # estimate scales to it. max_output_tokens is the client's output limit (max_tokens,
-    # max_completion_tokens), against which reported usage is checked.
-    provider_kind: str = ""
-    cache_write_tokens: int = 0
-    estimate: tuple[str, str] | None = None
-    estimate_chars: tuple[int, int] | None = None
-    max_output_tokens: int | None = None
-
-    def __repr__(self) -> str:
-        # The dataclass repr would include the estimate's prompt text.
-        return f"CallData({self.request_id}#{self.attempt} {self.outcome})"
-
-
-_NOT_PERSISTED = frozenset(
-    {"provider_kind", "cache_write_tokens", "estimate", "estimate_chars", "max_output_tokens"}
-)
-PERSISTED_FIELDS: tuple[str, ...] = tuple(
-    f.name for f in fields(CallData) if f.name not in _NOT_PERSISTED
-)
-
-
-def _write_batch(
-    records: list[CallRecord], *, insert: Callable[[list[CallRecord]], None] | None = None
-) -> None:
-    """Write one batch in one transaction: the records and their rollups commit (or fail and
-    are retried) together. Spool replay comes through here too (see usage/spool.py); the
-    seeding command passes a faster `insert` (COPY) and shares the rest."""
-    with transaction.atomic():
-        if insert is None:
-            CallRecord.objects.bulk_create(records)
-        else:
-            insert(records)
-        rollups_upsert(records=records)
-
-
-def call_estimate(data: CallData) -> None:
-    """Fill the token counts the upstream did not report from `data.estimate`, and drop the
-    text. Tokenizes at most LLMROTATE_ESTIMATE_MAX_CHARS characters of each text."""
-    if data.estimate is None:
-        return
-    prompt_text, completion_text = data.estimate
-    prompt_chars, completion_chars = data.estimate_chars or (0, 0)
-    data.estimate = data.estimate_chars = None  # drop the text as early as possible
-    max_chars = settings.LLMROTATE_ESTIMATE_MAX_CHARS
-    try:
-        sampled = False
-        if not data.prompt_tokens:
-            prompt = estimate_prompt_tokens(prompt_text, length=prompt_chars, max_chars=max_chars)
-            data.prompt_tokens, sampled = prompt.tokens, prompt.sampled
-        if not data.completion_tokens:
-            completion = estimate_text_tokens(
-                completion_text, length=completion_chars, max_chars=max_chars
-            )
-            data.completion_tokens = completion.tokens
-            sampled = sampled or completion.sampled
-        data.total_tokens = data.prompt_tokens + data.completion_tokens
-        data.usage_source = UsageSource.EXTRAPOLATED if sampled else UsageSource.ESTIMATED
-    except Exception:
-        logger.warning("token estimate failed for %s", data.request_id, exc_info=True)
-
-
-def call_prepare(data: CallData, *, log: bool = True) -> Row:
-    """Fill estimates and cost, flag implausible usage, log the JSON line (once per record,
-    before any write), and return the row to insert. The seeding command uses it too, so
-    seeded data is priced the way real traffic is."""
-    call_estimate(data)  # normally done already, on the estimator thread
-    if not data.total_tokens:
-        data.total_tokens = data.prompt_tokens + data.completion_tokens
-    if data.cost_usd is None and (data.prompt_tokens or data.completion_tokens):
-        try:
-            data.cost_usd = call_cost(
-                provider=data.provider,
-                provider_kind=data.provider_kind,
-                model=data.upstream_model or data.requested_model,
-                prompt_tokens=data.prompt_tokens,
-                completion_tokens=data.completion_tokens,
-                cached_tokens=data.cached_tokens,
-                cache_write_tokens=data.cache_write_tokens,
-            )
-        except Exception:
-            logger.warning("pricing failed for %s", data.request_id, exc_info=True)
-    if data.usage_source == UsageSource.REPORTED:
-        _flag_implausible_usage(data)
-    row = row_fit_to_columns({name: getattr(data, name) for name in PERSISTED_FIELDS})
-    if log and usage_logger.isEnabledFor(logging.INFO):
-        usage_logger.info(row_to_json(row))
-    return row
-
-
-def _flag_implausible_usage(data: CallData) -> None:
-    model = data.upstream_model or data.requested_model
-    try:
-        reason = usage_implausible(
-            provider_kind=data.provider_kind,
-            model=model,
-            prompt_tokens=data.prompt_tokens,
-            completion_tokens=data.completion_tokens,
-            total_tokens=data.total_tokens,
-            cached_tokens=data.cached_tokens,
-            reasoning_tokens=data.reasoning_tokens,
-            max_output_tokens=data.max_output_tokens,
-        )
-    except Exception:
-        logger.warning("usage plausibility check failed for %s", data.request_id, exc_info=True)
-        return
-    if reason is None:
-        return
-    data.usage_flagged = True
-    logger.warning(
-        "implausible usage flagged, kept out of the rollups until accepted in the admin: "
-        "request %s attempt %d model %r prompt_tokens=%d completion_tokens=%d total_tokens=%d "
-        "(%s)",
-        data.request_id,
-        data.attempt,
-        model,
-        data.prompt_tokens,
-        data.completion_tokens,
-        data.total_tokens,
-        reason,
-    )
 
 
 class Recorder:
@@ -526,7 +354,7 @@ class Recorder:
                 close_old_connections()
             while self._pending:
                 chunk = self._pending[: self._batch_size]
-                _write_batch([CallRecord(**row) for row in chunk])
+                calls_write([CallRecord(**row) for row in chunk])
                 del self._pending[: len(chunk)]
             if replay:
                 self._replay_spool()
@@ -575,7 +403,7 @@ class Recorder:
                 path=path,
                 field_names=PERSISTED_FIELDS,
                 batch_size=self._batch_size,
-                write_batch=_write_batch,  # looked up per call, so the hook can be patched
+                write_batch=calls_write,  # looked up per call, so the hook can be patched
             )
 
 

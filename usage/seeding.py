@@ -6,7 +6,7 @@ shape, errors of every kind (a retryable one fails over to the next key or deplo
 same request id, like the proxy does), streams with TTFT and tokens/s, a few estimated usages.
 
 Records go through the production write path: `call_prepare` (tokens, pricing) and the
-recorder's `_write_batch` (records and rollups in one transaction). Only the raw insert differs
+recorder's `calls_write` (records and rollups in one transaction). Only the raw insert differs
 on Postgres, where COPY replaces bulk_create because it is several times faster; the rollup
 arithmetic is the same code.
 """
@@ -23,9 +23,9 @@ from decimal import Decimal
 
 from django.db import connection
 
+from usage.calls import PERSISTED_FIELDS, CallData, call_prepare, calls_write
 from usage.models import CallRecord, Outcome, UsageSource
 from usage.pricing import call_cost
-from usage.recorder import PERSISTED_FIELDS, CallData, _write_batch, call_prepare
 
 # provider -> (kind, keys)
 PROVIDERS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -299,13 +299,13 @@ def usage_seed(
         prices.fill(data)
         batch.append(CallRecord(**call_prepare(data, log=False)))
         if len(batch) >= batch_size:
-            _write_batch(batch, insert=insert)
+            calls_write(batch, insert=insert)
             written += len(batch)
             batch = []
             if progress:
                 progress(written)
     if batch:
-        _write_batch(batch, insert=insert)
+        calls_write(batch, insert=insert)
         written += len(batch)
         if progress:
             progress(written)

@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from tests.dashboard.conftest import Dashboard, log_in
 from tests.usage.monitoring import call, write_calls
-from usage.recorder import CallData
+from usage.calls import CallData
 
 pytestmark = [pytest.mark.embedded, pytest.mark.e2e]
 

@@ -13,9 +13,10 @@ import pytest
 from django.db import OperationalError
 
 import usage.recorder as recorder_module
+from usage.calls import CallData
 from usage.models import Outcome
 from usage.pricing import _genai_knows, price_overrides_invalidate
-from usage.recorder import CallData, Recorder
+from usage.recorder import Recorder
 
 T0 = datetime(2025, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)
 
@@ -54,11 +55,11 @@ def wait_until(predicate: Callable[[], bool], *, timeout: float = 15) -> None:
 
 
 class FlakyWrites:
-    """Stands in for `_write_batch`: raises like an unreachable database `failures` times (or
+    """Stands in for `calls_write`: raises like an unreachable database `failures` times (or
     for as long as `down` is set), then writes for real."""
 
     def __init__(self, *, failures: int = 0, down: bool = False) -> None:
-        self.real = recorder_module._write_batch
+        self.real = recorder_module.calls_write
         self.failures = failures
         self.down = down
         self.calls = 0
@@ -113,7 +114,7 @@ def recorder(make_recorder: Callable[..., Recorder], monkeypatch: pytest.MonkeyP
 def flaky_writes(monkeypatch: pytest.MonkeyPatch) -> Callable[..., FlakyWrites]:
     def install(**kwargs: Any) -> FlakyWrites:
         flaky = FlakyWrites(**kwargs)
-        monkeypatch.setattr(recorder_module, "_write_batch", flaky)
+        monkeypatch.setattr(recorder_module, "calls_write", flaky)
         return flaky
 
     return install

@@ -14,8 +14,8 @@ from django.utils import timezone
 
 from tests.factories import ClientTokenFactory
 from tests.usage.conftest import make_call
+from usage.calls import CallData, call_prepare, calls_write
 from usage.models import CallRecord
-from usage.recorder import CallData, _write_batch, call_prepare
 
 _ids = itertools.count()
 
@@ -27,7 +27,7 @@ def call(**overrides: Any) -> CallData:
 
 def write_calls(calls: Iterable[CallData]) -> list[CallRecord]:
     records = [CallRecord(**call_prepare(data, log=False)) for data in calls]
-    _write_batch(records)
+    calls_write(records)
     return records
 
 

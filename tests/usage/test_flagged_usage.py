@@ -13,8 +13,8 @@ from django.urls import reverse
 
 from tests.usage import monitoring
 from tests.usage.monitoring import call, write_calls
+from usage.calls import call_prepare
 from usage.models import CallRecord, DayRollup, HourRollup, MinuteRollup, UsageSource
-from usage.recorder import call_prepare
 
 api = monitoring.api
 monitor_token = monitoring.monitor_token
@@ -54,7 +54,7 @@ def rollup_sums() -> list[dict[str, Any]]:
 def test_a_reply_claiming_2_31_minus_1_tokens_is_flagged_kept_and_left_out_of_the_totals(
     api: Client, now: datetime, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="usage.recorder"):
+    with caplog.at_level(logging.WARNING, logger="usage.calls"):
         write_calls([hostile(now), plausible(now)])
 
     flagged = CallRecord.objects.get(request_id="hostile")

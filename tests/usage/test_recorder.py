@@ -15,10 +15,12 @@ from asgiref.sync import sync_to_async
 from django.db import connection, connections
 from django.test.utils import CaptureQueriesContext
 
+import usage.calls as calls_module
 import usage.recorder as recorder_module
 from tests.usage.conftest import make_call, wait_until
+from usage.calls import PERSISTED_FIELDS, CallData
 from usage.models import CallRecord, UsageSource
-from usage.recorder import PERSISTED_FIELDS, CallData, Recorder, record_call
+from usage.recorder import Recorder, record_call
 from usage.tokens import estimate_tokens
 
 PROMPT = "user: What is the capital of France? Answer in one sentence."
@@ -61,7 +63,7 @@ def test_pricing_runs_on_the_flusher_thread_and_token_estimates_on_the_estimator
         return wrapper
 
     for name in ("call_cost", "estimate_prompt_tokens", "estimate_text_tokens"):
-        monkeypatch.setattr(recorder_module, name, spy(name, getattr(recorder_module, name)))
+        monkeypatch.setattr(calls_module, name, spy(name, getattr(calls_module, name)))
     record_call(make_call(estimate=(PROMPT, COMPLETION)))
     assert recorder.flush()
     assert sorted(seen) == [
@@ -75,13 +77,13 @@ def test_record_call_returns_at_once_while_a_database_write_hangs(
     recorder: Recorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     release = threading.Event()
-    real = recorder_module._write_batch
+    real = recorder_module.calls_write
 
     def hanging(records: list[CallRecord]) -> None:
         release.wait(10)
         real(records)
 
-    monkeypatch.setattr(recorder_module, "_write_batch", hanging)
+    monkeypatch.setattr(recorder_module, "calls_write", hanging)
     record_call(make_call(request_id="first"))
     recorder._wake.set()  # the flusher picks up "first" and blocks in the write
     wait_until(lambda: recorder.backlog == 1 and not recorder._buffer)

@@ -13,8 +13,9 @@ from django.db import OperationalError, connection
 
 import usage.recorder as recorder_module
 from tests.usage.conftest import FlakyWrites, make_call, wait_until
+from usage.calls import PERSISTED_FIELDS
 from usage.models import CallRecord
-from usage.recorder import PERSISTED_FIELDS, Recorder
+from usage.recorder import Recorder
 from usage.spool import row_fit_to_columns, spool_write
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -120,7 +121,7 @@ def test_a_spool_file_commits_all_or_nothing_when_the_replay_fails_midway(
     spool_dir: Path,
 ) -> None:
     spool_write(spool_dir=spool_dir, rows=rows_for(["a", "b", "c", "d"]))
-    real = recorder_module._write_batch
+    real = recorder_module.calls_write
     batches: list[int] = []
     broken = True
 
@@ -130,7 +131,7 @@ def test_a_spool_file_commits_all_or_nothing_when_the_replay_fails_midway(
             raise OperationalError("server closed the connection unexpectedly")
         real(records)
 
-    monkeypatch.setattr(recorder_module, "_write_batch", fail_every_second_batch)
+    monkeypatch.setattr(recorder_module, "calls_write", fail_every_second_batch)
     recorder = make_recorder(batch_size=2)  # the file goes in as two batches
     assert not recorder.flush(timeout=0.5)
     # Each first half was rolled back with its file. The writer may still be inside its next

@@ -129,7 +129,8 @@ def test_an_interpreter_exit_flushes_what_is_buffered_and_estimating(tmp_path: P
         import django
         django.setup()
         from datetime import UTC, datetime
-        from usage.recorder import CallData, record_call
+        from usage.calls import CallData
+        from usage.recorder import record_call
         now = datetime.now(UTC)
         record_call(CallData(request_id="at-exit", started_at=now, finished_at=now,
                              requested_model="m", outcome="success"))

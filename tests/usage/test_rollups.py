@@ -15,8 +15,9 @@ from django.db import connection
 
 from tests.usage.conftest import FlakyWrites
 from tests.usage.monitoring import call, write_calls
+from usage.calls import PERSISTED_FIELDS, call_prepare
 from usage.models import CallRecord, DayRollup, HourRollup, MinuteRollup, Outcome, UsageSource
-from usage.recorder import PERSISTED_FIELDS, Recorder, call_prepare
+from usage.recorder import Recorder
 from usage.spool import row_to_json
 
 T = datetime(2025, 5, 6, 10, 15, 30, tzinfo=UTC)
@@ -108,12 +109,12 @@ def test_buckets_are_utc_whatever_the_offset_of_the_timestamp() -> None:
 def test_a_failed_batch_leaves_neither_records_nor_rollups(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import usage.recorder as recorder_module
+    import usage.calls as calls_module
 
     def broken(*, records: list[CallRecord]) -> None:
         raise RuntimeError("rollup write failed")
 
-    monkeypatch.setattr(recorder_module, "rollups_upsert", broken)
+    monkeypatch.setattr(calls_module, "rollups_upsert", broken)
     with pytest.raises(RuntimeError):
         write_calls([call(started_at=T)])
     assert not CallRecord.objects.exists()
@@ -138,7 +139,7 @@ def test_spool_replay_writes_rollups_too(tmp_path: Path) -> None:
 
 
 def test_flaky_writes_retry_the_whole_transaction() -> None:
-    # The recorder's retry path calls _write_batch again with the same records: the first
+    # The recorder's retry path calls calls_write again with the same records: the first
     # attempt must not have left rollups behind.
     flaky = FlakyWrites(failures=1)
     records = [CallRecord(**call_prepare(call(started_at=T), log=False))]
@@ -155,12 +156,12 @@ _WRITER = textwrap.dedent(
     django.setup()
     from datetime import datetime
     from usage.models import CallRecord
-    from usage.recorder import _write_batch
+    from usage.calls import calls_write
     from usage.spool import row_from_json
     fields = sys.argv[2].split(",")
     rows = [row_from_json(line, field_names=fields) for line in open(sys.argv[1])]
     for start in range(0, len(rows), 25):
-        _write_batch([CallRecord(**row) for row in rows[start:start + 25]])
+        calls_write([CallRecord(**row) for row in rows[start:start + 25]])
     """
 )
 
