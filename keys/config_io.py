@@ -1,18 +1,16 @@
 """Import and export of providers, keys, routes and clients as one YAML/JSON document.
 
-The format is a public contract; this docstring is its reference:
+The format is a public contract: keys.config_schema describes it (and publishes it as
+docs/config.schema.json). An example:
 
     version: 1                      # optional; the only version so far
     providers:
-      openai: {kind: openai, base_url: "https://api.openai.com/v1", cooldown_seconds: 30,
-               quarantine_seconds: 300, exhausted_seconds: 3600, enabled: true}
+      openai: {kind: openai, base_url: "https://api.openai.com/v1", cooldown_seconds: 30}
     keys:
-      - {id: openai-1, provider: openai, secret: "env://OPENAI_API_KEY_1", priority: 0,
-         weight: 1, models: ["gpt-4o-mini"], enabled: true}
+      - {id: openai-1, provider: openai, secret: "env://OPENAI_API_KEY_1", models: [gpt-4o-mini]}
     routes:
       gpt-4o-mini:
         strategy: health_aware
-        enabled: true
         deployments: [{provider: openai, model: gpt-4o-mini}]
     clients:
       - {name: ci, token: "env://LLMROTATE_CI_TOKEN", routes: ["*"], scopes: [proxy, monitor]}
@@ -47,23 +45,17 @@ from typing import Any
 from django.core.exceptions import ValidationError
 from django.db import transaction
 
-# Parsing is in keys.config_schema; the `X as X` imports keep its public names importable here.
-from keys.config_schema import CLIENT_FIELDS as CLIENT_FIELDS
 from keys.config_schema import (
     CONFIG_VERSION,
     SECTIONS,
+    ClientConfig,
     ConfigError,
-    _ClientSpec,
-    _KeySpec,
-    _parse,
-    _ProviderSpec,
-    _RouteSpec,
+    KeyConfig,
+    ProviderConfig,
+    RouteConfig,
+    client_token,
+    config_parse,
 )
-from keys.config_schema import DEPLOYMENT_FIELDS as DEPLOYMENT_FIELDS
-from keys.config_schema import KEY_FIELDS as KEY_FIELDS
-from keys.config_schema import PLAINTEXT_WARNING as PLAINTEXT_WARNING
-from keys.config_schema import PROVIDER_FIELDS as PROVIDER_FIELDS
-from keys.config_schema import ROUTE_FIELDS as ROUTE_FIELDS
 from keys.crypto import SecretDecryptionError, hash_token
 from keys.models import ApiKey, ClientToken, Deployment, Provider, Route
 from keys.services import (
@@ -75,9 +67,6 @@ from keys.services import (
     invalidate_routing_on_commit,
 )
 from keys.strategies import DEFAULT_STRATEGY
-
-DEFAULT_CLIENT_ROUTES = ["*"]
-DEFAULT_CLIENT_SCOPES = [ClientToken.Scope.PROXY.value]
 
 
 @dataclass
@@ -145,7 +134,7 @@ def _diff(instance: Any, values: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if getattr(instance, k) != v}
 
 
-def config_import(*, data: dict[str, Any], dry_run: bool = False) -> ImportReport:
+def config_import(*, data: Any, dry_run: bool = False) -> ImportReport:
     """Create or update everything the document describes, in one transaction.
 
     Raises ConfigError (nothing written) when the document or any entry is invalid.
@@ -156,15 +145,15 @@ def config_import(*, data: dict[str, Any], dry_run: bool = False) -> ImportRepor
         with transaction.atomic():
             # Parsed inside the transaction: provider names are checked against the same
             # snapshot the writes go to.
-            doc = _parse(data)
-            report.warnings.extend(doc.warnings)
-            providers = _apply_providers(doc.providers, report, errors)
+            doc, warnings = config_parse(data=data)
+            report.warnings.extend(warnings)
+            providers = _apply_providers(doc.providers or {}, report, errors)
             if errors:
                 # Keys and routes below would refer to providers that were not saved.
                 raise ConfigError(errors)
-            _apply_keys(doc.keys, providers, report, errors)
-            _apply_routes(doc.routes, providers, report, errors)
-            _apply_clients(doc.clients, report, errors)
+            _apply_keys(doc.keys or [], providers, report, errors)
+            _apply_routes(doc.routes or {}, providers, report, errors)
+            _apply_clients(doc.clients or [], report, errors)
             if errors:
                 raise ConfigError(errors)
             if dry_run:
@@ -179,24 +168,25 @@ def config_import(*, data: dict[str, Any], dry_run: bool = False) -> ImportRepor
 
 
 def _apply_providers(
-    specs: list[_ProviderSpec], report: ImportReport, errors: list[str]
+    entries: dict[str, ProviderConfig], report: ImportReport, errors: list[str]
 ) -> dict[str, Provider]:
     counts = report.counts["providers"]
-    for spec in specs:
-        provider = Provider.objects.filter(name=spec.name).first()
-        with _collect(errors, spec.path, {}):
+    for name, entry in entries.items():
+        provider = Provider.objects.filter(name=name).first()
+        values = entry.model_dump(exclude_unset=True)
+        with _collect(errors, f"providers.{name}", {}):
             if provider is None:
-                provider = Provider(name=spec.name, **spec.values)
+                provider = Provider(name=name, **values)
                 provider.full_clean()
                 provider.save()
                 counts.created += 1
                 continue
-            changes = _diff(provider, spec.values)
+            changes = _diff(provider, values)
             if not changes:
                 counts.unchanged += 1
                 continue
-            for name, value in changes.items():
-                setattr(provider, name, value)
+            for field_name, value in changes.items():
+                setattr(provider, field_name, value)
             provider.full_clean()
             provider.save()
             counts.updated += 1
@@ -207,30 +197,32 @@ _KEY_FIELD_NAMES = {"key_id": "id", "allowed_models": "models"}
 
 
 def _apply_keys(
-    specs: list[_KeySpec],
+    entries: list[KeyConfig],
     providers: dict[str, Provider],
     report: ImportReport,
     errors: list[str],
 ) -> None:
     counts = report.counts["keys"]
-    for spec in specs:
-        key = ApiKey.objects.select_related("provider").filter(key_id=spec.key_id).first()
-        provider = providers[spec.provider]
-        with _collect(errors, spec.path, _KEY_FIELD_NAMES):
+    for i, entry in enumerate(entries):
+        path = f"keys[{i}]"
+        key = ApiKey.objects.select_related("provider").filter(key_id=entry.id).first()
+        provider = providers[entry.provider]
+        spec = entry.secret
+        with _collect(errors, path, _KEY_FIELD_NAMES):
             if key is None:
-                if spec.secret is None:
-                    errors.append(f"{spec.path}.secret: required for a new key")
+                if spec is None:
+                    errors.append(f"{path}.secret: required for a new key")
                     continue
-                key = ApiKey(key_id=spec.key_id, provider=provider, **spec.values)
+                key = ApiKey(key_id=entry.id, provider=provider, **entry.values())
                 key.full_clean(exclude=["secret_encrypted", "secret_ref", "secret_hint"])
                 # The service's own warnings repeat what parsing reported, without the path.
-                api_key_save(api_key=key, secret=_secret_text(spec.secret))
+                api_key_save(api_key=key, secret=_secret_text(spec))
                 counts.created += 1
                 continue
-            changes = _diff(key, {**spec.values, "provider_id": provider.pk})
+            changes = _diff(key, {**entry.values(), "provider_id": provider.pk})
             new_secret = None
-            if spec.secret is not None and not _secret_unchanged(key, spec, report):
-                new_secret = _secret_text(spec.secret)
+            if spec is not None and not _secret_unchanged(key, spec, path, report):
+                new_secret = _secret_text(spec)
             if not changes and new_secret is None:
                 counts.unchanged += 1
                 continue
@@ -246,54 +238,52 @@ def _secret_text(spec: SecretSpec) -> str:
     return spec.value if spec.kind == "reference" else f"literal://{spec.value}"
 
 
-def _secret_unchanged(key: ApiKey, spec: _KeySpec, report: ImportReport) -> bool:
-    assert spec.secret is not None
+def _secret_unchanged(key: ApiKey, spec: SecretSpec, path: str, report: ImportReport) -> bool:
     try:
-        return api_key_secret_matches(api_key=key, spec=spec.secret)
+        return api_key_secret_matches(api_key=key, spec=spec)
     except SecretDecryptionError:
         # The stored ciphertext is unreadable with today's keys; the file's secret replaces it,
         # which is also how an operator repairs a lost encryption key.
-        report.warnings.append(
-            f"{spec.path}.secret: the stored secret could not be decrypted; replaced"
-        )
+        report.warnings.append(f"{path}.secret: the stored secret could not be decrypted; replaced")
         return False
 
 
 def _apply_routes(
-    specs: list[_RouteSpec],
+    entries: dict[str, RouteConfig],
     providers: dict[str, Provider],
     report: ImportReport,
     errors: list[str],
 ) -> None:
     counts = report.counts["routes"]
-    for spec in specs:
-        route = Route.objects.filter(name=spec.name).first()
-        with _collect(errors, spec.path, {}):
+    for name, entry in entries.items():
+        route = Route.objects.filter(name=name).first()
+        values = entry.model_dump(exclude_unset=True, exclude={"deployments"})
+        deployments = [(d.provider, d.model) for d in entry.deployments]
+        with _collect(errors, f"routes.{name}", {}):
             created = route is None
             current: list[tuple[str, str]] = []
             if route is None:
-                route = Route(name=spec.name, **{"strategy": DEFAULT_STRATEGY, **spec.values})
-                changes = spec.values
+                route = Route(name=name, **{"strategy": DEFAULT_STRATEGY, **values})
             else:
-                changes = _diff(route, spec.values)
-                for name, value in changes.items():
-                    setattr(route, name, value)
+                changes = _diff(route, values)
+                for field_name, value in changes.items():
+                    setattr(route, field_name, value)
                 current = [
                     (d.provider.name, d.model)
                     for d in route.deployments.select_related("provider").order_by("position")
                 ]
-                if not changes and current == spec.deployments:
+                if not changes and current == deployments:
                     counts.unchanged += 1
                     continue
             route.full_clean()
             route.save()
-            if current != spec.deployments:
+            if current != deployments:
                 # Replaced rather than patched: positions are unique per route, and the file's
                 # order is the fallback order.
                 route.deployments.all().delete()
                 Deployment.objects.bulk_create(
                     Deployment(route=route, position=i, provider=providers[p], model=m)
-                    for i, (p, m) in enumerate(spec.deployments)
+                    for i, (p, m) in enumerate(deployments)
                 )
             if created:
                 counts.created += 1
@@ -301,37 +291,35 @@ def _apply_routes(
                 counts.updated += 1
 
 
-def _apply_clients(specs: list[_ClientSpec], report: ImportReport, errors: list[str]) -> None:
+def _apply_clients(entries: list[ClientConfig], report: ImportReport, errors: list[str]) -> None:
     counts = report.counts["clients"]
-    for spec in specs:
-        client = ClientToken.objects.filter(name=spec.name).first()
-        with _collect(errors, spec.path, {}):
+    for i, entry in enumerate(entries):
+        path = f"clients[{i}]"
+        client = ClientToken.objects.filter(name=entry.name).first()
+        token = None if entry.token is None else client_token(entry.token)
+        with _collect(errors, path, {}):
             if client is None:
-                client, token = client_token_create(
-                    name=spec.name,
-                    routes=spec.routes if spec.routes is not None else DEFAULT_CLIENT_ROUTES,
-                    scopes=spec.scopes if spec.scopes is not None else DEFAULT_CLIENT_SCOPES,
-                    token=spec.token,
+                # The models' defaults (all routes, proxy only) for what the file leaves out.
+                client, created_token = client_token_create(
+                    name=entry.name, routes=entry.routes, scopes=entry.scopes, token=token
                 )
-                if spec.token is None:
-                    report.generated_tokens[spec.name] = token
+                if token is None:
+                    report.generated_tokens[entry.name] = created_token
                 counts.created += 1
                 continue
             if client.revoked_at is not None:
                 report.warnings.append(
-                    f"{spec.path}: client '{spec.name}' is revoked; importing does not reinstate it"
+                    f"{path}: client '{entry.name}' is revoked; importing does not reinstate it"
                 )
-            routes = spec.routes if spec.routes is not None else client.routes
-            scopes = spec.scopes if spec.scopes is not None else client.scopes
-            new_token = spec.token
-            if new_token is not None and hmac.compare_digest(
-                hash_token(new_token), client.token_hash
-            ):
-                new_token = None
-            if routes == client.routes and scopes == client.scopes and new_token is None:
+            given = entry.model_fields_set
+            routes = entry.routes if "routes" in given else client.routes
+            scopes = entry.scopes if "scopes" in given else client.scopes
+            if token is not None and hmac.compare_digest(hash_token(token), client.token_hash):
+                token = None
+            if routes == client.routes and scopes == client.scopes and token is None:
                 counts.unchanged += 1
                 continue
-            client_token_update(client_token=client, routes=routes, scopes=scopes, token=new_token)
+            client_token_update(client_token=client, routes=routes, scopes=scopes, token=token)
             counts.updated += 1
 
 

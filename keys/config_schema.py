@@ -1,48 +1,50 @@
-"""Parsing a config document into specs; keys.config_io describes the format and applies them.
+"""The config file's format as pydantic models; keys.config_io applies a parsed file.
 
-Every error is collected with its path (see keys.config_readers), so that a document is
-reported on in full; nothing is written here.
+The models are the reference, and their JSON Schema is published as docs/config.schema.json
+(`manage.py export_config --schema`). Parsing reports every problem at once, each with its path
+in the file (`keys[2].provider: unknown provider 'foo'`); nothing is written here.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from types import UnionType
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from django.core.exceptions import ValidationError
 from django.core.validators import URLValidator
+from django.db.models import Model
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    StringConstraints,
+    ValidationInfo,
+    WithJsonSchema,
+)
+from pydantic import ValidationError as PydanticValidationError
+from pydantic_core import ErrorDetails, PydanticCustomError, PydanticKnownError
 
-from keys.config_readers import _MISSING, _Reader, _type_name
-from keys.crypto import SecretError, hash_token, resolve_reference
-from keys.models import ClientToken, Provider, slug_validator, validate_base_url
-from keys.services import SecretSpec, api_key_parse_secret
-from keys.strategies import STRATEGIES
+from keys.crypto import SecretError, resolve_reference
+from keys.models import ApiKey, ClientToken, Provider, Route, slug_validator, validate_base_url
+from keys.services import CLIENT_TOKEN_MIN_LENGTH, SecretSpec, api_key_parse_secret
+from keys.strategies import DEFAULT_STRATEGY, STRATEGIES
 
-CONFIG_VERSION = 1
+CONFIG_VERSION: Literal[1] = 1
 SECTIONS = ("providers", "keys", "routes", "clients")
-PROVIDER_FIELDS = {
-    "kind",
-    "base_url",
-    "cooldown_seconds",
-    "quarantine_seconds",
-    "exhausted_seconds",
-    "enabled",
-}
-KEY_FIELDS = {"id", "provider", "secret", "priority", "weight", "models", "enabled"}
-ROUTE_FIELDS = {"strategy", "enabled", "deployments"}
-DEPLOYMENT_FIELDS = {"provider", "model"}
-CLIENT_FIELDS = {"name", "token", "routes", "scopes"}
+# Postgres' `integer`, the narrowest column these numbers land in; SQLite would take more, and a
+# file that imports in one mode should import in the other.
+INT_MAX = 2**31 - 1
 PLAINTEXT_WARNING = (
     "{path}: the secret is written in the file; prefer env://NAME or file://path "
     "(it is stored encrypted either way)"
 )
 
-
-def _check_base_url(value: str) -> None:
-    # The admin's checks, in its order.
-    URLValidator()(value)
-    validate_base_url(value)
+Loc = tuple[int | str, ...]
 
 
 class ConfigError(Exception):
@@ -54,281 +56,398 @@ class ConfigError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
-# Parsing: the document → specs, collecting every error with its path
+# Checks pydantic has no word for. Each raises with the message shown to the user as it is.
 
 
-@dataclass
-class _ProviderSpec:
-    path: str
-    name: str
-    values: dict[str, Any]
+def _error(message: str) -> PydanticCustomError:
+    return PydanticCustomError("config", "{message}", {"message": message})
 
 
-@dataclass
-class _KeySpec:
-    path: str
-    key_id: str
-    provider: str
-    secret: SecretSpec | None
-    values: dict[str, Any]
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise _error("expected a non-empty string")
+    return value
 
 
-@dataclass
-class _RouteSpec:
-    path: str
-    name: str
-    values: dict[str, Any]
-    deployments: list[tuple[str, str]]
+def _django(*validators: Callable[[str], None]) -> AfterValidator:
+    """The admin's validators, in its order, with its messages."""
 
-
-@dataclass
-class _ClientSpec:
-    path: str
-    name: str
-    token: str | None  # resolved plaintext, never stored
-    routes: list[str] | None
-    scopes: list[str] | None
-
-
-class _Parser(_Reader):
-    """The document's sections → specs, on top of the typed readers."""
-
-    # -- sections ----------------------------------------------------------------------------
-
-    def providers(self, section: Any) -> list[_ProviderSpec]:
-        specs: list[_ProviderSpec] = []
-        entries = self.mapping(section, "providers")
-        for name, entry in (entries or {}).items():
-            path = f"providers.{name}"
-            if self.string(name, path, max_length=64, check=slug_validator) is _MISSING:
-                continue
-            entry = self.mapping(entry, path)
-            if entry is None or not self.fields(entry, path, PROVIDER_FIELDS, {"base_url"}):
-                continue
-            values: dict[str, Any] = {}
-            readers: dict[str, Callable[[Any, str], Any]] = {
-                "kind": lambda v, p: self.choice(v, p, Provider.Kind.values),
-                "base_url": lambda v, p: self.string(v, p, max_length=500, check=_check_base_url),
-                "cooldown_seconds": lambda v, p: self.integer(v, p, minimum=0),
-                "quarantine_seconds": lambda v, p: self.integer(v, p, minimum=0),
-                "exhausted_seconds": lambda v, p: self.integer(v, p, minimum=0),
-                "enabled": self.boolean,
-            }
-            for field_name, raw in entry.items():
-                parsed = readers[field_name](raw, f"{path}.{field_name}")
-                if parsed is not _MISSING:
-                    values[field_name] = parsed
-            specs.append(_ProviderSpec(path, name, values))
-        return specs
-
-    def keys(self, section: Any, known_providers: set[str]) -> list[_KeySpec]:
-        specs: list[_KeySpec] = []
-        if not isinstance(section, list):
-            self.error("keys", f"expected a list, got {_type_name(section)}")
-            return specs
-        seen: dict[str, str] = {}
-        for i, entry in enumerate(section):
-            path = f"keys[{i}]"
-            entry = self.mapping(entry, path)
-            if entry is None or not self.fields(entry, path, KEY_FIELDS, {"id", "provider"}):
-                continue
-            key_id = self.string(entry["id"], f"{path}.id", max_length=64, check=slug_validator)
-            if key_id is not _MISSING:
-                if key_id in seen:
-                    self.error(f"{path}.id", f"duplicate id '{key_id}' (also {seen[key_id]})")
-                seen.setdefault(key_id, path)
-            provider = self.string(entry["provider"], f"{path}.provider", max_length=64)
-            if provider is not _MISSING and provider not in known_providers:
-                self.error(f"{path}.provider", f"unknown provider '{provider}'")
-            secret = self.key_secret(entry, path)
-            values: dict[str, Any] = {}
-            for name, reader in (
-                ("priority", lambda v, p: self.integer(v, p, minimum=-(2**31))),
-                ("weight", lambda v, p: self.integer(v, p, minimum=1)),
-                ("models", lambda v, p: self.string_list(v, p, max_length=200)),
-                ("enabled", self.boolean),
-            ):
-                if name in entry:
-                    parsed = reader(entry[name], f"{path}.{name}")
-                    if parsed is not _MISSING:
-                        values["allowed_models" if name == "models" else name] = parsed
-            if key_id is not _MISSING and provider is not _MISSING and secret is not _MISSING:
-                specs.append(_KeySpec(path, key_id, provider, secret, values))
-        return specs
-
-    def key_secret(self, entry: dict[str, Any], path: str) -> Any:
-        if "secret" not in entry:
-            return None
-        path = f"{path}.secret"
-        raw = entry["secret"]
-        if not isinstance(raw, str):
-            self.error(path, f"expected a string, got {_type_name(raw)}")
-            return _MISSING
+    def check(value: str) -> str:
         try:
-            spec = api_key_parse_secret(secret=raw)
+            for validator in validators:
+                validator(value)
         except ValidationError as exc:
-            self.error(path, "; ".join(exc.messages))
-            return _MISSING
-        if spec.kind == "reference":
-            try:
-                resolve_reference(spec.value)
-            except SecretError as exc:
-                # Not an error: the variable may exist only where the proxy runs.
-                self.warnings.append(f"{path}: {spec.value} cannot be resolved here: {exc}")
-        else:
-            self.warnings.append(PLAINTEXT_WARNING.format(path=path))
-        return spec
+            raise _error("; ".join(exc.messages)) from None
+        return value
 
-    def routes(self, section: Any, known_providers: set[str]) -> list[_RouteSpec]:
-        specs: list[_RouteSpec] = []
-        entries = self.mapping(section, "routes")
-        strategies = [value for value, _ in STRATEGIES]
-        for name, entry in (entries or {}).items():
-            path = f"routes.{name}"
-            if self.string(name, path, max_length=200) is _MISSING:
-                continue
-            entry = self.mapping(entry, path)
-            if entry is None or not self.fields(entry, path, ROUTE_FIELDS, {"deployments"}):
-                continue
-            values: dict[str, Any] = {}
-            if "strategy" in entry:
-                parsed = self.choice(entry["strategy"], f"{path}.strategy", strategies)
-                if parsed is not _MISSING:
-                    values["strategy"] = parsed
-            if "enabled" in entry:
-                parsed = self.boolean(entry["enabled"], f"{path}.enabled")
-                if parsed is not _MISSING:
-                    values["enabled"] = parsed
-            deployments = self.deployments(
-                entry["deployments"], f"{path}.deployments", known_providers
-            )
-            if deployments is not None:
-                specs.append(_RouteSpec(path, name, values, deployments))
-        return specs
+    return AfterValidator(check)
 
-    def deployments(
-        self, value: Any, path: str, known_providers: set[str]
-    ) -> list[tuple[str, str]] | None:
-        if not isinstance(value, list) or not value:
-            self.error(path, "expected a non-empty list of {provider, model}")
-            return None
-        out: list[tuple[str, str]] = []
-        for i, entry in enumerate(value):
-            item_path = f"{path}[{i}]"
-            entry = self.mapping(entry, item_path)
-            if entry is None or not self.fields(
-                entry, item_path, DEPLOYMENT_FIELDS, DEPLOYMENT_FIELDS
-            ):
-                return None
-            provider = self.string(entry["provider"], f"{item_path}.provider", max_length=64)
-            model = self.string(entry["model"], f"{item_path}.model", max_length=200)
-            if provider is not _MISSING and provider not in known_providers:
-                self.error(f"{item_path}.provider", f"unknown provider '{provider}'")
-                return None
-            if provider is _MISSING or model is _MISSING:
-                return None
-            out.append((provider, model))
-        return out
 
-    def clients(self, section: Any) -> list[_ClientSpec]:
-        specs: list[_ClientSpec] = []
-        if not isinstance(section, list):
-            self.error("clients", f"expected a list, got {_type_name(section)}")
-            return specs
-        seen: dict[str, str] = {}
-        tokens: dict[str, str] = {}
-        for i, entry in enumerate(section):
-            path = f"clients[{i}]"
-            entry = self.mapping(entry, path)
-            if entry is None or not self.fields(entry, path, CLIENT_FIELDS, {"name"}):
-                continue
-            name = self.string(entry["name"], f"{path}.name", max_length=100)
-            if name is not _MISSING:
-                if name in seen:
-                    self.error(f"{path}.name", f"duplicate name '{name}' (also {seen[name]})")
-                seen.setdefault(name, path)
-            token = self.client_token(entry, path)
-            if isinstance(token, str):
-                digest = hash_token(token)
-                if digest in tokens:
-                    self.error(f"{path}.token", f"same token as {tokens[digest]}")
-                tokens.setdefault(digest, path)
-            routes = scopes = None
-            if "routes" in entry:
-                routes = self.string_list(entry["routes"], f"{path}.routes", max_length=200)
-            if "scopes" in entry:
-                scopes = self.string_list(entry["scopes"], f"{path}.scopes", max_length=32)
-                if scopes is not _MISSING:
-                    for j, scope in enumerate(scopes):
-                        if (
-                            self.choice(scope, f"{path}.scopes[{j}]", ClientToken.Scope.values)
-                            is _MISSING
-                        ):
-                            scopes = _MISSING
-                            break
-            if _MISSING not in (name, token, routes, scopes):
-                specs.append(_ClientSpec(path, name, token, routes, scopes))
-        return specs
+def _one_of(allowed: list[str]) -> BeforeValidator:
+    # Before the type check: `kind: 1` is answered with the choices, not "expected a string".
+    def check(value: Any) -> Any:
+        if not isinstance(value, str) or value not in allowed:
+            raise _error(f"unknown value {value!r}; expected one of {', '.join(allowed)}")
+        return value
 
-    def client_token(self, entry: dict[str, Any], path: str) -> Any:
-        if "token" not in entry:
-            return None
-        path = f"{path}.token"
-        raw = entry["token"]
-        if not isinstance(raw, str):
-            self.error(path, f"expected a string, got {_type_name(raw)}")
-            return _MISSING
+    return BeforeValidator(check)
+
+
+def _known_provider(name: str, info: ValidationInfo) -> str:
+    # The context holds the providers of the file and of the database (see config_parse).
+    known = (info.context or {}).get("providers")
+    if known is not None and name not in known:
+        raise _error(f"unknown provider '{name}'")
+    return name
+
+
+def _supported_version(value: Any) -> Any:
+    # Python's True == 1 == 1.0, and pydantic's Literal takes them all, even when strict.
+    if type(value) is not int or value != CONFIG_VERSION:
+        raise _error(f"unsupported version {value!r}; expected {CONFIG_VERSION}")
+    return value
+
+
+def _secret(value: Any) -> SecretSpec:
+    """What a `secret` (or `token`) means: a reference, or the value itself."""
+    if not isinstance(value, str):
+        # Null too: left out, a secret means "keep it" (a token "generate one"), but an explicit
+        # null is more likely a template that rendered nothing.
+        raise PydanticKnownError("string_type")
+    try:
+        return api_key_parse_secret(secret=value)
+    except ValidationError as exc:
+        raise _error("; ".join(exc.messages)) from None
+
+
+def client_token(spec: SecretSpec) -> str:
+    """The plaintext of a client's token, resolved now: only its hash is kept, so unlike an
+    upstream key's secret there is nothing to resolve later."""
+    token = spec.value
+    if spec.kind == "reference":
         try:
-            spec = api_key_parse_secret(secret=raw)
-        except ValidationError as exc:
-            self.error(path, "; ".join(exc.messages))
-            return _MISSING
-        if spec.kind == "reference":
-            # Unlike an upstream key, a client token must be resolvable now: only its hash is
-            # kept, so there is nothing to resolve later.
-            try:
-                token = resolve_reference(spec.value)
-            except SecretError as exc:
-                self.error(path, str(exc))
-                return _MISSING
-        else:
-            self.warnings.append(PLAINTEXT_WARNING.format(path=path))
-            token = spec.value
-        if len(token) < 20:
-            self.error(path, "a client token must be at least 20 characters long")
-            return _MISSING
-        return token
+            token = resolve_reference(spec.value)
+        except SecretError as exc:
+            raise _error(str(exc)) from None
+    if len(token) < CLIENT_TOKEN_MIN_LENGTH:
+        raise _error(f"a client token must be at least {CLIENT_TOKEN_MIN_LENGTH} characters long")
+    return token
 
 
-@dataclass
-class _Document:
-    providers: list[_ProviderSpec]
-    keys: list[_KeySpec]
-    routes: list[_RouteSpec]
-    clients: list[_ClientSpec]
-    warnings: list[str]
+def _token(value: Any) -> SecretSpec:
+    spec = _secret(value)
+    client_token(spec)
+    return spec
 
 
-def _parse(data: Any) -> _Document:
-    parser = _Parser()
-    if not isinstance(data, dict):
-        raise ConfigError([f"(document): expected a mapping, got {_type_name(data)}"])
-    for name in data:
-        if name not in (*SECTIONS, "version"):
-            parser.error(
-                str(name), f"unknown section; expected one of version, {', '.join(SECTIONS)}"
-            )
-    version = data.get("version", CONFIG_VERSION)
-    if type(version) is not int or version != CONFIG_VERSION:
-        parser.error("version", f"unsupported version {version!r}; expected {CONFIG_VERSION}")
+def _no_default(schema: dict[str, Any]) -> None:
+    # For a field whose absence means something (keep, generate) rather than a value.
+    del schema["default"]
 
-    providers = parser.providers(data.get("providers") or {})
-    known_providers = {p.name for p in providers} | set(
-        Provider.objects.values_list("name", flat=True)
+
+def _default(model: type[Model], name: str) -> Any:
+    # What a new row gets, so that the published defaults cannot drift from the database's.
+    return model._meta.get_field(name).get_default()  # type: ignore[union-attr]
+
+
+# A non-blank string no longer than its column (minLength is for editors; spaces are refused too).
+_NotBlank = AfterValidator(_not_blank)
+_Text64 = Annotated[str, StringConstraints(min_length=1, max_length=64), _NotBlank]
+_Text100 = Annotated[str, StringConstraints(min_length=1, max_length=100), _NotBlank]
+_Text200 = Annotated[str, StringConstraints(min_length=1, max_length=200), _NotBlank]
+_Text500 = Annotated[str, StringConstraints(min_length=1, max_length=500), _NotBlank]
+_Name = Annotated[_Text64, _django(slug_validator)]
+_ProviderRef = Annotated[_Text64, AfterValidator(_known_provider)]
+_BaseUrl = Annotated[_Text500, _django(URLValidator(), validate_base_url)]
+_Seconds = Annotated[int, Field(ge=0, le=INT_MAX)]
+# Parsed, and published as the strings they are in the file.
+_Secret = Annotated[SecretSpec | None, PlainValidator(_secret), WithJsonSchema({"type": "string"})]
+_Token = Annotated[SecretSpec | None, PlainValidator(_token), WithJsonSchema({"type": "string"})]
+# A choice, checked with the house wording and published as an enum.
+_KINDS = sorted(Provider.Kind.values)
+_Kind = Annotated[str, _one_of(_KINDS), Field(json_schema_extra={"enum": _KINDS})]
+_STRATEGIES = sorted(value for value, _ in STRATEGIES)
+_Strategy = Annotated[str, _one_of(_STRATEGIES), Field(json_schema_extra={"enum": _STRATEGIES})]
+_SCOPES = sorted(ClientToken.Scope.values)
+_Scope = Annotated[str, _one_of(_SCOPES), Field(json_schema_extra={"enum": _SCOPES})]
+
+_ENABLED = "false takes it out of routing without deleting it."
+_PROVIDER_REF = "A provider of this file or one already in the database."
+
+# ---------------------------------------------------------------------------------------------
+# The models. Fields left out of an entry keep their current value on import (see
+# keys.config_io); the defaults below are what a new row gets.
+
+
+class _Entry(BaseModel):
+    # Strict: `weight: true` or `priority: "1"` is a mistake in the file, not a value to coerce.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ProviderConfig(_Entry):
+    """An upstream API and how long its keys rest after each kind of failure."""
+
+    kind: _Kind = Field(
+        default=_default(Provider, "kind"),
+        description="`anthropic` serves /v1/messages natively and /v1/chat/completions through "
+        "Anthropic's OpenAI-compatible endpoint; `openai_compatible` is vLLM, Ollama, LM "
+        "Studio, …",
     )
-    keys = parser.keys(data.get("keys") or [], known_providers)
-    routes = parser.routes(data.get("routes") or {}, known_providers)
-    clients = parser.clients(data.get("clients") or [])
-    if parser.errors:
-        raise ConfigError(parser.errors)
-    return _Document(providers, keys, routes, clients, parser.warnings)
+    base_url: _BaseUrl = Field(
+        description="http(s), including the version prefix (https://api.openai.com/v1); no "
+        "credentials, query string or fragment.",
+    )
+    cooldown_seconds: _Seconds = Field(
+        default=_default(Provider, "cooldown_seconds"),
+        description="Rest after a 429 that carries no Retry-After.",
+    )
+    quarantine_seconds: _Seconds = Field(
+        default=_default(Provider, "quarantine_seconds"),
+        description="After a 401/403 the key waits this long, then must pass a re-check.",
+    )
+    exhausted_seconds: _Seconds = Field(
+        default=_default(Provider, "exhausted_seconds"),
+        description="Rest after a quota or billing error.",
+    )
+    enabled: bool = Field(default=_default(Provider, "enabled"), description=_ENABLED)
+
+
+class KeyConfig(_Entry):
+    """An upstream API key, matched by `id`."""
+
+    id: _Name = Field(description="The stable name used in records and logs, e.g. openai-1.")
+    provider: _ProviderRef = Field(description=_PROVIDER_REF)
+    secret: _Secret = Field(
+        default=None,
+        json_schema_extra=_no_default,
+        description="`env://NAME` (read from the environment at run time, never stored), "
+        "`file:///path` (read from a file at run time, never stored), `literal://VALUE` or a "
+        "bare value (stored encrypted, with a warning: prefer a reference). Required when the "
+        "key is created; left out, the current one is kept.",
+    )
+    priority: Annotated[int, Field(ge=-INT_MAX - 1, le=INT_MAX)] = Field(
+        default=_default(ApiKey, "priority"), description="Lower numbers are tried first."
+    )
+    weight: Annotated[int, Field(ge=1, le=INT_MAX)] = Field(
+        default=_default(ApiKey, "weight"), description="Share for the `weighted` strategy."
+    )
+    models: list[_Text200] = Field(
+        default=_default(ApiKey, "allowed_models"),
+        description="Upstream models this key may serve; empty means all.",
+    )
+    enabled: bool = Field(default=_default(ApiKey, "enabled"), description=_ENABLED)
+
+    def values(self) -> dict[str, Any]:
+        """The ApiKey fields the file sets."""
+        given = self.model_dump(exclude_unset=True, exclude={"id", "provider", "secret"})
+        if "models" in given:
+            given["allowed_models"] = given.pop("models")
+        return given
+
+
+class DeploymentConfig(_Entry):
+    """One step of a route's fallback chain."""
+
+    provider: _ProviderRef = Field(description=_PROVIDER_REF)
+    model: _Text200 = Field(description="The model name sent upstream.")
+
+
+class RouteConfig(_Entry):
+    """What clients may ask for, by the model name they send, and where it goes."""
+
+    strategy: _Strategy = Field(
+        default=DEFAULT_STRATEGY,
+        description="How a key is picked among a deployment's keys (see the README).",
+    )
+    enabled: bool = Field(default=_default(Route, "enabled"), description=_ENABLED)
+    deployments: list[DeploymentConfig] = Field(
+        min_length=1,
+        description="The fallback chain, in order: every key of a deployment is tried before "
+        "the next one. Replaced as a whole on import.",
+    )
+
+
+class ClientConfig(_Entry):
+    """A caller of the gateway, matched by `name`."""
+
+    name: _Text100 = Field(description="Shown in usage records and the dashboard.")
+    token: _Token = Field(
+        default=None,
+        json_schema_extra=_no_default,
+        description="Left out, a new client gets a generated token, printed once, and an "
+        "existing one keeps its token. Given (best as env://NAME or file:///path), it is "
+        f"resolved at import and only its hash is stored; at least {CLIENT_TOKEN_MIN_LENGTH} "
+        "characters.",
+    )
+    routes: list[_Text200] = Field(
+        default=["*"], description='The route names this client may use; ["*"] for all.'
+    )
+    scopes: list[_Scope] = Field(
+        default=[ClientToken.Scope.PROXY.value],
+        description="`proxy` to call models, `monitor` to read the monitoring API.",
+    )
+
+
+class ConfigFile(_Entry):
+    """Providers, upstream keys, routes and clients for llmrotate's `import_config`, which
+    creates or updates them by name and keeps what the file leaves out."""
+
+    model_config = ConfigDict(
+        title="llmrotate configuration",
+        json_schema_extra={"$schema": "https://json-schema.org/draft/2020-12/schema"},
+    )
+
+    version: Annotated[Literal[1], BeforeValidator(_supported_version)] = Field(
+        default=CONFIG_VERSION, description="The only version so far."
+    )
+    providers: dict[_Name, ProviderConfig] | None = Field(
+        default=None, description="By name: letters, digits, '.', '_', ':' and '-'."
+    )
+    keys: list[KeyConfig] | None = Field(default=None, description="Upstream API keys.")
+    routes: dict[_Text200, RouteConfig] | None = Field(
+        default=None, description="By the model name clients send."
+    )
+    clients: list[ClientConfig] | None = Field(
+        default=None, description="Callers of the gateway, each with its token."
+    )
+
+
+def config_json_schema() -> str:
+    """docs/config.schema.json, as committed (a test compares the two)."""
+    return json.dumps(ConfigFile.model_json_schema(), indent=2, ensure_ascii=False) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+
+
+def config_parse(*, data: Any) -> tuple[ConfigFile, list[str]]:
+    """A loaded YAML/JSON document → the validated file and its warnings.
+
+    Raises ConfigError with every problem, each with its path. Provider names are checked
+    against the file and the database: call it inside the transaction that writes.
+    """
+    known = set(Provider.objects.values_list("name", flat=True))
+    if isinstance(data, dict) and isinstance(data.get("providers"), dict):
+        known.update(name for name in data["providers"] if isinstance(name, str))
+    errors: list[tuple[Loc, str]] = []
+    doc = None
+    try:
+        doc = ConfigFile.model_validate(data, context={"providers": known})
+    except PydanticValidationError as exc:
+        errors = [(e["loc"], _message(e)) for e in exc.errors()]
+    if isinstance(data, dict):
+        errors += _duplicates(data)
+    if errors or doc is None:
+        # In the file's order of sections; the order of pydantic's errors within each.
+        order = {name: i for i, name in enumerate(("version", *SECTIONS))}
+        errors.sort(key=lambda error: order.get(str(error[0][0]) if error[0] else "", -1))
+        raise ConfigError([f"{_walk(loc)[0]}: {message}" for loc, message in errors])
+    return doc, _warnings(doc)
+
+
+_TYPE_NAMES: dict[type, str] = {bool: "a boolean", int: "a number", float: "a number"}
+_TYPE_NAMES |= {str: "a string", list: "a list", dict: "a mapping", type(None): "nothing"}
+# pydantic's error types in the house wording; {got} is what the file has instead.
+_MESSAGES = {
+    "missing": "required",
+    "model_type": "expected a mapping, got {got}",
+    "dict_type": "expected a mapping, got {got}",
+    "list_type": "expected a list, got {got}",
+    "string_type": "expected a non-empty string, got {got}",
+    "string_too_short": "expected a non-empty string",
+    "string_too_long": "longer than {max_length} characters",
+    "int_type": "expected an integer, got {got}",
+    "bool_type": "expected true or false, got {got}",
+    "greater_than_equal": "must be at least {ge}",
+    "less_than_equal": "must be at most {le}",
+    "too_short": "expected a non-empty list of {{provider, model}}",  # only `deployments`
+}
+
+
+def _message(error: ErrorDetails) -> str:
+    loc, kind = error["loc"], type(error["input"])
+    if error["type"] == "extra_forbidden" and len(loc) == 1:
+        return f"unknown section; expected one of version, {', '.join(SECTIONS)}"
+    if error["type"] == "extra_forbidden":
+        fields = sorted(_walk(loc[:-1])[1].model_fields)
+        return f"unknown field; expected one of {', '.join(fields)}"
+    if error["type"] in _MESSAGES:
+        got = _TYPE_NAMES.get(kind, kind.__name__)
+        return _MESSAGES[error["type"]].format(got=got, **error.get("ctx", {}))
+    # Ours (PydanticCustomError), and any of pydantic's not foreseen above.
+    return error["msg"]
+
+
+def _walk(loc: Loc) -> tuple[str, Any]:
+    """`loc` as a path in the file (`keys[2].provider`, `routes.gpt-4o.deployments[0].model`)
+    and the type found there, following the annotations from the top: pydantic's errors name
+    neither mappings from lists nor the model they are about."""
+    path = ""
+    node: Any = ConfigFile
+    for part in loc:
+        if part == "[key]":  # a bad mapping key is reported at the entry it names
+            continue
+        if get_origin(node) is list:
+            path, node = f"{path}[{part}]", get_args(node)[0]
+            continue
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            field = node.model_fields.get(str(part))
+            node = field.annotation if field else None  # None: an unknown field, the last part
+            if isinstance(node, UnionType):  # a section: `dict[...] | None`
+                node = get_args(node)[0]
+        else:  # a mapping: the part is a name
+            node = get_args(node)[-1]
+        path = f"{path}.{part}" if path else str(part)
+    return path or "(document)", node
+
+
+def _duplicates(data: dict[Any, Any]) -> list[tuple[Loc, str]]:
+    """Entries that repeat an earlier one's id, name or token. Checked on the document as
+    loaded, so that they are reported together with every other error."""
+
+    def token(text: str) -> str | None:
+        try:
+            return client_token(_secret(text))
+        except PydanticCustomError:
+            return None  # reported by the field's own check
+
+    errors: list[tuple[Loc, str]] = []
+    checks: list[tuple[str, str, Callable[[str], str | None], str]] = [
+        ("keys", "id", str, "duplicate id '{value}' (also {first})"),
+        ("clients", "name", str, "duplicate name '{value}' (also {first})"),
+        ("clients", "token", token, "same token as {first}"),
+    ]
+    for section, field, identity, message in checks:
+        entries = data.get(section)
+        seen: dict[str, int] = {}
+        for i, entry in enumerate(entries if isinstance(entries, list) else []):
+            value = entry.get(field) if isinstance(entry, dict) else None
+            same = identity(value) if isinstance(value, str) else None
+            if same is None:
+                continue
+            if same in seen:
+                first = f"{section}[{seen[same]}]"
+                errors.append(((section, i, field), message.format(value=value, first=first)))
+            seen.setdefault(same, i)
+    return errors
+
+
+def _warnings(doc: ConfigFile) -> list[str]:
+    warnings = []
+    for i, key in enumerate(doc.keys or []):
+        path, spec = f"keys[{i}].secret", key.secret
+        if spec is None:
+            continue
+        if spec.kind != "reference":
+            warnings.append(PLAINTEXT_WARNING.format(path=path))
+            continue
+        try:
+            resolve_reference(spec.value)
+        except SecretError as exc:
+            # Not an error: the variable may exist only where the proxy runs.
+            warnings.append(f"{path}: {spec.value} cannot be resolved here: {exc}")
+    for i, client in enumerate(doc.clients or []):
+        if client.token is not None and client.token.kind != "reference":
+            warnings.append(PLAINTEXT_WARNING.format(path=f"clients[{i}].token"))
+    return warnings

@@ -10,6 +10,7 @@ import yaml
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from keys.config_io import config_export
+from keys.config_schema import config_json_schema
 
 
 class Command(BaseCommand):
@@ -22,29 +23,32 @@ class Command(BaseCommand):
             choices=["yaml", "json"],
             help="Default: from the output file's extension, else yaml.",
         )
+        parser.add_argument(
+            "--schema",
+            action="store_true",
+            help="Write the config file's JSON Schema instead (docs/config.schema.json).",
+        )
 
     def handle(
-        self, *args: Any, output: Path | str | None, format: str | None, **options: Any
+        self,
+        *args: Any,
+        output: Path | str | None,
+        format: str | None,
+        schema: bool = False,
+        **options: Any,
     ) -> None:
         # call_command(output="x.json") skips argparse's type conversion.
         output = Path(output) if output else None
         if format is None:
             is_json = output is not None and output.suffix.lower() == ".json"
             format = "json" if is_json else "yaml"
-        data = config_export()
-        encrypted = [k["id"] for k in data["keys"] if "secret" not in k]
-        if format == "json":
-            text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+        encrypted: list[str] = []
+        if schema:
+            text = config_json_schema()
         else:
-            header = "# llmrotate configuration. Secrets and client tokens are not exported.\n"
-            if encrypted:
-                # YAML can say it where it matters; JSON gets the same note on stderr.
-                header += (
-                    "# Keys stored encrypted have no `secret:` here: re-importing into this\n"
-                    "# database keeps their secret; elsewhere, add `secret: env://NAME` first.\n"
-                    f"# They are: {', '.join(encrypted)}\n"
-                )
-            text = header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+            data = config_export()
+            encrypted = [k["id"] for k in data["keys"] if "secret" not in k]
+            text = _render(data, format, encrypted)
         if output is None:
             self.stdout.write(text, ending="")
         else:
@@ -58,3 +62,17 @@ class Command(BaseCommand):
                 "note: secrets are not exported; keys stored encrypted have no `secret`: "
                 + ", ".join(encrypted)
             )
+
+
+def _render(data: dict[str, Any], format: str, encrypted: list[str]) -> str:
+    if format == "json":
+        return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    header = "# llmrotate configuration. Secrets and client tokens are not exported.\n"
+    if encrypted:
+        # YAML can say it where it matters; JSON gets the same note on stderr.
+        header += (
+            "# Keys stored encrypted have no `secret:` here: re-importing into this\n"
+            "# database keeps their secret; elsewhere, add `secret: env://NAME` first.\n"
+            f"# They are: {', '.join(encrypted)}\n"
+        )
+    return header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
