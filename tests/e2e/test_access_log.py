@@ -36,7 +36,7 @@ class WebServer:
             "no_worker": True,
             "no_beat": True,
         }
-        command = ServeCommand()._children(options)["web"]
+        command = ServeCommand()._children(options, verbose=False)["web"]
         self.log = tmp_path / f"web-{self.port}.log"
         self._log_file = self.log.open("wb")
         self.proc = subprocess.Popen(

@@ -33,7 +33,10 @@ CONFIGURED = (
     "LLMROTATE_ADMIN_PASSWORD",
     "LLMROTATE_TEST_LEG",
 )
-CREATED = re.compile(r"created user '(?P<user>[^']+)' with password: (?P<password>\S+)")
+# The login line of the block `serve` prints: "login      admin / <password>  (just created; …".
+CREATED = re.compile(
+    r"^serve +\|   login +(?P<user>\S+) / (?P<password>\S+)  \(just created; ", re.MULTILINE
+)
 
 
 def fresh_env(data_dir: Path) -> dict[str, str]:
@@ -100,7 +103,8 @@ def test_a_fresh_clone_sets_itself_up_once_and_serves_the_admin(
 
     second = setup_only(data_dir)
     assert not CREATED.search(second), second
-    assert f"log in as '{username}'" in second
+    password_file = data_dir / "initial-admin-password"
+    assert f"login      {username}, initial password in {password_file}" in second
     assert password not in second
     assert secrets_file.read_text() == secrets
     assert superusers(database) == [username]

@@ -14,7 +14,7 @@ from tests.conftest import free_port
 from tests.e2e.conftest import ServeProcess, env_without
 
 pytestmark = [pytest.mark.embedded, pytest.mark.timeout(90)]
-STARTED = re.compile(r"llmrotate: started (?P<children>.+)")
+STARTED = re.compile(r"^serve +\| started (?P<children>.+)$", re.MULTILINE)
 CHILD = re.compile(r"(?P<name>\w+) \(pid (?P<pid>\d+)\)")
 
 
@@ -57,7 +57,7 @@ def test_ctrl_c_stops_web_worker_and_beat_within_seconds(tmp_path: Path, serve_p
     serve_processes.append(server)
     server.wait_ready(f"{url}/healthz")
     wait_for(" ready.", server)  # the worker
-    wait_for("llmrotate_site.beat.SyncedDatabaseScheduler", server)  # beat's banner
+    wait_for("beat schedule synced", server)  # beat, on a fresh database
     pids = children(server)
     assert set(pids) == {"web", "worker", "beat"}
     assert all(alive(pid) for pid in pids.values())
@@ -69,7 +69,7 @@ def test_ctrl_c_stops_web_worker_and_beat_within_seconds(tmp_path: Path, serve_p
     assert elapsed < 10, f"took {elapsed:.1f}s"
     assert not [name for name, pid in pids.items() if alive(pid)]
     output = server.output()
-    assert "SIGINT received" in output and "llmrotate: stopped" in output
+    assert "serve  | SIGINT received" in output and "serve  | stopped" in output
     assert "Traceback" not in output
 
 
@@ -93,3 +93,18 @@ def test_when_one_child_dies_the_others_are_stopped_and_serve_fails(
     assert code != 0
     assert "beat exited with status -9; stopping the others" in server.output()
     assert not [name for name, pid in pids.items() if alive(pid)]
+
+
+def test_when_serve_is_killed_outright_its_children_go_too(tmp_path: Path, serve_processes):
+    """PR_SET_PDEATHSIG: SIGKILL leaves the supervisor no chance to stop them (nor to read
+    their pipes); the kernel sends each child SIGTERM."""
+    server, url = start(tmp_path)
+    serve_processes.append(server)
+    server.wait_ready(f"{url}/healthz")
+    pids = children(server)
+    server.proc.kill()
+    server.proc.wait(5)
+    deadline = time.monotonic() + 20
+    while running := [name for name, pid in pids.items() if alive(pid)]:
+        assert time.monotonic() < deadline, f"still running: {running}"
+        time.sleep(0.1)

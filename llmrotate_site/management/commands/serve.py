@@ -5,6 +5,12 @@ first admin user, then runs three child processes: the web server (uvicorn on th
 Celery worker and Celery beat (`--no-worker`, `--no-beat` leave them out, e.g. when they run as
 separate services). Ctrl-C or SIGTERM stops all three, each gracefully; if one of them dies the
 others are stopped too, so a half-running gateway never goes unnoticed.
+
+One terminal, four voices: every line is prefixed with who wrote it (`serve  |` for this
+supervisor, `web    |`, `worker |`, `beat   |` for the children, stdout and stderr alike), read
+from the children's pipes by one thread per pipe as soon as it is written. Celery's start-up
+banners and its "running as root" warning are left out unless `--verbose`. Once the web server
+accepts connections, one block says where everything is and how to log in.
 """
 
 from __future__ import annotations
@@ -14,11 +20,14 @@ import ctypes
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, TextIO
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -29,6 +38,14 @@ from django.db import IntegrityError
 PASSWORD_FILE = "initial-admin-password"  # noqa: S105 - a file name
 # uvicorn waits up to 30 s for requests in flight (long streams); a little more for it to exit.
 STOP_TIMEOUT_SECONDS = 35.0
+SELF = "serve"  # the supervisor's own prefix
+# Once the web server accepts connections, the block waits for the children's start-up lines to
+# settle (the worker's first one seen, then this long without any; at most SETTLE_MAX_SECONDS)
+# so that it comes last.
+SETTLE_SECONDS = 0.5
+SETTLE_MAX_SECONDS = 4.0
+# Celery warns (a Python warning) when the worker runs as root; `-W`-style filter, message prefix.
+ROOT_WARNING = "You're running the worker with superuser privileges"
 
 
 def admin_ensure(*, data_dir: Path) -> tuple[str, str | None]:
@@ -49,6 +66,37 @@ def admin_ensure(*, data_dir: Path) -> tuple[str, str | None]:
     with os.fdopen(fd, "w") as fh:
         fh.write(password + "\n")
     return username, password
+
+
+class Console:
+    """Whole lines to the terminal from several threads, each prefixed with who wrote it."""
+
+    def __init__(self, names: Iterable[str], *, stdout: TextIO, stderr: TextIO) -> None:
+        self.width = max(len(name) for name in (SELF, *names))
+        self.stdout, self.stderr = stdout, stderr
+        self.last_child_line = time.monotonic()
+        self.heard: set[str] = set()  # the children that have written a line
+        self._lock = threading.Lock()
+
+    def line(self, name: str, text: str, *, err: bool = False) -> None:
+        stream = self.stderr if err else self.stdout
+        with self._lock:
+            if name != SELF:
+                self.last_child_line = time.monotonic()
+                self.heard.add(name)
+            line = f"{name:<{self.width}} | {text}\n"
+            # A closed terminal must not stop the supervisor, nor the threads draining pipes.
+            with contextlib.suppress(OSError, ValueError):
+                try:
+                    stream.write(line)
+                except UnicodeEncodeError:  # a terminal that is not UTF-8: "?" for the rest
+                    encoding = getattr(stream, "encoding", None) or "ascii"
+                    stream.write(line.encode(encoding, "replace").decode(encoding))
+                stream.flush()
+
+    def say(self, text: str, *, err: bool = False) -> None:
+        for line in text.splitlines() or [""]:
+            self.line(SELF, line, err=err)
 
 
 class Command(BaseCommand):
@@ -77,53 +125,107 @@ class Command(BaseCommand):
         parser.add_argument(
             "--setup-only", action="store_true", help="Prepare, print login details, and exit."
         )
+        parser.add_argument(
+            "--verbose", action="store_true", help="Show the children's output unfiltered "
+            "(Celery's banners and warnings included); so does --verbosity 2."
+        )  # fmt: skip
 
     def handle(self, *args: Any, **options: Any) -> None:
+        verbose = options["verbose"] or options["verbosity"] >= 2
+        children = {} if options["setup_only"] else self._children(options, verbose=verbose)
+        console = Console(children, stdout=sys.stdout, stderr=sys.stderr)
         data_dir: Path = settings.DATA_DIR
         db = settings.DATABASES["default"]
-        self.stdout.write(f"llmrotate: data directory {data_dir}")
-        self.stdout.write(
-            f"llmrotate: database {db['ENGINE'].rsplit('.', 1)[-1]}"
+        console.say(f"data directory {data_dir}")
+        console.say(
+            f"database {db['ENGINE'].rsplit('.', 1)[-1]}"
             + (f" at {db['NAME']}" if db["ENGINE"].endswith("sqlite3") else "")
         )
-        self.stdout.write(
-            "llmrotate: key state in "
+        console.say(
+            "key state in "
             + ("Redis (shared)" if settings.REDIS_URL else "this process (embedded mode)")
         )
-        self.stdout.write(
-            "llmrotate: task broker "
+        console.say(
+            "task broker "
             + ("Redis" if settings.REDIS_URL else f"files in {settings.LLMROTATE_BROKER_DIR}")
         )
         if options["workers"] > 1 and not settings.REDIS_URL:
-            self.stderr.write(
+            console.say(
                 "warning: several workers without REDIS_URL do not share cooldowns; "
-                "set REDIS_URL or use one worker."
+                "set REDIS_URL or use one worker.",
+                err=True,
             )
-        self.stdout.write("llmrotate: applying database migrations…")
+        console.say("applying database migrations…")
         call_command("migrate", interactive=False, verbosity=0)
         username, password = admin_ensure(data_dir=data_dir)
-        url = f"http://{options['host']}:{options['port']}"
-        self.stdout.write(self.style.SUCCESS(f"llmrotate: admin at {url}/admin/"))
-        if password:
-            self.stdout.write(
-                self.style.WARNING(
-                    f"  created user '{username}' with password: {password}\n"
-                    f"  (also saved to {data_dir / PASSWORD_FILE}; change it with "
-                    f"`python manage.py changepassword {username}` and delete that file)"
-                )
-            )
-        else:
-            hint = data_dir / PASSWORD_FILE
-            self.stdout.write(
-                f"  log in as '{username}'"
-                + (f"; initial password in {hint}" if hint.exists() else "")
-            )
-        self.stdout.write(f"llmrotate: OpenAI base URL {url}/v1  (API docs: {url}/api/docs)")
+        block = self._block(
+            url=_url(options["host"], options["port"]),
+            username=username,
+            password=password,
+            password_file=data_dir / PASSWORD_FILE,
+            children=list(children),
+        )
         if options["setup_only"]:
+            console.say("\n".join(block))
             return
-        raise SystemExit(supervise(self._children(options), out=self.stdout.write))
+        code = supervise(
+            children,
+            console=console,
+            env=_child_env(verbose=verbose),
+            verbose=verbose,
+            ready=lambda: _accepts_connections(options["host"], options["port"]),
+            on_ready=lambda: console.say("\n".join(block)),
+            settle_on={"worker"} & children.keys(),  # it starts last ("celery@… ready.")
+        )
+        raise SystemExit(code)
 
-    def _children(self, options: dict[str, Any]) -> dict[str, list[str]]:
+    def _block(
+        self,
+        *,
+        url: str,
+        username: str,
+        password: str | None,
+        password_file: Path,
+        children: list[str],
+    ) -> list[str]:
+        """What `make run` ends its start-up with: where everything is, how to log in and stop
+        (`--setup-only`: the same, without children, as what `serve` would serve)."""
+        rule = "─" * 64
+        shown = _shown_path(password_file)
+        manage = f"{_shown_path(Path(sys.executable))} manage.py"  # .venv/bin/python manage.py
+        if password:
+            login = [
+                self.style.WARNING(f"{username} / {password}")
+                + f"  (just created; also saved in {shown})"
+            ]
+        elif password_file.exists():
+            login = [f"{username}, initial password in {shown}"]
+        else:
+            login = [username]
+        if password_file.exists():
+            login.append(f"change it: {manage} changepassword {username}, then delete that file")
+        if children:
+            heading = f"llmrotate is ready on {url}"
+            names = " and ".join(filter(None, [", ".join(children[:-1]), children[-1]]))
+            stop = [f"Ctrl-C stops {names}."]
+        else:
+            heading = f"llmrotate is set up; `{manage} serve` serves it on {url}"
+            stop = []
+        return [
+            rule,
+            self.style.SUCCESS(heading),
+            f"  admin      {url}/admin/",
+            f"  login      {login[0]}",
+            *(f"             {line}" for line in login[1:]),
+            f"  OpenAI     base URL {url}/v1",
+            f"  Anthropic  base URL {url}",
+            f"  dashboard  {url}/dashboard/",
+            f"  API docs   {url}/api/docs",
+            *stop,
+            rule,
+        ]
+
+    def _children(self, options: dict[str, Any], *, verbose: bool) -> dict[str, list[str]]:
         python = sys.executable
         web = [
             python, "-m", "uvicorn", "llmrotate_site.asgi:application",
@@ -134,7 +236,8 @@ class Command(BaseCommand):
         if options["no_access_log"]:
             web.append("--no-access-log")
         children = {"web": web}
-        celery = [python, "-m", "celery", "-A", "llmrotate_site"]
+        # -q: no start-up banners (the worker's ASCII art and configuration, beat's settings).
+        celery = [python, "-m", "celery", "-A", "llmrotate_site", *([] if verbose else ["-q"])]
         if not options["no_worker"]:
             children["worker"] = [
                 *celery, "worker", "--pool", "threads",
@@ -147,15 +250,77 @@ class Command(BaseCommand):
         return children
 
 
+def _reachable(host: str) -> str:
+    """Where to reach a server listening on `host`: a wildcard address on the loopback one."""
+    return {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # noqa: S104
+
+
+def _url(host: str, port: int) -> str:
+    host = _reachable(host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _accepts_connections(host: str, port: int) -> bool:
+    """A plain TCP connect: uvicorn listens once the app's lifespan start-up is done, and a
+    connection without a request leaves no line in its access log."""
+    try:
+        with socket.create_connection((_reachable(host), port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def _shown_path(path: Path) -> str:
+    """Relative to the working directory when inside it (`var/initial-admin-password`)."""
+    with contextlib.suppress(ValueError):
+        return str(path.relative_to(Path.cwd()))
+    return str(path)
+
+
+def _child_env(*, verbose: bool) -> dict[str, str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # each line reaches the pipe when written
+    if not verbose:
+        # Celery warns on every start as root (containers, CI) and offers no switch for it; a
+        # warnings filter on that one message (a prefix match) leaves every other warning.
+        env["PYTHONWARNINGS"] = ",".join(
+            filter(None, [os.environ.get("PYTHONWARNINGS"), f"ignore:{ROOT_WARNING}"])
+        )
+    return env
+
+
 def _die_with_parent() -> None:
     # Linux: if the supervisor is killed outright (SIGKILL), the kernel sends its children
-    # SIGTERM rather than leaving a worker and a web server running without it.
+    # SIGTERM rather than leaving a worker and a web server running without it. (The signal
+    # follows the thread that started the child: supervise() starts them from the main one.)
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def supervise(commands: dict[str, list[str]], *, out: Any) -> int:
-    """Run the commands as children until a signal or until one exits; then stop them all."""
+def _pump(pipe: IO[bytes], name: str, console: Console, *, err: bool, verbose: bool) -> None:
+    """Copy a child's pipe to the console line by line, until the child (and any process that
+    inherited the pipe) has closed it. Always drained, so a child never blocks on a full pipe."""
+    with pipe:
+        for raw in iter(pipe.readline, b""):
+            text = raw.decode(errors="replace").rstrip("\r\n")
+            if verbose or text.strip():
+                console.line(name, text, err=err)
+
+
+def supervise(
+    commands: dict[str, list[str]],
+    *,
+    console: Console,
+    env: dict[str, str] | None = None,
+    verbose: bool = False,
+    ready: Callable[[], bool] | None = None,
+    on_ready: Callable[[], None] | None = None,
+    settle_on: Iterable[str] = (),
+) -> int:
+    """Run the commands as children until a signal or until one exits; then stop them all.
+
+    Their output goes through `console`, prefixed with their names. Once `ready()` is true and
+    their output has settled (the children in `settle_on` heard from, then a pause), or
+    SETTLE_MAX_SECONDS after ready, `on_ready()` runs, once."""
     stop_signal: list[int] = []
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -164,27 +329,60 @@ def supervise(commands: dict[str, list[str]], *, out: Any) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     children: dict[str, subprocess.Popen[bytes]] = {}
+    readers: dict[str, list[threading.Thread]] = {}
     for name, command in commands.items():
         # A session of their own: Ctrl-C reaches only this supervisor, which then stops each
         # child once, in order, instead of every process getting the terminal's signal at once.
         children[name] = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
             command,
             cwd=settings.BASE_DIR,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             start_new_session=True,
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
-    out("llmrotate: started " + ", ".join(f"{n} (pid {p.pid})" for n, p in children.items()))
+    console.say("started " + ", ".join(f"{n} (pid {p.pid})" for n, p in children.items()))
+    # Then their output, which the pipes hold until now (a child's interpreter is still starting).
+    for name, child in children.items():
+        readers[name] = []
+        for pipe, err in ((child.stdout, False), (child.stderr, True)):
+            assert pipe is not None
+            reader = threading.Thread(
+                target=_pump,
+                args=(pipe, name, console),
+                kwargs={"err": err, "verbose": verbose},
+                name=f"serve-{name}-{'stderr' if err else 'stdout'}",
+                daemon=True,
+            )
+            reader.start()
+            readers[name].append(reader)
     exit_code = 0
+    ready_at: float | None = None
+    announced = on_ready is None
     while not stop_signal:
         dead = [(n, p.returncode) for n, p in children.items() if p.poll() is not None]
         if dead:
             name, code = dead[0]
-            out(f"llmrotate: {name} exited with status {code}; stopping the others")
+            _join(readers[name], timeout=1)  # its last words (a traceback) before this line
+            console.say(f"{name} exited with status {code}; stopping the others")
             exit_code = code or 1
             break
-        time.sleep(0.2)
+        if not announced:
+            now = time.monotonic()
+            if ready_at is None:
+                if ready is None or ready():
+                    ready_at = now
+            elif (
+                console.heard.issuperset(settle_on)
+                and now - console.last_child_line >= SETTLE_SECONDS
+            ) or now - ready_at >= SETTLE_MAX_SECONDS:
+                assert on_ready is not None
+                on_ready()
+                announced = True
+        time.sleep(0.1)
     else:
-        out(f"llmrotate: {signal.Signals(stop_signal[0]).name} received, stopping…")
+        console.say(f"{signal.Signals(stop_signal[0]).name} received, stopping…")
     for child in children.values():
         if child.poll() is None:
             child.terminate()  # SIGTERM: graceful for uvicorn, warm shutdown for Celery
@@ -193,8 +391,17 @@ def supervise(commands: dict[str, list[str]], *, out: Any) -> int:
         try:
             child.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            out(f"llmrotate: {name} did not stop in time; killing it")
+            console.say(f"{name} did not stop in time; killing it")
             child.kill()
             child.wait()
-    out("llmrotate: stopped")
+    # Their last lines (shutdown messages) before ours. A grandchild that outlived its parent
+    # could hold a pipe open: the readers are daemons, not waited for long.
+    _join([reader for group in readers.values() for reader in group], timeout=5)
+    console.say("stopped")
     return exit_code
+
+
+def _join(threads: list[threading.Thread], *, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
