@@ -38,6 +38,7 @@ lint: $(VENV)/.dev-$(HASH)
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 	$(BIN)/mypy .
+	$(BIN)/hadolint Dockerfile
 
 # Embedded default: SQLite, key state in process, no Redis.
 test-embedded: $(VENV)/.dev-$(HASH)
