@@ -26,6 +26,7 @@ from proxy.anthropic import (
     messages_validate,
     models_page,
 )
+from proxy.callers import caller_from
 from proxy.calls import CallContext, now_wall
 from proxy.dialects import ANTHROPIC, Dialect
 from proxy.engine import Failover
@@ -77,6 +78,7 @@ async def chat_completions(request: HttpRequest) -> HttpResponse | StreamingHttp
         strip_usage=stream and not options.get("include_usage", False),
         started_wall=started,
         t0=t0,
+        caller=caller_from(request.headers, body),
     )
     return await Failover(ctx).run()
 
@@ -149,6 +151,7 @@ async def _anthropic_call(
         t0=t0,
         dialect=dialect,
         forward_headers=forward_headers(request.headers),
+        caller=caller_from(request.headers, body),
     )
     return await Failover(ctx).run()
 

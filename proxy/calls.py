@@ -1,4 +1,5 @@
-"""Per-request context, the CallRecord of each upstream attempt, and giving its key back."""
+"""Per-request context, the CallRecord of each upstream attempt (and which one ended the
+request), and giving its key back."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from django.conf import settings
 from keys.health import CallResult
 from keys.routing import DeploymentInfo, RouteInfo, TokenInfo, UpstreamKey
 from keys.state_store import get_key_state_store
-from proxy.dialects import OPENAI, Dialect, Usage
+from proxy.callers import Caller
+from proxy.dialects import OPENAI, Dialect, ToolCalls, Usage
 from usage.calls import CallData
-from usage.models import UsageSource
+from usage.models import Outcome, UsageSource
 from usage.recorder import record_call
 
 # Tokens/s is the generation rate after the first token. An upstream (or a proxy in front of
@@ -38,11 +40,71 @@ class CallContext:
     dialect: Dialect = OPENAI
     # Client headers sent upstream as they are (Anthropic: anthropic-version, anthropic-beta).
     forward_headers: dict[str, str] = field(default_factory=dict)
+    caller: Caller = field(default_factory=Caller)
     attempts: int = 0
     # Time the request spent in the proxy before its first upstream attempt (auth, parsing,
     # routing); charged to the first attempt's overhead.
     pre_ms: float = 0.0
     _first_attempt_started: bool = field(default=False)
+    # The last failed attempt's record, held until it is known whether another attempt
+    # follows (it is then not the final one) or the request ends with it (final, with the
+    # status the client got). Never more than one: each is queued as the next one comes.
+    _held: CallData | None = field(default=None)
+
+    # --- the request's records: exactly one of them final
+
+    def hold(self, data: CallData | None) -> None:
+        """A failed attempt: the engine may try another."""
+        self.release_held()
+        self._held = data
+
+    def release_held(self) -> None:
+        """Another attempt follows (or a stream took over): the held one was not final."""
+        held, self._held = self._held, None
+        if held is not None:
+            record_call(held)
+
+    def answered(self, data: CallData | None, *, status: int) -> None:
+        """This attempt's answer (or its end: a hang-up, a stream that broke) is the client's."""
+        self.release_held()
+        if data is not None:
+            data.final, data.client_status = True, status
+            record_call(data)
+
+    def ended(self, *, status: int) -> None:
+        """The request ends without an attempt's answer: an error of the engine (a give-up),
+        a hang-up between attempts, a bug. The held attempt, if any, is the final one; a
+        request refused by the gateway before any attempt gets a row of its own (attempt 0),
+        so that it is counted as a request."""
+        held, self._held = self._held, None
+        if held is not None:
+            held.final, held.client_status = True, status
+            record_call(held)
+        elif self.attempts == 0 and status >= 500 and self.dialect.records:
+            record_call(self._unattempted(status))
+
+    def _unattempted(self, status: int) -> CallData:
+        now = time.perf_counter()
+        caller = self.caller
+        return CallData(
+            request_id=self.request_id,
+            attempt=0,
+            started_at=self.started_wall,
+            finished_at=self.wall(now),
+            requested_model=self.route.name,
+            outcome=Outcome.UNAVAILABLE,
+            client=self.client.name,
+            stream=self.stream,
+            final=True,
+            client_status=status,
+            latency_ms=self.ms_since_start(now),
+            overhead_ms=self.ms_since_start(now),
+            session_id=caller.session_id,
+            turn=caller.turn,
+            user_agent=caller.user_agent,
+            origin=caller.origin,
+            app_title=caller.app_title,
+        )
 
     def ms_since_start(self, t: float) -> float:
         return (t - self.t0) * 1000.0
@@ -104,7 +166,7 @@ def max_output_tokens(body: dict[str, Any]) -> int | None:
     return None
 
 
-def record_attempt(
+def attempt_record(
     ctx: CallContext,
     *,
     attempt: int,
@@ -121,12 +183,15 @@ def record_attempt(
     completion_chars: int | None = None,
     ttft_ms: float | None = None,
     ttlt_ms: float | None = None,
-) -> None:
-    """Queue the CallRecord of one attempt. `completion_text` is the answer's text when the
-    upstream reported no usage (or only part of it), for the recorder to estimate from;
-    `completion_chars` its whole length when only a part of it was kept."""
+    tools: ToolCalls | None = None,
+    forwarded_body: dict[str, Any] | None = None,
+) -> CallData | None:
+    """The CallRecord of one attempt (None where the dialect records none), for the request's
+    context to queue (`CallContext.answered`, `hold`). `completion_text` is the answer's text
+    when the upstream reported no usage (or only part of it), for the recorder to estimate
+    from; `completion_chars` its whole length when only a part of it was kept."""
     if not ctx.dialect.records:
-        return
+        return None
     estimate = None
     estimate_chars = None
     tokens_per_second = None
@@ -143,45 +208,58 @@ def record_attempt(
         completion = completion_text[:max_chars]
         estimate = (prompt, completion)
         estimate_chars = (prompt_chars, completion_chars or len(completion_text))
-    if (
-        ttft_ms is not None
-        and ttlt_ms is not None
-        and ttlt_ms - ttft_ms >= MIN_GENERATION_MS
-        and usage.completion_tokens > 1
-    ):
-        tokens_per_second = (usage.completion_tokens - 1) / ((ttlt_ms - ttft_ms) / 1000.0)
-    record_call(
-        CallData(
-            request_id=ctx.request_id,
-            attempt=attempt,
-            started_at=ctx.wall(t_start),
-            finished_at=ctx.wall(t_end),
-            client=ctx.client.name,
-            requested_model=ctx.route.name,
-            provider=deployment.provider.name if deployment else "",
-            provider_kind=deployment.provider.kind if deployment else "",
-            upstream_model=deployment.model if deployment else "",
-            key_id=key.key_id if key else "",
-            stream=ctx.stream,
-            status_code=status_code,
-            outcome=outcome,
-            error_type=error_type[:64],
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            total_tokens=usage.total_tokens,
-            cached_tokens=usage.cached_tokens,
-            cache_write_tokens=usage.cache_write_tokens,
-            reasoning_tokens=usage.reasoning_tokens,
-            usage_source=UsageSource.REPORTED if usage.reported else UsageSource.NONE,
-            latency_ms=ctx.ms_since_start(t_end),
-            ttft_ms=ttft_ms,
-            ttlt_ms=ttlt_ms,
-            tokens_per_second=tokens_per_second,
-            overhead_ms=overhead_ms,
-            estimate=estimate,
-            estimate_chars=estimate_chars,
-            max_output_tokens=max_output_tokens(ctx.body),
-        )
+    if ttft_ms is not None:
+        # A stream: the generation rate after the first token.
+        if (
+            ttlt_ms is not None
+            and ttlt_ms - ttft_ms >= MIN_GENERATION_MS
+            and usage.completion_tokens > 1
+        ):
+            tokens_per_second = (usage.completion_tokens - 1) / ((ttlt_ms - ttft_ms) / 1000.0)
+    elif usage.completion_tokens and (t_end - t_start) * 1000 >= MIN_GENERATION_MS:
+        # Not streamed: over the whole call, as LLM Metrics Proxy reports it.
+        tokens_per_second = usage.completion_tokens / (t_end - t_start)
+    tools = tools or ToolCalls()
+    caller = ctx.caller
+    return CallData(
+        request_id=ctx.request_id,
+        attempt=attempt,
+        started_at=ctx.wall(t_start),
+        finished_at=ctx.wall(t_end),
+        client=ctx.client.name,
+        requested_model=ctx.route.name,
+        provider=deployment.provider.name if deployment else "",
+        provider_kind=deployment.provider.kind if deployment else "",
+        upstream_model=deployment.model if deployment else "",
+        key_id=key.key_id if key else "",
+        stream=ctx.stream,
+        status_code=status_code,
+        outcome=outcome,
+        error_type=error_type[:64],
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.total_tokens,
+        cached_tokens=usage.cached_tokens,
+        cache_write_tokens=usage.cache_write_tokens,
+        reasoning_tokens=usage.reasoning_tokens,
+        usage_source=UsageSource.REPORTED if usage.reported else UsageSource.NONE,
+        latency_ms=ctx.ms_since_start(t_end),
+        ttft_ms=ttft_ms,
+        ttlt_ms=ttlt_ms,
+        tokens_per_second=tokens_per_second,
+        overhead_ms=overhead_ms,
+        estimate=estimate,
+        estimate_chars=estimate_chars,
+        max_output_tokens=max_output_tokens(ctx.body),
+        tool_calls=tools.count,
+        tool_names=list(tools.names),
+        session_id=caller.session_id,
+        turn=caller.turn,
+        user_agent=caller.user_agent,
+        origin=caller.origin,
+        app_title=caller.app_title,
+        prompt_body=ctx.body,
+        forwarded_body=forwarded_body,
     )
 
 

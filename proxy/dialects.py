@@ -14,6 +14,7 @@ Token semantics are OpenAI's whatever the dialect: `prompt_tokens` includes cach
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,6 +83,41 @@ def anthropic_usage_from(obj: Any, *, reported: bool = True) -> Usage | None:
     )
 
 
+# Tool names kept per call (the count is always whole), and the longest name kept.
+MAX_TOOL_NAMES = 16
+MAX_TOOL_NAME = 64
+_UNPRINTABLE = re.compile(r"[^\x21-\x7e]+")
+
+
+@dataclass(slots=True)
+class ToolCalls:
+    """How many tool calls an answer made, and the names of the first few."""
+
+    count: int = 0
+    names: list[str] = field(default_factory=list)
+    # Streams: the (choice, tool index) pairs seen, since a call spans many deltas.
+    seen: set[tuple[Any, Any]] = field(default_factory=set)
+
+    def add(self, name: Any) -> None:
+        self.count += 1
+        if len(self.names) < MAX_TOOL_NAMES and isinstance(name, str) and name:
+            self.names.append(_UNPRINTABLE.sub("_", name[: MAX_TOOL_NAME * 4])[:MAX_TOOL_NAME])
+
+
+def _stream_tool_calls(state: StreamState, choice: Any, calls: list[Any]) -> None:
+    """OpenAI streams a tool call over many deltas, all with its `index`; only the first has
+    its `function.name` (and `id`)."""
+    for call in calls:
+        if not isinstance(call, dict):
+            continue
+        key = (choice, call.get("index", len(state.tools.seen)))
+        if key in state.tools.seen:
+            continue
+        state.tools.seen.add(key)
+        function = call.get("function")
+        state.tools.add(function.get("name") if isinstance(function, dict) else None)
+
+
 @dataclass(slots=True)
 class StreamState:
     """What the relay has learnt from a stream's events so far."""
@@ -103,6 +139,7 @@ class StreamState:
     keep_max: int = 64 * 1024
     # Anthropic: the usage of message_start, updated by message_delta.
     raw_usage: dict[str, Any] = field(default_factory=dict)
+    tools: ToolCalls = field(default_factory=ToolCalls)
 
     def keep(self, piece: str | bytes) -> None:
         self.seen += len(piece)
@@ -133,7 +170,7 @@ def _data(raw: bytes) -> tuple[bytes, bytes]:
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
-def _dumps(body: dict[str, Any]) -> bytes:
+def encode_body(body: dict[str, Any]) -> bytes:
     return _encode(body).encode()
 
 
@@ -165,11 +202,15 @@ class Dialect:
     def headroom(self, headers: Any) -> Headroom | None:
         return parse_headroom(headers)
 
-    def payload(self, body: dict[str, Any], *, model: str, stream: bool) -> bytes:
+    def forwarded(self, body: dict[str, Any], *, model: str, stream: bool) -> dict[str, Any]:
         """The body sent upstream: the client's, with the deployment's model."""
         out = dict(body)
         out["model"] = model
-        return _dumps(out)
+        return out
+
+    def tool_calls(self, parsed: dict[str, Any]) -> ToolCalls:
+        """The tool calls of a whole (non-streamed) answer."""
+        return ToolCalls()
 
     def headers(
         self, kind: str, secret: str, *, stream: bool, forward: dict[str, str]
@@ -197,7 +238,7 @@ class Dialect:
 class OpenAIDialect(Dialect):
     path = "/chat/completions"
 
-    def payload(self, body: dict[str, Any], *, model: str, stream: bool) -> bytes:
+    def forwarded(self, body: dict[str, Any], *, model: str, stream: bool) -> dict[str, Any]:
         out = dict(body)
         out["model"] = model
         if stream:
@@ -208,7 +249,23 @@ class OpenAIDialect(Dialect):
                 **(options if isinstance(options, dict) else {}),
                 "include_usage": True,
             }
-        return _dumps(out)
+        return out
+
+    def tool_calls(self, parsed: dict[str, Any]) -> ToolCalls:
+        found = ToolCalls()
+        choices = parsed.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
+            message = choice.get("message") if isinstance(choice, dict) else None
+            if not isinstance(message, dict):
+                continue
+            calls = message.get("tool_calls")
+            for call in calls if isinstance(calls, list) else ():
+                function = call.get("function") if isinstance(call, dict) else None
+                found.add(function.get("name") if isinstance(function, dict) else None)
+            legacy = message.get("function_call")  # the deprecated single-function form
+            if isinstance(legacy, dict):
+                found.add(legacy.get("name"))
+        return found
 
     def headers(
         self, kind: str, secret: str, *, stream: bool, forward: dict[str, str]
@@ -253,7 +310,10 @@ class OpenAIDialect(Dialect):
                 delta = choice.get("delta")
                 if isinstance(delta, dict):
                     content = delta.get("content")
-                    if content or delta.get("tool_calls") or delta.get("reasoning_content"):
+                    tool_calls = delta.get("tool_calls")
+                    if isinstance(tool_calls, list):
+                        _stream_tool_calls(state, choice.get("index"), tool_calls)
+                    if content or tool_calls or delta.get("reasoning_content"):
                         now = time.perf_counter()
                         if state.first_token_at is None:
                             state.first_token_at = now
@@ -344,6 +404,13 @@ class AnthropicDialect(Dialect):
             state.last_token_at = now
             state.keep(data)
             return raw
+        if name == b"content_block_start" and b"tool_use" in data:
+            # A tool call begins (its name is here; its arguments follow as deltas).
+            chunk = _json_object(data)
+            block = chunk.get("content_block") if chunk else None
+            if isinstance(block, dict) and block.get("type") == "tool_use":
+                state.tools.add(block.get("name"))
+            return raw
         if name in (b"ping", b"content_block_start", b"content_block_stop") or not data:
             return raw
         if name == b"message_stop":
@@ -371,6 +438,14 @@ class AnthropicDialect(Dialect):
         elif kind == "message_stop":  # an event without its `event:` line
             state.complete = True
         return raw
+
+    def tool_calls(self, parsed: dict[str, Any]) -> ToolCalls:
+        found = ToolCalls()
+        content = parsed.get("content")
+        for block in content if isinstance(content, list) else ():
+            if isinstance(block, dict) and block.get("type") == "tool_use":
+                found.add(block.get("name"))
+        return found
 
     def streamed_text(self, state: StreamState) -> str:
         return "".join(_delta_text(data) for data in state.pieces)

@@ -45,7 +45,7 @@ from keys.ratelimits import parse_retry_after
 from keys.routing import DeploymentInfo, UpstreamKey
 from keys.state_store import get_key_state_store
 from keys.strategies import Candidate, order_candidates
-from proxy.calls import CallContext, key_settle, record_attempt
+from proxy.calls import CallContext, attempt_record, key_settle
 from proxy.classify import (
     BAD_RESPONSE,
     CLIENT_GONE,
@@ -58,8 +58,9 @@ from proxy.classify import (
     classify_status,
     endpoint_failed,
 )
-from proxy.dialects import Usage
+from proxy.dialects import ToolCalls, Usage, encode_body
 from proxy.streaming import StreamRelay
+from usage.models import CLIENT_CLOSED_STATUS
 
 logger = logging.getLogger("llmrotate.proxy")
 # Only orders keys for the weighted strategy; nothing secret depends on it.
@@ -80,6 +81,21 @@ class Failover:
         self.open_retry_after: float | None = None
 
     async def run(self) -> Answer:
+        """The answer, or the error, for the client; either way the request's final record is
+        marked with what the client got (CallContext.answered / ended)."""
+        try:
+            return await self._run()
+        except ApiError as refusal:
+            self.ctx.ended(status=refusal.status)
+            raise
+        except asyncio.CancelledError:
+            self.ctx.ended(status=CLIENT_CLOSED_STATUS)
+            raise
+        except BaseException:
+            self.ctx.ended(status=500)
+            raise
+
+    async def _run(self) -> Answer:
         for deployment in self.ctx.dialect.deployments(self.ctx.route):
             if not deployment.keys:
                 continue
@@ -116,8 +132,8 @@ class Failover:
                 return await self._give_up(deadline_passed=True), trial
             if not await self.store.acquire(key.key_id, now=time.time()):
                 continue  # a half-open key already has its one trial call in flight
-            async with Attempt(ctx, deployment, key) as attempt:
-                response = await attempt.run(call, deadline=self.deadline)
+            async with Attempt(ctx, deployment, key, call) as attempt:
+                response = await attempt.run(deadline=self.deadline)
             verdict = attempt.verdict
             failed = endpoint_failed(verdict)
             self.gate.observe(deployment.provider.base_url, failed=failed, trial=trial)
@@ -210,12 +226,14 @@ class UpstreamCall:
     """What is sent to one deployment, whichever of its keys sends it."""
 
     url: str
+    body: dict[str, Any]  # as forwarded, for the record's token counts
     payload: bytes
 
     @classmethod
     def prepare(cls, ctx: CallContext, deployment: DeploymentInfo) -> UpstreamCall:
+        body = ctx.dialect.forwarded(ctx.body, model=deployment.model, stream=ctx.stream)
         try:
-            payload = ctx.dialect.payload(ctx.body, model=deployment.model, stream=ctx.stream)
+            payload = encode_body(body)
         except UnicodeEncodeError:
             # JSON allows "\ud800" escapes; UTF-8 cannot carry a lone surrogate. JavaScript
             # clients produce them when they cut a string inside an emoji.
@@ -228,7 +246,7 @@ class UpstreamCall:
             raise invalid_body(
                 "The request body is nested too deeply to be sent upstream.", code="too_deep"
             ) from None
-        return cls(url=deployment.provider.base_url + ctx.dialect.path, payload=payload)
+        return cls(url=deployment.provider.base_url + ctx.dialect.path, body=body, payload=payload)
 
 
 class Attempt:
@@ -238,10 +256,13 @@ class Attempt:
     exactly once (see the module docstring), unless a stream relay took the key over.
     """
 
-    def __init__(self, ctx: CallContext, deployment: DeploymentInfo, key: UpstreamKey) -> None:
+    def __init__(
+        self, ctx: CallContext, deployment: DeploymentInfo, key: UpstreamKey, call: UpstreamCall
+    ) -> None:
         self.ctx = ctx
         self.deployment = deployment
         self.key = key
+        self.call = call
         self.number, pre_ms = ctx.begin_attempt()
         self.t_start = time.perf_counter()
         # Time spent in the gateway: before the first attempt (auth, parsing, routing), and
@@ -264,14 +285,14 @@ class Attempt:
             return
         if exc_type is not None and issubclass(exc_type, asyncio.CancelledError):
             # The client hung up (Django cancels the view): says nothing about the key.
-            await self.finish(CLIENT_GONE)
+            await self.finish(CLIENT_GONE, client_status=CLIENT_CLOSED_STATUS)
         else:
             # A bug raised (the API answers 500, and logs it): the key is still given back.
-            await self.finish(GATEWAY_FAILED)
+            await self.finish(GATEWAY_FAILED, client_status=500)
 
-    async def run(self, call: UpstreamCall, *, deadline: float) -> Answer | None:
+    async def run(self, *, deadline: float) -> Answer | None:
         """The answer for the client, or None when another key or deployment should try."""
-        ctx, provider = self.ctx, self.deployment.provider
+        ctx, provider, call = self.ctx, self.deployment.provider, self.call
         client = upstream_client(provider.base_url)
         remaining = max(0.001, deadline - self.t_start)
         read = min(settings.LLMROTATE_READ_TIMEOUT_SECONDS, remaining)
@@ -314,6 +335,8 @@ class Attempt:
             return None
         self.verdict = SUCCESS
         self._owned = False  # the relay settles the key when the stream ends
+        # An attempt failed before this one was not the request's last: it goes now.
+        self.ctx.release_held()
         return relay.response()
 
     async def _answer(self, content: bytes) -> Answer | None:
@@ -347,9 +370,11 @@ class Attempt:
         out["x-llmrotate-key"] = self.key.key_id
         await self.finish(
             verdict,
+            client_status=status,
             usage=usage,
             completion_text=completion_text,
             ttlt_ms=self.ctx.ms_since_start(t_recv),
+            tools=dialect.tool_calls(parsed) if parsed is not None else None,
             extra_overhead_ms=(time.perf_counter() - t_recv) * 1000,
         )
         return out
@@ -358,23 +383,29 @@ class Attempt:
         self,
         verdict: Verdict,
         *,
+        client_status: int | None = None,
         t_end: float | None = None,
         usage: Usage | None = None,
         completion_text: str | None = None,
         completion_chars: int | None = None,
         ttft_ms: float | None = None,
         ttlt_ms: float | None = None,
+        tools: ToolCalls | None = None,
         extra_overhead_ms: float = 0.0,
     ) -> None:
         """Record the attempt, then give its key back with what the attempt says about it.
 
-        The record is written first and synchronously: a client that hangs up cancels the
+        An attempt that ends the request (its verdict says so) is its final record, with the
+        status the client got (`client_status`); one that fails over is held until the next
+        attempt, or the request's end, says whether it was the last (CallContext).
+
+        The record is queued first and synchronously: a client that hangs up cancels the
         view, and the settle (shielded) must not be what stops the record.
         """
         self.verdict = verdict
         self._owned = False
         ctx, deployment = self.ctx, self.deployment
-        record_attempt(
+        data = attempt_record(
             ctx,
             attempt=self.number,
             deployment=deployment,
@@ -390,7 +421,13 @@ class Attempt:
             completion_chars=completion_chars,
             ttft_ms=ttft_ms,
             ttlt_ms=ttlt_ms,
+            tools=tools,
+            forwarded_body=self.call.body,
         )
+        if verdict.next is Next.DONE:
+            ctx.answered(data, status=client_status or 500)
+        else:
+            ctx.hold(data)
         if verdict.outcome != "success":
             logger.info(
                 "request %s attempt %d on %s/%s ended: %s (%s); next: %s",

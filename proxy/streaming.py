@@ -49,6 +49,7 @@ from proxy.classify import (
     classify_exception,
 )
 from proxy.dialects import StreamState
+from usage.models import CLIENT_CLOSED_STATUS
 
 if TYPE_CHECKING:
     from proxy.engine import Attempt
@@ -253,9 +254,13 @@ class StreamRelay:
         # Recorded (synchronously, before its first await) and settled by the attempt; the
         # settle is shielded there, so a second cancellation cannot leave the key taken.
         text = None if usage is not None and usage.reported else self.dialect.streamed_text(state)
+        hung_up = state.failure is not None and state.failure[0] == "client_disconnected"
         await self.attempt.finish(
             _verdict(state.failure),
+            # The client got a 200 and events, whatever came later; unless it left first.
+            client_status=CLIENT_CLOSED_STATUS if hung_up else 200,
             usage=usage,
+            tools=state.tools,
             completion_text=text,
             completion_chars=state.full_length(text) if text is not None else None,
             ttft_ms=ctx.ms_since_start(state.first_token_at) if state.first_token_at else None,

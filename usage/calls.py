@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 from django.conf import settings
 from django.db import transaction
@@ -21,7 +22,7 @@ from usage.models import CallRecord, UsageSource
 from usage.pricing import call_cost, usage_implausible
 from usage.rollups import rollups_upsert
 from usage.spool import Row, row_fit_to_columns, row_to_json
-from usage.tokens import estimate_prompt_tokens, estimate_text_tokens
+from usage.tokens import count_prompt_tokens, estimate_prompt_tokens, estimate_text_tokens
 
 logger = logging.getLogger(__name__)
 usage_logger = logging.getLogger("llmrotate.usage")
@@ -57,6 +58,17 @@ class CallData:
     tokens_per_second: float | None = None
     overhead_ms: float = 0.0
     cost_usd: Decimal | None = None
+    final: bool = False
+    client_status: int | None = None
+    counted_prompt_tokens: int | None = None
+    forwarded_prompt_tokens: int | None = None
+    tool_calls: int = 0
+    tool_names: list[str] = field(default_factory=list)
+    session_id: str = ""
+    turn: int = 0
+    user_agent: str = ""
+    origin: str = ""
+    app_title: str = ""
     # Never persisted. provider_kind (openai | anthropic | openai_compatible) picks the price
     # list; cache_write_tokens (Anthropic's cache_creation_input_tokens, part of prompt_tokens)
     # are priced above plain input; estimate is (prompt text, completion text), set only when
@@ -64,12 +76,21 @@ class CallData:
     # never stored or logged. estimate_chars is the full length in characters of (prompt,
     # completion) when the proxy kept only part of those texts (None: they are whole), so the
     # estimate scales to it. max_output_tokens is the client's output limit (max_tokens,
-    # max_completion_tokens), against which reported usage is checked.
+    # max_completion_tokens), against which reported usage is checked. prompt_body and
+    # forwarded_body are the request as the client sent it and as it went upstream, for the
+    # reconciliation counts (`call_count_tokens`), dropped once counted: text is never stored.
     provider_kind: str = ""
     cache_write_tokens: int = 0
     estimate: tuple[str, str] | None = None
     estimate_chars: tuple[int, int] | None = None
     max_output_tokens: int | None = None
+    prompt_body: dict[str, Any] | None = None
+    forwarded_body: dict[str, Any] | None = None
+
+    @property
+    def needs_counting(self) -> bool:
+        """Whether tokenizing work is due (the recorder's estimator thread does it)."""
+        return self.estimate is not None or self.prompt_body is not None
 
     def __repr__(self) -> str:
         # The dataclass repr would include the estimate's prompt text.
@@ -77,7 +98,15 @@ class CallData:
 
 
 _NOT_PERSISTED = frozenset(
-    {"provider_kind", "cache_write_tokens", "estimate", "estimate_chars", "max_output_tokens"}
+    {
+        "provider_kind",
+        "cache_write_tokens",
+        "estimate",
+        "estimate_chars",
+        "max_output_tokens",
+        "prompt_body",
+        "forwarded_body",
+    }
 )
 PERSISTED_FIELDS: tuple[str, ...] = tuple(
     f.name for f in fields(CallData) if f.name not in _NOT_PERSISTED
@@ -98,9 +127,34 @@ def calls_write(
         rollups_upsert(records=records)
 
 
-def call_estimate(data: CallData) -> None:
-    """Fill the token counts the upstream did not report from `data.estimate`, and drop the
-    text. Tokenizes at most LLMROTATE_ESTIMATE_MAX_CHARS characters of each text."""
+def call_count_tokens(data: CallData) -> None:
+    """The tokenizing work of one record, then its texts dropped: the reconciliation counts of
+    its prompt (as sent and as forwarded), and an estimate of the counts the upstream did not
+    report. Each text is tokenized up to LLMROTATE_ESTIMATE_MAX_CHARS characters."""
+    _count_prompts(data)
+    _estimate(data)
+
+
+def _count_prompts(data: CallData) -> None:
+    sent, forwarded = data.prompt_body, data.forwarded_body
+    data.prompt_body = data.forwarded_body = None
+    if sent is None:
+        return
+    model = data.upstream_model or data.requested_model
+    max_chars = settings.LLMROTATE_ESTIMATE_MAX_CHARS
+    try:
+        data.counted_prompt_tokens = count_prompt_tokens(sent, model=model, max_chars=max_chars)
+        data.forwarded_prompt_tokens = (
+            data.counted_prompt_tokens
+            if forwarded is None or forwarded is sent
+            else count_prompt_tokens(forwarded, model=model, max_chars=max_chars)
+        )
+    except Exception:
+        logger.warning("token count failed for %s", data.request_id, exc_info=True)
+
+
+def _estimate(data: CallData) -> None:
+    """Fill the token counts the upstream did not report from `data.estimate`."""
     if data.estimate is None:
         return
     prompt_text, completion_text = data.estimate
@@ -128,7 +182,7 @@ def call_prepare(data: CallData, *, log: bool = True) -> Row:
     """Fill estimates and cost, flag implausible usage, log the JSON line (once per record,
     before any write), and return the row to insert. The seeding command uses it too, so
     seeded data is priced the way real traffic is."""
-    call_estimate(data)  # normally done already, on the estimator thread
+    call_count_tokens(data)  # normally done already, on the estimator thread
     if not data.total_tokens:
         data.total_tokens = data.prompt_tokens + data.completion_tokens
     if data.cost_usd is None and (data.prompt_tokens or data.completion_tokens):

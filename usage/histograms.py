@@ -71,11 +71,13 @@ class Metric:
         return 2.0**exp, 2.0 ** (exp + 1 / BINS_PER_OCTAVE)
 
 
-# Ranges: latency 16 ms … 262 s, TTFT 16 ms … 65 s, proxy overhead 0.125 … 256 ms, 1 … 4096
-# tokens/s. Changing them (or BINS_PER_OCTAVE) changes the rollup columns: a migration.
+# Ranges: latency and time to last token 16 ms … 262 s, TTFT 16 ms … 65 s, proxy overhead
+# 0.125 … 256 ms, 1 … 4096 tokens/s. Changing them (or BINS_PER_OCTAVE) changes the rollup
+# columns: a migration.
 METRICS: tuple[Metric, ...] = (
     Metric(name="latency_ms", prefix="latency", low_exp=4, high_exp=18),
     Metric(name="ttft_ms", prefix="ttft", low_exp=4, high_exp=16),
+    Metric(name="ttlt_ms", prefix="ttlt", low_exp=4, high_exp=18),
     Metric(name="overhead_ms", prefix="overhead", low_exp=-3, high_exp=8),
     Metric(name="tokens_per_second", prefix="tps", low_exp=0, high_exp=12),
 )

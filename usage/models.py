@@ -25,6 +25,9 @@ class Outcome(models.TextChoices):
     STREAM_ERROR = "stream_error", "stream failed midway"
     CLIENT_DISCONNECTED = "client_disconnected", "client disconnected"
     GATEWAY_ERROR = "gateway_error", "gateway error (a bug: see the log)"
+    # A request answered without any upstream attempt (every key benched, every circuit open):
+    # its one row has attempt 0, so that requests are counted however they end.
+    UNAVAILABLE = "unavailable", "no key or endpoint available"
 
 
 class UsageSource(models.TextChoices):
@@ -35,7 +38,15 @@ class UsageSource(models.TextChoices):
     NONE = "none", "none"
 
 
+# The status a client is counted with when it hung up before its answer (nginx's convention).
+CLIENT_CLOSED_STATUS = 499
+
+
 class CallRecord(models.Model):
+    """One upstream attempt (attempt 1, 2, … of a request), or, for a request answered without
+    any attempt, one row with attempt 0. Each request has exactly one `final` row: the one
+    whose answer, or failure, the client got (`client_status`)."""
+
     request_id = models.CharField(max_length=40, db_index=True)
     attempt = models.PositiveSmallIntegerField(default=1)
     # Indexed with id (below): the keyset order of /api/usage/recent and the export.
@@ -49,8 +60,14 @@ class CallRecord(models.Model):
     key_id = models.CharField(max_length=64, blank=True, default="")
     stream = models.BooleanField(default=False)
 
-    status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    status_code = models.PositiveSmallIntegerField(
+        "upstream status", null=True, blank=True, help_text="What the upstream answered."
+    )
     outcome = models.CharField(max_length=32, choices=Outcome.choices)
+    final = models.BooleanField(default=False, help_text="This row ended the request.")
+    client_status = models.PositiveSmallIntegerField(
+        null=True, blank=True, help_text="On the final row: the HTTP status the client got."
+    )
     error_type = models.CharField(max_length=64, blank=True, default="")
 
     prompt_tokens = models.PositiveIntegerField(default=0)
@@ -74,6 +91,24 @@ class CallRecord(models.Model):
 
     cost_usd = models.DecimalField(max_digits=18, decimal_places=10, null=True, blank=True)
 
+    # Token reconciliation: the prompt as the gateway counts it (tiktoken; usage/tokens.py says
+    # which encoding per model family), as the client sent it and as it went upstream, beside
+    # the upstream's own count (prompt_tokens with usage_source=reported).
+    counted_prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
+    forwarded_prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
+    # Tool calls in the answer, streamed or not, and the first few tool names.
+    tool_calls = models.PositiveSmallIntegerField(default=0)
+    tool_names = models.JSONField(default=list, blank=True)
+
+    # Who called, beyond the client token: a session (X-Session-Id, metadata.session_id or
+    # `user`), its turn (user messages in the request), and the caller's own words about
+    # itself, truncated and without query strings or credentials.
+    session_id = models.CharField(max_length=128, blank=True, default="")
+    turn = models.PositiveSmallIntegerField(default=0)
+    user_agent = models.CharField(max_length=200, blank=True, default="")
+    origin = models.CharField(max_length=200, blank=True, default="")
+    app_title = models.CharField(max_length=100, blank=True, default="")
+
     class Meta:
         ordering = ["-started_at", "-id"]
         indexes = [
@@ -82,6 +117,14 @@ class CallRecord(models.Model):
             models.Index(fields=["client", "started_at"], name="call_client_time"),
             models.Index(fields=["started_at", "id"], name="call_time_id"),
             models.Index(fields=["requested_model", "started_at"], name="call_model_time"),
+            # Filters the monitoring API applies to records rather than rollups (unbounded
+            # values): one session's or one caller's rows, in time order.
+            models.Index(
+                fields=["session_id", "started_at"],
+                condition=~Q(session_id=""),
+                name="call_session_time",
+            ),
+            models.Index(fields=["user_agent", "started_at"], name="call_agent_time"),
             # The admin's "flagged" filter: a handful of rows among millions.
             models.Index(
                 fields=["started_at", "id"], condition=Q(usage_flagged=True), name="call_flagged"
@@ -131,7 +174,16 @@ class ModelPrice(models.Model):
 # keeps the minute table (about one row per four records at 10 million calls a month) close to
 # the size of its data.
 
-RollupDimension = Literal["provider", "requested_model", "key_id", "client", "stream", "ok"]
+RollupDimension = Literal[
+    "provider",
+    "requested_model",
+    "upstream_model",
+    "key_id",
+    "client",
+    "stream",
+    "ok",
+    "client_status",
+]
 ROLLUP_DIMENSIONS: tuple[RollupDimension, ...] = get_args(RollupDimension)
 OUTCOME_COLUMNS = {outcome.value: f"outcome_{outcome.value}" for outcome in Outcome}
 TOKEN_COLUMNS = (
@@ -142,7 +194,15 @@ TOKEN_COLUMNS = (
     "reasoning_tokens",
     "reported_tokens",
     "estimated_tokens",
+    # Reconciliation: prompts as counted (sent by the client, and as forwarded), and, over the
+    # records that have both a count and a reported usage, each side of the comparison.
+    "counted_prompt_tokens",
+    "forwarded_prompt_tokens",
+    "reconciled_reported_tokens",
+    "reconciled_counted_tokens",
 )
+# Counters besides `calls` (attempts): client requests (final rows), and tool calls.
+COUNT_COLUMNS = ("requests", "tool_calls")
 # Cost in units of 1e-10 USD (CallRecord.cost_usd's precision), so that sums are exact integers
 # on every database (SQLite would add decimals as floats).
 COST_SCALE = 10
@@ -152,11 +212,15 @@ class UsageRollup(models.Model):
     bucket_start = models.DateTimeField(help_text="UTC start of the bucket.")
     provider = models.CharField(max_length=64, blank=True, default="")
     requested_model = models.CharField(max_length=200)
+    upstream_model = models.CharField(max_length=200, blank=True, default="")
     key_id = models.CharField(max_length=64, blank=True, default="")
     client = models.CharField(max_length=100, blank=True, default="")
     stream = models.BooleanField(default=False)
     # Success or not: splitting rows by it keeps the `status` filter exact for every figure.
     ok = models.BooleanField()
+    # The status the client got, on rows of final attempts (0 on the others): a handful of
+    # values, almost all 200, so status_code_counts comes from sums like everything else.
+    client_status = models.SmallIntegerField(default=0)
 
     calls = models.IntegerField(default=0)
     cost_e10 = models.BigIntegerField("cost (1e-10 USD)", null=True, blank=True)
@@ -171,7 +235,7 @@ class UsageRollup(models.Model):
 def _add_rollup_columns() -> None:
     from usage.histograms import METRICS
 
-    for column in OUTCOME_COLUMNS.values():
+    for column in (*OUTCOME_COLUMNS.values(), *COUNT_COLUMNS):
         UsageRollup.add_to_class(column, models.IntegerField(null=True, blank=True))
     for column in TOKEN_COLUMNS:
         UsageRollup.add_to_class(column, models.BigIntegerField(null=True, blank=True))
@@ -198,6 +262,7 @@ _BUCKET_DIMS = ["bucket_start", *ROLLUP_DIMENSIONS]
 # SQLite has no INCLUDE: there it is a plain index on bucket_start.
 SUMMARY_COLUMNS = (
     "calls",
+    "requests",
     OUTCOME_COLUMNS[Outcome.SUCCESS.value],
     "prompt_tokens",
     "completion_tokens",
@@ -239,3 +304,55 @@ class DayRollup(UsageRollup):
             models.UniqueConstraint(fields=_BUCKET_DIMS, name="usage_rollup_day_bucket_dims")
         ]
         indexes = [_summary_index("usage_rollup_day")]
+
+
+# --- Rollups of unbounded values ----------------------------------------------------------
+# Sessions and tool names have no fixed set of values, so they cannot be dimensions of the
+# rollups above (every new value would multiply their rows). Each gets a narrow table of its
+# own, per hour, written in the same transaction: rows grow with the sessions (tools) seen per
+# hour, and a window's figures are sums and counts over them.
+
+
+class SessionRollup(models.Model):
+    bucket_start = models.DateTimeField(help_text="UTC start of the hour.")
+    session_id = models.CharField(max_length=128)
+    client = models.CharField(max_length=100, blank=True, default="")
+    provider = models.CharField(max_length=64, blank=True, default="")
+    requested_model = models.CharField(max_length=200)
+    requests = models.IntegerField(default=0)
+    total_tokens = models.BigIntegerField(default=0)
+    # The session's highest turn in the hour: a session's turns are the highest of these.
+    max_turn = models.IntegerField(default=0)
+
+    class Meta:
+        db_table = "usage_rollup_session"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["bucket_start", "session_id", "client", "provider", "requested_model"],
+                name="usage_rollup_session_key",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.bucket_start:%Y-%m-%d %H:00} {self.session_id}"
+
+
+class ToolRollup(models.Model):
+    bucket_start = models.DateTimeField(help_text="UTC start of the hour.")
+    tool_name = models.CharField(max_length=64)
+    client = models.CharField(max_length=100, blank=True, default="")
+    provider = models.CharField(max_length=64, blank=True, default="")
+    requested_model = models.CharField(max_length=200)
+    calls = models.IntegerField(default=0)
+
+    class Meta:
+        db_table = "usage_rollup_tool"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["bucket_start", "tool_name", "client", "provider", "requested_model"],
+                name="usage_rollup_tool_key",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.bucket_start:%Y-%m-%d %H:00} {self.tool_name}"

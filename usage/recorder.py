@@ -6,11 +6,12 @@ Django's ORM is synchronous. `record_call` only appends to a deque under a lock 
 pricing, the JSON log line and the write all happen in the flusher thread, which has its own
 database connection (Django connections are per thread).
 
-Token estimates (calls whose upstream reported no usage) have a thread of their own, which
-hands each record to the flusher once its counts are filled: an estimate takes up to tens of
-milliseconds, and a burst of them must not hold back the writes of every other record. `flush`
-waits for the estimates recorded before it; `stop` hands those still queued to the flusher,
-which estimates them itself (bounded, see usage/tokens.py) on its way out.
+Tokenizing (the reconciliation count of every prompt, and estimates for calls whose upstream
+reported no usage) has a thread of its own, which hands each record to the flusher once its
+counts are filled: a count takes up to tens of milliseconds (tiktoken releases the GIL while it
+encodes, so it runs beside the event loop), and a burst must not hold back the writes of every
+other record. `flush` waits for the counts recorded before it; `stop` hands those still queued
+to the flusher, which counts them itself (bounded, see usage/tokens.py) on its way out.
 
 Nothing is dropped. A failed write keeps its batch in memory and is retried with exponential
 backoff; past LLMROTATE_RECORD_BUFFER_MAX records the oldest are spooled to fsync'd JSONL files
@@ -32,7 +33,7 @@ from pathlib import Path
 from django.conf import settings
 from django.db import close_old_connections, connection, connections
 
-from usage.calls import PERSISTED_FIELDS, CallData, call_estimate, call_prepare, calls_write
+from usage.calls import PERSISTED_FIELDS, CallData, call_count_tokens, call_prepare, calls_write
 from usage.models import CallRecord
 from usage.spool import Row, spool_files, spool_replay_file, spool_write
 
@@ -90,7 +91,7 @@ class Recorder:
     # --- called from any thread -------------------------------------------------------------
 
     def record(self, data: CallData) -> None:
-        if data.estimate is not None:
+        if data.needs_counting:
             with self._lock:
                 if self._estimator is not None or self._start_estimator_locked() is not None:
                     self._estimates.append(data)
@@ -234,7 +235,7 @@ class Recorder:
                         return
                     data = self._estimates.popleft()
                 try:
-                    call_estimate(data)
+                    call_count_tokens(data)
                 finally:
                     self._enqueue(data, estimated=True)
         finally:

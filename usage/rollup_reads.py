@@ -150,8 +150,9 @@ def _rows(
     rows = rollup_select(
         model, start=start, end=end, filters=filters, group=group, aggregates=aggregates
     )
-    # Without GROUP BY an empty range still yields one row, of NULLs.
-    return [row for row in rows if row["calls"]]
+    # Without GROUP BY an empty range still yields one row, of NULLs. (A row of requests
+    # answered without an attempt has 0 calls, not NULL, and is kept.)
+    return [row for row in rows if row["calls"] is not None]
 
 
 def rollup_merge(

@@ -28,13 +28,14 @@ from functools import reduce
 from operator import or_
 from typing import Any
 
-from django.db import connection, transaction
+from django.db import connection, models, transaction
 from django.db.models import F, Q, Value
 from django.db.models.functions import Coalesce
 
 from usage.histograms import METRICS
 from usage.models import (
     COST_SCALE,
+    COUNT_COLUMNS,
     OUTCOME_COLUMNS,
     ROLLUP_DIMENSIONS,
     TOKEN_COLUMNS,
@@ -43,6 +44,8 @@ from usage.models import (
     HourRollup,
     MinuteRollup,
     Outcome,
+    SessionRollup,
+    ToolRollup,
     UsageRollup,
     UsageSource,
 )
@@ -57,6 +60,7 @@ RESOLUTIONS: tuple[tuple[type[UsageRollup], int], ...] = (
 # The accumulator is a flat list: additive columns first, then (min, max) per metric.
 ADDITIVE_COLUMNS: tuple[str, ...] = (
     "calls",
+    *COUNT_COLUMNS,
     *OUTCOME_COLUMNS.values(),
     *TOKEN_COLUMNS,
     "cost_e10",
@@ -76,6 +80,10 @@ _INDEX = {name: i for i, name in enumerate(ADDITIVE_COLUMNS)}
 _OUTCOME_INDEX = {outcome: _INDEX[column] for outcome, column in OUTCOME_COLUMNS.items()}
 _TOKEN_INDEX = tuple((name, _INDEX[name]) for name in TOKEN_COLUMNS[:5])
 _REPORTED, _ESTIMATED = _INDEX["reported_tokens"], _INDEX["estimated_tokens"]
+_REQUESTS, _TOOL_CALLS = _INDEX["requests"], _INDEX["tool_calls"]
+_COUNTED, _FORWARDED = _INDEX["counted_prompt_tokens"], _INDEX["forwarded_prompt_tokens"]
+_RECONCILED_REPORTED = _INDEX["reconciled_reported_tokens"]
+_RECONCILED_COUNTED = _INDEX["reconciled_counted_tokens"]
 _COST = _INDEX["cost_e10"]
 # What a flagged record leaves out until accepted: every token column and the cost.
 _USAGE_COLUMNS = (*TOKEN_COLUMNS, "cost_e10")
@@ -97,8 +105,9 @@ def _new_acc() -> Acc:
 def _key(r: CallRecord) -> Key:
     started = int(r.started_at.timestamp())
     ok = r.outcome == Outcome.SUCCESS.value
-    return (started - started % 60, r.provider, r.requested_model, r.key_id, r.client,
-            bool(r.stream), ok)  # fmt: skip
+    status = (r.client_status or 0) if r.final else 0
+    return (started - started % 60, r.provider, r.requested_model, r.upstream_model, r.key_id,
+            r.client, bool(r.stream), ok, status)  # fmt: skip
 
 
 def _add_usage(acc: Acc, r: CallRecord) -> None:
@@ -110,6 +119,13 @@ def _add_usage(acc: Acc, r: CallRecord) -> None:
         acc[_REPORTED] += r.total_tokens or 0
     if r.cost_usd is not None:
         acc[_COST] += int(Decimal(r.cost_usd) * _COST_FACTOR)
+    counted = r.counted_prompt_tokens
+    if counted is not None:
+        acc[_COUNTED] += counted
+        acc[_FORWARDED] += r.forwarded_prompt_tokens or 0
+        if r.usage_source == UsageSource.REPORTED:
+            acc[_RECONCILED_REPORTED] += r.prompt_tokens or 0
+            acc[_RECONCILED_COUNTED] += counted
 
 
 def rollups_aggregate(records: Iterable[CallRecord]) -> dict[Key, Acc]:
@@ -120,7 +136,13 @@ def rollups_aggregate(records: Iterable[CallRecord]) -> dict[Key, Acc]:
         acc = out.get(key)
         if acc is None:
             acc = out[key] = _new_acc()
-        acc[0] += 1
+        # `calls` are upstream attempts; a request answered without one has an attempt-0 row
+        # that counts only as a request.
+        if r.attempt:
+            acc[0] += 1
+        if r.final:
+            acc[_REQUESTS] += 1
+        acc[_TOOL_CALLS] += r.tool_calls or 0
         slot = _OUTCOME_INDEX.get(r.outcome)
         if slot is not None:
             acc[slot] += 1
@@ -176,6 +198,81 @@ def rollups_upsert(*, records: Sequence[CallRecord]) -> None:
     else:
         for model, level_rows in levels:
             _upsert_sqlite(model, level_rows)
+    _sessions_upsert(records)
+    _tools_upsert(records)
+
+
+def _hour(r: CallRecord) -> datetime:
+    started = int(r.started_at.timestamp())
+    return datetime.fromtimestamp(started - started % 3600, UTC)
+
+
+def _sessions_upsert(records: Sequence[CallRecord]) -> None:
+    """Per (hour, session, client, provider, route): requests, tokens and the highest turn."""
+    rows: dict[tuple[Any, ...], list[int]] = {}
+    for r in records:
+        if not r.session_id:
+            continue
+        key = (_hour(r), r.session_id, r.client, r.provider, r.requested_model)
+        acc = rows.setdefault(key, [0, 0, 0])
+        acc[0] += 1 if r.final else 0
+        acc[1] += 0 if r.usage_flagged else (r.total_tokens or 0)
+        acc[2] = max(acc[2], r.turn or 0)
+    _side_upsert(
+        SessionRollup,
+        keys=("bucket_start", "session_id", "client", "provider", "requested_model"),
+        sums=("requests", "total_tokens"),
+        maxima=("max_turn",),
+        rows=rows,
+    )
+
+
+def _tools_upsert(records: Sequence[CallRecord]) -> None:
+    """Per (hour, tool name, client, provider, route): how many calls named it."""
+    rows: dict[tuple[Any, ...], list[int]] = {}
+    for r in records:
+        for name in r.tool_names or ():
+            key = (_hour(r), str(name), r.client, r.provider, r.requested_model)
+            rows.setdefault(key, [0])[0] += 1
+    _side_upsert(
+        ToolRollup,
+        keys=("bucket_start", "tool_name", "client", "provider", "requested_model"),
+        sums=("calls",),
+        maxima=(),
+        rows=rows,
+    )
+
+
+def _side_upsert(
+    model: type[models.Model],
+    *,
+    keys: tuple[str, ...],
+    sums: tuple[str, ...],
+    maxima: tuple[str, ...],
+    rows: dict[tuple[Any, ...], list[int]],
+) -> None:
+    """INSERT … ON CONFLICT DO UPDATE adding `sums` and keeping the larger of `maxima`, in one
+    order (as the main rollups) so that concurrent writers cannot deadlock."""
+    if not rows:
+        return
+    qn = connection.ops.quote_name
+    t = qn(model._meta.db_table)
+    columns = (*keys, *sums, *maxima)
+    sets = [f"{qn(c)} = {t}.{qn(c)} + EXCLUDED.{qn(c)}" for c in sums]
+    sets += [
+        f"{qn(c)} = CASE WHEN EXCLUDED.{qn(c)} > {t}.{qn(c)} THEN EXCLUDED.{qn(c)} "
+        f"ELSE {t}.{qn(c)} END"
+        for c in maxima
+    ]
+    sql = (
+        f"INSERT INTO {t} ({', '.join(qn(c) for c in columns)}) "  # noqa: S608
+        f"VALUES ({', '.join(['%s'] * len(columns))}) "
+        f"ON CONFLICT ({', '.join(qn(c) for c in keys)}) DO UPDATE SET {', '.join(sets)}"
+    )
+    adapt = connection.ops.adapt_datetimefield_value
+    params = [(adapt(key[0]), *key[1:], *acc) for key, acc in sorted(rows.items())]
+    with connection.cursor() as cursor:
+        cursor.executemany(sql, params)
 
 
 def flagged_usage_accept(*, record_ids: Iterable[int]) -> int:
@@ -234,6 +331,7 @@ _PG_COPY_TYPES = {
     "DateTimeField": "timestamptz",
     "CharField": "text",
     "BooleanField": "bool",
+    "SmallIntegerField": "int2",
     "IntegerField": "int4",
     "BigIntegerField": "int8",
     "FloatField": "float8",
@@ -273,11 +371,13 @@ def _upsert_sql(model: type[UsageRollup], rows: int) -> str:
 
 
 def _row_values(key: Key, acc: Acc, adapt: Any) -> list[Any]:
-    # Zero → NULL for additive columns; min/max are already None when unseen.
+    # Zero → NULL for additive columns but `calls`, which is NOT NULL (and 0 on a row of
+    # requests answered without an attempt); min/max are already None when unseen.
     return [
         adapt(datetime.fromtimestamp(key[0], UTC)),
         *key[1:],
-        *[v or None for v in acc[:_N_ADD]],
+        acc[0],
+        *[v or None for v in acc[1:_N_ADD]],
         *acc[_N_ADD:],
     ]
 

@@ -24,7 +24,7 @@ from decimal import Decimal
 from django.db import connection
 
 from usage.calls import PERSISTED_FIELDS, CallData, call_prepare, calls_write
-from usage.models import CallRecord, Outcome, UsageSource
+from usage.models import CLIENT_CLOSED_STATUS, CallRecord, Outcome, UsageSource
 from usage.pricing import call_cost
 
 # provider -> (kind, keys)
@@ -75,6 +75,27 @@ FAILURES: tuple[tuple[str, float, int | None, str, bool], ...] = (
     (Outcome.AUTH_FAILED, 0.0005, 401, "invalid_api_key", True),
     (Outcome.GATEWAY_ERROR, 0.0005, None, "gateway_error", False),
 )
+# Requests answered 503 without any attempt (every key benched).
+UNAVAILABLE_SHARE = 0.0005
+
+
+def _client_status(last: CallData) -> int:
+    """What the client got when this attempt ended its request."""
+    if last.outcome in (Outcome.SUCCESS, Outcome.STREAM_ERROR):
+        return 200  # a stream that broke midway had already answered 200
+    if last.outcome == Outcome.CLIENT_DISCONNECTED:
+        return CLIENT_CLOSED_STATUS
+    if last.outcome == Outcome.CLIENT_ERROR:
+        return last.status_code or 400
+    if last.outcome == Outcome.TIMEOUT:
+        return 504
+    if last.outcome in (Outcome.RATE_LIMITED, Outcome.QUOTA_EXHAUSTED, Outcome.AUTH_FAILED):
+        return 503
+    if last.outcome == Outcome.GATEWAY_ERROR:
+        return 500
+    return 502
+
+
 STREAM_FAILURES: tuple[tuple[str, float], ...] = (
     (Outcome.STREAM_ERROR, 0.003),
     (Outcome.CLIENT_DISCONNECTED, 0.004),
@@ -139,13 +160,41 @@ class TrafficGenerator:
         stream = rng.random() < client.stream_ratio and not route.startswith("text-embedding")
         request_id = f"seed-{uuid.UUID(int=rng.getrandbits(128)).hex[:24]}"
         at = minute + timedelta(seconds=rng.random() * 60)
+        if rng.random() < UNAVAILABLE_SHARE:
+            # Every key benched: answered 503 without an attempt (one attempt-0 row).
+            return [
+                CallData(
+                    request_id=request_id,
+                    attempt=0,
+                    started_at=at,
+                    finished_at=at,
+                    requested_model=route,
+                    outcome=Outcome.UNAVAILABLE,
+                    client=client.name,
+                    stream=stream,
+                    final=True,
+                    client_status=503,
+                    latency_ms=0.4,
+                )
+            ]
+        attempts = self._attempts(request_id, at=at, client=client.name, route=route,
+                                  stream=stream)  # fmt: skip
+        last = attempts[-1]
+        last.final = True
+        last.client_status = _client_status(last)
+        return attempts
+
+    def _attempts(
+        self, request_id: str, *, at: datetime, client: str, route: str, stream: bool
+    ) -> list[CallData]:
+        rng = self.rng
         attempts: list[CallData] = []
         for provider, model in ROUTES[route]:
             kind, keys = PROVIDERS[provider]
             # Two keys per provider at most, then the next deployment (as a short deadline would).
             for key_id in rng.sample(keys, min(2, len(keys))):
                 data, retry = self._attempt(
-                    request_id=request_id, attempt=len(attempts) + 1, at=at, client=client.name,
+                    request_id=request_id, attempt=len(attempts) + 1, at=at, client=client,
                     route=route, provider=provider, kind=kind, model=model, key_id=key_id,
                     stream=stream,
                 )  # fmt: skip

@@ -53,6 +53,16 @@ class Tokens:
     reasoning: int = 0
     reported: int = 0
     estimated: int = 0
+    # Reconciliation (usage.models.CallRecord says what each is).
+    counted_prompt: int = 0
+    forwarded_prompt: int = 0
+    reconciled_reported: int = 0
+    reconciled_counted: int = 0
+
+    @property
+    def reconciled_difference(self) -> int:
+        """Reported minus counted prompt tokens, over calls that have both."""
+        return self.reconciled_reported - self.reconciled_counted
 
 
 @dataclass(slots=True)
@@ -68,7 +78,9 @@ class MetricStats:
 
 @dataclass(slots=True)
 class Totals:
-    calls: int = 0
+    calls: int = 0  # upstream attempts
+    requests: int = 0  # client requests (each ends with exactly one final row)
+    tool_calls: int = 0
     successes: int = 0
     errors: int = 0
     errors_by_type: dict[str, int] = field(default_factory=dict)
@@ -88,6 +100,7 @@ class Totals:
 class Stats(Totals):
     ttft: MetricStats = field(default_factory=MetricStats)
     duration: MetricStats = field(default_factory=MetricStats)
+    ttlt: MetricStats = field(default_factory=MetricStats)
     overhead: MetricStats = field(default_factory=MetricStats)
     tokens_per_second: MetricStats = field(default_factory=MetricStats)
 
@@ -103,6 +116,8 @@ class Bucket:
 
 def _fill_totals(totals: Totals, row: dict[str, Any]) -> None:
     totals.calls = row.get("calls") or 0
+    totals.requests = row.get("requests") or 0
+    totals.tool_calls = row.get("tool_calls") or 0
     totals.successes = row.get(_SUCCESS_COLUMN) or 0
     totals.errors = totals.calls - totals.successes
     totals.errors_by_type = {
@@ -110,10 +125,8 @@ def _fill_totals(totals: Totals, row: dict[str, Any]) -> None:
         for outcome, column in OUTCOME_COLUMNS.items()
         if outcome != Outcome.SUCCESS.value and row.get(column)
     }
-    t = totals.tokens
-    t.prompt, t.completion, t.total, t.cached, t.reasoning, t.reported, t.estimated = (
-        int(row.get(c) or 0) for c in TOKEN_COLUMNS
-    )
+    values = [int(row.get(c) or 0) for c in TOKEN_COLUMNS]
+    totals.tokens = Tokens(*values)
     totals.cost_usd = Decimal(int(row.get("cost_e10") or 0)).scaleb(-COST_SCALE)
 
 
@@ -144,6 +157,7 @@ def _stats(row: dict[str, Any]) -> Stats:
     by_name = {m.name: _metric_stats(m, row) for m in METRICS}
     stats.ttft = by_name["ttft_ms"]
     stats.duration = by_name["latency_ms"]
+    stats.ttlt = by_name["ttlt_ms"]
     stats.overhead = by_name["overhead_ms"]
     stats.tokens_per_second = by_name["tokens_per_second"]
     return stats

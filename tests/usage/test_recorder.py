@@ -29,7 +29,7 @@ COMPLETION = "Paris is the capital of France."
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def test_call_data_carries_exactly_the_call_record_columns_plus_five_private_fields() -> None:
+def test_call_data_carries_exactly_the_call_record_columns_plus_its_private_fields() -> None:
     columns = {f.name for f in CallRecord._meta.concrete_fields} - {"id"}
     assert set(PERSISTED_FIELDS) == columns
     assert {f.name for f in fields(CallData)} - columns == {
@@ -38,6 +38,8 @@ def test_call_data_carries_exactly_the_call_record_columns_plus_five_private_fie
         "estimate",
         "estimate_chars",
         "max_output_tokens",
+        "prompt_body",
+        "forwarded_body",
     }
 
 

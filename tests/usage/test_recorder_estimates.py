@@ -43,7 +43,7 @@ class GatedEncoder:
 @pytest.fixture
 def encoder(monkeypatch: pytest.MonkeyPatch) -> Iterator[GatedEncoder]:
     gated = GatedEncoder()
-    monkeypatch.setattr(tokens, "_encoder", gated)
+    monkeypatch.setitem(tokens._encoders, tokens.ENCODING_NAME, gated)
     yield gated
     gated.gate.set()  # never leave a thread waiting on it
 

@@ -16,7 +16,16 @@ from common.timeframes import TimeFrame
 from tests.usage.monitoring import call, write_calls
 from usage.filters import UsageFilters
 from usage.histograms import METRICS, RELATIVE_ERROR_BOUND, exact_percentile
-from usage.models import CallRecord, DayRollup, HourRollup, MinuteRollup, Outcome, UsageSource
+from usage.models import (
+    CallRecord,
+    DayRollup,
+    HourRollup,
+    MinuteRollup,
+    Outcome,
+    SessionRollup,
+    ToolRollup,
+    UsageSource,
+)
 from usage.selectors import usage_stats, usage_timeseries, usage_totals_by
 
 # Three days and a bit, starting just before midnight: windows cross minute, hour and day
@@ -44,7 +53,15 @@ calls = st.fixed_dictionaries(
         "ttft_ms": st.none() | st.floats(10, 20_000),
         "overhead_ms": st.floats(0, 500),
         "tokens_per_second": st.none() | st.floats(0.5, 5000),
+        "ttlt_ms": st.none() | st.floats(10, 200_000),
         "cost_usd": st.none() | st.decimals(min_value=0, max_value=3, places=10),
+        "upstream_model": st.sampled_from(["m-1", "m-2"]),
+        "final": st.booleans(),
+        "client_status": st.sampled_from([200, 400, 499, 503]),
+        "attempt": st.sampled_from([0, 1, 1, 2]),
+        "tool_calls": st.integers(0, 3),
+        "counted_prompt_tokens": st.none() | st.integers(0, 5000),
+        "forwarded_prompt_tokens": st.integers(0, 5000),
     }
 )  # fmt: skip
 bounds = st.none() | st.integers(0, SPAN_MINUTES + 60)
@@ -60,7 +77,7 @@ filters = st.builds(
 
 
 def _write(specs: list[dict[str, Any]]) -> list[CallRecord]:
-    for model in (CallRecord, MinuteRollup, HourRollup, DayRollup):
+    for model in (CallRecord, MinuteRollup, HourRollup, DayRollup, SessionRollup, ToolRollup):
         model.objects.all().delete()
     datas = []
     for spec in specs:
@@ -106,7 +123,10 @@ def test_rollup_aggregates_equal_raw_aggregates(
     raw = [r for r in records if _matches(r, frame, f)]
 
     stats = usage_stats(frame=frame, filters=f, now=NOW)
-    assert stats.calls == len(raw)
+    # Calls are attempts (rows of attempt 0 are requests without one); requests, final rows.
+    assert stats.calls == sum(1 for r in raw if r.attempt)
+    assert stats.requests == sum(1 for r in raw if r.final)
+    assert stats.tool_calls == sum(r.tool_calls for r in raw)
     assert stats.successes == sum(r.outcome == Outcome.SUCCESS for r in raw)
     assert stats.errors_by_type == dict(Counter(r.outcome for r in raw if r.outcome != "success"))
     counted = [r for r in raw if not r.usage_flagged]
@@ -118,9 +138,20 @@ def test_rollup_aggregates_equal_raw_aggregates(
         if r.usage_source in (UsageSource.ESTIMATED, UsageSource.EXTRAPOLATED)
     )
     assert stats.cost_usd == sum((Decimal(r.cost_usd) for r in counted if r.cost_usd), Decimal(0))
+    with_count = [r for r in counted if r.counted_prompt_tokens is not None]
+    assert stats.tokens.counted_prompt == sum(r.counted_prompt_tokens or 0 for r in with_count)
+    assert stats.tokens.forwarded_prompt == sum(r.forwarded_prompt_tokens or 0 for r in with_count)
+    reconciled = [r for r in with_count if r.usage_source == UsageSource.REPORTED]
+    assert stats.tokens.reconciled_reported == sum(r.prompt_tokens for r in reconciled)
+    assert stats.tokens.reconciled_counted == sum(r.counted_prompt_tokens or 0 for r in reconciled)
+    statuses = usage_totals_by(group=("client_status",), frame=frame, filters=f, now=NOW)
+    assert {k[0]: v.requests for k, v in statuses if k[0]} == dict(
+        Counter(r.client_status for r in raw if r.final)
+    )
     by_name = {m.name: m for m in METRICS}
     for metric, figures in (
         (by_name["latency_ms"], stats.duration), (by_name["ttft_ms"], stats.ttft),
+        (by_name["ttlt_ms"], stats.ttlt),
         (by_name["overhead_ms"], stats.overhead),
         (by_name["tokens_per_second"], stats.tokens_per_second),
     ):  # fmt: skip
@@ -137,12 +168,18 @@ def test_rollup_aggregates_equal_raw_aggregates(
                 assert abs(estimate / exact - 1) <= RELATIVE_ERROR_BOUND + 1e-9
 
     by_provider = dict(usage_totals_by(group=("provider",), frame=frame, filters=f, now=NOW))
-    assert {k[0]: v.calls for k, v in by_provider.items()} == dict(Counter(r.provider for r in raw))
+    assert {k[0]: v.calls for k, v in by_provider.items() if v.calls} == dict(
+        Counter(r.provider for r in raw if r.attempt)
+    )
+    by_upstream = dict(usage_totals_by(group=("upstream_model",), frame=frame, filters=f, now=NOW))
+    assert {k[0]: v.calls for k, v in by_upstream.items() if v.calls} == dict(
+        Counter(r.upstream_model for r in raw if r.attempt)
+    )
     by_model = usage_totals_by(
         group=("provider", "requested_model"), frame=frame, filters=f, now=NOW
     )
-    assert {k: v.calls for k, v in by_model} == dict(
-        Counter((r.provider, r.requested_model) for r in raw)
+    assert {k: v.calls for k, v in by_model if v.calls} == dict(
+        Counter((r.provider, r.requested_model) for r in raw if r.attempt)
     )
 
 
@@ -174,7 +211,8 @@ def test_timeseries_buckets_equal_raw_counts(
             r for r in records
             if _matches(r, whole, f) and b.start <= r.started_at < b.start + size
         ]  # fmt: skip
-        assert b.totals.calls == len(inside)
+        assert b.totals.calls == sum(1 for r in inside if r.attempt)
+        assert b.totals.requests == sum(1 for r in inside if r.final)
         assert b.totals.tokens.completion == sum(
             r.completion_tokens for r in inside if not r.usage_flagged
         )

@@ -33,15 +33,14 @@ class CountingEncoder:
 @pytest.fixture
 def counting_encoder(monkeypatch: pytest.MonkeyPatch) -> CountingEncoder:
     encoder = CountingEncoder()
-    monkeypatch.setattr(tokens, "_encoder", encoder)
+    monkeypatch.setitem(tokens._encoders, tokens.ENCODING_NAME, encoder)
     return encoder
 
 
 @pytest.fixture
 def cold_tokenizer(monkeypatch: pytest.MonkeyPatch) -> None:
     """Forget the loaded encoding (here and in tiktoken's registry) for this test."""
-    monkeypatch.setattr(tokens, "_encoder", None)
-    monkeypatch.setattr(tokens, "_load_failed", False)
+    monkeypatch.delitem(tokens._encoders, tokens.ENCODING_NAME, raising=False)
     monkeypatch.delitem(tiktoken.registry.ENCODINGS, tokens.ENCODING_NAME, raising=False)
 
 
@@ -102,7 +101,7 @@ def test_the_encoding_loads_without_the_network(
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
     assert estimate_tokens("hello world") == 2
-    assert tokens._encoder is not None
+    assert tokens._encoders[tokens.ENCODING_NAME] is not None
 
 
 def test_without_the_encoding_it_estimates_four_characters_a_token_and_says_so_once(
