@@ -249,6 +249,12 @@ async def _send_error(scope: Scope, send: Any, error: ApiError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def _proxied(path: str) -> bool:
+    """The proxy's calls take the fast path. `/v1/usage/` is the monitoring API under LLM
+    Interactive Proxy's paths: it needs the full stack (sessions for staff, CORS)."""
+    return path.startswith("/v1/") and not path.startswith("/v1/usage/")
+
+
 async def application(scope: Scope, receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
         await _lifespan(receive, send)
@@ -260,7 +266,7 @@ async def application(scope: Scope, receive: Any, send: Any) -> None:
         await _send_error(scope, send, body_too_large())
         return
     try:
-        if scope["path"].startswith("/v1/"):
+        if _proxied(scope["path"]):
             await _proxy_handler(scope, _counting(receive), send)
         else:
             await _handler(scope, _counting(receive), send)
