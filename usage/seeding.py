@@ -13,6 +13,7 @@ arithmetic is the same code.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import uuid
@@ -52,16 +53,32 @@ class ClientProfile:
     share: float
     models: dict[str, float]
     stream_ratio: float
+    # Who the client says it is, and how it talks: the share of its requests that belong to a
+    # conversation (and the session pool they come from), and of answers that call tools.
+    user_agent: str = "python-httpx/0.28"
+    origin: str = ""
+    session_share: float = 0.0
+    tools_share: float = 0.0
 
 
 CLIENTS = (
-    ClientProfile("web-app", 0.40, {"gpt-4o-mini": 0.6, "claude-sonnet": 0.3, "gpt-4o": 0.1}, 0.9),
-    ClientProfile("batch-jobs", 0.25, {"gpt-4o-mini": 0.5, "llama-3.1-8b": 0.5}, 0.0),
-    ClientProfile("support-bot", 0.15, {"claude-haiku": 0.7, "gpt-4o-mini": 0.3}, 0.7),
+    ClientProfile("web-app", 0.40, {"gpt-4o-mini": 0.6, "claude-sonnet": 0.3, "gpt-4o": 0.1}, 0.9,
+                  user_agent="OpenAI/JS 4.77.0", origin="https://app.example.com",
+                  session_share=0.9, tools_share=0.15),
+    ClientProfile("batch-jobs", 0.25, {"gpt-4o-mini": 0.5, "llama-3.1-8b": 0.5}, 0.0,
+                  user_agent="OpenAI/Python 1.59.0"),
+    ClientProfile("support-bot", 0.15, {"claude-haiku": 0.7, "gpt-4o-mini": 0.3}, 0.7,
+                  user_agent="Anthropic/Python 0.42.0", session_share=1.0, tools_share=0.4),
     ClientProfile("analytics", 0.10, {"text-embedding-3-small": 0.8, "o3-mini": 0.2}, 0.0),
-    ClientProfile("ci", 0.06, {"gpt-4o-mini": 0.7, "o3-mini": 0.3}, 0.2),
-    ClientProfile("dev-laptop", 0.04, {"gpt-4o": 0.4, "claude-sonnet": 0.4, "o3-mini": 0.2}, 0.5),
-)
+    ClientProfile("ci", 0.06, {"gpt-4o-mini": 0.7, "o3-mini": 0.3}, 0.2,
+                  user_agent="curl/8.5.0"),
+    ClientProfile("dev-laptop", 0.04, {"gpt-4o": 0.4, "claude-sonnet": 0.4, "o3-mini": 0.2}, 0.5,
+                  user_agent="OpenAI/Python 1.59.0", session_share=0.5, tools_share=0.3),
+)  # fmt: skip
+# Conversations last a few turns; a client's sessions are drawn from a pool this large, so a
+# 30-day seed has sessions in the tens of thousands, as a busy deployment would.
+SESSION_POOL = 20_000
+TOOL_NAMES = ("get_weather", "search_docs", "create_ticket", "run_sql", "send_email")
 
 # Outcome of one attempt: (outcome, probability, status code, error type, retryable)
 FAILURES: tuple[tuple[str, float, int | None, str, bool], ...] = (
@@ -182,7 +199,30 @@ class TrafficGenerator:
         last = attempts[-1]
         last.final = True
         last.client_status = _client_status(last)
+        self._describe(attempts, client, tools=rng.random() < client.tools_share)
         return attempts
+
+    def _describe(self, attempts: list[CallData], client: ClientProfile, *, tools: bool) -> None:
+        """Who called, in which conversation, and what the answer called: the same for every
+        attempt of the request (tool calls only on a successful answer)."""
+        rng = self.rng
+        session, turn = "", 0
+        if rng.random() < client.session_share:
+            session = f"{client.name}-{rng.randrange(SESSION_POOL):05d}"
+            turn = 1 + int(rng.expovariate(0.4))
+        for data in attempts:
+            data.user_agent, data.origin = client.user_agent, client.origin
+            data.session_id, data.turn = session, turn
+            if data.prompt_tokens:
+                # The gateway's own count is close to the upstream's, not equal: framing and
+                # tokenizers differ (cl100k for non-OpenAI families).
+                data.counted_prompt_tokens = max(
+                    1, round(data.prompt_tokens * rng.uniform(0.9, 1.02))
+                )
+                data.forwarded_prompt_tokens = data.counted_prompt_tokens
+            if tools and data.outcome == Outcome.SUCCESS:
+                names = rng.sample(TOOL_NAMES, rng.choice((1, 1, 2)))
+                data.tool_calls, data.tool_names = len(names), names
 
     def _attempts(
         self, request_id: str, *, at: datetime, client: str, route: str, stream: bool
@@ -254,6 +294,7 @@ class TrafficGenerator:
         if outcome != Outcome.SUCCESS:
             completion = max(1, completion // 3)  # the stream broke off part way
         data.latency_ms = (ttft if not embedding else ttft / 4) + completion / tps * 1000
+        data.ttlt_ms = data.latency_ms
         data.prompt_tokens, data.completion_tokens = prompt, completion
         data.cached_tokens = prompt // 2 if rng.random() < 0.2 else 0
         data.reasoning_tokens = completion // 2 if data.upstream_model == "o3-mini" else 0
@@ -263,9 +304,10 @@ class TrafficGenerator:
             if rng.random() < 0.05:  # an upstream that sent no usage chunk: estimated
                 data.usage_source = UsageSource.ESTIMATED
             data.ttft_ms = ttft
-            data.ttlt_ms = data.latency_ms
             if completion > 1:
-                data.tokens_per_second = (completion - 1) / ((data.ttlt_ms - ttft) / 1000)
+                data.tokens_per_second = (completion - 1) / ((data.latency_ms - ttft) / 1000)
+        elif completion:
+            data.tokens_per_second = completion / (data.latency_ms / 1000)
 
 
 class _Prices:
@@ -321,7 +363,18 @@ def _copy_insert(records: list[CallRecord]) -> None:
         raw = cursor.cursor  # the psycopg cursor under Django's wrapper
         with raw.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
             for record in records:
-                copy.write_row([getattr(record, c) for c in _COPY_COLUMNS])
+                copy.write_row([_copy_value(record, c) for c in _COPY_COLUMNS])
+
+
+_JSON_COLUMNS = frozenset(
+    f.name for f in CallRecord._meta.concrete_fields if f.get_internal_type() == "JSONField"
+)
+
+
+def _copy_value(record: CallRecord, column: str) -> object:
+    value = getattr(record, column)
+    # COPY reads text: a list would go in as a Postgres array, not JSON.
+    return json.dumps(value) if column in _JSON_COLUMNS else value
 
 
 def usage_seed(
