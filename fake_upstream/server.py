@@ -31,6 +31,9 @@ DEFAULT_BEHAVIOUR: dict[str, Any] = {
     "token_delay_ms": 0,
     "cut_after": 3,
     "completion_tokens": 16,
+    "reply": None,
+    "tool_calls": None,
+    "usage": True,
 }
 FAULTS = frozenset(
     {"none", "429", "401", "403", "402", "quota", "500", "503", "529"}
@@ -67,7 +70,42 @@ def normalize_behaviour(spec: Any) -> dict[str, Any]:
         value = behaviour[name]
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+    if not isinstance(behaviour["usage"], bool):
+        raise ValueError(f"usage must be true or false, got {behaviour['usage']!r}")
+    if behaviour["reply"] is not None and not isinstance(behaviour["reply"], str):
+        raise ValueError(f"reply must be a string, got {behaviour['reply']!r}")
+    calls = behaviour["tool_calls"]
+    if calls is None:
+        calls = [wire.DEFAULT_TOOL_CALL] if fault == "tool_call" else []
+    if not isinstance(calls, list | tuple):
+        raise ValueError(f"tool_calls must be a list, got {calls!r}")
+    behaviour["tool_calls"] = tuple(_tool_call(call) for call in calls)
     return behaviour
+
+
+def _tool_call(spec: Any) -> wire.ToolCall:
+    """``{"name": ..., "arguments": {...} or a JSON object's text, "id": optional}``."""
+    if isinstance(spec, wire.ToolCall):
+        return spec
+    if not isinstance(spec, Mapping) or set(spec) - {"name", "arguments", "id"}:
+        raise ValueError(f"a tool call is {{name, arguments, id}}, got {spec!r}")
+    name, arguments, call_id = spec.get("name"), spec.get("arguments", {}), spec.get("id")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a tool call needs a name, got {name!r}")
+    if call_id is not None and (not isinstance(call_id, str) or not call_id):
+        raise ValueError(f"a tool call's id must be a non-empty string, got {call_id!r}")
+    if isinstance(arguments, str):
+        try:
+            parsed = json.loads(arguments)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise ValueError(f"tool call arguments must be a JSON object, got {arguments!r}")
+    elif isinstance(arguments, Mapping):
+        arguments = json.dumps(dict(arguments), ensure_ascii=False)
+    else:
+        raise ValueError(f"tool call arguments must be an object, got {arguments!r}")
+    return wire.ToolCall(name, arguments, call_id)
 
 
 def load_script_file(path: str) -> dict[str, Any]:
@@ -431,29 +469,36 @@ class FakeUpstream:
             if anthropic
             else (body.get("max_completion_tokens") or body.get("max_tokens"))
         )
-        words, truncated = wire.reply_words(last_user, int(behaviour["completion_tokens"]), cap)
-        tool = behaviour["fault"] == "tool_call"
-        completion_tokens = 3 * len(wire.TOOL_ARG_PIECES) if tool else len(words)
+        tools: tuple[wire.ToolCall, ...] = behaviour["tool_calls"]
+        reply: str | None = behaviour["reply"]
+        words: list[str]
+        if tools and reply is None:
+            words, truncated = [], False  # only tool calls, like most tool-calling answers
+        else:
+            want = int(behaviour["completion_tokens"])
+            words, truncated = wire.reply_words(last_user, want, cap, reply)
+        completion_tokens = len(words) + sum(tool.tokens() for tool in tools)
         extra = wire.ratelimit_headers(anthropic, nth, prompt_tokens + completion_tokens)
         model, stream = str(body["model"]), body.get("stream") is True
+        report = bool(behaviour["usage"])
         if anthropic:
-            stop = "tool_use" if tool else ("max_tokens" if truncated else "end_turn")
-            args = (model, words, tool, stop, prompt_tokens, completion_tokens)
+            stop = "tool_use" if tools else ("max_tokens" if truncated else "end_turn")
+            args = (model, words, tools, stop, prompt_tokens, completion_tokens)
             if stream:
-                return await self._stream(
-                    writer, wire.anthropic_events(*args), behaviour, keep, extra
-                )
-            return await self._send(writer, wire.anthropic_message(*args), behaviour, keep, extra)
-        finish = "tool_calls" if tool else ("length" if truncated else "stop")
-        usage = wire.openai_usage(prompt_tokens, completion_tokens)
+                events = wire.anthropic_events(*args, usage=report)
+                return await self._stream(writer, events, behaviour, keep, extra)
+            message = wire.anthropic_message(*args, usage=report)
+            return await self._send(writer, message, behaviour, keep, extra)
+        finish = "tool_calls" if tools else ("length" if truncated else "stop")
+        usage = wire.openai_usage(prompt_tokens, completion_tokens) if report else None
         if stream:
             options = body.get("stream_options")
             include_usage = isinstance(options, dict) and options.get("include_usage") is True
-            events = wire.openai_events(
-                model, words, tool, finish, usage if include_usage else None
+            chunks = wire.openai_events(
+                model, words, tools, finish, usage if include_usage else None
             )
-            return await self._stream(writer, events, behaviour, keep, extra)
-        payload = wire.openai_completion(model, words, tool, finish, usage)
+            return await self._stream(writer, chunks, behaviour, keep, extra)
+        payload = wire.openai_completion(model, words, tools, finish, usage)
         return await self._send(writer, payload, behaviour, keep, extra)
 
     async def _send(

@@ -9,8 +9,10 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .http11 import encode_json
@@ -18,10 +20,40 @@ from .http11 import encode_json
 RATE_LIMIT_REQUESTS = 10_000
 RATE_LIMIT_TOKENS = 2_000_000
 TOOL_NAME = "get_weather"
-# Split in three so a proxy's tool-call streaming (and TTFT on tool deltas) gets exercised.
-TOOL_ARG_PIECES = ('{"location"', ': "Paris, ', 'France"}')
+TOOL_ARGUMENTS = '{"location": "Paris, France"}'  # streamed in three pieces (see ToolCall)
 FILLER = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit")
 MODEL_CREATED = 1_715_367_049
+_PIECE = re.compile(r"\s*\S+\s*")
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """One tool call of an answer: a function name and its arguments, a JSON object's text.
+
+    Streamed, the arguments go out a word at a time (whitespace stays with the word before it),
+    so a proxy has to reassemble them, and a string without spaces is never split.
+    """
+
+    name: str
+    arguments: str
+    id: str | None = None
+
+    @property
+    def input(self) -> dict[str, Any]:
+        """The arguments as Anthropic's `tool_use.input` (checked to be an object up front)."""
+        value: dict[str, Any] = json.loads(self.arguments)
+        return value
+
+    def pieces(self) -> list[str]:
+        return _PIECE.findall(self.arguments) or [self.arguments]
+
+    def tokens(self) -> int:
+        """Its share of completion tokens: one for the name, one per streamed piece."""
+        return 1 + len(self.pieces())
+
+
+DEFAULT_TOOL_CALL = ToolCall(TOOL_NAME, TOOL_ARGUMENTS)
+
 
 # fault -> (status, type, code, message) in OpenAI's {"error": {message, type, param, code}}.
 OPENAI_FAULTS: dict[str, tuple[int, str, str | None, str]] = {
@@ -203,12 +235,21 @@ def prompt_info(body: dict[str, Any]) -> tuple[int, str]:
     return max(words, 1), last_user
 
 
-def reply_words(last_user: str, want: int, cap: Any) -> tuple[list[str], bool]:
-    """The reply, one word per "token", and whether the request's max-tokens cap cut it."""
+def reply_words(
+    last_user: str, want: int, cap: Any, reply: str | None = None
+) -> tuple[list[str], bool]:
+    """The reply, one word per "token", and whether the request's max-tokens cap cut it.
+
+    ``reply`` (scripted) replaces the generated text, whatever ``want`` says.
+    """
+    base = (
+        reply.split() if reply is not None else f"This is a fake reply to: {last_user[:40]}".split()
+    )
+    if reply is not None:
+        want = len(base)
     truncated = isinstance(cap, int) and not isinstance(cap, bool) and 0 < cap < want
     if truncated:
         want = cap
-    base = f"This is a fake reply to: {last_user[:40]}".split()
     if want <= len(base):
         return base[:want], truncated
     return base + [FILLER[i % len(FILLER)] for i in range(want - len(base))], truncated
@@ -229,31 +270,57 @@ def openai_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
     }
 
 
+def _call_ids(tools: Sequence[ToolCall], prefix: str) -> list[str]:
+    return [tool.id or new_id(prefix) for tool in tools]
+
+
 def openai_completion(
-    model: str, words: list[str], tool: bool, finish: str, usage: dict[str, Any]
+    model: str,
+    words: list[str],
+    tools: Sequence[ToolCall],
+    finish: str,
+    usage: dict[str, Any] | None,
 ) -> dict[str, Any]:
+    """A chat.completion; with ``tools``, `message.tool_calls` (and text only if scripted).
+    ``usage=None`` leaves the field out, like an upstream that does not report it."""
     message: dict[str, Any] = {"role": "assistant", "content": " ".join(words), "refusal": None}
-    if tool:
-        message["content"] = None
-        function = {"name": TOOL_NAME, "arguments": "".join(TOOL_ARG_PIECES)}
-        message["tool_calls"] = [{"id": new_id("call_"), "type": "function", "function": function}]
+    if tools:
+        message["content"] = " ".join(words) if words else None
+        message["tool_calls"] = [
+            {
+                "id": call_id,
+                "type": "function",
+                "function": {"name": t.name, "arguments": t.arguments},
+            }
+            for call_id, t in zip(_call_ids(tools, "call_"), tools, strict=True)
+        ]
+    message["annotations"] = []
     choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
-    return {
+    body: dict[str, Any] = {
         "id": new_id("chatcmpl-"),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
         "choices": [choice],
-        "usage": usage,
-        "service_tier": "default",
-        "system_fingerprint": "fp_fake",
     }
+    if usage is not None:
+        body["usage"] = usage
+    body["service_tier"] = "default"
+    body["system_fingerprint"] = "fp_fake"
+    return body
 
 
 def openai_events(
-    model: str, words: list[str], tool: bool, finish: str, usage: dict[str, Any] | None
+    model: str,
+    words: list[str],
+    tools: Sequence[ToolCall],
+    finish: str,
+    usage: dict[str, Any] | None,
 ) -> Iterator[bytes]:
-    """SSE events of a chat.completion.chunk stream; ``usage`` only if include_usage."""
+    """SSE events of a chat.completion.chunk stream; ``usage`` only if include_usage.
+
+    Text goes a word per chunk; each tool call starts with a chunk carrying its `index`, `id`,
+    `type` and `function.name` (arguments ""), then one chunk per piece of its arguments."""
     envelope = encode_json(
         {
             "id": new_id("chatcmpl-"),
@@ -273,16 +340,24 @@ def openai_events(
         rest = f',"logprobs":null,"finish_reason":{encode_json(reason)}}}]{tail}'
         return prefix + (encode_json(delta) + rest).encode()
 
-    if tool:
-        call = {"index": 0, "id": new_id("call_"), "type": "function"}
-        call["function"] = {"name": TOOL_NAME, "arguments": ""}
-        yield event({"role": "assistant", "content": None, "tool_calls": [call], "refusal": None})
-        for piece in TOOL_ARG_PIECES:
-            yield event({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
-    else:
-        yield event({"role": "assistant", "content": "", "refusal": None})
+    role: dict[str, Any] = {"role": "assistant", "content": "", "refusal": None}
+    if words or not tools:
+        yield event(role)
         for i, word in enumerate(words):
             yield event({"content": word if i == 0 else " " + word})
+        role = {}
+    for index, (call_id, tool) in enumerate(zip(_call_ids(tools, "call_"), tools, strict=True)):
+        start = {"index": index, "id": call_id, "type": "function"}
+        start["function"] = {"name": tool.name, "arguments": ""}
+        if role:  # no text before: the first chunk is the role's, with the first call in it
+            yield event(
+                {"role": "assistant", "content": None, "tool_calls": [start], "refusal": None}
+            )
+            role = {}
+        else:
+            yield event({"tool_calls": [start]})
+        for piece in tool.pieces():
+            yield event({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
     yield event({}, finish)
     if usage is not None:
         yield f'data: {envelope},"choices":[],"usage":{encode_json(usage)}}}\n\n'.encode()
@@ -299,9 +374,9 @@ def _anthropic_usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
 
 
 def _anthropic_envelope(
-    model: str, content: list[Any], stop: str | None, usage: dict[str, Any]
+    model: str, content: list[Any], stop: str | None, usage: dict[str, Any] | None
 ) -> dict[str, Any]:
-    return {
+    message: dict[str, Any] = {
         "id": new_id("msg_"),
         "type": "message",
         "role": "assistant",
@@ -309,50 +384,85 @@ def _anthropic_envelope(
         "content": content,
         "stop_reason": stop,
         "stop_sequence": None,
-        "usage": usage,
     }
+    if usage is not None:
+        message["usage"] = usage
+    return message
+
+
+def _anthropic_blocks(words: list[str], tools: Sequence[ToolCall]) -> list[dict[str, Any]]:
+    """The content blocks, complete: a text block (unless only tool calls), then tool_use."""
+    blocks: list[dict[str, Any]] = []
+    if words or not tools:
+        blocks.append({"type": "text", "text": " ".join(words)})
+    for call_id, tool in zip(_call_ids(tools, "toolu_"), tools, strict=True):
+        blocks.append({"type": "tool_use", "id": call_id, "name": tool.name, "input": tool.input})
+    return blocks
 
 
 def anthropic_message(
-    model: str, words: list[str], tool: bool, stop: str, input_tokens: int, output_tokens: int
+    model: str,
+    words: list[str],
+    tools: Sequence[ToolCall],
+    stop: str,
+    input_tokens: int,
+    output_tokens: int,
+    *,
+    usage: bool = True,
 ) -> dict[str, Any]:
-    block: dict[str, Any] = {"type": "text", "text": " ".join(words)}
-    if tool:
-        arguments = json.loads("".join(TOOL_ARG_PIECES))
-        block = {"type": "tool_use", "id": new_id("toolu_"), "name": TOOL_NAME, "input": arguments}
-    usage = _anthropic_usage(input_tokens, output_tokens)
-    return _anthropic_envelope(model, [block], stop, usage)
+    report = _anthropic_usage(input_tokens, output_tokens) if usage else None
+    return _anthropic_envelope(model, _anthropic_blocks(words, tools), stop, report)
 
 
 def anthropic_events(
-    model: str, words: list[str], tool: bool, stop: str, input_tokens: int, output_tokens: int
+    model: str,
+    words: list[str],
+    tools: Sequence[ToolCall],
+    stop: str,
+    input_tokens: int,
+    output_tokens: int,
+    *,
+    usage: bool = True,
 ) -> Iterator[bytes]:
-    """The Messages stream: message_start, content_block_start, ping, deltas..., stop events."""
+    """The Messages stream: message_start, then per content block its content_block_start
+    (a ping after the first), deltas and content_block_stop, then message_delta, message_stop.
+
+    A tool_use block starts with an empty `input` and its arguments follow as input_json_delta
+    pieces. ``usage=False`` leaves `usage` out of message_start and message_delta (the real API
+    always sends it, and the anthropic SDK's stream helper relies on it)."""
 
     def event(data: dict[str, Any]) -> bytes:
         return f"event: {data['type']}\ndata: {encode_json(data)}\n\n".encode()
 
-    message = _anthropic_envelope(model, [], None, _anthropic_usage(input_tokens, 1))
-    yield event({"type": "message_start", "message": message})
-    block: dict[str, Any] = {"type": "text", "text": ""}
-    if tool:
-        block = {"type": "tool_use", "id": new_id("toolu_"), "name": TOOL_NAME, "input": {}}
-    yield event({"type": "content_block_start", "index": 0, "content_block": block})
-    yield event({"type": "ping"})
-    if tool:
-        deltas = [{"type": "input_json_delta", "partial_json": p} for p in TOOL_ARG_PIECES]
-    else:
-        deltas = [
-            {"type": "text_delta", "text": w if i == 0 else " " + w} for i, w in enumerate(words)
-        ]
-    for delta in deltas:
-        yield event({"type": "content_block_delta", "index": 0, "delta": delta})
-    yield event({"type": "content_block_stop", "index": 0})
+    start_usage = _anthropic_usage(input_tokens, 1) if usage else None
     yield event(
-        {
-            "type": "message_delta",
-            "delta": {"stop_reason": stop, "stop_sequence": None},
-            "usage": {"output_tokens": output_tokens},
-        }
+        {"type": "message_start", "message": _anthropic_envelope(model, [], None, start_usage)}
     )
+    blocks = _anthropic_blocks(words, tools)
+    first_tool = len(blocks) - len(tools)  # 1 after a text block, else 0
+    for index, block in enumerate(blocks):
+        deltas: list[dict[str, Any]]
+        if block["type"] == "text":
+            deltas = [
+                {"type": "text_delta", "text": w if i == 0 else " " + w}
+                for i, w in enumerate(words)
+            ]
+            block = {"type": "text", "text": ""}
+        else:
+            pieces = tools[index - first_tool].pieces()
+            deltas = [{"type": "input_json_delta", "partial_json": p} for p in pieces]
+            block = {**block, "input": {}}
+        yield event({"type": "content_block_start", "index": index, "content_block": block})
+        if index == 0:
+            yield event({"type": "ping"})
+        for delta in deltas:
+            yield event({"type": "content_block_delta", "index": index, "delta": delta})
+        yield event({"type": "content_block_stop", "index": index})
+    end: dict[str, Any] = {
+        "type": "message_delta",
+        "delta": {"stop_reason": stop, "stop_sequence": None},
+    }
+    if usage:
+        end["usage"] = {"output_tokens": output_tokens}
+    yield event(end)
     yield event({"type": "message_stop"})

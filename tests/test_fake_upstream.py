@@ -271,6 +271,287 @@ def test_openai_sdk_roundtrip(fake: FakeUpstream) -> None:
     assert exc.value.code == "insufficient_quota"
 
 
+# ---- tool calls, scripted replies, answers without usage ------------------------------
+
+TOOLS = [
+    {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}},
+    {"name": "search_docs", "arguments": '{"query": "rotate keys", "limit": 3}', "id": "call_x"},
+]
+
+
+def validated_openai(body: Any, chunk: bool = False) -> Any:
+    """Strict pydantic validation against the SDK's own types (the SDK itself only constructs,
+    so a wrong shape would otherwise pass unnoticed until an attribute is read)."""
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    return (ChatCompletionChunk if chunk else ChatCompletion).model_validate(body)
+
+
+def validated_anthropic(data: Any, event: bool = False) -> Any:
+    from anthropic.types import Message, RawMessageStreamEvent
+    from pydantic import TypeAdapter
+
+    if event:
+        return TypeAdapter(RawMessageStreamEvent).validate_python(data)
+    return Message.model_validate(data)
+
+
+def anthropic_sse(
+    fake: FakeUpstream, body: dict[str, Any], *, validate: bool = True
+) -> list[dict[str, Any]]:
+    """The events of a streamed message, each checked against the SDK's event types (but
+    `ping`, which the SDK skips, and with validate=False for answers scripted without usage,
+    a field the SDK's types require)."""
+    raw = raw_exchange(fake, post_raw("/v1/messages", {**body, "stream": True}, "x-api-key: a\r\n"))
+    events = []
+    for piece in dechunk(raw.partition(b"\r\n\r\n")[2]):
+        name_line, data_line, *_ = piece.decode().split("\n")
+        data = json.loads(data_line.removeprefix("data: "))
+        assert data["type"] == name_line.removeprefix("event: ")
+        if validate and data["type"] != "ping":
+            validated_anthropic(data, event=True)
+        events.append(data)
+    return events
+
+
+def test_scripted_tool_calls_openai_json(fake: FakeUpstream, client: httpx.Client) -> None:
+    fake.script(keys={"k1": {"queue": [{"tool_calls": TOOLS}]}})
+    body = client.post("/chat/completions", json=CHAT).json()
+    completion = validated_openai(body)
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    calls = choice.message.tool_calls
+    assert [(c.type, c.function.name) for c in calls] == [
+        ("function", "get_weather"),
+        ("function", "search_docs"),
+    ]
+    assert calls[0].id.startswith("call_") and calls[1].id == "call_x"
+    # An object is sent as its JSON text; a string is sent as given.
+    assert json.loads(calls[0].function.arguments) == {"city": "Paris", "unit": "celsius"}
+    assert calls[1].function.arguments == '{"query": "rotate keys", "limit": 3}'
+    # One token for each name and each streamed piece of the arguments.
+    assert body["usage"]["completion_tokens"] == (1 + 4) + (1 + 5)
+
+
+def test_scripted_tool_calls_openai_stream_chunks(fake: FakeUpstream, client: httpx.Client) -> None:
+    fake.script(keys={"k1": {"queue": [{"tool_calls": TOOLS}]}})
+    req = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/chat/completions", json=req) as r:
+        events = sse_data(r.iter_lines())
+    assert events[-1] == "[DONE]"
+    *chunks, usage_chunk = events[:-1]
+    for c in events[:-1]:
+        validated_openai(c, chunk=True)
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    # The role chunk carries the first call's start; no text chunk before it.
+    assert deltas[0]["role"] == "assistant" and deltas[0]["content"] is None
+    starts = [
+        d["tool_calls"][0] for d in deltas if "tool_calls" in d and "id" in d["tool_calls"][0]
+    ]
+    assert starts == [
+        {
+            "index": 0,
+            "id": starts[0]["id"],
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": ""},
+        },
+        {
+            "index": 1,
+            "id": "call_x",
+            "type": "function",
+            "function": {"name": "search_docs", "arguments": ""},
+        },
+    ]
+    pieces: dict[int, list[str]] = {0: [], 1: []}
+    for d in deltas:
+        for call in d.get("tool_calls", ()):
+            if "id" not in call:
+                assert set(call) == {"index", "function"} and set(call["function"]) == {"arguments"}
+                pieces[call["index"]].append(call["function"]["arguments"])
+    assert len(pieces[0]) == 4 and len(pieces[1]) == 5  # arguments really arrive in pieces
+    assert json.loads("".join(pieces[0])) == {"city": "Paris", "unit": "celsius"}
+    assert "".join(pieces[1]) == '{"query": "rotate keys", "limit": 3}'
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    assert usage_chunk["usage"]["completion_tokens"] == 11
+
+
+def test_tool_calls_through_the_openai_sdk(fake: FakeUpstream) -> None:
+    import openai
+
+    sdk = openai.OpenAI(base_url=fake.base_url, api_key="sk-tools", max_retries=0)
+    fake.script(keys={"sk-tools": {"queue": [{"tool_calls": TOOLS, "reply": "Let me check."}]}})
+    # The SDK's stream helper assembles the calls from the deltas.
+    with sdk.chat.completions.stream(**CHAT) as stream:
+        final = stream.get_final_completion()
+    message = final.choices[0].message
+    assert message.content == "Let me check."
+    assert [c.function.name for c in message.tool_calls] == ["get_weather", "search_docs"]
+    assert json.loads(message.tool_calls[0].function.arguments)["city"] == "Paris"
+    assert json.loads(message.tool_calls[1].function.arguments)["limit"] == 3
+    assert final.choices[0].finish_reason == "tool_calls"
+
+
+def test_scripted_tool_calls_anthropic(fake: FakeUpstream, http: httpx.Client) -> None:
+    # The JSON call authenticates with x-api-key; the raw SSE one carries "Bearer k1" as well,
+    # and the fake takes the bearer key first.
+    fake.script(
+        keys={"a": {"queue": [{"tool_calls": TOOLS}]}, "k1": {"queue": [{"tool_calls": TOOLS}]}}
+    )
+    r = http.post(f"{fake.base_url}/messages", json=MSG, headers={"x-api-key": "a"})
+    message = validated_anthropic(r.json())
+    assert message.stop_reason == "tool_use"
+    assert [(b.type, b.name) for b in message.content] == [
+        ("tool_use", "get_weather"),
+        ("tool_use", "search_docs"),
+    ]
+    assert message.content[0].id.startswith("toolu_") and message.content[1].id == "call_x"
+    assert message.content[0].input == {"city": "Paris", "unit": "celsius"}
+    assert message.content[1].input == {"query": "rotate keys", "limit": 3}
+    assert message.usage.output_tokens == 11
+
+    events = anthropic_sse(fake, MSG)
+    names = [e["type"] for e in events]
+    assert names == [
+        "message_start",
+        "content_block_start",
+        "ping",
+        *["content_block_delta"] * 4,
+        "content_block_stop",
+        "content_block_start",
+        *["content_block_delta"] * 5,
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    starts = [e for e in events if e["type"] == "content_block_start"]
+    assert [s["content_block"]["input"] for s in starts] == [{}, {}]
+    assert [(s["index"], s["content_block"]["name"]) for s in starts] == [
+        (0, "get_weather"),
+        (1, "search_docs"),
+    ]
+    for index, expected in ((0, TOOLS[0]["arguments"]), (1, {"query": "rotate keys", "limit": 3})):
+        deltas = [
+            e["delta"] for e in events if e["type"] == "content_block_delta" and e["index"] == index
+        ]
+        assert {d["type"] for d in deltas} == {"input_json_delta"}
+        assert json.loads("".join(d["partial_json"] for d in deltas)) == expected
+    assert events[-2]["delta"]["stop_reason"] == "tool_use"
+    assert events[-2]["usage"] == {"output_tokens": 11}
+
+
+def test_tool_calls_through_the_anthropic_sdk(fake: FakeUpstream) -> None:
+    import anthropic
+
+    sdk = anthropic.Anthropic(
+        base_url=fake.base_url.removesuffix("/v1"), api_key="ak-tools", max_retries=0
+    )
+    behaviour = {"tool_calls": TOOLS, "reply": "Let me check."}
+    fake.script(keys={"ak-tools": {"queue": [behaviour, behaviour]}})
+    with sdk.messages.stream(**MSG) as stream:
+        final = stream.get_final_message()
+    message = sdk.messages.create(**MSG)
+    for answer in (final, message):
+        assert answer.stop_reason == "tool_use"
+        assert [b.type for b in answer.content] == ["text", "tool_use", "tool_use"]
+        assert answer.content[0].text == "Let me check."
+        assert answer.content[1].name == "get_weather"
+        assert answer.content[1].input == {"city": "Paris", "unit": "celsius"}
+        assert answer.content[2].input == {"query": "rotate keys", "limit": 3}
+        assert answer.usage.output_tokens == 3 + 11
+
+
+def test_scripted_reply_text(fake: FakeUpstream, client: httpx.Client) -> None:
+    reply = "Exactly these seven words, nothing else here."
+    fake.script(keys={"k1": {"default": {"reply": reply, "completion_tokens": 2}}})
+    body = client.post("/chat/completions", json=CHAT).json()
+    assert body["choices"][0]["message"]["content"] == reply
+    assert body["usage"]["completion_tokens"] == 7  # the reply's words, not completion_tokens
+    with client.stream("POST", "/chat/completions", json={**CHAT, "stream": True}) as r:
+        chunks = sse_data(r.iter_lines())[:-1]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == reply
+    capped = client.post("/chat/completions", json={**CHAT, "max_tokens": 3}).json()
+    assert capped["choices"][0]["message"]["content"] == "Exactly these seven"
+    assert capped["choices"][0]["finish_reason"] == "length"
+
+
+def test_answers_without_usage(
+    fake: FakeUpstream, client: httpx.Client, http: httpx.Client
+) -> None:
+    fake.script(default={"usage": False})
+    body = client.post("/chat/completions", json=CHAT).json()
+    assert "usage" not in body
+    assert validated_openai(body).usage is None
+    assert body["choices"][0]["message"]["content"].startswith("This is a fake reply")
+    req = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/chat/completions", json=req) as r:
+        events = sse_data(r.iter_lines())
+    assert events[-1] == "[DONE]"
+    assert all("usage" not in c and c["choices"] for c in events[:-1])
+    assert events[-2]["choices"][0]["finish_reason"] == "stop"
+
+    r = http.post(f"{fake.base_url}/messages", json=MSG, headers={"x-api-key": "a"})
+    assert r.status_code == 200 and "usage" not in r.json()
+    assert r.json()["content"][0]["text"].startswith("This is a fake reply")
+    events = anthropic_sse(fake, MSG, validate=False)
+    assert "usage" not in events[0]["message"]
+    assert events[-2]["type"] == "message_delta" and "usage" not in events[-2]
+    # The default reports usage again.
+    fake.script(reset=True)
+    assert client.post("/chat/completions", json=CHAT).json()["usage"]["completion_tokens"] == 16
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"tool_calls": [{"arguments": {}}]},
+        {"tool_calls": [{"name": ""}]},
+        {"tool_calls": [{"name": "f", "arguments": "[1, 2]"}]},
+        {"tool_calls": [{"name": "f", "arguments": "{not json"}]},
+        {"tool_calls": [{"name": "f", "arguments": 3}]},
+        {"tool_calls": [{"name": "f", "args": {}}]},
+        {"tool_calls": [{"name": "f", "id": 7}]},
+        {"tool_calls": {"name": "f"}},
+        {"usage": "no"},
+        {"reply": 5},
+    ],
+)
+def test_bad_tool_call_and_reply_scripts_are_refused(fake: FakeUpstream, bad: dict) -> None:
+    with pytest.raises(ValueError):
+        fake.script(keys={"k1": {"queue": [bad]}})
+    assert fake.stats()["queued"] == {}
+
+
+def test_tool_call_fault_is_the_default_tool_call() -> None:
+    behaviour = normalize_behaviour("tool_call")
+    [call] = behaviour["tool_calls"]
+    assert (call.name, json.loads(call.arguments)) == ("get_weather", {"location": "Paris, France"})
+    assert normalize_behaviour({})["tool_calls"] == ()
+    # Scripted calls win over the default one; an error fault wins over both.
+    named = normalize_behaviour({"fault": "tool_call", "tool_calls": [{"name": "f"}]})
+    assert [c.name for c in named["tool_calls"]] == ["f"]
+    assert normalize_behaviour(normalize_behaviour(named))["tool_calls"] == named["tool_calls"]
+
+
+def test_error_fault_wins_over_scripted_tool_calls(
+    fake: FakeUpstream, client: httpx.Client
+) -> None:
+    fake.script(keys={"k1": {"queue": [{"fault": "503", "tool_calls": TOOLS}]}})
+    assert client.post("/chat/completions", json=CHAT).status_code == 503
+
+
+def test_cut_tool_call_stream(fake: FakeUpstream, client: httpx.Client) -> None:
+    fake.script(keys={"k1": {"queue": [{"fault": "cut", "cut_after": 2, "tool_calls": TOOLS}]}})
+    received: list[str] = []
+    with (
+        pytest.raises(httpx.RemoteProtocolError),
+        client.stream("POST", "/chat/completions", json={**CHAT, "stream": True}) as r,
+    ):
+        received.extend(line for line in r.iter_lines() if line)
+    assert len(received) == 2
+    assert "tool_calls" in received[1]
+
+
 # ---- faults --------------------------------------------------------------------------
 
 
