@@ -22,7 +22,12 @@ from usage.models import CallRecord, UsageSource
 from usage.pricing import call_cost, usage_implausible
 from usage.rollups import rollups_upsert
 from usage.spool import Row, row_fit_to_columns, row_to_json
-from usage.tokens import count_prompt_tokens, estimate_prompt_tokens, estimate_text_tokens
+from usage.tokens import (
+    PROMPT_FIELDS,
+    count_prompt_tokens,
+    estimate_prompt_tokens,
+    estimate_text_tokens,
+)
 
 logger = logging.getLogger(__name__)
 usage_logger = logging.getLogger("llmrotate.usage")
@@ -135,6 +140,13 @@ def call_count_tokens(data: CallData) -> None:
     _estimate(data)
 
 
+def _same_prompt(sent: dict[str, Any], forwarded: dict[str, Any]) -> bool:
+    """Whether the forwarded body carries the very prompt objects the client sent. Dialects
+    copy the body shallowly to change a model or add `stream_options`, so the prompt is not
+    counted twice (a long prompt costs milliseconds: bench/token_counting.py)."""
+    return all(forwarded.get(k) is sent.get(k) for k in PROMPT_FIELDS)
+
+
 def _count_prompts(data: CallData) -> None:
     sent, forwarded = data.prompt_body, data.forwarded_body
     data.prompt_body = data.forwarded_body = None
@@ -146,7 +158,7 @@ def _count_prompts(data: CallData) -> None:
         data.counted_prompt_tokens = count_prompt_tokens(sent, model=model, max_chars=max_chars)
         data.forwarded_prompt_tokens = (
             data.counted_prompt_tokens
-            if forwarded is None or forwarded is sent
+            if forwarded is None or _same_prompt(sent, forwarded)
             else count_prompt_tokens(forwarded, model=model, max_chars=max_chars)
         )
     except Exception:

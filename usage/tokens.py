@@ -148,6 +148,8 @@ def estimate_prompt_tokens(
 _PER_MESSAGE = 3
 _PER_NAME = 1
 _REPLY_PRIMING = 3
+# The only parts of a request body `count_prompt_tokens` reads.
+PROMPT_FIELDS = ("system", "messages", "tools")
 
 
 def count_prompt_tokens(body: dict[str, Any], *, model: str, max_chars: int) -> int:
