@@ -108,7 +108,7 @@ def main() -> None:
     now = datetime.now(UTC)
     # Load the encodings first: a one-off cost per process, not per call.
     count_prompt_tokens(CASES[0][1], model="gpt-4o-mini", max_chars=max_chars)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, sent in CASES:
         # What the proxy forwards on a streamed OpenAI call: a shallow copy with the model set
         # and stream_options added (proxy.dialects), the prompt objects shared.

@@ -59,4 +59,5 @@ def test_a_forwarded_prompt_the_gateway_changed_is_counted_on_its_own(counted):
     record = data(SENT, forwarded)
     call_count_tokens(record)
     assert counted == [SENT, forwarded]
+    assert record.counted_prompt_tokens is not None
     assert record.forwarded_prompt_tokens == record.counted_prompt_tokens + 3 + 1 + 1
