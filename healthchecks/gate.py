@@ -23,6 +23,11 @@ operations. The shared store (healthchecks.breaker_store) is only touched in the
 
 Whenever the store cannot be reached the gate fails open: traffic flows as if every breaker
 were closed, and the failure is logged.
+
+With LLMROTATE_CIRCUIT_BREAKER off the gate is open for good: `admit` lets every deployment be
+tried, live traffic feeds no breaker, and the copy is never loaded. The probes still drive
+the breakers' state in the store (healthchecks.services), so /internal/health and the
+notifications still say what the breakers would do; only the proxy no longer acts on it.
 """
 
 from __future__ import annotations
@@ -64,9 +69,10 @@ ALLOW = Admission(True)
 
 
 class BreakerGate:
-    def __init__(self, *, policy: BreakerPolicy, sync_seconds: float) -> None:
+    def __init__(self, *, policy: BreakerPolicy, sync_seconds: float, enabled: bool = True) -> None:
         self.policy = policy
         self.sync_seconds = sync_seconds
+        self.enabled = enabled
         self._states: dict[str, BreakerState] = {}
         self._windows: dict[str, Window] = {}
         self._lock = threading.Lock()
@@ -84,6 +90,8 @@ class BreakerGate:
     # ---- hot path
 
     async def admit(self, endpoint: str) -> Admission:
+        if not self.enabled:
+            return ALLOW
         await self._ensure_fresh()
         now = time.time()
         state = self._states.get(endpoint)
@@ -116,6 +124,9 @@ class BreakerGate:
 
     def observe(self, endpoint: str, *, failed: bool, trial: bool) -> None:
         """The outcome of one attempt on the endpoint. Never waits."""
+        if not self.enabled:
+            # Nothing enforces a trip: recording one would only announce what did not happen.
+            return
         now = time.time()
         policy = self.policy
         if trial:
@@ -148,6 +159,8 @@ class BreakerGate:
 
     def release(self, endpoint: str) -> None:
         """The trial this request claimed was never sent (no key of the endpoint could go)."""
+        if not self.enabled:  # it claimed none
+            return
         now = time.time()
         self._decide(endpoint, lambda s: (breaker.release_trial(s, now=now), None), now=now)
 
@@ -155,6 +168,8 @@ class BreakerGate:
 
     async def sync_forever(self) -> None:
         """Reload the copy every `sync_seconds` (run by the ASGI lifespan, cancelled at stop)."""
+        if not self.enabled:  # nobody reads the copy
+            return
         while True:
             if not self._refreshing:
                 self._refreshing = True
@@ -246,7 +261,9 @@ class BreakerGate:
 def get_breaker_gate() -> BreakerGate:
     """This process's gate. First called on the event loop, so never built twice."""
     return BreakerGate(
-        policy=breaker_policy(), sync_seconds=settings.LLMROTATE_BREAKER_SYNC_SECONDS
+        policy=breaker_policy(),
+        sync_seconds=settings.LLMROTATE_BREAKER_SYNC_SECONDS,
+        enabled=settings.LLMROTATE_CIRCUIT_BREAKER,
     )
 
 

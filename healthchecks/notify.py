@@ -8,6 +8,9 @@ with HMAC-SHA256 over the exact bytes of the body (docs/configuration.md shows h
 
 The body's `id` and `timestamp` are covered by the signature, so a receiver can refuse replays
 (an id seen before, or a timestamp too old). Retries resend the same body, id included.
+
+LLMROTATE_NOTIFICATIONS off stops the webhooks only (none queued, queued ones dropped by the
+task): the log line is the operator's own record, and the signal never leaves the process.
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ def health_change_notify(
     log = logger.info if event in ("endpoint.up", "breaker.closed") else logger.warning
     log("endpoint %s: %s (%s -> %s) %s", payload["endpoint"], event, previous, current, reason)
     endpoint_health_changed.send(sender=health_change_notify, payload=payload)
-    urls = settings.LLMROTATE_WEBHOOK_URLS
+    urls = settings.LLMROTATE_WEBHOOK_URLS if settings.LLMROTATE_NOTIFICATIONS else []
     if urls:
         from healthchecks.tasks import webhook_deliver
 

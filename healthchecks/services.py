@@ -3,6 +3,12 @@
 Probes run in the Celery worker: every few seconds beat runs `probes_dispatch`, which sends a
 `probe_run` task for each probe that is due, so that each endpoint keeps its own intervals with
 a single schedule entry.
+
+The switches (LLMROTATE_HEALTH_CHECKS, and LLMROTATE_PING_PROBES / LLMROTATE_HTTP_PROBES for each
+kind) turn a kind off everywhere, as each endpoint's own `ping_enabled` / `http_enabled` turns
+it off there: none is sent, and the endpoint's health rests on the kinds still on. The
+dispatcher keeps running with every probe off: it still follows the providers and announces
+breakers that half-open, since live traffic still drives them (healthchecks.gate).
 """
 
 from __future__ import annotations
@@ -12,12 +18,13 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TypeVar
 from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from common.redaction import base_url_masked
@@ -26,7 +33,7 @@ from healthchecks import breaker
 from healthchecks.breaker import BreakerState, BreakerStatus
 from healthchecks.breaker_store import Transition, get_breaker_store
 from healthchecks.breakers import breaker_announce, breaker_policy
-from healthchecks.models import Endpoint, HealthEvent, ProbeKind
+from healthchecks.models import Endpoint, HealthEvent, ProbeKind, ProbeStatus
 from healthchecks.notify import health_change_notify
 from healthchecks.probes import ProbeResult, http_probe, ping_probe
 from keys.crypto import SecretError
@@ -96,17 +103,76 @@ def endpoints_sync() -> None:
     Endpoint.objects.exclude(base_url__in=urls).delete()
 
 
+def _kind_switched_on(kind: str) -> bool:
+    """Do the settings allow this kind of probe at all (before each endpoint's own switch)?"""
+    if not settings.LLMROTATE_HEALTH_CHECKS:
+        return False
+    if kind == ProbeKind.PING:
+        return bool(settings.LLMROTATE_PING_PROBES)
+    return bool(settings.LLMROTATE_HTTP_PROBES)
+
+
+def _ping_on(ep: Endpoint) -> bool:
+    return ep.ping_enabled and _kind_switched_on(ProbeKind.PING)
+
+
+def _http_on(ep: Endpoint) -> bool:
+    return ep.http_enabled and _kind_switched_on(ProbeKind.HTTP)
+
+
+def probes_switched_off_forget(*, now: datetime | None = None) -> int:
+    """Clear what the probes of each kind switched off had said, so that an endpoint is not
+    shown down (or degraded) for good by results nobody will update; returns how many
+    endpoints changed. Their status reads `disabled` until the kind is on and probes again.
+
+    Idempotent and cheap: only endpoints not cleared yet are touched. Health changes made
+    here are not announced: a setting changed, not the endpoint."""
+    now = now or timezone.now()
+    kinds = {ProbeKind.PING: "ping", ProbeKind.HTTP: "http"}
+    off = [prefix for kind, prefix in kinds.items() if not _kind_switched_on(kind)]
+    for prefix in kinds.values():
+        if prefix not in off:  # on again: "not probed yet" until its first probe answers
+            Endpoint.objects.filter(**{f"{prefix}_status": ProbeStatus.DISABLED}).update(
+                **{f"{prefix}_status": ProbeStatus.UNKNOWN}
+            )
+    if not off:
+        return 0
+    stale = Q()
+    for prefix in off:
+        stale |= ~Q(**{f"{prefix}_status": ProbeStatus.DISABLED})
+    changed = 0
+    with transaction.atomic():
+        # Locked: a probe of the other kind may be recording its result on the same row.
+        for ep in Endpoint.objects.select_for_update().filter(stale):
+            was = ep.health
+            for prefix in off:
+                setattr(ep, f"{prefix}_status", ProbeStatus.DISABLED)
+                setattr(ep, f"{prefix}_failures", 0)
+            if not (_ping_on(ep) or _http_on(ep)):
+                ep.is_up = None  # nothing probes it any more: unknown, as before any probe
+            elif ep.is_up is not None:
+                ep.is_up = not _probes_down(ep)
+            if ep.health != was:
+                ep.last_change_at = now
+            ep.save()
+            changed += 1
+    return changed
+
+
 def probes_dispatch(*, send: Callable[[int, str], None]) -> int:
     """Send every probe that is due; returns how many. Runs on each beat tick."""
     endpoints_sync()
     breakers_advance(now=time.time())
+    probes_switched_off_forget()
+    if not (_kind_switched_on(ProbeKind.PING) or _kind_switched_on(ProbeKind.HTTP)):
+        return 0
     now = timezone.now()
     sent = 0
     active = Endpoint.objects.filter(enabled=True, base_url__in=_provider_urls(enabled_only=True))
     for endpoint in active:
         for kind, enabled, interval, field in (
-            (ProbeKind.PING, endpoint.ping_enabled, endpoint.ping_interval_seconds, "next_ping_at"),
-            (ProbeKind.HTTP, endpoint.http_enabled, endpoint.http_interval_seconds, "next_http_at"),
+            (ProbeKind.PING, _ping_on(endpoint), endpoint.ping_interval_seconds, "next_ping_at"),
+            (ProbeKind.HTTP, _http_on(endpoint), endpoint.http_interval_seconds, "next_http_at"),
         ):
             due = getattr(endpoint, field)
             if not enabled or (due is not None and due > now):
@@ -163,15 +229,16 @@ def _probe_claim_trial(*, endpoint: Endpoint, hold_seconds: float) -> bool | Non
 
 
 def endpoint_probe(*, endpoint_id: int, kind: str) -> ProbeResult | None:
-    """Run one probe and record it. None when the endpoint no longer exists, or when it is
-    half-open and a live trial request is in flight (that request decides; no second trial)."""
+    """Run one probe and record it. None when the endpoint no longer exists, when its kind
+    was switched off after it was queued, or when it is half-open and a live trial request is
+    in flight (that request decides; no second trial)."""
     endpoint = Endpoint.objects.filter(pk=endpoint_id).first()
-    if endpoint is None:
+    if endpoint is None or not _kind_switched_on(kind):
         return None
     trial = False
     # A ping reaching the host says nothing about the HTTP service that tripped the breaker,
     # so only the HTTP probe (when there is one) may be the half-open trial.
-    if kind == ProbeKind.HTTP or not endpoint.http_enabled:
+    if kind == ProbeKind.HTTP or not _http_on(endpoint):
         timeout = endpoint.http_timeout_seconds if kind == ProbeKind.HTTP else PING_TIMEOUT_SECONDS
         claimed = _probe_claim_trial(endpoint=endpoint, hold_seconds=timeout * 2)
         if claimed is None:
@@ -216,8 +283,12 @@ def _probes_down(ep: Endpoint) -> bool:
     Many providers filter ICMP (Azure, APIs behind Cloudflare): pings that get no reply say
     nothing while the HTTP probe gets answers. So they count only while the HTTP probe fails
     too, or when there is no HTTP probe; otherwise they only make the endpoint `degraded`.
+    A kind switched off (here or by the settings) counts as absent.
     """
-    return ep.http_down or (ep.ping_down and (not ep.http_enabled or ep.http_failures > 0))
+    http_on = _http_on(ep)
+    http_down = http_on and ep.http_failures >= ep.http_failure_threshold
+    ping_down = _ping_on(ep) and ep.ping_failures >= ep.ping_failure_threshold
+    return http_down or (ping_down and (not http_on or ep.http_failures > 0))
 
 
 def _probe_reason(ep: Endpoint, *, kind: str, result: ProbeResult) -> str:
@@ -234,7 +305,7 @@ def _probe_reason(ep: Endpoint, *, kind: str, result: ProbeResult) -> str:
         reason = f"{kind} probe failed {failures} times in a row ({result.error})"
     if kind == ProbeKind.HTTP and _probes_down(ep) and failures < threshold:
         reason += f", and ping failed {ep.ping_failures} times in a row"
-    elif kind == ProbeKind.PING and failures >= threshold and ep.http_enabled:
+    elif kind == ProbeKind.PING and failures >= threshold and _http_on(ep):
         reason += (
             ", and the HTTP probe fails too"
             if ep.http_failures

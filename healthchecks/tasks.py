@@ -62,6 +62,10 @@ def webhook_deliver(self: Task, *, url: str, body: str) -> None:
 
     from healthchecks.notify import WebhookError, webhook_host, webhook_post
 
+    if not settings.LLMROTATE_NOTIFICATIONS:
+        # Queued (or waiting to be retried) before notifications were switched off.
+        logger.info("notifications are off: webhook to %s dropped", webhook_host(url))
+        return
     try:
         webhook_post(url=url, body=body)
     except (httpx.HTTPError, WebhookError) as exc:

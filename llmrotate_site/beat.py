@@ -42,7 +42,9 @@ def beat_schedule() -> list[BeatEntry]:
             "healthchecks.probes_dispatch",
             settings.LLMROTATE_PROBE_TICK_SECONDS,
             "Sends the ping and HTTP probes that are due; each endpoint's intervals are set on "
-            "the endpoint (Health checks → Endpoints).",
+            "the endpoint (Health checks → Endpoints). LLMROTATE_HEALTH_CHECKS, "
+            "LLMROTATE_PING_PROBES and LLMROTATE_HTTP_PROBES switch them off everywhere; this "
+            "entry then still advances the circuit breakers, so leave it on.",
         ),
         BeatEntry(
             KEYS_REVALIDATE_ENTRY,

@@ -47,6 +47,21 @@ DEBUG = env.bool("DEBUG", default=False)
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 
+# Browser origins (`https://grafana.example.com`) allowed to call the read-only monitoring API;
+# none by default. https://github.com/adamchainz/django-cors-headers#configuration
+CORS_ALLOWED_ORIGINS = env.list("LLMROTATE_CORS_ORIGINS", default=[])
+# The monitoring API only. Never the proxy (its /v1/ calls skip the middleware anyway, see
+# asgi.ProxyHandler, but a page must not be invited to spend the keys), nor the admin and the
+# dashboard, which work with a session cookie.
+CORS_URLS_REGEX = r"^/(api|v1/usage)/"
+# Callers send their token in Authorization; no cookie is needed, so a page elsewhere that a
+# logged-in admin visits cannot read the API with the admin's session.
+CORS_ALLOW_CREDENTIALS = False
+CORS_ALLOW_METHODS = ["GET", "HEAD", "OPTIONS"]
+CORS_ALLOW_HEADERS = ["accept", "authorization", "content-type"]
+# The export's file name.
+CORS_EXPOSE_HEADERS = ["Content-Disposition"]
+
 INSTALLED_APPS = [
     "django.contrib.admin",
     "django.contrib.auth",
@@ -57,6 +72,8 @@ INSTALLED_APPS = [
     "ninja",
     "django_celery_beat",
     "axes",
+    # Its system checks refuse a malformed LLMROTATE_CORS_ORIGINS entry at start.
+    "corsheaders",
     "keys",
     "usage",
     "proxy",
@@ -70,6 +87,9 @@ INSTALLED_APPS = [
 # (llmrotate_site.asgi.ProxyHandler, for speed), so a middleware added here never sees them.
 # Anything the proxy needs belongs in proxy/ or in ProxyHandler itself.
 MIDDLEWARE = [
+    # First, as django-cors-headers asks: it answers preflights before anything else can, and
+    # adds its headers to every answer, errors included. Only for CORS_URLS_REGEX (below).
+    "corsheaders.middleware.CorsMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -211,6 +231,9 @@ LLMROTATE_MAX_RESPONSE_BYTES = env.int("LLMROTATE_MAX_RESPONSE_BYTES", default=3
 LLMROTATE_MAX_SSE_EVENT_BYTES = env.int("LLMROTATE_MAX_SSE_EVENT_BYTES", default=8 * 1024 * 1024)
 
 # --- Recording -----------------------------------------------------------------------------
+# Off: no call records, rollups or usage log lines (usage.recorder.record_call). Key health
+# does not depend on them and works the same.
+LLMROTATE_USAGE_RECORDING = env.bool("LLMROTATE_USAGE_RECORDING", default=True)
 LLMROTATE_RECORD_FLUSH_SECONDS = env.float("LLMROTATE_RECORD_FLUSH_SECONDS", default=1.0)
 LLMROTATE_RECORD_BATCH_SIZE = env.int("LLMROTATE_RECORD_BATCH_SIZE", default=500)
 # Records held in memory while the database is unreachable; beyond this they are spooled to
@@ -315,6 +338,10 @@ LOGGING["loggers"].update(  # type: ignore[attr-defined]
 LLMROTATE_WORKER_CONCURRENCY = env.int("LLMROTATE_WORKER_CONCURRENCY", default=4)
 
 # --- Health checks -------------------------------------------------------------------------
+# Endpoint probes at all, and each kind everywhere (each endpoint can also switch its own off).
+LLMROTATE_HEALTH_CHECKS = env.bool("LLMROTATE_HEALTH_CHECKS", default=True)
+LLMROTATE_PING_PROBES = env.bool("LLMROTATE_PING_PROBES", default=True)
+LLMROTATE_HTTP_PROBES = env.bool("LLMROTATE_HTTP_PROBES", default=True)
 # How often beat looks for due probes; each endpoint's own intervals are set in the admin.
 LLMROTATE_PROBE_TICK_SECONDS = env.float("LLMROTATE_PROBE_TICK_SECONDS", default=5)
 # Probe settings given to endpoints when they are first seen (then editable per endpoint).
@@ -327,6 +354,8 @@ LLMROTATE_HTTP_PROBE_FAILURE_THRESHOLD = env.int(
 LLMROTATE_HTTP_PROBE_TIMEOUT_SECONDS = env.float("LLMROTATE_HTTP_PROBE_TIMEOUT_SECONDS", default=5)
 LLMROTATE_HEALTH_EVENT_RETENTION_DAYS = env.int("LLMROTATE_HEALTH_EVENT_RETENTION_DAYS", default=7)
 LLMROTATE_KEY_REVALIDATE_SECONDS = env.float("LLMROTATE_KEY_REVALIDATE_SECONDS", default=300)
+# Off: the proxy's gate admits every deployment; probes still keep and show breaker state.
+LLMROTATE_CIRCUIT_BREAKER = env.bool("LLMROTATE_CIRCUIT_BREAKER", default=True)
 # Circuit breaker: the first open period, doubling per repeated trip up to the maximum.
 LLMROTATE_BREAKER_OPEN_SECONDS = env.float("LLMROTATE_BREAKER_OPEN_SECONDS", default=30)
 LLMROTATE_BREAKER_MAX_OPEN_SECONDS = env.float("LLMROTATE_BREAKER_MAX_OPEN_SECONDS", default=600)
@@ -338,6 +367,8 @@ LLMROTATE_BREAKER_FAILURE_RATE = env.float("LLMROTATE_BREAKER_FAILURE_RATE", def
 LLMROTATE_BREAKER_SYNC_SECONDS = env.float("LLMROTATE_BREAKER_SYNC_SECONDS", default=1)
 # Notifications: JSON POSTed to each URL on every health change, signed with the secret.
 LLMROTATE_WEBHOOK_URLS = env.list("LLMROTATE_WEBHOOK_URLS", default=[])
+# Off: nothing is POSTed to them; changes are still logged and signalled.
+LLMROTATE_NOTIFICATIONS = env.bool("LLMROTATE_NOTIFICATIONS", default=True)
 LLMROTATE_WEBHOOK_SECRET = _secrets["LLMROTATE_WEBHOOK_SECRET"]
 LLMROTATE_WEBHOOK_RETRIES = env.int("LLMROTATE_WEBHOOK_RETRIES", default=5)
 

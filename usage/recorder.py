@@ -424,7 +424,14 @@ def get_recorder() -> Recorder:
 
 
 def record_call(data: CallData) -> None:
-    """Queue one attempt for recording. Never blocks on I/O: safe on the event loop."""
+    """Queue one attempt for recording. Never blocks on I/O: safe on the event loop.
+
+    With LLMROTATE_USAGE_RECORDING off it does nothing: no record, rollup or usage log line,
+    and no recorder threads. Key health is not fed from here but settled by the attempt
+    itself (proxy.engine), so it works the same."""
+    # Django caches a setting on first read: from then on this is one attribute read per call.
+    if not settings.LLMROTATE_USAGE_RECORDING:
+        return
     get_recorder().record(data)
 
 

@@ -1,10 +1,12 @@
 """`python manage.py serve`: prepare everything a fresh clone needs, then run the gateway.
 
 Idempotent: generates secrets (settings do that on import), applies migrations, creates the
-first admin user, then runs three child processes: the web server (uvicorn on the ASGI app), a
-Celery worker and Celery beat (`--no-worker`, `--no-beat` leave them out, e.g. when they run as
-separate services). Ctrl-C or SIGTERM stops all three, each gracefully; if one of them dies the
-others are stopped too, so a half-running gateway never goes unnoticed.
+first admin user, imports the config file given with `--config` or LLMROTATE_CONFIG (as
+`import_config` does; an invalid one stops it before anything runs), then runs three child
+processes: the web server (uvicorn on the ASGI app), a Celery worker and Celery beat
+(`--no-worker`, `--no-beat` leave them out, e.g. when they run as separate services). Ctrl-C
+or SIGTERM stops all three, each gracefully; if one of them dies the others are stopped too,
+so a half-running gateway never goes unnoticed.
 
 One terminal, four voices: every line is prefixed with who wrote it (`serve  |` for this
 supervisor, `web    |`, `worker |`, `beat   |` for the children, stdout and stderr alike), read
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import io
 import os
 import secrets
 import signal
@@ -66,6 +69,21 @@ def admin_ensure(*, data_dir: Path) -> tuple[str, str | None]:
     with os.fdopen(fd, "w") as fh:
         fh.write(password + "\n")
     return username, password
+
+
+def config_apply(path: Path, *, console: Console) -> None:
+    """Import the config file before any child starts, so the web server's first request
+    already sees its routes. Raises CommandError (the file's errors, exit status 1) when the
+    file is unreadable or invalid, in which case nothing of it is saved."""
+    console.say(f"importing {path}…")
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        call_command("import_config", str(path), stdout=out, stderr=err)
+    finally:
+        # Its report, and the tokens it generated for new clients: shown only this once.
+        for text, to_err in ((out.getvalue(), False), (err.getvalue(), True)):
+            if text.strip():
+                console.say(text.rstrip("\n"), err=to_err)
 
 
 class Console:
@@ -123,6 +141,14 @@ class Command(BaseCommand):
             "`celery -A llmrotate_site beat` elsewhere."
         )  # fmt: skip
         parser.add_argument(
+            "--config",
+            type=Path,
+            default=os.environ.get("LLMROTATE_CONFIG") or None,
+            metavar="FILE",
+            help="Import this YAML or JSON config file (providers, keys, routes, clients; see "
+            "import_config) before serving. Default: $LLMROTATE_CONFIG.",
+        )
+        parser.add_argument(
             "--setup-only", action="store_true", help="Prepare, print login details, and exit."
         )
         parser.add_argument(
@@ -157,6 +183,8 @@ class Command(BaseCommand):
             )
         console.say("applying database migrations…")
         call_command("migrate", interactive=False, verbosity=0)
+        if options["config"]:
+            config_apply(options["config"], console=console)
         username, password = admin_ensure(data_dir=data_dir)
         block = self._block(
             url=_url(options["host"], options["port"]),
