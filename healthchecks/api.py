@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from django.http import HttpRequest
-from ninja import Router, Schema
+from ninja import Field, Router, Schema
 
 from common.errors import AUTH_ERRORS
 from healthchecks.selectors import EndpointHealth, endpoint_health_report
@@ -18,8 +18,16 @@ class HealthSummaryOut(Schema):
     unhealthy: int
 
 
+class EndpointHealthSummaryOut(HealthSummaryOut):
+    total_endpoints: int = Field(description="As total (LLM Interactive Proxy's name).")
+    healthy_endpoints: int = Field(description="As healthy.")
+    unhealthy_endpoints: int = Field(description="As unhealthy.")
+
+
 class EndpointHealthReportOut(Schema):
-    endpoint_health: dict[str, EndpointHealth]
+    endpoint_health: dict[str, EndpointHealth | EndpointHealthSummaryOut] = Field(
+        description="`summary`, and each endpoint under its shown URL."
+    )
     summary: HealthSummaryOut
 
 

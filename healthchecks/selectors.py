@@ -131,16 +131,29 @@ def _report_keys(entries: list[EndpointEntry]) -> list[str]:
     return keys
 
 
+# The key of the summary inside `endpoint_health`, beside the endpoints (keyed by URL, which
+# always has a scheme, so no endpoint can take it).
+SUMMARY_KEY = "summary"
+
+
 def endpoint_health_report() -> dict[str, Any]:
-    """{"endpoint_health": {shown URL: {...}}, "summary": {"total", "healthy", "unhealthy"}}."""
+    """{"endpoint_health": {"summary": {...}, shown URL: {...}, ...}, "summary": {...}}.
+
+    The summary is in both places: at the top as it always was, and inside `endpoint_health`
+    with LLM Interactive Proxy's names as well (`jq '.endpoint_health.summary'` works)."""
     entries = endpoint_health_list()
     healthy = sum(1 for entry in entries if entry.health.healthy)
     keys = _report_keys(entries)
+    summary = {"total": len(entries), "healthy": healthy, "unhealthy": len(entries) - healthy}
+    lip_names = {
+        "total_endpoints": summary["total"],
+        "healthy_endpoints": summary["healthy"],
+        "unhealthy_endpoints": summary["unhealthy"],
+    }
+    endpoints = {key: asdict(entry.health) for key, entry in zip(keys, entries, strict=True)}
     return {
-        "endpoint_health": {
-            key: asdict(entry.health) for key, entry in zip(keys, entries, strict=True)
-        },
-        "summary": {"total": len(entries), "healthy": healthy, "unhealthy": len(entries) - healthy},
+        "endpoint_health": {SUMMARY_KEY: summary | lip_names, **endpoints},
+        "summary": summary,
     }
 
 

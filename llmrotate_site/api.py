@@ -14,6 +14,7 @@ from keys.api import router as keys_router
 from keys.routing import RoutingUnavailable
 from proxy.api import router as proxy_router
 from usage.api import router as usage_router
+from usage.lip_api import router as lip_usage_router
 
 logger = logging.getLogger("llmrotate.api")
 
@@ -107,6 +108,8 @@ def _unexpected(request: HttpRequest, exc: Exception) -> HttpResponse:
     )
 
 
+# Before the proxy's /v1/: LLM Interactive Proxy's monitoring paths live under it.
+api.add_router("/v1/usage/", lip_usage_router)
 api.add_router("/v1/", proxy_router)
 api.add_router("/api/health/", healthchecks_router)
 api.add_router("/api/", keys_router)

@@ -26,9 +26,17 @@ from common.timeframes import (
 )
 from keys.auth import monitor_auth
 from keys.models import ClientToken
-from usage import record_selectors, selectors
+from usage import conversation_selectors, record_selectors, selectors
+from usage.conversation_selectors import SessionStats
 from usage.export import CONTENT_TYPES, export_filename, iterate_async, usage_export
-from usage.filters import UsageFilters
+from usage.filters import RECORD_ONLY_FILTERS, UsageFilters
+from usage.reconciliation import (
+    ModelColumn,
+    Reconciliation,
+    reconciliation_by_model,
+    reconciliation_of,
+    reconciliation_sum,
+)
 from usage.schemas import (
     ClientsOut,
     EventsOut,
@@ -36,9 +44,12 @@ from usage.schemas import (
     ExportQuery,
     FilterQuery,
     ModelsOut,
+    ModelsQuery,
     PlainText,
     RecentOut,
     RecentQuery,
+    ReconciliationByModelOut,
+    ReconciliationQuery,
     RequestOut,
     TimeFrameQuery,
     TimeseriesOut,
@@ -61,30 +72,67 @@ def _frame(q: TimeFrameQuery, *, now: datetime, default_window: str | None = Non
 
 
 def _filters(q: FilterQuery) -> UsageFilters:
+    # Record-only filters exist on the raw-record queries alone (RecordFilterQuery).
+    record_only = {name: getattr(q, name, None) for name in RECORD_ONLY_FILTERS}
     return UsageFilters(
         provider=q.provider, model=q.model, key=q.key, client=q.client, status=q.status,
-        stream=q.stream,
+        stream=q.stream, upstream_model=q.upstream_model, client_status=q.http_status,
+        **record_only,
     )  # fmt: skip
+
+
+def _rollup_filters(request: HttpRequest, q: FilterQuery) -> UsageFilters:
+    """The filters of an analytics endpoint, refusing those only raw records can apply:
+    silently ignoring one would answer for every session (caller) instead of the one asked."""
+    for name in RECORD_ONLY_FILTERS:
+        if name in request.GET:
+            raise invalid_request(
+                f"{name}: not available here, the analytics endpoints read rollups, which do "
+                f"not carry it. It filters /api/usage/recent, /api/events and "
+                f"/api/usage/export.",
+                code="invalid_parameter",
+                param=name,
+            )
+    return _filters(q)
 
 
 def _frame_out(frame: TimeFrame) -> dict[str, Any]:
     return {"since": frame.since, "until": frame.until}
 
 
+def _reconciliation_out(figures: Reconciliation) -> dict[str, Any]:
+    return {
+        "counted_prompt_tokens": figures.counted_prompt_tokens,
+        "forwarded_prompt_tokens": figures.forwarded_prompt_tokens,
+        "backend_reported_total_tokens": figures.backend_reported_total_tokens,
+        "compared_reported_prompt_tokens": figures.compared_reported_prompt_tokens,
+        "compared_counted_prompt_tokens": figures.compared_counted_prompt_tokens,
+        "difference_tokens": figures.difference_tokens,
+        "difference_percent": figures.difference_percent,
+    }
+
+
 def _stats_out(stats: Stats) -> dict[str, Any]:
     return {
         "calls": stats.calls,
+        "requests": stats.requests,
         "successes": stats.successes,
         "errors": stats.errors,
         "success_rate": stats.success_rate,
         "error_rate": stats.error_rate,
         "errors_by_type": stats.errors_by_type,
+        "status_code_counts": {str(code): n for code, n in stats.status_code_counts.items()},
         "tokens": stats.tokens,
+        "reconciliation": _reconciliation_out(reconciliation_of(stats.tokens)),
         "cost_usd": float(stats.cost_usd),
+        "tool_calls": stats.tool_calls,
         "ttft_stats": stats.ttft,
+        "ttlt_stats": stats.ttlt,
         "duration_stats": stats.duration,
         "overhead_stats": stats.overhead,
         "tokens_per_second_stats": stats.tokens_per_second,
+        "streamed_tokens_per_second_stats": stats.tokens_per_second_streamed,
+        "unstreamed_tokens_per_second_stats": stats.tokens_per_second_unstreamed,
     }
 
 
@@ -92,6 +140,7 @@ def _provider_out(provider: str, totals: Totals) -> dict[str, Any]:
     return {
         "provider": provider,
         "calls": totals.calls,
+        "requests": totals.requests,
         "successes": totals.successes,
         "errors": totals.errors,
         "prompt_tokens": totals.tokens.prompt,
@@ -109,10 +158,13 @@ def _provider_out(provider: str, totals: Totals) -> dict[str, Any]:
 def usage_by_provider(request: HttpRequest, q: Query[FilterQuery]) -> dict[str, Any]:
     now = timezone.now()
     frame = _frame(q, now=now)
-    rows = selectors.usage_totals_by(group=("provider",), frame=frame, filters=_filters(q), now=now)
+    rows = selectors.usage_totals_by(
+        group=("provider",), frame=frame, filters=_rollup_filters(request, q), now=now
+    )
     total = Totals()
     for _, totals in rows:
         total.calls += totals.calls
+        total.requests += totals.requests
         total.successes += totals.successes
         total.errors += totals.errors
         total.tokens.prompt += totals.tokens.prompt
@@ -129,19 +181,21 @@ def usage_by_provider(request: HttpRequest, q: Query[FilterQuery]) -> dict[str, 
 @router.get(
     "/usage/models",
     response={200: ModelsOut, **QUERY_ERRORS},
-    summary="The same figures per provider and model",
+    summary="The same figures per provider and model (requested or upstream)",
 )
-def usage_by_model(request: HttpRequest, q: Query[FilterQuery]) -> dict[str, Any]:
+def usage_by_model(request: HttpRequest, q: Query[ModelsQuery]) -> dict[str, Any]:
     now = timezone.now()
     frame = _frame(q, now=now)
+    column: ModelColumn = "upstream_model" if q.by == "upstream_model" else "requested_model"
     rows = selectors.usage_totals_by(
-        group=("provider", "requested_model"), frame=frame, filters=_filters(q), now=now
+        group=("provider", column), frame=frame, filters=_rollup_filters(request, q), now=now
     )
     models = [
         {
             "provider": provider,
             "model": model,
             "calls": totals.calls,
+            "requests": totals.requests,
             "successes": totals.successes,
             "errors": totals.errors,
             "total_tokens": totals.tokens.total,
@@ -149,7 +203,30 @@ def usage_by_model(request: HttpRequest, q: Query[FilterQuery]) -> dict[str, Any
         }
         for (provider, model), totals in rows
     ]
-    return {**_frame_out(frame), "models": models}
+    return {**_frame_out(frame), "by": q.by, "models": models}
+
+
+@router.get(
+    "/usage/reconciliation",
+    response={200: ReconciliationByModelOut, **QUERY_ERRORS},
+    summary="Prompt tokens counted here vs reported upstream, per provider and model",
+)
+def usage_reconciliation(request: HttpRequest, q: Query[ReconciliationQuery]) -> dict[str, Any]:
+    now = timezone.now()
+    frame = _frame(q, now=now)
+    column: ModelColumn = "requested_model" if q.by == "model" else "upstream_model"
+    filters = _rollup_filters(request, q)
+    rows = reconciliation_by_model(frame=frame, filters=filters, now=now, by=column)
+    total = reconciliation_sum(figures for _, _, figures in rows)
+    return {
+        **_frame_out(frame),
+        "by": q.by,
+        "models": [
+            {"provider": provider, "model": model, **_reconciliation_out(figures)}
+            for provider, model, figures in rows
+        ],
+        "total": _reconciliation_out(total),
+    }
 
 
 @router.get(
@@ -163,7 +240,7 @@ def usage_timeseries(request: HttpRequest, q: Query[TimeseriesQuery]) -> dict[st
     try:
         bucket = parse_bucket(q.bucket) if q.bucket else default_bucket(frame, now=now)
         buckets = selectors.usage_timeseries(
-            frame=frame, bucket=bucket, filters=_filters(q), now=now
+            frame=frame, bucket=bucket, filters=_rollup_filters(request, q), now=now
         )
     except TimeFrameError as exc:
         raise invalid_request(exc.message, code="invalid_parameter", param=exc.param) from None
@@ -174,6 +251,7 @@ def usage_timeseries(request: HttpRequest, q: Query[TimeseriesQuery]) -> dict[st
             {
                 "start": b.start,
                 "calls": b.totals.calls,
+                "requests": b.totals.requests,
                 "errors": b.totals.errors,
                 "prompt_tokens": b.totals.tokens.prompt,
                 "completion_tokens": b.totals.tokens.completion,
@@ -193,8 +271,31 @@ def usage_timeseries(request: HttpRequest, q: Query[TimeseriesQuery]) -> dict[st
 def usage_stats(request: HttpRequest, q: Query[FilterQuery]) -> dict[str, Any]:
     now = timezone.now()
     frame = _frame(q, now=now)
-    stats = selectors.usage_stats(frame=frame, filters=_filters(q), now=now)
-    return {**_frame_out(frame), **_stats_out(stats)}
+    filters = _rollup_filters(request, q)
+    stats = selectors.usage_stats(frame=frame, filters=filters, now=now)
+    sessions: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    if not filters.conversation_unsupported():
+        figures = conversation_selectors.sessions_stats(frame=frame, filters=filters)
+        sessions = {
+            "unique_sessions": figures.unique_sessions,
+            "total_turns": figures.total_turns,
+            "requests": figures.requests,
+            "total_tokens": figures.total_tokens,
+            "tokens_per_session": figures.tokens_per_session,
+        }
+        tools = [
+            {"name": name, "calls": calls}
+            for name, calls in conversation_selectors.tool_calls_by_name(
+                frame=frame, filters=filters
+            )
+        ]
+    return {**_frame_out(frame), **_stats_out(stats), "sessions": sessions, "tools": tools}
+
+
+def _sessions_of(sessions: dict[str, SessionStats], client: str) -> int:
+    found = sessions.get(client)
+    return found.unique_sessions if found else 0
 
 
 @router.get(
@@ -205,10 +306,20 @@ def usage_stats(request: HttpRequest, q: Query[FilterQuery]) -> dict[str, Any]:
 def usage_clients(request: HttpRequest, q: Query[FilterQuery]) -> dict[str, Any]:
     now = timezone.now()
     frame = _frame(q, now=now)
-    rows = selectors.usage_stats_by(group="client", frame=frame, filters=_filters(q), now=now)
+    filters = _rollup_filters(request, q)
+    rows = selectors.usage_stats_by(group="client", frame=frame, filters=filters, now=now)
     tokens = {t.name: t.masked for t in ClientToken.objects.filter(name__in=[n for n, _ in rows])}
+    sessions: dict[str, SessionStats] | None = None
+    if not filters.conversation_unsupported():
+        sessions = conversation_selectors.sessions_by_client(frame=frame, filters=filters)
     clients = [
-        {"client": name, "token": tokens.get(name), **_stats_out(stats)} for name, stats in rows
+        {
+            "client": name,
+            "token": tokens.get(name),
+            "unique_sessions": None if sessions is None else _sessions_of(sessions, name),
+            **_stats_out(stats),
+        }
+        for name, stats in rows
     ]
     return {**_frame_out(frame), "clients": clients}
 

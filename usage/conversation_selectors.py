@@ -2,8 +2,9 @@
 
 Their buckets are hours, so a frame's edges are taken to the hour that holds them: a session
 active at 10:50 counts in a frame starting at 10:59. The filters that these tables carry apply
-(`provider`, `model`, `client`); the others (`key`, `stream`, `status`) cannot, and are ignored
-here: the API documents it beside each figure.
+(`provider`, `model`, `client`); the others cannot, and are ignored here
+(`UsageFilters.conversation_unsupported` names them): the API gives null for these figures
+when one of them is set, rather than figures that ignore it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
 
+from django.db import connections
 from django.db.models import Count, Max, QuerySet, Sum
 
 from common.timeframes import TimeFrame
@@ -43,14 +45,7 @@ def _in_frame(qs: QuerySet[R], frame: TimeFrame, filters: UsageFilters) -> Query
         qs = qs.filter(bucket_start__gte=_hour(frame.since))
     if frame.until is not None:
         qs = qs.filter(bucket_start__lt=frame.until)
-    for column, value in (
-        ("provider", filters.provider),
-        ("requested_model", filters.model),
-        ("client", filters.client),
-    ):
-        if value is not None:
-            qs = qs.filter(**{column: value})
-    return qs
+    return qs.filter(filters.conversation_q())
 
 
 def sessions_stats(*, frame: TimeFrame, filters: UsageFilters) -> SessionStats:
@@ -59,28 +54,50 @@ def sessions_stats(*, frame: TimeFrame, filters: UsageFilters) -> SessionStats:
         .values("session_id")
         .annotate(turns=Max("max_turn"), tokens=Sum("total_tokens"), requests=Sum("requests"))
     )
-    totals = {"sessions": 0, "turns": 0, "tokens": 0, "requests": 0}
-    for row in per_session.iterator():
-        totals["sessions"] += 1
-        totals["turns"] += row["turns"] or 0
-        totals["tokens"] += row["tokens"] or 0
-        totals["requests"] += row["requests"] or 0
+    # One row back: the database sums over its per-session groups (a subquery), rather than
+    # sending every session of a month here to be added up.
+    totals = per_session.aggregate(
+        sessions=Count("session_id"),
+        total_turns=Sum("turns"),
+        total_tokens=Sum("tokens"),
+        total_requests=Sum("requests"),
+    )
     return SessionStats(
-        unique_sessions=totals["sessions"],
-        total_turns=totals["turns"],
-        requests=totals["requests"],
-        total_tokens=totals["tokens"],
+        unique_sessions=totals["sessions"] or 0,
+        total_turns=totals["total_turns"] or 0,
+        requests=totals["total_requests"] or 0,
+        total_tokens=totals["total_tokens"] or 0,
     )
 
 
-def sessions_by_client(*, frame: TimeFrame, filters: UsageFilters) -> dict[str, int]:
-    """client → distinct sessions in the frame."""
-    rows = (
+def sessions_by_client(*, frame: TimeFrame, filters: UsageFilters) -> dict[str, SessionStats]:
+    """client → its sessions, turns, requests and tokens in the frame, counted as
+    `sessions_stats` counts them."""
+    per_session = (
         _in_frame(SessionRollup.objects.all(), frame, filters)
-        .values("client")
-        .annotate(sessions=Count("session_id", distinct=True))
+        .values("client", "session_id")
+        .annotate(turns=Max("max_turn"), tokens=Sum("total_tokens"), requests=Sum("requests"))
     )
-    return {row["client"]: row["sessions"] for row in rows}
+    # Summed per client in the database over the per-session groups, so that a month of
+    # sessions never travels here one row each (the dashboard's clients panel polls).
+    # The inner statement is the ORM's, its values all parameters: no input enters the text.
+    inner, params = per_session.query.sql_with_params()
+    sql = (
+        "SELECT client, COUNT(*), SUM(turns), SUM(requests), SUM(tokens) "  # noqa: S608
+        f"FROM ({inner}) AS per_session GROUP BY client"
+    )
+    with connections[per_session.db].cursor() as cursor:
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+    return {
+        client: SessionStats(
+            unique_sessions=int(sessions),
+            total_turns=int(turns or 0),
+            requests=int(requests or 0),
+            total_tokens=int(tokens or 0),
+        )
+        for client, sessions, turns, requests, tokens in rows
+    }
 
 
 def tool_calls_by_name(*, frame: TimeFrame, filters: UsageFilters) -> list[tuple[str, int]]:

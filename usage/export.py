@@ -44,6 +44,15 @@ TEXT_FIELDS = frozenset(
     if CallRecord._meta.get_field(name).get_internal_type() in ("CharField", "TextField")
 )
 _TEXT_COLUMNS = frozenset(i for i, name in enumerate(RECORD_FIELDS) if name in TEXT_FIELDS)
+# Lists (tool names): a CSV cell holds their JSON text, as Postgres prints its jsonb. It starts
+# with "[", so no name in it can make the cell a formula.
+JSON_FIELDS = frozenset(
+    name
+    for name in RECORD_FIELDS
+    if CallRecord._meta.get_field(name).get_internal_type() == "JSONField"
+)
+_JSON_COLUMNS = frozenset(i for i, name in enumerate(RECORD_FIELDS) if name in JSON_FIELDS)
+_json_text = json.JSONEncoder(ensure_ascii=False).encode
 
 
 def _plain(row: tuple[Any, ...]) -> list[Any]:
@@ -97,7 +106,11 @@ def _csv_chunks(chunks: Iterable[list[tuple[Any, ...]]]) -> Iterator[str]:
     out.writerow(list(RECORD_FIELDS))
     for chunk in chunks:
         for row in chunk:
-            out.writerow(_plain(row))
+            values = _plain(row)
+            for i in _JSON_COLUMNS:
+                if values[i] is not None:
+                    values[i] = _json_text(values[i])
+            out.writerow(values)
         yield out.take()
     if text := out.take():
         yield text

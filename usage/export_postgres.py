@@ -19,13 +19,18 @@ from typing import Any
 from django.db import connection
 
 from common.timeframes import TimeFrame
-from usage.export import FORMULA_STARTS, TEXT_FIELDS
+from usage.export import FORMULA_STARTS, JSON_FIELDS, TEXT_FIELDS
 from usage.filters import UsageFilters
+from usage.models import CallRecord
 from usage.record_selectors import RECORD_FIELDS, record_conditions
 
 CHUNK_ROWS = 10_000
 _TIMESTAMPS = ("started_at", "finished_at")
-_BOOLEANS = ("stream", "usage_flagged")
+_BOOLEANS = frozenset(
+    name
+    for name in RECORD_FIELDS
+    if CallRecord._meta.get_field(name).get_internal_type() == "BooleanField"
+)
 # E'' literals: tab and CR written as escapes, not as raw control characters in the SQL.
 _FORMULA_STARTS_SQL = ", ".join(
     "E'" + char.encode("unicode_escape").decode() + "'" for char in FORMULA_STARTS
@@ -46,6 +51,8 @@ def _columns(*, for_json: bool) -> str:
                 f"CASE WHEN left({name}, 1) IN ({_FORMULA_STARTS_SQL}) THEN '''' || {name}"
                 f" ELSE {name} END AS {name}"
             )
+        elif name in JSON_FIELDS and not for_json:
+            out.append(f"{name}::text AS {name}")  # jsonb's text: what json.dumps writes
         elif name == "cost_usd":
             out.append("cost_usd::text AS cost_usd")  # a string in JSON too: all 10 decimals
         else:

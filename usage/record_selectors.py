@@ -35,7 +35,7 @@ class RecordPage:
 
 
 def _filtered(*, frame: TimeFrame, filters: UsageFilters) -> QuerySet[CallRecord]:
-    q = Q(**filters.equalities())
+    q = Q(**filters.record_equalities())
     if filters.status == "success":
         q &= Q(outcome=Outcome.SUCCESS)
     elif filters.status == "error":
@@ -49,7 +49,7 @@ def _filtered(*, frame: TimeFrame, filters: UsageFilters) -> QuerySet[CallRecord
 
 def record_conditions(*, frame: TimeFrame, filters: UsageFilters) -> tuple[list[str], list[Any]]:
     """The same selection as `_filtered`, as SQL conditions and parameters (for COPY)."""
-    equal = filters.equalities()
+    equal = filters.record_equalities()
     conditions = [f"{column} = %s" for column in equal]
     params: list[Any] = list(equal.values())
     if filters.status is not None:
@@ -151,10 +151,14 @@ def usage_export_total(*, frame: TimeFrame, filters: UsageFilters, now: datetime
     """How many records an export will write, for a progress bar, without counting them all.
 
     The whole minutes come from the rollups, which count every filter exactly (each is a
-    rollup dimension); the part minutes at the edges are counted from the records, by index.
+    rollup dimension; with a record-only filter the records are counted instead); the part
+    minutes at the edges are counted from the records, by index.
     Rollups outlive pruned records, so the count starts at the oldest record still kept. Only
     records written meanwhile make the export differ.
     """
+    if filters.record_only():
+        # No rollup carries these: count the records, by their (value, started_at) index.
+        return _filtered(frame=frame, filters=filters).count()
     oldest = CallRecord.objects.aggregate(oldest=Min("started_at"))["oldest"]
     if oldest is None:
         return 0

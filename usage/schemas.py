@@ -75,6 +75,57 @@ class FilterQuery(TimeFrameQuery):
         None, description="success: the attempt succeeded; error: any other outcome."
     )
     stream: bool | None = Field(None, description="Only streamed (true) or unstreamed calls.")
+    upstream_model: PlainText | None = Field(
+        None, description="Only calls for this upstream model (the model actually called)."
+    )
+    http_status: int | None = Field(
+        None,
+        ge=100,
+        le=599,
+        description="Only client requests that ended with this HTTP status to the client (499: "
+        "the client hung up). Selects each request's final row: its other attempts are not "
+        "counted.",
+    )
+
+
+_RECORD_ONLY = (
+    " Raw records only (recent, events, export): the analytics endpoints refuse it with 422."
+)
+
+
+class RecordFilterQuery(FilterQuery):
+    session_id: PlainText | None = Field(
+        None,
+        description="Only calls of this session (X-Session-Id, metadata.session_id or the "
+        "OpenAI `user` field)." + _RECORD_ONLY,
+    )
+    user_agent: PlainText | None = Field(
+        None, description="Only calls whose User-Agent was exactly this (as stored: truncated to "
+        "200 characters)." + _RECORD_ONLY,
+    )  # fmt: skip
+    origin: PlainText | None = Field(
+        None, description="Only calls whose Origin header was exactly this (scheme://host[:port])."
+        + _RECORD_ONLY,
+    )  # fmt: skip
+
+
+ModelGrouping = Literal["model", "upstream_model"]
+
+
+class ModelsQuery(FilterQuery):
+    by: ModelGrouping = Field(
+        "model",
+        description="model: per requested model (the route name); upstream_model: per model "
+        "actually called upstream.",
+    )
+
+
+class ReconciliationQuery(FilterQuery):
+    by: ModelGrouping = Field(
+        "upstream_model",
+        description="upstream_model: per model actually called (whose tokenizer counts); model: "
+        "per requested model (the route name).",
+    )
 
 
 class TimeseriesQuery(FilterQuery):
@@ -87,16 +138,16 @@ class TimeseriesQuery(FilterQuery):
     )
 
 
-class RecentQuery(FilterQuery):
+class RecentQuery(RecordFilterQuery):
     limit: int = Field(50, ge=1, le=1000, description="Records per page (1-1000).")
     cursor: Cursor | None = Field(None, description="next_cursor of the previous page.")
 
 
-class EventsQuery(FilterQuery):
+class EventsQuery(RecordFilterQuery):
     limit: int = Field(100, ge=1, le=1000, description="How many recent records (1-1000).")
 
 
-class ExportQuery(FilterQuery):
+class ExportQuery(RecordFilterQuery):
     format: ExportFormat = Field("csv", description="csv, jsonl (one object per line) or json.")
 
 
@@ -130,28 +181,129 @@ class MetricStatsOut(Schema):
     p99: float | None = Field(description="99th percentile, from histograms (within 9.05 %).")
 
 
+class ReconciliationOut(Schema):
+    counted_prompt_tokens: int = Field(
+        description="Prompt tokens as the client sent them, counted here with tiktoken (the "
+        "encoding of the upstream model's family), over every call whose prompt was counted."
+    )
+    forwarded_prompt_tokens: int = Field(
+        description="The same calls' prompts as forwarded upstream (after the gateway's own "
+        "changes, such as stream_options), counted the same way."
+    )
+    backend_reported_total_tokens: int = Field(
+        description="Total tokens (prompt + completion) of calls whose usage the upstream "
+        "reported; estimated usage is not included."
+    )
+    compared_reported_prompt_tokens: int = Field(
+        description="Upstream-reported prompt tokens, over the calls that have both a count "
+        "and reported usage."
+    )
+    compared_counted_prompt_tokens: int = Field(
+        description="Counted prompt tokens (as sent by the client), over those same calls."
+    )
+    difference_tokens: int = Field(
+        description="compared_reported_prompt_tokens - compared_counted_prompt_tokens "
+        "(positive: the upstream counted more)."
+    )
+    difference_percent: float | None = Field(
+        description="difference_tokens as a percentage of compared_counted_prompt_tokens; null "
+        "with nothing to compare."
+    )
+
+
+_CALLS = "Upstream attempts (each failover step counts; a request answered without any attempt "
+_CALLS += "counts none)."
+_REQUESTS = "Client requests (however many attempts each took; those answered without any "
+_REQUESTS += "attempt included)."
+
+
 class StatsOut(Schema):
-    calls: int = Field(description="Upstream attempts (each failover step counts).")
-    successes: int
-    errors: int
-    success_rate: float | None = Field(description="successes / calls; null without calls.")
-    error_rate: float | None = Field(description="errors / calls; null without calls.")
-    errors_by_type: dict[str, int] = Field(description="Error count per outcome.")
+    calls: int = Field(description=_CALLS)
+    requests: int = Field(description=_REQUESTS)
+    successes: int = Field(description="Attempts that succeeded.")
+    errors: int = Field(description="Attempts that did not succeed (calls - successes).")
+    success_rate: float | None = Field(
+        description="successes / calls (per attempt); null without calls."
+    )
+    error_rate: float | None = Field(
+        description="errors / calls (per attempt); null without calls."
+    )
+    errors_by_type: dict[str, int] = Field(description="Failed attempts per outcome.")
+    status_code_counts: dict[str, int] = Field(
+        description="Client requests per HTTP status the client got (499: it hung up before "
+        "its answer). Counts requests, not attempts: a request that failed over and then "
+        "succeeded counts once, under 200."
+    )
     tokens: TokensOut
+    reconciliation: ReconciliationOut = Field(
+        description="Prompt tokens counted by the gateway against those the upstream reported."
+    )
     cost_usd: float = Field(description="Summed cost in USD (calls with a known price).")
+    tool_calls: int = Field(
+        description="Tool calls in the answers, streamed or not, over every attempt."
+    )
     ttft_stats: MetricStatsOut = Field(description="Time to first token, ms (streams).")
+    ttlt_stats: MetricStatsOut = Field(
+        description="Time to last token, ms (streams): from receiving the request to the last "
+        "token relayed."
+    )
     duration_stats: MetricStatsOut = Field(description="Attempt duration, ms.")
     overhead_stats: MetricStatsOut = Field(description="Time the gateway itself added, ms.")
-    tokens_per_second_stats: MetricStatsOut = Field(description="Streaming output speed.")
+    tokens_per_second_stats: MetricStatsOut = Field(
+        description="Completion tokens per second, streamed and unstreamed calls together (see "
+        "the two figures below for each)."
+    )
+    streamed_tokens_per_second_stats: MetricStatsOut = Field(
+        description="Streams: completion tokens after the first over the time from the first "
+        "token to the last (generation speed; recorded when that took at least 10 ms)."
+    )
+    unstreamed_tokens_per_second_stats: MetricStatsOut = Field(
+        description="Unstreamed calls: completion tokens over the whole call, from receiving "
+        "the request to the answer (as LLM Metrics Proxy reports it; recorded when the call "
+        "took at least 10 ms)."
+    )
+
+
+class SessionsOut(Schema):
+    unique_sessions: int = Field(description="Distinct session ids with requests in the frame.")
+    total_turns: int = Field(
+        description="Each session's highest turn (user messages in its requests), summed."
+    )
+    requests: int = Field(description="Client requests that carried a session id.")
+    total_tokens: int = Field(description="Total tokens of those requests.")
+    tokens_per_session: float | None = Field(
+        description="total_tokens / unique_sessions; null without sessions."
+    )
+
+
+class ToolCountOut(Schema):
+    name: str = Field(description="Tool (function) name, as the upstream answered it.")
+    calls: int = Field(description="Tool calls naming it.")
+
+
+_CONVERSATION_NULL = (
+    " Hour resolution (a frame's edges widen to the hour); applies the provider, model and "
+    "client filters, and is null when any other filter is given (the session and tool rollups "
+    "do not carry it)."
+)
 
 
 class UsageStatsOut(FrameOut, StatsOut):
-    pass
+    sessions: SessionsOut | None = Field(
+        description="Sessions (requests that carried a session id)." + _CONVERSATION_NULL
+    )
+    tools: list[ToolCountOut] | None = Field(
+        description="Tool calls per tool name, most called first (tool names beyond the first "
+        "few of one answer are counted in tool_calls only)." + _CONVERSATION_NULL
+    )
 
 
 class ClientStatsOut(StatsOut):
     client: str = Field(description="Client (token) name; empty for unauthenticated calls.")
     token: str | None = Field(description="The client's token, masked; null if unknown.")
+    unique_sessions: int | None = Field(
+        description="Distinct sessions of this client." + _CONVERSATION_NULL
+    )
 
 
 class ClientsOut(FrameOut):
@@ -160,7 +312,8 @@ class ClientsOut(FrameOut):
 
 class ProviderUsageOut(Schema):
     provider: str
-    calls: int
+    calls: int = Field(description=_CALLS)
+    requests: int = Field(description=_REQUESTS)
     successes: int
     errors: int
     prompt_tokens: int
@@ -176,8 +329,15 @@ class UsageOut(FrameOut):
 
 class ModelUsageOut(Schema):
     provider: str
-    model: str = Field(description="The requested model (route name).")
-    calls: int
+    model: str = Field(
+        description="The requested model (route name), or with by=upstream_model the model "
+        "called upstream (empty for requests answered without any attempt)."
+    )
+    calls: int = Field(description=_CALLS)
+    requests: int = Field(
+        description="Client requests whose final row is this provider and model (a request that "
+        "failed over counts where it ended)."
+    )
     successes: int
     errors: int
     total_tokens: int
@@ -185,13 +345,29 @@ class ModelUsageOut(Schema):
 
 
 class ModelsOut(FrameOut):
+    by: ModelGrouping = Field(description="What `model` holds: model or upstream_model.")
     models: list[ModelUsageOut]
+
+
+class ReconciliationModelOut(ReconciliationOut):
+    provider: str
+    model: str = Field(description="The upstream model, or with by=model the requested model.")
+
+
+class ReconciliationByModelOut(FrameOut):
+    by: ModelGrouping = Field(description="What `model` holds: upstream_model or model.")
+    models: list[ReconciliationModelOut] = Field(
+        description="Per provider and model, sorted; models with nothing counted or reported "
+        "are left out."
+    )
+    total: ReconciliationOut = Field(description="All of them together.")
 
 
 class BucketOut(Schema):
     start: datetime = Field(description="UTC start of the bucket.")
-    calls: int
-    errors: int
+    calls: int = Field(description=_CALLS)
+    requests: int = Field(description=_REQUESTS)
+    errors: int = Field(description="Attempts that did not succeed.")
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
@@ -205,17 +381,32 @@ class TimeseriesOut(FrameOut):
 
 class RecordOut(Schema):
     request_id: str = Field(description="The client request; shared by its failover attempts.")
-    attempt: int = Field(description="1 for the first upstream attempt, 2 for the next, …")
-    started_at: datetime
-    finished_at: datetime
-    client: str
-    requested_model: str
-    provider: str
-    upstream_model: str
+    attempt: int = Field(
+        description="1 for the first upstream attempt, 2 for the next, …; 0: the request was "
+        "answered without any attempt (outcome unavailable)."
+    )
+    started_at: datetime = Field(
+        description="When the attempt started (UTC); with attempt 0, when the request came in."
+    )
+    finished_at: datetime = Field(description="When the attempt ended (UTC).")
+    client: str = Field(description="Client (token) name; empty for unauthenticated calls.")
+    requested_model: str = Field(description="The model the client asked for (route name).")
+    provider: str = Field(description="Provider called; empty when no attempt was made.")
+    upstream_model: str = Field(
+        description="The model actually called upstream; empty when no attempt was made."
+    )
     key_id: str = Field(description="Upstream key id (a name, never the key).")
     stream: bool
     status_code: int | None = Field(description="Upstream HTTP status; null if none came.")
     outcome: str = Field(description="success, rate_limited, timeout, … (see docs/errors.md).")
+    final: bool = Field(
+        description="This row ended the request: its answer, or failure, is what the client "
+        "got. Exactly one per request."
+    )
+    client_status: int | None = Field(
+        description="On the final row: the HTTP status the client got (499: it hung up); null "
+        "on the other attempts."
+    )
     error_type: str
     prompt_tokens: int
     completion_tokens: int
@@ -231,12 +422,31 @@ class RecordOut(Schema):
         "context window or the request's output limit): left out of the usage totals until "
         "an operator accepts it."
     )
-    latency_ms: float
-    ttft_ms: float | None
+    counted_prompt_tokens: int | None = Field(
+        description="The prompt as the client sent it, counted here with tiktoken; null when "
+        "not counted."
+    )
+    forwarded_prompt_tokens: int | None = Field(
+        description="The prompt as forwarded upstream, counted the same way."
+    )
+    latency_ms: float = Field(description="Total response time of the attempt, ms.")
+    ttft_ms: float | None = Field(description="Time to first token, ms (streams).")
     ttlt_ms: float | None = Field(description="Time to last token, ms (streams).")
-    tokens_per_second: float | None
+    tokens_per_second: float | None = Field(
+        description="Completion tokens per second: for a stream after its first token, for "
+        "any other call over the whole call; null when too short to measure."
+    )
     overhead_ms: float
     cost_usd: float | None
+    tool_calls: int = Field(description="Tool calls in the answer, streamed or not.")
+    tool_names: list[str] = Field(description="Their names (the first few).")
+    session_id: str = Field(
+        description="Session id (X-Session-Id, metadata.session_id or `user`); empty: none."
+    )
+    turn: int = Field(description="User messages in the request: the conversation's turn.")
+    user_agent: str = Field(description="The caller's User-Agent, truncated.")
+    origin: str = Field(description="The caller's Origin header, without path or credentials.")
+    app_title: str = Field(description="The caller's X-Title (app title) header, truncated.")
 
 
 class RecentOut(Schema):

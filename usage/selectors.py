@@ -6,7 +6,7 @@ read plan over the rollup tables is in usage/rollup_reads.py.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -33,7 +33,7 @@ from usage.rollup_reads import (
     rollup_merge,
     rollup_select,
 )
-from usage.rollups import ADDITIVE_COLUMNS, RESOLUTIONS
+from usage.rollups import ADDITIVE_COLUMNS, MAX_COLUMNS, MIN_COLUMNS, RESOLUTIONS
 
 # UsageFilters lives in usage.filters; re-exported for callers that import it from here.
 __all__ = ["Bucket", "MetricStats", "Stats", "Tokens", "Totals", "UsageFilters"]
@@ -102,7 +102,13 @@ class Stats(Totals):
     duration: MetricStats = field(default_factory=MetricStats)
     ttlt: MetricStats = field(default_factory=MetricStats)
     overhead: MetricStats = field(default_factory=MetricStats)
+    # Completion tokens per second: streams after their first token, other calls over the
+    # whole call (proxy.calls says how each is measured); `tokens_per_second` mixes both.
     tokens_per_second: MetricStats = field(default_factory=MetricStats)
+    tokens_per_second_streamed: MetricStats = field(default_factory=MetricStats)
+    tokens_per_second_unstreamed: MetricStats = field(default_factory=MetricStats)
+    # HTTP status the client got → client requests that ended with it.
+    status_code_counts: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -130,7 +136,7 @@ def _fill_totals(totals: Totals, row: dict[str, Any]) -> None:
     totals.cost_usd = Decimal(int(row.get("cost_e10") or 0)).scaleb(-COST_SCALE)
 
 
-def _metric_stats(metric: Metric, row: dict[str, Any]) -> MetricStats:
+def metric_stats(metric: Metric, row: dict[str, Any]) -> MetricStats:
     count = int(row.get(f"{metric.prefix}_count") or 0)
     if not count:
         return MetricStats()
@@ -154,13 +160,60 @@ def _metric_stats(metric: Metric, row: dict[str, Any]) -> MetricStats:
 def _stats(row: dict[str, Any]) -> Stats:
     stats = Stats()
     _fill_totals(stats, row)
-    by_name = {m.name: _metric_stats(m, row) for m in METRICS}
+    by_name = {m.name: metric_stats(m, row) for m in METRICS}
     stats.ttft = by_name["ttft_ms"]
     stats.duration = by_name["latency_ms"]
     stats.ttlt = by_name["ttlt_ms"]
     stats.overhead = by_name["overhead_ms"]
     stats.tokens_per_second = by_name["tokens_per_second"]
     return stats
+
+
+_TPS = next(m for m in METRICS if m.name == "tokens_per_second")
+
+
+def rollup_combine(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Rows of `rollup_merge` (with extremes) added into one."""
+    out: dict[str, Any] = {}
+    for row in rows:
+        if not out:
+            out = dict(row)
+            continue
+        for c in ADDITIVE_COLUMNS:
+            if row.get(c) is not None:
+                out[c] = (out.get(c) or 0) + row[c]
+        for columns, pick in ((MIN_COLUMNS, min), (MAX_COLUMNS, max)):
+            for c in columns:
+                values = [v for v in (out.get(c), row.get(c)) if v is not None]
+                out[c] = pick(values) if values else None
+    return out
+
+
+def _stats_by_stream(rows: dict[tuple[Any, ...], dict[str, Any]]) -> Stats:
+    """Stats from rows keyed by (stream,): the figures of all, and the token rate of each."""
+    stats = _stats(rollup_combine(rows.values()))
+    # Raw SQL gives SQLite's booleans as 0/1, which are equal (and hash alike) to False/True.
+    stats.tokens_per_second_streamed = metric_stats(_TPS, rows.get((True,), {}))
+    stats.tokens_per_second_unstreamed = metric_stats(_TPS, rows.get((False,), {}))
+    return stats
+
+
+def _status_counts(
+    *, group: tuple[RollupDimension, ...], frame: TimeFrame, filters: UsageFilters, now: datetime
+) -> dict[tuple[Any, ...], dict[int, int]]:
+    """group values → {client status: requests}. A narrow read (the summary index holds
+    both columns); non-final rows carry status 0 and are left out."""
+    merged = rollup_merge(
+        frame, now=now, filters=filters, group=(*group, "client_status"),
+        columns=("calls", "requests"), extremes=False,
+    )  # fmt: skip
+    out: dict[tuple[Any, ...], dict[int, int]] = {}
+    for key, row in merged.items():
+        status, requests = int(key[-1] or 0), int(row["requests"] or 0)
+        if status and requests:
+            counts = out.setdefault(key[:-1], {})
+            counts[status] = counts.get(status, 0) + requests
+    return {k: dict(sorted(v.items())) for k, v in out.items()}
 
 
 def _totals(row: dict[str, Any]) -> Totals:
@@ -173,11 +226,17 @@ def _totals(row: dict[str, Any]) -> Totals:
 
 
 def usage_stats(*, frame: TimeFrame, filters: UsageFilters, now: datetime) -> Stats:
-    """Everything about the matching calls: counts, rates, tokens, cost, percentiles."""
+    """Everything about the matching calls: counts, rates, tokens, cost, percentiles, and
+    the status codes clients got."""
     merged = rollup_merge(
-        frame, now=now, filters=filters, group=(), columns=ADDITIVE_COLUMNS, extremes=True
+        frame, now=now, filters=filters, group=("stream",), columns=ADDITIVE_COLUMNS,
+        extremes=True,
+    )  # fmt: skip
+    stats = _stats_by_stream(merged)
+    stats.status_code_counts = _status_counts(group=(), frame=frame, filters=filters, now=now).get(
+        (), {}
     )
-    return _stats(merged.get((), {}))
+    return stats
 
 
 def usage_stats_by(
@@ -187,10 +246,24 @@ def usage_stats_by(
     pass over the rollups rather than one `usage_stats` per value."""
     # The name goes into the SQL as a column: only a rollup dimension may.
     assert group in ROLLUP_DIMENSIONS, group
-    merged = rollup_merge(
-        frame, now=now, filters=filters, group=(group,), columns=ADDITIVE_COLUMNS, extremes=True
-    )
-    result = [(key[0], _stats(row)) for key, row in merged.items()]
+    if group == "stream":
+        merged = rollup_merge(
+            frame, now=now, filters=filters, group=(group,), columns=ADDITIVE_COLUMNS,
+            extremes=True,
+        )  # fmt: skip
+        result = [(key[0], _stats_by_stream({key: row})) for key, row in merged.items()]
+    else:
+        merged = rollup_merge(
+            frame, now=now, filters=filters, group=(group, "stream"), columns=ADDITIVE_COLUMNS,
+            extremes=True,
+        )  # fmt: skip
+        split: dict[Any, dict[tuple[Any, ...], dict[str, Any]]] = {}
+        for (value, stream), row in merged.items():
+            split.setdefault(value, {})[(stream,)] = row
+        result = [(value, _stats_by_stream(rows)) for value, rows in split.items()]
+    statuses = _status_counts(group=(group,), frame=frame, filters=filters, now=now)
+    for value, stats in result:
+        stats.status_code_counts = statuses.get((value,), {})
     return sorted(result, key=lambda item: (-item[1].calls, item[0]))
 
 

@@ -52,6 +52,26 @@ def test_internal_health_lists_each_endpoint_with_probes_breaker_and_a_summary(
     assert bad["providers"] == ["bad"]
 
 
+def test_endpoint_health_holds_a_summary_with_lip_names_beside_the_endpoints(
+    client: Client, two_endpoints: tuple[Endpoint, Endpoint]
+):
+    # LLM Interactive Proxy's health-checks.md: jq '.endpoint_health.summary.unhealthy_endpoints'
+    health = client.get("/internal/health").json()["endpoint_health"]
+    assert health["summary"] == {
+        "total": 2, "healthy": 1, "unhealthy": 1,
+        "total_endpoints": 2, "healthy_endpoints": 1, "unhealthy_endpoints": 1,
+    }  # fmt: skip
+    assert health["https://good.example.test/v1"]["healthy"] is True
+
+
+def test_the_summary_counts_no_endpoints_when_there_are_none(client: Client):
+    health = client.get("/internal/health").json()["endpoint_health"]
+    assert health == {
+        "summary": {"total": 0, "healthy": 0, "unhealthy": 0, "total_endpoints": 0,
+                    "healthy_endpoints": 0, "unhealthy_endpoints": 0}
+    }  # fmt: skip
+
+
 def test_internal_health_shows_no_credentials_from_base_urls_and_no_keys(
     client: Client, two_endpoints: tuple[Endpoint, Endpoint]
 ):
@@ -73,7 +93,7 @@ def test_endpoints_that_differ_only_in_what_is_masked_are_each_listed(client: Cl
     body = client.get("/internal/health").json()
     # Before the worker has created their rows, and after.
     shown = "https://***@shared.example.test/v1"
-    assert sorted(body["endpoint_health"]) == [f"{shown}#new-1", f"{shown}#new-2"]
+    assert sorted(body["endpoint_health"]) == [f"{shown}#new-1", f"{shown}#new-2", "summary"]
     services.endpoints_sync()
     team_a = Endpoint.objects.get(base_url__contains="tok3n-a")
     for _ in range(2):
@@ -84,7 +104,7 @@ def test_endpoints_that_differ_only_in_what_is_masked_are_each_listed(client: Cl
     assert "tok3n" not in text
     health = json.loads(text)["endpoint_health"]
     team_b = Endpoint.objects.get(base_url__contains="tok3n-b")
-    assert set(health) == {f"{shown}#{team_a.pk}", f"{shown}#{team_b.pk}"}
+    assert set(health) == {f"{shown}#{team_a.pk}", f"{shown}#{team_b.pk}", "summary"}
     assert health[f"{shown}#{team_a.pk}"]["providers"] == ["team-a"]
     assert health[f"{shown}#{team_a.pk}"]["healthy"] is False
     assert health[f"{shown}#{team_b.pk}"]["healthy"] is True

@@ -15,6 +15,7 @@ MONITORING = [
     "/api/health", "/api/keys", "/api/config", "/api/usage", "/api/usage/models",
     "/api/usage/timeseries", "/api/usage/stats", "/api/usage/clients", "/api/usage/recent",
     "/api/events", "/api/requests/{request_id}", "/api/usage/export",
+    "/api/usage/reconciliation",
 ]  # fmt: skip
 
 
@@ -83,3 +84,67 @@ def _bucket_pattern() -> str:
     operation = ninja_api.get_openapi_schema()["paths"]["/api/usage/timeseries"]["get"]
     schema = next(p["schema"] for p in operation["parameters"] if p["name"] == "bucket")
     return str(next(s["pattern"] for s in schema["anyOf"] if s.get("type") == "string"))
+
+
+# #9's figures, parameters and per-request fields: each says in the schema what it is (and, for
+# those that count, whether it counts requests or attempts).
+NEW_FIELDS = {
+    "UsageStatsOut": [
+        "calls", "requests", "status_code_counts", "reconciliation", "tool_calls", "tools",
+        "sessions", "ttlt_stats", "tokens_per_second_stats", "streamed_tokens_per_second_stats",
+        "unstreamed_tokens_per_second_stats",
+    ],
+    "ReconciliationOut": [
+        "counted_prompt_tokens", "forwarded_prompt_tokens", "backend_reported_total_tokens",
+        "compared_reported_prompt_tokens", "compared_counted_prompt_tokens",
+        "difference_tokens", "difference_percent",
+    ],
+    "SessionsOut": [
+        "unique_sessions", "total_turns", "requests", "total_tokens", "tokens_per_session",
+    ],
+    "ClientStatsOut": ["unique_sessions", "requests"],
+    "ProviderUsageOut": ["calls", "requests"],
+    "ModelUsageOut": ["calls", "requests", "model"],
+    "BucketOut": ["calls", "requests"],
+    "RecordOut": [
+        "final", "client_status", "tool_calls", "tool_names", "session_id", "turn",
+        "user_agent", "origin", "app_title", "upstream_model", "counted_prompt_tokens",
+        "forwarded_prompt_tokens", "ttft_ms", "ttlt_ms", "tokens_per_second", "latency_ms",
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("component", sorted(NEW_FIELDS))
+def test_every_new_field_is_described(component: str) -> None:
+    properties = ninja_api.get_openapi_schema()["components"]["schemas"][component]["properties"]
+    undescribed = [f for f in NEW_FIELDS[component] if not properties[f].get("description")]
+    assert not undescribed, undescribed
+
+
+def test_every_count_says_whether_it_counts_requests_or_attempts() -> None:
+    schemas = ninja_api.get_openapi_schema()["components"]["schemas"]
+    for component in ("UsageStatsOut", "ProviderUsageOut", "ModelUsageOut", "BucketOut"):
+        properties = schemas[component]["properties"]
+        assert "attempt" in properties["calls"]["description"].lower(), component
+        assert "request" in properties["requests"]["description"].lower(), component
+
+
+@pytest.mark.parametrize(
+    ("path", "names"),
+    [
+        ("/api/usage/stats", {"upstream_model", "http_status"}),
+        ("/api/usage/recent", {"upstream_model", "http_status", "session_id", "user_agent",
+                               "origin"}),
+        ("/api/usage/export", {"session_id", "user_agent", "origin"}),
+        ("/api/usage/models", {"by"}),
+        ("/api/usage/reconciliation", {"by", "upstream_model"}),
+    ],
+)  # fmt: skip
+def test_the_new_parameters_are_documented(path: str, names: set[str]) -> None:
+    parameters = {
+        p["name"]: p for p in ninja_api.get_openapi_schema()["paths"][path]["get"]["parameters"]
+    }
+    for name in names:
+        assert parameters[name]["schema"].get("description") or parameters[name].get(
+            "description"
+        ), name

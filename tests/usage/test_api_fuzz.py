@@ -1,10 +1,10 @@
 """Fuzz the monitoring endpoints from their OpenAPI schema: whatever the query, no 5xx, and
 every answer matches the schema (errors included: 401/403/404/422 are documented).
 
-Schemathesis generates requests for every GET under /api/ and sends them in process to the
-WSGI app, authenticated with a `monitor` token: the examples and coverage phases (boundary
-values of each declared format, pattern, enum and bound), then random valid and invalid
-values, NUL bytes allowed (Postgres refuses NUL in text: a 500 unless the API stops it).
+Schemathesis generates requests for every GET under /api/ and /v1/usage/ and sends them in
+process to the WSGI app, authenticated with a `monitor` token: the examples and coverage
+phases (boundary values of each declared format, pattern, enum and bound), then random valid
+and invalid values, NUL bytes allowed (Postgres refuses NUL in text: a 500 unless the API stops it).
 Bounded: MAX_EXAMPLES random cases per operation, a few seconds per operation in all.
 """
 
@@ -29,7 +29,7 @@ from tests.usage.monitoring import call, write_calls
 MAX_EXAMPLES = 30
 
 schema = schemathesis.openapi.from_wsgi("/api/openapi.json", get_wsgi_application()).include(
-    method="GET", path_regex=r"^/api/"
+    method="GET", path_regex=r"^/(api|v1/usage)/"
 )
 schema.config.generation.update(
     modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE], allow_x00=True

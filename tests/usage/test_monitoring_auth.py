@@ -30,6 +30,10 @@ PATHS = [
     "/api/usage/export",
     "/api/events",
     "/api/requests/req-auth",
+    # LLM Interactive Proxy's paths (usage.lip_api).
+    "/v1/usage/stats",
+    "/v1/usage/recent",
+    "/v1/usage/export",
 ]
 
 

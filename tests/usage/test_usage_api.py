@@ -46,7 +46,8 @@ def test_usage_gives_calls_successes_errors_tokens_and_cost_per_provider(api: Cl
     body = api.get("/api/usage?window=24h").json()
     providers = {p["provider"]: p for p in body["providers"]}
     assert providers["openai"] == {
-        "provider": "openai", "calls": 2, "successes": 1, "errors": 1, "prompt_tokens": 100,
+        "provider": "openai", "calls": 2, "requests": 0, "successes": 1, "errors": 1,
+        "prompt_tokens": 100,
         "completion_tokens": 50, "total_tokens": 150, "estimated_cost_usd": 0.25,
     }  # fmt: skip
     assert providers["anthropic"]["estimated_cost_usd"] == 0.5
@@ -64,8 +65,10 @@ def test_usage_without_a_frame_is_all_time(api: Client) -> None:
 @pytest.mark.usefixtures("traffic")
 def test_models_have_the_llm_rotate_shape(api: Client) -> None:
     body = api.get("/api/usage/models?window=1h").json()
+    # llm-rotate's fields, and ours beside them (client requests next to attempts).
     assert body["models"][0].keys() == {
-        "provider", "model", "calls", "successes", "errors", "total_tokens", "estimated_cost_usd"
+        "provider", "model", "calls", "successes", "errors", "total_tokens", "estimated_cost_usd",
+        "requests",
     }  # fmt: skip
     assert [(m["provider"], m["model"], m["calls"]) for m in body["models"]] == [
         ("anthropic", "claude", 1),
