@@ -35,6 +35,8 @@ from keys.selectors import (
     pool_health,
 )
 from llmrotate_site.dashboard.query import DashboardQuery
+from usage.conversation_selectors import sessions_by_client
+from usage.reconciliation import reconciliation_by_model
 from usage.record_selectors import usage_recent_page
 from usage.selectors import (
     Stats,
@@ -101,10 +103,11 @@ def providers(request: HttpRequest, q: DashboardQuery) -> Context:
 def summary(request: HttpRequest, q: DashboardQuery) -> Context:
     stats = usage_stats(frame=q.frame, filters=q.filters, now=q.now)
     errors = sorted(stats.errors_by_type.items(), key=lambda kv: -kv[1])
-    context: Context = {"stats": stats, "top_errors": errors[:3]}
-    if stats.calls:
-        context["cost_per_1k"] = stats.cost_usd / stats.calls * 1000
-    if not stats.calls:
+    context: Context = {"stats": stats, "top_errors": errors[:3], "cost_per_1k": None}
+    # A request none of whose attempts could be made (attempt 0) is traffic all the same.
+    if stats.requests:
+        context["cost_per_1k"] = stats.cost_usd / stats.requests * 1000
+    if not (stats.calls or stats.requests):
         context.update(_first_request(request, q))
     return context
 
@@ -145,6 +148,14 @@ def models(request: HttpRequest, q: DashboardQuery) -> Context:
 def recent(request: HttpRequest, q: DashboardQuery) -> Context:
     page = usage_recent_page(frame=q.frame, filters=q.filters, limit=RECENT_FEED)
     return {"records": page.records, "ever_called": bool(page.records) or q.ever_called}
+
+
+def reconciliation(request: HttpRequest, q: DashboardQuery) -> Context:
+    rows = reconciliation_by_model(frame=q.frame, filters=q.filters, now=q.now)
+    return {
+        "rows": [{"provider": p, "model": m, "figures": r} for p, m, r in rows],
+        "ever_called": bool(rows) or q.ever_called,
+    }
 
 
 def key_table(request: HttpRequest, q: DashboardQuery) -> Context:
@@ -239,11 +250,22 @@ def clients(request: HttpRequest, q: DashboardQuery) -> Context:
     configured = {c["name"]: c for c in entries}
     # Busiest first; configured clients without calls in the frame last, so none is missing.
     names = list(usage) + sorted(set(configured) - set(usage))
-    rows = [{"name": n, "stats": usage.get(n), "token": configured.get(n)} for n in names]
+    sessions = sessions_by_client(frame=q.frame, filters=q.filters)
+    rows = [
+        {
+            "name": n,
+            "stats": usage.get(n),
+            "token": configured.get(n),
+            "sessions": sessions.get(n),
+        }
+        for n in names
+    ]
     return {
         "rows": rows,
         "total_cost": sum((s.cost_usd for s in usage.values()), start=Decimal(0)),
+        "total_requests": sum(s.requests for s in usage.values()),
         "total_calls": sum(s.calls for s in usage.values()),
+        "total_sessions": sum(s.unique_sessions for s in sessions.values()),
     }
 
 
@@ -254,6 +276,7 @@ PANELS: dict[str, Builder] = {
     "timeseries": timeseries,
     "models": models,
     "recent": recent,
+    "reconciliation": reconciliation,
     "key_table": key_table,
     "key_details": key_details,
     "endpoints": endpoints,

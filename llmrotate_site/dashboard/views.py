@@ -24,6 +24,7 @@ from keys.models import ApiKey
 from keys.services import api_key_health_action
 from llmrotate_site.dashboard.panels import PANELS
 from llmrotate_site.dashboard.query import dashboard_query
+from usage.models import UsageSource
 from usage.record_selectors import request_attempts
 
 View = Callable[..., HttpResponse]
@@ -32,7 +33,15 @@ View = Callable[..., HttpResponse]
 PAGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "overview": (
         "Overview",
-        ("providers", "summary", "timeseries", "models", "recent", "key_table"),
+        (
+            "providers",
+            "summary",
+            "timeseries",
+            "models",
+            "recent",
+            "reconciliation",
+            "key_table",
+        ),
     ),
     "keys": ("Keys", ("key_details",)),
     "health": ("Health", ("endpoints",)),
@@ -103,6 +112,15 @@ def panel(request: HttpRequest, name: str) -> HttpResponse:
     return render(request, f"dashboard/partials/{name}.html", context)
 
 
+def _prompt_difference(attempt: dict[str, Any]) -> float | None:
+    """Reported minus counted prompt tokens in percent of counted, when the upstream reported
+    usage and the gateway counted the prompt (the pair the Reconciliation panel sums)."""
+    counted = attempt["counted_prompt_tokens"]
+    if not counted or attempt["usage_source"] != UsageSource.REPORTED:
+        return None
+    return 100 * (attempt["prompt_tokens"] - counted) / counted
+
+
 @require_GET
 @dashboard_view
 def call_request(request: HttpRequest, request_id: str) -> HttpResponse:
@@ -110,11 +128,16 @@ def call_request(request: HttpRequest, request_id: str) -> HttpResponse:
     if not attempts:
         raise Http404
     context = _base_context(request, "calls")
+    # The row whose answer the client got; a request still being written may not have it yet.
+    final = next((a for a in attempts if a["final"]), attempts[-1])
+    for a in attempts:
+        a["prompt_difference"] = _prompt_difference(a)
     context.update(
         title=f"Request {request_id}",
         request_id=request_id,
         attempts=attempts,
-        final=attempts[-1],
+        upstream_attempts=sum(1 for a in attempts if a["attempt"]),
+        final=final,
         total_ms=(attempts[-1]["finished_at"] - attempts[0]["started_at"]).total_seconds() * 1000,
         total_tokens=sum(a["total_tokens"] for a in attempts),
         total_cost=sum(a["cost_usd"] or 0 for a in attempts),

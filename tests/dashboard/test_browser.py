@@ -30,7 +30,7 @@ PAGES = {
 
 
 def calls_stat(page: Any) -> str:
-    return str(page.inner_text("[data-stat=calls]"))
+    return str(page.inner_text("[data-stat=requests]"))
 
 
 def test_it_logs_in_and_shows_every_page_with_data(dashboard: Dashboard, new_page: Any) -> None:
@@ -185,7 +185,7 @@ def test_a_panel_updates_after_new_traffic_and_the_failover_path_opens(
 
     # The summary and the chart follow by polling, without a reload.
     page.wait_for_function(
-        "before => document.querySelector('[data-stat=calls]').textContent.trim() !== before",
+        "before => document.querySelector('[data-stat=requests]').textContent.trim() !== before",
         arg=before,
         timeout=POLL_TIMEOUT_MS,
     )

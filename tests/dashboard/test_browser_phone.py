@@ -19,7 +19,7 @@ PAGES = ["/dashboard/", "/dashboard/keys/", "/dashboard/health/", "/dashboard/cl
          "/dashboard/calls/"]  # fmt: skip
 KEPT = {
     "recent": ("When", "Model", "Outcome", "Latency"),
-    "models": ("Model", "Calls", "Errors", "Cost"),
+    "models": ("Model", "Requests", "Errors", "Cost"),
 }
 
 

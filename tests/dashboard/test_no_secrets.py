@@ -99,3 +99,59 @@ def test_no_empty_state_shows_a_seeded_key_or_token_unmasked(client: Client) -> 
     assert "Send your first request" in pages["/dashboard/"]
     assert "Send your first request" in pages["/dashboard/calls/"]
     assert "llmr_" in pages["/dashboard/clients/"]
+
+
+# What a caller may put in the headers the gateway keeps (#9): a provider key, and a credential
+# that is not shaped like one, in a query string of the user agent, in the Origin's userinfo
+# and query, in the app title and in the session id.
+CALLER_KEY = "sk-proj-" + "0123456789abcdef" * 2
+CALLER_QUERY_SECRET = "qv" + "Zx9Yw8Vu7Ts6Rq5Po4Nm3Lk2Ji1Hg0"
+CALLER_PASSWORD = "pw-Zx9Yw8Vu7Ts6Rq5P"
+CALLER_HEADERS = {
+    "user-agent": f"evil-agent/1.0 (+https://cb.example/hook?access_token={CALLER_QUERY_SECRET}"
+    f"&key={CALLER_KEY})",
+    "origin": f"https://ops:{CALLER_PASSWORD}@app.example:8443/path?api_key={CALLER_QUERY_SECRET}",
+    "x-title": f"My App Bearer {CALLER_KEY}",
+    "x-session-id": f"sess-{CALLER_KEY}",
+}
+
+
+def test_no_page_shows_a_credential_a_caller_sent_in_its_headers(client: Client) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from proxy.callers import caller_from
+    from tests.usage.monitoring import call, write_calls
+
+    caller = caller_from(CALLER_HEADERS, {"messages": [{"role": "user", "content": "hi"}]})
+    now = timezone.now()
+    write_calls(
+        [
+            call(request_id="r-caller", started_at=now, finished_at=now + timedelta(seconds=1),
+                 final=True, client_status=200, user_agent=caller.user_agent,
+                 origin=caller.origin, app_title=caller.app_title, session_id=caller.session_id,
+                 turn=caller.turn, counted_prompt_tokens=9, forwarded_prompt_tokens=9)
+        ]
+    )  # fmt: skip
+    client.force_login(User.objects.create_superuser("ops", "ops@example.com", "pw"))
+    pages = _render(
+        client,
+        [
+            "/dashboard/calls/?window=1h",
+            "/dashboard/calls/r-caller/",
+            "/dashboard/clients/?window=1h",
+            "/dashboard/?window=1h",
+        ],
+    )
+    allowed = {CALLER_KEY: len("sk-proj-"), CALLER_QUERY_SECRET: 0, CALLER_PASSWORD: 0}
+    for secret, shown in allowed.items():
+        runs = {secret[i : i + RUN] for i in range(len(secret) - RUN + 1) if i + RUN > shown}
+        for url, html in pages.items():
+            leaked = sorted(run for run in runs if run in html)
+            assert not leaked, f"a caller's credential shows in {url}: {leaked[:3]}"
+    # The fields are there, cleaned: the test looks at pages that show them.
+    request_page = pages["/dashboard/calls/r-caller/"]
+    assert ">https://app.example:8443<" in request_page  # no userinfo, path or query
+    assert "evil-agent/1.0" in request_page and "sess-sk-proj-…" in request_page
+    assert "My App Bearer sk-proj-…" in pages["/dashboard/calls/?window=1h"]

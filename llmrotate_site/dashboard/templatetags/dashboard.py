@@ -12,11 +12,13 @@ from decimal import Decimal
 from django import template
 
 from llmrotate_site.dashboard.query import DashboardQuery
+from usage.models import CLIENT_CLOSED_STATUS
 
 register = template.Library()
 
 NONE = "—"
 EN_DASH = "\u2013"
+MINUS = "\u2212"
 # One palette for every state the dashboard shows: ok (green), warn (amber), bad (red),
 # info (blue), muted (grey). The CSS defines `.tone-<name>` for badges, dots and bars.
 TONES = {
@@ -148,3 +150,37 @@ def iso(moment: datetime | None) -> str:
 def query_with(q: DashboardQuery, **changes: str | None) -> str:
     """`{% query_with q status="error" cursor=None %}`: this page's query with changes."""
     return q.with_params(**changes)
+
+
+@register.filter
+def signed_percent(percent: float | None) -> str:
+    """4.2 → +4.2%, -10 → -10.0% (with a minus sign): a difference, so its sign always shows."""
+    if percent is None:
+        return NONE
+    if round(percent, 1) == 0:
+        return "0%"
+    sign = "+" if percent > 0 else MINUS
+    return f"{sign}{abs(percent):.1f}%"
+
+
+@register.filter
+def drift_tone(percent: float | None) -> str:
+    """How far apart two token counts may be before it matters: tokenizers of one family
+    differ by a few percent (message framing), a wrong family or a billing change by more."""
+    if percent is None:
+        return "muted"
+    return "ok" if abs(percent) < 5 else "warn" if abs(percent) < 15 else "bad"
+
+
+@register.filter
+def status_tone(code: int | None) -> str:
+    """The colour of an HTTP status a client got; a client that hung up is nobody's error."""
+    if not code or code == CLIENT_CLOSED_STATUS:
+        return "muted"
+    return "ok" if code < 400 else "warn" if code < 500 else "bad"
+
+
+@register.filter
+def status_words(code: int | None) -> str:
+    """The words beside a status code that needs them."""
+    return "client hung up" if code == CLIENT_CLOSED_STATUS else ""
