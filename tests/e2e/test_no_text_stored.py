@@ -1,0 +1,446 @@
+"""No message text is stored: a marker sent in every place a conversation carries text (system
+and user messages, tool definitions, tool-call arguments in the history and in the answer, the
+answer itself), through both official SDKs, JSON and streamed, with a failover, upstream
+errors and an answer without usage (whose texts the estimator reads), must then be found in
+what the clients received and nowhere the gateway keeps anything: no table, no log line, no
+file of its data directory (the spool included), no export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from tests.e2e.conftest import ROUTE, LiveGateway, wait_for
+from tests.e2e.test_anthropic_sdk import CLAUDE, Claude, anthropic_config
+
+pytestmark = pytest.mark.timeout(120)
+
+# Lowercase hex after a prefix that occurs nowhere else: found as is in any encoding that
+# keeps text readable (JSON, CSV, logs), and case-insensitively.
+MARKER = f"qzmark{uuid.uuid4().hex[:12]}"
+# Loggers of the test's own SDK clients (they log request options at DEBUG): they run in this
+# process but are no part of the gateway.
+CLIENT_LOGGERS = ("openai", "anthropic")
+
+
+def tool_script() -> dict[str, Any]:
+    """The upstream answers with text and tool calls, each carrying the marker."""
+    return {
+        "reply": f"Answer {MARKER} here.",
+        "tool_calls": [
+            {"name": "lookup", "arguments": {"query": MARKER, "note": f"about {MARKER}"}},
+            {"name": "search_docs", "arguments": json.dumps({"q": f"{MARKER} docs"})},
+        ],
+    }
+
+
+OPENAI_TOOLS: list[Any] = [
+    {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": f"Looks things up for {MARKER}",
+            "parameters": {
+                "type": "object",
+                "properties": {"query": {"type": "string", "description": f"{MARKER} query"}},
+            },
+        },
+    }
+    for name in ("lookup", "search_docs")
+]
+ANTHROPIC_TOOLS: list[Any] = [
+    {
+        "name": name,
+        "description": f"Looks things up for {MARKER}",
+        "input_schema": {
+            "type": "object",
+            "properties": {"query": {"type": "string", "description": f"{MARKER} query"}},
+        },
+    }
+    for name in ("lookup", "search_docs")
+]
+OPENAI_MESSAGES: list[Any] = [
+    {"role": "system", "content": f"You are a test. Secret word: {MARKER}."},
+    {"role": "user", "content": f"First question {MARKER}"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "lookup", "arguments": json.dumps({"query": MARKER})},
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": f"Result {MARKER}"},
+    {"role": "user", "content": [{"type": "text", "text": f"And now {MARKER}?"}]},
+]
+ANTHROPIC_MESSAGES: list[Any] = [
+    {"role": "user", "content": f"First question {MARKER}"},
+    {
+        "role": "assistant",
+        "content": [
+            {"type": "text", "text": f"Looking up {MARKER}"},
+            {"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": {"query": MARKER}},
+        ],
+    },
+    {
+        "role": "user",
+        "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_1", "content": f"Result {MARKER}"},
+            {"type": "text", "text": f"And now {MARKER}?"},
+        ],
+    },
+]
+
+
+class GatewayLog(logging.Handler):
+    """Every record the gateway's handlers would write (root, the usage log, uvicorn's own),
+    formatted as they are but before the redacting filter, so nothing is hidden from it."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.split(".")[0] in CLIENT_LOGGERS:
+            return
+        self.lines.append(self.format(record))
+
+    @contextlib.contextmanager
+    def everywhere(self) -> Iterator[GatewayLog]:
+        names = ["", "llmrotate.usage", "uvicorn", "uvicorn.error", "uvicorn.access"]
+        loggers = [logging.getLogger(name) for name in names]
+        levels = [logger.level for logger in loggers]
+        quiet = [logging.getLogger(name) for name in CLIENT_LOGGERS]
+        quiet_levels = [logger.level for logger in quiet]
+        for logger in loggers:
+            logger.addHandler(self)
+            logger.setLevel(logging.DEBUG)
+        for logger in quiet:
+            logger.setLevel(logging.WARNING)
+        try:
+            yield self
+        finally:
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.removeHandler(self)
+                logger.setLevel(level)
+            for logger, level in zip(quiet, quiet_levels, strict=True):
+                logger.setLevel(level)
+
+
+@pytest.fixture
+def gateway_log() -> Iterator[GatewayLog]:
+    with GatewayLog().everywhere() as capture:
+        yield capture
+
+
+@pytest.fixture
+def claude(live_gateway: LiveGateway) -> Iterator[Claude]:
+    from keys.config_io import config_import
+
+    config_import(data=anthropic_config(live_gateway.upstream.base_url))
+    helper = Claude(live=live_gateway)
+    yield helper
+    for client in helper._clients:
+        client.close()
+
+
+@pytest.fixture
+def monitor_token(live_gateway: LiveGateway) -> str:
+    from keys.config_io import config_import
+
+    report = config_import(data={"clients": [{"name": "e2e-monitor", "scopes": ["monitor"]}]})
+    return str(report.generated_tokens["e2e-monitor"])
+
+
+def database_dump() -> dict[str, str]:
+    """Table → every row of it, as text. The tables come from the catalogue
+    (sqlite_master, or information_schema on Postgres), not from Django's models, so a table
+    no model describes is read too."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute(
+                "SELECT table_schema, table_name FROM information_schema.tables"
+                " WHERE table_type = 'BASE TABLE'"
+                " AND table_schema NOT IN ('pg_catalog', 'information_schema')"
+            )
+            tables = [f'"{schema}"."{name}"' for schema, name in cursor.fetchall()]
+        else:
+            cursor.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            tables = [f'"{name}"' for (name,) in cursor.fetchall()]
+        assert len(tables) > 20, f"the catalogue lists too few tables: {tables}"
+        out = {}
+        for table in tables:
+            cursor.execute(f"SELECT * FROM {table}")  # noqa: S608 - names from the catalogue
+            columns = [c[0] for c in cursor.description]
+            out[f"table {table}"] = "\n".join(
+                json.dumps(dict(zip(columns, map(_text, row), strict=True)))
+                for row in cursor.fetchall()
+            )
+    return out
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, memoryview):  # Postgres bytea
+        value = value.tobytes()
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return str(value)
+
+
+def data_files() -> dict[str, str]:
+    """Path → text of every file under the data directory (the spool and broker included)."""
+    from django.conf import settings
+
+    roots = {Path(settings.DATA_DIR), Path(settings.LLMROTATE_SPOOL_DIR)}
+    out = {}
+    for root in roots:
+        if root.is_dir():
+            for path in root.rglob("*"):
+                if path.is_file():
+                    with contextlib.suppress(OSError):  # a file removed while walking
+                        out[str(path)] = path.read_bytes().decode(errors="replace")
+    return out
+
+
+def reconfigure(change: Callable[[], None]) -> None:
+    """Change the configuration once the recorder has written what it holds: on the embedded
+    leg's shared in-memory SQLite a write meeting the flusher's is refused ("table is locked"),
+    and is retried until it goes through."""
+    from usage.recorder import get_recorder
+
+    assert get_recorder().flush(timeout=10)
+
+    def written() -> bool:
+        change()
+        return True
+
+    wait_for(written, message="the configuration could not be written")
+
+
+def settled_request_ids(expected: set[str], timeout: float = 20) -> list[Any]:
+    """Every CallRecord, once each expected request has its final row."""
+    from usage.models import CallRecord
+    from usage.recorder import get_recorder
+
+    def ready() -> list[Any] | None:
+        assert get_recorder().flush(timeout=timeout)
+        rows = list(CallRecord.objects.all())
+        finals = {r.request_id for r in rows if r.final}
+        return rows if expected <= finals else None
+
+    return wait_for(ready, timeout=timeout, message=f"final rows of {expected}")
+
+
+@dataclass
+class Sent:
+    received: str  # what the clients got back, as text
+    request_ids: set[str]
+    upstream_saw: str  # the bodies the fake upstream received, as text
+
+
+def send_everything(live: LiveGateway, claude: Claude) -> Sent:
+    """The marker through both SDKs in every shape; returns once every request is recorded."""
+    received: list[str] = []  # what the clients got back, as text
+    request_ids: set[str] = set()
+    oa = live.openai()
+    an = claude.client()
+
+    def remember(headers: Any, *parts: Any) -> None:
+        request_ids.add(headers["x-llmrotate-request-id"])
+        for part in parts:
+            received.append(part if isinstance(part, str) else json.dumps(part, default=str))
+
+    def openai_call(*, stream: bool, **extra: Any) -> None:
+        raw = oa.chat.completions.with_raw_response.create(
+            model=ROUTE, messages=OPENAI_MESSAGES, tools=OPENAI_TOOLS, stream=stream, **extra
+        )
+        parsed: Any = raw.parse()
+        chunks = [c.model_dump() for c in parsed] if stream else parsed.model_dump()
+        remember(raw.headers, chunks)
+
+    def anthropic_call(*, stream: bool, **extra: Any) -> None:
+        raw = an.messages.with_raw_response.create(
+            model=CLAUDE,
+            max_tokens=256,
+            system=f"You are a test. Secret word: {MARKER}.",
+            messages=ANTHROPIC_MESSAGES,
+            tools=ANTHROPIC_TOOLS,
+            stream=stream,
+            **extra,
+        )
+        parsed: Any = raw.parse()
+        events = [e.model_dump() for e in parsed] if stream else parsed.model_dump()
+        remember(raw.headers, events)
+
+    def fails(call: Callable[[], Any], status: int) -> None:
+        with pytest.raises((openai.APIStatusError, anthropic.APIStatusError)) as caught:
+            call()
+        error: Any = caught.value
+        assert error.status_code == status
+        remember(error.response.headers, error.response.text)
+
+    live.upstream.script({"default": tool_script()})
+    # OpenAI: JSON, streamed, streamed with the usage chunk.
+    openai_call(stream=False)
+    openai_call(stream=True)
+    openai_call(stream=True, stream_options={"include_usage": True})
+    # Anthropic: JSON and streamed.
+    anthropic_call(stream=False)
+    anthropic_call(stream=True)
+    # Answers without usage: the estimator tokenizes the prompt and the answer's text.
+    live.upstream.script({"default": {**tool_script(), "usage": False}})
+    openai_call(stream=False)
+    openai_call(stream=True)
+    anthropic_call(stream=False)
+
+    # Failovers (a 429, a 529 on the preferred key), and upstream errors on every key (500s,
+    # which the SDKs get as 502).
+    live.upstream.script({"default": tool_script()})
+    reconfigure(lambda: live.prefer("key-a"))
+    live.script(key_a=[{"fault": "429", "retry_after": 1}])
+    openai_call(stream=False)
+    reconfigure(lambda: live.configure(strategy="round_robin"))
+    live.script(key_a=[{"fault": "500"}], key_b=[{"fault": "500"}])
+    fails(lambda: openai_call(stream=True), 502)
+    reconfigure(lambda: claude.prefer("claude-a"))
+    claude.script(claude_a=[{"fault": "529"}])
+    anthropic_call(stream=True)
+    claude.script(claude_a=[{"fault": "500"}], claude_b=[{"fault": "500"}])
+    fails(lambda: anthropic_call(stream=False), 502)
+
+    sent = Sent(
+        received="\n".join(received),
+        request_ids=request_ids,
+        upstream_saw=json.dumps(live.upstream.stats()["last_request_bodies"]),
+    )
+    # The marker really went through, both ways: each check below would otherwise prove nothing.
+    assert MARKER in sent.received, "the clients never received the marker"
+    for piece in (f"Answer {MARKER} here.", json.dumps({"q": f"{MARKER} docs"})):
+        assert piece in sent.received or json.dumps(piece) in sent.received
+    assert MARKER in sent.upstream_saw, "the upstream never received the marker"
+    rows = settled_request_ids(request_ids)
+    assert len(request_ids) == 12
+    assert len(rows) >= 14  # the failovers and errors made more than one attempt each
+    return sent
+
+
+def stored_in(places: dict[str, str]) -> list[str]:
+    return [where for where, text in places.items() if MARKER in text.lower()]
+
+
+def test_the_marker_reaches_the_clients_and_is_stored_nowhere(
+    live_gateway: LiveGateway,
+    claude: Claude,
+    monitor_token: str,
+    gateway_log: GatewayLog,
+    capfd: pytest.CaptureFixture[str],
+):
+    sent = send_everything(live_gateway, claude)
+
+    places = database_dump()
+    # The dump does hold what was recorded (so an empty or broken dump cannot pass).
+    dump = "\n".join(places.values())
+    assert all(request_id in dump for request_id in sent.request_ids)
+
+    places.update(_exports(live_gateway, monitor_token, sent.request_ids))
+
+    assert gateway_log.lines, "nothing was logged: the capture is not working"
+    assert any('"request_id"' in line for line in gateway_log.lines), "no usage line captured"
+    places["gateway log"] = "\n".join(gateway_log.lines)
+    out, err = capfd.readouterr()
+    places["stdout"], places["stderr"] = out, err
+
+    files = data_files()
+    assert files, "the data directory holds no file at all: wrong directory?"
+    places.update({f"file {path}": text for path, text in files.items()})
+
+    assert not stored_in(places), f"the marker {MARKER} was stored in: {stored_in(places)}"
+
+
+def test_records_spooled_to_disk_hold_no_text(
+    live_gateway: LiveGateway, claude: Claude, monkeypatch: pytest.MonkeyPatch
+):
+    """With a buffer of zero every record goes through a spool file before the database (as
+    when the database is away): each file, read as it is written, holds no marker."""
+    import usage.recorder
+    from usage.recorder import get_recorder
+
+    spooled: dict[str, str] = {}
+    write = usage.recorder.spool_write
+
+    def spool_write_kept(*, spool_dir: Path, rows: Any) -> Path:
+        path = write(spool_dir=spool_dir, rows=rows)
+        spooled[str(path)] = path.read_text()
+        return path
+
+    monkeypatch.setattr(usage.recorder, "spool_write", spool_write_kept)
+    monkeypatch.setattr(get_recorder(), "_buffer_max", 0)
+    sent = send_everything(live_gateway, claude)
+    text = "\n".join(spooled.values())
+    # Every request went through the spool (and from there into the database).
+    assert all(request_id in text for request_id in sent.request_ids)
+    assert not stored_in(spooled), f"the marker {MARKER} was spooled in: {stored_in(spooled)}"
+
+
+def test_the_marker_is_in_no_answer_of_the_v1_usage_api(
+    live_gateway: LiveGateway, claude: Claude, monitor_token: str
+):
+    """LLM Interactive Proxy's paths (/v1/usage/*), built alongside: checked where they answer."""
+    sent = send_everything(live_gateway, claude)
+    places: dict[str, str] = {}
+    missing: list[str] = []
+    headers = {"Authorization": f"Bearer {monitor_token}"}
+    with httpx.Client(base_url=live_gateway.base_url, headers=headers, timeout=30) as http:
+        for path, params in (
+            ("/v1/usage/export", {}),
+            ("/v1/usage/recent", {"limit": 1000}),
+            ("/v1/usage/stats", {}),
+        ):
+            r = http.get(path, params=params)
+            if r.status_code != 200:
+                missing.append(f"{path} answered {r.status_code}")
+                continue
+            if path != "/v1/usage/stats":
+                assert all(rid in r.text for rid in sent.request_ids), f"{path} misses records"
+            places[path] = r.text
+    assert not stored_in(places), f"the marker {MARKER} was stored in: {stored_in(places)}"
+    if missing:
+        pytest.skip(f"checked {sorted(places)}; not available in this build: {missing}")
+
+
+def _exports(live: LiveGateway, token: str, request_ids: set[str]) -> dict[str, str]:
+    """The monitoring API's exports and record lists, each checked to hold the records."""
+    out: dict[str, str] = {}
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=live.base_url, headers=headers, timeout=30) as http:
+        for fmt in ("csv", "jsonl", "json"):
+            r = http.get("/api/usage/export", params={"format": fmt})
+            assert r.status_code == 200, r.text
+            assert all(rid in r.text for rid in request_ids), f"{fmt} export misses records"
+            out[f"/api/usage/export {fmt}"] = r.text
+        r = http.get("/api/usage/recent", params={"limit": 1000})
+        assert r.status_code == 200, r.text
+        out["/api/usage/recent"] = r.text
+        for rid in request_ids:
+            r = http.get(f"/api/requests/{rid}")
+            assert r.status_code == 200, r.text
+            out[f"/api/requests/{rid}"] = r.text
+    return out
