@@ -24,10 +24,11 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -223,12 +224,18 @@ def time_export(client: Any, path: str) -> dict[str, Any]:
     rows = 0
     size = 0
     peak_chunk = 0
+    first_record_count = 0
     for chunk in response.streaming_content:
+        if not size:
+            found = re.search(rb'"record_count": ?(\d+)', chunk)
+            first_record_count = int(found[1]) if found else 0
         rows += chunk.count(b"\n")
         size += len(chunk)
         peak_chunk = max(peak_chunk, len(chunk))
     seconds = time.perf_counter() - started
-    if "format=csv" in path or "format=json&" in path or path.endswith("format=json"):
+    if path.startswith("/v1/usage/export"):
+        rows = first_record_count  # one JSON document: its head says how many records follow
+    elif "format=csv" in path or "format=json&" in path or path.endswith("format=json"):
         rows -= 1  # the CSV header line (JSON: the closing bracket's line)
     return {
         "path": path,
@@ -278,6 +285,14 @@ def main() -> None:
             f"/api/usage/recent?window=30d&limit=100&cursor={deep.json()['next_cursor']}"
         )
     cursor = deep.json()["next_cursor"]
+    # A session and the start of a week, for LLM Interactive Proxy's endpoints.
+    session = (
+        CallRecord.objects.exclude(session_id="").order_by("-started_at").values_list(
+            "session_id", flat=True
+        ).first()
+    )  # fmt: skip
+    week = (datetime.now(UTC) - timedelta(days=7)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    day = (datetime.now(UTC) - timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
     w = "window=30d"
     paths = [
@@ -300,6 +315,18 @@ def main() -> None:
         f"/api/usage/recent?{w}&limit=100&cursor={cursor}",
         f"/api/usage/recent?{w}&limit=50&client=ci&status=error",
         f"/api/events?{w}&limit=100",
+        f"/api/usage/stats?{w}&upstream_model=gpt-4o&http_status=200",
+        f"/api/usage/models?{w}&by=upstream_model",
+        f"/api/usage/reconciliation?{w}",
+        f"/api/usage/recent?{w}&limit=100&session_id={session}",
+        "/v1/usage/stats",
+        "/v1/usage/stats?backend_type=openai",
+        f"/v1/usage/stats?start_date={week}&model=claude-sonnet&http_status_code=200",
+        f"/v1/usage/stats?session_id={session}",
+        "/v1/usage/stats?user_agent=curl/8.5.0",
+        "/v1/usage/recent?limit=100",
+        "/v1/usage/recent?limit=100&offset=2000&backend_type=anthropic",
+        f"/v1/usage/recent?session_id={session}",
         f"/api/requests/{failover}",
     ]
     # (page, its p95 target in ms, or None: only the overview has one; the others must load).
@@ -329,6 +356,7 @@ def main() -> None:
     exports = [
         time_export(client, "/api/usage/export?window=24h&format=csv"),
         time_export(client, "/api/usage/export?window=24h&format=jsonl"),
+        time_export(client, f"/v1/usage/export?start_date={day}"),
     ]
     if not args.no_full_export:
         for fmt in ("csv", "jsonl", "json"):
