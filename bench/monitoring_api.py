@@ -127,7 +127,7 @@ def vacuum_analyze() -> None:
 
     with connection.cursor() as cursor:
         for table in ("usage_callrecord", "usage_rollup_minute", "usage_rollup_hour",
-                      "usage_rollup_day"):  # fmt: skip
+                      "usage_rollup_day", "usage_rollup_session", "usage_rollup_tool"):  # fmt: skip
             cursor.execute(f"VACUUM ANALYZE {table}")
 
 
@@ -184,7 +184,7 @@ def sizes() -> dict[str, Any]:
     out: dict[str, Any] = {}
     with connection.cursor() as cursor:
         for table in ("usage_callrecord", "usage_rollup_minute", "usage_rollup_hour",
-                      "usage_rollup_day"):  # fmt: skip
+                      "usage_rollup_day", "usage_rollup_session", "usage_rollup_tool"):  # fmt: skip
             cursor.execute(
                 "SELECT reltuples::bigint, pg_size_pretty(pg_total_relation_size(%s)) "
                 "FROM pg_class WHERE relname = %s",
@@ -260,7 +260,7 @@ def main() -> None:
     import django
 
     django.setup()
-    from django.contrib.auth.models import User
+    from django.contrib.auth.models import Permission, User
     from django.test import Client
     from django.test.utils import setup_test_environment
 
@@ -271,6 +271,8 @@ def main() -> None:
     ensure_keys()
     setup_test_environment()  # lets the test client's host through ALLOWED_HOSTS
     staff, _ = User.objects.get_or_create(username="bench-staff", defaults={"is_staff": True})
+    # What a monitoring user needs since #18 (docs/security.md).
+    staff.user_permissions.add(Permission.objects.get(codename="view_callrecord"))
     client = Client()
     client.force_login(staff)
 

@@ -1,32 +1,36 @@
 """Reads over the session and tool rollups (usage.models.SessionRollup, ToolRollup).
 
-Their buckets are hours, so a frame's edges are taken to the hour that holds them: a session
-active at 10:50 counts in a frame starting at 10:59. The filters that these tables carry apply
-(`provider`, `model`, `client`); the others cannot, and are ignored here
-(`UsageFilters.conversation_unsupported` names them): the API gives null for these figures
-when one of them is set, rather than figures that ignore it.
+Their finest buckets are hours, so a frame's edges are taken to the hour that holds them: a
+session active at 10:50 counts in a frame starting at 10:59. Sessions are counted from
+sketches (usage.sketches), whose rows merge whatever their number of sessions. The filters
+that these tables carry apply (`provider`, `model`, `client`); the others cannot, and are
+ignored here (`UsageFilters.conversation_unsupported` names them): the API gives null for
+these figures when one of them is set, rather than figures that ignore it.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
+from functools import reduce
 from typing import TypeVar
 
-from django.db import connections
-from django.db.models import Count, Max, QuerySet, Sum
+from django.db.models import Q, QuerySet, Sum
 
 from common.timeframes import TimeFrame
 from usage.filters import UsageFilters
 from usage.models import SessionRollup, ToolRollup
+from usage.sketches import sketch_count, sketch_merge
 
 R = TypeVar("R", SessionRollup, ToolRollup)
 
 
 @dataclass(frozen=True, slots=True)
 class SessionStats:
+    # Distinct session ids, estimated from the sketches (usage.sketches: ±3 %, small exact).
     unique_sessions: int = 0
-    # A session's turns are the highest turn it reached; these are summed over sessions.
+    # Each request that carried a session id is one of its turns.
     total_turns: int = 0
     requests: int = 0
     total_tokens: int = 0
@@ -48,56 +52,75 @@ def _in_frame(qs: QuerySet[R], frame: TimeFrame, filters: UsageFilters) -> Query
     return qs.filter(filters.conversation_q())
 
 
+def _sessions_q(frame: TimeFrame) -> Q:
+    """The session rollup rows that cover the frame: days for the whole days within it,
+    hours for its edges (each edge taken to the hour that holds it)."""
+    # Days are UTC days: a frame given with another offset is moved to UTC first.
+    since = _hour(frame.since.astimezone(UTC)) if frame.since is not None else None
+    until = frame.until.astimezone(UTC) if frame.until is not None else None
+    hours = Q(bucket_seconds=3600)
+    first_day = None
+    if since is not None:
+        first_day = since if since.hour == 0 else since.replace(hour=0) + timedelta(days=1)
+    last_day = _hour(until).replace(hour=0) if until is not None else None
+    if first_day is not None and last_day is not None and first_day >= last_day:
+        return hours & Q(bucket_start__gte=since, bucket_start__lt=until)
+    days = Q(bucket_seconds=86400)
+    edges: list[Q] = []
+    if first_day is not None:
+        days &= Q(bucket_start__gte=first_day)
+        edges.append(Q(bucket_start__gte=since, bucket_start__lt=first_day))
+    if last_day is not None:
+        days &= Q(bucket_start__lt=last_day)
+        edges.append(Q(bucket_start__gte=last_day, bucket_start__lt=until))
+    return reduce(operator.or_, [days, *(hours & edge for edge in edges)])
+
+
+def _sessions_per_client(frame: TimeFrame, filters: UsageFilters) -> dict[str, SessionStats]:
+    rows = (
+        SessionRollup.objects.filter(_sessions_q(frame))
+        .filter(filters.conversation_q())
+        .values_list("client", "requests", "total_tokens", "sketch")
+    )
+    figures: dict[str, tuple[int, int, list[bytes]]] = {}
+    for client, requests, tokens, sketch in rows.iterator(chunk_size=2000):
+        had = figures.get(client, (0, 0, []))
+        had[2].append(bytes(sketch))
+        figures[client] = (had[0] + requests, had[1] + tokens, had[2])
+    return {
+        client: SessionStats(
+            unique_sessions=sketch_count(sketch_merge(sketches)),
+            total_turns=requests,
+            requests=requests,
+            total_tokens=tokens,
+        )
+        for client, (requests, tokens, sketches) in figures.items()
+    }
+
+
 def sessions_stats(*, frame: TimeFrame, filters: UsageFilters) -> SessionStats:
-    per_session = (
-        _in_frame(SessionRollup.objects.all(), frame, filters)
-        .values("session_id")
-        .annotate(turns=Max("max_turn"), tokens=Sum("total_tokens"), requests=Sum("requests"))
+    rows = (
+        SessionRollup.objects.filter(_sessions_q(frame))
+        .filter(filters.conversation_q())
+        .values_list("requests", "total_tokens", "sketch")
     )
-    # One row back: the database sums over its per-session groups (a subquery), rather than
-    # sending every session of a month here to be added up.
-    totals = per_session.aggregate(
-        sessions=Count("session_id"),
-        total_turns=Sum("turns"),
-        total_tokens=Sum("tokens"),
-        total_requests=Sum("requests"),
-    )
+    requests = tokens = 0
+    sketches = []
+    for row_requests, row_tokens, sketch in rows.iterator(chunk_size=2000):
+        requests += row_requests
+        tokens += row_tokens
+        sketches.append(bytes(sketch))
     return SessionStats(
-        unique_sessions=totals["sessions"] or 0,
-        total_turns=totals["total_turns"] or 0,
-        requests=totals["total_requests"] or 0,
-        total_tokens=totals["total_tokens"] or 0,
+        unique_sessions=sketch_count(sketch_merge(sketches)),
+        total_turns=requests,
+        requests=requests,
+        total_tokens=tokens,
     )
 
 
 def sessions_by_client(*, frame: TimeFrame, filters: UsageFilters) -> dict[str, SessionStats]:
-    """client → its sessions, turns, requests and tokens in the frame, counted as
-    `sessions_stats` counts them."""
-    per_session = (
-        _in_frame(SessionRollup.objects.all(), frame, filters)
-        .values("client", "session_id")
-        .annotate(turns=Max("max_turn"), tokens=Sum("total_tokens"), requests=Sum("requests"))
-    )
-    # Summed per client in the database over the per-session groups, so that a month of
-    # sessions never travels here one row each (the dashboard's clients panel polls).
-    # The inner statement is the ORM's, its values all parameters: no input enters the text.
-    inner, params = per_session.query.sql_with_params()
-    sql = (
-        "SELECT client, COUNT(*), SUM(turns), SUM(requests), SUM(tokens) "  # noqa: S608
-        f"FROM ({inner}) AS per_session GROUP BY client"
-    )
-    with connections[per_session.db].cursor() as cursor:
-        cursor.execute(sql, params)
-        rows = cursor.fetchall()
-    return {
-        client: SessionStats(
-            unique_sessions=int(sessions),
-            total_turns=int(turns or 0),
-            requests=int(requests or 0),
-            total_tokens=int(tokens or 0),
-        )
-        for client, sessions, turns, requests, tokens in rows
-    }
+    """client → its sessions, turns, requests and tokens in the frame."""
+    return _sessions_per_client(frame, filters)
 
 
 def tool_calls_by_name(*, frame: TimeFrame, filters: UsageFilters) -> list[tuple[str, int]]:

@@ -72,7 +72,9 @@ class LipStatsOut(Schema):
     )
     attempt_count: int = Field(description="Upstream attempts (failover makes several).")
     unique_sessions: int = Field(description="Distinct session ids.")
-    total_turns: int = Field(description="Sum over sessions of the highest turn reached.")
+    total_turns: int = Field(
+        description="Requests that carried a session id: each is one of its session's turns."
+    )
     total_prompt_tokens: int
     total_completion_tokens: int
     total_tokens: int = Field(

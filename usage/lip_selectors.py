@@ -295,15 +295,15 @@ def _lip_stats_from_records(*, frame: TimeFrame, filters: LipFilters, now: datet
             if value is not None:
                 values[name].append(float(value))
     stats.timings = {name: _exact_timing(v) for name, v in values.items()}
-    sessions = (
-        qs.exclude(session_id="")
-        .values("session_id")
-        .annotate(t=Max("turn"), n=Sum("total_tokens"))
+    # Counted as the session rollup counts them: each request of a session is one of its turns.
+    sessions = qs.exclude(session_id="").aggregate(
+        n=Count("session_id", distinct=True),
+        turns=Count("id", filter=Q(final=True)),
+        tokens=Sum("total_tokens"),
     )
-    for row in sessions.iterator(chunk_size=EXPORT_CHUNK):
-        stats.unique_sessions += 1
-        stats.total_turns += row["t"] or 0
-        stats.session_tokens += row["n"] or 0
+    stats.unique_sessions = sessions["n"] or 0
+    stats.total_turns = sessions["turns"] or 0
+    stats.session_tokens = sessions["tokens"] or 0
     end = min(frame.until, now) if frame.until is not None else now
     start = frame.since or sums["first"]
     if start is not None:

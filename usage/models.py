@@ -11,6 +11,8 @@ from typing import Literal, get_args
 from django.db import models
 from django.db.models import Q
 
+from usage.sketches import REGISTERS as SKETCH_BYTES
+
 
 class Outcome(models.TextChoices):
     SUCCESS = "success", "success"
@@ -314,27 +316,37 @@ class DayRollup(UsageRollup):
 
 
 class SessionRollup(models.Model):
-    bucket_start = models.DateTimeField(help_text="UTC start of the hour.")
-    session_id = models.CharField(max_length=128)
+    """Sessions per hour and per UTC day, per (client, provider, route): how many requests
+    carried a session id and their tokens, which add up, and a sketch of the ids, whose
+    distinct count merges across rows (usage.sketches). Per hour for the edges of a frame, per
+    day for the whole days within it, so a month costs tens of rows per route and client,
+    however many sessions it saw."""
+
+    bucket_seconds = models.IntegerField(help_text="3600: an hour; 86400: a UTC day.")
+    bucket_start = models.DateTimeField(help_text="UTC start of the hour or day.")
     client = models.CharField(max_length=100, blank=True, default="")
     provider = models.CharField(max_length=64, blank=True, default="")
     requested_model = models.CharField(max_length=200)
-    requests = models.IntegerField(default=0)
+    requests = models.IntegerField(
+        default=0, help_text="Requests that carried a session id: each is one of its turns."
+    )
     total_tokens = models.BigIntegerField(default=0)
-    # The session's highest turn in the hour: a session's turns are the highest of these.
-    max_turn = models.IntegerField(default=0)
+    sketch = models.BinaryField(
+        max_length=SKETCH_BYTES,
+        help_text="HyperLogLog sketch of the session ids (usage.sketches).",
+    )
 
     class Meta:
         db_table = "usage_rollup_session"
         constraints = [
             models.UniqueConstraint(
-                fields=["bucket_start", "session_id", "client", "provider", "requested_model"],
+                fields=["bucket_seconds", "bucket_start", "client", "provider", "requested_model"],
                 name="usage_rollup_session_key",
             )
         ]
 
     def __str__(self) -> str:
-        return f"{self.bucket_start:%Y-%m-%d %H:00} {self.session_id}"
+        return f"{self.bucket_start:%Y-%m-%d %H:00} ({self.bucket_seconds} s) {self.client}"
 
 
 class ToolRollup(models.Model):

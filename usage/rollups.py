@@ -49,6 +49,8 @@ from usage.models import (
     UsageRollup,
     UsageSource,
 )
+from usage.sketches import EMPTY as SKETCH_EMPTY
+from usage.sketches import sketch_merge, sketch_position
 
 # Resolutions, finest first: (model, bucket length in seconds).
 RESOLUTIONS: tuple[tuple[type[UsageRollup], int], ...] = (
@@ -207,24 +209,69 @@ def _hour(r: CallRecord) -> datetime:
     return datetime.fromtimestamp(started - started % 3600, UTC)
 
 
+SESSION_PERIODS = (3600, 86400)
+
+
 def _sessions_upsert(records: Sequence[CallRecord]) -> None:
-    """Per (hour, session, client, provider, route): requests, tokens and the highest turn."""
-    rows: dict[tuple[Any, ...], list[int]] = {}
+    """Per (hour or day, client, provider, route): requests with a session id, their tokens,
+    and the sketch of the ids (usage.sketches), merged into the stored one.
+
+    A sketch merges by a per-byte maximum, which neither database has for its binary type,
+    so the stored rows are read under a lock and written back: first inserted empty where
+    missing, then read with FOR UPDATE (Postgres; SQLite's single writer already holds the
+    database from that insert on), in key order like the other rollups, so that concurrent
+    writers wait for each other rather than lose a merge or deadlock."""
+    rows: dict[tuple[Any, ...], list[Any]] = {}
     for r in records:
         if not r.session_id:
             continue
-        key = (_hour(r), r.session_id, r.client, r.provider, r.requested_model)
-        acc = rows.setdefault(key, [0, 0, 0])
-        acc[0] += 1 if r.final else 0
-        acc[1] += 0 if r.usage_flagged else (r.total_tokens or 0)
-        acc[2] = max(acc[2], r.turn or 0)
-    _side_upsert(
-        SessionRollup,
-        keys=("bucket_start", "session_id", "client", "provider", "requested_model"),
-        sums=("requests", "total_tokens"),
-        maxima=("max_turn",),
-        rows=rows,
-    )
+        started = int(r.started_at.timestamp())
+        position = sketch_position(r.session_id)
+        for seconds in SESSION_PERIODS:
+            bucket = datetime.fromtimestamp(started - started % seconds, UTC)
+            key = (seconds, bucket, r.client, r.provider, r.requested_model)
+            acc = rows.setdefault(key, [0, 0, bytearray(SKETCH_EMPTY)])
+            acc[0] += 1 if r.final else 0
+            acc[1] += 0 if r.usage_flagged else (r.total_tokens or 0)
+            register, rank = position
+            if acc[2][register] < rank:
+                acc[2][register] = rank
+    if not rows:
+        return
+    qn = connection.ops.quote_name
+    t = qn(SessionRollup._meta.db_table)
+    names = ("bucket_seconds", "bucket_start", "client", "provider", "requested_model")
+    keys = sorted(rows)
+    adapt = connection.ops.adapt_datetimefield_value
+    params = [(k[0], adapt(k[1]), *k[2:]) for k in keys]
+    columns = ", ".join(qn(c) for c in names)
+    lock = " FOR UPDATE" if connection.features.has_select_for_update else ""
+    with connection.cursor() as cursor:
+        cursor.executemany(
+            f"INSERT INTO {t} ({columns}, requests, total_tokens, sketch) "  # noqa: S608
+            f"VALUES (%s, %s, %s, %s, %s, 0, 0, %s) ON CONFLICT ({columns}) DO NOTHING",
+            [(*p, SKETCH_EMPTY) for p in params],
+        )
+        match = " AND ".join(f"{qn(c)} = %s" for c in names)
+        stored: list[tuple[Any, ...]] = []
+        for p in params:  # one indexed lookup each, in key order (the locks' order)
+            cursor.execute(
+                f"SELECT id, requests, total_tokens, sketch FROM {t} WHERE {match}{lock}",  # noqa: S608
+                p,
+            )
+            stored.append(cursor.fetchone())
+        cursor.executemany(
+            f"UPDATE {t} SET requests = %s, total_tokens = %s, sketch = %s WHERE id = %s",  # noqa: S608
+            [
+                (
+                    row[1] + rows[k][0],
+                    row[2] + rows[k][1],
+                    sketch_merge((bytes(row[3]), bytes(rows[k][2]))),
+                    row[0],
+                )
+                for k, row in zip(keys, stored, strict=True)
+            ],
+        )
 
 
 def _tools_upsert(records: Sequence[CallRecord]) -> None:

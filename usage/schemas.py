@@ -267,7 +267,7 @@ class StatsOut(Schema):
 class SessionsOut(Schema):
     unique_sessions: int = Field(description="Distinct session ids with requests in the frame.")
     total_turns: int = Field(
-        description="Each session's highest turn (user messages in its requests), summed."
+        description="Requests that carried a session id: each is one of its session's turns."
     )
     requests: int = Field(description="Client requests that carried a session id.")
     total_tokens: int = Field(description="Total tokens of those requests.")

@@ -163,7 +163,7 @@ def test_the_clients_page_shows_sessions_turns_and_tokens_per_session(staff: Cli
     # Client, Requests (attempts under it), Success, Sessions, Turns, Tokens / session, ...
     web = cells("web-app")
     assert web[1:6] == ["3 3 attempts", "100%", "2", "3", "180"]  # (300 + 60) / 2 sessions
-    assert cells("batch")[3:6] == ["1", "4", "40"]
+    assert cells("batch")[3:6] == ["1", "1", "40"]  # each request of a session is a turn
     assert cells("cron")[3:6] == ["—", "—", "—"]
     assert "5 requests · 5 upstream attempts · 3 sessions" in text(html)
 

@@ -28,6 +28,7 @@ from tests.proxy.conftest import (
     streaming,
 )
 from usage.models import CallRecord, MinuteRollup, SessionRollup, ToolRollup
+from usage.sketches import sketch_count
 
 pytestmark = pytest.mark.asyncio
 HI = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -202,8 +203,9 @@ async def test_the_session_comes_from_the_header_then_metadata_then_user(
     ).status_code == 200
     [row] = await records(flush_records)
     assert (row.session_id, row.turn) == (session, 2)
-    [rollup] = await sync_to_async(list)(SessionRollup.objects.all())
-    assert (rollup.session_id, rollup.requests, rollup.max_turn) == (session, 1, 2)
+    rollups = await sync_to_async(list)(SessionRollup.objects.order_by("bucket_seconds"))
+    assert [(r.bucket_seconds, r.requests) for r in rollups] == [(3600, 1), (86400, 1)]
+    assert [sketch_count(bytes(r.sketch)) for r in rollups] == [1, 1]
 
 
 async def test_who_called_is_kept_bounded_and_without_credentials(gateway: Gateway, flush_records):

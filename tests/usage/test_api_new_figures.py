@@ -108,9 +108,9 @@ def test_tool_calls_have_a_total_and_a_breakdown_per_tool(api: Client) -> None:
 @pytest.mark.usefixtures("traffic")
 def test_sessions_give_unique_sessions_turns_and_tokens_per_session(api: Client) -> None:
     sessions = api.get(STATS).json()["sessions"]
-    # s1 reached turn 4 (A and B), s2 turn 1; s1 used 161 + 70 tokens, s2 none.
+    # s1 made two requests (A and B), s2 one: three turns; s1 used 161 + 70 tokens, s2 none.
     assert sessions == {
-        "unique_sessions": 2, "total_turns": 5, "requests": 3, "total_tokens": 231,
+        "unique_sessions": 2, "total_turns": 3, "requests": 3, "total_tokens": 231,
         "tokens_per_session": 115.5,
     }  # fmt: skip
 

@@ -14,14 +14,14 @@ class Migration(migrations.Migration):
             name='SessionRollup',
             fields=[
                 ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('bucket_start', models.DateTimeField(help_text='UTC start of the hour.')),
-                ('session_id', models.CharField(max_length=128)),
+                ('bucket_seconds', models.IntegerField(help_text='3600: an hour; 86400: a UTC day.')),
+                ('bucket_start', models.DateTimeField(help_text='UTC start of the hour or day.')),
                 ('client', models.CharField(blank=True, default='', max_length=100)),
                 ('provider', models.CharField(blank=True, default='', max_length=64)),
                 ('requested_model', models.CharField(max_length=200)),
-                ('requests', models.IntegerField(default=0)),
+                ('requests', models.IntegerField(default=0, help_text='Requests that carried a session id: each is one of its turns.')),
                 ('total_tokens', models.BigIntegerField(default=0)),
-                ('max_turn', models.IntegerField(default=0)),
+                ('sketch', models.BinaryField(help_text='HyperLogLog sketch of the session ids (usage.sketches).', max_length=1024)),
             ],
             options={
                 'db_table': 'usage_rollup_session',
@@ -1230,7 +1230,7 @@ class Migration(migrations.Migration):
         ),
         migrations.AddConstraint(
             model_name='sessionrollup',
-            constraint=models.UniqueConstraint(fields=('bucket_start', 'session_id', 'client', 'provider', 'requested_model'), name='usage_rollup_session_key'),
+            constraint=models.UniqueConstraint(fields=('bucket_seconds', 'bucket_start', 'client', 'provider', 'requested_model'), name='usage_rollup_session_key'),
         ),
         migrations.AddConstraint(
             model_name='toolrollup',
