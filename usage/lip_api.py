@@ -28,6 +28,7 @@ from usage.export import iterate_async
 from usage.lip_schemas import (
     LipExportOut,
     LipExportQuery,
+    LipFilterQuery,
     LipRecentOut,
     LipRecentQuery,
     LipStatsOut,
@@ -64,6 +65,13 @@ def _frame(start_date: str | None, end_date: str | None) -> TimeFrame:
     return TimeFrame(since=since, until=end + timedelta(microseconds=1) if end else None)
 
 
+def _filters(q: LipFilterQuery) -> lip_selectors.LipFilters:
+    return lip_selectors.lip_filters(
+        backend_type=q.backend_type, model=q.model, http_status_code=q.http_status_code,
+        user_agent=q.user_agent, session_id=q.session_id, proxy_user=q.proxy_user,
+    )  # fmt: skip
+
+
 def _given(q: Schema) -> dict[str, Any]:
     return {name: value for name, value in q.model_dump().items() if value is not None}
 
@@ -81,10 +89,7 @@ def _timing_out(stats: LipStats, name: str) -> TimingStatsOut | None:
 def lip_usage_stats(request: HttpRequest, q: Query[LipStatsQuery]) -> dict[str, Any]:
     _known_only(request, LipStatsQuery)
     frame = _frame(q.start_date, q.end_date)
-    filters = lip_selectors.lip_filters(
-        backend_type=q.backend_type, model=q.model, http_status_code=q.http_status_code,
-        user_agent=q.user_agent, session_id=q.session_id,
-    )  # fmt: skip
+    filters = _filters(q)
     stats = lip_selectors.lip_stats(frame=frame, filters=filters, now=timezone.now())
     return {
         "request_count": stats.request_count,
@@ -122,11 +127,12 @@ def lip_usage_stats(request: HttpRequest, q: Query[LipStatsQuery]) -> dict[str, 
 )
 def lip_usage_recent(request: HttpRequest, q: Query[LipRecentQuery]) -> dict[str, Any]:
     _known_only(request, LipRecentQuery)
-    filters = lip_selectors.lip_filters(
-        backend_type=q.backend_type, model=q.model, session_id=q.session_id
-    )
     page = lip_selectors.lip_recent(
-        filters=filters, limit=q.limit, offset=q.offset, now=timezone.now()
+        filters=_filters(q),
+        frame=_frame(q.start_date, q.end_date),
+        limit=q.limit,
+        offset=q.offset,
+        now=timezone.now(),
     )
     return {"records": page.records, "total": page.total, "limit": q.limit, "offset": q.offset}
 
@@ -156,8 +162,7 @@ def _export_chunks(plan: ExportPlan, *, head: dict[str, Any]) -> Iterator[str]:
 def lip_usage_export(request: HttpRequest, q: Query[LipExportQuery]) -> StreamingHttpResponse:
     _known_only(request, LipExportQuery)
     frame = _frame(q.start_date, q.end_date)
-    filters = lip_selectors.lip_filters(backend_type=q.backend_type, model=q.model)
-    plan = lip_selectors.lip_export_plan(filters=filters, frame=frame)
+    plan = lip_selectors.lip_export_plan(filters=_filters(q), frame=frame)
     now: datetime = timezone.now()
     head = {
         "version": 1,

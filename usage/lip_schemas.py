@@ -21,7 +21,9 @@ _START = (
 _END = "End (inclusive), ISO 8601. Omitted: up to now."
 
 
-class LipStatsQuery(Schema):
+class LipFilterQuery(Schema):
+    """The filters of LIP's stats, which its recent and export take too."""
+
     backend_type: PlainText | None = Field(None, description=_BACKEND)
     model: PlainText | None = Field(None, description=_MODEL)
     start_date: Timestamp | None = Field(None, description=_START)
@@ -35,21 +37,22 @@ class LipStatsQuery(Schema):
     session_id: PlainText | None = Field(
         None, description="Only requests of this session (read from the call records)."
     )
+    proxy_user: PlainText | None = Field(
+        None, description="Only requests made with this client token (its name)."
+    )
 
 
-class LipRecentQuery(Schema):
+class LipStatsQuery(LipFilterQuery):
+    pass
+
+
+class LipRecentQuery(LipFilterQuery):
     limit: int = Field(100, ge=1, le=1000, description="Records per page (1-1000).")
     offset: int = Field(0, ge=0, le=100_000, description="Records to skip (0-100000).")
-    session_id: PlainText | None = Field(None, description="Only requests of this session.")
-    backend_type: PlainText | None = Field(None, description=_BACKEND)
-    model: PlainText | None = Field(None, description=_MODEL)
 
 
-class LipExportQuery(Schema):
-    start_date: Timestamp | None = Field(None, description=_START)
-    end_date: Timestamp | None = Field(None, description=_END)
-    backend_type: PlainText | None = Field(None, description=_BACKEND)
-    model: PlainText | None = Field(None, description=_MODEL)
+class LipExportQuery(LipFilterQuery):
+    pass
 
 
 # --- responses ----------------------------------------------------------------------------

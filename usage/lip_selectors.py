@@ -92,6 +92,7 @@ def lip_filters(
     http_status_code: int | None = None,
     user_agent: str | None = None,
     session_id: str | None = None,
+    proxy_user: str | None = None,
 ) -> LipFilters:
     providers = None
     if backend_type is not None:
@@ -104,6 +105,7 @@ def lip_filters(
         client_status=http_status_code,
         user_agent=user_agent,
         session_id=session_id,
+        client=proxy_user,
     )
 
 
@@ -419,10 +421,12 @@ class RecentPage:
     total: int
 
 
-def lip_recent(*, filters: LipFilters, limit: int, offset: int, now: datetime) -> RecentPage:
+def lip_recent(
+    *, filters: LipFilters, frame: TimeFrame, limit: int, offset: int, now: datetime
+) -> RecentPage:
     """Requests newest first. `total` comes from the rollups' request counts unless a filter
     only records carry is set (then a COUNT over its index)."""
-    qs = _requests(filters, TimeFrame())
+    qs = _requests(filters, frame)
     page = qs.order_by("-started_at", "-id").values(*_RECORD_COLUMNS)[offset : offset + limit]
     kinds = provider_kinds()
     records = [lip_record(row, kinds=kinds) for row in page]
@@ -430,7 +434,7 @@ def lip_recent(*, filters: LipFilters, limit: int, offset: int, now: datetime) -
         total = qs.count()
     else:
         merged = rollup_merge(
-            TimeFrame(), now=now, filters=filters, group=(), columns=("calls", "requests"),
+            frame, now=now, filters=filters, group=(), columns=("calls", "requests"),
             extremes=False,
         )  # fmt: skip
         total = int(merged.get((), {}).get("requests") or 0)

@@ -252,6 +252,39 @@ def test_recent_pages_with_limit_and_offset_and_filters(
     assert [r["id"] for r in model["records"]] == ["r-c"]
 
 
+def test_proxy_user_is_the_client_token_name_everywhere(
+    api: Client, traffic: dict[str, datetime]
+) -> None:
+    write_calls([final(request_id="r-x", client="batch-job", started_at=traffic["t0"])])
+    body = stats(api, proxy_user="batch-job")
+    assert (body["request_count"], body["filters"]) == (1, {"proxy_user": "batch-job"})
+    assert stats(api, proxy_user="client-a")["request_count"] == 4
+    recent = api.get("/v1/usage/recent", {"proxy_user": "batch-job"}).json()
+    assert ([r["id"] for r in recent["records"]], recent["total"]) == (["r-x"], 1)
+    _, exported = _export(api, proxy_user="batch-job")
+    assert [r["id"] for r in exported["records"]] == ["r-x"]
+
+
+def test_recent_and_export_take_the_filters_of_stats(
+    api: Client, traffic: dict[str, datetime]
+) -> None:
+    t0 = traffic["t0"]
+    window = {
+        "start_date": (t0 + timedelta(minutes=4)).isoformat(),
+        "end_date": (t0 + timedelta(minutes=11)).isoformat(),
+    }
+    recent = api.get("/v1/usage/recent", window).json()
+    assert ([r["id"] for r in recent["records"]], recent["total"]) == (["r-c", "r-b"], 2)
+    failed = api.get("/v1/usage/recent", {"http_status_code": 502}).json()
+    assert [r["id"] for r in failed["records"]] == ["r-c"]
+    by_agent = api.get("/v1/usage/recent", {"user_agent": "curl/8"}).json()
+    assert ([r["id"] for r in by_agent["records"]], by_agent["total"]) == (["r-a"], 1)
+    _, exported = _export(api, session_id="s1", http_status_code=200)
+    assert [r["id"] for r in exported["records"]] == ["r-a", "r-b"]
+    _, hung_up = _export(api, http_status_code=499, user_agent="nobody")
+    assert hung_up["record_count"] == 0 and hung_up["records"] == []
+
+
 @pytest.mark.parametrize("limit", [0, 1001])
 def test_recent_limit_is_1_to_1000(api: Client, limit: int) -> None:
     response = api.get("/v1/usage/recent", {"limit": limit})
@@ -361,12 +394,14 @@ def test_start_date_after_end_date_is_a_422(api: Client) -> None:
 
 def test_openapi_documents_the_three_endpoints_with_params_and_bodies() -> None:
     schema = ninja_api.get_openapi_schema()
+    # LIP's recent and export take "all filter parameters from /v1/usage/stats".
+    filters = {"backend_type", "model", "start_date", "end_date", "http_status_code",
+               "user_agent", "session_id", "proxy_user"}  # fmt: skip
     expected = {
-        "/v1/usage/stats": {"backend_type", "model", "start_date", "end_date",
-                            "http_status_code", "user_agent", "session_id"},
-        "/v1/usage/recent": {"limit", "offset", "session_id", "backend_type", "model"},
-        "/v1/usage/export": {"start_date", "end_date", "backend_type", "model"},
-    }  # fmt: skip
+        "/v1/usage/stats": filters,
+        "/v1/usage/recent": filters | {"limit", "offset"},
+        "/v1/usage/export": filters,
+    }
     for path, params in expected.items():
         operation = schema["paths"][path]["get"]
         assert {p["name"] for p in operation["parameters"]} == params, path
