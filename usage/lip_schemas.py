@@ -106,6 +106,11 @@ class LipStatsOut(Schema):
     time_window_seconds: float = Field(
         description="From start_date (or the first matching call) to end_date (or now)."
     )
+    window_start: str | None = Field(
+        description="Where the figures begin: start_date, or later when a user_agent or "
+        "session_id filter matched more than 50,000 attempts (then only the newest are read); "
+        "null: from the first call."
+    )
     ttft_stats: TimingStatsOut | None = Field(description="Time to first token (streams).")
     proxy_processing_stats: TimingStatsOut | None = Field(description="The gateway's overhead.")
     duration_stats: TimingStatsOut | None = Field(description="Whole request, as the client saw.")

@@ -43,8 +43,10 @@ from usage.selectors import metric_stats, rollup_combine
 TIMINGS = {"ttft": "ttft_ms", "duration": "latency_ms", "proxy_processing": "overhead_ms",
            "ttlt": "ttlt_ms"}  # fmt: skip
 _METRIC = {m.name: m for m in METRICS}
-# Requests whose timings a record-filtered stats read takes into its percentiles (the newest).
-RAW_TIMING_LIMIT = 50_000
+# The attempts a stats read filtered on what only records carry covers at most: the newest, so
+# that its cost is bounded whatever the data (LIP's own stats cover the records it keeps in
+# memory, 100,000 by default). Its time window then starts at the oldest of them.
+RAW_LIMIT = 50_000
 EXPORT_CHUNK = 2000
 
 
@@ -144,6 +146,8 @@ class LipStats:
     status_code_counts: dict[str, int] = field(default_factory=dict)
     timings: dict[str, Timing | None] = field(default_factory=dict)
     time_window_seconds: float = 0.0
+    # Where a stats read over call records began when it covered only the newest RAW_LIMIT.
+    window_start: datetime | None = None
 
     @property
     def tokens_per_session(self) -> float:
@@ -233,6 +237,7 @@ def lip_stats(*, frame: TimeFrame, filters: LipFilters, now: datetime) -> LipSta
         stats.unique_sessions, stats.total_turns = sessions.unique_sessions, sessions.total_turns
         stats.session_tokens = sessions.total_tokens
     stats.time_window_seconds = _window(frame, filters, now=now)
+    stats.window_start = frame.since
     return stats
 
 
@@ -247,9 +252,18 @@ def _in_frame(frame: TimeFrame) -> Q:
 
 def _lip_stats_from_records(*, frame: TimeFrame, filters: LipFilters, now: datetime) -> LipStats:
     """The same figures for a `user_agent` or `session_id` filter, from the call records (no
-    rollup carries either). Counts and sums are exact; the percentiles are over the newest
-    RAW_TIMING_LIMIT requests."""
+    rollup carries either), exact over the frame, or over its newest RAW_LIMIT attempts when
+    more match: the frame then starts at the oldest of them (`time_window_seconds` and
+    `window_start` say so)."""
+    matching = CallRecord.objects.filter(filters.record_q() & _in_frame(frame))
+    # One walk down the (value, started_at) index to the RAW_LIMIT-th newest.
+    cutoff = list(matching.order_by("-started_at").values_list("started_at", flat=True)[
+        RAW_LIMIT - 1 : RAW_LIMIT
+    ])  # fmt: skip
+    if cutoff:
+        frame = TimeFrame(since=cutoff[0], until=frame.until)
     qs = CallRecord.objects.filter(filters.record_q() & _in_frame(frame))
+    both = Q(usage_source=UsageSource.REPORTED, counted_prompt_tokens__isnull=False)
     sums = qs.aggregate(
         attempts=Count("id"),
         requests=Count("id", filter=Q(final=True)),
@@ -262,10 +276,11 @@ def _lip_stats_from_records(*, frame: TimeFrame, filters: LipFilters, now: datet
         cost=Sum("cost_usd"),
         tools=Sum("tool_calls"),
         first=Min("started_at"),
-    )
-    both = Q(usage_source=UsageSource.REPORTED, counted_prompt_tokens__isnull=False)
-    reconciled = qs.filter(both).aggregate(
-        reported=Sum("prompt_tokens"), counted=Sum("counted_prompt_tokens")
+        reconciled_reported=Sum("prompt_tokens", filter=both),
+        reconciled_counted=Sum("counted_prompt_tokens", filter=both),
+        sessions=Count("session_id", distinct=True, filter=~Q(session_id="")),
+        session_turns=Count("id", filter=Q(final=True) & ~Q(session_id="")),
+        session_tokens=Sum("total_tokens", filter=~Q(session_id="")),
     )
     stats = LipStats(
         request_count=sums["requests"],
@@ -276,8 +291,8 @@ def _lip_stats_from_records(*, frame: TimeFrame, filters: LipFilters, now: datet
         backend_reported_total_tokens=int(sums["reported"] or 0),
         counted_prompt_tokens=int(sums["counted"] or 0),
         forwarded_prompt_tokens=int(sums["forwarded"] or 0),
-        reconciled_reported_prompt_tokens=int(reconciled["reported"] or 0),
-        reconciled_counted_prompt_tokens=int(reconciled["counted"] or 0),
+        reconciled_reported_prompt_tokens=int(sums["reconciled_reported"] or 0),
+        reconciled_counted_prompt_tokens=int(sums["reconciled_counted"] or 0),
         total_cost=float(sums["cost"] or 0),
         total_tool_calls=int(sums["tools"] or 0),
     )
@@ -290,7 +305,7 @@ def _lip_stats_from_records(*, frame: TimeFrame, filters: LipFilters, now: datet
             if status != CLIENT_CLOSED_STATUS:
                 stats.response_count += n
     columns = list(TIMINGS.values())
-    newest = final.order_by("-started_at", "-id").values_list(*columns)[:RAW_TIMING_LIMIT]
+    newest = final.values_list(*columns)
     values: dict[str, list[float]] = {name: [] for name in TIMINGS}
     for row in newest.iterator(chunk_size=EXPORT_CHUNK):
         for name, value in zip(TIMINGS, row, strict=True):
@@ -298,14 +313,10 @@ def _lip_stats_from_records(*, frame: TimeFrame, filters: LipFilters, now: datet
                 values[name].append(float(value))
     stats.timings = {name: _exact_timing(v) for name, v in values.items()}
     # Counted as the session rollup counts them: each request of a session is one of its turns.
-    sessions = qs.exclude(session_id="").aggregate(
-        n=Count("session_id", distinct=True),
-        turns=Count("id", filter=Q(final=True)),
-        tokens=Sum("total_tokens"),
-    )
-    stats.unique_sessions = sessions["n"] or 0
-    stats.total_turns = sessions["turns"] or 0
-    stats.session_tokens = sessions["tokens"] or 0
+    stats.unique_sessions = sums["sessions"] or 0
+    stats.total_turns = sums["session_turns"] or 0
+    stats.session_tokens = int(sums["session_tokens"] or 0)
+    stats.window_start = frame.since
     end = min(frame.until, now) if frame.until is not None else now
     start = frame.since or sums["first"]
     if start is not None:

@@ -207,6 +207,26 @@ def test_user_agent_and_session_id_are_answered_from_the_records(
     assert session["filters"] == {"session_id": "s1"}
 
 
+def test_a_user_agent_matching_too_many_calls_covers_the_newest_and_says_from_when(
+    api: Client, traffic: dict[str, datetime], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t0 = traffic["t0"]
+    write_calls([
+        final(request_id=f"r-ua-{i}", started_at=t0 + timedelta(minutes=20 + i),
+              user_agent="curl/8", total_tokens=1)
+        for i in range(3)
+    ])  # fmt: skip
+    monkeypatch.setattr(lip_selectors, "RAW_LIMIT", 2)
+    body = stats(api, user_agent="curl/8")
+    # r-a and the first new call are older than the two newest: left out.
+    assert (body["request_count"], body["total_tokens"]) == (2, 2)
+    assert body["window_start"] == (t0 + timedelta(minutes=21)).isoformat()
+    assert body["time_window_seconds"] > 0
+    monkeypatch.setattr(lip_selectors, "RAW_LIMIT", 50)
+    everything = stats(api, user_agent="curl/8")
+    assert (everything["request_count"], everything["window_start"]) == (4, None)
+
+
 def test_stats_read_the_rollups_not_the_call_records(
     api: Client, traffic: dict[str, datetime]
 ) -> None:
