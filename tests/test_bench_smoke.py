@@ -1,0 +1,41 @@
+"""The benchmarks still run: each in its smoke mode (`--quick`), so that a change that breaks
+one is seen in CI rather than on the day someone measures. The figures themselves are not
+checked here: speed is measured by the benchmarks (docs/benchmarks.md), not asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.embedded
+
+
+def run(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=timeout, check=False,
+    )  # fmt: skip
+
+
+def test_token_counting_benchmark_runs(tmp_path: Path) -> None:
+    out = tmp_path / "tokens.json"
+    result = run("bench/token_counting.py", "--quick", "--json", str(out), timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["counted_prompt_tokens"] > 0 for r in rows] == [True] * len(rows)
+    assert "| prompt |" in result.stdout
+
+
+def test_proxy_overhead_benchmark_runs(tmp_path: Path) -> None:
+    out = tmp_path / "overhead.json"
+    result = run("bench/proxy_overhead.py", "--quick", "--output", str(out), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(out.read_text())
