@@ -108,7 +108,7 @@ class LipStatsOut(Schema):
     )
     window_start: str | None = Field(
         description="Where the figures begin: start_date, or later when a user_agent or "
-        "session_id filter matched more than 50,000 attempts (then only the newest are read); "
+        "session_id filter matched more than 20,000 attempts (then only the newest are read); "
         "null: from the first call."
     )
     ttft_stats: TimingStatsOut | None = Field(description="Time to first token (streams).")

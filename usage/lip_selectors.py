@@ -46,7 +46,7 @@ _METRIC = {m.name: m for m in METRICS}
 # The attempts a stats read filtered on what only records carry covers at most: the newest, so
 # that its cost is bounded whatever the data (LIP's own stats cover the records it keeps in
 # memory, 100,000 by default). Its time window then starts at the oldest of them.
-RAW_LIMIT = 50_000
+RAW_LIMIT = 20_000
 EXPORT_CHUNK = 2000
 
 
