@@ -192,6 +192,34 @@ def test_the_command_writes_jsonl_to_stdout(capsys: pytest.CaptureFixture[str]) 
     assert [json.loads(line)["request_id"] for line in lines] == ["x2"]
 
 
+def test_the_command_takes_the_record_and_request_filters(
+    now: datetime, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_calls([
+        call(request_id="s1", started_at=now - timedelta(minutes=5), session_id="chat-1",
+             user_agent="curl/8", final=True, client_status=200, upstream_model="gpt-4o"),
+        call(request_id="s2", started_at=now - timedelta(minutes=4), session_id="chat-2",
+             origin="https://app.example", final=True, client_status=502),
+    ])  # fmt: skip
+
+    def exported(*args: str) -> list[str]:
+        call_command("export_usage", "--format=jsonl", *args)
+        return [json.loads(line)["request_id"] for line in capsys.readouterr().out.splitlines()]
+
+    assert exported("--session-id=chat-1") == ["s1"]
+    assert exported("--user-agent=curl/8") == ["s1"]
+    assert exported("--origin=https://app.example") == ["s2"]
+    assert exported("--http-status=502") == ["s2"]
+    assert exported("--upstream-model=gpt-4o", "--window=1h") == ["s1"]
+
+
+def test_the_command_refuses_a_bad_http_status() -> None:
+    from django.core.management.base import CommandError
+
+    with pytest.raises(CommandError, match="--http-status must be 100-599"):
+        call_command("export_usage", "--http-status=42")
+
+
 def test_the_command_refuses_a_bad_frame() -> None:
     from django.core.management.base import CommandError
 

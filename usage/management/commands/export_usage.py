@@ -29,6 +29,13 @@ class Command(BaseCommand):
         parser.add_argument("--client", help="client (token) name")
         parser.add_argument("--status", choices=["success", "error"])
         parser.add_argument("--stream", choices=["true", "false"])
+        parser.add_argument("--upstream-model", help="the model called upstream")
+        parser.add_argument(
+            "--http-status", type=int, help="requests whose client got this status (100-599)"
+        )
+        parser.add_argument("--session-id", help="records of this session")
+        parser.add_argument("--user-agent", help="records with this User-Agent")
+        parser.add_argument("--origin", help="records with this Origin (scheme://host[:port])")
         parser.add_argument("--output", "-o", help="file to write (default: stdout)")
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -40,6 +47,9 @@ class Command(BaseCommand):
         except TimeFrameError as exc:
             raise CommandError(exc.message) from None
         stream = options["stream"]
+        status_code = options["http_status"]
+        if status_code is not None and not 100 <= status_code <= 599:
+            raise CommandError(f"--http-status must be 100-599, got {status_code}")
         filters = UsageFilters(
             provider=options["provider"],
             model=options["model"],
@@ -47,6 +57,11 @@ class Command(BaseCommand):
             client=options["client"],
             status=options["status"],
             stream=None if stream is None else stream == "true",
+            upstream_model=options["upstream_model"],
+            client_status=status_code,
+            session_id=options["session_id"],
+            user_agent=options["user_agent"],
+            origin=options["origin"],
         )
         progress = Progress("exported")
         if progress.enabled:  # a percentage and an ETA on a terminal; no extra queries in a pipe
