@@ -144,7 +144,8 @@ def _export_chunks(plan: ExportPlan, *, head: dict[str, Any]) -> Iterator[str]:
     separator = ""
     batch: list[str] = []
     for record in lip_selectors.lip_export_records(plan):
-        batch.append(separator + encoder.encode(record))
+        text = record if isinstance(record, lip_selectors.RawJSON) else encoder.encode(record)
+        batch.append(separator + text)
         separator = ", "
         # A piece per few hundred records: few enough hand-offs, little memory.
         if len(batch) >= 200:

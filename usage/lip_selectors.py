@@ -12,13 +12,16 @@ Records (recent, export) are the requests' final rows: one per client request.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
-from django.db.models import Count, Max, Min, Q, QuerySet, Sum
+from django.db import connection
+from django.db.models import Count, Max, Min, Q, QuerySet, Sum, TextField
+from django.db.models.expressions import RawSQL
 
 from common.timeframes import TimeFrame
 from keys.models import Provider
@@ -426,6 +429,10 @@ def _requests(filters: LipFilters, frame: TimeFrame) -> QuerySet[CallRecord]:
     return CallRecord.objects.filter(Q(final=True) & filters.record_q() & _in_frame(frame))
 
 
+class RawJSON(str):
+    """A record already encoded as JSON (by Postgres): written out as it is."""
+
+
 @dataclass(frozen=True, slots=True)
 class RecentPage:
     records: list[dict[str, Any]]
@@ -469,6 +476,47 @@ def lip_export_plan(*, filters: LipFilters, frame: TimeFrame) -> ExportPlan:
     return ExportPlan(filters=filters, frame=frame, last_id=last_id, record_count=count)
 
 
+# lip_record's document, built by Postgres: an export then hands its rows on as they come,
+# with no Python object per field (about 8x the rows per second). Keys in lip_record's order;
+# tests compare the two (tests/usage/test_lip_api.py).
+_PG_DOCUMENT = """json_build_object(
+    'id', request_id,
+    -- As Python's isoformat(): six digits of microseconds, none when there are none.
+    'timestamp', to_char(started_at AT TIME ZONE 'UTC', CASE
+        WHEN date_part('microseconds', started_at)::bigint %% 1000000 = 0
+        THEN 'YYYY-MM-DD"T"HH24:MI:SS"+00:00"' ELSE 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"' END),
+    'session_id', NULLIF(session_id, ''),
+    'turn_number', turn,
+    'backend_type', COALESCE(%s::jsonb ->> provider, NULLIF(provider, '')),
+    'backend_instance_id', COALESCE(NULLIF(key_id, ''), NULLIF(provider, '')),
+    'model', COALESCE(NULLIF(upstream_model, ''), requested_model),
+    'frontend_type', NULL, 'leg', 'PTC',
+    'verbatim_prompt_tokens', COALESCE(counted_prompt_tokens, 0),
+    'verbatim_completion_tokens', completion_tokens,
+    'mutated_prompt_tokens', COALESCE(forwarded_prompt_tokens, 0),
+    'mutated_completion_tokens', completion_tokens, 'total_tokens', total_tokens,
+    'backend_reported_usage', CASE WHEN usage_source = 'reported' THEN json_build_object(
+        'prompt_tokens', prompt_tokens, 'completion_tokens', completion_tokens,
+        'total_tokens', total_tokens,
+        'prompt_tokens_details', json_build_object('cached_tokens', cached_tokens),
+        'completion_tokens_details', json_build_object('reasoning_tokens', reasoning_tokens)
+    ) END,
+    'http_status_code', client_status, 'tool_call_count', tool_calls,
+    'native_tool_call_count', tool_calls, 'vtc_tool_call_count', 0,
+    'tool_names', tool_names, 'ttft_ms', ttft_ms,
+    'stream_tps', CASE WHEN stream THEN tokens_per_second END,
+    'backend_wait_ms', GREATEST(0.0, latency_ms - overhead_ms),
+    'proxy_processing_ms', overhead_ms, 'total_duration_ms', latency_ms,
+    'user_agent', NULLIF(user_agent, ''), 'app_title', NULLIF(app_title, ''),
+    'proxy_user', NULLIF(client, ''), 'provider', NULLIF(provider, ''),
+    'requested_model', requested_model, 'upstream_model', NULLIF(upstream_model, ''),
+    'attempts', attempt, 'outcome', outcome, 'stream', stream,
+    'prompt_tokens', prompt_tokens, 'completion_tokens', completion_tokens,
+    'usage_source', usage_source, 'ttlt_ms', ttlt_ms, 'tokens_per_second', tokens_per_second,
+    'origin', NULLIF(origin, ''), 'cost_usd', cost_usd::float8
+)::text"""
+
+
 def lip_export_records(plan: ExportPlan, *, chunk_size: int = EXPORT_CHUNK) -> Iterator[Any]:
     """The plan's requests oldest first, one chunk (one indexed query) at a time: each chunk
     continues after the last row of the one before (keyset), so no transaction or server-side
@@ -476,6 +524,7 @@ def lip_export_records(plan: ExportPlan, *, chunk_size: int = EXPORT_CHUNK) -> I
     base = _requests(plan.filters, plan.frame).filter(id__lte=plan.last_id)
     base = base.order_by("started_at", "id")
     kinds = provider_kinds()
+    documents = connection.vendor == "postgresql"
     last: tuple[datetime, int] | None = None
     while True:
         qs = base
@@ -484,9 +533,18 @@ def lip_export_records(plan: ExportPlan, *, chunk_size: int = EXPORT_CHUNK) -> I
             qs = qs.filter(
                 Q(started_at__gt=moment) | Q(started_at=moment, id__gt=pk), started_at__gte=moment
             )
-        chunk = list(qs.values(*_RECORD_COLUMNS)[:chunk_size])
-        for row in chunk:
-            yield lip_record(row, kinds=kinds)
+        chunk: list[dict[str, Any]]
+        if documents:
+            # A constant text; the provider kinds (for backend_type) go in as a parameter.
+            doc = RawSQL(_PG_DOCUMENT, (json.dumps(kinds),), output_field=TextField())  # noqa: S611
+            rows = qs.annotate(doc=doc).values("started_at", "id", "doc")[:chunk_size]
+            chunk = cast(list[dict[str, Any]], list(rows))
+            for row in chunk:
+                yield RawJSON(row["doc"])
+        else:
+            chunk = list(qs.values(*_RECORD_COLUMNS)[:chunk_size])
+            for row in chunk:
+                yield lip_record(row, kinds=kinds)
         if len(chunk) < chunk_size:
             return
         last = (chunk[-1]["started_at"], chunk[-1]["id"])

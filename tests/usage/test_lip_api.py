@@ -336,6 +336,21 @@ def test_export_streams_every_request_oldest_first_with_its_count(
     assert set(body["records"][0]) >= LIP_RECORD_FIELDS
 
 
+@pytest.mark.scaled
+def test_postgres_builds_the_export_records_exactly_as_python_does(
+    api: Client, traffic: dict[str, datetime]
+) -> None:
+    # The export's records are built by Postgres (json_build_object), recent's by lip_record.
+    # One more at a whole second: isoformat() leaves the microseconds out then.
+    whole = traffic["t0"].replace(microsecond=0) + timedelta(minutes=20)
+    write_calls([final(request_id="r-whole", started_at=whole, provider="gone-provider")])
+    _, exported = _export(api)
+    recent = api.get("/v1/usage/recent").json()["records"]
+    for built, expected in zip(exported["records"], reversed(recent), strict=True):
+        assert list(built) == list(expected), expected["id"]
+        assert built == expected, expected["id"]
+
+
 def test_export_filters_by_dates_backend_and_model(
     api: Client, traffic: dict[str, datetime]
 ) -> None:
@@ -351,11 +366,16 @@ def test_export_filters_by_dates_backend_and_model(
     )  # fmt: skip
 
 
+def as_record(record: Any) -> dict[str, Any]:
+    """An exported record: a dict, or on Postgres the JSON text it built (RawJSON)."""
+    return dict(json.loads(record)) if isinstance(record, str) else dict(record)
+
+
 def test_export_reads_the_records_a_chunk_at_a_time(traffic: dict[str, datetime]) -> None:
     plan = lip_selectors.lip_export_plan(
         filters=lip_selectors.lip_filters(), frame=lip_selectors.TimeFrame()
     )
-    records: Iterator[dict[str, Any]] = lip_selectors.lip_export_records(plan, chunk_size=2)
+    records = map(as_record, lip_selectors.lip_export_records(plan, chunk_size=2))
     with CaptureQueriesContext(connection) as queries:
         first = next(records)
     table = CallRecord._meta.db_table
@@ -376,7 +396,7 @@ def test_export_count_and_records_agree_when_calls_arrive_meanwhile(
         filters=lip_selectors.lip_filters(), frame=lip_selectors.TimeFrame()
     )
     write_calls([final(request_id="late", started_at=now)])
-    ids = [r["id"] for r in lip_selectors.lip_export_records(plan)]
+    ids = [as_record(r)["id"] for r in lip_selectors.lip_export_records(plan)]
     assert len(ids) == plan.record_count == 4 and "late" not in ids
 
 
