@@ -31,6 +31,13 @@ class Caller:
     session_id: str = ""
     turn: int = 0
 
+    def record_fields(self) -> dict[str, Any]:
+        """These, as the CallRecord fields of the same names."""
+        return {
+            "user_agent": self.user_agent, "origin": self.origin, "app_title": self.app_title,
+            "session_id": self.session_id, "turn": self.turn,
+        }  # fmt: skip
+
 
 def _clean(value: Any, limit: int) -> str:
     if not isinstance(value, str | int) or isinstance(value, bool):

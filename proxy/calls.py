@@ -62,6 +62,9 @@ class CallContext:
         """Another attempt follows (or a stream took over): the held one was not final."""
         held, self._held = self._held, None
         if held is not None:
+            # The prompt is counted once per request, on its final record: an attempt that
+            # failed over was not billed for it, and counting it again would cost as much.
+            held.prompt_body = held.forwarded_body = None
             record_call(held)
 
     def answered(self, data: CallData | None, *, status: int) -> None:
@@ -74,8 +77,10 @@ class CallContext:
     def ended(self, *, status: int) -> None:
         """The request ends without an attempt's answer: an error of the engine (a give-up),
         a hang-up between attempts, a bug. The held attempt, if any, is the final one; a
-        request refused by the gateway before any attempt gets a row of its own (attempt 0),
-        so that it is counted as a request."""
+        request the gateway could not serve (5xx: no key, every circuit open) before any
+        attempt gets a row of its own (attempt 0), so that it is counted as a request. The
+        client's own errors found before any attempt (a body that cannot be sent: 400) get
+        none, as requests refused before the engine do not."""
         held, self._held = self._held, None
         if held is not None:
             held.final, held.client_status = True, status
@@ -85,7 +90,6 @@ class CallContext:
 
     def _unattempted(self, status: int) -> CallData:
         now = time.perf_counter()
-        caller = self.caller
         return CallData(
             request_id=self.request_id,
             attempt=0,
@@ -99,11 +103,7 @@ class CallContext:
             client_status=status,
             latency_ms=self.ms_since_start(now),
             overhead_ms=self.ms_since_start(now),
-            session_id=caller.session_id,
-            turn=caller.turn,
-            user_agent=caller.user_agent,
-            origin=caller.origin,
-            app_title=caller.app_title,
+            **self.caller.record_fields(),
         )
 
     def ms_since_start(self, t: float) -> float:
@@ -220,7 +220,6 @@ def attempt_record(
         # Not streamed: over the whole call, as LLM Metrics Proxy reports it.
         tokens_per_second = usage.completion_tokens / (t_end - t_start)
     tools = tools or ToolCalls()
-    caller = ctx.caller
     return CallData(
         request_id=ctx.request_id,
         attempt=attempt,
@@ -253,11 +252,7 @@ def attempt_record(
         max_output_tokens=max_output_tokens(ctx.body),
         tool_calls=tools.count,
         tool_names=list(tools.names),
-        session_id=caller.session_id,
-        turn=caller.turn,
-        user_agent=caller.user_agent,
-        origin=caller.origin,
-        app_title=caller.app_title,
+        **ctx.caller.record_fields(),
         prompt_body=ctx.body,
         forwarded_body=forwarded_body,
     )

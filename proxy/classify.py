@@ -46,7 +46,8 @@ _UNPRINTABLE = re.compile(r"[^\x21-\x7e]+")
 
 
 def clip_code(code: str) -> str:
-    """An upstream-supplied error code fit to keep and show: printable ASCII, bounded."""
+    """An upstream-supplied code or name (an error code, a tool's name) fit to keep and show:
+    printable ASCII, bounded."""
     return _UNPRINTABLE.sub("_", code[: MAX_ERROR_CODE * 4])[:MAX_ERROR_CODE]
 
 

@@ -14,7 +14,6 @@ Token semantics are OpenAI's whatever the dialect: `prompt_tokens` includes cach
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 from common.upstream import DEFAULT_ANTHROPIC_VERSION, upstream_headers
 from keys.ratelimits import Headroom, parse_headroom
 from keys.routing import DeploymentInfo, RouteInfo
-from proxy.classify import Verdict
+from proxy.classify import Verdict, clip_code
 
 
 @dataclass(slots=True)
@@ -83,10 +82,9 @@ def anthropic_usage_from(obj: Any, *, reported: bool = True) -> Usage | None:
     )
 
 
-# Tool names kept per call (the count is always whole), and the longest name kept.
+# Tool names kept per call (the count is always whole); each is cut as an error code is
+# (proxy.classify.clip_code: printable ASCII, 64 characters).
 MAX_TOOL_NAMES = 16
-MAX_TOOL_NAME = 64
-_UNPRINTABLE = re.compile(r"[^\x21-\x7e]+")
 
 
 @dataclass(slots=True)
@@ -101,7 +99,7 @@ class ToolCalls:
     def add(self, name: Any) -> None:
         self.count += 1
         if len(self.names) < MAX_TOOL_NAMES and isinstance(name, str) and name:
-            self.names.append(_UNPRINTABLE.sub("_", name[: MAX_TOOL_NAME * 4])[:MAX_TOOL_NAME])
+            self.names.append(clip_code(name))
 
 
 def _stream_tool_calls(state: StreamState, choice: Any, calls: list[Any]) -> None:

@@ -17,6 +17,7 @@ from django.test import AsyncClient
 
 from keys.health import CallResult, KeyPolicy, Outcome
 from keys.state_store import get_key_state_store
+from proxy.dialects import MAX_TOOL_NAMES, ToolCalls
 from tests.proxy.anthropic_wire import event, message, message_delta, message_start
 from tests.proxy.conftest import (
     DONE,
@@ -62,6 +63,9 @@ async def test_a_request_that_failed_over_has_one_final_row_and_counts_once(
     assert (first.final, first.client_status) == (False, None)
     assert (second.final, second.client_status) == (True, 200)
     assert await rollup_sum("calls", "requests") == {"calls": 2, "requests": 1}
+    # The prompt is counted once, on the final row: the attempt that failed over has none.
+    assert (first.counted_prompt_tokens, first.forwarded_prompt_tokens) == (None, None)
+    assert (second.counted_prompt_tokens, second.forwarded_prompt_tokens) == (8, 8)
 
 
 async def test_a_give_up_marks_the_last_attempt_with_the_status_the_client_got(
@@ -146,6 +150,17 @@ async def test_tool_calls_of_a_stream_are_counted_once_each_across_their_deltas(
     b"".join([chunk async for chunk in response.streaming_content])
     [row] = await records(flush_records)
     assert (row.tool_calls, row.tool_names, row.client_status) == (2, ["lookup", "search"], 200)
+
+
+async def test_tool_names_are_kept_printable_bounded_and_few_while_every_call_counts():
+    tools = ToolCalls()
+    tools.add("get weather\n\x00" + "x" * 300)  # an upstream's name is not trusted
+    tools.add(None)  # a call without a name still counts
+    for i in range(MAX_TOOL_NAMES + 3):
+        tools.add(f"t{i}")
+    assert tools.count == MAX_TOOL_NAMES + 5
+    assert len(tools.names) == MAX_TOOL_NAMES
+    assert tools.names[0] == ("get_weather_" + "x" * 300)[:64]
 
 
 def tool_use_message(request: httpx.Request) -> httpx.Response:
