@@ -7,6 +7,7 @@ probes and shown read-only.
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.core.validators import MinValueValidator
 from django.db import models
 from django.utils import timezone
@@ -17,6 +18,16 @@ from common.redaction import base_url_masked
 class ProbeKind(models.TextChoices):
     PING = "ping", "ICMP ping"
     HTTP = "http", "HTTP"
+
+
+def probe_kind_switched_on(kind: str) -> bool:
+    """Do the settings allow this kind of probe at all (LLMROTATE_HEALTH_CHECKS, and
+    LLMROTATE_PING_PROBES / LLMROTATE_HTTP_PROBES), before each endpoint's own switch?"""
+    if not settings.LLMROTATE_HEALTH_CHECKS:
+        return False
+    if kind == ProbeKind.PING:
+        return bool(settings.LLMROTATE_PING_PROBES)
+    return bool(settings.LLMROTATE_HTTP_PROBES)
 
 
 class ProbeStatus(models.TextChoices):
@@ -109,14 +120,23 @@ class Endpoint(models.Model):
         return self.http_url or f"{self.base_url}/models"
 
     @property
+    def ping_on(self) -> bool:
+        """Pinged: switched on here and by the settings."""
+        return self.ping_enabled and probe_kind_switched_on(ProbeKind.PING)
+
+    @property
+    def http_on(self) -> bool:
+        return self.http_enabled and probe_kind_switched_on(ProbeKind.HTTP)
+
+    @property
     def ping_down(self) -> bool:
-        """The pings have failed their threshold in a row."""
-        return self.ping_enabled and self.ping_failures >= self.ping_failure_threshold
+        """The pings (still switched on) have failed their threshold in a row."""
+        return self.ping_on and self.ping_failures >= self.ping_failure_threshold
 
     @property
     def http_down(self) -> bool:
-        """The HTTP probes have failed their threshold in a row."""
-        return self.http_enabled and self.http_failures >= self.http_failure_threshold
+        """The HTTP probes (still switched on) have failed their threshold in a row."""
+        return self.http_on and self.http_failures >= self.http_failure_threshold
 
     @property
     def health(self) -> str:

@@ -33,7 +33,13 @@ from healthchecks import breaker
 from healthchecks.breaker import BreakerState, BreakerStatus
 from healthchecks.breaker_store import Transition, get_breaker_store
 from healthchecks.breakers import breaker_announce, breaker_policy
-from healthchecks.models import Endpoint, HealthEvent, ProbeKind, ProbeStatus
+from healthchecks.models import (
+    Endpoint,
+    HealthEvent,
+    ProbeKind,
+    ProbeStatus,
+    probe_kind_switched_on,
+)
 from healthchecks.notify import health_change_notify
 from healthchecks.probes import ProbeResult, http_probe, ping_probe
 from keys.crypto import SecretError
@@ -103,23 +109,6 @@ def endpoints_sync() -> None:
     Endpoint.objects.exclude(base_url__in=urls).delete()
 
 
-def _kind_switched_on(kind: str) -> bool:
-    """Do the settings allow this kind of probe at all (before each endpoint's own switch)?"""
-    if not settings.LLMROTATE_HEALTH_CHECKS:
-        return False
-    if kind == ProbeKind.PING:
-        return bool(settings.LLMROTATE_PING_PROBES)
-    return bool(settings.LLMROTATE_HTTP_PROBES)
-
-
-def _ping_on(ep: Endpoint) -> bool:
-    return ep.ping_enabled and _kind_switched_on(ProbeKind.PING)
-
-
-def _http_on(ep: Endpoint) -> bool:
-    return ep.http_enabled and _kind_switched_on(ProbeKind.HTTP)
-
-
 def probes_switched_off_forget(*, now: datetime | None = None) -> int:
     """Clear what the probes of each kind switched off had said, so that an endpoint is not
     shown down (or degraded) for good by results nobody will update; returns how many
@@ -129,12 +118,14 @@ def probes_switched_off_forget(*, now: datetime | None = None) -> int:
     here are not announced: a setting changed, not the endpoint."""
     now = now or timezone.now()
     kinds = {ProbeKind.PING: "ping", ProbeKind.HTTP: "http"}
-    off = [prefix for kind, prefix in kinds.items() if not _kind_switched_on(kind)]
+    off = [prefix for kind, prefix in kinds.items() if not probe_kind_switched_on(kind)]
     for prefix in kinds.values():
         if prefix not in off:  # on again: "not probed yet" until its first probe answers
-            Endpoint.objects.filter(**{f"{prefix}_status": ProbeStatus.DISABLED}).update(
-                **{f"{prefix}_status": ProbeStatus.UNKNOWN}
-            )
+            cleared = Endpoint.objects.filter(**{f"{prefix}_status": ProbeStatus.DISABLED})
+            # Read first: this runs every beat tick, and on SQLite even an UPDATE that
+            # changes nothing takes the write lock the recorder needs.
+            if cleared.exists():
+                cleared.update(**{f"{prefix}_status": ProbeStatus.UNKNOWN})
     if not off:
         return 0
     stale = Q()
@@ -148,7 +139,7 @@ def probes_switched_off_forget(*, now: datetime | None = None) -> int:
             for prefix in off:
                 setattr(ep, f"{prefix}_status", ProbeStatus.DISABLED)
                 setattr(ep, f"{prefix}_failures", 0)
-            if not (_ping_on(ep) or _http_on(ep)):
+            if not (ep.ping_on or ep.http_on):
                 ep.is_up = None  # nothing probes it any more: unknown, as before any probe
             elif ep.is_up is not None:
                 ep.is_up = not _probes_down(ep)
@@ -164,15 +155,15 @@ def probes_dispatch(*, send: Callable[[int, str], None]) -> int:
     endpoints_sync()
     breakers_advance(now=time.time())
     probes_switched_off_forget()
-    if not (_kind_switched_on(ProbeKind.PING) or _kind_switched_on(ProbeKind.HTTP)):
+    if not (probe_kind_switched_on(ProbeKind.PING) or probe_kind_switched_on(ProbeKind.HTTP)):
         return 0
     now = timezone.now()
     sent = 0
     active = Endpoint.objects.filter(enabled=True, base_url__in=_provider_urls(enabled_only=True))
     for endpoint in active:
         for kind, enabled, interval, field in (
-            (ProbeKind.PING, _ping_on(endpoint), endpoint.ping_interval_seconds, "next_ping_at"),
-            (ProbeKind.HTTP, _http_on(endpoint), endpoint.http_interval_seconds, "next_http_at"),
+            (ProbeKind.PING, endpoint.ping_on, endpoint.ping_interval_seconds, "next_ping_at"),
+            (ProbeKind.HTTP, endpoint.http_on, endpoint.http_interval_seconds, "next_http_at"),
         ):
             due = getattr(endpoint, field)
             if not enabled or (due is not None and due > now):
@@ -233,12 +224,12 @@ def endpoint_probe(*, endpoint_id: int, kind: str) -> ProbeResult | None:
     was switched off after it was queued, or when it is half-open and a live trial request is
     in flight (that request decides; no second trial)."""
     endpoint = Endpoint.objects.filter(pk=endpoint_id).first()
-    if endpoint is None or not _kind_switched_on(kind):
+    if endpoint is None or not probe_kind_switched_on(kind):
         return None
     trial = False
     # A ping reaching the host says nothing about the HTTP service that tripped the breaker,
     # so only the HTTP probe (when there is one) may be the half-open trial.
-    if kind == ProbeKind.HTTP or not _http_on(endpoint):
+    if kind == ProbeKind.HTTP or not endpoint.http_on:
         timeout = endpoint.http_timeout_seconds if kind == ProbeKind.HTTP else PING_TIMEOUT_SECONDS
         claimed = _probe_claim_trial(endpoint=endpoint, hold_seconds=timeout * 2)
         if claimed is None:
@@ -285,10 +276,7 @@ def _probes_down(ep: Endpoint) -> bool:
     too, or when there is no HTTP probe; otherwise they only make the endpoint `degraded`.
     A kind switched off (here or by the settings) counts as absent.
     """
-    http_on = _http_on(ep)
-    http_down = http_on and ep.http_failures >= ep.http_failure_threshold
-    ping_down = _ping_on(ep) and ep.ping_failures >= ep.ping_failure_threshold
-    return http_down or (ping_down and (not http_on or ep.http_failures > 0))
+    return ep.http_down or (ep.ping_down and (not ep.http_on or ep.http_failures > 0))
 
 
 def _probe_reason(ep: Endpoint, *, kind: str, result: ProbeResult) -> str:
@@ -305,7 +293,7 @@ def _probe_reason(ep: Endpoint, *, kind: str, result: ProbeResult) -> str:
         reason = f"{kind} probe failed {failures} times in a row ({result.error})"
     if kind == ProbeKind.HTTP and _probes_down(ep) and failures < threshold:
         reason += f", and ping failed {ep.ping_failures} times in a row"
-    elif kind == ProbeKind.PING and failures >= threshold and _http_on(ep):
+    elif kind == ProbeKind.PING and failures >= threshold and ep.http_on:
         reason += (
             ", and the HTTP probe fails too"
             if ep.http_failures
