@@ -11,6 +11,8 @@ these figures when one of them is set, rather than figures that ignore it.
 from __future__ import annotations
 
 import operator
+from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import reduce
@@ -30,10 +32,14 @@ R = TypeVar("R", SessionRollup, ToolRollup)
 class SessionStats:
     # Distinct session ids, estimated from the sketches (usage.sketches: ±3 %, small exact).
     unique_sessions: int = 0
-    # Each request that carried a session id is one of its turns.
-    total_turns: int = 0
+    # Requests that carried a session id.
     requests: int = 0
     total_tokens: int = 0
+
+    @property
+    def total_turns(self) -> int:
+        """Each request that carried a session id is one of its turns."""
+        return self.requests
 
     @property
     def tokens_per_session(self) -> float | None:
@@ -76,51 +82,34 @@ def _sessions_q(frame: TimeFrame) -> Q:
     return reduce(operator.or_, [days, *(hours & edge for edge in edges)])
 
 
-def _sessions_per_client(frame: TimeFrame, filters: UsageFilters) -> dict[str, SessionStats]:
-    rows = (
-        SessionRollup.objects.filter(_sessions_q(frame))
-        .filter(filters.conversation_q())
-        .values_list("client", "requests", "total_tokens", "sketch")
-    )
-    figures: dict[str, tuple[int, int, list[bytes]]] = {}
-    for client, requests, tokens, sketch in rows.iterator(chunk_size=2000):
-        had = figures.get(client, (0, 0, []))
-        had[2].append(bytes(sketch))
-        figures[client] = (had[0] + requests, had[1] + tokens, had[2])
-    return {
-        client: SessionStats(
-            unique_sessions=sketch_count(sketch_merge(sketches)),
-            total_turns=requests,
-            requests=requests,
-            total_tokens=tokens,
-        )
-        for client, (requests, tokens, sketches) in figures.items()
-    }
+def _session_rows(frame: TimeFrame, filters: UsageFilters) -> QuerySet[SessionRollup]:
+    return SessionRollup.objects.filter(_sessions_q(frame)).filter(filters.conversation_q())
 
 
-def sessions_stats(*, frame: TimeFrame, filters: UsageFilters) -> SessionStats:
-    rows = (
-        SessionRollup.objects.filter(_sessions_q(frame))
-        .filter(filters.conversation_q())
-        .values_list("requests", "total_tokens", "sketch")
-    )
+def _fold(rows: Iterable[tuple[int, int, bytes | memoryview]]) -> SessionStats:
+    """Rows of (requests, total_tokens, sketch) added into one figure."""
     requests = tokens = 0
     sketches = []
-    for row_requests, row_tokens, sketch in rows.iterator(chunk_size=2000):
+    for row_requests, row_tokens, sketch in rows:
         requests += row_requests
         tokens += row_tokens
         sketches.append(bytes(sketch))
-    return SessionStats(
-        unique_sessions=sketch_count(sketch_merge(sketches)),
-        total_turns=requests,
-        requests=requests,
-        total_tokens=tokens,
-    )
+    unique = sketch_count(sketch_merge(sketches))
+    return SessionStats(unique_sessions=unique, requests=requests, total_tokens=tokens)
+
+
+def sessions_stats(*, frame: TimeFrame, filters: UsageFilters) -> SessionStats:
+    rows = _session_rows(frame, filters).values_list("requests", "total_tokens", "sketch")
+    return _fold(rows.iterator(chunk_size=2000))
 
 
 def sessions_by_client(*, frame: TimeFrame, filters: UsageFilters) -> dict[str, SessionStats]:
     """client → its sessions, turns, requests and tokens in the frame."""
-    return _sessions_per_client(frame, filters)
+    rows = _session_rows(frame, filters).values_list("client", "requests", "total_tokens", "sketch")
+    by_client: dict[str, list[tuple[int, int, bytes | memoryview]]] = defaultdict(list)
+    for client, requests, tokens, sketch in rows.iterator(chunk_size=2000):
+        by_client[client].append((requests, tokens, sketch))
+    return {client: _fold(figures) for client, figures in by_client.items()}
 
 
 def tool_calls_by_name(*, frame: TimeFrame, filters: UsageFilters) -> list[tuple[str, int]]:

@@ -6,8 +6,8 @@ row_to_json(), several times faster, and psycopg hands the text over as it arriv
 statement streams: an index scan in (started_at, id) order feeds COPY with no sort and no
 materialisation, so memory stays at one output buffer on both sides.
 
-Output matches the portable writers in usage/export.py field for field (timestamps as ISO 8601
-with a `T`, cost as a decimal string, null as empty/`null`); floats print in Postgres' shortest
+Output matches the portable writers in usage/export.py field for field (timestamps as Python's
+isoformat(), cost as a decimal string, null as empty/`null`); floats print in Postgres' shortest
 form (`420` where Python writes `420.0`).
 """
 
@@ -37,11 +37,20 @@ _FORMULA_STARTS_SQL = ", ".join(
 )
 
 
+def pg_isoformat(column: str) -> str:
+    """SQL for a timestamptz column as Python's isoformat() writes it in UTC: six digits of
+    microseconds, none when there are none (Postgres' own text drops trailing zeros)."""
+    return (
+        f"to_char({column} AT TIME ZONE 'UTC', CASE WHEN to_char({column}, 'US') = '000000' "
+        """THEN 'YYYY-MM-DD"T"HH24:MI:SS"+00:00"' ELSE 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"' END)"""
+    )
+
+
 def _columns(*, for_json: bool) -> str:
     out = []
     for name in RECORD_FIELDS:
-        if name in _TIMESTAMPS and not for_json:
-            out.append(f"to_json({name}) #>> '{{}}' AS {name}")  # ISO 8601 with a T
+        if name in _TIMESTAMPS:
+            out.append(f"{pg_isoformat(name)} AS {name}")
         elif name in _BOOLEANS and not for_json:
             # As Python writes them on the other path, not Postgres' t/f.
             out.append(f"CASE WHEN {name} THEN 'True' ELSE 'False' END AS {name}")

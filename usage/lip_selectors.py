@@ -16,7 +16,6 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from decimal import Decimal
 from typing import Any, cast
 
 from django.db import connection
@@ -26,19 +25,20 @@ from django.db.models.expressions import RawSQL
 from common.timeframes import TimeFrame
 from keys.models import Provider
 from usage.conversation_selectors import sessions_stats
+from usage.export_postgres import pg_isoformat
 from usage.filters import UsageFilters
 from usage.histograms import METRICS, Metric, exact_percentile
 from usage.models import (
     CLIENT_CLOSED_STATUS,
-    COST_SCALE,
     CallRecord,
     HourRollup,
     MinuteRollup,
     UsageSource,
 )
+from usage.record_selectors import records_after, records_in_frame
 from usage.rollup_reads import as_datetime, minute_rollups_from, rollup_merge, rollup_select
 from usage.rollups import ADDITIVE_COLUMNS
-from usage.selectors import metric_stats, rollup_combine
+from usage.selectors import metric_stats, rollup_combine, totals_of
 
 # LIP's timing figures, by our metric (a histogram in the rollups, a column of the records):
 # ttft_stats, duration_stats (the whole request), proxy_processing_stats (our overhead) and,
@@ -212,19 +212,21 @@ def lip_stats(*, frame: TimeFrame, filters: LipFilters, now: datetime) -> LipSta
     total = rollup_combine(rows.values())
     # Final rows (client_status > 0) are the requests: their timings are the requests'.
     final = rollup_combine(row for status, row in rows.items() if status)
+    totals = totals_of(total)
+    tokens = totals.tokens
     stats = LipStats(
-        request_count=int(total.get("requests") or 0),
-        attempt_count=int(total.get("calls") or 0),
-        total_prompt_tokens=int(total.get("prompt_tokens") or 0),
-        total_completion_tokens=int(total.get("completion_tokens") or 0),
-        total_tokens=int(total.get("total_tokens") or 0),
-        backend_reported_total_tokens=int(total.get("reported_tokens") or 0),
-        counted_prompt_tokens=int(total.get("counted_prompt_tokens") or 0),
-        forwarded_prompt_tokens=int(total.get("forwarded_prompt_tokens") or 0),
-        reconciled_reported_prompt_tokens=int(total.get("reconciled_reported_tokens") or 0),
-        reconciled_counted_prompt_tokens=int(total.get("reconciled_counted_tokens") or 0),
-        total_cost=float(Decimal(int(total.get("cost_e10") or 0)).scaleb(-COST_SCALE)),
-        total_tool_calls=int(total.get("tool_calls") or 0),
+        request_count=totals.requests,
+        attempt_count=totals.calls,
+        total_prompt_tokens=tokens.prompt,
+        total_completion_tokens=tokens.completion,
+        total_tokens=tokens.total,
+        backend_reported_total_tokens=tokens.reported,
+        counted_prompt_tokens=tokens.counted_prompt,
+        forwarded_prompt_tokens=tokens.forwarded_prompt,
+        reconciled_reported_prompt_tokens=tokens.reconciled_reported,
+        reconciled_counted_prompt_tokens=tokens.reconciled_counted,
+        total_cost=float(totals.cost_usd),
+        total_tool_calls=totals.tool_calls,
     )
     for status, row in sorted(rows.items()):
         requests = int(row.get("requests") or 0)
@@ -244,28 +246,19 @@ def lip_stats(*, frame: TimeFrame, filters: LipFilters, now: datetime) -> LipSta
     return stats
 
 
-def _in_frame(frame: TimeFrame) -> Q:
-    q = Q()
-    if frame.since is not None:
-        q &= Q(started_at__gte=frame.since)
-    if frame.until is not None:
-        q &= Q(started_at__lt=frame.until)
-    return q
-
-
 def _lip_stats_from_records(*, frame: TimeFrame, filters: LipFilters, now: datetime) -> LipStats:
     """The same figures for a `user_agent` or `session_id` filter, from the call records (no
     rollup carries either), exact over the frame, or over its newest RAW_LIMIT attempts when
     more match: the frame then starts at the oldest of them (`time_window_seconds` and
     `window_start` say so)."""
-    matching = CallRecord.objects.filter(filters.record_q() & _in_frame(frame))
+    matching = CallRecord.objects.filter(filters.record_q() & records_in_frame(frame))
     # One walk down the (value, started_at) index to the RAW_LIMIT-th newest.
     cutoff = list(matching.order_by("-started_at").values_list("started_at", flat=True)[
         RAW_LIMIT - 1 : RAW_LIMIT
     ])  # fmt: skip
     if cutoff:
         frame = TimeFrame(since=cutoff[0], until=frame.until)
-    qs = CallRecord.objects.filter(filters.record_q() & _in_frame(frame))
+    qs = CallRecord.objects.filter(filters.record_q() & records_in_frame(frame))
     both = Q(usage_source=UsageSource.REPORTED, counted_prompt_tokens__isnull=False)
     sums = qs.aggregate(
         attempts=Count("id"),
@@ -426,7 +419,7 @@ def lip_record(row: dict[str, Any], *, kinds: dict[str, str]) -> dict[str, Any]:
 
 
 def _requests(filters: LipFilters, frame: TimeFrame) -> QuerySet[CallRecord]:
-    return CallRecord.objects.filter(Q(final=True) & filters.record_q() & _in_frame(frame))
+    return CallRecord.objects.filter(Q(final=True) & filters.record_q() & records_in_frame(frame))
 
 
 class RawJSON(str):
@@ -479,12 +472,13 @@ def lip_export_plan(*, filters: LipFilters, frame: TimeFrame) -> ExportPlan:
 # lip_record's document, built by Postgres: an export then hands its rows on as they come,
 # with no Python object per field (about 8x the rows per second). Keys in lip_record's order;
 # tests compare the two (tests/usage/test_lip_api.py).
-_PG_DOCUMENT = """json_build_object(
+_PG_DOCUMENT = (
+    """json_build_object(
     'id', request_id,
     -- As Python's isoformat(): six digits of microseconds, none when there are none.
-    'timestamp', to_char(started_at AT TIME ZONE 'UTC', CASE
-        WHEN date_part('microseconds', started_at)::bigint %% 1000000 = 0
-        THEN 'YYYY-MM-DD"T"HH24:MI:SS"+00:00"' ELSE 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"' END),
+    'timestamp', """
+    + pg_isoformat("started_at")
+    + """,
     'session_id', NULLIF(session_id, ''),
     'turn_number', turn,
     'backend_type', COALESCE(%s::jsonb ->> provider, NULLIF(provider, '')),
@@ -515,6 +509,7 @@ _PG_DOCUMENT = """json_build_object(
     'usage_source', usage_source, 'ttlt_ms', ttlt_ms, 'tokens_per_second', tokens_per_second,
     'origin', NULLIF(origin, ''), 'cost_usd', cost_usd::float8
 )::text"""
+)
 
 
 def lip_export_records(plan: ExportPlan, *, chunk_size: int = EXPORT_CHUNK) -> Iterator[Any]:
@@ -527,12 +522,7 @@ def lip_export_records(plan: ExportPlan, *, chunk_size: int = EXPORT_CHUNK) -> I
     documents = connection.vendor == "postgresql"
     last: tuple[datetime, int] | None = None
     while True:
-        qs = base
-        if last is not None:
-            moment, pk = last
-            qs = qs.filter(
-                Q(started_at__gt=moment) | Q(started_at=moment, id__gt=pk), started_at__gte=moment
-            )
+        qs = base if last is None else base.filter(records_after(*last, newer=True))
         chunk: list[dict[str, Any]]
         if documents:
             # A constant text; the provider kinds (for backend_type) go in as a parameter.

@@ -40,11 +40,17 @@ def _filtered(*, frame: TimeFrame, filters: UsageFilters) -> QuerySet[CallRecord
         q &= Q(outcome=Outcome.SUCCESS)
     elif filters.status == "error":
         q &= ~Q(outcome=Outcome.SUCCESS)
+    return CallRecord.objects.filter(q & records_in_frame(frame))
+
+
+def records_in_frame(frame: TimeFrame) -> Q:
+    """Records that started within `frame`."""
+    q = Q()
     if frame.since is not None:
         q &= Q(started_at__gte=frame.since)
     if frame.until is not None:
         q &= Q(started_at__lt=frame.until)
-    return CallRecord.objects.filter(q)
+    return q
 
 
 def record_conditions(*, frame: TimeFrame, filters: UsageFilters) -> tuple[list[str], list[Any]]:
@@ -64,7 +70,7 @@ def record_conditions(*, frame: TimeFrame, filters: UsageFilters) -> tuple[list[
     return conditions, params
 
 
-def _after(started_at: datetime, pk: int, *, newer: bool) -> Q:
+def records_after(started_at: datetime, pk: int, *, newer: bool) -> Q:
     """Rows strictly after (started_at, id) in the walk's direction. Spelled out with a plain
     bound on started_at first, so that any (x, started_at) index can serve it."""
     if newer:
@@ -102,7 +108,7 @@ def usage_recent_page(
     qs = _filtered(frame=frame, filters=filters)
     if cursor:
         started_at, pk = decode_cursor(cursor)
-        qs = qs.filter(_after(started_at, pk, newer=False))
+        qs = qs.filter(records_after(started_at, pk, newer=False))
     rows = list(qs.order_by("-started_at", "-id").values("id", *RECORD_FIELDS)[: limit + 1])
     more = len(rows) > limit
     rows = rows[:limit]
@@ -137,7 +143,7 @@ def usage_export_rows(
     base = _filtered(frame=frame, filters=filters).order_by("started_at", "id")
     last: tuple[datetime, int] | None = None
     while True:
-        qs = base if last is None else base.filter(_after(*last, newer=True))
+        qs = base if last is None else base.filter(records_after(*last, newer=True))
         chunk = list(qs.values_list("id", *RECORD_FIELDS)[:chunk_size])
         if not chunk:
             return

@@ -285,7 +285,6 @@ def _tools_upsert(records: Sequence[CallRecord]) -> None:
         ToolRollup,
         keys=("bucket_start", "tool_name", "client", "provider", "requested_model"),
         sums=("calls",),
-        maxima=(),
         rows=rows,
     )
 
@@ -295,22 +294,16 @@ def _side_upsert(
     *,
     keys: tuple[str, ...],
     sums: tuple[str, ...],
-    maxima: tuple[str, ...],
     rows: dict[tuple[Any, ...], list[int]],
 ) -> None:
-    """INSERT … ON CONFLICT DO UPDATE adding `sums` and keeping the larger of `maxima`, in one
-    order (as the main rollups) so that concurrent writers cannot deadlock."""
+    """INSERT … ON CONFLICT DO UPDATE adding `sums`, in one order (as the main rollups) so
+    that concurrent writers cannot deadlock."""
     if not rows:
         return
     qn = connection.ops.quote_name
     t = qn(model._meta.db_table)
-    columns = (*keys, *sums, *maxima)
+    columns = (*keys, *sums)
     sets = [f"{qn(c)} = {t}.{qn(c)} + EXCLUDED.{qn(c)}" for c in sums]
-    sets += [
-        f"{qn(c)} = CASE WHEN EXCLUDED.{qn(c)} > {t}.{qn(c)} THEN EXCLUDED.{qn(c)} "
-        f"ELSE {t}.{qn(c)} END"
-        for c in maxima
-    ]
     sql = (
         f"INSERT INTO {t} ({', '.join(qn(c) for c in columns)}) "  # noqa: S608
         f"VALUES ({', '.join(['%s'] * len(columns))}) "

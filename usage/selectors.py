@@ -59,11 +59,6 @@ class Tokens:
     reconciled_reported: int = 0
     reconciled_counted: int = 0
 
-    @property
-    def reconciled_difference(self) -> int:
-        """Reported minus counted prompt tokens, over calls that have both."""
-        return self.reconciled_reported - self.reconciled_counted
-
 
 @dataclass(slots=True)
 class MetricStats:
@@ -216,7 +211,8 @@ def _status_counts(
     return {k: dict(sorted(v.items())) for k, v in out.items()}
 
 
-def _totals(row: dict[str, Any]) -> Totals:
+def totals_of(row: dict[str, Any]) -> Totals:
+    """The counts, tokens and cost of one (merged) rollup row."""
     totals = Totals()
     _fill_totals(totals, row)
     return totals
@@ -275,7 +271,7 @@ def usage_totals_by(
     merged = rollup_merge(
         frame, now=now, filters=filters, group=group, columns=SUMMARY_COLUMNS, extremes=False
     )
-    return sorted(((key, _totals(row)) for key, row in merged.items()), key=lambda kv: kv[0])
+    return sorted(((key, totals_of(row)) for key, row in merged.items()), key=lambda kv: kv[0])
 
 
 def usage_timeseries(
@@ -314,5 +310,5 @@ def usage_timeseries(
             for c in SUMMARY_COLUMNS:
                 target[c] += row[c] or 0
     return [
-        Bucket(start=first + i * bucket, totals=_totals(folded.get(i, {}))) for i in range(count)
+        Bucket(start=first + i * bucket, totals=totals_of(folded.get(i, {}))) for i in range(count)
     ]

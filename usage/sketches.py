@@ -34,12 +34,6 @@ def sketch_position(value: str) -> tuple[int, int]:
     return register, _REST_BITS - rest.bit_length() + 1
 
 
-def sketch_add(sketch: bytearray, value: str) -> None:
-    register, rank = sketch_position(value)
-    if sketch[register] < rank:
-        sketch[register] = rank
-
-
 def sketch_merge(sketches: Iterable[bytes]) -> bytes:
     """The union of the sketches (the larger byte of each register)."""
     present = [s for s in sketches if s]

@@ -25,6 +25,7 @@ from keys.services import api_key_health_action
 from llmrotate_site.dashboard.panels import PANELS
 from llmrotate_site.dashboard.query import dashboard_query
 from usage.models import UsageSource
+from usage.reconciliation import Reconciliation
 from usage.record_selectors import request_attempts
 
 View = Callable[..., HttpResponse]
@@ -118,7 +119,10 @@ def _prompt_difference(attempt: dict[str, Any]) -> float | None:
     counted = attempt["counted_prompt_tokens"]
     if not counted or attempt["usage_source"] != UsageSource.REPORTED:
         return None
-    return 100 * (attempt["prompt_tokens"] - counted) / counted
+    return Reconciliation(
+        compared_reported_prompt_tokens=attempt["prompt_tokens"],
+        compared_counted_prompt_tokens=counted,
+    ).difference_percent
 
 
 @require_GET

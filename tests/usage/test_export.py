@@ -225,3 +225,29 @@ def test_the_command_refuses_a_bad_frame() -> None:
 
     with pytest.raises(CommandError, match="since must not be after until"):
         call_command("export_usage", "--since=2025-02-01", "--until=2025-01-01")
+
+
+@pytest.mark.scaled
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_postgres_copy_writes_timestamps_as_python_does(fmt: str) -> None:
+    # Postgres' own text drops trailing zeros of the microseconds (".68168"); isoformat does not.
+    from datetime import UTC
+
+    from usage.export import _WRITERS
+    from usage.export_postgres import export_copy
+
+    moments = [
+        datetime(2026, 12, 7, 3, 21, 13, 681680, tzinfo=UTC),
+        datetime(2026, 12, 7, 3, 21, 14, tzinfo=UTC),
+        datetime(2026, 12, 7, 3, 21, 15, 5, tzinfo=UTC),
+    ]
+    write_calls([call(request_id=f"t{i}", started_at=m) for i, m in enumerate(moments)])
+    frame, filters = TimeFrame(), UsageFilters()
+    copied = "".join(export_copy(frame=frame, filters=filters, fmt=fmt))
+    written = "".join(
+        _WRITERS[fmt](record_selectors.usage_export_rows(frame=frame, filters=filters))
+    )
+    assert "2026-12-07T03:21:13.681680+00:00" in copied
+    assert [line.split(",")[:4] for line in copied.splitlines()] == [
+        line.split(",")[:4] for line in written.splitlines()
+    ]

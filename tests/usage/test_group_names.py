@@ -32,3 +32,9 @@ def test_totals_by_refuses_anything_but_rollup_dimensions() -> None:
             filters=UsageFilters(),
             now=timezone.now(),
         )
+
+
+def test_a_rollup_read_refuses_a_filter_only_records_carry() -> None:
+    # The API answers these with a 422 before; reaching a rollup with one is a bug.
+    with pytest.raises(ValueError, match="session_id"):
+        UsageFilters(session_id="s1").rollup_where()
