@@ -228,6 +228,8 @@ def time_export(client: Any, path: str) -> dict[str, Any]:
     for chunk in response.streaming_content:
         if not size:
             found = re.search(rb'"record_count": ?(\d+)', chunk)
+            if path.startswith("/v1/usage/export") and not found:
+                sys.exit(f"{path}: no record_count in the first chunk")
             first_record_count = int(found[1]) if found else 0
         rows += chunk.count(b"\n")
         size += len(chunk)

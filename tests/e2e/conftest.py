@@ -353,15 +353,22 @@ class ServeProcess:
         return self.log.read_text(errors="replace")
 
     def wait_ready(
-        self, url: str, *, headers: dict[str, str] | None = None, timeout: float = 30
+        self,
+        url: str,
+        *,
+        headers: dict[str, str] | None = None,
+        timeout: float = 30,
+        status: int | None = 200,
     ) -> None:
-        """Poll `url` until it answers 200; fail early (with the log) if the process dies."""
+        """Poll `url` until it answers `status` (None: anything at all); fail early (with the
+        log) if the process dies."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"serve exited with {self.proc.returncode}:\n{self.output()}")
             try:
-                if httpx.get(url, headers=headers, timeout=1).status_code == 200:
+                answered = httpx.get(url, headers=headers, timeout=1).status_code
+                if status is None or answered == status:
                     return
             except httpx.HTTPError:
                 pass

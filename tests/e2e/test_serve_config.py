@@ -6,7 +6,6 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -49,20 +48,6 @@ def write(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
-def wait_listening(server: ServeProcess, url: str, *, timeout: float = 45) -> None:
-    """Until the web server answers anything at all (its liveness page needs no config)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            raise AssertionError(f"serve exited with {server.proc.returncode}:\n{server.output()}")
-        try:
-            httpx.get(url, timeout=1)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise AssertionError(f"serve was not listening within {timeout}s:\n{server.output()}")
-
-
 def provider_names(data_dir: Path) -> list[str]:
     with sqlite3.connect(data_dir / "llmrotate.sqlite3") as conn:
         return [row[0] for row in conn.execute("SELECT name FROM keys_provider ORDER BY name")]
@@ -91,7 +76,8 @@ def test_the_config_file_is_in_place_when_the_first_request_is_served(
         log=tmp_path / "serve.log",
     )
     serve_processes.append(server)
-    wait_listening(server, f"{base_url}/healthz")
+    # Until the web server answers anything at all (its liveness page needs no config).
+    server.wait_ready(f"{base_url}/healthz", timeout=45, status=None)
 
     # The very first proxy request: the client, the route and its key are already there.
     answer = httpx.post(

@@ -253,7 +253,8 @@ def test_openai_sessions_come_from_the_header_then_metadata_then_user(
         assert (row.session_id, row.turn) == (expected, 3), extra
     # Streamed, and a first turn: the turn is the user messages of this request.
     request_id, _ = openai_stream(client, extra_headers={"X-Session-Id": "sess-header"})
-    assert (final_row(request_id).session_id, final_row(request_id).turn) == ("sess-header", 1)
+    row = final_row(request_id)
+    assert (row.session_id, row.turn) == ("sess-header", 1)
 
     stats = sessions_stats(frame=TimeFrame(), filters=UsageFilters())
     # Each request of a session is one of its turns.
