@@ -52,7 +52,10 @@ FAST = {
 def config(primary: str, backup: str) -> str:
     return f"""
 providers:
-  primary: {{kind: openai, base_url: "{primary}"}}
+  # A short key cooldown: the requests routing sends before the breaker opens fail with
+  # connection errors, and a run of them cools the primary's key (30 s by default), which
+  # would keep traffic off the primary after its breaker closes, whatever the breaker says.
+  primary: {{kind: openai, base_url: "{primary}", cooldown_seconds: 1}}
   backup: {{kind: openai, base_url: "{backup}"}}
 keys:
   - {{id: primary-1, provider: primary, secret: "literal://sk-e2e-primary-0123456789abcd"}}
