@@ -11,7 +11,7 @@ TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/llmrotate
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 PYTEST_ARGS ?=
 
-.PHONY: run test test-embedded test-scaled lint demo fake-upstream bench clean browser
+.PHONY: run test test-embedded test-scaled lint demo fake-upstream bench clean browser promtool
 
 $(VENV)/.base-$(HASH):
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -60,10 +60,27 @@ browser:
 		$$SUDO apt-get update -qq && \
 		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
-test: lint browser test-embedded test-scaled
+# promtool, with which the tests check docs/observability/ (the alert rules and their unit
+# tests, the scrape config). Taken out of Debian's prometheus package without installing it: no
+# daemon, no service, no maintainer scripts; the one binary, into .tools/. Only when missing;
+# sudo only for the apt-get update a stale package list needs.
+PROMTOOL := .tools/bin/promtool
+
+promtool: $(PROMTOOL)
+
+$(PROMTOOL):
+	@rm -rf .tools/deb && mkdir -p .tools/deb .tools/bin
+	@cd .tools/deb && { apt-get download -qq prometheus 2>/dev/null || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && apt-get download -qq prometheus; }; }
+	dpkg-deb --fsys-tarfile .tools/deb/prometheus_*.deb | tar -xO ./usr/bin/promtool > $@.tmp
+	@chmod +x $@.tmp && mv $@.tmp $@ && rm -rf .tools/deb
+	@$@ --version | head -1
+
+test: lint browser promtool test-embedded test-scaled
 
 bench: $(VENV)/.dev-$(HASH)
 	$(BIN)/python bench/proxy_overhead.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .tools

@@ -43,6 +43,7 @@ from typing import TypeVar
 
 from django.conf import settings
 
+from common import telemetry
 from common.background import spawn
 from common.db import run_outside_request
 from common.redaction import base_url_masked
@@ -201,6 +202,9 @@ class BreakerGate:
         with self._lock:
             self._states[endpoint] = after
         if breaker.transitions(before, after, now=now):
+            telemetry.breaker_changed(
+                base_url_masked(endpoint), before.status.value, after.status.value
+            )
             spawn(self._announce(endpoint, before=before, after=after, now=now))
         return after, extra
 

@@ -96,6 +96,10 @@ class Endpoint(models.Model):
     )
     last_latency_ms = models.FloatField(null=True, blank=True, editable=False)
     last_checked_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # The last probe of each kind that succeeded: /metrics exports them, so that an alert
+    # notices probes that stopped (a dead beat or worker), not only probes that fail.
+    last_ping_ok_at = models.DateTimeField(null=True, blank=True, editable=False)
+    last_http_ok_at = models.DateTimeField(null=True, blank=True, editable=False)
     # None until a probe has said something; False while the probes say it is down, which
     # opens its breaker (healthchecks.services: failed pings alone do not, see `health`).
     is_up = models.BooleanField("up", null=True, editable=False)

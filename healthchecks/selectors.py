@@ -63,6 +63,18 @@ def breaker_state_of(*, endpoint: str, now: float | None = None) -> BreakerState
     return breaker.effective(get_breaker_store().get(endpoint), now=now)
 
 
+def probe_last_success() -> list[tuple[str, str, float]]:
+    """(endpoint as fit to show, probe kind, epoch seconds) of the last successful probe of
+    each kind, for the endpoints probed at least once successfully."""
+    out = []
+    rows = Endpoint.objects.values_list("base_url", "last_ping_ok_at", "last_http_ok_at")
+    for url, ping_at, http_at in rows.order_by("base_url"):
+        for kind, at in ((ProbeKind.PING, ping_at), (ProbeKind.HTTP, http_at)):
+            if at is not None:
+                out.append((base_url_masked(url), kind.value, at.timestamp()))
+    return out
+
+
 def _listed_urls() -> dict[str, list[str]]:
     """The endpoints listed (those of enabled providers): base URL -> provider names."""
     providers: dict[str, list[str]] = {}

@@ -320,6 +320,8 @@ def probe_record(
             if result.latency_ms is not None:
                 ep.last_latency_ms = result.latency_ms
             ep.last_checked_at = at
+            if result.ok:
+                setattr(ep, f"last_{prefix}_ok_at", at)
             ep.is_up = not _probes_down(ep)
         if ep.health != was:
             ep.last_change_at = at

@@ -10,6 +10,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
+from common import metrics, telemetry
 from keys.health import (
     CallResult,
     KeyPolicy,
@@ -26,6 +27,38 @@ Snapshot = dict[str, tuple[KeyState, int]]
 Transition = Callable[[KeyState], KeyState]
 
 _AVAILABLE = (KeyStatus.ACTIVE, KeyStatus.PROBING)
+
+
+class WatchedTransition:
+    """A transition that remembers the status its last run moved from and to, so that the
+    store reports a change (the key transitions series, a span event) once, after it is
+    committed: a Redis transaction may run it several times before one run wins.
+
+    "From" is the stored status, not the effective one: a cooldown whose timer ran out is
+    reported as cooldown -> active by the call that finds it over."""
+
+    __slots__ = ("after", "before", "fn")
+
+    def __init__(self, fn: Transition) -> None:
+        self.fn = fn
+        self.before: KeyStatus | None = None
+        self.after: KeyStatus | None = None
+
+    def __call__(self, state: KeyState) -> KeyState:
+        new = self.fn(state)
+        self.before, self.after = state.status, new.status
+        return new
+
+    def report(self, key_id: str, reason: str) -> None:
+        before, after = self.before, self.after
+        if before is None or after is None or before == after:
+            return
+        metrics.KEY_TRANSITIONS.inc(key_id, before.value, after.value, reason)
+        telemetry.key_state_changed(key_id, before.value, after.value, reason)
+
+
+def recheck_reason(ok: bool) -> str:
+    return "recheck_ok" if ok else "recheck_failed"
 
 
 class KeyStateStore(ABC):
@@ -81,7 +114,9 @@ class MemoryKeyStateStore(KeyStateStore):
         return self.get_many(key_ids, now=now)
 
     async def record(self, key_id: str, result: CallResult) -> KeyState:
-        return self.apply(key_id, lambda state: apply_outcome(state, result))
+        return self.watched(
+            key_id, result.outcome.value, lambda state: apply_outcome(state, result)
+        )
 
     async def acquire(self, key_id: str, *, now: float) -> bool:
         with self._lock:
@@ -116,7 +151,7 @@ class MemoryKeyStateStore(KeyStateStore):
     def manual(self, key_id: str, action: ManualAction, *, now: float) -> KeyState:
         if action == "reset":
             self.forget_inflight(key_id)
-        return self.apply(key_id, lambda s: apply_manual(s, action, now=now))
+        return self.watched(key_id, f"manual_{action}", lambda s: apply_manual(s, action, now=now))
 
     def forget_inflight(self, key_id: str) -> None:
         """A reset also forgets the calls counted in flight: one a bug or a crash never gave
@@ -126,7 +161,9 @@ class MemoryKeyStateStore(KeyStateStore):
             self._probes.discard(key_id)
 
     def recheck(self, key_id: str, *, ok: bool, now: float, policy: KeyPolicy) -> KeyState:
-        return self.apply(key_id, lambda s: apply_recheck(s, ok=ok, now=now, policy=policy))
+        return self.watched(
+            key_id, recheck_reason(ok), lambda s: apply_recheck(s, ok=ok, now=now, policy=policy)
+        )
 
     def clear(self) -> None:
         with self._lock:
@@ -134,6 +171,12 @@ class MemoryKeyStateStore(KeyStateStore):
             self._inflight.clear()
             self._probes.clear()
             self._rr.clear()
+
+    def watched(self, key_id: str, reason: str, fn: Transition) -> KeyState:
+        watch = WatchedTransition(fn)
+        new = self.apply(key_id, watch)
+        watch.report(key_id, reason)
+        return new
 
     def apply(self, key_id: str, fn: Transition) -> KeyState:
         """Run one pure transition under the lock (also the Redis store's outage fallback)."""

@@ -40,6 +40,8 @@ from keys.state_store_base import (
     MemoryKeyStateStore,
     Snapshot,
     Transition,
+    WatchedTransition,
+    recheck_reason,
 )
 
 log = logging.getLogger("llmrotate.keys")
@@ -121,8 +123,7 @@ class RedisKeyStateStore(KeyStateStore):
         return await self._guard_async(op, lambda: self._fallback.snapshot(key_ids, now=now))
 
     async def record(self, key_id: str, result: CallResult) -> KeyState:
-        def fn(state: KeyState) -> KeyState:
-            return apply_outcome(state, result)
+        fn = WatchedTransition(lambda state: apply_outcome(state, result))
 
         async def op() -> KeyState:
             client, hkey = self._aclient(), self._hkey(key_id)
@@ -156,7 +157,9 @@ class RedisKeyStateStore(KeyStateStore):
         async def fallback() -> KeyState:
             return self._fallback.apply(key_id, fn)
 
-        return await self._guard_async(op, fallback)
+        new = await self._guard_async(op, fallback)
+        fn.report(key_id, result.outcome.value)
+        return new
 
     async def acquire(self, key_id: str, *, now: float) -> bool:
         async def op() -> bool:
@@ -210,10 +213,14 @@ class RedisKeyStateStore(KeyStateStore):
                 self._sync.delete(self._ikey(key_id), self._pkey(key_id))
 
             self._guard(forget, lambda: self._fallback.forget_inflight(key_id))
-        return self._transact(key_id, lambda s: apply_manual(s, action, now=now))
+        return self._transact(
+            key_id, f"manual_{action}", lambda s: apply_manual(s, action, now=now)
+        )
 
     def recheck(self, key_id: str, *, ok: bool, now: float, policy: KeyPolicy) -> KeyState:
-        return self._transact(key_id, lambda s: apply_recheck(s, ok=ok, now=now, policy=policy))
+        return self._transact(
+            key_id, recheck_reason(ok), lambda s: apply_recheck(s, ok=ok, now=now, policy=policy)
+        )
 
     def clear(self) -> None:
         """Delete this store's keys (only those under its prefix; never the whole database)."""
@@ -285,7 +292,9 @@ class RedisKeyStateStore(KeyStateStore):
             out[k] = (effective_state(state, now=now), max(0, int(inflight or 0)))
         return out
 
-    def _transact(self, key_id: str, fn: Transition) -> KeyState:
+    def _transact(self, key_id: str, reason: str, transition: Transition) -> KeyState:
+        fn = WatchedTransition(transition)
+
         def op() -> KeyState:
             hkey = self._hkey(key_id)
             with self._sync.pipeline(transaction=True) as pipe:
@@ -301,7 +310,9 @@ class RedisKeyStateStore(KeyStateStore):
                         continue
             raise RuntimeError(f"key state of {key_id} kept changing; gave up updating")
 
-        return self._guard(op, lambda: self._fallback.apply(key_id, fn))
+        new = self._guard(op, lambda: self._fallback.apply(key_id, fn))
+        fn.report(key_id, reason)
+        return new
 
     def _guard(self, op: Callable[[], T], fallback: Callable[[], T]) -> T:
         if time.monotonic() < self._down_until:

@@ -12,6 +12,7 @@ from common.errors import ApiError, anthropic_caller, missing_token
 from healthchecks.api import router as healthchecks_router
 from keys.api import router as keys_router
 from keys.routing import RoutingUnavailable
+from llmrotate_site.metrics import router as metrics_router
 from proxy.api import router as proxy_router
 from usage.api import router as usage_router
 from usage.lip_api import router as lip_usage_router
@@ -114,3 +115,4 @@ api.add_router("/v1/", proxy_router)
 api.add_router("/api/health/", healthchecks_router)
 api.add_router("/api/", keys_router)
 api.add_router("/api/", usage_router)
+api.add_router("", metrics_router)

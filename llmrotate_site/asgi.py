@@ -35,6 +35,7 @@ from django.conf import settings  # noqa: E402  (settings need the app registry 
 from django.db import connections  # noqa: E402
 
 # The app registry is ready from here on (get_asgi_application above set it up).
+from common import telemetry  # noqa: E402
 from common.db import db_thread_close  # noqa: E402
 from common.errors import ApiError, anthropic_caller, missing_token  # noqa: E402
 from common.upstream import upstream_clients_close  # noqa: E402
@@ -44,6 +45,7 @@ from keys.auth import client_token_verified  # noqa: E402
 from keys.routing import RoutingUnavailable  # noqa: E402
 from llmrotate_site.api import routing_unavailable  # noqa: E402
 from llmrotate_site.beat import keys_revalidation_schedule  # noqa: E402
+from llmrotate_site.metrics import otel_gauges_register  # noqa: E402
 from proxy.validation import body_too_large  # noqa: E402
 from usage.recorder import get_recorder  # noqa: E402
 
@@ -172,6 +174,11 @@ async def _lifespan(receive: Any, send: Any) -> None:
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
+            # OpenTelemetry, if the `otel` extra is installed and OTEL_* variables ask for it;
+            # otherwise nothing of it is imported. The shared-state gauges of /metrics are
+            # offered to it first (bound only if it turns on).
+            otel_gauges_register()
+            telemetry.configure()
             loop = asyncio.get_running_loop()
             # Circuit breakers changed by the worker's probes or other processes reach this
             # process's routing within LLMROTATE_BREAKER_SYNC_SECONDS.
@@ -196,6 +203,8 @@ async def _lifespan(receive: Any, send: Any) -> None:
             await upstream_clients_close()
             # Graceful stop: nothing recorded in memory may be lost.
             await sync_to_async(get_recorder().stop, thread_sensitive=False)()
+            # After the recorder: its last records update the metrics exported here.
+            await sync_to_async(telemetry.shutdown, thread_sensitive=False)()
             await db_thread_close()
             await send({"type": "lifespan.shutdown.complete"})
             return

@@ -6,6 +6,7 @@ https://docs.djangoproject.com/en/5.2/ref/settings/
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -249,6 +250,15 @@ LLMROTATE_MAX_PLAUSIBLE_TOKENS = env.int("LLMROTATE_MAX_PLAUSIBLE_TOKENS", defau
 
 # Also masks secrets in the lines of uvicorn's own loggers (its access log).
 LOGGING_CONFIG = "llmrotate_site.logging.configure_logging"
+# text: readable lines for a terminal. json: one object per line for log shippers, from every
+# logger of every process `serve` runs (the llmrotate.usage line is JSON either way).
+LLMROTATE_LOG_FORMAT = env.str("LLMROTATE_LOG_FORMAT", default="text").strip().lower()
+if LLMROTATE_LOG_FORMAT not in ("text", "json"):
+    from django.core.exceptions import ImproperlyConfigured
+
+    raise ImproperlyConfigured(
+        f"LLMROTATE_LOG_FORMAT must be text or json, not {LLMROTATE_LOG_FORMAT!r}."
+    )
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
@@ -260,11 +270,12 @@ LOGGING = {
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
         "raw": {"format": "%(message)s"},
+        "json": {"()": "llmrotate_site.logging.JsonFormatter"},
     },
     "handlers": {
         "console": {
             "class": "logging.StreamHandler",
-            "formatter": "plain",
+            "formatter": "json" if LLMROTATE_LOG_FORMAT == "json" else "plain",
             "filters": ["redact"],
         },
         "usage": {
@@ -288,6 +299,13 @@ LOGGING = {
         "axes": {"level": "WARNING"},
     },
 }
+if LLMROTATE_LOG_FORMAT == "json":
+    # Celery gives a logger without handlers (its task logger) a text handler of its own;
+    # this one has ours, which it leaves alone.
+    LOGGING["loggers"]["celery.task"] = {  # type: ignore[index]
+        "handlers": ["console"],
+        "propagate": False,
+    }
 
 # --- Celery --------------------------------------------------------------------------------
 # https://docs.celeryq.dev/en/stable/userguide/configuration.html
@@ -382,3 +400,16 @@ LLMROTATE_USAGE_RETENTION_DAYS = env.int("LLMROTATE_USAGE_RETENTION_DAYS", defau
 # short, so JIT is off for its connections. https://www.postgresql.org/docs/current/jit.html
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     DATABASES["default"].setdefault("OPTIONS", {}).setdefault("options", "-c jit=off")
+
+
+# --- Observability (docs/observability.md) -------------------------------------------------
+# Prometheus series at GET /metrics. Off: every update is a no-op and /metrics answers 404.
+LLMROTATE_METRICS = env.bool("LLMROTATE_METRICS", default=True)
+# Where each process of this host keeps its counters (prometheus-client's multiprocess mode):
+# local disk, one directory per host. `serve` empties it when it starts.
+LLMROTATE_METRICS_DIR = Path(env("LLMROTATE_METRICS_DIR", default=str(DATA_DIR / "metrics")))
+# A token Prometheus sends as `Authorization: Bearer …` instead of a client token with the
+# `monitor` scope. Empty: only monitor tokens (and staff sessions) may scrape.
+LLMROTATE_METRICS_TOKEN = env.str("LLMROTATE_METRICS_TOKEN", default="")
+# prometheus-client reads this when it is first imported (common.metrics).
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(LLMROTATE_METRICS_DIR)

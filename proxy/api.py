@@ -15,6 +15,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpRe
 from ninja import Router
 
 from common.errors import ApiError, anthropic_caller, forbidden, invalid_request
+from common.logcontext import request_id_bind
 from keys.auth import proxy_any_auth, proxy_auth
 from keys.routing import RouteInfo, TokenInfo, routing_snapshot
 from proxy.anthropic import (
@@ -80,6 +81,10 @@ async def chat_completions(request: HttpRequest) -> HttpResponse | StreamingHttp
         t0=t0,
         caller=caller_from(request.headers, body),
     )
+    # Not reset: a stream is relayed after the view returns, in this request's own task
+    # (whose context ends with it), and its log lines carry the id too.
+    request_id_bind(ctx.request_id)
+    ctx.trace(request.headers)
     return await Failover(ctx).run()
 
 
@@ -153,6 +158,8 @@ async def _anthropic_call(
         forward_headers=forward_headers(request.headers),
         caller=caller_from(request.headers, body),
     )
+    request_id_bind(ctx.request_id)  # not reset, as in chat_completions
+    ctx.trace(request.headers, operation="count_tokens" if counting else "chat")
     return await Failover(ctx).run()
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 from django.conf import settings
 
+from common import telemetry
 from keys.health import CallResult
 from keys.routing import DeploymentInfo, RouteInfo, TokenInfo, UpstreamKey
 from keys.state_store import get_key_state_store
@@ -19,6 +20,13 @@ from proxy.dialects import OPENAI, Dialect, ToolCalls, Usage
 from usage.calls import CallData
 from usage.models import Outcome, UsageSource
 from usage.recorder import record_call
+
+# What the request's span repeats of the attempt that answered it.
+_ANSWER_ATTRIBUTES = (
+    "gen_ai.response.model",
+    "gen_ai.usage.input_tokens",
+    "gen_ai.usage.output_tokens",
+)
 
 # Tokens/s is the generation rate after the first token. An upstream (or a proxy in front of
 # it) that buffers sends the rest in one burst, microseconds after the first: a "rate" over
@@ -50,6 +58,65 @@ class CallContext:
     # follows (it is then not the final one) or the request ends with it (final, with the
     # status the client got). Never more than one: each is queued as the next one comes.
     _held: CallData | None = field(default=None)
+    # Tracing (common.telemetry; None while it is off): the request's SERVER span, ended with
+    # the request (answered / ended), and the end attributes of its latest attempt's span,
+    # which say how the request ended. An attempt's span ends after its key is settled, that
+    # is after `answered`: the request's span then ends with it (attempt_span_ended), so that
+    # it contains its children.
+    span: Any = None
+    operation: str = "chat"
+    last_attempt: dict[str, Any] | None = None
+    attempt_span: Any = None
+    _span_final: tuple[dict[str, Any], str | None] | None = field(default=None)
+
+    def trace(self, headers: Any, *, operation: str = "chat") -> None:
+        """Start the request's span, continuing the client's `traceparent` (in `headers`)."""
+        if not telemetry.enabled():
+            return
+        self.operation = operation
+        self.span = telemetry.request_start(
+            operation,
+            self.route.name,
+            headers,
+            start_ns=int(self.started_wall.timestamp() * 1e9),
+            attributes={
+                "llmrotate.request_id": self.request_id,
+                "llmrotate.client": self.client.name,  # the token's name, never the token
+                "llmrotate.stream": self.stream,
+            },
+        )
+
+    def _span_end(self, status: int) -> None:
+        if self._span_final is not None:
+            return  # the first end point says how the request ended
+        last = self.last_attempt or {}
+        outcome = last.get("llmrotate.outcome") or (
+            "unavailable" if status >= 500 else "client_error"
+        )
+        attributes = {
+            "http.response.status_code": status,
+            "llmrotate.attempts": self.attempts,
+            "llmrotate.outcome": outcome,
+        }
+        for name in _ANSWER_ATTRIBUTES:
+            if name in last:
+                attributes[name] = last[name]
+        # A 5xx, or a 200 stream that broke after it started.
+        broken = status == 200 and outcome not in ("success", "client_disconnected")
+        self._span_final = attributes, outcome if status >= 500 or broken else None
+        if self.attempt_span is None:
+            self._span_close()
+
+    def attempt_span_ended(self) -> None:
+        self.attempt_span = None
+        if self._span_final is not None:
+            self._span_close()
+
+    def _span_close(self) -> None:
+        span, self.span = self.span, None
+        if span is not None and self._span_final is not None:
+            attributes, error = self._span_final
+            telemetry.request_end(span, attributes, error=error)
 
     # --- the request's records: exactly one of them final
 
@@ -73,6 +140,8 @@ class CallContext:
         if data is not None:
             data.final, data.client_status = True, status
             record_call(data)
+        if self.span is not None:
+            self._span_end(status)
 
     def ended(self, *, status: int) -> None:
         """The request ends without an attempt's answer: an error of the engine (a give-up),
@@ -87,6 +156,8 @@ class CallContext:
             record_call(held)
         elif self.attempts == 0 and status >= 500 and self.dialect.records:
             record_call(self._unattempted(status))
+        if self.span is not None:
+            self._span_end(status)
 
     def _unattempted(self, status: int) -> CallData:
         now = time.perf_counter()
@@ -185,6 +256,7 @@ def attempt_record(
     ttlt_ms: float | None = None,
     tools: ToolCalls | None = None,
     forwarded_body: dict[str, Any] | None = None,
+    span: Any = None,
 ) -> CallData | None:
     """The CallRecord of one attempt (None where the dialect records none), for the request's
     context to queue (`CallContext.answered`, `hold`). `completion_text` is the answer's text
@@ -220,7 +292,7 @@ def attempt_record(
         # Not streamed: over the whole call, as LLM Metrics Proxy reports it.
         tokens_per_second = usage.completion_tokens / (t_end - t_start)
     tools = tools or ToolCalls()
-    return CallData(
+    data = CallData(
         request_id=ctx.request_id,
         attempt=attempt,
         started_at=ctx.wall(t_start),
@@ -256,6 +328,10 @@ def attempt_record(
         prompt_body=ctx.body,
         forwarded_body=forwarded_body,
     )
+    if span is not None:
+        # The usage log line names the attempt's span, so a log line leads to its trace.
+        data.trace_id, data.span_id = telemetry.span_ids(span) or ("", "")
+    return data
 
 
 async def key_settle(key_id: str, upstream: httpx.Response | None, result: CallResult) -> None:

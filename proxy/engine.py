@@ -36,6 +36,7 @@ import httpx
 from django.conf import settings
 from django.http import HttpResponse, StreamingHttpResponse
 
+from common import metrics, telemetry
 from common.errors import ApiError, invalid_body
 from common.upstream import ResponseTooLarge, read_bounded, upstream_client
 from healthchecks import key_recheck as recheck
@@ -79,12 +80,14 @@ class Failover:
         self.gate = get_breaker_gate()
         # Set when a deployment was skipped for an open circuit: seconds until it half-opens.
         self.open_retry_after: float | None = None
+        self.last_deployment: DeploymentInfo | None = None
 
     async def run(self) -> Answer:
         """The answer, or the error, for the client; either way the request's final record is
         marked with what the client got (CallContext.answered / ended)."""
         try:
-            return await self._run()
+            with telemetry.use(self.ctx.span):  # the request's log lines name its trace
+                return await self._run()
         except ApiError as refusal:
             self.ctx.ended(status=refusal.status)
             raise
@@ -132,6 +135,7 @@ class Failover:
                 return await self._give_up(deadline_passed=True), trial
             if not await self.store.acquire(key.key_id, now=time.time()):
                 continue  # a half-open key already has its one trial call in flight
+            self._count_move(deployment)
             async with Attempt(ctx, deployment, key, call) as attempt:
                 response = await attempt.run(deadline=self.deadline)
             verdict = attempt.verdict
@@ -144,6 +148,19 @@ class Failover:
                 return None, False  # a failed trial reopened the breaker: leave the endpoint
             trial = False
         return None, trial
+
+    def _count_move(self, deployment: DeploymentInfo) -> None:
+        """A failed attempt is followed by this one: a rotation to another key of the same
+        deployment, or a failover to another deployment. Counted when the move happens, so a
+        request that gives up after its last failure counts none."""
+        last, self.last_deployment = self.last_deployment, deployment
+        if last is None or self.last_failure is None:
+            return
+        route, reason = self.ctx.route.name, self.last_failure.outcome
+        if last is deployment:
+            metrics.ROTATIONS.inc(route, deployment.provider.name, reason)
+        else:
+            metrics.FAILOVERS.inc(route, last.provider.name, deployment.provider.name, reason)
 
     async def _ordered_keys(self, deployment: DeploymentInfo) -> list[UpstreamKey]:
         keys = {k.key_id: k for k in deployment.keys}
@@ -271,6 +288,24 @@ class Attempt:
         self.response: httpx.Response | None = None
         self.verdict: Verdict = GATEWAY_FAILED
         self._owned = True  # until settled here, or handed to a stream relay
+        self.span: Any = None
+        if ctx.span is not None:
+            host, port = telemetry.server_address(deployment.provider.base_url)
+            self.span = telemetry.attempt_start(
+                ctx.span,
+                ctx.operation,
+                deployment.model,
+                {
+                    "gen_ai.provider.name": deployment.provider.kind,
+                    "server.address": host,
+                    "server.port": port,
+                    "llmrotate.provider": deployment.provider.name,
+                    "llmrotate.key_id": key.key_id,
+                    "llmrotate.attempt": self.number,
+                    "llmrotate.stream": ctx.stream,
+                },
+            )
+            ctx.attempt_span = self.span
 
     async def __aenter__(self) -> Attempt:
         return self
@@ -297,13 +332,16 @@ class Attempt:
         remaining = max(0.001, deadline - self.t_start)
         read = min(settings.LLMROTATE_READ_TIMEOUT_SECONDS, remaining)
         connect = min(settings.LLMROTATE_CONNECT_TIMEOUT_SECONDS, remaining)
+        headers = ctx.dialect.headers(
+            provider.kind, self.key.secret, stream=ctx.stream, forward=ctx.forward_headers
+        )
+        if self.span is not None:
+            telemetry.inject(self.span, headers)  # the upstream continues this attempt's trace
         request = client.build_request(
             "POST",
             call.url,
             content=call.payload,
-            headers=ctx.dialect.headers(
-                provider.kind, self.key.secret, stream=ctx.stream, forward=ctx.forward_headers
-            ),
+            headers=headers,
             timeout=httpx.Timeout(connect=connect, read=read, write=read, pool=connect),
         )
         self.overhead_ms += (time.perf_counter() - self.t_start) * 1000
@@ -376,6 +414,7 @@ class Attempt:
             ttlt_ms=self.ctx.ms_since_start(t_recv),
             tools=dialect.tool_calls(parsed) if parsed is not None else None,
             extra_overhead_ms=(time.perf_counter() - t_recv) * 1000,
+            response_model=parsed.get("model") if parsed is not None else None,
         )
         return out
 
@@ -392,6 +431,7 @@ class Attempt:
         ttlt_ms: float | None = None,
         tools: ToolCalls | None = None,
         extra_overhead_ms: float = 0.0,
+        response_model: Any = None,
     ) -> None:
         """Record the attempt, then give its key back with what the attempt says about it.
 
@@ -401,10 +441,13 @@ class Attempt:
 
         The record is queued first and synchronously: a client that hangs up cancels the
         view, and the settle (shielded) must not be what stops the record.
+
+        With tracing on, the attempt's span is the current one while the key is settled (a
+        key state change is an event on it), and ends after that, however the settle ends.
         """
         self.verdict = verdict
         self._owned = False
-        ctx, deployment = self.ctx, self.deployment
+        ctx, deployment, span = self.ctx, self.deployment, self.span
         data = attempt_record(
             ctx,
             attempt=self.number,
@@ -423,11 +466,50 @@ class Attempt:
             ttlt_ms=ttlt_ms,
             tools=tools,
             forwarded_body=self.call.body,
+            span=span,
         )
+        attributes: dict[str, Any] = {}
+        if span is not None:
+            # Before `answered`, which ends the request's span with what this attempt says.
+            attributes = self._span_attributes(verdict, usage, ttft_ms, response_model)
+            ctx.last_attempt = attributes
         if verdict.next is Next.DONE:
             ctx.answered(data, status=client_status or 500)
         else:
             ctx.hold(data)
+        with telemetry.use(span):
+            try:
+                await self._settle(verdict)
+            finally:
+                if span is not None:
+                    failed = verdict.outcome != "success"
+                    telemetry.attempt_end(
+                        span,
+                        attributes,
+                        error=(verdict.error_type or verdict.outcome)[:64] if failed else None,
+                    )
+                    ctx.attempt_span_ended()
+
+    def _span_attributes(
+        self, verdict: Verdict, usage: Usage | None, ttft_ms: float | None, model: Any
+    ) -> dict[str, Any]:
+        """What the attempt's span says at its end (and the request's, for the last one)."""
+        attributes: dict[str, Any] = {"llmrotate.outcome": verdict.outcome}
+        if self.response is not None:
+            attributes["http.response.status_code"] = self.response.status_code
+        if (model := telemetry.response_model(model)) is not None:
+            attributes["gen_ai.response.model"] = model
+        if usage is not None and usage.reported:
+            attributes["gen_ai.usage.input_tokens"] = usage.prompt_tokens
+            attributes["gen_ai.usage.output_tokens"] = usage.completion_tokens
+        if ttft_ms is not None:
+            attributes["llmrotate.ttft_ms"] = round(ttft_ms, 3)
+        if verdict.next is not Next.DONE:
+            attributes["llmrotate.failover_reason"] = verdict.outcome
+        return attributes
+
+    async def _settle(self, verdict: Verdict) -> None:
+        ctx, deployment = self.ctx, self.deployment
         if verdict.outcome != "success":
             logger.info(
                 "request %s attempt %d on %s/%s ended: %s (%s); next: %s",

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import weakref
 from collections.abc import AsyncIterator
@@ -55,6 +56,9 @@ if TYPE_CHECKING:
     from proxy.engine import Attempt
 
 logger = logging.getLogger("llmrotate.proxy")
+# The model an upstream names in its first event (OpenAI's chunk, Anthropic's message_start),
+# for the attempt's span: searched for, not parsed, and only when tracing.
+_MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,128})"')
 
 
 class SseSplitter:
@@ -122,6 +126,7 @@ class StreamRelay:
         self._chunks: AsyncIterator[bytes] | None = None
         self._closed = False
         self._loop = asyncio.get_running_loop()
+        self.model: str | None = None  # as the upstream named it (tracing only)
 
     async def start(self) -> Verdict | None:
         """Wait for the upstream's first chunk; a verdict if the stream failed before it.
@@ -137,6 +142,8 @@ class StreamRelay:
             return EMPTY_STREAM
         except (httpx.HTTPError, OSError) as exc:
             return classify_exception(exc)
+        if self.attempt.span is not None and (found := _MODEL.search(first)):
+            self.model = found.group(1).decode("utf-8", "replace")
         self._pending = self._feed(first)
         if self._events.overflowed:
             return EVENT_TOO_LARGE
@@ -266,6 +273,7 @@ class StreamRelay:
             ttft_ms=ctx.ms_since_start(state.first_token_at) if state.first_token_at else None,
             ttlt_ms=ctx.ms_since_start(state.last_token_at) if state.last_token_at else None,
             extra_overhead_ms=self.busy * 1000,
+            response_model=self.model,
         )
 
 

@@ -39,3 +39,16 @@ def test_proxy_overhead_benchmark_runs(tmp_path: Path) -> None:
     result = run("bench/proxy_overhead.py", "--quick", "--output", str(out), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(out.read_text())
+
+
+def test_observability_overhead_benchmark_runs(tmp_path: Path) -> None:
+    out = tmp_path / "observability.json"
+    result = run(
+        "bench/observability_overhead.py", "--quick", "--requests", "100", "--output", str(out),
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    # The traced gateways really exported to the collector stand-in.
+    assert report["setup"]["otlp_exports_received"]["exports"] > 0
+    assert {"off", "metrics", "traced"} <= set(report["levels"][0])

@@ -91,6 +91,10 @@ class CallData:
     max_output_tokens: int | None = None
     prompt_body: dict[str, Any] | None = None
     forwarded_body: dict[str, Any] | None = None
+    # Never persisted either: the attempt's trace and span (hex) when tracing is on, added to
+    # the usage log line only, so a log line leads to its trace.
+    trace_id: str = ""
+    span_id: str = ""
 
     @property
     def needs_counting(self) -> bool:
@@ -111,6 +115,8 @@ _NOT_PERSISTED = frozenset(
         "max_output_tokens",
         "prompt_body",
         "forwarded_body",
+        "trace_id",
+        "span_id",
     }
 )
 PERSISTED_FIELDS: tuple[str, ...] = tuple(
@@ -214,8 +220,15 @@ def call_prepare(data: CallData, *, log: bool = True) -> Row:
         _flag_implausible_usage(data)
     row = row_fit_to_columns({name: getattr(data, name) for name in PERSISTED_FIELDS})
     if log and usage_logger.isEnabledFor(logging.INFO):
-        usage_logger.info(row_to_json(row))
+        usage_logger.info(row_to_json(_with_trace(row, data)))
     return row
+
+
+def _with_trace(row: Row, data: CallData) -> Row:
+    """The row as logged: the record's fields, then the trace's when there is one (a line
+    without tracing is exactly what it was before tracing existed)."""
+    ids = {name: value for name in ("trace_id", "span_id") if (value := getattr(data, name))}
+    return {**row, **ids} if ids else row
 
 
 def _flag_implausible_usage(data: CallData) -> None:

@@ -33,6 +33,8 @@ from pathlib import Path
 from django.conf import settings
 from django.db import close_old_connections, connection, connections
 
+from common import metrics
+from usage.call_metrics import call_observe
 from usage.calls import PERSISTED_FIELDS, CallData, call_count_tokens, call_prepare, calls_write
 from usage.models import CallRecord
 from usage.spool import Row, spool_files, spool_replay_file, spool_write
@@ -339,11 +341,14 @@ class Recorder:
             if len(self._pending) > self._buffer_max:
                 # Spool the oldest down to half the limit: big files, few fsyncs.
                 self._spool_pending(len(self._pending) - self._buffer_max // 2)
-            if not force and time.monotonic() < self._retry_at:
-                return False
-            if not self._pending and not spool_files(spool_dir=self._spool_dir):
-                return True
-            return self._write_pending(replay=True)
+            try:
+                if not force and time.monotonic() < self._retry_at:
+                    return False
+                if not self._pending and not spool_files(spool_dir=self._spool_dir):
+                    return True
+                return self._write_pending(replay=True)
+            finally:
+                metrics.RECORDER_QUEUE.set(self.backlog)
 
     def _write_pending(self, *, replay: bool = False) -> bool:
         attempted = len(self._pending)
@@ -357,9 +362,12 @@ class Recorder:
                 chunk = self._pending[: self._batch_size]
                 calls_write([CallRecord(**row) for row in chunk])
                 del self._pending[: len(chunk)]
+                metrics.RECORDER_BATCHES.inc()
+                metrics.RECORDER_RECORDS.inc(amount=len(chunk))
             if replay:
                 self._replay_spool()
         except Exception as exc:
+            metrics.RECORDER_FAILURES.inc()
             self._backoff = min(max(self._backoff * 2, 0.5), MAX_BACKOFF_SECONDS)
             self._retry_at = time.monotonic() + self._backoff
             first_line = (str(exc).splitlines() or [""])[0][:200]
@@ -381,7 +389,9 @@ class Recorder:
         return True
 
     def _prepare(self, data: CallData) -> Row:
-        return call_prepare(data)
+        row = call_prepare(data)
+        call_observe(data)  # after pricing: the cost series counts what the record says
+        return row
 
     # --- spool ------------------------------------------------------------------------------
 
@@ -396,16 +406,18 @@ class Recorder:
             logger.exception("spooling %d call records to %s failed", len(rows), self._spool_dir)
             return
         del self._pending[: len(rows)]
+        metrics.RECORDER_SPOOLED.inc(amount=len(rows))
         logger.warning("database unavailable: spooled %d call records to %s", len(rows), path)
 
     def _replay_spool(self) -> None:
         for path in spool_files(spool_dir=self._spool_dir):
-            spool_replay_file(
+            replayed = spool_replay_file(
                 path=path,
                 field_names=PERSISTED_FIELDS,
                 batch_size=self._batch_size,
                 write_batch=calls_write,  # looked up per call, so the hook can be patched
             )
+            metrics.RECORDER_REPLAYED.inc(amount=replayed)
 
 
 # --- the process singleton ----------------------------------------------------------------
@@ -428,9 +440,11 @@ def record_call(data: CallData) -> None:
 
     With LLMROTATE_USAGE_RECORDING off it does nothing: no record, rollup or usage log line,
     and no recorder threads. Key health is not fed from here but settled by the attempt
-    itself (proxy.engine), so it works the same."""
+    itself (proxy.engine), so it works the same. The Prometheus series are still counted,
+    here, without the cost and the token estimates the recorder would have added."""
     # Django caches a setting on first read: from then on this is one attribute read per call.
     if not settings.LLMROTATE_USAGE_RECORDING:
+        call_observe(data)
         return
     get_recorder().record(data)
 

@@ -21,6 +21,7 @@ from typing import IO, Any
 
 from django.db import models, transaction
 
+from common import metrics
 from usage.models import CallRecord
 
 try:
@@ -153,7 +154,9 @@ def spool_replay_file(
         except (ValueError, TypeError, KeyError):
             # Never delete what we cannot read: set it aside for a human.
             logger.exception("spool file %s is unreadable; renamed to .corrupt", path.name)
-            path.rename(path.with_suffix(".corrupt"))
+            aside = path.rename(path.with_suffix(".corrupt"))
+            # Set aside, not written: the records-dropped alert calls for the human.
+            metrics.RECORDER_DROPPED.inc(amount=_line_count(aside))
             return 0
         records = [CallRecord(**row) for row in rows]
         inserted = 0
@@ -167,6 +170,13 @@ def spool_replay_file(
         path.unlink()
     logger.info("replayed %d call records from %s", inserted, path.name)
     return inserted
+
+
+def _line_count(path: Path) -> int:
+    try:
+        return sum(1 for line in path.read_bytes().splitlines() if line.strip())
+    except OSError:
+        return 1  # unknown, but at least one: the alert must still fire
 
 
 def _already_committed(record: CallRecord) -> bool:

@@ -282,18 +282,24 @@ def base_config(strategy: str = "health_aware") -> dict[str, Any]:
     }
 
 
-@pytest.fixture
-def gateway(transactional_db: None, mock_upstream: Callable[..., None]) -> Iterator[Gateway]:
+def gateway_serving(
+    config: dict[str, Any], mock_upstream: Callable[..., None]
+) -> Iterator[Gateway]:
+    """The body of a gateway fixture: `config` imported, the fake upstream in place."""
     from keys.config_io import config_import
     from usage.recorder import get_recorder
 
-    config = base_config()
     report = config_import(data=config)
     upstream = Upstream()
     mock_upstream(upstream)
     yield Gateway(token=report.generated_tokens["app"], upstream=upstream, config=config)
     # Write this test's records now, while its database still exists.
     get_recorder().flush(timeout=10)
+
+
+@pytest.fixture
+def gateway(transactional_db: None, mock_upstream: Callable[..., None]) -> Iterator[Gateway]:
+    yield from gateway_serving(base_config(), mock_upstream)
 
 
 def anthropic_config() -> dict[str, Any]:

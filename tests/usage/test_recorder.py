@@ -40,6 +40,8 @@ def test_call_data_carries_exactly_the_call_record_columns_plus_its_private_fiel
         "max_output_tokens",
         "prompt_body",
         "forwarded_body",
+        "trace_id",
+        "span_id",
     }
 
 

@@ -13,6 +13,12 @@ supervisor, `web    |`, `worker |`, `beat   |` for the children, stdout and stde
 from the children's pipes by one thread per pipe as soon as it is written. Celery's start-up
 banners and its "running as root" warning are left out unless `--verbose`. Once the web server
 accepts connections, one block says where everything is and how to log in.
+
+With LLMROTATE_LOG_FORMAT=json the terminal is a log shipper's input instead: one JSON object
+per line, no prefixes. The children's lines are JSON already and pass as they are; anything
+else (the supervisor's own messages, a child's text before its logging is set up, such as a
+traceback or uvicorn's parent process with several workers) becomes an object whose `logger`
+says who wrote it (`llmrotate.serve`, `llmrotate.serve.web`, …).
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import io
+import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -29,6 +37,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, TextIO
 
@@ -49,6 +58,8 @@ SETTLE_SECONDS = 0.5
 SETTLE_MAX_SECONDS = 4.0
 # Celery warns (a Python warning) when the worker runs as root; `-W`-style filter, message prefix.
 ROOT_WARNING = "You're running the worker with superuser privileges"
+# uvicorn's text lines ("INFO:     Started parent process [7]") say their level first.
+TEXT_LEVEL = re.compile(r"(DEBUG|INFO|WARNING|ERROR|CRITICAL):\s+")
 
 
 def admin_ensure(*, data_dir: Path) -> tuple[str, str | None]:
@@ -89,9 +100,12 @@ def config_apply(path: Path, *, console: Console) -> None:
 class Console:
     """Whole lines to the terminal from several threads, each prefixed with who wrote it."""
 
-    def __init__(self, names: Iterable[str], *, stdout: TextIO, stderr: TextIO) -> None:
+    def __init__(
+        self, names: Iterable[str], *, stdout: TextIO, stderr: TextIO, json_lines: bool = False
+    ) -> None:
         self.width = max(len(name) for name in (SELF, *names))
         self.stdout, self.stderr = stdout, stderr
+        self.json_lines = json_lines  # see the module's docstring
         self.last_child_line = time.monotonic()
         self.heard: set[str] = set()  # the children that have written a line
         self._lock = threading.Lock()
@@ -102,7 +116,7 @@ class Console:
             if name != SELF:
                 self.last_child_line = time.monotonic()
                 self.heard.add(name)
-            line = f"{name:<{self.width}} | {text}\n"
+            line = self._render(name, text, err=err)
             # A closed terminal must not stop the supervisor, nor the threads draining pipes.
             with contextlib.suppress(OSError, ValueError):
                 try:
@@ -113,8 +127,35 @@ class Console:
                 stream.flush()
 
     def say(self, text: str, *, err: bool = False) -> None:
+        if self.json_lines:  # one object, a block's lines together in its message
+            self.line(SELF, text, err=err)
+            return
         for line in text.splitlines() or [""]:
             self.line(SELF, line, err=err)
+
+    def _render(self, name: str, text: str, *, err: bool) -> str:
+        if not self.json_lines:
+            return f"{name:<{self.width}} | {text}\n"
+        if name != SELF and _is_json_object(text):
+            return text + "\n"
+        level = "WARNING" if err else "INFO"
+        if name != SELF:
+            level = "ERROR" if err else "INFO"  # a child's stray text on stderr: a traceback
+            if found := TEXT_LEVEL.match(text):
+                level, text = found[1], text[found.end() :]
+        now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        logger = "llmrotate.serve" if name == SELF else f"llmrotate.serve.{name}"
+        line = {"timestamp": now, "level": level, "logger": logger, "message": text}
+        return json.dumps(line, ensure_ascii=False) + "\n"
+
+
+def _is_json_object(text: str) -> bool:
+    if not text.startswith("{"):
+        return False
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
 
 
 class Command(BaseCommand):
@@ -159,7 +200,12 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         verbose = options["verbose"] or options["verbosity"] >= 2
         children = {} if options["setup_only"] else self._children(options, verbose=verbose)
-        console = Console(children, stdout=sys.stdout, stderr=sys.stderr)
+        console = Console(
+            children,
+            stdout=sys.stdout,
+            stderr=sys.stderr,
+            json_lines=settings.LLMROTATE_LOG_FORMAT == "json",
+        )
         data_dir: Path = settings.DATA_DIR
         db = settings.DATABASES["default"]
         console.say(f"data directory {data_dir}")
@@ -196,6 +242,7 @@ class Command(BaseCommand):
         if options["setup_only"]:
             console.say("\n".join(block))
             return
+        metrics_dir_reset(settings.LLMROTATE_METRICS_DIR)
         code = supervise(
             children,
             console=console,
@@ -276,6 +323,14 @@ class Command(BaseCommand):
         if not options["no_beat"]:
             children["beat"] = [*celery, "beat", "--loglevel", "INFO"]
         return children
+
+
+def metrics_dir_reset(directory: Path) -> None:
+    """Start the Prometheus counters of this gateway at zero. Only here, where every process
+    that writes them starts: a worker uvicorn restarts must find its predecessors' files, or
+    the sums would go backwards (common.metrics)."""
+    for path in directory.glob("*.db"):
+        path.unlink(missing_ok=True)
 
 
 def _reachable(host: str) -> str:

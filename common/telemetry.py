@@ -1,0 +1,456 @@
+"""OpenTelemetry traces and metrics, when the `otel` extra is installed and asked for.
+
+Everything the gateway does with OpenTelemetry goes through this module. `configure` runs once
+per process (the ASGI lifespan's startup); until it has turned tracing on, every hook below
+returns after one `None` check, and nothing of OpenTelemetry is imported: not the SDK, not
+even the API. That is the whole cost of the hooks on the hot path of a gateway that does not
+trace, and why a gateway without the extra needs nothing to configure.
+
+Tracing is on when the SDK can be imported and the standard variables ask for it
+(`OTEL_EXPORTER_OTLP_*ENDPOINT`, `OTEL_TRACES_EXPORTER`, `OTEL_METRICS_EXPORTER`; never with
+`OTEL_SDK_DISABLED=true`), or when a test hands its own providers in.
+
+The spans follow the GenAI semantic conventions: one SERVER span per proxied request
+(`request_start` … `request_end`), continuing the client's W3C `traceparent`, and one CLIENT
+child per upstream attempt (`attempt_start` … `attempt_end`), whose context goes upstream in
+the attempt's own `traceparent` (`inject`). Attributes carry names, models, counts and
+outcomes, never a prompt, a completion, a key or a token: callers pass only those.
+docs/observability.md lists them.
+
+The tracer and meter are this module's own, not the global providers: OpenTelemetry lets a
+global provider be set once per process, and a gateway embedded in a test (or a second
+configure) must be able to set it again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
+from functools import lru_cache
+from typing import Any
+from urllib.parse import urlsplit
+
+logger = logging.getLogger("llmrotate.telemetry")
+
+Attributes = dict[str, Any]
+ObservableCallback = Callable[[], Iterable[tuple[float, Mapping[str, Any]]]]
+
+# Bound by `configure` while tracing is on; None is the off switch every hook checks.
+_tracer: Any = None
+_meter: Any = None
+_api: Any = None  # a namespace of the OpenTelemetry API pieces the hooks use
+_owned: list[Any] = []  # providers configure built (and shutdown closes)
+_given: list[Any] = []  # providers a caller passed in (flushed at shutdown, not closed)
+_gauges: list[tuple[str, str, ObservableCallback]] = []  # register_observable_gauge, in order
+_bound_gauges = 0  # how many of _gauges exist on the current meter
+
+_NULL = contextlib.nullcontext()
+_MAX_MODEL = 128  # characters of an upstream's response model kept (it is hostile input)
+
+# The variables that ask for an exporter (https://opentelemetry.io/docs/specs/otel/configuration/).
+_ASKING = (
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+    "OTEL_TRACES_EXPORTER",
+    "OTEL_METRICS_EXPORTER",
+)
+
+
+# --- Set-up -------------------------------------------------------------------------------
+
+
+def configure(*, tracer_provider: Any = None, meter_provider: Any = None) -> bool:
+    """Turn tracing (and OTel metrics) on if the extra is installed and the environment asks
+    for it, or with the providers given (tests). Returns whether it is on."""
+    global _tracer, _meter
+    given = tracer_provider is not None or meter_provider is not None
+    if _tracer is not None or _meter is not None:
+        reset()
+    if not given:
+        if not _asked_for():
+            return False
+        try:
+            tracer_provider, meter_provider, where = _providers_from_env()
+        except ImportError as exc:
+            logger.warning(
+                "OTEL_* variables are set but the OpenTelemetry SDK is not installed"
+                " (pip install 'llmrotate[otel]'); tracing stays off: %s",
+                exc,
+            )
+            return False
+        _owned.extend(p for p in (tracer_provider, meter_provider) if p is not None)
+        logger.info("OpenTelemetry on: %s", where)
+    else:
+        _given.extend(p for p in (tracer_provider, meter_provider) if p is not None)
+    _load_api()
+    if tracer_provider is not None:
+        _tracer = tracer_provider.get_tracer("llmrotate")
+    if meter_provider is not None:
+        _meter = meter_provider.get_meter("llmrotate")
+        _bind_instruments()
+    return _tracer is not None or _meter is not None
+
+
+def shutdown() -> None:
+    """Flush what is buffered (the lifespan's shutdown), then back to the no-op state."""
+    for provider in _owned:
+        try:
+            provider.shutdown()
+        except Exception:
+            logger.warning("could not flush OpenTelemetry data at shutdown", exc_info=True)
+    for provider in _given:
+        with contextlib.suppress(Exception):
+            provider.force_flush()
+    reset()
+
+
+def reset() -> None:
+    """The no-op state (without flushing): hooks do nothing, instruments are unbound.
+    Registered observable gauges are kept, to be bound by the next configure."""
+    global _tracer, _meter, _bound_gauges
+    _tracer = _meter = None
+    _bound_gauges = 0
+    _owned.clear()
+    _given.clear()
+    metrics = sys.modules.get("common.metrics")  # not imported here: it reads Django's settings
+    for instrument in metrics.instruments() if metrics is not None else ():
+        instrument.otel = None
+
+
+def enabled() -> bool:
+    return _tracer is not None
+
+
+def _asked_for() -> bool:
+    env = os.environ
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    return any(env.get(name, "").strip() for name in _ASKING)
+
+
+def _exporters(variable: str) -> list[str]:
+    names = [n.strip().lower() for n in os.environ.get(variable, "otlp").split(",")]
+    return [n for n in names if n and n != "none"]
+
+
+def _chosen(
+    signal: str, *, console: Callable[[], Any], otlp: Callable[[], Any]
+) -> list[tuple[str, Any]]:
+    """(name, exporter) of each exporter OTEL_<signal>_EXPORTER lists that we ship."""
+    chosen = []
+    for name in _exporters(f"OTEL_{signal}_EXPORTER"):
+        if name in ("console", "otlp"):
+            chosen.append((name, console() if name == "console" else otlp()))
+        else:
+            logger.warning("OTEL_%s_EXPORTER=%s is not supported; ignored", signal, name)
+    return chosen
+
+
+def _providers_from_env() -> tuple[Any, Any, str]:
+    """A TracerProvider and a MeterProvider built from the OTEL_* variables (either may be None
+    when its exporter is "none"), and where their data goes, for the log."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import (
+        ConsoleMetricExporter,
+        PeriodicExportingMetricReader,
+    )
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+    # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES are read by Resource.create; only a
+    # service name neither of them gives falls back to ours.
+    resource = Resource.create({})
+    if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({"service.name": "llmrotate"}))
+    where = []
+
+    def otlp_spans() -> Any:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter()
+
+    def otlp_metrics() -> Any:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
+        return OTLPMetricExporter()
+
+    tracer_provider = None
+    span_exporters = _chosen("TRACES", console=ConsoleSpanExporter, otlp=otlp_spans)
+    if span_exporters:
+        tracer_provider = TracerProvider(resource=resource)
+        for name, span_exporter in span_exporters:
+            tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
+            where.append(f"traces to {_destination(name, 'TRACES', 'v1/traces')}")
+
+    meter_provider = None
+    readers = []
+    for name, metric_exporter in _chosen(
+        "METRICS", console=ConsoleMetricExporter, otlp=otlp_metrics
+    ):
+        readers.append(PeriodicExportingMetricReader(metric_exporter))
+        where.append(f"metrics to {_destination(name, 'METRICS', 'v1/metrics')}")
+    if readers:
+        meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+    service = resource.attributes.get("service.name")
+    return tracer_provider, meter_provider, f"service {service}, " + ", ".join(where or ["off"])
+
+
+def _destination(exporter: str, signal: str, path: str) -> str:
+    """Where an exporter sends, for the log line: an endpoint without credentials."""
+    if exporter == "console":
+        return "the console"
+    env = os.environ
+    url = env.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT", "").strip()
+    if not url:
+        base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip() or "http://localhost:4318"
+        url = base.rstrip("/") + "/" + path
+    return url_masked(url)
+
+
+def url_masked(url: str) -> str:
+    """scheme://host[:port]/path of a URL: no user info, query or fragment (they may carry
+    credentials)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "(invalid URL)"
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+class _Api:
+    """The OpenTelemetry API, imported once tracing is on."""
+
+    def __init__(self) -> None:
+        from opentelemetry import context, trace
+        from opentelemetry.metrics import Observation
+        from opentelemetry.trace import SpanKind, Status, StatusCode
+        from opentelemetry.trace.propagation.tracecontext import (
+            TraceContextTextMapPropagator,
+        )
+
+        self.context = context
+        self.trace = trace
+        self.Observation = Observation
+        self.SERVER = SpanKind.SERVER
+        self.CLIENT = SpanKind.CLIENT
+        self.ERROR = Status(StatusCode.ERROR)
+        # Only W3C trace context (traceparent, tracestate): a client's baggage is not sent to
+        # the upstream provider, whatever OTEL_PROPAGATORS says.
+        self.propagator = TraceContextTextMapPropagator()
+
+
+def _load_api() -> None:
+    global _api
+    if _api is None:
+        _api = _Api()
+
+
+def _bind_instruments() -> None:
+    """An OTel twin for each Prometheus instrument of common.metrics, which then forwards every
+    update to it; and the observable gauges registered so far."""
+    from common import metrics
+
+    meter = _meter
+    for instrument in metrics.instruments():
+        if instrument.kind == "counter":
+            twin = meter.create_counter(
+                instrument.name, unit=instrument.unit, description=instrument.doc
+            )
+        elif instrument.kind == "histogram":
+            twin = meter.create_histogram(
+                instrument.name,
+                unit="s",
+                description=instrument.doc,
+                explicit_bucket_boundaries_advisory=list(getattr(instrument, "buckets", ())),
+            )
+        elif instrument.kind == "gauge":
+            twin = meter.create_gauge(
+                instrument.name, unit=instrument.unit, description=instrument.doc
+            )
+        else:
+            continue
+        instrument.otel = twin
+    _bind_gauges()
+
+
+def _bind_gauges() -> None:
+    global _bound_gauges
+    while _bound_gauges < len(_gauges):
+        name, doc, callback = _gauges[_bound_gauges]
+        _meter.create_observable_gauge(name, callbacks=[_observer(callback)], description=doc)
+        _bound_gauges += 1
+
+
+def _observer(callback: ObservableCallback) -> Callable[[Any], Iterable[Any]]:
+    def observe(options: Any) -> Iterable[Any]:
+        observation = _api.Observation
+        try:
+            return [observation(value, dict(attrs)) for value, attrs in callback()]
+        except Exception:
+            logger.warning("an OpenTelemetry gauge could not be read", exc_info=True)
+            return []
+
+    return observe
+
+
+def register_observable_gauge(name: str, doc: str, callback: ObservableCallback) -> None:
+    """A gauge read when the metric reader collects: `callback()` returns (value, attributes)
+    pairs. Registered before configure, it is created by configure."""
+    _gauges.append((name, doc, callback))
+    if _meter is not None:
+        _bind_gauges()
+
+
+# --- Spans --------------------------------------------------------------------------------
+
+
+def request_start(
+    operation: str, model: str, headers: Mapping[str, str], *, start_ns: int, attributes: Attributes
+) -> Any:
+    """The SERVER span of a proxied request (None when tracing is off), a child of the
+    client's `traceparent` when it sent one. `attributes` are added to the GenAI ones."""
+    if _tracer is None:
+        return None
+    api = _api
+    parent = api.propagator.extract(headers)
+    attributes["gen_ai.operation.name"] = operation
+    attributes["gen_ai.request.model"] = model
+    return _tracer.start_span(
+        f"{operation} {model}",
+        context=parent,
+        kind=api.SERVER,
+        attributes=attributes,
+        start_time=start_ns,
+    )
+
+
+def request_end(span: Any, attributes: Attributes, *, error: str | None = None) -> None:
+    if span is None:
+        return
+    if error:
+        attributes["error.type"] = error
+        span.set_status(_api.ERROR)
+    span.set_attributes(attributes)
+    span.end()
+
+
+def attempt_start(parent: Any, operation: str, model: str, attributes: Attributes) -> Any:
+    """The CLIENT span of one upstream attempt, a child of the request's span (None when the
+    request has none)."""
+    if parent is None:
+        return None
+    api = _api
+    attributes["gen_ai.operation.name"] = operation
+    attributes["gen_ai.request.model"] = model
+    return _tracer.start_span(
+        f"{operation} {model}",
+        context=api.trace.set_span_in_context(parent),
+        kind=api.CLIENT,
+        attributes=attributes,
+    )
+
+
+def attempt_end(span: Any, attributes: Attributes, *, error: str | None = None) -> None:
+    request_end(span, attributes, error=error)
+
+
+def inject(span: Any, headers: MutableMapping[str, str]) -> None:
+    """Add the span's `traceparent` (and `tracestate`) to an upstream request's headers."""
+    if span is None:
+        return
+    api = _api
+    api.propagator.inject(headers, context=api.trace.set_span_in_context(span))
+
+
+def use(span: Any) -> contextlib.AbstractContextManager[Any]:
+    """A context in which `span` is the current span (for the log lines and the span events
+    written inside it); nothing when there is no span."""
+    if span is None:
+        return _NULL
+    return _use(span)
+
+
+@contextlib.contextmanager
+def _use(span: Any) -> Iterator[None]:
+    context = _api.context
+    token = context.attach(_api.trace.set_span_in_context(span))
+    try:
+        yield
+    finally:
+        context.detach(token)
+
+
+def span_ids(span: Any) -> tuple[str, str] | None:
+    """(trace id, span id) of a span, in the hex of `traceparent`."""
+    if span is None:
+        return None
+    context = span.get_span_context()
+    return f"{context.trace_id:032x}", f"{context.span_id:016x}"
+
+
+def current_trace_ids() -> tuple[str, str] | None:
+    """(trace id, span id) of the current span, for log lines; None when tracing is off or no
+    span is current."""
+    if _tracer is None:
+        return None
+    context = _api.trace.get_current_span().get_span_context()
+    if not context.is_valid:
+        return None
+    return f"{context.trace_id:032x}", f"{context.span_id:016x}"
+
+
+def key_state_changed(key_id: str, before: str, after: str, reason: str) -> None:
+    """An event on the current span (the attempt that settled the key) when a key's health
+    changes."""
+    if _tracer is None:
+        return
+    span = _api.trace.get_current_span()
+    if span.is_recording():
+        span.add_event(
+            "llmrotate.key_state_change",
+            {
+                "llmrotate.key_id": key_id,
+                "llmrotate.key_state.from": before,
+                "llmrotate.key_state.to": after,
+                "llmrotate.key_state.reason": reason,
+            },
+        )
+
+
+def breaker_changed(endpoint: str, before: str, after: str) -> None:
+    """An event on the current span when an endpoint's circuit breaker changes state."""
+    if _tracer is None:
+        return
+    span = _api.trace.get_current_span()
+    if span.is_recording():
+        span.add_event(
+            "llmrotate.breaker_change",
+            {
+                "llmrotate.endpoint": url_masked(endpoint),
+                "llmrotate.breaker.from": before,
+                "llmrotate.breaker.to": after,
+            },
+        )
+
+
+@lru_cache(maxsize=256)
+def server_address(base_url: str) -> tuple[str, int]:
+    """`server.address` and `server.port` of an upstream (never its user info)."""
+    try:
+        parts = urlsplit(base_url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return "", 0
+    return parts.hostname or "", port
+
+
+def response_model(value: Any) -> str | None:
+    """The model an upstream says answered, bounded (the upstream is not trusted)."""
+    return value[:_MAX_MODEL] if isinstance(value, str) and value else None
