@@ -115,6 +115,10 @@ async def rotate(pools: dict[str, Pool], total: int, pids: dict[str, int]) -> di
     for i in range(blocks):
         order = names if i % 2 == 0 else names[::-1]
         for name in order:
+            # Discarded: the server closes a connection idle past its keep-alive timeout
+            # (uvicorn: 5 s) while the other targets take their turn; a request that finds it
+            # closed fails and reconnects, so the measured block starts on live connections.
+            await run_count(pools[name], 2 * pools[name].size)
             before = cpu_seconds(pids[name]) if name in pids else None
             samples[name].extend(await run_count(pools[name], total // blocks))
             after = cpu_seconds(pids[name]) if name in pids else None

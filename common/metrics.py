@@ -22,7 +22,10 @@ Label values are bounded by the configuration (routes, providers, models, keys, 
 or by small enums (outcomes, status classes); never a request id, a token or free text.
 
 With LLMROTATE_METRICS off every update returns at once. With the `otel` extra configured
-(common.telemetry), every update is also made on an OpenTelemetry instrument of the same name.
+(common.telemetry), every series has an OpenTelemetry twin of the same name: counters and the
+gauge are observable instruments that read this process's values when OpenTelemetry exports
+(nothing more per update: an SDK update costs several times a Prometheus one); histograms,
+which OpenTelemetry cannot observe, get each observation too (`.otel`).
 """
 
 from __future__ import annotations
@@ -70,6 +73,17 @@ class _Instrument:
 
     def _attrs(self, values: tuple[str, ...]) -> dict[str, str]:
         return dict(zip(self.labels, values, strict=True))
+
+    def readings(self) -> list[tuple[float, dict[str, str]]]:
+        """This process's values by label set, for an OpenTelemetry observable instrument to
+        report at each export (common.telemetry)."""
+        sample = self.name + ("_total" if self.kind == "counter" else "")
+        return [
+            (s.value, dict(s.labels))
+            for family in self.prom.collect()
+            for s in family.samples
+            if s.name == sample
+        ]
 
 
 class Counter(_Instrument):

@@ -283,22 +283,38 @@ async def test_the_usage_log_line_names_the_attempt_span(traced_gateway, otel, f
 
 
 async def test_the_otel_metrics_mirror_the_prometheus_series(traced_gateway, otel, flush_records):
+    # Counters are observed from this process's Prometheus values, which earlier tests of the
+    # process added to: each is read before and after.
+    def counted(name: str) -> dict[frozenset[Any], float]:
+        return {frozenset(p.attributes.items()): p.value for p in otel.points(name)}
+
+    flush_records()
+    names = ("llmrotate_requests", "llmrotate_attempts", "llmrotate_tokens")
+    before = {name: counted(name) for name in names}
     response = await post(traced_gateway)
     assert response.status_code == 200
     flush_records()  # the recorder's thread counts the records
 
-    [request] = otel.points("llmrotate_requests")
-    assert request.value == 1
-    assert dict(request.attributes) == {
+    def moved(name: str) -> list[tuple[dict[str, Any], float]]:
+        after = counted(name)
+        return [
+            (dict(attrs), value - before[name].get(attrs, 0))
+            for attrs, value in after.items()
+            if value != before[name].get(attrs, 0)
+        ]
+
+    [(request, requests)] = moved("llmrotate_requests")
+    assert requests == 1
+    assert request == {
         "route": ROUTE,
         "client": "app",
         "outcome": "success",
         "status_class": "2xx",
         "stream": "false",
     }
-    [attempt] = otel.points("llmrotate_attempts")
-    assert attempt.value == 1
-    assert dict(attempt.attributes) == {
+    [(attempt, attempts)] = moved("llmrotate_attempts")
+    assert attempts == 1
+    assert attempt == {
         "route": ROUTE,
         "provider": "openai",
         "upstream_model": "gpt-4o-mini",
@@ -310,7 +326,7 @@ async def test_the_otel_metrics_mirror_the_prometheus_series(traced_gateway, ote
     [duration] = otel.points("llmrotate_request_duration_seconds")
     assert duration.count == 1
     assert list(duration.explicit_bounds)[:3] == [0.001, 0.0025, 0.005]
-    tokens = {p.attributes["type"]: p.value for p in otel.points("llmrotate_tokens")}
+    tokens = {attrs["type"]: value for attrs, value in moved("llmrotate_tokens")}
     assert tokens == {"prompt": 12, "completion": 3, "cached": 2}
 
 
