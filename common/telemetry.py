@@ -25,9 +25,13 @@ configure) must be able to set it again.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import sys
+import threading
+import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from functools import lru_cache
 from typing import Any
@@ -66,7 +70,7 @@ _ASKING = (
 def configure(*, tracer_provider: Any = None, meter_provider: Any = None) -> bool:
     """Turn tracing (and OTel metrics) on if the extra is installed and the environment asks
     for it, or with the providers given (tests). Returns whether it is on."""
-    global _tracer, _meter
+    global _tracer, _meter, _builder
     given = tracer_provider is not None or meter_provider is not None
     if _tracer is not None or _meter is not None:
         reset()
@@ -89,6 +93,7 @@ def configure(*, tracer_provider: Any = None, meter_provider: Any = None) -> boo
     _load_api()
     if tracer_provider is not None:
         _tracer = tracer_provider.get_tracer("llmrotate")
+        _builder = _Builder(_tracer)
     if meter_provider is not None:
         _meter = meter_provider.get_meter("llmrotate")
         _bind_instruments()
@@ -97,6 +102,8 @@ def configure(*, tracer_provider: Any = None, meter_provider: Any = None) -> boo
 
 def shutdown() -> None:
     """Flush what is buffered (the lifespan's shutdown), then back to the no-op state."""
+    if _builder is not None:
+        _builder.stop()  # the last spans reach the processors before they flush
     for provider in _owned:
         try:
             provider.shutdown()
@@ -111,8 +118,10 @@ def shutdown() -> None:
 def reset() -> None:
     """The no-op state (without flushing): hooks do nothing, instruments are unbound.
     Registered observable gauges are kept, to be bound by the next configure."""
-    global _tracer, _meter, _bound_gauges
-    _tracer = _meter = None
+    global _tracer, _meter, _bound_gauges, _builder
+    if _builder is not None:
+        _builder.stop()
+    _tracer = _meter = _builder = None
     _bound_gauges = 0
     _owned.clear()
     _given.clear()
@@ -230,6 +239,7 @@ class _Api:
     def __init__(self) -> None:
         from opentelemetry import context, trace
         from opentelemetry.metrics import Observation
+        from opentelemetry.sdk.trace import Event, ReadableSpan
         from opentelemetry.trace import SpanKind, Status, StatusCode
         from opentelemetry.trace.propagation.tracecontext import (
             TraceContextTextMapPropagator,
@@ -241,6 +251,12 @@ class _Api:
         self.SERVER = SpanKind.SERVER
         self.CLIENT = SpanKind.CLIENT
         self.ERROR = Status(StatusCode.ERROR)
+        self.UNSET = Status(StatusCode.UNSET)
+        self.SpanContext = trace.SpanContext
+        self.TraceFlags = trace.TraceFlags
+        self.NonRecordingSpan = trace.NonRecordingSpan
+        self.ReadableSpan = ReadableSpan
+        self.Event = Event
         # Only W3C trace context (traceparent, tracestate): a client's baggage is not sent to
         # the upstream provider, whatever OTEL_PROPAGATORS says.
         self.propagator = TraceContextTextMapPropagator()
@@ -313,67 +329,224 @@ def register_observable_gauge(name: str, doc: str, callback: ObservableCallback)
 
 
 # --- Spans --------------------------------------------------------------------------------
+#
+# The request path only drafts its spans: ids, times, attributes and events in a plain object
+# (`Draft`), a `traceparent` string, a context variable. The SDK's spans are built from the
+# drafts on a thread of their own (`_Builder`) and handed to the provider's span processors as
+# if they had just ended. The SDK's span creation (attribute checks, locks, its processors) was
+# most of what tracing cost the request path (docs/benchmarks.md); a draft costs a few
+# microseconds. The sampler still decides, with the SDK's own rules, when the request starts.
+
+
+class Draft:
+    """One span as the request path knows it; `_build` turns it into the SDK's ReadableSpan."""
+
+    __slots__ = (
+        "attributes",
+        "end_ns",
+        "error",
+        "events",
+        "flags",
+        "kind",
+        "name",
+        "parent",
+        "span_id",
+        "start_ns",
+        "trace_id",
+        "trace_state",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        kind: Any,
+        trace_id: int,
+        span_id: int,
+        flags: int,
+        trace_state: Any,
+        parent: Any,
+        start_ns: int,
+        attributes: Attributes,
+    ) -> None:
+        self.name, self.kind = name, kind
+        self.trace_id, self.span_id, self.flags = trace_id, span_id, flags
+        self.trace_state, self.parent = trace_state, parent
+        self.start_ns, self.end_ns = start_ns, 0
+        self.attributes = attributes
+        self.events: list[tuple[str, Attributes, int]] = []
+        self.error: str | None = None
+
+    @property
+    def sampled(self) -> bool:
+        return bool(self.flags & 0x01)
+
+    def context(self) -> Any:
+        return _api.SpanContext(
+            self.trace_id,
+            self.span_id,
+            is_remote=False,
+            trace_flags=_api.TraceFlags(self.flags),
+            trace_state=self.trace_state,
+        )
+
+    def end(self, attributes: Attributes, error: str | None) -> None:
+        if self.end_ns:
+            return  # ended once only
+        self.end_ns = time.time_ns()
+        self.attributes.update(attributes)
+        if error:
+            self.attributes["error.type"] = error
+            self.error = error
+        if self.sampled and _builder is not None:
+            _builder.add(self)
+
+
+_current: contextvars.ContextVar[Draft | None] = contextvars.ContextVar(
+    "llmrotate_span", default=None
+)
+
+
+class _Builder:
+    """Builds the SDK's spans from ended drafts, off the request path, and ends them into the
+    tracer's span processors (the batch processor and its exporter, or a test's)."""
+
+    def __init__(self, tracer: Any) -> None:
+        self.tracer = tracer
+        self._drafts: deque[Draft] = deque()
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="llmrotate-spans", daemon=True)
+        self._thread.start()
+
+    def add(self, draft: Draft) -> None:
+        self._drafts.append(draft)  # deque.append is atomic: no lock on the request path
+        if len(self._drafts) >= 64:
+            self._wake.set()
+
+    def flush(self) -> None:
+        """Build every draft ended so far, on the calling thread."""
+        processor, resource = self.tracer.span_processor, self.tracer.resource
+        scope = self.tracer._instrumentation_scope
+        while True:
+            try:
+                draft = self._drafts.popleft()
+            except IndexError:
+                return
+            try:
+                processor.on_end(_build(draft, resource, scope))
+            except Exception:
+                logger.warning("a span could not be built", exc_info=True)
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=5)
+        self.flush()
+
+    def _run(self) -> None:
+        while not self._stop:
+            self._wake.wait(0.1)
+            self._wake.clear()
+            self.flush()
+
+
+_builder: _Builder | None = None
+
+
+def _build(draft: Draft, resource: Any, scope: Any) -> Any:
+    api = _api
+    return api.ReadableSpan(
+        draft.name,
+        context=draft.context(),
+        parent=draft.parent,
+        resource=resource,
+        attributes=draft.attributes,
+        events=tuple(api.Event(name, attrs, at) for name, attrs, at in draft.events),
+        kind=draft.kind,
+        status=api.ERROR if draft.error else api.UNSET,
+        start_time=draft.start_ns,
+        end_time=draft.end_ns,
+        instrumentation_scope=scope,
+    )
+
+
+def flush_spans() -> None:
+    """Hand every span ended so far to the span processors now (tests, shutdown)."""
+    if _builder is not None:
+        _builder.flush()
+
+
+def _start(name: str, kind: Any, parent: Any, start_ns: int, attributes: Attributes) -> Draft:
+    """A draft, sampled (or not) by the tracer's sampler as the SDK would decide; `parent` is
+    the SpanContext of the client's span, of the request's, or None."""
+    tracer = _tracer
+    if parent is not None and parent.is_valid:
+        trace_id = parent.trace_id
+        parent_context = _api.trace.set_span_in_context(_api.NonRecordingSpan(parent))
+    else:
+        parent, parent_context = None, None
+        trace_id = tracer.id_generator.generate_trace_id()
+    result = tracer.sampler.should_sample(parent_context, trace_id, name, kind, attributes)
+    if result.attributes:
+        attributes.update(result.attributes)
+    return Draft(
+        name,
+        kind,
+        trace_id,
+        tracer.id_generator.generate_span_id(),
+        0x01 if result.decision.is_sampled() else 0x00,
+        result.trace_state,
+        parent,
+        start_ns,
+        attributes,
+    )
 
 
 def request_start(
     operation: str, model: str, headers: Mapping[str, str], *, start_ns: int, attributes: Attributes
-) -> Any:
+) -> Draft | None:
     """The SERVER span of a proxied request (None when tracing is off), a child of the
     client's `traceparent` when it sent one. `attributes` are added to the GenAI ones."""
     if _tracer is None:
         return None
     api = _api
-    parent = api.propagator.extract(headers)
+    client = api.trace.get_current_span(api.propagator.extract(headers)).get_span_context()
     attributes["gen_ai.operation.name"] = operation
     attributes["gen_ai.request.model"] = model
-    return _tracer.start_span(
-        f"{operation} {model}",
-        context=parent,
-        kind=api.SERVER,
-        attributes=attributes,
-        start_time=start_ns,
-    )
+    return _start(f"{operation} {model}", api.SERVER, client, start_ns, attributes)
 
 
-def request_end(span: Any, attributes: Attributes, *, error: str | None = None) -> None:
-    if span is None:
-        return
-    if error:
-        attributes["error.type"] = error
-        span.set_status(_api.ERROR)
-    span.set_attributes(attributes)
-    span.end()
+def request_end(span: Draft | None, attributes: Attributes, *, error: str | None = None) -> None:
+    if span is not None:
+        span.end(attributes, error)
 
 
-def attempt_start(parent: Any, operation: str, model: str, attributes: Attributes) -> Any:
+def attempt_start(
+    parent: Draft | None, operation: str, model: str, attributes: Attributes
+) -> Draft | None:
     """The CLIENT span of one upstream attempt, a child of the request's span (None when the
     request has none)."""
-    if parent is None:
+    if parent is None or _tracer is None:
         return None
-    api = _api
     attributes["gen_ai.operation.name"] = operation
     attributes["gen_ai.request.model"] = model
-    return _tracer.start_span(
-        f"{operation} {model}",
-        context=api.trace.set_span_in_context(parent),
-        kind=api.CLIENT,
-        attributes=attributes,
-    )
+    return _start(f"{operation} {model}", _api.CLIENT, parent.context(), time.time_ns(), attributes)
 
 
-def attempt_end(span: Any, attributes: Attributes, *, error: str | None = None) -> None:
+def attempt_end(span: Draft | None, attributes: Attributes, *, error: str | None = None) -> None:
     request_end(span, attributes, error=error)
 
 
-def inject(span: Any, headers: MutableMapping[str, str]) -> None:
+def inject(span: Draft | None, headers: MutableMapping[str, str]) -> None:
     """Add the span's `traceparent` (and `tracestate`) to an upstream request's headers."""
     if span is None:
         return
-    api = _api
-    api.propagator.inject(headers, context=api.trace.set_span_in_context(span))
+    headers["traceparent"] = f"00-{span.trace_id:032x}-{span.span_id:016x}-{span.flags:02x}"
+    if span.trace_state:
+        headers["tracestate"] = span.trace_state.to_header()
 
 
-def use(span: Any) -> contextlib.AbstractContextManager[Any]:
+def use(span: Draft | None) -> contextlib.AbstractContextManager[Any]:
     """A context in which `span` is the current span (for the log lines and the span events
     written inside it); nothing when there is no span."""
     if span is None:
@@ -382,66 +555,58 @@ def use(span: Any) -> contextlib.AbstractContextManager[Any]:
 
 
 @contextlib.contextmanager
-def _use(span: Any) -> Iterator[None]:
-    context = _api.context
-    token = context.attach(_api.trace.set_span_in_context(span))
+def _use(span: Draft) -> Iterator[None]:
+    token = _current.set(span)
     try:
         yield
     finally:
-        context.detach(token)
+        _current.reset(token)
 
 
-def span_ids(span: Any) -> tuple[str, str] | None:
+def span_ids(span: Draft | None) -> tuple[str, str] | None:
     """(trace id, span id) of a span, in the hex of `traceparent`."""
     if span is None:
         return None
-    context = span.get_span_context()
-    return f"{context.trace_id:032x}", f"{context.span_id:016x}"
+    return f"{span.trace_id:032x}", f"{span.span_id:016x}"
 
 
 def current_trace_ids() -> tuple[str, str] | None:
     """(trace id, span id) of the current span, for log lines; None when tracing is off or no
     span is current."""
-    if _tracer is None:
-        return None
-    context = _api.trace.get_current_span().get_span_context()
-    if not context.is_valid:
-        return None
-    return f"{context.trace_id:032x}", f"{context.span_id:016x}"
+    span = _current.get()
+    return span_ids(span) if span is not None and _tracer is not None else None
+
+
+def _event(name: str, attributes: Attributes) -> None:
+    span = _current.get()
+    if _tracer is not None and span is not None and span.sampled and not span.end_ns:
+        span.events.append((name, attributes, time.time_ns()))
 
 
 def key_state_changed(key_id: str, before: str, after: str, reason: str) -> None:
     """An event on the current span (the attempt that settled the key) when a key's health
     changes."""
-    if _tracer is None:
-        return
-    span = _api.trace.get_current_span()
-    if span.is_recording():
-        span.add_event(
-            "llmrotate.key_state_change",
-            {
-                "llmrotate.key_id": key_id,
-                "llmrotate.key_state.from": before,
-                "llmrotate.key_state.to": after,
-                "llmrotate.key_state.reason": reason,
-            },
-        )
+    _event(
+        "llmrotate.key_state_change",
+        {
+            "llmrotate.key_id": key_id,
+            "llmrotate.key_state.from": before,
+            "llmrotate.key_state.to": after,
+            "llmrotate.key_state.reason": reason,
+        },
+    )
 
 
 def breaker_changed(endpoint: str, before: str, after: str) -> None:
     """An event on the current span when an endpoint's circuit breaker changes state."""
-    if _tracer is None:
-        return
-    span = _api.trace.get_current_span()
-    if span.is_recording():
-        span.add_event(
-            "llmrotate.breaker_change",
-            {
-                "llmrotate.endpoint": url_masked(endpoint),
-                "llmrotate.breaker.from": before,
-                "llmrotate.breaker.to": after,
-            },
-        )
+    _event(
+        "llmrotate.breaker_change",
+        {
+            "llmrotate.endpoint": url_masked(endpoint),
+            "llmrotate.breaker.from": before,
+            "llmrotate.breaker.to": after,
+        },
+    )
 
 
 @lru_cache(maxsize=256)

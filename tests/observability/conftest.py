@@ -22,6 +22,9 @@ class Otel:
     metrics: Any  # InMemoryMetricReader
 
     def finished(self) -> list[Any]:
+        from common import telemetry
+
+        telemetry.flush_spans()  # spans are built off the request path
         return list(self.spans.get_finished_spans())
 
     def points(self, name: str) -> list[Any]:
