@@ -5,23 +5,19 @@ The request id lives in a context variable, so it follows the request wherever a
 it (tasks copy the context when they are created) and nowhere else: the recorder's and the
 database's threads have contexts of their own and log without it.
 
-Trace ids come from common.telemetry, which only exists with tracing support and may import
-OpenTelemetry; it is looked up on the first log line that asks, never at import, so a process
-that does not trace never loads it because of logging.
+Trace ids come from common.telemetry, which imports nothing of OpenTelemetry until tracing is
+turned on, so asking it costs a process that does not trace one `None` check.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextvars import ContextVar, Token
 
-_request_id: ContextVar[str] = ContextVar("llmrotate_request_id", default="")
+from common import telemetry
 
-TraceIds = Callable[[], "tuple[str, str] | None"]
-_UNRESOLVED: TraceIds = lambda: None  # noqa: E731 - a sentinel, compared by identity
-_trace_hook: TraceIds = _UNRESOLVED
+_request_id: ContextVar[str] = ContextVar("llmrotate_request_id", default="")
 
 
 def request_id() -> str:
@@ -50,17 +46,5 @@ def request_id_bound(value: str) -> Iterator[None]:
 
 def trace_ids() -> tuple[str, str] | None:
     """(trace id, span id) in hex of the active span, or None when there is none or tracing
-    is not installed."""
-    global _trace_hook
-    if _trace_hook is _UNRESOLVED:
-        _trace_hook = _resolve_trace_hook()
-    return _trace_hook()
-
-
-def _resolve_trace_hook() -> TraceIds:
-    try:
-        telemetry = importlib.import_module("common.telemetry")
-    except ImportError:
-        return lambda: None
-    hook: TraceIds | None = getattr(telemetry, "current_trace_ids", None)
-    return hook if hook is not None else lambda: None
+    is off."""
+    return telemetry.current_trace_ids()

@@ -237,7 +237,7 @@ class _Api:
     """The OpenTelemetry API, imported once tracing is on."""
 
     def __init__(self) -> None:
-        from opentelemetry import context, trace
+        from opentelemetry import trace
         from opentelemetry.metrics import Observation
         from opentelemetry.sdk.trace import Event, ReadableSpan
         from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -245,7 +245,6 @@ class _Api:
             TraceContextTextMapPropagator,
         )
 
-        self.context = context
         self.trace = trace
         self.Observation = Observation
         self.SERVER = SpanKind.SERVER

@@ -70,7 +70,7 @@ class JsonFormatter(logging.Formatter):
             line.update(zip(_ACCESS_FIELDS, args, strict=True))
         if request_id := logcontext.request_id():
             line["request_id"] = request_id
-        if ids := _trace_ids():
+        if ids := logcontext.trace_ids():
             line["trace_id"], line["span_id"] = ids
         if record.exc_info and not record.exc_text:
             # Only without RedactSecretsFilter on the handler, which leaves exc_text masked.
@@ -80,14 +80,6 @@ class JsonFormatter(logging.Formatter):
         if record.stack_info:
             line["stack"] = self.formatStack(record.stack_info)
         return json.dumps(line, ensure_ascii=False, default=str)
-
-
-def _trace_ids() -> tuple[str, str] | None:
-    # A tracing hook that fails must not cost the line.
-    try:
-        return logcontext.trace_ids()
-    except Exception:
-        return None
 
 
 def configure_logging(config: dict[str, Any]) -> None:
