@@ -190,7 +190,13 @@ def run_scenario(
     down_at = time.monotonic()
     health = until(lambda: (h := primary_health())["breaker_state"] == "open" and h, "no trip")
     took = time.monotonic() - down_at
-    assert health["consecutive_failures"]["http"] == THRESHOLD
+    failures = health["consecutive_failures"]
+    # THRESHOLD HTTP failures take it down; failed pings count too once the HTTP probe fails
+    # (healthchecks.services._probes_down), so a ping that timed out on a loaded machine can
+    # trip it at the first HTTP failure (seen once in CI).
+    assert 1 <= failures["http"] <= THRESHOLD
+    if failures["http"] < THRESHOLD:
+        assert failures["ping"] > 0 or health["ping_status"] == "failed", health
     assert health["healthy"] is False and health["http_status"] == "failed"
     assert took < THRESHOLD * 1 + 8, f"opened after {took:.1f}s"  # 1 s probes, loaded CI
 
