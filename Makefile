@@ -11,7 +11,7 @@ TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/llmrotate
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 PYTEST_ARGS ?=
 
-.PHONY: run test test-embedded test-scaled lint demo fake-upstream bench clean browser promtool
+.PHONY: run test test-embedded test-scaled lint demo fake-upstream bench bench-limits clean browser promtool
 
 $(VENV)/.base-$(HASH):
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -81,6 +81,13 @@ test: lint browser promtool test-embedded test-scaled
 
 bench: $(VENV)/.dev-$(HASH)
 	$(BIN)/python bench/proxy_overhead.py
+
+# What a client's limits add to a call, embedded and with Redis (issue #14). Needs Redis on
+# 127.0.0.1:6379 for the scaled rows (`--modes embedded` runs without).
+BENCH_REDIS_URL ?= redis://127.0.0.1:6379/0
+
+bench-limits: $(VENV)/.dev-$(HASH)
+	$(BIN)/python bench/limits_overhead.py --redis-url $(BENCH_REDIS_URL)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .tools

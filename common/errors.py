@@ -40,13 +40,25 @@ class ApiError(Exception):
         self.param = param
         self.retry_after = retry_after
         self.headers: dict[str, str] = {}
+        # The error's type in Anthropic's envelope, where its names differ from OpenAI's (a
+        # 429 is "rate_limit_error" there, "requests" or "tokens" at OpenAI).
+        self.anthropic_type = type
 
     def with_headers(self, headers: dict[str, str]) -> ApiError:
         self.headers.update(headers)
         return self
 
+    def with_anthropic_type(self, type: str) -> ApiError:
+        self.anthropic_type = type
+        return self
+
     def body(self, *, anthropic: bool = False) -> dict[str, object]:
-        error = {"message": self.message, "type": self.type, "code": self.code, "param": self.param}
+        error = {
+            "message": self.message,
+            "type": self.anthropic_type if anthropic else self.type,
+            "code": self.code,
+            "param": self.param,
+        }
         if anthropic:
             # Anthropic's envelope adds a top-level type; OpenAI clients read `error` alike.
             return {"type": "error", "error": error}

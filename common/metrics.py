@@ -227,6 +227,21 @@ KEY_TRANSITIONS = Counter(
     ("key_id", "from", "to", "reason"),
 )
 
+# --- Limits (counted by the proxy as it refuses, and by the limiter when Redis fails it) ----
+
+LIMITED = Counter(
+    "llmrotate_limited_requests",
+    "Requests refused by the gateway's own limits, by the kind of limit (requests, tokens, usd,"
+    " concurrency) and its period (minute, day, month, or none for concurrency).",
+    ("route", "kind", "period"),
+)
+LIMITER_ERRORS = Counter(
+    "llmrotate_limiter_errors",
+    "Calls of the limiter that could not reach its Redis; requests were then admitted (fail"
+    " open) or refused (fail closed) as LLMROTATE_LIMITS_FAIL_OPEN says.",
+    ("error",),
+)
+
 # --- The recorder ---------------------------------------------------------------------------
 
 RECORDER_QUEUE = Gauge(

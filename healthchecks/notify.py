@@ -70,6 +70,48 @@ def health_change_notify(
     log = logger.info if event in ("endpoint.up", "breaker.closed") else logger.warning
     log("endpoint %s: %s (%s -> %s) %s", payload["endpoint"], event, previous, current, reason)
     endpoint_health_changed.send(sender=health_change_notify, payload=payload)
+    _webhooks_queue(payload)
+    return payload
+
+
+def budget_alert_notify(
+    *,
+    label: str,
+    period: str,
+    percent: int,
+    budget_usd: float,
+    spent_usd: float,
+    resets_at: float,
+    **_: Any,
+) -> dict[str, Any]:
+    """A budget reached `percent` of itself this `period` (keys.limits.budget_check, which
+    sends each share once per budget and period): a log line and the signed webhooks."""
+    at = time.time()
+    payload: dict[str, Any] = {
+        "id": uuid.uuid4().hex,
+        "event": "budget.threshold",
+        "budget": label,
+        "period": period,
+        "percent": percent,
+        "budget_usd": round(budget_usd, 6),
+        "spent_usd": round(spent_usd, 6),
+        "resets_at": datetime.fromtimestamp(resets_at, UTC).isoformat(),
+        "timestamp": int(at),
+        "occurred_at": datetime.fromtimestamp(at, UTC).isoformat(),
+    }
+    logger.warning(
+        "budget of %s: %d%% of $%.4f per %s spent ($%.4f)",
+        label,
+        percent,
+        budget_usd,
+        period,
+        spent_usd,
+    )
+    _webhooks_queue(payload)
+    return payload
+
+
+def _webhooks_queue(payload: dict[str, Any]) -> None:
     urls = settings.LLMROTATE_WEBHOOK_URLS if settings.LLMROTATE_NOTIFICATIONS else []
     if urls:
         from healthchecks.tasks import webhook_deliver
@@ -80,7 +122,6 @@ def health_change_notify(
                 webhook_deliver.delay(url=url, body=body)
             except Exception:  # the broker is down: the change is logged and signalled anyway
                 logger.exception("could not queue the webhook to %s", webhook_host(url))
-    return payload
 
 
 def webhook_post(*, url: str, body: str) -> int:

@@ -1,4 +1,4 @@
-"""Admin for providers, keys, routes and client tokens.
+"""Admin for providers, keys, routes, client tokens and limits.
 
 Thin: every write goes through keys.services (which also drops the proxy's routing cache).
 Secrets are write-only here: no form, list or change page ever renders a plaintext secret or
@@ -8,20 +8,25 @@ its ciphertext, only the masked hint.
 from __future__ import annotations
 
 import time
+from decimal import Decimal
 from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
+from django.core.validators import MinValueValidator
 from django.db import models
 from django.db.models import QuerySet
 from django.forms import BaseInlineFormSet
 from django.http import HttpRequest
+from django.urls import reverse
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import SafeString
 from django.utils.timesince import timesince, timeuntil
 
 from common.timestamps import datetime_from_epoch
 from keys.health import KeyState, KeyStatus, ManualAction
-from keys.models import ApiKey, ClientToken, Deployment, Provider, Route
+from keys.models import LIMIT_FIELDS, ApiKey, ClientToken, Deployment, Limit, Provider, Route
 from keys.services import (
     api_key_health_action,
     api_key_parse_secret,
@@ -35,7 +40,7 @@ from keys.state_store import get_key_state_store
 
 
 class InvalidatesRoutingMixin(admin.ModelAdmin):
-    """Plain-model admins (providers, routes): save as usual, then drop the routing cache.
+    """Plain-model admins (providers, routes, limits): save as usual, then drop the routing cache.
 
     These models have no rules beyond their fields, so a service per model would only forward
     to `save()`; what they do need is the cache invalidation every write must do.
@@ -91,6 +96,12 @@ class ModelListField(forms.CharField):
         return [m.strip() for m in text.replace(",", "\n").splitlines() if m.strip()]
 
 
+def _at_least_one(field: forms.Field) -> None:
+    # The columns take 0, which would refuse every request, as the config file refuses it.
+    field.validators.append(MinValueValidator(1))
+    field.widget.attrs["min"] = 1
+
+
 class ApiKeyForm(forms.ModelForm):
     secret = forms.CharField(
         required=False,
@@ -110,10 +121,22 @@ class ApiKeyForm(forms.ModelForm):
 
     class Meta:
         model = ApiKey
-        fields = ["key_id", "provider", "secret", "enabled", "priority", "weight", "allowed_models"]
+        fields = [
+            "key_id",
+            "provider",
+            "secret",
+            "enabled",
+            "priority",
+            "weight",
+            "allowed_models",
+            "requests_per_minute",
+            "tokens_per_minute",
+        ]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        for name in ("requests_per_minute", "tokens_per_minute"):
+            _at_least_one(self.fields[name])
         if self.instance.pk is None:
             self.fields["secret"].required = True
             self.fields["secret"].help_text = (
@@ -151,6 +174,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
         "enabled",
         "priority",
         "weight",
+        "provider_limits",
         "health_status",
         "benched_until",
         "consecutive_failures",
@@ -162,31 +186,25 @@ class ApiKeyAdmin(admin.ModelAdmin):
     readonly_fields = ["secret_hint", "health_status", "benched_until", "last_error"]
     actions = ["disable_keys", "enable_keys", "reset_health"]
 
-    def get_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> tuple[str, ...]:
-        if obj is None:
-            return (
-                "key_id",
-                "provider",
-                "secret",
-                "enabled",
-                "priority",
-                "weight",
-                "allowed_models",
-            )
-        # The masked hint next to the (empty) secret box, and the live health below.
-        return (
-            "key_id",
-            "provider",
-            "secret",
-            "secret_hint",
-            "enabled",
-            "priority",
-            "weight",
-            "allowed_models",
-            "health_status",
-            "benched_until",
-            "last_error",
+    def get_fieldsets(self, request: HttpRequest, obj: ApiKey | None = None) -> Any:
+        provider_limits = (
+            "Provider limits",
+            {
+                "fields": ("requests_per_minute", "tokens_per_minute"),
+                "description": "The provider's own limits for this key, when known: the gateway "
+                "keeps the key under them instead of waiting for a 429. Empty: not known.",
+            },
         )
+        if obj is None:
+            fields = ["key_id", "provider", "secret", "enabled", "priority", "weight"]
+            return [(None, {"fields": [*fields, "allowed_models"]}), provider_limits]
+        # The masked hint next to the (empty) secret box, and the live health below.
+        fields = ["key_id", "provider", "secret", "secret_hint", "enabled", "priority", "weight"]
+        return [
+            (None, {"fields": [*fields, "allowed_models"]}),
+            provider_limits,
+            ("Health", {"fields": ("health_status", "benched_until", "last_error")}),
+        ]
 
     def get_changelist_instance(self, request: HttpRequest) -> Any:
         changelist = super().get_changelist_instance(request)
@@ -205,6 +223,15 @@ class ApiKeyAdmin(admin.ModelAdmin):
             cached = get_key_state_store().get_many([obj.key_id], now=time.time())[obj.key_id]
             obj._health = cached  # type: ignore[attr-defined]
         return cached[0] if cached else None
+
+    @admin.display(description="provider limits")
+    def provider_limits(self, obj: ApiKey) -> str:
+        parts = [
+            f"{value:,} {unit}/min"
+            for value, unit in ((obj.requests_per_minute, "req"), (obj.tokens_per_minute, "tok"))
+            if value is not None
+        ]
+        return ", ".join(parts) or "—"
 
     @admin.display(description="health")
     def health_status(self, obj: ApiKey) -> str:
@@ -306,6 +333,15 @@ class RouteAdmin(InvalidatesRoutingMixin):
     search_fields = ["name"]
     inlines = [DeploymentInline]
 
+    def get_readonly_fields(self, request: HttpRequest, obj: Route | None = None) -> Any:
+        # Listed, not edited inline: every POST of this page would then need the limits'
+        # formset too, and a limit has its own page (with the checks of its scope).
+        return () if obj is None else ("limits",)
+
+    @admin.display(description="limits")
+    def limits(self, obj: Route) -> SafeString:
+        return _limit_links(obj.limits.select_related("client", "route"), add={"route": obj.pk})
+
     def get_queryset(self, request: HttpRequest) -> QuerySet[Route]:
         return super().get_queryset(request).prefetch_related("deployments__provider")
 
@@ -356,7 +392,7 @@ class ClientTokenAdmin(admin.ModelAdmin):
     def get_fields(self, request: HttpRequest, obj: ClientToken | None = None) -> tuple[str, ...]:
         if obj is None:
             return ("name", "routes", "scopes")
-        return ("name", "masked", "routes", "scopes", "revoked_at", "created_at")
+        return ("name", "masked", "routes", "scopes", "limits", "revoked_at", "created_at")
 
     def get_readonly_fields(
         self, request: HttpRequest, obj: ClientToken | None = None
@@ -364,11 +400,16 @@ class ClientTokenAdmin(admin.ModelAdmin):
         if obj is None:
             return ()
         # Records and config files refer to a client by name: a new name is a new client.
-        return ("name", "masked", "revoked_at", "created_at")
+        return ("name", "masked", "limits", "revoked_at", "created_at")
 
     @admin.display(description="token")
     def masked(self, obj: ClientToken) -> str:
         return obj.masked
+
+    @admin.display(description="limits")
+    def limits(self, obj: ClientToken) -> SafeString:
+        # Listed here, edited on their own page: see RouteAdmin.get_readonly_fields.
+        return _limit_links(obj.limits.select_related("client", "route"), add={"client": obj.pk})
 
     def save_model(self, request: HttpRequest, obj: ClientToken, form: Any, change: bool) -> None:
         data = form.cleaned_data
@@ -402,3 +443,140 @@ class ClientTokenAdmin(admin.ModelAdmin):
         for token in tokens:
             client_token_revoke(token=token)
         self.message_user(request, f"Revoked: {', '.join(t.name for t in tokens)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Limits
+
+
+def _usd(value: Decimal) -> str:
+    text = f"{value.normalize():f}"
+    whole, _, cents = text.partition(".")
+    return f"${whole}.{cents.ljust(2, '0')}"
+
+
+def limit_summary(limit: Limit) -> str:
+    """The limits a row sets, in one line: `60 req/min, 5,000 tok/day, $5.00/day`."""
+    counts = [
+        (limit.requests_per_minute, "req/min"),
+        (limit.requests_per_day, "req/day"),
+        (limit.tokens_per_minute, "tok/min"),
+        (limit.tokens_per_day, "tok/day"),
+        (limit.max_concurrent, "concurrent"),
+    ]
+    parts = [f"{value:,} {unit}" for value, unit in counts if value is not None]
+    spend = [(limit.usd_per_day, "day"), (limit.usd_per_month, "month")]
+    parts += [f"{_usd(value)}/{period}" for value, period in spend if value is not None]
+    return ", ".join(parts) or "no limit set"
+
+
+def _scope_name(limit: Limit) -> str:
+    client = limit.client.name if limit.client else "any client"
+    route = limit.route.name if limit.route else "any route"
+    return f"{client} on {route}"
+
+
+def _limit_links(limits: QuerySet[Limit], *, add: dict[str, int]) -> SafeString:
+    rows = format_html_join(
+        "",
+        '<li><a href="{}">{}</a>: {}</li>',
+        (
+            (
+                reverse("admin:keys_limit_change", args=[lim.pk]),
+                _scope_name(lim),
+                limit_summary(lim),
+            )
+            for lim in limits
+        ),
+    )
+    query = "&".join(f"{name}={pk}" for name, pk in add.items())
+    add_url = f"{reverse('admin:keys_limit_add')}?{query}"
+    if not rows:
+        return format_html('None. <a href="{}">Add a limit</a>', add_url)
+    return format_html('<ul>{}</ul><a href="{}">Add a limit</a>', rows, add_url)
+
+
+_LIMIT_COUNTS = [
+    "requests_per_minute",
+    "requests_per_day",
+    "tokens_per_minute",
+    "tokens_per_day",
+    "max_concurrent",
+]
+
+
+class LimitForm(forms.ModelForm):
+    class Meta:
+        model = Limit
+        fields = ["client", "route", *LIMIT_FIELDS]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for name in _LIMIT_COUNTS:
+            _at_least_one(self.fields[name])
+
+    def clean(self) -> dict[str, Any]:
+        super().clean()
+        data = self.cleaned_data
+        client, route = data.get("client"), data.get("route")
+        if client is None and route is None:
+            return data  # the model's own check says so
+        same = Limit.objects.filter(client=client, route=route).exclude(pk=self.instance.pk)
+        if same.exists():
+            # On a field, so that Django's own "Constraint … is violated" (its unique
+            # constraints have conditions, so no better wording) is skipped for it.
+            who = f"“{client}”" if client else "any client"
+            where = f"“{route}”" if route else "any route"
+            self.add_error(
+                "route" if route else "client",
+                f"There is already a limit for {who} on {where}: change that one instead.",
+            )
+        return data
+
+
+@admin.register(Limit)
+class LimitAdmin(InvalidatesRoutingMixin):
+    form = LimitForm
+    list_display = ["client_name", "route_name", "summary", "updated_at"]
+    list_select_related = ["client", "route"]
+    search_fields = ["client__name", "route__name"]
+    fieldsets = [
+        (
+            None,
+            {
+                "fields": ("client", "route"),
+                "description": "A client token on any route, a route for all its clients, or "
+                "one client on one route. Every limit that applies to a request must have room "
+                "for it. An empty field is no limit.",
+            },
+        ),
+        ("Requests", {"fields": ("requests_per_minute", "requests_per_day")}),
+        (
+            "Tokens",
+            {
+                "fields": ("tokens_per_minute", "tokens_per_day"),
+                "description": "Prompt plus completion tokens, reserved before the call and "
+                "settled from the usage the upstream reports.",
+            },
+        ),
+        ("Concurrency", {"fields": ("max_concurrent",)}),
+        (
+            "Spend (USD)",
+            {
+                "fields": ("usd_per_day", "usd_per_month"),
+                "description": "Days and calendar months of LLMROTATE_LIMITS_TIME_ZONE.",
+            },
+        ),
+    ]
+
+    @admin.display(description="client", ordering="client__name")
+    def client_name(self, obj: Limit) -> str:
+        return obj.client.name if obj.client else "any"
+
+    @admin.display(description="route", ordering="route__name")
+    def route_name(self, obj: Limit) -> str:
+        return obj.route.name if obj.route else "any"
+
+    @admin.display(description="limits")
+    def summary(self, obj: Limit) -> str:
+        return limit_summary(obj)

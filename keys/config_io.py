@@ -1,4 +1,4 @@
-"""Import and export of providers, keys, routes and clients as one YAML/JSON document.
+"""Import and export of providers, keys, routes, clients and limits as one YAML/JSON document.
 
 The format is a public contract: keys.config_schema describes it (and publishes it as
 docs/config.schema.json). An example:
@@ -14,16 +14,21 @@ docs/config.schema.json). An example:
         deployments: [{provider: openai, model: gpt-4o-mini}]
     clients:
       - {name: ci, token: "env://LLMROTATE_CI_TOKEN", routes: ["*"], scopes: [proxy, monitor]}
+    limits:
+      - {client: ci, requests_per_minute: 60, usd_per_day: "5.00"}
+      - {route: gpt-4o-mini, tokens_per_minute: 200000, max_concurrent: 20}
 
 Rules, chosen so that the same file can be applied again and again (GitOps, container start):
 
-- Everything is matched by name (provider name, key `id`, route name, client `name`) and
-  created or updated. Re-importing an unchanged file changes nothing.
+- Everything is matched by name (provider name, key `id`, route name, client `name`; a limit
+  by its `client` and `route`) and created or updated. Re-importing an unchanged file changes
+  nothing.
 - Fields left out of an entry keep their current value (model defaults on create), so a
   hand-written file can be short and a change made in the admin survives. Required everywhere:
   a provider's `base_url`, a key's `provider`, a route's `deployments`. A key's `secret` is
   required only when the key is created.
 - A route's deployments are replaced, in the order given.
+- A limit field written as `null` removes that limit; left out, it keeps its current value.
 - Rows in the database that the file does not mention are left alone; nothing is deleted.
 - Secrets: `env://NAME` and `file://path` are stored as references and never enter the
   database; `literal://value` and a bare value are stored encrypted, with a warning.
@@ -40,10 +45,12 @@ import hmac
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.db.models import Q
 
 from keys.config_schema import (
     CONFIG_VERSION,
@@ -51,13 +58,14 @@ from keys.config_schema import (
     ClientConfig,
     ConfigError,
     KeyConfig,
+    LimitConfig,
     ProviderConfig,
     RouteConfig,
     client_token,
     config_parse,
 )
 from keys.crypto import SecretDecryptionError, hash_token
-from keys.models import ApiKey, ClientToken, Deployment, Provider, Route
+from keys.models import ApiKey, ClientToken, Deployment, Limit, Provider, Route
 from keys.services import (
     SecretSpec,
     api_key_save,
@@ -154,6 +162,7 @@ def config_import(*, data: Any, dry_run: bool = False) -> ImportReport:
             _apply_keys(doc.keys or [], providers, report, errors)
             _apply_routes(doc.routes or {}, providers, report, errors)
             _apply_clients(doc.clients or [], report, errors)
+            _apply_limits(doc.limits or [], report, errors)
             if errors:
                 raise ConfigError(errors)
             if dry_run:
@@ -323,6 +332,39 @@ def _apply_clients(entries: list[ClientConfig], report: ImportReport, errors: li
             counts.updated += 1
 
 
+def _apply_limits(entries: list[LimitConfig], report: ImportReport, errors: list[str]) -> None:
+    counts = report.counts["limits"]
+    for i, entry in enumerate(entries):
+        path = f"limits[{i}]"
+        client = route = None
+        if entry.client is not None:
+            client = ClientToken.objects.filter(name=entry.client).first()
+        if entry.route is not None:
+            route = Route.objects.filter(name=entry.route).first()
+        if (entry.client is not None and client is None) or (
+            entry.route is not None and route is None
+        ):
+            continue  # its entry in `clients` or `routes` failed: reported there
+        values = entry.values()
+        with _collect(errors, path, {}):
+            limit = Limit.objects.filter(client=client, route=route).first()
+            if limit is None:
+                limit = Limit(client=client, route=route, **values)
+                limit.full_clean()
+                limit.save()
+                counts.created += 1
+                continue
+            changes = _diff(limit, values)
+            if not changes:
+                counts.unchanged += 1
+                continue
+            for field_name, value in changes.items():
+                setattr(limit, field_name, value)
+            limit.full_clean()
+            limit.save()
+            counts.updated += 1
+
+
 # ---------------------------------------------------------------------------------------------
 # Export
 
@@ -333,7 +375,7 @@ def config_export() -> dict[str, Any]:
     Keys whose secret is a reference keep it (a reference is not secret); keys stored encrypted
     come without `secret`, which an import into the same database accepts (the secret is kept)
     and an import elsewhere rejects until one is added. Clients come without tokens; revoked
-    clients are left out.
+    clients are left out, and so are their limits. Limit fields without a limit are left out.
     """
     keys = []
     for key in ApiKey.objects.select_related("provider").order_by("provider__name", "key_id"):
@@ -346,6 +388,9 @@ def config_export() -> dict[str, Any]:
             models=list(key.allowed_models),
             enabled=key.enabled,
         )
+        for name in ("requests_per_minute", "tokens_per_minute"):
+            if getattr(key, name) is not None:
+                entry[name] = getattr(key, name)
         keys.append(entry)
     return {
         "version": CONFIG_VERSION,
@@ -375,4 +420,37 @@ def config_export() -> dict[str, Any]:
             {"name": c.name, "routes": list(c.routes), "scopes": list(c.scopes)}
             for c in ClientToken.objects.filter(revoked_at__isnull=True).order_by("name")
         ],
+        "limits": _export_limits(),
     }
+
+
+_LIMIT_FIELDS = [name for name in LimitConfig.model_fields if name not in ("client", "route")]
+
+
+def _export_limits() -> list[dict[str, Any]]:
+    limits = Limit.objects.select_related("client", "route").filter(
+        Q(client__isnull=True) | Q(client__revoked_at__isnull=True)
+    )
+    entries = []
+    for limit in limits:
+        entry: dict[str, Any] = {}
+        if limit.client is not None:
+            entry["client"] = limit.client.name
+        if limit.route is not None:
+            entry["route"] = limit.route.name
+        for name in _LIMIT_FIELDS:
+            value = getattr(limit, name)
+            if isinstance(value, Decimal):
+                # As a string: exact, and YAML and JSON have no decimal type.
+                value = _decimal_text(value)
+            if value is not None:
+                entry[name] = value
+        entries.append(entry)
+    # In Python: the databases disagree on where a null sorts.
+    return sorted(entries, key=lambda e: (e.get("client", ""), e.get("route", "")))
+
+
+def _decimal_text(value: Decimal) -> str:
+    text = f"{value.normalize():f}"
+    whole, _, cents = text.partition(".")
+    return f"{whole}.{cents.ljust(2, '0')}"

@@ -8,7 +8,9 @@ in the file (`keys[2].provider: unknown provider 'foo'`); nothing is written her
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
+from decimal import Decimal, InvalidOperation
 from types import UnionType
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -25,6 +27,7 @@ from pydantic import (
     StringConstraints,
     ValidationInfo,
     WithJsonSchema,
+    model_validator,
 )
 from pydantic import ValidationError as PydanticValidationError
 from pydantic_core import ErrorDetails, PydanticCustomError, PydanticKnownError
@@ -35,10 +38,15 @@ from keys.services import CLIENT_TOKEN_MIN_LENGTH, SecretSpec, api_key_parse_sec
 from keys.strategies import DEFAULT_STRATEGY, STRATEGIES
 
 CONFIG_VERSION: Literal[1] = 1
-SECTIONS = ("providers", "keys", "routes", "clients")
+SECTIONS = ("providers", "keys", "routes", "clients", "limits")
 # Postgres' `integer`, the narrowest column these numbers land in; SQLite would take more, and a
 # file that imports in one mode should import in the other.
 INT_MAX = 2**31 - 1
+# Limit.usd_per_*: DecimalField(max_digits=12, decimal_places=4).
+USD_PLACES = 4
+USD_MAX = Decimal(10) ** (12 - USD_PLACES)
+# A USD amount written as a string: plain digits, so that "1e3" or " 5" is not a surprise.
+_USD_TEXT = re.compile(r"[0-9]+(\.[0-9]+)?")
 PLAINTEXT_WARNING = (
     "{path}: the secret is written in the file; prefer env://NAME or file://path "
     "(it is stored encrypted either way)"
@@ -93,12 +101,42 @@ def _one_of(allowed: list[str]) -> BeforeValidator:
     return BeforeValidator(check)
 
 
-def _known_provider(name: str, info: ValidationInfo) -> str:
-    # The context holds the providers of the file and of the database (see config_parse).
-    known = (info.context or {}).get("providers")
-    if known is not None and name not in known:
-        raise _error(f"unknown provider '{name}'")
-    return name
+def _known(kind: str, context_key: str) -> AfterValidator:
+    # The context holds the names of the file and of the database (see config_parse).
+    def check(name: str, info: ValidationInfo) -> str:
+        known = (info.context or {}).get(context_key)
+        if known is not None and name not in known:
+            raise _error(f"unknown {kind} '{name}'")
+        return name
+
+    return AfterValidator(check)
+
+
+def _usd(value: Any) -> Decimal | None:
+    """An amount in USD: a number or a decimal string (exact, which a YAML float is not)."""
+    if value is None:
+        return None  # written out: no limit
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        got = _TYPE_NAMES.get(type(value), type(value).__name__)
+        raise _error(f"expected a number or a decimal string, got {got}")
+    try:
+        amount = Decimal(str(value))
+    except InvalidOperation:
+        amount = None
+    if amount is not None and amount.is_finite() and amount < 0:
+        raise _error("must be at least 0")
+    if (
+        amount is None
+        or not amount.is_finite()
+        or (isinstance(value, str) and not _USD_TEXT.fullmatch(value))
+    ):
+        raise _error(f"expected an amount such as 12.50 or '12.50', got {value!r}")
+    if amount >= USD_MAX:
+        raise _error(f"must be less than {USD_MAX}")
+    exponent = amount.as_tuple().exponent
+    if isinstance(exponent, int) and exponent < -USD_PLACES:
+        raise _error(f"at most {USD_PLACES} decimal places")
+    return amount
 
 
 def _supported_version(value: Any) -> Any:
@@ -157,9 +195,26 @@ _Text100 = Annotated[str, StringConstraints(min_length=1, max_length=100), _NotB
 _Text200 = Annotated[str, StringConstraints(min_length=1, max_length=200), _NotBlank]
 _Text500 = Annotated[str, StringConstraints(min_length=1, max_length=500), _NotBlank]
 _Name = Annotated[_Text64, _django(slug_validator)]
-_ProviderRef = Annotated[_Text64, AfterValidator(_known_provider)]
+_ProviderRef = Annotated[_Text64, _known("provider", "providers")]
 _BaseUrl = Annotated[_Text500, _django(URLValidator(), validate_base_url)]
 _Seconds = Annotated[int, Field(ge=0, le=INT_MAX)]
+# A limit: a positive count, or null (or left out of a new entry) for none.
+_Count = Annotated[int, Field(ge=1, le=INT_MAX)] | None
+_Usd = Annotated[
+    Decimal | None,
+    PlainValidator(_usd),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "minimum": 0, "exclusiveMaximum": int(USD_MAX)},
+                {"type": "string", "pattern": f"^{_USD_TEXT.pattern}$"},
+                {"type": "null"},
+            ]
+        }
+    ),
+]
+_ClientRef = Annotated[_Text100, _known("client", "clients")]
+_RouteRef = Annotated[_Text200, _known("route", "routes")]
 # Parsed, and published as the strings they are in the file.
 _Secret = Annotated[SecretSpec | None, PlainValidator(_secret), WithJsonSchema({"type": "string"})]
 _Token = Annotated[SecretSpec | None, PlainValidator(_token), WithJsonSchema({"type": "string"})]
@@ -236,6 +291,15 @@ class KeyConfig(_Entry):
         description="Upstream models this key may serve; empty means all.",
     )
     enabled: bool = Field(default=_default(ApiKey, "enabled"), description=_ENABLED)
+    requests_per_minute: _Count = Field(
+        default=_default(ApiKey, "requests_per_minute"),
+        description="The provider's request limit for this key (RPM), when known: the gateway "
+        "keeps the key under it instead of waiting for a 429. null: none known.",
+    )
+    tokens_per_minute: _Count = Field(
+        default=_default(ApiKey, "tokens_per_minute"),
+        description="The provider's token limit for this key (TPM), when known. null: none known.",
+    )
 
     def values(self) -> dict[str, Any]:
         """The ApiKey fields the file sets."""
@@ -288,9 +352,65 @@ class ClientConfig(_Entry):
     )
 
 
+_NO_LIMIT = " null: no limit."
+
+
+class LimitConfig(_Entry):
+    """Limits on what clients may use, matched by their scope: one client on any route, one
+    route for any client, or one client on one route. Every limit that applies to a request
+    must have room for it. Days and months are those of LLMROTATE_LIMITS_TIME_ZONE (UTC by
+    default)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"anyOf": [{"required": ["client"]}, {"required": ["route"]}]}
+    )
+
+    client: _ClientRef | None = Field(
+        default=None,
+        description="A client (by name) of this file or one already in the database. Left "
+        "out: the limit is the route's, shared by all its clients.",
+    )
+    route: _RouteRef | None = Field(
+        default=None,
+        description="A route (by name) of this file or one already in the database. Left out: "
+        "the limit is the client's, across all routes.",
+    )
+    requests_per_minute: _Count = Field(
+        default=None, description="Requests per clock minute." + _NO_LIMIT
+    )
+    requests_per_day: _Count = Field(default=None, description="Requests per day." + _NO_LIMIT)
+    tokens_per_minute: _Count = Field(
+        default=None, description="Prompt plus completion tokens per clock minute." + _NO_LIMIT
+    )
+    tokens_per_day: _Count = Field(
+        default=None, description="Prompt plus completion tokens per day." + _NO_LIMIT
+    )
+    max_concurrent: _Count = Field(
+        default=None, description="Requests in flight at once." + _NO_LIMIT
+    )
+    usd_per_day: _Usd = Field(
+        default=None,
+        description='Spend per day in USD, a number or a decimal string ("12.50").' + _NO_LIMIT,
+    )
+    usd_per_month: _Usd = Field(
+        default=None,
+        description="Spend per calendar month in USD, a number or a decimal string." + _NO_LIMIT,
+    )
+
+    @model_validator(mode="after")
+    def _scoped(self) -> LimitConfig:
+        if self.client is None and self.route is None:
+            raise _error("a limit needs a client, a route, or both")
+        return self
+
+    def values(self) -> dict[str, Any]:
+        """The Limit fields the file sets."""
+        return self.model_dump(exclude_unset=True, exclude={"client", "route"})
+
+
 class ConfigFile(_Entry):
-    """Providers, upstream keys, routes and clients for llmrotate's `import_config`, which
-    creates or updates them by name and keeps what the file leaves out."""
+    """Providers, upstream keys, routes, clients and limits for llmrotate's `import_config`,
+    which creates or updates them by name and keeps what the file leaves out."""
 
     model_config = ConfigDict(
         title="llmrotate configuration",
@@ -310,6 +430,11 @@ class ConfigFile(_Entry):
     clients: list[ClientConfig] | None = Field(
         default=None, description="Callers of the gateway, each with its token."
     )
+    limits: list[LimitConfig] | None = Field(
+        default=None,
+        description="Requests, tokens, concurrency and spend allowed per client, per route, or "
+        "per client on a route.",
+    )
 
 
 def config_json_schema() -> str:
@@ -324,16 +449,28 @@ def config_json_schema() -> str:
 def config_parse(*, data: Any) -> tuple[ConfigFile, list[str]]:
     """A loaded YAML/JSON document → the validated file and its warnings.
 
-    Raises ConfigError with every problem, each with its path. Provider names are checked
-    against the file and the database: call it inside the transaction that writes.
+    Raises ConfigError with every problem, each with its path. Provider, client and route names
+    are checked against the file and the database: call it inside the transaction that writes.
     """
     known = set(Provider.objects.values_list("name", flat=True))
-    if isinstance(data, dict) and isinstance(data.get("providers"), dict):
-        known.update(name for name in data["providers"] if isinstance(name, str))
+    clients = set(ClientToken.objects.values_list("name", flat=True))
+    routes = set(Route.objects.values_list("name", flat=True))
+    if isinstance(data, dict):
+        if isinstance(data.get("providers"), dict):
+            known.update(name for name in data["providers"] if isinstance(name, str))
+        if isinstance(data.get("routes"), dict):
+            routes.update(name for name in data["routes"] if isinstance(name, str))
+        if isinstance(data.get("clients"), list):
+            clients.update(
+                entry["name"]
+                for entry in data["clients"]
+                if isinstance(entry, dict) and isinstance(entry.get("name"), str)
+            )
     errors: list[tuple[Loc, str]] = []
     doc = None
     try:
-        doc = ConfigFile.model_validate(data, context={"providers": known})
+        context = {"providers": known, "clients": clients, "routes": routes}
+        doc = ConfigFile.model_validate(data, context=context)
     except PydanticValidationError as exc:
         errors = [(e["loc"], _message(e)) for e in exc.errors()]
     if isinstance(data, dict):
@@ -430,6 +567,28 @@ def _duplicates(data: dict[Any, Any]) -> list[tuple[Loc, str]]:
                 first = f"{section}[{seen[same]}]"
                 errors.append(((section, i, field), message.format(value=value, first=first)))
             seen.setdefault(same, i)
+    return errors + _duplicate_limits(data.get("limits"))
+
+
+def _duplicate_limits(entries: Any) -> list[tuple[Loc, str]]:
+    """Limits are matched by their scope, so two entries of one scope would fight."""
+    errors: list[tuple[Loc, str]] = []
+    seen: dict[tuple[str | None, str | None], int] = {}
+    for i, entry in enumerate(entries if isinstance(entries, list) else []):
+        if not isinstance(entry, dict):
+            continue
+        client, route = entry.get("client"), entry.get("route")
+        if not all(name is None or isinstance(name, str) for name in (client, route)):
+            continue  # reported by the field's own check
+        if client is None and route is None:
+            continue  # likewise
+        scope = (client, route)
+        if scope in seen:
+            who = "any client" if client is None else f"client '{client}'"
+            where = "any route" if route is None else f"route '{route}'"
+            message = f"duplicate limit for {who} on {where} (also limits[{seen[scope]}])"
+            errors.append((("limits", i), message))
+        seen.setdefault(scope, i)
     return errors
 
 

@@ -6,6 +6,7 @@ lives in the key state store (in process, or Redis when scaled out). See keys/st
 
 from __future__ import annotations
 
+from decimal import Decimal
 from urllib.parse import urlsplit
 
 from django.core.exceptions import ValidationError
@@ -18,6 +19,10 @@ slug_validator = RegexValidator(
     r"^[A-Za-z0-9][A-Za-z0-9._:-]*$",
     "Use letters, digits, '.', '_', ':' and '-', starting with a letter or digit.",
 )
+
+
+# A limit of 0 would refuse everything; an empty field is "no limit".
+_AT_LEAST_1 = [MinValueValidator(1)]
 
 
 def validate_base_url(value: str) -> None:
@@ -99,6 +104,20 @@ class ApiKey(models.Model):
         blank=True,
         help_text="Upstream models this key may serve. Empty means all.",
     )
+    # The provider's own limits for this key, known in advance: the gateway spreads traffic
+    # before the provider answers 429, and skips the key while it has no headroom left.
+    requests_per_minute = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=_AT_LEAST_1,
+        help_text="The provider's request limit for this key (RPM).",
+    )
+    tokens_per_minute = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=_AT_LEAST_1,
+        help_text="The provider's token limit for this key (TPM).",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -172,3 +191,86 @@ class ClientToken(models.Model):
     @property
     def masked(self) -> str:
         return f"llmr_{self.prefix}_…"
+
+
+# The limits a Limit row can set (besides its scope, client and route).
+LIMIT_FIELDS = (
+    "requests_per_minute",
+    "requests_per_day",
+    "tokens_per_minute",
+    "tokens_per_day",
+    "max_concurrent",
+    "usd_per_day",
+    "usd_per_month",
+)
+
+
+class Limit(models.Model):
+    """Limits on what clients may use: for one client token (any route), one route (any
+    client), or one client on one route. Every limit that applies to a request must have room
+    for it (keys/limits.py); an empty field is no limit."""
+
+    client = models.ForeignKey(
+        ClientToken, null=True, blank=True, on_delete=models.CASCADE, related_name="limits"
+    )
+    route = models.ForeignKey(
+        Route, null=True, blank=True, on_delete=models.CASCADE, related_name="limits"
+    )
+    requests_per_minute = models.PositiveIntegerField(null=True, blank=True, validators=_AT_LEAST_1)
+    requests_per_day = models.PositiveIntegerField(null=True, blank=True, validators=_AT_LEAST_1)
+    tokens_per_minute = models.PositiveIntegerField(
+        null=True, blank=True, validators=_AT_LEAST_1, help_text="Prompt plus completion tokens."
+    )
+    tokens_per_day = models.PositiveIntegerField(null=True, blank=True, validators=_AT_LEAST_1)
+    max_concurrent = models.PositiveIntegerField(
+        "concurrent requests", null=True, blank=True, validators=_AT_LEAST_1
+    )
+    usd_per_day = models.DecimalField(
+        "USD per day",
+        max_digits=12,
+        decimal_places=4,
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(Decimal(0))],
+    )
+    usd_per_month = models.DecimalField(
+        "USD per month",
+        max_digits=12,
+        decimal_places=4,
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(Decimal(0))],
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["client__name", "route__name", "id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(client__isnull=False) | models.Q(route__isnull=False),
+                name="limit_has_scope",
+                violation_error_message="A limit applies to a client token, a route, or both.",
+            ),
+            models.UniqueConstraint(
+                fields=["client", "route"],
+                name="limit_client_route",
+                condition=models.Q(client__isnull=False, route__isnull=False),
+                violation_error_message="This client already has a limit on this route.",
+            ),
+            models.UniqueConstraint(
+                fields=["client"],
+                name="limit_client",
+                condition=models.Q(route__isnull=True),
+                violation_error_message="This client already has a limit on any route.",
+            ),
+            models.UniqueConstraint(
+                fields=["route"],
+                name="limit_route",
+                condition=models.Q(client__isnull=True),
+                violation_error_message="This route already has a limit for any client.",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.client or 'any client'} on {self.route or 'any route'}"

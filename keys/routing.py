@@ -22,7 +22,8 @@ from common.db import outside_request, run_outside_request
 from common.redaction import mask_secret
 from keys.crypto import SecretError
 from keys.health import KeyPolicy
-from keys.models import ApiKey, ClientToken, Provider, Route
+from keys.limits import LimitSpec
+from keys.models import ApiKey, ClientToken, Limit, Provider, Route
 from keys.secrets import api_key_resolve_secret
 
 logger = logging.getLogger("llmrotate.keys")
@@ -47,6 +48,9 @@ class UpstreamKey:
     priority: int
     weight: int
     models: frozenset[str]
+    # The provider's own limits for this key (None: not known), enforced by the gateway.
+    rpm: int | None = None
+    tpm: int | None = None
 
     def __repr__(self) -> str:
         # Keeps the secret out of tracebacks, debuggers and accidental logging.
@@ -97,6 +101,8 @@ class RoutingSnapshot:
     tokens: dict[str, TokenInfo] = field(default_factory=dict)
     # key_id -> why its secret could not be used (never the secret itself).
     unusable_keys: dict[str, str] = field(default_factory=dict)
+    # Client limits by (client name, route name), "" for any (keys.limits).
+    limits: dict[tuple[str, str], LimitSpec] = field(default_factory=dict)
     loaded_at: float = 0.0
 
 
@@ -123,6 +129,8 @@ def routing_load() -> RoutingSnapshot:
                 priority=key.priority,
                 weight=key.weight,
                 models=frozenset(key.allowed_models or ()),
+                rpm=key.requests_per_minute,
+                tpm=key.tokens_per_minute,
             )
         )
     for provider in Provider.objects.filter(enabled=True):
@@ -168,6 +176,20 @@ def routing_load() -> RoutingSnapshot:
             scopes=frozenset(token.scopes or ()),
             revoked=token.revoked_at is not None,
         )
+    for limit in Limit.objects.select_related("client", "route"):
+        spec = LimitSpec(
+            id=limit.pk,
+            client=limit.client.name if limit.client else "",
+            route=limit.route.name if limit.route else "",
+            requests_per_minute=limit.requests_per_minute,
+            requests_per_day=limit.requests_per_day,
+            tokens_per_minute=limit.tokens_per_minute,
+            tokens_per_day=limit.tokens_per_day,
+            max_concurrent=limit.max_concurrent,
+            usd_per_day=limit.usd_per_day,
+            usd_per_month=limit.usd_per_month,
+        )
+        snapshot.limits[(spec.client, spec.route)] = spec
     return snapshot
 
 

@@ -8,20 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
-import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-import redis
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry as AsyncRetry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, WatchError
-from redis.retry import Retry
 
+from common.redis_clients import RedisClients
 from keys.health import (
     CallResult,
     KeyPolicy,
@@ -68,8 +63,6 @@ _MAX_TRANSACTION_ATTEMPTS = 1000
 # Connection errors and timeouts above all, but also a Redis that answers with an error (out
 # of memory, read-only replica after a failover): the proxy keeps serving either way.
 _REDIS_DOWN = RedisError
-_ASYNC_POOL_SIZE = 64
-_POOL_WAIT_SECONDS = 1.0
 _OUTAGE_WARN_EVERY_SECONDS = 30.0
 # After a failed call, go straight to the fallback for this long instead of paying a connect
 # timeout on every request of an outage.
@@ -99,13 +92,8 @@ class RedisKeyStateStore(KeyStateStore):
     def __init__(self, url: str, *, prefix: str = "llmrotate:", timeout: float = 0.5) -> None:
         self.prefix = prefix
         self._url = url
-        self._timeout = timeout
-        self._sync = redis.Redis.from_url(url, **self._client_kwargs(Retry(NoBackoff(), 1)))
-        # An asyncio client is bound to the loop it first ran on; each loop gets its own.
-        self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] = (
-            weakref.WeakKeyDictionary()
-        )
-        self._async_lock = threading.Lock()
+        self._clients = RedisClients(url, timeout=timeout)
+        self._sync = self._clients.sync
         self._fallback = MemoryKeyStateStore()
         self._warned_at = float("-inf")
         self._down_until = float("-inf")
@@ -235,16 +223,11 @@ class RedisKeyStateStore(KeyStateStore):
 
     def close(self) -> None:
         """Close the sync client and forget the async ones (see `aclose`)."""
-        self._sync.close()
-        with self._async_lock:
-            self._async.clear()
+        self._clients.close()
 
     async def aclose(self) -> None:
         """Close the running loop's client (at shutdown; tests, whose loops are short-lived)."""
-        with self._async_lock:
-            client = self._async.pop(asyncio.get_running_loop(), None)
-        if client is not None:
-            await client.aclose()
+        await self._clients.aclose()
 
     # ---- internals
 
@@ -257,32 +240,8 @@ class RedisKeyStateStore(KeyStateStore):
     def _pkey(self, key_id: str) -> str:
         return f"{self.prefix}probe:{key_id}"
 
-    def _client_kwargs(self, retry: object) -> dict[str, Any]:
-        # Short timeouts and a single retry (for a pooled connection that went stale): on the
-        # hot path a slow Redis is as bad as a dead one, and the fallback is always there.
-        return {
-            "decode_responses": True,
-            "socket_connect_timeout": self._timeout,
-            "socket_timeout": self._timeout,
-            "retry": retry,
-        }
-
     def _aclient(self) -> aioredis.Redis:
-        loop = asyncio.get_running_loop()
-        with self._async_lock:
-            client = self._async.get(loop)
-            if client is None:
-                # A blocking pool: past its size, calls queue briefly for a connection instead
-                # of failing (the default pool raises at 100 concurrent calls, which a busy
-                # proxy reaches and which is not an outage).
-                pool = aioredis.BlockingConnectionPool.from_url(
-                    self._url,
-                    max_connections=_ASYNC_POOL_SIZE,
-                    timeout=_POOL_WAIT_SECONDS,
-                    **self._client_kwargs(AsyncRetry(NoBackoff(), 1)),
-                )
-                client = self._async[loop] = aioredis.Redis.from_pool(pool)
-            return client
+        return self._clients.aclient()
 
     def _unpack(self, key_ids: Sequence[str], results: list[Any], *, now: float) -> Snapshot:
         out: Snapshot = {}

@@ -11,9 +11,10 @@ from ninja.errors import AuthenticationError, HttpError, ValidationError
 from common.errors import ApiError, anthropic_caller, missing_token
 from healthchecks.api import router as healthchecks_router
 from keys.api import router as keys_router
-from keys.routing import RoutingUnavailable
+from keys.routing import RoutingUnavailable, TokenInfo
 from llmrotate_site.metrics import router as metrics_router
 from proxy.api import router as proxy_router
+from proxy.calls import refusal_record
 from usage.api import router as usage_router
 from usage.lip_api import router as lip_usage_router
 
@@ -35,6 +36,16 @@ def _proxy_error(request: HttpRequest, exc: ApiError) -> HttpResponse:
 
 
 def _render(request: HttpRequest, exc: ApiError) -> HttpResponse:
+    if request.method == "POST" and not getattr(request, "llmrotate_recorded", False):
+        # Refused before the engine (which records the rest): auth, scope, route, body.
+        auth = getattr(request, "auth", None)
+        refusal_record(
+            path=request.path,
+            status=exc.status,
+            code=exc.code,
+            client=auth.name if isinstance(auth, TokenInfo) else "",
+            model=getattr(request, "llmrotate_model", ""),
+        )
     # Every error of a request from an Anthropic client, whichever layer raised it, in the
     # envelope the anthropic SDK reads.
     return exc.response(anthropic=anthropic_caller(request.path, request.headers))

@@ -46,6 +46,7 @@ from keys.routing import RoutingUnavailable  # noqa: E402
 from llmrotate_site.api import routing_unavailable  # noqa: E402
 from llmrotate_site.beat import keys_revalidation_schedule  # noqa: E402
 from llmrotate_site.metrics import otel_gauges_register  # noqa: E402
+from proxy.calls import refusal_record  # noqa: E402
 from proxy.validation import body_too_large  # noqa: E402
 from usage.recorder import get_recorder  # noqa: E402
 
@@ -246,6 +247,8 @@ def _counting(receive: Any) -> Any:
 async def _send_error(scope: Scope, send: Any, error: ApiError) -> None:
     """An error answered here, before Django: in the envelope the caller's API uses, and with
     `Connection: close`, since the rest of the request body is left unread."""
+    if scope["method"] == "POST":
+        refusal_record(path=scope["path"], status=error.status, code=error.code)
     headers = {name.decode("latin-1"): value for name, value in scope.get("headers", ())}
     body = json.dumps(error.body(anthropic=anthropic_caller(scope["path"], headers))).encode()
     await send(

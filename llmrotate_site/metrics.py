@@ -14,6 +14,7 @@ Two kinds of series meet here (docs/observability.md):
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 import re
 import threading
@@ -40,6 +41,8 @@ from healthchecks.selectors import endpoint_health_list, probe_last_success
 from keys.auth import monitor_auth
 from keys.health import KeyStatus
 from keys.selectors import KeyHealth, keys_health
+
+logger = logging.getLogger("llmrotate.metrics")
 
 router = Router(tags=["monitoring"])
 
@@ -146,9 +149,19 @@ SHARED_STATE_GAUGES = tuple(SHARED_STATE_HELP)
 
 
 def shared_state_samples(now: float) -> dict[str, list[Sample]]:
-    samples = key_samples(now)
-    samples["llmrotate_circuit_breaker_state"] = breaker_samples()
-    samples["llmrotate_probe_last_success_timestamp_seconds"] = probe_samples()
+    """The gauges read from the stores at scrape time. A store that cannot be read (Redis or
+    the database away) leaves its gauges out of this scrape, never the whole scrape: the
+    counters matter most during an outage (the limiter's errors, the recorder's spool)."""
+    samples: dict[str, list[Sample]] = {}
+    for read in (
+        lambda: key_samples(now),
+        lambda: {"llmrotate_circuit_breaker_state": breaker_samples()},
+        lambda: {"llmrotate_probe_last_success_timestamp_seconds": probe_samples()},
+    ):
+        try:
+            samples.update(read())
+        except Exception as exc:
+            logger.warning("a shared-state gauge is left out of this scrape: %r", exc)
     samples["llmrotate_build_info"] = [({"version": _VERSION}, 1.0)]
     return samples
 

@@ -7,10 +7,12 @@ https://docs.djangoproject.com/en/5.2/ref/settings/
 from __future__ import annotations
 
 import os
+import zoneinfo
 from datetime import timedelta
 from pathlib import Path
 
 import environ
+from django.core.exceptions import ImproperlyConfigured
 
 from llmrotate_site.bootstrap import (
     GENERATED,
@@ -231,6 +233,30 @@ LLMROTATE_MAX_RESPONSE_BYTES = env.int("LLMROTATE_MAX_RESPONSE_BYTES", default=3
 # Largest single server-sent event relayed; a larger one ends the stream with an error event.
 LLMROTATE_MAX_SSE_EVENT_BYTES = env.int("LLMROTATE_MAX_SSE_EVENT_BYTES", default=8 * 1024 * 1024)
 
+# --- Limits and budgets (keys/limits.py; docs/configuration.md "Limits and budgets") -------
+# Tokens reserved for the answer when a request sets no max_tokens (settled from the usage).
+LLMROTATE_LIMITS_DEFAULT_MAX_TOKENS = env.int("LLMROTATE_LIMITS_DEFAULT_MAX_TOKENS", default=1024)
+# The time zone of the daily and monthly windows (requests and tokens per day, USD budgets).
+LLMROTATE_LIMITS_TIME_ZONE = env("LLMROTATE_LIMITS_TIME_ZONE", default="UTC")
+try:
+    zoneinfo.ZoneInfo(LLMROTATE_LIMITS_TIME_ZONE)
+except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+    raise ImproperlyConfigured(
+        f"LLMROTATE_LIMITS_TIME_ZONE={LLMROTATE_LIMITS_TIME_ZONE!r} is not an IANA time zone"
+        " (such as UTC or Europe/Paris)."
+    ) from None
+# Redis unreachable (scaled out): admit requests without limits (true) or refuse them with 503
+# (false). Either way each request waits at most the timeout below for Redis.
+LLMROTATE_LIMITS_FAIL_OPEN = env.bool("LLMROTATE_LIMITS_FAIL_OPEN", default=True)
+LLMROTATE_LIMITS_REDIS_TIMEOUT_SECONDS = env.float(
+    "LLMROTATE_LIMITS_REDIS_TIMEOUT_SECONDS", default=0.1
+)
+# Budget alerts (signed webhooks, LLMROTATE_WEBHOOK_URLS) at these shares of a budget, once per
+# budget and period each.
+LLMROTATE_BUDGET_ALERT_PERCENTS = env.list(
+    "LLMROTATE_BUDGET_ALERT_PERCENTS", cast=int, default=[50, 80, 100]
+)
+
 # --- Recording -----------------------------------------------------------------------------
 # Off: no call records, rollups or usage log lines (usage.recorder.record_call). Key health
 # does not depend on them and works the same.
@@ -254,8 +280,6 @@ LOGGING_CONFIG = "llmrotate_site.logging.configure_logging"
 # logger of every process `serve` runs (the llmrotate.usage line is JSON either way).
 LLMROTATE_LOG_FORMAT = env.str("LLMROTATE_LOG_FORMAT", default="text").strip().lower()
 if LLMROTATE_LOG_FORMAT not in ("text", "json"):
-    from django.core.exceptions import ImproperlyConfigured
-
     raise ImproperlyConfigured(
         f"LLMROTATE_LOG_FORMAT must be text or json, not {LLMROTATE_LOG_FORMAT!r}."
     )

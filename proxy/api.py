@@ -17,6 +17,7 @@ from ninja import Router
 from common.errors import ApiError, anthropic_caller, forbidden, invalid_request
 from common.logcontext import request_id_bind
 from keys.auth import proxy_any_auth, proxy_auth
+from keys.limits import LimitSpec
 from keys.routing import RouteInfo, TokenInfo, routing_snapshot
 from proxy.anthropic import (
     ANTHROPIC_COUNT_TOKENS,
@@ -31,6 +32,7 @@ from proxy.callers import caller_from
 from proxy.calls import CallContext, now_wall
 from proxy.dialects import ANTHROPIC, Dialect
 from proxy.engine import Failover
+from proxy.limits import applicable
 from proxy.validation import body_check_conversation, body_load, json_body_doc
 
 router = Router(tags=["Proxy (OpenAI and Anthropic wire formats)"])
@@ -67,7 +69,8 @@ async def chat_completions(request: HttpRequest) -> HttpResponse | StreamingHttp
     started = now_wall()
     client: TokenInfo = request.auth  # type: ignore[attr-defined]
     body = _parse_body(request)
-    route = await _route(body["model"], client)
+    request.llmrotate_model = body["model"]  # type: ignore[attr-defined]
+    route, specs = await _route(body["model"], client)
     stream = bool(body.get("stream", False))
     options = body.get("stream_options") or {}
     ctx = CallContext(
@@ -80,7 +83,10 @@ async def chat_completions(request: HttpRequest) -> HttpResponse | StreamingHttp
         started_wall=started,
         t0=t0,
         caller=caller_from(request.headers, body),
+        body_bytes=len(request.body),
+        limit_specs=specs,
     )
+    request.llmrotate_recorded = True  # type: ignore[attr-defined]  # the engine records it
     # Not reset: a stream is relayed after the view returns, in this request's own task
     # (whose context ends with it), and its log lines carry the id too.
     request_id_bind(ctx.request_id)
@@ -88,7 +94,8 @@ async def chat_completions(request: HttpRequest) -> HttpResponse | StreamingHttp
     return await Failover(ctx).run()
 
 
-async def _route(model: str, client: TokenInfo) -> RouteInfo:
+async def _route(model: str, client: TokenInfo) -> tuple[RouteInfo, list[LimitSpec]]:
+    """The route for `model`, if the client may use it, and the limits that apply."""
     snapshot = await routing_snapshot()
     route = snapshot.routes.get(model)
     if route is None:
@@ -103,7 +110,7 @@ async def _route(model: str, client: TokenInfo) -> RouteInfo:
         raise forbidden(
             f"This client token may not use the model '{route.name}'.", code="route_not_allowed"
         )
-    return route
+    return route, applicable(snapshot, client.name, route.name)
 
 
 @router.post(
@@ -134,7 +141,8 @@ async def _anthropic_call(
     client: TokenInfo = request.auth  # type: ignore[attr-defined]
     counting = dialect is ANTHROPIC_COUNT_TOKENS
     body = messages_validate(body_load(request, invalid=anthropic_invalid), count_tokens=counting)
-    route = await _route(body["model"], client)
+    request.llmrotate_model = body["model"]  # type: ignore[attr-defined]
+    route, specs = await _route(body["model"], client)
     if not ANTHROPIC.deployments(route):
         raise ApiError(
             400,
@@ -157,7 +165,10 @@ async def _anthropic_call(
         dialect=dialect,
         forward_headers=forward_headers(request.headers),
         caller=caller_from(request.headers, body),
+        body_bytes=len(request.body),
+        limit_specs=specs,
     )
+    request.llmrotate_recorded = True  # type: ignore[attr-defined]  # the engine records it
     request_id_bind(ctx.request_id)  # not reset, as in chat_completions
     ctx.trace(request.headers, operation="count_tokens" if counting else "chat")
     return await Failover(ctx).run()

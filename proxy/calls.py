@@ -4,6 +4,7 @@ request), and giving its key back."""
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -13,6 +14,7 @@ from django.conf import settings
 
 from common import telemetry
 from keys.health import CallResult
+from keys.limits import LimitSpec, Reservation
 from keys.routing import DeploymentInfo, RouteInfo, TokenInfo, UpstreamKey
 from keys.state_store import get_key_state_store
 from proxy.callers import Caller
@@ -49,6 +51,13 @@ class CallContext:
     # Client headers sent upstream as they are (Anthropic: anthropic-version, anthropic-beta).
     forward_headers: dict[str, str] = field(default_factory=dict)
     caller: Caller = field(default_factory=Caller)
+    # The request body's size in bytes: the prompt estimate of token reservations.
+    body_bytes: int = 0
+    # What the request reserved against its client's and route's limits (proxy.limits), given
+    # back with the request's end (answered / ended) and settled from its records.
+    limits: Reservation | None = None
+    # The limits that apply (the client's, the route's, the pair's), found with the route.
+    limit_specs: list[LimitSpec] = field(default_factory=list)
     attempts: int = 0
     # Time the request spent in the proxy before its first upstream attempt (auth, parsing,
     # routing); charged to the first attempt's overhead.
@@ -137,29 +146,32 @@ class CallContext:
     def answered(self, data: CallData | None, *, status: int) -> None:
         """This attempt's answer (or its end: a hang-up, a stream that broke) is the client's."""
         self.release_held()
+        if self.limits is not None:
+            self.limits.release()
         if data is not None:
             data.final, data.client_status = True, status
             record_call(data)
         if self.span is not None:
             self._span_end(status)
 
-    def ended(self, *, status: int) -> None:
-        """The request ends without an attempt's answer: an error of the engine (a give-up),
-        a hang-up between attempts, a bug. The held attempt, if any, is the final one; a
-        request the gateway could not serve (5xx: no key, every circuit open) before any
-        attempt gets a row of its own (attempt 0), so that it is counted as a request. The
-        client's own errors found before any attempt (a body that cannot be sent: 400) get
-        none, as requests refused before the engine do not."""
+    def ended(self, *, status: int, code: str = "") -> None:
+        """The request ends without an attempt's answer: a refusal (a limit of ours, a body
+        that cannot be sent), an error of the engine (a give-up), a hang-up between attempts,
+        a bug. The held attempt, if any, is the final one; a request that ends before any
+        attempt gets a row of its own (attempt 0, no key, no upstream), so that it is counted
+        as a request, with why (`code`, the error's)."""
         held, self._held = self._held, None
+        if self.limits is not None:
+            self.limits.release()
         if held is not None:
             held.final, held.client_status = True, status
             record_call(held)
-        elif self.attempts == 0 and status >= 500 and self.dialect.records:
-            record_call(self._unattempted(status))
+        elif self.attempts == 0 and self.dialect.records:
+            record_call(self._unattempted(status, code))
         if self.span is not None:
             self._span_end(status)
 
-    def _unattempted(self, status: int) -> CallData:
+    def _unattempted(self, status: int, code: str) -> CallData:
         now = time.perf_counter()
         return CallData(
             request_id=self.request_id,
@@ -167,13 +179,15 @@ class CallContext:
             started_at=self.started_wall,
             finished_at=self.wall(now),
             requested_model=self.route.name,
-            outcome=Outcome.UNAVAILABLE,
+            outcome=refusal_outcome(status, code),
+            error_type=code[:64],
             client=self.client.name,
             stream=self.stream,
             final=True,
             client_status=status,
             latency_ms=self.ms_since_start(now),
             overhead_ms=self.ms_since_start(now),
+            limits=self.limits,
             **self.caller.record_fields(),
         )
 
@@ -193,6 +207,44 @@ class CallContext:
             pre = 0.0
         self.attempts += 1
         return self.attempts, pre
+
+
+def refusal_outcome(status: int, code: str) -> str:
+    """The outcome recorded for a request the gateway answered itself, before any attempt."""
+    if status == 429:
+        return (
+            Outcome.BUDGET_EXCEEDED
+            if code == "budget_exceeded"
+            else (Outcome.RATE_LIMITED_BY_GATEWAY)
+        )
+    return Outcome.UNAVAILABLE if status >= 500 else Outcome.REFUSED
+
+
+# The model calls whose refusals are recorded (count_tokens is not recorded at all).
+RECORDED_PATHS = frozenset({"/v1/chat/completions", "/v1/messages"})
+
+
+def refusal_record(*, path: str, status: int, code: str, client: str = "", model: Any = "") -> None:
+    """A model call refused before the engine ran (no token or a bad one, a route the token may
+    not use, a model that does not exist, a body that cannot be read): one final record of
+    attempt 0, with no key and no upstream, so that monitoring counts it."""
+    if path not in RECORDED_PATHS:
+        return
+    now = now_wall()
+    record_call(
+        CallData(
+            request_id=uuid.uuid4().hex,
+            attempt=0,
+            started_at=now,
+            finished_at=now,
+            requested_model=model[:200] if isinstance(model, str) else "",
+            outcome=refusal_outcome(status, code),
+            error_type=code[:64],
+            client=client,
+            final=True,
+            client_status=status,
+        )
+    )
 
 
 def prompt_text(body: dict[str, Any], *, max_chars: int) -> tuple[str, int]:
@@ -257,6 +309,7 @@ def attempt_record(
     tools: ToolCalls | None = None,
     forwarded_body: dict[str, Any] | None = None,
     span: Any = None,
+    key_limits: Reservation | None = None,
 ) -> CallData | None:
     """The CallRecord of one attempt (None where the dialect records none), for the request's
     context to queue (`CallContext.answered`, `hold`). `completion_text` is the answer's text
@@ -327,6 +380,8 @@ def attempt_record(
         **ctx.caller.record_fields(),
         prompt_body=ctx.body,
         forwarded_body=forwarded_body,
+        limits=ctx.limits,
+        key_limits=key_limits,
     )
     if span is not None:
         # The usage log line names the attempt's span, so a log line leads to its trace.

@@ -42,11 +42,13 @@ from common.upstream import ResponseTooLarge, read_bounded, upstream_client
 from healthchecks import key_recheck as recheck
 from healthchecks.gate import get_breaker_gate
 from keys.health import CallResult, returns_at
+from keys.limits import Reservation
 from keys.ratelimits import parse_retry_after
 from keys.routing import DeploymentInfo, UpstreamKey
 from keys.state_store import get_key_state_store
 from keys.strategies import Candidate, order_candidates
-from proxy.calls import CallContext, attempt_record, key_settle
+from proxy import limits
+from proxy.calls import CallContext, attempt_record, key_settle, max_output_tokens
 from proxy.classify import (
     BAD_RESPONSE,
     CLIENT_GONE,
@@ -81,6 +83,10 @@ class Failover:
         # Set when a deployment was skipped for an open circuit: seconds until it half-opens.
         self.open_retry_after: float | None = None
         self.last_deployment: DeploymentInfo | None = None
+        # Tokens an attempt reserves against its key's own limits (computed when first needed),
+        # and, when a key had no headroom left, seconds until the soonest one has.
+        self.tokens_estimate: int | None = None
+        self.key_retry_after: float | None = None
 
     async def run(self) -> Answer:
         """The answer, or the error, for the client; either way the request's final record is
@@ -89,7 +95,7 @@ class Failover:
             with telemetry.use(self.ctx.span):  # the request's log lines name its trace
                 return await self._run()
         except ApiError as refusal:
-            self.ctx.ended(status=refusal.status)
+            self.ctx.ended(status=refusal.status, code=refusal.code)
             raise
         except asyncio.CancelledError:
             self.ctx.ended(status=CLIENT_CLOSED_STATUS)
@@ -99,6 +105,31 @@ class Failover:
             raise
 
     async def _run(self) -> Answer:
+        headers = await self._admit()
+        answer = await self._walk()
+        for name, value in headers.items():
+            answer[name] = value
+        return answer
+
+    async def _admit(self) -> dict[str, str]:
+        """Reserve the request against its client's and route's limits (a 429 if one has no
+        room); the answer's x-ratelimit-* headers."""
+        ctx = self.ctx
+        if not ctx.limit_specs or not ctx.dialect.records:
+            return {}
+        ctx.limits = await limits.admit(
+            specs=ctx.limit_specs,
+            route=ctx.route,
+            deployments=ctx.dialect.deployments(ctx.route),
+            request_id=ctx.request_id,
+            body_bytes=ctx.body_bytes,
+            max_output=max_output_tokens(ctx.body),
+        )
+        if ctx.limits is None:
+            return {}
+        return limits.rate_limit_headers(ctx.limits.decision, now=time.time())
+
+    async def _walk(self) -> Answer:
         for deployment in self.ctx.dialect.deployments(self.ctx.route):
             if not deployment.keys:
                 continue
@@ -135,8 +166,11 @@ class Failover:
                 return await self._give_up(deadline_passed=True), trial
             if not await self.store.acquire(key.key_id, now=time.time()):
                 continue  # a half-open key already has its one trial call in flight
+            key_limits = await self._key_admit(key)
+            if key_limits is not None and not key_limits.decision.allowed:
+                continue  # no headroom left under the provider's limits: the next key
             self._count_move(deployment)
-            async with Attempt(ctx, deployment, key, call) as attempt:
+            async with Attempt(ctx, deployment, key, call, key_limits) as attempt:
                 response = await attempt.run(deadline=self.deadline)
             verdict = attempt.verdict
             failed = endpoint_failed(verdict)
@@ -148,6 +182,29 @@ class Failover:
                 return None, False  # a failed trial reopened the breaker: leave the endpoint
             trial = False
         return None, trial
+
+    async def _key_admit(self, key: UpstreamKey) -> Reservation | None:
+        """The attempt's reservation against the key's own limits. A key without headroom is
+        given back here (it was acquired, and no attempt will own it)."""
+        if key.rpm is None and key.tpm is None:
+            return None
+        if self.tokens_estimate is None:
+            ctx = self.ctx
+            self.tokens_estimate = limits.estimate_tokens(
+                ctx.body_bytes, max_output_tokens(ctx.body)
+            )
+        try:
+            admitted = await limits.key_admit(
+                key, tokens=self.tokens_estimate, lease_id=self.ctx.request_id
+            )
+        except BaseException:
+            await asyncio.shield(self.store.release(key.key_id))
+            raise
+        if admitted is not None and not admitted.decision.allowed:
+            wait = admitted.decision.retry_after(time.time())
+            self.key_retry_after = min(self.key_retry_after or wait, wait)
+            await asyncio.shield(self.store.release(key.key_id))
+        return admitted
 
     def _count_move(self, deployment: DeploymentInfo) -> None:
         """A failed attempt is followed by this one: a rotation to another key of the same
@@ -231,7 +288,11 @@ class Failover:
                 when = returns_at(state) or state.quarantine_until or None
                 if when and when > now and (earliest is None or when < earliest):
                     earliest = when
-        waits = [w for w in (earliest and earliest - now, self.open_retry_after) if w]
+        waits = [
+            w
+            for w in (earliest and earliest - now, self.open_retry_after, self.key_retry_after)
+            if w
+        ]
         # Timers are clamped when set, but a state written before that (or by a bug) must not
         # make the client wait for centuries either.
         longest = settings.LLMROTATE_MAX_UPSTREAM_WAIT_SECONDS
@@ -274,12 +335,18 @@ class Attempt:
     """
 
     def __init__(
-        self, ctx: CallContext, deployment: DeploymentInfo, key: UpstreamKey, call: UpstreamCall
+        self,
+        ctx: CallContext,
+        deployment: DeploymentInfo,
+        key: UpstreamKey,
+        call: UpstreamCall,
+        key_limits: Reservation | None = None,
     ) -> None:
         self.ctx = ctx
         self.deployment = deployment
         self.key = key
         self.call = call
+        self.key_limits = key_limits
         self.number, pre_ms = ctx.begin_attempt()
         self.t_start = time.perf_counter()
         # Time spent in the gateway: before the first attempt (auth, parsing, routing), and
@@ -467,6 +534,7 @@ class Attempt:
             tools=tools,
             forwarded_body=self.call.body,
             span=span,
+            key_limits=self.key_limits,
         )
         attributes: dict[str, Any] = {}
         if span is not None:

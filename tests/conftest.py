@@ -52,12 +52,16 @@ def _recorder_stopped_before_the_test_database_goes(django_db_setup: None) -> It
 
 @pytest.fixture(autouse=True)
 def _isolated_gateway_state() -> Iterator[None]:
-    """Every test starts with empty key state, no cached routing and the real network stack."""
+    """Every test starts with empty key state and limits, no cached routing and the real
+    network stack."""
     from common.upstream import set_transport_factory
     from healthchecks.gate import reset_breaker_gate
+    from keys.limits import get_limiter, reset_limiter
     from keys.routing import invalidate_routing_cache
     from keys.state_store import get_key_state_store, reset_key_state_store
 
+    reset_limiter()
+    get_limiter().clear()  # the limits' counters too (in Redis: only under the test prefix)
     reset_key_state_store()
     # Also empties the Redis breaker store (same prefix); the database one rolls back per test.
     get_key_state_store().clear()
@@ -65,6 +69,8 @@ def _isolated_gateway_state() -> Iterator[None]:
     invalidate_routing_cache()
     yield
     set_transport_factory(None)
+    get_limiter().clear()
+    reset_limiter()
     get_key_state_store().clear()
     reset_key_state_store()
     reset_breaker_gate()

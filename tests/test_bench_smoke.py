@@ -52,3 +52,33 @@ def test_observability_overhead_benchmark_runs(tmp_path: Path) -> None:
     # The traced gateways really exported to the collector stand-in.
     assert report["setup"]["otlp_exports_received"]["exports"] > 0
     assert {"off", "metrics", "traced"} <= set(report["levels"][0])
+
+
+def test_limits_overhead_benchmark_runs_embedded(tmp_path: Path) -> None:
+    out = tmp_path / "limits.json"
+    result = run(
+        "bench/limits_overhead.py", "--quick", "--modes", "embedded", "--output", str(out),
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (level,) = json.loads(out.read_text())["runs"][0]["levels"]
+    assert {"direct", "embedded", "embedded_limits"} <= set(level)
+    assert "| 1 | embedded | 1 |" in result.stdout
+
+
+def test_limits_overhead_benchmark_runs_with_redis(tmp_path: Path) -> None:
+    from tests.conftest import REDIS_TEST_URL, redis_available
+
+    if not redis_available():
+        pytest.skip(f"Redis is not reachable at {REDIS_TEST_URL}")
+    out = tmp_path / "limits.json"
+    result = run(
+        "bench/limits_overhead.py", "--quick", "--modes", "scaled", "--redis-url", REDIS_TEST_URL,
+        "--output", str(out), timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    # The limited client's counters really were in Redis (the run checks for them, then
+    # deletes them).
+    assert report["runs"][0]["redis_limit_keys"] > 0
+    assert "| 1 | scaled | 1 |" in result.stdout

@@ -1,4 +1,4 @@
-"""The usage and monitoring API (`/api/usage…`, `/api/events`, `/api/requests/…`).
+"""The usage and monitoring API (`/api/usage…`, `/api/events`, `/api/requests/…`, `/api/limits`).
 
 Thin adapters: parse the query, call one selector, shape the answer. All GET, all read-only,
 all behind `monitor_auth` (a staff session or a client token with the `monitor` scope).
@@ -16,7 +16,7 @@ from django.http import Http404, HttpRequest, StreamingHttpResponse
 from django.utils import timezone
 from ninja import Query, Router
 
-from common.errors import QUERY_ERRORS, ErrorOut, invalid_request
+from common.errors import AUTH_ERRORS, QUERY_ERRORS, ErrorOut, invalid_request
 from common.timeframes import (
     TimeFrame,
     TimeFrameError,
@@ -30,6 +30,7 @@ from usage import conversation_selectors, record_selectors, selectors
 from usage.conversation_selectors import SessionStats
 from usage.export import CONTENT_TYPES, export_filename, iterate_async, usage_export
 from usage.filters import RECORD_ONLY_FILTERS, UsageFilters
+from usage.limit_selectors import LimitsOverview, MeterUsage, limits_overview
 from usage.reconciliation import (
     ModelColumn,
     Reconciliation,
@@ -43,6 +44,7 @@ from usage.schemas import (
     EventsQuery,
     ExportQuery,
     FilterQuery,
+    LimitsOut,
     ModelsOut,
     ModelsQuery,
     PlainText,
@@ -396,3 +398,57 @@ def usage_export_download(request: HttpRequest, q: Query[ExportQuery]) -> Stream
         f'attachment; filename="{export_filename(fmt=q.format, now=now)}"'
     )
     return response
+
+
+def _meters_out(meters: tuple[MeterUsage, ...]) -> list[dict[str, Any]]:
+    return [
+        {
+            "kind": m.kind,
+            "period": m.period,
+            "limit": m.limit,
+            "used": m.used,
+            "remaining": m.remaining,
+            "resets_at": m.resets_at,
+        }
+        for m in meters
+    ]
+
+
+def _limits_out(overview: LimitsOverview) -> dict[str, Any]:
+    return {
+        "time_zone": overview.time_zone,
+        "limits": [
+            {
+                "id": limit.id,
+                "client": limit.client,
+                "route": limit.route,
+                "meters": _meters_out(limit.meters),
+                "concurrency": None
+                if limit.concurrency is None
+                else {"limit": limit.concurrency.limit, "in_flight": limit.concurrency.in_flight},
+            }
+            for limit in overview.limits
+        ],
+        "keys": [
+            {"key_id": k.key_id, "provider": k.provider, "meters": _meters_out(k.meters)}
+            for k in overview.keys
+        ],
+        "clients": [
+            {
+                "client": c.client,
+                "spend_usd": {"day": c.spend_day, "month": c.spend_month},
+                "budget_usd": {"day": c.budget_day, "month": c.budget_month},
+            }
+            for c in overview.clients
+        ],
+        "store_error": overview.store_error,
+    }
+
+
+@router.get(
+    "/limits",
+    response={200: LimitsOut, **AUTH_ERRORS},
+    summary="Every limit and budget with what is used of it now",
+)
+def limits(request: HttpRequest) -> dict[str, Any]:
+    return _limits_out(limits_overview(now=timezone.now()))

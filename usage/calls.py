@@ -18,6 +18,7 @@ from typing import Any
 from django.conf import settings
 from django.db import transaction
 
+from keys.limits import Reservation, limits_settle, usd_units
 from usage.models import CallRecord, UsageSource
 from usage.pricing import call_cost, usage_implausible
 from usage.rollups import rollups_upsert
@@ -95,6 +96,10 @@ class CallData:
     # the usage log line only, so a log line leads to its trace.
     trace_id: str = ""
     span_id: str = ""
+    # Never persisted: what the request, and this attempt's key, reserved against their limits
+    # (keys.limits.Reservation), settled from this record once it is priced.
+    limits: Reservation | None = None
+    key_limits: Reservation | None = None
 
     @property
     def needs_counting(self) -> bool:
@@ -117,6 +122,8 @@ _NOT_PERSISTED = frozenset(
         "forwarded_body",
         "trace_id",
         "span_id",
+        "limits",
+        "key_limits",
     }
 )
 PERSISTED_FIELDS: tuple[str, ...] = tuple(
@@ -262,3 +269,24 @@ def _flag_implausible_usage(data: CallData) -> None:
         data.total_tokens,
         reason,
     )
+
+
+def call_settle_limits(data: CallData, *, priced: bool = True) -> None:
+    """Settle what the request and the attempt's key reserved against their limits from what
+    this record says was used (its tokens, its cost once priced); once per record."""
+    request, key = data.limits, data.key_limits
+    data.limits = data.key_limits = None
+    if request is None and key is None:
+        return
+    tokens = data.prompt_tokens + data.completion_tokens
+    settlements = []
+    if request is not None:
+        usd = usd_units(data.cost_usd) if priced and data.cost_usd is not None else None
+        settlements += request.settlements(tokens=tokens, usd=usd, final=data.final)
+    if key is not None:
+        settlements += key.settlements(tokens=tokens, usd=None, final=True)
+    try:
+        limits_settle(settlements)
+    except Exception:
+        # Never at the cost of the record: the reservation stands in for what was used.
+        logger.exception("settling the limits of request %s failed", data.request_id)

@@ -30,6 +30,12 @@ class Outcome(models.TextChoices):
     # A request answered without any upstream attempt (every key benched, every circuit open):
     # its one row has attempt 0, so that requests are counted however they end.
     UNAVAILABLE = "unavailable", "no key or endpoint available"
+    # Refused by the gateway itself before any attempt (attempt 0, no key, no upstream): a
+    # client limit or budget of ours, or a bad token, a route the token may not use, a model
+    # that does not exist, a body the gateway cannot send.
+    RATE_LIMITED_BY_GATEWAY = "rate_limited_by_gateway", "rate limited by the gateway"
+    BUDGET_EXCEEDED = "budget_exceeded", "budget exceeded"
+    REFUSED = "refused", "refused by the gateway"
 
 
 class UsageSource(models.TextChoices):

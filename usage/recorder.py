@@ -35,7 +35,14 @@ from django.db import close_old_connections, connection, connections
 
 from common import metrics
 from usage.call_metrics import call_observe
-from usage.calls import PERSISTED_FIELDS, CallData, call_count_tokens, call_prepare, calls_write
+from usage.calls import (
+    PERSISTED_FIELDS,
+    CallData,
+    call_count_tokens,
+    call_prepare,
+    call_settle_limits,
+    calls_write,
+)
 from usage.models import CallRecord
 from usage.spool import Row, spool_files, spool_replay_file, spool_write
 
@@ -391,6 +398,7 @@ class Recorder:
     def _prepare(self, data: CallData) -> Row:
         row = call_prepare(data)
         call_observe(data)  # after pricing: the cost series counts what the record says
+        call_settle_limits(data)  # likewise: budgets are settled from the recorded cost
         return row
 
     # --- spool ------------------------------------------------------------------------------
@@ -445,6 +453,7 @@ def record_call(data: CallData) -> None:
     # Django caches a setting on first read: from then on this is one attribute read per call.
     if not settings.LLMROTATE_USAGE_RECORDING:
         call_observe(data)
+        call_settle_limits(data, priced=False)
         return
     get_recorder().record(data)
 

@@ -463,3 +463,81 @@ class RequestOut(Schema):
     attempts: list[RecordOut] = Field(description="Every upstream attempt, in order.")
     path: list[str] = Field(description="The failover path: provider/key → outcome per step.")
     final_outcome: str = Field(description="Outcome of the last attempt.")
+
+
+# --- limits (GET /api/limits) -------------------------------------------------------------
+
+_USD_UNIT = "Requests, tokens, or for usd US dollars (a JSON number)."
+
+
+class LimitMeterOut(Schema):
+    kind: Literal["requests", "tokens", "usd"] = Field(description="What is counted.")
+    period: Literal["minute", "day", "month"] = Field(
+        description="The window: the clock minute (UTC), or the day or calendar month in time_zone."
+    )
+    limit: float = Field(description=f"The most the window admits. {_USD_UNIT}")
+    used: float | None = Field(
+        description="Counted in the current window, including what requests still running "
+        "reserved (settled to what they used when they end). null: the limiter's store "
+        "could not be read (store_error)."
+    )
+    remaining: float | None = Field(description="limit - used, never below 0; null as used.")
+    resets_at: datetime = Field(description="When the current window ends (UTC).")
+
+
+class ConcurrencyOut(Schema):
+    limit: int = Field(description="Requests that may run at once.")
+    in_flight: int | None = Field(description="Running now; null: the store could not be read.")
+
+
+class LimitOut(Schema):
+    id: int = Field(description="The Limit's id (admin: /admin/keys/limit/<id>/change/).")
+    client: str | None = Field(description="The client token's name; null: any client.")
+    route: str | None = Field(description="The route's name; null: any route.")
+    meters: list[LimitMeterOut] = Field(description="One per limit set on it; none: no rates.")
+    concurrency: ConcurrencyOut | None = Field(
+        description="Concurrent requests; null: not limited."
+    )
+
+
+class KeyLimitOut(Schema):
+    key_id: str = Field(description="The upstream key's id (never its secret).")
+    provider: str
+    meters: list[LimitMeterOut] = Field(
+        description="Its provider's per-minute limits (requests, tokens) as set on the key."
+    )
+
+
+class SpendOut(Schema):
+    day: float = Field(description="This day in time_zone, in US dollars.")
+    month: float = Field(description="This calendar month in time_zone, in US dollars.")
+
+
+class BudgetOut(Schema):
+    day: float | None = Field(description="US dollars per day; null: no daily budget.")
+    month: float | None = Field(description="US dollars per month; null: no monthly budget.")
+
+
+class ClientSpendOut(Schema):
+    client: str = Field(description="The client token's name.")
+    spend_usd: SpendOut = Field(
+        description="Recorded cost of its finished calls (the rollups, as /api/usage/clients)."
+    )
+    budget_usd: BudgetOut = Field(
+        description="Its own limit's (the one for any route) usd_per_day and usd_per_month."
+    )
+
+
+class LimitsOut(Schema):
+    time_zone: str = Field(description="LLMROTATE_LIMITS_TIME_ZONE: where days and months end.")
+    limits: list[LimitOut] = Field(
+        description="Every configured limit: clients first (by name, then route), then routes."
+    )
+    keys: list[KeyLimitOut] = Field(
+        description="Routable upstream keys with requests or tokens per minute set."
+    )
+    clients: list[ClientSpendOut] = Field(description="Every client token, by name.")
+    store_error: bool = Field(
+        description="true: the limiter's store (Redis) could not be read; used, remaining and "
+        "in_flight are null."
+    )

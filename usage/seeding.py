@@ -126,6 +126,15 @@ def diurnal_weight(moment: datetime) -> float:
     return day * (0.55 if moment.weekday() >= 5 else 1.0)
 
 
+_REFUSALS = (
+    (Outcome.UNAVAILABLE, 503, "no_key_available"),
+    (Outcome.UNAVAILABLE, 503, "no_key_available"),
+    (Outcome.RATE_LIMITED_BY_GATEWAY, 429, "rate_limit_exceeded"),
+    (Outcome.BUDGET_EXCEEDED, 429, "budget_exceeded"),
+    (Outcome.REFUSED, 403, "route_not_allowed"),
+)
+
+
 class TrafficGenerator:
     """Yields CallData for `records` attempts spread over [start, end), in time order."""
 
@@ -178,7 +187,10 @@ class TrafficGenerator:
         request_id = f"seed-{uuid.UUID(int=rng.getrandbits(128)).hex[:24]}"
         at = minute + timedelta(seconds=rng.random() * 60)
         if rng.random() < UNAVAILABLE_SHARE:
-            # Every key benched: answered 503 without an attempt (one attempt-0 row).
+            # Answered without an attempt (one attempt-0 row): every key benched, or refused
+            # by the gateway. Which one comes from the id, not the generator, so that adding
+            # a kind did not move every later draw.
+            outcome, status, code = _REFUSALS[int(request_id[-2:], 16) % len(_REFUSALS)]
             return [
                 CallData(
                     request_id=request_id,
@@ -186,11 +198,12 @@ class TrafficGenerator:
                     started_at=at,
                     finished_at=at,
                     requested_model=route,
-                    outcome=Outcome.UNAVAILABLE,
+                    outcome=outcome,
+                    error_type=code,
                     client=client.name,
                     stream=stream,
                     final=True,
-                    client_status=503,
+                    client_status=status,
                     latency_ms=0.4,
                 )
             ]

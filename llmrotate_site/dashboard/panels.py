@@ -36,6 +36,7 @@ from keys.selectors import (
 )
 from llmrotate_site.dashboard.query import DashboardQuery
 from usage.conversation_selectors import sessions_by_client
+from usage.limit_selectors import MeterUsage, limits_overview
 from usage.reconciliation import reconciliation_by_model
 from usage.record_selectors import usage_recent_page
 from usage.selectors import (
@@ -269,6 +270,58 @@ def clients(request: HttpRequest, q: DashboardQuery) -> Context:
     }
 
 
+def _usage_tone(share: float | None) -> str:
+    """Amber from 80 % of a limit, red when it is full; grey when nothing could be read."""
+    if share is None:
+        return "muted"
+    return "bad" if share >= 100 else "warn" if share >= 80 else "ok"
+
+
+def _meter_line(meter: MeterUsage) -> Context:
+    return {"meter": meter, "usd": meter.kind == "usd", "tone": _usage_tone(meter.share)}
+
+
+def _budget_line(spent: float, budget: float | None) -> Context:
+    if budget is None:
+        return {"spent": spent, "budget": None, "share": None, "tone": "muted"}
+    share = min(100.0, spent / budget * 100) if budget > 0 else 100.0
+    return {"spent": spent, "budget": budget, "share": share, "tone": _usage_tone(share)}
+
+
+def limits(request: HttpRequest, q: DashboardQuery) -> Context:
+    """Now, not over the frame: every limit in its current window, the keys' own limits and
+    each client's spend this day and month against its budget."""
+    overview = limits_overview(now=q.now)
+    rows = []
+    for limit in overview.limits:
+        lines = [_meter_line(m) for m in limit.meters]
+        concurrency = limit.concurrency
+        if concurrency is not None:
+            share = (
+                None
+                if concurrency.in_flight is None
+                else min(100.0, concurrency.in_flight / concurrency.limit * 100)
+            )
+            lines.append({"concurrency": concurrency, "tone": _usage_tone(share), "share": share})
+        rows.append({"limit": limit, "lines": lines})
+    return {
+        "overview": overview,
+        "rows": rows,
+        "keys": [
+            {"key": key, "lines": [_meter_line(m) for m in key.meters]} for key in overview.keys
+        ],
+        "clients": [
+            {
+                "spend": c,
+                "day": _budget_line(c.spend_day, c.budget_day),
+                "month": _budget_line(c.spend_month, c.budget_month),
+            }
+            for c in overview.clients
+        ],
+        "configured": bool(overview.limits or overview.keys),
+    }
+
+
 # name -> builder; the partial is templates/dashboard/partials/<name>.html.
 PANELS: dict[str, Builder] = {
     "providers": providers,
@@ -282,4 +335,5 @@ PANELS: dict[str, Builder] = {
     "endpoints": endpoints,
     "calls": calls,
     "clients": clients,
+    "limits": limits,
 }

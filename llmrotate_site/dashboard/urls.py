@@ -10,6 +10,7 @@ urlpatterns = [
     path("health/", views.page, {"name": "health"}, name="health"),
     path("calls/", views.page, {"name": "calls"}, name="calls"),
     path("clients/", views.page, {"name": "clients"}, name="clients"),
+    path("limits/", views.page, {"name": "limits"}, name="limits"),
     path("calls/<str:request_id>/", views.call_request, name="request"),
     path("panels/<slug:name>/", views.panel, name="panel"),
     path("keys/<str:key_id>/admin/", views.key_admin, name="key-admin"),

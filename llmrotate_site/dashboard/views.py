@@ -48,6 +48,7 @@ PAGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "health": ("Health", ("endpoints",)),
     "calls": ("Calls", ("calls",)),
     "clients": ("Clients", ("clients",)),
+    "limits": ("Limits", ("limits",)),
 }
 POLL_SECONDS = 5
 ACTION_DONE = {"disable": "disabled", "enable": "enabled", "reset": "health reset"}

@@ -59,6 +59,15 @@ LONE_SURROGATE = (
 )
 
 
+async def one_refusal(flush: Callable[[], None]) -> CallRecord:
+    """The one record of a request refused before any attempt: attempt 0, no key (the
+    refusals table of docs/errors.md)."""
+    [record] = await records(flush)
+    assert (record.attempt, record.key_id, record.outcome) == (0, "", "refused")
+    assert record.client_status == 400
+    return record
+
+
 async def records(flush: Callable[[], None]) -> list[CallRecord]:
     await sync_to_async(flush)()
     return [r async for r in CallRecord.objects.order_by("id")]
@@ -71,8 +80,8 @@ async def test_a_lone_surrogate_is_a_400_before_any_key_is_taken(gateway: Gatewa
     assert response.json()["error"]["code"] == "invalid_unicode"
     assert gateway.upstream.requests == []
     assert in_flight() == {"openai-1": 0, "openai-2": 0}
-    # Refused before any attempt, so there is no attempt to record (docs/errors.md).
-    assert await records(flush_records) == []
+    # Refused before any attempt: one record of the refusal, with no key (docs/errors.md).
+    assert (await one_refusal(flush_records)).error_type == "invalid_unicode"
     # The probing key's one trial is still free: the next good call is served by it.
     good = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
     assert (await post_raw(gateway, json.dumps(good).encode())).status_code == 200
@@ -94,7 +103,7 @@ async def test_json_nested_too_deep_is_a_400_that_names_the_limit(
     assert "100 levels" in error["message"]
     assert gateway.upstream.requests == []
     assert in_flight() == {"openai-1": 0, "openai-2": 0}
-    assert await records(flush_records) == []
+    await one_refusal(flush_records)
 
 
 async def test_json_nested_up_to_the_limit_is_sent(gateway: Gateway):
@@ -123,7 +132,7 @@ async def test_a_non_ascii_forwarded_header_is_a_400_naming_it(
     assert header in payload["error"]["message"]
     assert anthropic_gateway.upstream.requests == []
     assert in_flight(["claude-1", "claude-2"]) == {"claude-1": 0, "claude-2": 0}
-    assert await records(flush_records) == []
+    await one_refusal(flush_records)
 
 
 async def test_whatever_raises_after_a_key_is_taken_gives_it_back_and_is_recorded(

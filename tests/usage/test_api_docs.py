@@ -15,7 +15,7 @@ MONITORING = [
     "/api/health", "/api/keys", "/api/config", "/api/usage", "/api/usage/models",
     "/api/usage/timeseries", "/api/usage/stats", "/api/usage/clients", "/api/usage/recent",
     "/api/events", "/api/requests/{request_id}", "/api/usage/export",
-    "/api/usage/reconciliation",
+    "/api/usage/reconciliation", "/api/limits",
 ]  # fmt: skip
 
 

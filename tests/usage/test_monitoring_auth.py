@@ -30,6 +30,7 @@ PATHS = [
     "/api/usage/export",
     "/api/events",
     "/api/requests/req-auth",
+    "/api/limits",
     # LLM Interactive Proxy's paths (usage.lip_api).
     "/v1/usage/stats",
     "/v1/usage/recent",

@@ -42,6 +42,8 @@ def test_call_data_carries_exactly_the_call_record_columns_plus_its_private_fiel
         "forwarded_body",
         "trace_id",
         "span_id",
+        "limits",
+        "key_limits",
     }
 
 

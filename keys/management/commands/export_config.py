@@ -1,4 +1,4 @@
-"""Write providers, keys, routes and clients as an importable file, without secrets."""
+"""Write providers, keys, routes, clients and limits as an importable file, without secrets."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from keys.config_schema import config_json_schema
 
 
 class Command(BaseCommand):
-    help = "Export providers, keys, routes and clients (no secrets, no tokens) as YAML or JSON."
+    help = "Export providers, keys, routes, clients and limits (no secrets) as YAML or JSON."
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--output", "-o", type=Path, help="File to write (default: stdout).")

@@ -36,7 +36,7 @@ def load_document(path: Path) -> Any:
 
 
 class Command(BaseCommand):
-    help = "Create or update providers, keys, routes and clients from a YAML or JSON file."
+    help = "Create or update providers, keys, routes, clients and limits from a YAML or JSON file."
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("file", type=Path)

@@ -1,0 +1,223 @@
+"""The limiter shared by every process through Redis: each check-and-reserve is one Lua script,
+so no two processes can both take the last unit of a limit (keys.limits has the algorithm).
+
+Redis away (or too slow: each call on the request path is cut at
+LLMROTATE_LIMITS_REDIS_TIMEOUT_SECONDS, retries and pool waits included) is a
+Decision with `error` set; the proxy then admits (fail open, the default) or refuses (fail
+closed) as configured. After a failure the limiter does not ask Redis again for a couple of
+seconds, so an outage costs one timeout, not one per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from urllib.parse import urlsplit
+
+from redis.exceptions import NoScriptError, RedisError
+
+from common import metrics
+from common.redis_clients import RedisClients
+from keys.limits import Decision, Lease, Limiter, Meter, Reading, Settlement, decision
+
+logger = logging.getLogger("llmrotate.limits")
+
+_OUTAGE_SKIP_SECONDS = 2.0
+_OUTAGE_LOG_EVERY_SECONDS = 30.0
+
+# KEYS: the meters' counters, then the lease sets.
+# ARGV: number of meters, now (ms), lease id, lease expiry (ms), then per meter: limit, amount,
+# expiry (unix s); then per lease set: limit.
+# Returns: the index (1-based) of what had no room or 0, then each meter's value (after, if
+# admitted), then each lease set's live count (likewise). The rule is keys.limits.blocked_index.
+_RESERVE_LUA = """
+local n = tonumber(ARGV[1])
+local now = tonumber(ARGV[2])
+local out = {0}
+local blocked = 0
+for i = 1, n do
+  local v = tonumber(redis.call('GET', KEYS[i]) or '0')
+  out[i + 1] = v
+  local b = 5 + (i - 1) * 3
+  if blocked == 0 and v + tonumber(ARGV[b + 1]) > tonumber(ARGV[b]) then blocked = i end
+end
+local m = #KEYS - n
+for j = 1, m do
+  local k = KEYS[n + j]
+  redis.call('ZREMRANGEBYSCORE', k, '-inf', now)
+  local c = redis.call('ZCARD', k)
+  out[n + j + 1] = c
+  if blocked == 0 and c >= tonumber(ARGV[5 + 3 * n + j - 1]) then blocked = n + j end
+end
+out[1] = blocked
+if blocked == 0 then
+  for i = 1, n do
+    local b = 5 + (i - 1) * 3
+    out[i + 1] = redis.call('INCRBY', KEYS[i], ARGV[b + 1])
+    redis.call('EXPIREAT', KEYS[i], ARGV[b + 2])
+  end
+  for j = 1, m do
+    local k = KEYS[n + j]
+    redis.call('ZADD', k, ARGV[4], ARGV[3])
+    redis.call('PEXPIREAT', k, ARGV[4])
+    out[n + j + 1] = out[n + j + 1] + 1
+  end
+end
+return out
+"""
+
+# KEYS: counters; ARGV: a delta per counter. A window that expired keeps nothing to settle
+# (and must not be recreated without an expiry); none goes below zero.
+_SETTLE_LUA = """
+local out = {}
+for i = 1, #KEYS do
+  out[i] = -1
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    local v = redis.call('INCRBY', KEYS[i], ARGV[i])
+    if v < 0 then
+      redis.call('SET', KEYS[i], 0, 'KEEPTTL')
+      v = 0
+    end
+    out[i] = v
+  end
+end
+return out
+"""
+
+# KEYS: counters, then lease sets; ARGV: number of counters, now (ms).
+_READ_LUA = """
+local n = tonumber(ARGV[1])
+local out = {}
+for i = 1, n do out[i] = tonumber(redis.call('GET', KEYS[i]) or '0') end
+for j = n + 1, #KEYS do
+  out[j] = redis.call('ZCOUNT', KEYS[j], '(' .. ARGV[2], '+inf')
+end
+return out
+"""
+
+
+class RedisLimiter(Limiter):
+    def __init__(self, url: str, *, prefix: str = "llmrotate:lim:", timeout: float = 0.1) -> None:
+        self.prefix = prefix
+        self._url = url
+        self._timeout = timeout
+        self._clients = RedisClients(url, timeout=timeout)
+        self._reserve = self._clients.sync.register_script(_RESERVE_LUA)
+        self._settle = self._clients.sync.register_script(_SETTLE_LUA)
+        self._read = self._clients.sync.register_script(_READ_LUA)
+        self._down_until = float("-inf")
+        self._logged_at = float("-inf")
+
+    async def reserve(
+        self, meters: Sequence[Meter], leases: Sequence[Lease], *, lease_id: str, lease_until: float
+    ) -> Decision:
+        if time.monotonic() < self._down_until:
+            return Decision(False, error=True)
+        now = time.time()
+        keys = [self.prefix + m.key for m in meters] + [self.prefix + lease.key for lease in leases]
+        args: list[int | str] = [len(meters), int(now * 1000), lease_id, int(lease_until * 1000)]
+        for m in meters:
+            args += [m.limit, m.amount, int(m.expires_at)]
+        args += [lease.limit for lease in leases]
+        try:
+            # One bound for the whole call, whatever the client's own retries and pool waits
+            # add up to: a Redis that accepts connections and never answers costs this much.
+            async with asyncio.timeout(self._timeout):
+                client = self._clients.aclient()
+                try:
+                    raw = await client.evalsha(self._reserve.sha, len(keys), *keys, *args)
+                except NoScriptError:  # a Redis restarted (or flushed) since: load it again
+                    raw = await client.eval(_RESERVE_LUA, len(keys), *keys, *args)
+        except (RedisError, TimeoutError) as exc:
+            self._outage(exc)
+            return Decision(False, error=True)
+        values = [int(v) for v in raw]
+        n = len(meters)
+        return decision(meters, values[1 : n + 1], leases, values[n + 1 :], values[0] - 1)
+
+    async def release(self, lease_keys: Sequence[str], lease_id: str) -> None:
+        if not lease_keys:
+            return
+        try:
+            async with asyncio.timeout(self._timeout):
+                async with self._clients.aclient().pipeline(transaction=False) as pipe:
+                    for key in lease_keys:
+                        pipe.zrem(self.prefix + key, lease_id)
+                    await pipe.execute()
+        except (RedisError, TimeoutError) as exc:
+            # The lease lapses at its expiry: the slot comes back late, not never.
+            self._outage(exc)
+
+    def settle(self, settlements: Sequence[Settlement]) -> list[int | None]:
+        if not settlements:
+            return []
+        try:
+            raw = self._settle(
+                keys=[self.prefix + s.key for s in settlements],
+                args=[s.delta for s in settlements],
+            )
+        except RedisError as exc:
+            # The reservation stands in for what was used: the limit errs on the safe side.
+            self._outage(exc)
+            return [None] * len(settlements)
+        return [None if int(v) < 0 else int(v) for v in raw]
+
+    def mark_once(self, key: str, *, expires_at: float) -> bool:
+        try:
+            return bool(
+                self._clients.sync.set(self.prefix + key, 1, nx=True, exat=int(expires_at) + 1)
+            )
+        except RedisError as exc:
+            self._outage(exc)
+            return False
+
+    def read(self, keys: Sequence[str], lease_keys: Sequence[str], *, now: float) -> Reading:
+        if not keys and not lease_keys:
+            return Reading()
+        try:
+            raw = self._read(
+                keys=[self.prefix + k for k in (*keys, *lease_keys)],
+                args=[len(keys), int(now * 1000)],
+            )
+        except RedisError as exc:
+            self._outage(exc)
+            return Reading(error=True)
+        values = [int(v) for v in raw]
+        return Reading(tuple(values[: len(keys)]), tuple(values[len(keys) :]))
+
+    def clear(self) -> None:
+        """Delete this limiter's keys (only those under its prefix)."""
+        client = self._clients.sync
+        batch = list(client.scan_iter(match=f"{self.prefix}*", count=500))
+        for i in range(0, len(batch), 500):
+            client.delete(*batch[i : i + 500])
+
+    def close(self) -> None:
+        self._clients.close()
+
+    async def aclose(self) -> None:
+        await self._clients.aclose()
+
+    def _outage(self, exc: Exception) -> None:
+        moment = time.monotonic()
+        self._down_until = moment + _OUTAGE_SKIP_SECONDS
+        metrics.LIMITER_ERRORS.inc(type(exc).__name__[:40])
+        if moment - self._logged_at >= _OUTAGE_LOG_EVERY_SECONDS:
+            self._logged_at = moment
+            where = urlsplit(self._url)  # host and port only: the URL may carry a password
+            logger.error(
+                "Redis at %s:%s is unavailable to the limiter (%s); limits fail %s until it is"
+                " back",
+                where.hostname,
+                where.port or 6379,
+                type(exc).__name__,
+                "open" if _fail_open() else "closed",
+            )
+
+
+def _fail_open() -> bool:
+    from django.conf import settings
+
+    return bool(settings.LLMROTATE_LIMITS_FAIL_OPEN)
