@@ -269,9 +269,10 @@ def test_no_secret_reaches_a_response_or_any_log(
     with pytest.raises(anthropic.APIError):
         stream_into(client, texts)
     fails(401, lambda: create(claude.client(api_key="llmr_" + "0" * 40)))
-    assert len(call_records(4)) == 4
+    # Four attempts, and the refused request (401): a record of its own, attempt 0.
+    assert len(call_records(5)) == 5
     lines = usage_log()
-    assert len(lines) == 4
+    assert len(lines) == 5
     assert raw_log.lines, "nothing was logged: the capture is not working"
     text = "\n".join([*texts, caplog.text, *raw_log.lines, *map(json.dumps, lines)])
     for secret in [*SECRETS.values(), claude.live.token]:

@@ -311,9 +311,10 @@ def test_no_secret_reaches_an_error_body_or_any_log(
     fails(503, lambda: chat(client))
     fails(401, lambda: chat(live_gateway.openai(token=live_gateway.token + "x")))
     fails(404, lambda: client.chat.completions.create(model="nope", messages=PROMPT))
-    assert len(call_records(5)) == 5
+    # Five attempts, and the two refusals (401, 404): a record each, attempt 0.
+    assert len(call_records(7)) == 7
     lines = usage_log()
-    assert len(lines) == 5
+    assert len(lines) == 7
     assert raw_log.lines, "nothing was logged: the capture is not working"
     text = "\n".join([*bodies, caplog.text, *raw_log.lines, *map(json.dumps, lines)])
     for secret in [*live_gateway.secrets.values(), live_gateway.token]:
