@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from redis.exceptions import NoScriptError, RedisError
 
 from common import metrics
+from common.background import spawn
 from common.redis_clients import RedisClients
 from keys.limits import Decision, Lease, Limiter, Meter, Reading, Settlement, decision
 
@@ -26,42 +27,52 @@ logger = logging.getLogger("llmrotate.limits")
 
 _OUTAGE_SKIP_SECONDS = 2.0
 _OUTAGE_LOG_EVERY_SECONDS = 30.0
+# A lease given back waits at most this long for this process's next reservation to carry it;
+# then it goes on its own. Other processes see the slot free this much later at worst.
+_RELEASE_DELAY_SECONDS = 0.005
+# Releases kept for a retry while Redis is away; past this many the oldest lapse on their own.
+_RELEASES_MAX = 10_000
 
-# KEYS: the meters' counters, then the lease sets.
-# ARGV: number of meters, now (ms), lease id, lease expiry (ms), then per meter: limit, amount,
-# expiry (unix s); then per lease set: limit.
+# KEYS: the meters' counters, the lease sets, then lease sets to give a lease back to.
+# ARGV: number of meters, number of lease sets, now (ms), lease id, lease expiry (ms), then per
+# meter: limit, amount, expiry (unix s); per lease set: limit; per lease given back: its id.
 # Returns: the index (1-based) of what had no room or 0, then each meter's value (after, if
 # admitted), then each lease set's live count (likewise). The rule is keys.limits.blocked_index.
+# The leases given back are this process's, released since its last call (release_soon): they
+# ride along instead of costing a round trip each, and go first, so their slots count as free.
 _RESERVE_LUA = """
 local n = tonumber(ARGV[1])
-local now = tonumber(ARGV[2])
+local m = tonumber(ARGV[2])
+local now = tonumber(ARGV[3])
+local given = n + m
+local ids = 5 + 3 * n + m
+for i = given + 1, #KEYS do redis.call('ZREM', KEYS[i], ARGV[ids + i - given]) end
 local out = {0}
 local blocked = 0
 for i = 1, n do
   local v = tonumber(redis.call('GET', KEYS[i]) or '0')
   out[i + 1] = v
-  local b = 5 + (i - 1) * 3
+  local b = 6 + (i - 1) * 3
   if blocked == 0 and v + tonumber(ARGV[b + 1]) > tonumber(ARGV[b]) then blocked = i end
 end
-local m = #KEYS - n
 for j = 1, m do
   local k = KEYS[n + j]
   redis.call('ZREMRANGEBYSCORE', k, '-inf', now)
   local c = redis.call('ZCARD', k)
   out[n + j + 1] = c
-  if blocked == 0 and c >= tonumber(ARGV[5 + 3 * n + j - 1]) then blocked = n + j end
+  if blocked == 0 and c >= tonumber(ARGV[5 + 3 * n + j]) then blocked = n + j end
 end
 out[1] = blocked
 if blocked == 0 then
   for i = 1, n do
-    local b = 5 + (i - 1) * 3
+    local b = 6 + (i - 1) * 3
     out[i + 1] = redis.call('INCRBY', KEYS[i], ARGV[b + 1])
     redis.call('EXPIREAT', KEYS[i], ARGV[b + 2])
   end
   for j = 1, m do
     local k = KEYS[n + j]
-    redis.call('ZADD', k, ARGV[4], ARGV[3])
-    redis.call('PEXPIREAT', k, ARGV[4])
+    redis.call('ZADD', k, ARGV[5], ARGV[4])
+    redis.call('PEXPIREAT', k, ARGV[5])
     out[n + j + 1] = out[n + j + 1] + 1
   end
 end
@@ -84,6 +95,12 @@ for i = 1, #KEYS do
   end
 end
 return out
+"""
+
+# KEYS: lease sets; ARGV: the lease id to remove from each.
+_RELEASE_LUA = """
+for i = 1, #KEYS do redis.call('ZREM', KEYS[i], ARGV[i]) end
+return 0
 """
 
 # KEYS: counters, then lease sets; ARGV: number of counters, now (ms).
@@ -109,6 +126,9 @@ class RedisLimiter(Limiter):
         self._read = self._clients.sync.register_script(_READ_LUA)
         self._down_until = float("-inf")
         self._logged_at = float("-inf")
+        # (lease set, lease id) given back and not yet sent to Redis (release_soon).
+        self._releases: list[tuple[str, str]] = []
+        self._release_timer: asyncio.TimerHandle | None = None
 
     async def reserve(
         self, meters: Sequence[Meter], leases: Sequence[Lease], *, lease_id: str, lease_until: float
@@ -116,11 +136,20 @@ class RedisLimiter(Limiter):
         if time.monotonic() < self._down_until:
             return Decision(False, error=True)
         now = time.time()
+        given, self._releases = self._releases, []
         keys = [self.prefix + m.key for m in meters] + [self.prefix + lease.key for lease in leases]
-        args: list[int | str] = [len(meters), int(now * 1000), lease_id, int(lease_until * 1000)]
+        keys += [key for key, _ in given]
+        args: list[int | str] = [
+            len(meters),
+            len(leases),
+            int(now * 1000),
+            lease_id,
+            int(lease_until * 1000),
+        ]
         for m in meters:
             args += [m.limit, m.amount, int(m.expires_at)]
         args += [lease.limit for lease in leases]
+        args += [gone for _, gone in given]
         try:
             # One bound for the whole call, whatever the client's own retries and pool waits
             # add up to: a Redis that accepts connections and never answers costs this much.
@@ -132,23 +161,49 @@ class RedisLimiter(Limiter):
                     raw = await client.eval(_RESERVE_LUA, len(keys), *keys, *args)
         except (RedisError, TimeoutError) as exc:
             self._outage(exc)
+            self._keep(given)
             return Decision(False, error=True)
         values = [int(v) for v in raw]
         n = len(meters)
         return decision(meters, values[1 : n + 1], leases, values[n + 1 :], values[0] - 1)
 
     async def release(self, lease_keys: Sequence[str], lease_id: str) -> None:
-        if not lease_keys:
+        await self._send_releases([(self.prefix + key, lease_id) for key in lease_keys])
+
+    def release_soon(self, lease_keys: Sequence[str], lease_id: str) -> None:
+        """Queue the release for this process's next reservation to carry (the common case
+        under traffic: one round trip instead of two per request), or for a timer to send
+        within _RELEASE_DELAY_SECONDS when no reservation comes."""
+        self._releases += [(self.prefix + key, lease_id) for key in lease_keys]
+        if self._release_timer is None:
+            loop = asyncio.get_running_loop()
+            self._release_timer = loop.call_later(_RELEASE_DELAY_SECONDS, self._release_due)
+
+    def _release_due(self) -> None:
+        self._release_timer = None
+        given, self._releases = self._releases, []
+        if given:
+            spawn(self._send_releases(given))
+
+    async def _send_releases(self, given: list[tuple[str, str]]) -> None:
+        if not given:
             return
         try:
             async with asyncio.timeout(self._timeout):
-                async with self._clients.aclient().pipeline(transaction=False) as pipe:
-                    for key in lease_keys:
-                        pipe.zrem(self.prefix + key, lease_id)
-                    await pipe.execute()
+                client = self._clients.aclient()
+                keys, ids = [key for key, _ in given], [gone for _, gone in given]
+                if len(keys) == 1:  # the usual case, and a script costs more than a call
+                    await client.zrem(keys[0], ids[0])
+                else:
+                    await client.eval(_RELEASE_LUA, len(keys), *keys, *ids)
         except (RedisError, TimeoutError) as exc:
-            # The lease lapses at its expiry: the slot comes back late, not never.
             self._outage(exc)
+            self._keep(given)
+
+    def _keep(self, given: list[tuple[str, str]]) -> None:
+        """Releases that did not reach Redis: sent again with the next call. Too many (a long
+        outage) and the oldest are left to lapse at their expiry."""
+        self._releases = (given + self._releases)[-_RELEASES_MAX:]
 
     def settle(self, settlements: Sequence[Settlement]) -> list[int | None]:
         if not settlements:

@@ -246,10 +246,11 @@ except (zoneinfo.ZoneInfoNotFoundError, ValueError):
         " (such as UTC or Europe/Paris)."
     ) from None
 # Redis unreachable (scaled out): admit requests without limits (true) or refuse them with 503
-# (false). Either way each request waits at most the timeout below for Redis.
+# (false). Either way each request waits at most the timeout below for Redis; it is generous
+# because a timeout fails open, and a busy worker's event loop can lag by tens of milliseconds.
 LLMROTATE_LIMITS_FAIL_OPEN = env.bool("LLMROTATE_LIMITS_FAIL_OPEN", default=True)
 LLMROTATE_LIMITS_REDIS_TIMEOUT_SECONDS = env.float(
-    "LLMROTATE_LIMITS_REDIS_TIMEOUT_SECONDS", default=0.1
+    "LLMROTATE_LIMITS_REDIS_TIMEOUT_SECONDS", default=0.5
 )
 # Budget alerts (signed webhooks, LLMROTATE_WEBHOOK_URLS) at these shares of a budget, once per
 # budget and period each.

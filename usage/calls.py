@@ -18,7 +18,7 @@ from typing import Any
 from django.conf import settings
 from django.db import transaction
 
-from keys.limits import Reservation, limits_settle, usd_units
+from keys.limits import Reservation, Settlement, limits_settle, usd_units
 from usage.models import CallRecord, UsageSource
 from usage.pricing import call_cost, usage_implausible
 from usage.rollups import rollups_upsert
@@ -271,22 +271,28 @@ def _flag_implausible_usage(data: CallData) -> None:
     )
 
 
-def call_settle_limits(data: CallData, *, priced: bool = True) -> None:
-    """Settle what the request and the attempt's key reserved against their limits from what
-    this record says was used (its tokens, its cost once priced); once per record."""
+def call_limit_settlements(data: CallData, *, priced: bool = True) -> list[Settlement]:
+    """What settles the limits the request and the attempt's key reserved, from what this
+    record says was used (its tokens, its cost once priced); once per record. The recorder
+    applies a whole batch's in one call to the limiter (one Redis round trip)."""
     request, key = data.limits, data.key_limits
     data.limits = data.key_limits = None
-    if request is None and key is None:
-        return
+    settlements: list[Settlement] = []
     tokens = data.prompt_tokens + data.completion_tokens
-    settlements = []
     if request is not None:
         usd = usd_units(data.cost_usd) if priced and data.cost_usd is not None else None
         settlements += request.settlements(tokens=tokens, usd=usd, final=data.final)
     if key is not None:
         settlements += key.settlements(tokens=tokens, usd=None, final=True)
+    return settlements
+
+
+def limits_settle_safely(settlements: list[Settlement]) -> None:
+    """Apply settlements, never at the cost of the records: on failure the reservations stand
+    in for what was used (the limits err on the safe side)."""
+    if not settlements:
+        return
     try:
         limits_settle(settlements)
     except Exception:
-        # Never at the cost of the record: the reservation stands in for what was used.
-        logger.exception("settling the limits of request %s failed", data.request_id)
+        logger.exception("settling %d limit counters failed", len(settlements))

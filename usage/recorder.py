@@ -34,14 +34,16 @@ from django.conf import settings
 from django.db import close_old_connections, connection, connections
 
 from common import metrics
+from keys.limits import Settlement
 from usage.call_metrics import call_observe
 from usage.calls import (
     PERSISTED_FIELDS,
     CallData,
     call_count_tokens,
+    call_limit_settlements,
     call_prepare,
-    call_settle_limits,
     calls_write,
+    limits_settle_safely,
 )
 from usage.models import CallRecord
 from usage.spool import Row, spool_files, spool_replay_file, spool_write
@@ -94,6 +96,8 @@ class Recorder:
 
         self._work_lock = threading.Lock()
         self._pending: list[Row] = []  # prepared and logged, not yet committed
+        # Limit settlements of the records prepared in this pass, applied together.
+        self._settlements: list[Settlement] = []
         self._backoff = 0.0
         self._retry_at = 0.0
 
@@ -314,6 +318,7 @@ class Recorder:
                 self._thread = None
                 self._exit = False
             self._pending.extend(self._prepare(data) for data in leftovers)
+            self._settle_limits()
             if self._pending and database_ok:
                 self._write_pending()
             written = not self._pending
@@ -345,6 +350,7 @@ class Recorder:
                 batch = list(self._buffer)
                 self._buffer.clear()
             self._pending.extend(self._prepare(data) for data in batch)
+            self._settle_limits()
             if len(self._pending) > self._buffer_max:
                 # Spool the oldest down to half the limit: big files, few fsyncs.
                 self._spool_pending(len(self._pending) - self._buffer_max // 2)
@@ -398,8 +404,14 @@ class Recorder:
     def _prepare(self, data: CallData) -> Row:
         row = call_prepare(data)
         call_observe(data)  # after pricing: the cost series counts what the record says
-        call_settle_limits(data)  # likewise: budgets are settled from the recorded cost
+        # Likewise: budgets are settled from the recorded cost. Applied per pass, before the
+        # batch is written (_settle_limits).
+        self._settlements += call_limit_settlements(data)
         return row
+
+    def _settle_limits(self) -> None:
+        settlements, self._settlements = self._settlements, []
+        limits_settle_safely(settlements)
 
     # --- spool ------------------------------------------------------------------------------
 
@@ -453,7 +465,7 @@ def record_call(data: CallData) -> None:
     # Django caches a setting on first read: from then on this is one attribute read per call.
     if not settings.LLMROTATE_USAGE_RECORDING:
         call_observe(data)
-        call_settle_limits(data, priced=False)
+        limits_settle_safely(call_limit_settlements(data, priced=False))
         return
     get_recorder().record(data)
 

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import openai
@@ -390,6 +391,64 @@ class ServeProcess:
             code = self.proc.returncode
         self._log_file.close()
         return code
+
+
+def database_url() -> str:
+    """The URL of the test database pytest-django created (and this process uses)."""
+    from django.db import connection
+
+    db = connection.settings_dict
+    assert db["ENGINE"] == "django.db.backends.postgresql"
+    user = quote(db["USER"] or "", safe="")
+    password = f":{quote(db['PASSWORD'], safe='')}" if db["PASSWORD"] else ""
+    host = db["HOST"] or "127.0.0.1"
+    port = f":{db['PORT']}" if db["PORT"] else ""
+    return f"postgres://{user}{password}@{host}{port}/{db['NAME']}"
+
+
+def scaled_worker_env(prefix: str, data_dir: Path, **extra: str) -> dict[str, str]:
+    """The environment of a gateway process on the test database and Redis (the scaled leg),
+    under its own Redis prefix and data directory, with this process's secrets (so that it can
+    decrypt the upstream keys the test wrote) and quiet logs."""
+    from django.conf import settings
+
+    return env_without(
+        "LLMROTATE_TEST_LEG",
+        DATABASE_URL=database_url(),
+        REDIS_URL=settings.REDIS_URL,
+        LLMROTATE_REDIS_PREFIX=prefix,
+        SECRET_KEY=settings.SECRET_KEY,
+        LLMROTATE_ENCRYPTION_KEYS=",".join(settings.LLMROTATE_ENCRYPTION_KEYS),
+        LLMROTATE_DATA_DIR=str(data_dir),
+        LOG_LEVEL="WARNING",
+        LLMROTATE_USAGE_LOG_LEVEL="WARNING",
+        **extra,
+    )
+
+
+def web_worker(port: int, *, env: dict[str, str], log: Path, workers: int = 1) -> ServeProcess:
+    """`serve` with the web process only, on `port`: the Celery worker and beat `serve` would
+    also start are not what these tests are about (and a deployment runs exactly one beat)."""
+    args = ["--port", str(port), "--no-access-log", "--no-worker", "--no-beat"]
+    if workers != 1:
+        args += ["--workers", str(workers)]
+    return ServeProcess(args, env=env, log=log)
+
+
+def metric_sum(base_url: str, token: str, name: str, **labels: str) -> float:
+    """The sum of a series' samples on a gateway's /metrics, those with `labels` only."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(
+        f"{base_url}/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=10
+    )
+    assert response.status_code == 200, response.text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 @pytest.fixture

@@ -22,9 +22,8 @@ import httpx2
 import openai
 import pytest
 from django.conf import settings
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import ROUTE, LiveGateway, call_records, wait_for
+from tests.e2e.conftest import ROUTE, LiveGateway, call_records, metric_sum, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -304,16 +303,7 @@ class Sent:
 
 
 def limiter_errors(gateway: LiveGateway, token: str) -> float:
-    response = httpx.get(
-        f"{gateway.base_url}/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=10
-    )
-    assert response.status_code == 200, response.text
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(response.text)
-        for s in family.samples
-        if s.name == "llmrotate_limiter_errors_total"
-    )
+    return metric_sum(gateway.base_url, token, "llmrotate_limiter_errors_total")
 
 
 @pytest.mark.scaled

@@ -14,14 +14,20 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.mmap_dict import MmapedDict
-from prometheus_client.parser import text_string_to_metric_families
 
 from fake_upstream import FakeUpstream
 from keys.config_io import config_import
 from keys.services import client_token_create
 from tests.conftest import free_port
-from tests.e2e.conftest import ROUTE, ServeProcess, env_without, gateway_config, wait_for
-from tests.e2e.test_two_workers import database_url
+from tests.e2e.conftest import (
+    ROUTE,
+    ServeProcess,
+    gateway_config,
+    metric_sum,
+    scaled_worker_env,
+    wait_for,
+    web_worker,
+)
 
 pytestmark = [pytest.mark.scaled, pytest.mark.timeout(120)]
 
@@ -29,16 +35,7 @@ CHAT = {"model": ROUTE, "messages": [{"role": "user", "content": "Say hi"}]}
 
 
 def requests_total(base_url: str, token: str) -> float:
-    response = httpx.get(
-        f"{base_url}/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=10
-    )
-    assert response.status_code == 200, response.text
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(response.text)
-        for s in family.samples
-        if s.name == "llmrotate_requests_total" and s.labels.get("route") == ROUTE
-    )
+    return metric_sum(base_url, token, "llmrotate_requests_total", route=ROUTE)
 
 
 def requests_by_process(directory: Path) -> dict[int, float]:
@@ -59,7 +56,6 @@ def test_two_workers_add_up_and_a_killed_worker_takes_nothing_away(
     tmp_path: Path,
     serve_processes: list[ServeProcess],
 ) -> None:
-    from django.conf import settings
     from django.contrib.auth import get_user_model
 
     get_user_model().objects.create_superuser(username="admin", email="", password="x" * 20)
@@ -67,26 +63,15 @@ def test_two_workers_add_up_and_a_killed_worker_takes_nothing_away(
     proxy_token = report.generated_tokens["e2e"]
     _, monitor = client_token_create(name="prometheus", routes=["*"], scopes=["monitor"])
     data = tmp_path / "data"
-    env = env_without(
-        "LLMROTATE_TEST_LEG",
-        DATABASE_URL=database_url(),
-        REDIS_URL=settings.REDIS_URL,
-        LLMROTATE_REDIS_PREFIX=f"llmrotate-metrics-{os.getpid()}:",
-        SECRET_KEY=settings.SECRET_KEY,
-        LLMROTATE_ENCRYPTION_KEYS=",".join(settings.LLMROTATE_ENCRYPTION_KEYS),
-        LLMROTATE_DATA_DIR=str(data),
-        LOG_LEVEL="WARNING",
-        LLMROTATE_USAGE_LOG_LEVEL="WARNING",
+    env = scaled_worker_env(
+        f"llmrotate-metrics-{os.getpid()}:",
+        data,
         # Each record reaches the series within this; the test polls for them anyway.
         LLMROTATE_RECORD_FLUSH_SECONDS="0.2",
     )
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    process = ServeProcess(
-        ["--port", str(port), "--workers", "2", "--no-access-log", "--no-worker", "--no-beat"],
-        env=env,
-        log=tmp_path / "serve.log",
-    )
+    process = web_worker(port, env=env, log=tmp_path / "serve.log", workers=2)
     serve_processes.append(process)
     process.wait_ready(f"{url}/v1/models", headers={"Authorization": f"Bearer {proxy_token}"})
 

@@ -14,13 +14,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 import pytest
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.db import connection
 from django.utils import timezone
 
 from fake_upstream import FakeUpstream
@@ -29,22 +27,18 @@ from keys.models import ClientToken
 from keys.services import client_token_create
 from keys.state_store import RedisKeyStateStore
 from tests.conftest import free_port
-from tests.e2e.conftest import KEY_SECRETS, ROUTE, ServeProcess, env_without, gateway_config
+from tests.e2e.conftest import (
+    KEY_SECRETS,
+    ROUTE,
+    ServeProcess,
+    gateway_config,
+    scaled_worker_env,
+    web_worker,
+)
 
 pytestmark = [pytest.mark.scaled, pytest.mark.timeout(60)]
 
 CHAT = {"model": ROUTE, "messages": [{"role": "user", "content": "Say hi"}]}
-
-
-def database_url() -> str:
-    """The URL of the test database pytest-django created (and this process uses)."""
-    db = connection.settings_dict
-    assert db["ENGINE"] == "django.db.backends.postgresql"
-    user = quote(db["USER"] or "", safe="")
-    password = f":{quote(db['PASSWORD'], safe='')}" if db["PASSWORD"] else ""
-    host = db["HOST"] or "127.0.0.1"
-    port = f":{db['PORT']}" if db["PORT"] else ""
-    return f"postgres://{user}{password}@{host}{port}/{db['NAME']}"
 
 
 @dataclass
@@ -63,30 +57,13 @@ def start_workers(
     prefix: str,
     cache_seconds: float = 5,
 ) -> list[str]:
-    env = env_without(
-        "LLMROTATE_TEST_LEG",
-        DATABASE_URL=database_url(),
-        REDIS_URL=settings.REDIS_URL,
-        LLMROTATE_REDIS_PREFIX=prefix,
-        SECRET_KEY=settings.SECRET_KEY,
-        LLMROTATE_ENCRYPTION_KEYS=",".join(settings.LLMROTATE_ENCRYPTION_KEYS),
-        LLMROTATE_DATA_DIR=str(tmp_path / "data"),
-        LOG_LEVEL="WARNING",
-        LLMROTATE_USAGE_LOG_LEVEL="WARNING",
-        LLMROTATE_CONFIG_CACHE_SECONDS=str(cache_seconds),
+    env = scaled_worker_env(
+        prefix, tmp_path / "data", LLMROTATE_CONFIG_CACHE_SECONDS=str(cache_seconds)
     )
     urls = []
     for name in ("a", "b"):
         port = free_port()
-        serve_processes.append(
-            # Web only: the Celery worker and beat `serve` would also start are not what is
-            # under test, and a deployment runs exactly one beat anyway.
-            ServeProcess(
-                ["--port", str(port), "--no-access-log", "--no-worker", "--no-beat"],
-                env=env,
-                log=tmp_path / f"worker-{name}.log",
-            )
-        )
+        serve_processes.append(web_worker(port, env=env, log=tmp_path / f"worker-{name}.log"))
         urls.append(f"http://127.0.0.1:{port}")
     for process, url in zip(serve_processes, urls, strict=True):
         process.wait_ready(f"{url}/v1/models", headers={"Authorization": f"Bearer {token}"})

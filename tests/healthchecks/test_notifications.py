@@ -136,3 +136,30 @@ def test_the_signature_is_hmac_sha256_of_the_body():
     assert webhook_signature(secret=SECRET, body=body) == (
         "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
     )
+
+
+def test_a_budget_reaching_a_share_is_posted_signed_once_per_window(
+    webhook_receiver: WebhookReceiver, eager_celery: None, settings
+):
+    from decimal import Decimal
+
+    from keys.limits import Estimate, LimitSpec, MemoryLimiter, budget_check, spec_meters
+
+    settings.LLMROTATE_WEBHOOK_URLS = [webhook_receiver.url]
+    settings.LLMROTATE_WEBHOOK_SECRET = SECRET
+    settings.LLMROTATE_BUDGET_ALERT_PERCENTS = [50, 80, 100]
+    limiter = MemoryLimiter()
+    spec = LimitSpec(id=1, client="ci", usd_per_day=Decimal(2))
+    [meter] = spec_meters(spec, Estimate(), now=1_796_630_400.0, zone="UTC")
+    budget_check(limiter, meter, 1_700_000)  # $1.70 of $2: 50% and 80%
+    budget_check(limiter, meter, 1_800_000)  # nothing new in this window
+    bodies = [json.loads(d.body) for d in webhook_receiver.deliveries]
+    assert [(b["event"], b["percent"]) for b in bodies] == [
+        ("budget.threshold", 50),
+        ("budget.threshold", 80),
+    ]
+    assert (bodies[0]["budget"], bodies[0]["period"]) == ("client 'ci'", "day")
+    assert (bodies[1]["budget_usd"], bodies[1]["spent_usd"]) == (2.0, 1.7)
+    assert bodies[0]["resets_at"] == "2026-12-08T00:00:00+00:00"
+    for delivery in webhook_receiver.deliveries:
+        assert verify(delivery.body, delivery.headers[SIGNATURE_HEADER])

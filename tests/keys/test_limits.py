@@ -146,6 +146,34 @@ def test_a_concurrency_slot_comes_back_when_released(limiter, clock) -> None:
     assert reserve(limiter, spec, Estimate(), now=clock[0], lease="c").allowed
 
 
+def test_a_slot_given_back_soon_is_free_for_the_next_reservation_or_after_a_moment(
+    limiter, clock
+) -> None:
+    """The request path gives slots back with `release_soon`: the Redis limiter carries the
+    release with the process's next reservation (one round trip for both), or sends it on its
+    own a few milliseconds later when none comes."""
+    spec = LimitSpec(id=2, client="app", max_concurrent=1)
+    [lease] = [x for x in (spec_lease(spec),) if x is not None]
+
+    async def scenario() -> None:
+        async def take(lease_id: str) -> bool:
+            decision = await limiter.reserve(
+                [], [lease], lease_id=lease_id, lease_until=clock[0] + 60
+            )
+            return decision.allowed
+
+        assert await take("a")
+        limiter.release_soon([lease.key], "a")
+        assert await take("b")  # "a"'s slot was free: its release went first
+        limiter.release_soon([lease.key], "b")
+        deadline = asyncio.get_running_loop().time() + 2
+        while limiter.read([], [lease.key], now=clock[0]).inflight != (0,):
+            assert asyncio.get_running_loop().time() < deadline, "the release was never sent"
+            await asyncio.sleep(0.002)
+
+    asyncio.run(scenario())
+
+
 def test_a_slot_a_dead_process_held_lapses_at_its_expiry(limiter, clock) -> None:
     spec = LimitSpec(id=2, client="app", max_concurrent=1)
     assert reserve(limiter, spec, Estimate(), now=clock[0], lease="crashed").allowed
@@ -230,3 +258,50 @@ def test_each_budget_share_is_announced_once_per_window(limiter, clock, settings
     finally:
         budget_threshold_reached.disconnect(receiver)
     assert seen == [50, 80, 100]
+
+
+def test_a_redis_that_never_answers_costs_one_bounded_wait_then_none(clock) -> None:
+    """A listener that accepts connections and never answers (a hung Redis): the reservation
+    gives up within its timeout (error set, nothing reserved), and the next ones skip Redis."""
+    import socket
+    import threading
+    import time as real_time
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.05)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    port = listener.getsockname()[1]
+    hung = RedisLimiter(f"redis://127.0.0.1:{port}/0", prefix="hung:", timeout=0.1)
+    spec = LimitSpec(id=9, client="app", requests_per_minute=5)
+    try:
+        started = real_time.monotonic()
+        first = reserve(hung, spec, Estimate(), now=clock[0])
+        waited = real_time.monotonic() - started
+        second = reserve(hung, spec, Estimate(), now=clock[0])
+        skipped = real_time.monotonic() - started - waited
+    finally:
+        stop.set()
+        thread.join(2)
+        for conn in held:
+            conn.close()
+        listener.close()
+        hung.close()
+    assert first.error and not first.allowed
+    assert second.error
+    # Bounded by the timeout (0.1 s), not by the client's retries or a socket that never
+    # answers; generous margins: this proves "bounded", the benchmark measures the cost.
+    assert waited < 1.0
+    assert skipped < waited

@@ -241,3 +241,37 @@ def test_calls_recorded_from_many_threads_are_all_written_once(
     assert recorder.flush()
     ids = list(CallRecord.objects.values_list("request_id", flat=True))
     assert len(ids) == len(set(ids)) == 800
+
+
+def test_a_pass_settles_its_records_limits_in_one_call_before_writing_them(
+    recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One call to the limiter per pass, whatever the number of records (a Redis round trip
+    each would cost the worker a core's share at high traffic), made before the batch is
+    written, so that a written record is a settled one."""
+    import asyncio
+    import time as clock
+
+    from keys.limits import Estimate, LimitSpec, Reservation, Settlement, get_limiter, spec_meters
+
+    limiter = get_limiter()
+    spec = LimitSpec(id=77, client="app", tokens_per_minute=100_000)
+    meters = spec_meters(spec, Estimate(tokens=100), now=clock.time(), zone="UTC")
+    calls: list[tuple[int, int]] = []
+    settle = limiter.settle
+
+    def counting(settlements: list[Settlement]) -> list[int | None]:
+        calls.append((len(settlements), CallRecord.objects.count()))
+        return settle(settlements)
+
+    monkeypatch.setattr(limiter, "settle", counting)
+    assert recorder.flush()  # the flusher is up and idle: the ten records make one pass
+    for i in range(10):
+        decision = asyncio.run(limiter.reserve(meters, (), lease_id=f"r{i}", lease_until=0.0))
+        data = make_call(request_id=f"req-{i}", prompt_tokens=20, completion_tokens=10)
+        data.final, data.limits = True, Reservation(decision)
+        recorder.record(data)
+    assert recorder.flush()
+    assert calls == [(10, 0)]  # one call, ten settlements, nothing written yet
+    reading = limiter.read([meters[0].key], [], now=clock.time())
+    assert reading.used == (10 * 30,)  # each reserved 100, used 30
