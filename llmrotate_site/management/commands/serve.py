@@ -223,8 +223,9 @@ class Command(BaseCommand):
         )
         if options["workers"] > 1 and not settings.REDIS_URL:
             console.say(
-                "warning: several workers without REDIS_URL do not share cooldowns; "
-                "set REDIS_URL or use one worker.",
+                "warning: several workers without REDIS_URL do not share cooldowns or limits"
+                " (each worker would admit a client's whole limit); set REDIS_URL or use one"
+                " worker.",
                 err=True,
             )
         console.say("applying database migrations…")
