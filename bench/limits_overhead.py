@@ -45,7 +45,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
 
-from loadgen import Pool, Samples, Target, percentile, run_count
+from loadgen import Pool, Target, run_count
 from report import RESULTS_DIR, machine_info
 from servers import (
     CONFIG_TEMPLATE,
@@ -55,6 +55,7 @@ from servers import (
     Stack,
     cpu_seconds,
     machine_busy_seconds,
+    rotate_targets,
 )
 
 MODES = ("embedded", "scaled")
@@ -150,42 +151,9 @@ def redis_cleanup(url: str, prefix: str) -> None:
 async def rotate(
     pools: dict[str, Pool], total: int, pids: dict[str, int], baselines: dict[str, str]
 ) -> dict[str, Any]:
-    """`total` requests per target in rotating blocks; CPU seconds of each target's gateway
-    web process over that target's own blocks (one target is loaded at a time)."""
-    names = list(pools)
-    samples = {name: Samples() for name in names}
-    cpu = dict.fromkeys(names, 0.0)
-    size = max(pools[names[0]].size * 8, 50)
-    blocks = max(2, total // size)
-    for i in range(blocks):
-        order = names if i % 2 == 0 else names[::-1]
-        for name in order:
-            # Discarded: a connection the server closed while idle past its keep-alive timeout
-            # (uvicorn: 5 s) fails once and reconnects; the measured block starts on live ones.
-            await run_count(pools[name], 2 * pools[name].size)
-            before = cpu_seconds(pids[name]) if name in pids else None
-            samples[name].extend(await run_count(pools[name], total // blocks))
-            after = cpu_seconds(pids[name]) if name in pids else None
-            if before is not None and after is not None:
-                cpu[name] += after - before
-    out: dict[str, Any] = {}
-    for name, s in samples.items():
-        if s.error_count:
-            raise ServerError(f"{name}: {s.error_count} failed request(s), e.g. {s.errors}")
-        ms = sorted(v * 1000 for v in s.latencies)
-        out[name] = {
-            "n": len(ms),
-            "p50": percentile(ms, 0.50),
-            "p99": percentile(ms, 0.99),
-            "rps": s.count / s.elapsed if s.elapsed else 0.0,
-        }
-        if name in pids and s.count:
-            out[name]["cpu_ms_per_request"] = cpu[name] * 1000 / s.count
-    for name in names:
-        if name == "direct":
-            continue
-        for q in ("p50", "p99"):
-            out[name][f"added_{q}"] = out[name][q] - out["direct"][q]
+    """servers.rotate_targets, and each limited client's figures over its gateway's unlimited
+    client (`baselines`: limited target -> unlimited target)."""
+    out = await rotate_targets(pools, total, pids)
     for name, base in baselines.items():
         row = out[name]
         for q in ("p50", "p99"):

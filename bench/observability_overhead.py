@@ -37,9 +37,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
 
-from loadgen import Pool, Samples, Target, percentile, run_count
+from loadgen import Pool, Target, run_count
 from report import RESULTS_DIR, machine_info
-from servers import ROUTE_MODEL, UPSTREAM_KEYS, ServerError, Stack, cpu_seconds
+from servers import ROUTE_MODEL, UPSTREAM_KEYS, ServerError, Stack, rotate_targets
 
 VARIANTS = ("off", "metrics", "traced_memory", "traced", "traced_sampled")
 # --breakdown adds these: tracing with one of its two signals off, to tell their costs apart.
@@ -105,42 +105,9 @@ def variant_env(stack: Stack, variant: str, collector: str) -> None:
 
 
 async def rotate(pools: dict[str, Pool], total: int, pids: dict[str, int]) -> dict[str, Any]:
-    """`total` requests per target in rotating blocks; CPU seconds of each gateway's web
-    process over its own blocks."""
-    names = list(pools)
-    samples = {name: Samples() for name in names}
-    cpu = dict.fromkeys(names, 0.0)
-    size = max(pools[names[0]].size * 8, 50)
-    blocks = max(2, total // size)
-    for i in range(blocks):
-        order = names if i % 2 == 0 else names[::-1]
-        for name in order:
-            # Discarded: the server closes a connection idle past its keep-alive timeout
-            # (uvicorn: 5 s) while the other targets take their turn; a request that finds it
-            # closed fails and reconnects, so the measured block starts on live connections.
-            await run_count(pools[name], 2 * pools[name].size)
-            before = cpu_seconds(pids[name]) if name in pids else None
-            samples[name].extend(await run_count(pools[name], total // blocks))
-            after = cpu_seconds(pids[name]) if name in pids else None
-            if before is not None and after is not None:
-                cpu[name] += after - before
-    out: dict[str, Any] = {}
-    for name, s in samples.items():
-        if s.error_count:
-            raise ServerError(f"{name}: {s.error_count} failed request(s), e.g. {s.errors}")
-        ms = sorted(v * 1000 for v in s.latencies)
-        out[name] = {
-            "n": len(ms),
-            "p50": percentile(ms, 0.50),
-            "p99": percentile(ms, 0.99),
-            "rps": s.count / s.elapsed if s.elapsed else 0.0,
-        }
-        if name in pids and s.count:
-            out[name]["cpu_ms_per_request"] = cpu[name] * 1000 / s.count
-    gateways = [name for name in names if name != "direct"]
-    for name in gateways:
-        out[name]["added_p50"] = out[name]["p50"] - out["direct"]["p50"]
-        out[name]["added_p99"] = out[name]["p99"] - out["direct"]["p99"]
+    """servers.rotate_targets, and each variant's added p50 over `off`'s."""
+    out = await rotate_targets(pools, total, pids)
+    gateways = [name for name in pools if name != "direct"]
     for name in gateways[1:]:
         out[name]["added_p50_vs_off"] = out[name]["added_p50"] - out["off"]["added_p50"]
     return out

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import weakref
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio as aioredis
@@ -21,6 +23,33 @@ from redis.retry import Retry
 
 _ASYNC_POOL_SIZE = 64
 _POOL_WAIT_SECONDS = 1.0
+# After a failed call, Redis is left alone this long: an outage costs one timeout, not one per
+# request. And it is said in the log at most this often.
+OUTAGE_SKIP_SECONDS = 2.0
+OUTAGE_LOG_EVERY_SECONDS = 30.0
+
+
+class Outage:
+    """Whether a Redis user should skip Redis for now, after a failed call."""
+
+    def __init__(self, url: str) -> None:
+        where = urlsplit(url)  # host and port only: the URL may carry a password
+        self.where = f"{where.hostname}:{where.port or 6379}"
+        self._down_until = float("-inf")
+        self._logged_at = float("-inf")
+
+    @property
+    def down(self) -> bool:
+        return time.monotonic() < self._down_until
+
+    def failed(self) -> bool:
+        """Note a failed call; True when the caller should say so in the log now."""
+        moment = time.monotonic()
+        self._down_until = moment + OUTAGE_SKIP_SECONDS
+        if moment - self._logged_at < OUTAGE_LOG_EVERY_SECONDS:
+            return False
+        self._logged_at = moment
+        return True
 
 
 class RedisClients:

@@ -142,6 +142,31 @@ def _diff(instance: Any, values: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if getattr(instance, k) != v}
 
 
+def _upsert(
+    existing: Any,
+    model: type[Any],
+    identity: dict[str, Any],
+    values: dict[str, Any],
+    counts: SectionCounts,
+) -> None:
+    """Create the entry (`existing` None: `model(**identity, **values)`), or update what
+    differs; validated either way."""
+    if existing is None:
+        instance = model(**identity, **values)
+        counts.created += 1
+    else:
+        changes = _diff(existing, values)
+        if not changes:
+            counts.unchanged += 1
+            return
+        for field_name, value in changes.items():
+            setattr(existing, field_name, value)
+        instance = existing
+        counts.updated += 1
+    instance.full_clean()
+    instance.save()
+
+
 def config_import(*, data: Any, dry_run: bool = False) -> ImportReport:
     """Create or update everything the document describes, in one transaction.
 
@@ -184,21 +209,7 @@ def _apply_providers(
         provider = Provider.objects.filter(name=name).first()
         values = entry.model_dump(exclude_unset=True)
         with _collect(errors, f"providers.{name}", {}):
-            if provider is None:
-                provider = Provider(name=name, **values)
-                provider.full_clean()
-                provider.save()
-                counts.created += 1
-                continue
-            changes = _diff(provider, values)
-            if not changes:
-                counts.unchanged += 1
-                continue
-            for field_name, value in changes.items():
-                setattr(provider, field_name, value)
-            provider.full_clean()
-            provider.save()
-            counts.updated += 1
+            _upsert(provider, Provider, {"name": name}, values, counts)
     return {p.name: p for p in Provider.objects.all()}
 
 
@@ -348,21 +359,7 @@ def _apply_limits(entries: list[LimitConfig], report: ImportReport, errors: list
         values = entry.values()
         with _collect(errors, path, {}):
             limit = Limit.objects.filter(client=client, route=route).first()
-            if limit is None:
-                limit = Limit(client=client, route=route, **values)
-                limit.full_clean()
-                limit.save()
-                counts.created += 1
-                continue
-            changes = _diff(limit, values)
-            if not changes:
-                counts.unchanged += 1
-                continue
-            for field_name, value in changes.items():
-                setattr(limit, field_name, value)
-            limit.full_clean()
-            limit.save()
-            counts.updated += 1
+            _upsert(limit, Limit, {"client": client, "route": route}, values, counts)
 
 
 # ---------------------------------------------------------------------------------------------

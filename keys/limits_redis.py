@@ -14,19 +14,16 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from urllib.parse import urlsplit
 
 from redis.exceptions import NoScriptError, RedisError
 
 from common import metrics
 from common.background import spawn
-from common.redis_clients import RedisClients
+from common.redis_clients import Outage, RedisClients
 from keys.limits import Decision, Lease, Limiter, Meter, Reading, Settlement, decision
 
 logger = logging.getLogger("llmrotate.limits")
 
-_OUTAGE_SKIP_SECONDS = 2.0
-_OUTAGE_LOG_EVERY_SECONDS = 30.0
 # A lease given back waits at most this long for this process's next reservation to carry it;
 # then it goes on its own. Other processes see the slot free this much later at worst.
 _RELEASE_DELAY_SECONDS = 0.005
@@ -124,8 +121,7 @@ class RedisLimiter(Limiter):
         self._reserve = self._clients.sync.register_script(_RESERVE_LUA)
         self._settle = self._clients.sync.register_script(_SETTLE_LUA)
         self._read = self._clients.sync.register_script(_READ_LUA)
-        self._down_until = float("-inf")
-        self._logged_at = float("-inf")
+        self._outage_watch = Outage(url)
         # (lease set, lease id) given back and not yet sent to Redis (release_soon).
         self._releases: list[tuple[str, str]] = []
         self._release_timer: asyncio.TimerHandle | None = None
@@ -133,7 +129,7 @@ class RedisLimiter(Limiter):
     async def reserve(
         self, meters: Sequence[Meter], leases: Sequence[Lease], *, lease_id: str, lease_until: float
     ) -> Decision:
-        if time.monotonic() < self._down_until:
+        if self._outage_watch.down:
             return Decision(False, error=True)
         now = time.time()
         given, self._releases = self._releases, []
@@ -256,17 +252,11 @@ class RedisLimiter(Limiter):
         await self._clients.aclose()
 
     def _outage(self, exc: Exception) -> None:
-        moment = time.monotonic()
-        self._down_until = moment + _OUTAGE_SKIP_SECONDS
         metrics.LIMITER_ERRORS.inc(type(exc).__name__[:40])
-        if moment - self._logged_at >= _OUTAGE_LOG_EVERY_SECONDS:
-            self._logged_at = moment
-            where = urlsplit(self._url)  # host and port only: the URL may carry a password
+        if self._outage_watch.failed():
             logger.error(
-                "Redis at %s:%s is unavailable to the limiter (%s); limits fail %s until it is"
-                " back",
-                where.hostname,
-                where.port or 6379,
+                "Redis at %s is unavailable to the limiter (%s); limits fail %s until it is back",
+                self._outage_watch.where,
                 type(exc).__name__,
                 "open" if _fail_open() else "closed",
             )

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, WatchError
 
-from common.redis_clients import RedisClients
+from common.redis_clients import Outage, RedisClients
 from keys.health import (
     CallResult,
     KeyPolicy,
@@ -63,10 +61,6 @@ _MAX_TRANSACTION_ATTEMPTS = 1000
 # Connection errors and timeouts above all, but also a Redis that answers with an error (out
 # of memory, read-only replica after a failover): the proxy keeps serving either way.
 _REDIS_DOWN = RedisError
-_OUTAGE_WARN_EVERY_SECONDS = 30.0
-# After a failed call, go straight to the fallback for this long instead of paying a connect
-# timeout on every request of an outage.
-_OUTAGE_SKIP_SECONDS = 2.0
 
 
 # Decrement that never goes below zero (a release after `clear()` or a double release must not
@@ -95,8 +89,8 @@ class RedisKeyStateStore(KeyStateStore):
         self._clients = RedisClients(url, timeout=timeout)
         self._sync = self._clients.sync
         self._fallback = MemoryKeyStateStore()
-        self._warned_at = float("-inf")
-        self._down_until = float("-inf")
+        # After a failed call, straight to the fallback for a while (common.redis_clients).
+        self._outage_watch = Outage(url)
 
     # ---- async (hot path)
 
@@ -274,7 +268,7 @@ class RedisKeyStateStore(KeyStateStore):
         return new
 
     def _guard(self, op: Callable[[], T], fallback: Callable[[], T]) -> T:
-        if time.monotonic() < self._down_until:
+        if self._outage_watch.down:
             return fallback()
         try:
             return op()
@@ -285,7 +279,7 @@ class RedisKeyStateStore(KeyStateStore):
     async def _guard_async(
         self, op: Callable[[], Awaitable[T]], fallback: Callable[[], Awaitable[T]]
     ) -> T:
-        if time.monotonic() < self._down_until:
+        if self._outage_watch.down:
             return await fallback()
         try:
             return await op()
@@ -294,16 +288,11 @@ class RedisKeyStateStore(KeyStateStore):
             return await fallback()
 
     def _outage(self, exc: Exception) -> None:
-        moment = time.monotonic()
-        self._down_until = moment + _OUTAGE_SKIP_SECONDS
-        if moment - self._warned_at >= _OUTAGE_WARN_EVERY_SECONDS:
-            self._warned_at = moment
-            where = urlsplit(self._url)  # host and port only: the URL may carry a password
+        if self._outage_watch.failed():
             log.warning(
-                "Redis at %s:%s is unavailable (%s); key state falls back to this process "
-                "until it is back",
-                where.hostname,
-                where.port or 6379,
+                "Redis at %s is unavailable (%s); key state falls back to this process until it"
+                " is back",
+                self._outage_watch.where,
                 type(exc).__name__,
             )
 

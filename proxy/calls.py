@@ -13,6 +13,7 @@ import httpx
 from django.conf import settings
 
 from common import telemetry
+from common.redaction import redact
 from keys.health import CallResult
 from keys.limits import LimitSpec, Reservation
 from keys.routing import DeploymentInfo, RouteInfo, TokenInfo, UpstreamKey
@@ -237,7 +238,9 @@ def refusal_record(*, path: str, status: int, code: str, client: str = "", model
             attempt=0,
             started_at=now,
             finished_at=now,
-            requested_model=model[:200] if isinstance(model, str) else "",
+            # No route has this name (or it was never read): whatever the client sent, a key
+            # pasted in the wrong field included, is masked before it is kept or logged.
+            requested_model=redact(model)[:200] if isinstance(model, str) else "",
             outcome=refusal_outcome(status, code),
             error_type=code[:64],
             client=client,

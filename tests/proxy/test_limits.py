@@ -294,3 +294,21 @@ async def test_every_refusal_leaves_one_record_without_key_or_upstream(
     assert (record.outcome, record.client_status, record.error_type) == ("refused", status, code)
     assert record.client == ("" if token else "app")
     assert gateway.upstream.requests == []
+
+
+async def test_a_key_sent_as_the_model_name_is_masked_in_the_refusal_record(
+    gateway: Gateway, flush_records, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unknown model is recorded by name now that refusals are recorded: a key pasted into
+    the wrong field must not reach the database, the usage log line or the dashboard."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    pasted = "sk-proj-" + "Zq3" * 16
+    response = await chat(gateway, {**CHAT, "model": pasted})
+    assert response.status_code == 404
+    [record] = await records(flush_records)
+    assert record.outcome == "refused"
+    assert pasted not in record.requested_model
+    assert record.requested_model.startswith("sk-")  # masked, not dropped
+    assert pasted not in caplog.text
