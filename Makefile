@@ -11,7 +11,7 @@ TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/llmrotate
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 PYTEST_ARGS ?=
 
-.PHONY: run test test-embedded test-scaled lint demo fake-upstream bench bench-limits clean browser promtool
+.PHONY: run test test-embedded test-scaled lint demo fake-upstream bench bench-limits bench-translation clean browser promtool
 
 $(VENV)/.base-$(HASH):
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -88,6 +88,11 @@ BENCH_REDIS_URL ?= redis://127.0.0.1:6379/0
 
 bench-limits: $(VENV)/.dev-$(HASH)
 	$(BIN)/python bench/limits_overhead.py --redis-url $(BENCH_REDIS_URL)
+
+# What serving a chat completion from an Anthropic deployment (translated both ways) adds over
+# the native path (issue #13). No Redis.
+bench-translation: $(VENV)/.dev-$(HASH)
+	$(BIN)/python bench/translation_overhead.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .tools

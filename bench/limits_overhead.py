@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import json
 import os
 import re
 import sys
@@ -45,8 +44,15 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
 
+from campaign import (
+    campaign_arguments,
+    campaign_defaults,
+    campaign_runs,
+    campaign_write,
+    verdict,
+)
 from loadgen import Pool, Target, run_count
-from report import RESULTS_DIR, machine_info
+from report import machine_info
 from servers import (
     CONFIG_TEMPLATE,
     ROUTE_MODEL,
@@ -305,58 +311,31 @@ def table(runs: list[dict[str, Any]], modes: tuple[str, ...]) -> str:
                     f" {on.get('cpu_ms_vs_no_limits', float('nan')):+.3f} |"
                 )
             if concurrency == 1:
-                worst = max(diffs)
-                held = "holds" if worst <= TARGET_MS[mode] else "MISSED"
                 verdicts.append(
-                    f"{mode}, concurrency 1: limits add {min(diffs):+.3f} … {worst:+.3f} ms at"
-                    f" p50 over {len(diffs)} run(s); target ≤ {TARGET_MS[mode]} ms: {held}"
+                    verdict(f"{mode}, concurrency 1: limits add", diffs, TARGET_MS[mode])
                 )
     return "\n".join([*lines, "", *verdicts])
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small samples, one run: a smoke run")
-    p.add_argument("--runs", type=int, help="runs, each on fresh servers (default 3; quick: 1)")
-    p.add_argument("--requests", type=int, help="requests per target per level (default 3000)")
-    p.add_argument("--concurrency", default=None, help="levels, e.g. 1,16 (default; quick: 1)")
+    campaign_arguments(p, requests_help="requests per target per level")
     p.add_argument("--modes", default=",".join(MODES), help="embedded,scaled (scaled needs Redis)")
     p.add_argument(
         "--redis-url",
         default="redis://127.0.0.1:6379/0",
         help="Redis of the scaled gateway (keys go under a prefix of the run's own)",
     )
-    p.add_argument("--no-pin", action="store_true", help="do not pin the processes to cores")
-    p.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=0.0,
-        metavar="S",
-        help="before each run, wait up to S seconds for other programs to leave the CPUs alone",
-    )
-    p.add_argument("--output", help="JSON path (default: bench/results/…)")
     args = p.parse_args(argv)
-    args.requests = args.requests or (100 if args.quick else 3000)
+    runs_wanted = campaign_defaults(args)
     args.warmup = 50 if args.quick else 200
-    args.levels = tuple(
-        int(c) for c in (args.concurrency or ("1" if args.quick else "1,16")).split(",")
-    )
-    runs_wanted = args.runs or (1 if args.quick else 3)
     modes = tuple(m for m in args.modes.split(",") if m)
     if not modes or set(modes) - set(MODES):
         p.error(f"--modes: choose from {', '.join(MODES)}")
     started = dt.datetime.now(dt.UTC)
     t0 = time.perf_counter()
-    runs = []
-    try:
-        for i in range(runs_wanted):
-            if args.wait_quiet > 0:
-                from proxy_overhead import wait_for_quiet_machine
-
-                wait_for_quiet_machine(args.wait_quiet)
-            runs.append(one_run(i, modes, args.redis_url, args))
-    except ServerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    runs = campaign_runs(runs_wanted, args, lambda i: one_run(i, modes, args.redis_url, args))
+    if runs is None:
         return 1
     report = {
         "benchmark": "limits_overhead",
@@ -375,14 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets_ms": {m: TARGET_MS[m] for m in modes},
         "runs": runs,
     }
-    suffix = "-quick" if args.quick else ""
-    stem = f"limits_overhead-{dt.date.today().isoformat()}{suffix}"
-    path = Path(args.output) if args.output else RESULTS_DIR / f"{stem}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print()
-    print(table(runs, modes))
-    print(f"\nresults: {path}")
+    campaign_write("limits_overhead", report, args, table(runs, modes))
     return 0
 
 

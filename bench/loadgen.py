@@ -111,6 +111,11 @@ class SseContentDetector:
                 for choice in chunk.get("choices") or ():
                     if (choice.get("delta") or {}).get("content"):
                         return True
+                # Anthropic's stream (a call straight to /v1/messages): its first text delta.
+                if chunk.get("type") == "content_block_delta" and (chunk.get("delta") or {}).get(
+                    "text"
+                ):
+                    return True
         return False
 
 

@@ -193,15 +193,16 @@ class Stack:
             raise ServerError(f"manage.py {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
         return done.stdout
 
-    def configure_gateway(self, upstream_url: str) -> None:
+    def configure_gateway(self, upstream_url: str, *, template: str = CONFIG_TEMPLATE) -> None:
         """Migrate, then import providers/keys/route/client before serve starts.
 
         Importing first means the gateway's 5 s config cache starts out right; importing into
-        a running gateway would need a wait for the cache to expire.
+        a running gateway would need a wait for the cache to expire. ``template`` is formatted
+        with upstream, key1, key2 and model, and must define the client `bench`.
         """
         config = self.data_dir / "bench-config.yaml"
         config.write_text(
-            CONFIG_TEMPLATE.format(
+            template.format(
                 upstream=upstream_url,
                 key1=UPSTREAM_KEYS[0],
                 key2=UPSTREAM_KEYS[1],
@@ -423,12 +424,13 @@ def _rate(start: float | None, end: float | None, seconds: float) -> float | Non
 
 
 async def rotate_targets(
-    pools: dict[str, Pool], total: int, pids: dict[str, int]
+    pools: dict[str, Pool], total: int, pids: dict[str, int], *, stream: bool = False
 ) -> dict[str, dict[str, Any]]:
     """`total` requests per target in rotating blocks (one target loaded at a time, the order
     turned around every other block), with the CPU seconds of each target's gateway web
     process (`pids`) over its own blocks. Per target: n, p50, p99 (ms), rps,
-    cpu_ms_per_request (targets in `pids`), and added_p50 / added_p99 over the `direct` one."""
+    cpu_ms_per_request (targets in `pids`), and added_p50 / added_p99 over the `direct` one.
+    `stream`: every call streams, and its latency is that of the whole stream."""
     names = list(pools)
     samples = {name: Samples() for name in names}
     cpu = dict.fromkeys(names, 0.0)
@@ -439,9 +441,9 @@ async def rotate_targets(
             # Discarded: the server closes a connection idle past its keep-alive timeout
             # (uvicorn: 5 s) while the other targets take their turn; a request that finds it
             # closed fails and reconnects, so the measured block starts on live connections.
-            await run_count(pools[name], 2 * pools[name].size)
+            await run_count(pools[name], 2 * pools[name].size, stream=stream)
             before = cpu_seconds(pids[name]) if name in pids else None
-            samples[name].extend(await run_count(pools[name], total // blocks))
+            samples[name].extend(await run_count(pools[name], total // blocks, stream=stream))
             after = cpu_seconds(pids[name]) if name in pids else None
             if before is not None and after is not None:
                 cpu[name] += after - before

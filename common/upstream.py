@@ -158,7 +158,9 @@ async def upstream_clients_close() -> None:
 
 def upstream_headers(kind: str, secret: str, *, stream: bool) -> dict[str, str]:
     """Headers of an OpenAI-format call (also used by the key re-check and the HTTP probes)."""
-    headers = {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"}
+    headers = {"Content-Type": "application/json"}
+    if secret:  # none for a keyless provider (a local server)
+        headers["Authorization"] = f"Bearer {secret}"
     if kind == "anthropic":
         # Anthropic's OpenAI-compatible endpoint takes the bearer key; the native header is
         # sent as well so that gateways in front of it that expect it work too.

@@ -15,6 +15,7 @@ from .server import (
     DEFAULT_MODELS,
     FAULTS,
     FakeUpstream,
+    RecordedRequest,
     load_script_file,
     normalize_behaviour,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "DEFAULT_MODELS",
     "FAULTS",
     "FakeUpstream",
+    "RecordedRequest",
     "load_script_file",
     "main",
     "normalize_behaviour",

@@ -1,4 +1,4 @@
-"""Command line: ``python -m fake_upstream --host 127.0.0.1 --port 9100 [--script F]``."""
+"""Command line: ``python -m fake_upstream [--port 9100] [--script F] [--no-auth]``."""
 
 from __future__ import annotations
 
@@ -29,11 +29,17 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY",
         help="accept only these keys (repeatable; default: any non-empty key)",
     )
+    parser.add_argument(
+        "--no-auth",
+        action="store_true",
+        help='serve requests without a key too, as key "" (like a local Ollama or vLLM)',
+    )
     args = parser.parse_args(argv)
     fake = FakeUpstream(
         script=load_script_file(args.script) if args.script else None,
         models=args.models,
         allowed_keys=set(args.allowed_keys) if args.allowed_keys else None,
+        require_key=not args.no_auth,
     )
 
     async def run() -> None:

@@ -8,7 +8,7 @@ import contextlib
 import json
 import threading
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import wire
 from .http11 import (
@@ -45,7 +45,93 @@ ROUTES = {
     ("POST", "/v1/chat/completions"): "chat",
     ("POST", "/v1/messages"): "messages",
     ("POST", "/v1/messages/count_tokens"): "count_tokens",
+    ("POST", "/v1/embeddings"): "embeddings",
+    ("POST", "/v1/completions"): "completions",
+    ("POST", "/v1/responses"): "responses",
 }
+# The last path segment names the resource: GET /v1/models/{model}, GET /v1/responses/{id}.
+ITEM_ROUTES = {("GET", "/v1/models/"): "model", ("GET", "/v1/responses/"): "response"}
+ANTHROPIC_ROUTES = frozenset({"messages", "count_tokens"})
+# Shared routes (the models) answer in the flavour the headers suggest; these never do.
+OPENAI_ROUTES = frozenset({"chat", "embeddings", "completions", "responses", "response"})
+REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
+    "chat": ("model", "messages"),
+    "messages": ("model", "messages", "max_tokens"),
+    "count_tokens": ("model", "messages"),
+    "embeddings": ("model", "input"),
+    "completions": ("model", "prompt"),
+    "responses": ("model",),
+}
+MAX_DIMENSIONS = 4096
+# Bounded so a benchmark's millions of requests cannot grow the process without limit.
+RECORDED_REQUESTS = 1000
+STORED_RESPONSES = 1000
+
+
+class RecordedRequest(NamedTuple):
+    """One routed request as received: ``body`` is None for a GET or unparsable JSON."""
+
+    method: str
+    path: str
+    key: str
+    body: dict[str, Any] | None
+
+
+def route_of(method: str, path: str) -> tuple[str | None, str]:
+    """(route name or None, the resource named by the path's last segment, else "")."""
+    route = ROUTES.get((method, path))
+    if route is not None:
+        return route, ""
+    for (verb, prefix), item_route in ITEM_ROUTES.items():
+        name = path[len(prefix) :]
+        if method == verb and path.startswith(prefix) and name and "/" not in name:
+            return item_route, name
+    return None, ""
+
+
+def invalid_field(route: str, body: dict[str, Any]) -> tuple[str, str] | None:
+    """(message, param) when a field of an OpenAI-only request has a shape the API refuses."""
+
+    def invalid(param: str) -> tuple[str, str]:
+        return f"Invalid value for '{param}'.", param
+
+    if route == "embeddings":
+        inputs = wire.text_inputs(body["input"])
+        if inputs is None or not all(text for text, _ in inputs):
+            return invalid("input")
+        if (body.get("encoding_format") or "float") not in ("float", "base64"):
+            return invalid("encoding_format")
+        dims = body.get("dimensions")
+        if dims is not None and not (
+            isinstance(dims, int) and not isinstance(dims, bool) and 0 < dims <= MAX_DIMENSIONS
+        ):
+            return invalid("dimensions")
+    elif route == "completions" and wire.text_inputs(body["prompt"]) is None:
+        return invalid("prompt")
+    elif route == "responses" and not isinstance(body.get("input") or "", str | list):
+        return invalid("input")
+    return None
+
+
+def include_usage(body: dict[str, Any]) -> bool:
+    """Whether a streamed OpenAI answer ends with a usage chunk (stream_options.include_usage)."""
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def answer_words(
+    behaviour: dict[str, Any], last_user: str, cap: Any
+) -> tuple[list[str], bool, tuple[wire.ToolCall, ...], int]:
+    """(words, cut by ``cap``, tool calls, completion tokens) of one scripted answer."""
+    tools: tuple[wire.ToolCall, ...] = behaviour["tool_calls"]
+    reply: str | None = behaviour["reply"]
+    words: list[str]
+    if tools and reply is None:
+        words, truncated = [], False  # only tool calls, like most tool-calling answers
+    else:
+        want = int(behaviour["completion_tokens"])
+        words, truncated = wire.reply_words(last_user, want, cap, reply)
+    return words, truncated, tools, len(words) + sum(tool.tokens() for tool in tools)
 
 
 def normalize_behaviour(spec: Any) -> dict[str, Any]:
@@ -144,9 +230,13 @@ class FakeUpstream:
         script: dict[str, Any] | None = None,
         models: list[str] | None = None,
         allowed_keys: set[str] | None = None,
+        require_key: bool = True,
     ) -> None:
+        """``require_key=False`` serves requests without a key too, as key "" (its scripts
+        and counts), like a local Ollama or vLLM; a key that is sent is checked as ever."""
         self.models = list(models or DEFAULT_MODELS)
         self.allowed_keys = set(allowed_keys) if allowed_keys is not None else None
+        self.require_key = require_key
         self.host, self.port = "", 0
         # Held only for dict/deque updates: the loop thread never waits on a test thread.
         self._lock = threading.Lock()
@@ -156,6 +246,13 @@ class FakeUpstream:
         self._counts: collections.Counter[str] = collections.Counter()
         self._total = 0
         self._bodies: collections.deque[Any] = collections.deque(maxlen=20)
+        self._paths: collections.Counter[str] = collections.Counter()
+        self._requests: collections.deque[RecordedRequest] = collections.deque(
+            maxlen=RECORDED_REQUESTS
+        )
+        self._previous_ids: collections.deque[str] = collections.deque(maxlen=20)
+        # Responses created here, for GET /v1/responses/{id}; the oldest are forgotten first.
+        self._responses: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed: asyncio.Event | None = None
@@ -211,7 +308,7 @@ class FakeUpstream:
                 self._global_default = new_global
 
     def reset(self) -> None:
-        """Forget every script, counter and recorded body."""
+        """Forget every script, counter, recorded request and stored response."""
         with self._lock:
             self._queues.clear()
             self._defaults.clear()
@@ -219,16 +316,28 @@ class FakeUpstream:
             self._counts.clear()
             self._total = 0
             self._bodies.clear()
+            self._paths.clear()
+            self._requests.clear()
+            self._previous_ids.clear()
+            self._responses.clear()
 
     def stats(self) -> dict[str, Any]:
-        """Per-key request counts (a missing key counts as ""), bodies, unconsumed queues."""
+        """Per-key request counts (a missing key counts as ""), per-path counts, bodies,
+        unconsumed queues, and the `previous_response_id`s that Responses calls sent."""
         with self._lock:
             return {
                 "requests": dict(self._counts),
                 "total": self._total,
                 "last_request_bodies": list(self._bodies),
                 "queued": {key: len(q) for key, q in self._queues.items() if q},
+                "paths": dict(self._paths),
+                "previous_response_ids": list(self._previous_ids),
             }
+
+    def requests(self) -> list[RecordedRequest]:
+        """The last routed requests, oldest first (at most ``RECORDED_REQUESTS``)."""
+        with self._lock:
+            return list(self._requests)
 
     def _take_behaviour(self, key: str) -> dict[str, Any]:
         with self._lock:
@@ -366,10 +475,9 @@ class FakeUpstream:
         if path.startswith("/_fake/"):
             writer.write(self._control(req.method, path, req.body, keep))
             return keep
-        route = ROUTES.get((req.method, path))
-        anthropic = route in ("messages", "count_tokens") or (
-            route != "chat" and ("anthropic-version" in headers or "x-api-key" in headers)
-        )
+        route, name = route_of(req.method, path)
+        claude_headers = "anthropic-version" in headers or "x-api-key" in headers
+        anthropic = route in ANTHROPIC_ROUTES or (route not in OPENAI_ROUTES and claude_headers)
 
         def error(
             status: int, etype: str, message: str, code: str | None = None, param: str | None = None
@@ -389,37 +497,37 @@ class FakeUpstream:
         key = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
         if not key and anthropic:
             key = headers.get("x-api-key", "").strip()
+        body: dict[str, Any] | None = None
+        if req.method == "POST":
+            try:
+                parsed = json.loads(req.body)
+            except ValueError:
+                parsed = None
+            body = parsed if isinstance(parsed, dict) else None
         with self._lock:
             self._total += 1
             self._counts[key] += 1
+            self._paths[path] += 1
+            self._requests.append(RecordedRequest(req.method, path, key, body))
             nth = self._counts[key]
-        if not key:
+        if not key and self.require_key:
             if anthropic:
                 return error(401, "authentication_error", "x-api-key header is required")
             msg = "You didn't provide an API key. Use an Authorization: Bearer header."
             return error(401, "invalid_request_error", msg, "invalid_api_key")
         masked = f"{key[:3]}{'*' * max(len(key) - 7, 0)}{key[-4:]}"
-        if self.allowed_keys is not None and key not in self.allowed_keys:
+        if key and self.allowed_keys is not None and key not in self.allowed_keys:
             status, payload, extra = wire.fault_error("401", anthropic, None, masked, "")
             writer.write(json_response(status, payload, keep, extra))
             return keep
 
-        body: dict[str, Any] = {}
-        if route != "models":
-            try:
-                parsed = json.loads(req.body)
-            except ValueError:
-                parsed = None
-            if not isinstance(parsed, dict):
+        if req.method == "POST":
+            if body is None:
                 msg = "We could not parse the JSON body of your request: expected a JSON object."
                 return error(400, "invalid_request_error", msg)
-            body = parsed
             with self._lock:
                 self._bodies.append(body)
-            required: tuple[str, ...] = ("model", "messages")
-            if route == "messages":
-                required += ("max_tokens",)
-            for field in required:
+            for field in REQUIRED_FIELDS[route]:
                 value = body.get(field)
                 if value is None or (field == "messages" and not isinstance(value, list)):
                     if anthropic:
@@ -427,6 +535,13 @@ class FakeUpstream:
                     msg = f"Missing required parameter: '{field}'."
                     code = "missing_required_parameter"
                     return error(400, "invalid_request_error", msg, code, field)
+            problem = invalid_field(route, body)
+            if problem is not None:
+                return error(400, "invalid_request_error", problem[0], None, problem[1])
+            previous = body.get("previous_response_id") if route == "responses" else None
+            if isinstance(previous, str):
+                with self._lock:
+                    self._previous_ids.append(previous)
 
         # Taken only now so malformed requests never consume a scripted behaviour.
         behaviour = self._take_behaviour(key)
@@ -439,7 +554,7 @@ class FakeUpstream:
             writer.write(response_head(200, "application/json", len(GARBAGE), keep) + GARBAGE)
             return keep
         if fault not in ("none", "cut", "tool_call"):
-            model = str(body.get("model", ""))
+            model = str((body or {}).get("model", ""))
             retry_after = behaviour["retry_after"]
             status, payload, extra = wire.fault_error(fault, anthropic, retry_after, masked, model)
             writer.write(json_response(status, payload, keep, extra))
@@ -448,9 +563,29 @@ class FakeUpstream:
             return await self._send(
                 writer, wire.models_list(self.models, anthropic), behaviour, keep
             )
+        if route == "model":
+            if name not in self.models:
+                if anthropic:
+                    return error(404, "not_found_error", f"model: {name}")
+                msg = f"The model '{name}' does not exist"
+                return error(404, "invalid_request_error", msg, "model_not_found", "model")
+            return await self._send(writer, wire.model_info(name, anthropic), behaviour, keep)
+        if route == "response":
+            with self._lock:
+                stored = self._responses.get(name)
+            if stored is None:
+                return error(404, "invalid_request_error", f"Response with id '{name}' not found.")
+            return await self._send(writer, stored, behaviour, keep)
+        assert body is not None  # every other route is a POST
         if route == "count_tokens":
             counted = {"input_tokens": wire.prompt_info(body)[0]}
             return await self._send(writer, counted, behaviour, keep)
+        if route == "embeddings":
+            return await self._embed(writer, body, behaviour, nth, keep)
+        if route == "completions":
+            return await self._text_complete(writer, body, behaviour, nth, keep)
+        if route == "responses":
+            return await self._respond(writer, body, behaviour, nth, keep)
         return await self._complete(writer, body, behaviour, anthropic, nth, keep)
 
     async def _complete(
@@ -469,15 +604,7 @@ class FakeUpstream:
             if anthropic
             else (body.get("max_completion_tokens") or body.get("max_tokens"))
         )
-        tools: tuple[wire.ToolCall, ...] = behaviour["tool_calls"]
-        reply: str | None = behaviour["reply"]
-        words: list[str]
-        if tools and reply is None:
-            words, truncated = [], False  # only tool calls, like most tool-calling answers
-        else:
-            want = int(behaviour["completion_tokens"])
-            words, truncated = wire.reply_words(last_user, want, cap, reply)
-        completion_tokens = len(words) + sum(tool.tokens() for tool in tools)
+        words, truncated, tools, completion_tokens = answer_words(behaviour, last_user, cap)
         extra = wire.ratelimit_headers(anthropic, nth, prompt_tokens + completion_tokens)
         model, stream = str(body["model"]), body.get("stream") is True
         report = bool(behaviour["usage"])
@@ -492,14 +619,88 @@ class FakeUpstream:
         finish = "tool_calls" if tools else ("length" if truncated else "stop")
         usage = wire.openai_usage(prompt_tokens, completion_tokens) if report else None
         if stream:
-            options = body.get("stream_options")
-            include_usage = isinstance(options, dict) and options.get("include_usage") is True
             chunks = wire.openai_events(
-                model, words, tools, finish, usage if include_usage else None
+                model, words, tools, finish, usage if include_usage(body) else None
             )
             return await self._stream(writer, chunks, behaviour, keep, extra)
         payload = wire.openai_completion(model, words, tools, finish, usage)
         return await self._send(writer, payload, behaviour, keep, extra)
+
+    async def _embed(
+        self,
+        writer: asyncio.StreamWriter,
+        body: dict[str, Any],
+        behaviour: dict[str, Any],
+        nth: int,
+        keep: bool,
+    ) -> bool:
+        """Embeddings of every input (validated already), as floats or base64."""
+        inputs = wire.text_inputs(body["input"]) or []
+        dimensions = body.get("dimensions") or wire.EMBEDDING_DIMENSIONS
+        encoding = body.get("encoding_format") or "float"
+        model = str(body["model"])
+        payload = wire.embeddings_response(
+            model, inputs, dimensions, encoding, usage=bool(behaviour["usage"])
+        )
+        extra = wire.ratelimit_headers(False, nth, sum(n for _, n in inputs))
+        return await self._send(writer, payload, behaviour, keep, extra)
+
+    async def _text_complete(
+        self,
+        writer: asyncio.StreamWriter,
+        body: dict[str, Any],
+        behaviour: dict[str, Any],
+        nth: int,
+        keep: bool,
+    ) -> bool:
+        """A legacy text completion, a choice per prompt, as JSON or SSE.
+
+        Tool calls do not exist here, so the `tool_call` fault answers with text."""
+        prompts = wire.text_inputs(body["prompt"]) or []
+        plain = {**behaviour, "tool_calls": ()}
+        answers: list[wire.Answer] = []
+        for text, _ in prompts:
+            words, truncated, _, _ = answer_words(plain, text, body.get("max_tokens"))
+            answers.append((words, "length" if truncated else "stop"))
+        prompt_tokens = sum(n for _, n in prompts)
+        completion_tokens = sum(len(words) for words, _ in answers)
+        extra = wire.ratelimit_headers(False, nth, prompt_tokens + completion_tokens)
+        report = bool(behaviour["usage"])
+        usage = wire.completion_usage(prompt_tokens, completion_tokens) if report else None
+        model = str(body["model"])
+        if body.get("stream") is True:
+            events = wire.text_completion_events(
+                model, answers, usage if include_usage(body) else None
+            )
+            return await self._stream(writer, events, behaviour, keep, extra)
+        payload = wire.text_completion(model, answers, usage)
+        return await self._send(writer, payload, behaviour, keep, extra)
+
+    async def _respond(
+        self,
+        writer: asyncio.StreamWriter,
+        body: dict[str, Any],
+        behaviour: dict[str, Any],
+        nth: int,
+        keep: bool,
+    ) -> bool:
+        """A Response (`POST /v1/responses`), as JSON or SSE, kept for GET unless `store` is
+        false or the answer is cut (the client never got it)."""
+        input_tokens, last_user = wire.responses_prompt_info(body)
+        cap = body.get("max_output_tokens")
+        words, truncated, tools, output_tokens = answer_words(behaviour, last_user, cap)
+        usage = wire.responses_usage(input_tokens, output_tokens) if behaviour["usage"] else None
+        response = wire.response_object(body, words, tools, truncated, usage)
+        if body.get("store") is not False and behaviour["fault"] != "cut":
+            with self._lock:
+                self._responses[response["id"]] = response
+                if len(self._responses) > STORED_RESPONSES:
+                    self._responses.popitem(last=False)
+        extra = wire.ratelimit_headers(False, nth, input_tokens + output_tokens)
+        if body.get("stream") is True:
+            events = wire.response_events(response, words, tools)
+            return await self._stream(writer, events, behaviour, keep, extra)
+        return await self._send(writer, response, behaviour, keep, extra)
 
     async def _send(
         self,

@@ -6,10 +6,14 @@ gateway's parsers and the official SDKs are exercised against this fake.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import itertools
 import json
+import math
 import os
 import re
+import struct
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -18,6 +22,7 @@ from typing import Any
 from .http11 import encode_json
 
 RATE_LIMIT_REQUESTS = 10_000
+EMBEDDING_DIMENSIONS = 8  # small on purpose: tests compare whole vectors
 RATE_LIMIT_TOKENS = 2_000_000
 TOOL_NAME = "get_weather"
 TOOL_ARGUMENTS = '{"location": "Paris, France"}'  # streamed in three pieces (see ToolCall)
@@ -197,19 +202,24 @@ def ratelimit_headers(anthropic: bool, nth: int, tokens: int) -> list[tuple[str,
     ]
 
 
-def models_list(models: list[str], anthropic: bool) -> dict[str, Any]:
+def model_info(model: str, anthropic: bool) -> dict[str, Any]:
+    """One model, as `GET /v1/models/{model}` returns it and as listed by `GET /v1/models`."""
     if anthropic:
-        data = [
-            {"type": "model", "id": m, "display_name": m, "created_at": "2024-10-22T00:00:00Z"}
-            for m in models
-        ]
+        return {
+            "type": "model",
+            "id": model,
+            "display_name": model,
+            "created_at": "2024-10-22T00:00:00Z",
+        }
+    return {"id": model, "object": "model", "created": MODEL_CREATED, "owned_by": "fake-upstream"}
+
+
+def models_list(models: list[str], anthropic: bool) -> dict[str, Any]:
+    data = [model_info(m, anthropic) for m in models]
+    if anthropic:
         first, last = (models[0], models[-1]) if models else (None, None)
         return {"data": data, "has_more": False, "first_id": first, "last_id": last}
-    openai_data: list[dict[str, Any]] = [
-        {"id": m, "object": "model", "created": MODEL_CREATED, "owned_by": "fake-upstream"}
-        for m in models
-    ]
-    return {"object": "list", "data": openai_data}
+    return {"object": "list", "data": data}
 
 
 def _text_of(content: Any) -> str:
@@ -466,3 +476,296 @@ def anthropic_events(
         end["usage"] = {"output_tokens": output_tokens}
     yield event(end)
     yield event({"type": "message_stop"})
+
+
+# ---- embeddings and legacy completions ----------------------------------------------------
+
+
+def _is_token(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def text_inputs(value: Any) -> list[tuple[str, int]] | None:
+    """`input` / `prompt` as (text, tokens) per item, or None unless it has one of the API's
+    four shapes: a string, a list of strings, a token array, a list of token arrays.
+
+    A token array's text is its ids joined by spaces: deterministic, which is all the fake
+    needs (a string of those digits embeds alike; no tokenizer is worth carrying here)."""
+    if isinstance(value, str):
+        return [(value, max(len(value.split()), 1))]
+    if not isinstance(value, list) or not value:
+        return None
+    items = [value] if all(_is_token(v) for v in value) else value
+    out: list[tuple[str, int]] = []
+    for item in items:
+        if isinstance(item, str):
+            out.append((item, max(len(item.split()), 1)))
+        elif isinstance(item, list) and item and all(_is_token(t) for t in item):
+            out.append((" ".join(map(str, item)), len(item)))
+        else:
+            return None
+    return out
+
+
+def embedding_vector(text: str, dimensions: int) -> list[float]:
+    """A unit vector hashed from the text: equal texts embed equally, others almost never.
+
+    Rounded to float32, so the "float" answer and the decoded "base64" one are the same numbers.
+    """
+    raw = hashlib.shake_256(text.encode()).digest(4 * dimensions)
+    values = [v / 2**31 - 1.0 for v in struct.unpack(f"<{dimensions}I", raw)]
+    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    packed = struct.pack(f"<{dimensions}f", *(v / norm for v in values))
+    return list(struct.unpack(f"<{dimensions}f", packed))
+
+
+def embeddings_response(
+    model: str,
+    inputs: Sequence[tuple[str, int]],
+    dimensions: int,
+    encoding: str,
+    *,
+    usage: bool = True,
+) -> dict[str, Any]:
+    """A CreateEmbeddingResponse; "base64" packs each vector as little-endian float32.
+    ``usage=False`` leaves `usage` out, like an upstream that does not report it."""
+    data: list[dict[str, Any]] = []
+    for index, (text, _) in enumerate(inputs):
+        vector = embedding_vector(text, dimensions)
+        embedding: Any = vector
+        if encoding == "base64":
+            embedding = base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode()
+        data.append({"object": "embedding", "index": index, "embedding": embedding})
+    body: dict[str, Any] = {"object": "list", "data": data, "model": model}
+    if usage:
+        tokens = sum(n for _, n in inputs)
+        body["usage"] = {"prompt_tokens": tokens, "total_tokens": tokens}
+    return body
+
+
+def completion_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """The legacy endpoint's usage: the three counts, no details."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+# One generated answer per prompt: its words and finish_reason ("stop" or "length").
+Answer = tuple[list[str], str]
+
+
+def text_completion(
+    model: str, answers: Sequence[Answer], usage: dict[str, Any] | None
+) -> dict[str, Any]:
+    """A text_completion (legacy `POST /v1/completions`), a choice per prompt."""
+    body: dict[str, Any] = {
+        "id": new_id("cmpl-"),
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"text": " ".join(words), "index": i, "logprobs": None, "finish_reason": finish}
+            for i, (words, finish) in enumerate(answers)
+        ],
+    }
+    if usage is not None:
+        body["usage"] = usage
+    return body
+
+
+def text_completion_events(
+    model: str, answers: Sequence[Answer], usage: dict[str, Any] | None
+) -> Iterator[bytes]:
+    """The legacy stream: a chunk per word, a last chunk per choice carrying finish_reason,
+    then (include_usage) one with `"choices":[]` and the usage, then ``[DONE]``.
+
+    Choices go one after the other (OpenAI interleaves them; `index` tells them apart)."""
+    envelope = encode_json(
+        {
+            "id": new_id("cmpl-"),
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model,
+        }
+    )[:-1]
+    prefix = f'data: {envelope},"choices":['.encode()
+    tail = ',"usage":null}\n\n' if usage is not None else "}\n\n"
+
+    def event(text: str, index: int, reason: str | None = None) -> bytes:
+        choice = {"text": text, "index": index, "logprobs": None, "finish_reason": reason}
+        return prefix + (encode_json(choice) + "]" + tail).encode()
+
+    for index, (words, finish) in enumerate(answers):
+        for i, word in enumerate(words):
+            yield event(word if i == 0 else " " + word, index)
+        yield event("", index, finish)
+    if usage is not None:
+        yield f'data: {envelope},"choices":[],"usage":{encode_json(usage)}}}\n\n'.encode()
+    yield b"data: [DONE]\n\n"
+
+
+# ---- Responses API ------------------------------------------------------------------------
+
+
+def responses_prompt_info(body: dict[str, Any]) -> tuple[int, str]:
+    """(input "tokens" as a word count, last user text) of a `POST /v1/responses` body.
+
+    `input` is a string (one user message) or a list of items: messages, whose content is a
+    string or `input_text` parts, and items such as `function_call_output` (their `output`)."""
+    words = len(_text_of(body.get("instructions")).split())
+    value = body.get("input")
+    if isinstance(value, str):
+        return max(words + len(value.split()), 1), value
+    last_user = ""
+    for item in value if isinstance(value, list) else ():
+        if not isinstance(item, dict):
+            continue
+        text = _text_of(item.get("content")) or _text_of(item.get("output"))
+        words += len(text.split())
+        if item.get("role") == "user":
+            last_user = text
+    return max(words, 1), last_user
+
+
+def responses_usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
+    return {
+        "input_tokens": input_tokens,
+        # cache_write_tokens: required by the openai SDK's types since prompt-cache writes.
+        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "output_tokens": output_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": input_tokens + output_tokens,
+    }
+
+
+def _output_text(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
+
+
+def _response_output(
+    words: list[str], tools: Sequence[ToolCall], truncated: bool
+) -> list[dict[str, Any]]:
+    """Output items: a message (unless only function calls), then a function_call per call."""
+    items: list[dict[str, Any]] = []
+    if words or not tools:
+        items.append(
+            {
+                "id": new_id("msg_"),
+                "type": "message",
+                "status": "incomplete" if truncated else "completed",
+                "content": [_output_text(" ".join(words))],
+                "role": "assistant",
+            }
+        )
+    for call_id, tool in zip(_call_ids(tools, "call_"), tools, strict=True):
+        items.append(
+            {
+                "id": new_id("fc_"),
+                "type": "function_call",
+                "status": "completed",
+                "arguments": tool.arguments,
+                "call_id": call_id,
+                "name": tool.name,
+            }
+        )
+    return items
+
+
+def response_object(
+    body: dict[str, Any],
+    words: list[str],
+    tools: Sequence[ToolCall],
+    truncated: bool,
+    usage: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The Response, as `POST /v1/responses` (and `GET /v1/responses/{id}`) returns it.
+
+    Every field the real API sends is here; the request's settings are echoed like it does.
+    A reply cut by `max_output_tokens` is "incomplete", as OpenAI reports it."""
+
+    def echo(name: str, default: Any) -> Any:
+        value = body.get(name)
+        return default if value is None else value
+
+    tools_in = body.get("tools")
+    return {
+        "id": new_id("resp_"),
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": "incomplete" if truncated else "completed",
+        "background": False,
+        "error": None,
+        "incomplete_details": {"reason": "max_output_tokens"} if truncated else None,
+        "instructions": body.get("instructions"),
+        "max_output_tokens": body.get("max_output_tokens"),
+        "max_tool_calls": body.get("max_tool_calls"),
+        "model": str(body["model"]),
+        "output": _response_output(words, tools, truncated),
+        "parallel_tool_calls": echo("parallel_tool_calls", True),
+        "previous_response_id": body.get("previous_response_id"),
+        "reasoning": {"effort": None, "summary": None},
+        "service_tier": "default",
+        "store": echo("store", True),
+        "temperature": echo("temperature", 1.0),
+        "text": {"format": {"type": "text"}, "verbosity": "medium"},
+        "tool_choice": echo("tool_choice", "auto"),
+        "tools": tools_in if isinstance(tools_in, list) else [],
+        "top_logprobs": 0,
+        "top_p": echo("top_p", 1.0),
+        "truncation": "disabled",
+        "usage": usage,
+        "user": None,
+        "metadata": echo("metadata", {}),
+    }
+
+
+def response_events(
+    response: dict[str, Any], words: list[str], tools: Sequence[ToolCall]
+) -> Iterator[bytes]:
+    """The Responses stream of ``response`` (from :func:`response_object` with the same words
+    and tools), as `event:`/`data:` pairs numbered by `sequence_number`, with no `[DONE]`.
+
+    response.created and .in_progress carry the response without output or usage; each output
+    item is announced (output_item.added, in progress), filled (a message: content_part.added,
+    an output_text.delta per word, output_text.done, content_part.done; a function call: a
+    function_call_arguments.delta per piece, .done) and closed (output_item.done); the stream
+    ends with response.completed, or response.incomplete when max_output_tokens cut it."""
+    sequence = itertools.count()
+
+    def event(etype: str, **fields: Any) -> bytes:
+        data = {"type": etype, "sequence_number": next(sequence), **fields}
+        return f"event: {etype}\ndata: {encode_json(data)}\n\n".encode()
+
+    pending = {**response, "status": "in_progress", "incomplete_details": None}
+    pending.update(output=[], usage=None)
+    yield event("response.created", response=pending)
+    yield event("response.in_progress", response=pending)
+    calls = iter(tools)
+    for index, item in enumerate(response["output"]):
+        where = {"item_id": item["id"], "output_index": index}
+        if item["type"] == "message":
+            yield event(
+                "response.output_item.added",
+                output_index=index,
+                item={**item, "status": "in_progress", "content": []},
+            )
+            part = {**where, "content_index": 0}
+            yield event("response.content_part.added", **part, part=_output_text(""))
+            for i, word in enumerate(words):
+                delta = word if i == 0 else " " + word
+                yield event("response.output_text.delta", **part, delta=delta, logprobs=[])
+            text = item["content"][0]["text"]
+            yield event("response.output_text.done", **part, text=text, logprobs=[])
+            yield event("response.content_part.done", **part, part=item["content"][0])
+        else:
+            added = {**item, "status": "in_progress", "arguments": ""}
+            yield event("response.output_item.added", output_index=index, item=added)
+            for piece in next(calls).pieces():
+                yield event("response.function_call_arguments.delta", **where, delta=piece)
+            arguments = item["arguments"]
+            yield event("response.function_call_arguments.done", **where, arguments=arguments)
+        yield event("response.output_item.done", output_index=index, item=item)
+    final = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
+    yield event(final, response=response)

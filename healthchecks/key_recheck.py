@@ -91,7 +91,7 @@ async def keys_revalidate(
     Returns key id -> True (valid, now `probing`), False (rejected) or None (inconclusive)."""
     now = time.time() if now is None else now
     keys: dict[str, tuple[ProviderInfo, UpstreamKey]] = {}
-    for route in snapshot.routes.values():
+    for route in snapshot.configured_routes():
         for deployment in route.deployments:
             for key in deployment.provider.keys:
                 keys.setdefault(key.key_id, (deployment.provider, key))

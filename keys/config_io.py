@@ -295,6 +295,10 @@ def _apply_routes(
                 if not changes and current == deployments:
                     counts.unchanged += 1
                     continue
+            if "*" not in name and any("*" in m for _, m in deployments):
+                raise ValidationError(
+                    "deployments: only a pattern route (a name with '*') can forward a '*' model"
+                )
             route.full_clean()
             route.save()
             if current != deployments:
@@ -395,6 +399,7 @@ def config_export() -> dict[str, Any]:
             p.name: {
                 "kind": p.kind,
                 "base_url": p.base_url,
+                "requires_key": p.requires_key,
                 "cooldown_seconds": p.cooldown_seconds,
                 "quarantine_seconds": p.quarantine_seconds,
                 "exhausted_seconds": p.exhausted_seconds,

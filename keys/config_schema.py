@@ -15,7 +15,6 @@ from types import UnionType
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 from django.core.exceptions import ValidationError
-from django.core.validators import URLValidator
 from django.db.models import Model
 from pydantic import (
     AfterValidator,
@@ -33,7 +32,16 @@ from pydantic import ValidationError as PydanticValidationError
 from pydantic_core import ErrorDetails, PydanticCustomError, PydanticKnownError
 
 from keys.crypto import SecretError, resolve_reference
-from keys.models import ApiKey, ClientToken, Provider, Route, slug_validator, validate_base_url
+from keys.models import (
+    BASE_URL_VALIDATORS,
+    ApiKey,
+    ClientToken,
+    Provider,
+    Route,
+    slug_validator,
+    validate_deployment_model,
+    validate_route_name,
+)
 from keys.services import CLIENT_TOKEN_MIN_LENGTH, SecretSpec, api_key_parse_secret
 from keys.strategies import DEFAULT_STRATEGY, STRATEGIES
 
@@ -196,7 +204,7 @@ _Text200 = Annotated[str, StringConstraints(min_length=1, max_length=200), _NotB
 _Text500 = Annotated[str, StringConstraints(min_length=1, max_length=500), _NotBlank]
 _Name = Annotated[_Text64, _django(slug_validator)]
 _ProviderRef = Annotated[_Text64, _known("provider", "providers")]
-_BaseUrl = Annotated[_Text500, _django(URLValidator(), validate_base_url)]
+_BaseUrl = Annotated[_Text500, _django(*BASE_URL_VALIDATORS)]
 _Seconds = Annotated[int, Field(ge=0, le=INT_MAX)]
 # A limit: a positive count, or null (or left out of a new entry) for none.
 _Count = Annotated[int, Field(ge=1, le=INT_MAX)] | None
@@ -244,13 +252,17 @@ class ProviderConfig(_Entry):
 
     kind: _Kind = Field(
         default=_default(Provider, "kind"),
-        description="`anthropic` serves /v1/messages natively and /v1/chat/completions through "
-        "Anthropic's OpenAI-compatible endpoint; `openai_compatible` is vLLM, Ollama, LM "
-        "Studio, …",
+        description="`anthropic` serves /v1/messages natively and /v1/chat/completions "
+        "translated to its Messages API; `openai_compatible` is vLLM, Ollama, LM Studio, …",
     )
     base_url: _BaseUrl = Field(
         description="http(s), including the version prefix (https://api.openai.com/v1); no "
         "credentials, query string or fragment.",
+    )
+    requires_key: bool = Field(
+        default=_default(Provider, "requires_key"),
+        description="false for a local server that takes no key (Ollama, vLLM, LocalAI): calls "
+        "go without one, and rotation and health apply to the endpoint alone.",
     )
     cooldown_seconds: _Seconds = Field(
         default=_default(Provider, "cooldown_seconds"),
@@ -313,7 +325,10 @@ class DeploymentConfig(_Entry):
     """One step of a route's fallback chain."""
 
     provider: _ProviderRef = Field(description=_PROVIDER_REF)
-    model: _Text200 = Field(description="The model name sent upstream.")
+    model: Annotated[_Text200, _django(validate_deployment_model)] = Field(
+        description="The model name sent upstream. On a pattern route (a name with '*'), a '*' "
+        "here is replaced by what the route's '*' matched."
+    )
 
 
 class RouteConfig(_Entry):
@@ -424,8 +439,10 @@ class ConfigFile(_Entry):
         default=None, description="By name: letters, digits, '.', '_', ':' and '-'."
     )
     keys: list[KeyConfig] | None = Field(default=None, description="Upstream API keys.")
-    routes: dict[_Text200, RouteConfig] | None = Field(
-        default=None, description="By the model name clients send."
+    routes: dict[Annotated[_Text200, _django(validate_route_name)], RouteConfig] | None = Field(
+        default=None,
+        description="By the model name clients send; a name with one '*' ('*', 'ollama/*') is "
+        "a pass-through pattern.",
     )
     clients: list[ClientConfig] | None = Field(
         default=None, description="Callers of the gateway, each with its token."

@@ -6,12 +6,16 @@ lives in the key state store (in process, or Redis when scaled out). See keys/st
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from decimal import Decimal
+from typing import Any
 from urllib.parse import urlsplit
 
 from django.core.exceptions import ValidationError
-from django.core.validators import MinValueValidator, RegexValidator
+from django.core.validators import MinValueValidator, RegexValidator, URLValidator
 from django.db import models
+from django.utils.regex_helper import _lazy_re_compile
 
 from keys.strategies import STRATEGIES
 
@@ -23,6 +27,22 @@ slug_validator = RegexValidator(
 
 # A limit of 0 would refuse everything; an empty field is "no limit".
 _AT_LEAST_1 = [MinValueValidator(1)]
+
+
+class BaseUrlValidator(URLValidator):
+    """Django's URL check, also accepting a host name without a dot: the service names of
+    Docker Compose and Kubernetes (`http://ollama:11434/v1`, `http://vllm:8000/v1`)."""
+
+    host_re = "(" + URLValidator.host_re + "|" + URLValidator.hostname_re + ")"
+    regex = _lazy_re_compile(
+        r"^(?:[a-z0-9.+-]*)://"
+        r"(?:[^\s:@/]+(?::[^\s:@/]*)?@)?"
+        r"(?:" + URLValidator.ipv4_re + "|" + URLValidator.ipv6_re + "|" + host_re + ")"
+        r"(?::[0-9]{1,5})?"
+        r"(?:[/?#][^\s]*)?"
+        r"\Z",
+        re.IGNORECASE,
+    )
 
 
 def validate_base_url(value: str) -> None:
@@ -40,6 +60,16 @@ def validate_base_url(value: str) -> None:
         raise ValidationError("base_url must not contain a query string or fragment")
 
 
+def validate_key_id(value: str) -> None:
+    # keys.routing.keyless_key names a keyless provider's endpoint `<provider>:keyless`.
+    if value.endswith(":keyless"):
+        raise ValidationError("Key ids ending in ':keyless' are reserved for keyless providers.")
+
+
+# The scheme is left to validate_base_url, whose message says which are accepted.
+BASE_URL_VALIDATORS: list[Callable[[Any], None]] = [BaseUrlValidator(), validate_base_url]
+
+
 class Provider(models.Model):
     class Kind(models.TextChoices):
         OPENAI = "openai", "OpenAI"
@@ -48,12 +78,17 @@ class Provider(models.Model):
 
     name = models.CharField(max_length=64, unique=True, validators=[slug_validator])
     kind = models.CharField(max_length=32, choices=Kind.choices, default=Kind.OPENAI)
-    base_url = models.URLField(
+    base_url = models.CharField(
         max_length=500,
-        validators=[validate_base_url],
+        validators=BASE_URL_VALIDATORS,
         help_text="Including the version prefix, e.g. https://api.openai.com/v1",
     )
     enabled = models.BooleanField(default=True)
+    requires_key = models.BooleanField(
+        default=True,
+        help_text="Off for a local server that takes no key (Ollama, vLLM, LocalAI): calls go "
+        "without one, and rotation and health apply to the endpoint alone.",
+    )
     cooldown_seconds = models.PositiveIntegerField(
         default=30, help_text="Cooldown after a 429 that carries no Retry-After."
     )
@@ -85,7 +120,7 @@ class ApiKey(models.Model):
         "key id",
         max_length=64,
         unique=True,
-        validators=[slug_validator],
+        validators=[slug_validator, validate_key_id],
         help_text="Stable name used in logs and records, e.g. openai-1.",
     )
     provider = models.ForeignKey(Provider, on_delete=models.CASCADE, related_name="keys")
@@ -129,11 +164,33 @@ class ApiKey(models.Model):
         return self.key_id
 
 
+def validate_route_name(value: str) -> None:
+    if value.count("*") > 1:
+        raise ValidationError(
+            "A route pattern has at most one '*' (e.g. '*', 'ollama/*', 'llama*')."
+        )
+
+
+def validate_deployment_model(value: str) -> None:
+    if value.count("*") > 1:
+        raise ValidationError("A deployment's model has at most one '*'.")
+
+
 class Route(models.Model):
-    """What clients ask for (the `model` of a request) and where it may go, in order."""
+    """What clients ask for (the `model` of a request) and where it may go, in order.
+
+    A name with a `*` is a pattern (pass-through): it serves every model name it matches that
+    no exact route serves, and a deployment model with a `*` receives what the route's `*`
+    matched (`ollama/*` → `*` forwards `ollama/llama3` as `llama3`; `*` → `*` forwards it as it
+    is). keys.routing.route_lookup says which pattern wins when several match.
+    """
 
     name = models.CharField(
-        max_length=200, unique=True, help_text="The model name clients send, e.g. gpt-4o-mini."
+        max_length=200,
+        unique=True,
+        validators=[validate_route_name],
+        help_text="The model name clients send, e.g. gpt-4o-mini; or a pattern with one '*' "
+        "('*', 'ollama/*', 'llama*') that forwards the name the client sent.",
     )
     strategy = models.CharField(max_length=32, choices=STRATEGIES, default="health_aware")
     enabled = models.BooleanField(default=True)
@@ -153,7 +210,12 @@ class Deployment(models.Model):
     route = models.ForeignKey(Route, on_delete=models.CASCADE, related_name="deployments")
     position = models.PositiveIntegerField(default=0)
     provider = models.ForeignKey(Provider, on_delete=models.CASCADE, related_name="deployments")
-    model = models.CharField(max_length=200, help_text="Model name sent upstream.")
+    model = models.CharField(
+        max_length=200,
+        validators=[validate_deployment_model],
+        help_text="Model name sent upstream. On a pattern route a '*' here is replaced by what "
+        "the route's '*' matched ('*' alone forwards that part as it is).",
+    )
 
     class Meta:
         ordering = ["route", "position", "id"]
@@ -163,6 +225,13 @@ class Deployment(models.Model):
 
     def __str__(self) -> str:
         return f"{self.provider.name}/{self.model}"
+
+    def clean(self) -> None:
+        route = getattr(self, "route", None)
+        if "*" in self.model and route is not None and "*" not in route.name:
+            raise ValidationError(
+                {"model": "Only a pattern route (a name with '*') can forward a '*' model."}
+            )
 
 
 class ClientToken(models.Model):

@@ -80,6 +80,51 @@ class RouteInfo:
     strategy: str
     created: int
     deployments: tuple[DeploymentInfo, ...]
+    # For a request matched by a pattern route: the pattern (the route's configured name, which
+    # limits and token scopes refer to); `name` is then the model the client sent.
+    pattern: str = ""
+
+    @property
+    def config_name(self) -> str:
+        """The name the configuration knows this route by (limits, token scopes)."""
+        return self.pattern or self.name
+
+    def matches(self, model: str) -> str | None:
+        """For a pattern route: what its `*` matches in `model` (None: no match)."""
+        prefix, _, suffix = self.name.partition("*")
+        if len(model) < len(prefix) + len(suffix):
+            return None
+        if not (model.startswith(prefix) and model.endswith(suffix)):
+            return None
+        return model[len(prefix) : len(model) - len(suffix)]
+
+    def resolved(self, model: str, star: str) -> RouteInfo:
+        """This pattern route serving `model`: each deployment's `*` becomes `star`, and only
+        the keys allowed that model serve it."""
+        deployments = []
+        for dep in self.deployments:
+            upstream = dep.model.replace("*", star)
+            keys = tuple(k for k in dep.keys if not k.models or upstream in k.models)
+            deployments.append(dataclasses.replace(dep, model=upstream, keys=keys))
+        return dataclasses.replace(
+            self, name=model, pattern=self.name, deployments=tuple(deployments)
+        )
+
+
+def keyless_key(provider: str) -> UpstreamKey:
+    """The one "key" of a provider that takes none (a local server): calls go without a
+    credential, and the key state store tracks the endpoint's health under this id. The colon
+    is allowed in key ids, but `:keyless` is refused as one (keys.models), so it is never a
+    real key's."""
+    return UpstreamKey(
+        key_id=f"{provider}:keyless",
+        provider=provider,
+        secret="",
+        masked="(no key)",
+        priority=0,
+        weight=1,
+        models=frozenset(),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,12 +143,18 @@ class TokenInfo:
 @dataclass(slots=True)
 class RoutingSnapshot:
     routes: dict[str, RouteInfo] = field(default_factory=dict)
+    # Pass-through routes (names with a `*`), most specific first: see route_lookup.
+    patterns: list[RouteInfo] = field(default_factory=list)
     tokens: dict[str, TokenInfo] = field(default_factory=dict)
     # key_id -> why its secret could not be used (never the secret itself).
     unusable_keys: dict[str, str] = field(default_factory=dict)
     # Client limits by (client name, route name), "" for any (keys.limits).
     limits: dict[tuple[str, str], LimitSpec] = field(default_factory=dict)
     loaded_at: float = 0.0
+
+    def configured_routes(self) -> list[RouteInfo]:
+        """Every route as configured: the exact ones, then the patterns (unresolved)."""
+        return [*self.routes.values(), *self.patterns]
 
 
 def routing_load() -> RoutingSnapshot:
@@ -144,6 +195,8 @@ def routing_load() -> RoutingSnapshot:
             dataclasses.replace(k, provider=provider.name)
             for k in keys_by_provider.get(provider.pk, ())
         )
+        if not keys and not provider.requires_key:
+            keys = (keyless_key(provider.name),)
         providers[provider.pk] = ProviderInfo(
             name=provider.name,
             kind=provider.kind,
@@ -157,16 +210,24 @@ def routing_load() -> RoutingSnapshot:
             info = providers.get(dep.provider_id)
             if info is None:
                 continue
-            serving = tuple(k for k in info.keys if not k.models or dep.model in k.models)
+            # A pattern deployment's model is known per request (RouteInfo.resolved).
+            serving = tuple(
+                k for k in info.keys if not k.models or dep.model in k.models or "*" in dep.model
+            )
             deployments.append(
                 DeploymentInfo(position=dep.position, provider=info, model=dep.model, keys=serving)
             )
-        snapshot.routes[route.name] = RouteInfo(
+        info_route = RouteInfo(
             name=route.name,
             strategy=route.strategy,
             created=int(route.created_at.timestamp()),
             deployments=tuple(deployments),
         )
+        if "*" in route.name:
+            snapshot.patterns.append(info_route)
+        else:
+            snapshot.routes[route.name] = info_route
+    snapshot.patterns.sort(key=_specificity)
     for token in ClientToken.objects.all():
         snapshot.tokens[token.prefix] = TokenInfo(
             id=token.pk,
@@ -191,6 +252,25 @@ def routing_load() -> RoutingSnapshot:
         )
         snapshot.limits[(spec.client, spec.route)] = spec
     return snapshot
+
+
+def _specificity(route: RouteInfo) -> tuple[int, str]:
+    # The longest literal part wins ('ollama/llama*' before 'ollama/*' before '*'); the name
+    # breaks ties so that the order never depends on the database's.
+    return (-len(route.name.replace("*", "")), route.name)
+
+
+def route_lookup(snapshot: RoutingSnapshot, model: str) -> RouteInfo | None:
+    """The route serving `model`: the exact route of that name, or else the most specific
+    pattern that matches it, resolved for it."""
+    route = snapshot.routes.get(model)
+    if route is not None or not snapshot.patterns:
+        return route
+    for pattern in snapshot.patterns:
+        star = pattern.matches(model)
+        if star is not None:
+            return pattern.resolved(model, star)
+    return None
 
 
 _snapshot: RoutingSnapshot | None = None

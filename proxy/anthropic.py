@@ -134,6 +134,7 @@ class AnthropicCountDialect(AnthropicDialect):
 
     path = "/messages/count_tokens"
     records = False
+    unserved = "only Anthropic deployments count tokens, and this route has none."
 
     def verdict(self, verdict: Verdict) -> Verdict:
         if verdict.health is Health.RATE_LIMITED:

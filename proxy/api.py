@@ -1,5 +1,7 @@
-"""The proxy endpoints: OpenAI's `POST /v1/chat/completions`, Anthropic's `POST /v1/messages`,
-and `GET /v1/models` in whichever of the two shapes the caller speaks.
+"""The proxy endpoints: OpenAI's chat completions, embeddings, legacy completions and Responses
+API, Anthropic's messages (and token counting), and the model list in whichever of the two
+shapes the caller speaks. Every model call goes through the same engine (proxy.engine); what
+differs per endpoint is its dialect (proxy.dialects, proxy.openai_apis, proxy.bridges).
 
 Bodies are forwarded as the client sent them and checked by hand (proxy/validation.py says
 why).
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
@@ -18,7 +21,7 @@ from common.errors import ApiError, anthropic_caller, forbidden, invalid_request
 from common.logcontext import request_id_bind
 from keys.auth import proxy_any_auth, proxy_auth
 from keys.limits import LimitSpec
-from keys.routing import RouteInfo, TokenInfo, routing_snapshot
+from keys.routing import RouteInfo, TokenInfo, route_lookup, routing_snapshot
 from proxy.anthropic import (
     ANTHROPIC_COUNT_TOKENS,
     COUNT_TOKENS_BODY_DOC,
@@ -28,18 +31,57 @@ from proxy.anthropic import (
     messages_validate,
     models_page,
 )
+from proxy.bridges import CHAT, MESSAGES
 from proxy.callers import caller_from
 from proxy.calls import CallContext, now_wall
-from proxy.dialects import ANTHROPIC, Dialect
+from proxy.dialects import Dialect
 from proxy.engine import Failover
 from proxy.limits import applicable
+from proxy.models_list import model_ids, model_object
+from proxy.openai_apis import (
+    COMPLETIONS,
+    EMBEDDINGS,
+    RESPONSES,
+    bad_request,
+    completions_validate,
+    embeddings_validate,
+    responses_validate,
+)
 from proxy.validation import body_check_conversation, body_load, json_body_doc
 
 router = Router(tags=["Proxy (OpenAI and Anthropic wire formats)"])
 
 
-CHAT_BODY_DOC = json_body_doc(
-    required=[], properties={"stream": {"type": "boolean"}, "stream_options": {"type": "object"}}
+_STREAM = {"stream": {"type": "boolean"}, "stream_options": {"type": "object"}}
+CHAT_BODY_DOC = json_body_doc(required=[], properties=_STREAM)
+_TEXT_OR_TOKENS = {
+    "oneOf": [
+        {"type": "string"},
+        {"type": "array", "items": {"type": "string"}},
+        {"type": "array", "items": {"type": "integer"}},
+        {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}},
+    ]
+}
+EMBEDDINGS_BODY_DOC = json_body_doc(
+    required=["input"],
+    properties={
+        "input": _TEXT_OR_TOKENS,
+        "encoding_format": {"type": "string", "enum": ["float", "base64"]},
+        "dimensions": {"type": "integer"},
+    },
+    conversation=False,
+)
+COMPLETIONS_BODY_DOC = json_body_doc(
+    required=["prompt"], properties={"prompt": _TEXT_OR_TOKENS, **_STREAM}, conversation=False
+)
+RESPONSES_BODY_DOC = json_body_doc(
+    required=["input"],
+    properties={
+        "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]},
+        "instructions": {"type": "string"},
+        "stream": {"type": "boolean"},
+    },
+    conversation=False,
 )
 
 
@@ -65,12 +107,80 @@ def _parse_body(request: HttpRequest) -> dict[str, Any]:
     summary="Create a chat completion (OpenAI wire format, streaming or not)",
 )
 async def chat_completions(request: HttpRequest) -> HttpResponse | StreamingHttpResponse:
+    return await _openai_call(request, CHAT, _parse_body)
+
+
+def _openai_endpoint(
+    path: str,
+    dialect: Dialect,
+    validate: Callable[[dict[str, Any]], dict[str, Any]],
+    *,
+    doc: dict[str, Any],
+    summary: str,
+) -> None:
+    """Register one more OpenAI endpoint: its body checked by `validate` (400s, as OpenAI
+    answers them), then the shared engine with its dialect."""
+
+    async def view(request: HttpRequest) -> HttpResponse | StreamingHttpResponse:
+        return await _openai_call(request, dialect, lambda r: validate(_load(r)))
+
+    view.__name__ = dialect.operation  # the OpenAPI operation id
+    router.post(path, auth=proxy_auth, openapi_extra=doc, summary=summary)(view)
+
+
+_openai_endpoint(
+    "/embeddings",
+    EMBEDDINGS,
+    embeddings_validate,
+    doc=EMBEDDINGS_BODY_DOC,
+    summary="Create embeddings (OpenAI wire format; batched inputs)",
+)
+_openai_endpoint(
+    "/completions",
+    COMPLETIONS,
+    completions_validate,
+    doc=COMPLETIONS_BODY_DOC,
+    summary="Create a text completion (OpenAI's legacy completions, streaming or not)",
+)
+_openai_endpoint(
+    "/responses",
+    RESPONSES,
+    responses_validate,
+    doc=RESPONSES_BODY_DOC,
+    summary="Create a model response (OpenAI's Responses API, streaming or not; stateless)",
+)
+
+
+@router.get(
+    "/responses/{response_id}",
+    auth=proxy_auth,
+    summary="Not served: stored responses live at the provider, with one key (404)",
+)
+async def response_get(request: HttpRequest, response_id: str) -> HttpResponse:
+    raise ApiError(
+        404,
+        "Stored responses are not served through this gateway: a response is stored by the "
+        "provider under the key that created it, and the gateway rotates keys. Read the "
+        "response from the answer to the request that created it.",
+        type="invalid_request_error",
+        code="stateful_response_not_supported",
+        param="response_id",
+    )
+
+
+def _load(request: HttpRequest) -> dict[str, Any]:
+    return body_load(request, invalid=bad_request)
+
+
+async def _openai_call(
+    request: HttpRequest, dialect: Dialect, parse: Callable[[HttpRequest], dict[str, Any]]
+) -> HttpResponse | StreamingHttpResponse:
     t0 = time.perf_counter()
     started = now_wall()
     client: TokenInfo = request.auth  # type: ignore[attr-defined]
-    body = _parse_body(request)
+    body = parse(request)
     request.llmrotate_model = body["model"]  # type: ignore[attr-defined]
-    route, specs = await _route(body["model"], client)
+    route, specs = await _route(body["model"], client, dialect)
     stream = bool(body.get("stream", False))
     options = body.get("stream_options") or {}
     ctx = CallContext(
@@ -82,6 +192,7 @@ async def chat_completions(request: HttpRequest) -> HttpResponse | StreamingHttp
         strip_usage=stream and not options.get("include_usage", False),
         started_wall=started,
         t0=t0,
+        dialect=dialect,
         caller=caller_from(request.headers, body),
         body_bytes=len(request.body),
         limit_specs=specs,
@@ -90,27 +201,43 @@ async def chat_completions(request: HttpRequest) -> HttpResponse | StreamingHttp
     # Not reset: a stream is relayed after the view returns, in this request's own task
     # (whose context ends with it), and its log lines carry the id too.
     request_id_bind(ctx.request_id)
-    ctx.trace(request.headers)
+    ctx.trace(request.headers, operation=dialect.operation)
     return await Failover(ctx).run()
 
 
-async def _route(model: str, client: TokenInfo) -> tuple[RouteInfo, list[LimitSpec]]:
-    """The route for `model`, if the client may use it, and the limits that apply."""
+async def _route(
+    model: str, client: TokenInfo, dialect: Dialect
+) -> tuple[RouteInfo, list[LimitSpec]]:
+    """The route for `model`, if the client may use it and it can serve this endpoint, and the
+    limits that apply."""
     snapshot = await routing_snapshot()
-    route = snapshot.routes.get(model)
+    route = route_lookup(snapshot, model)
     if route is None:
-        raise ApiError(
-            404,
-            f"The model '{model}' does not exist or you do not have access to it.",
-            type="invalid_request_error",
-            code="model_not_found",
-            param="model",
-        )
-    if not client.allows_route(route.name):
+        raise model_not_found(model)
+    if not client.allows_route(route.config_name):
         raise forbidden(
             f"This client token may not use the model '{route.name}'.", code="route_not_allowed"
         )
-    return route, applicable(snapshot, client.name, route.name)
+    if not dialect.deployments(route):
+        raise ApiError(
+            400,
+            f"The model '{route.name}' has no deployment that can serve {dialect.path[1:]}: "
+            + dialect.unserved,
+            type="invalid_request_error",
+            code="dialect_not_supported",
+            param="model",
+        )
+    return route, applicable(snapshot, client.name, route.config_name)
+
+
+def model_not_found(model: str) -> ApiError:
+    return ApiError(
+        404,
+        f"The model '{model}' does not exist or you do not have access to it.",
+        type="invalid_request_error",
+        code="model_not_found",
+        param="model",
+    )
 
 
 @router.post(
@@ -120,7 +247,7 @@ async def _route(model: str, client: TokenInfo) -> tuple[RouteInfo, list[LimitSp
     summary="Create a message (Anthropic Messages wire format, streaming or not)",
 )
 async def messages(request: HttpRequest) -> HttpResponse | StreamingHttpResponse:
-    return await _anthropic_call(request, ANTHROPIC)
+    return await _anthropic_call(request, MESSAGES)
 
 
 @router.post(
@@ -142,16 +269,7 @@ async def _anthropic_call(
     counting = dialect is ANTHROPIC_COUNT_TOKENS
     body = messages_validate(body_load(request, invalid=anthropic_invalid), count_tokens=counting)
     request.llmrotate_model = body["model"]  # type: ignore[attr-defined]
-    route, specs = await _route(body["model"], client)
-    if not ANTHROPIC.deployments(route):
-        raise ApiError(
-            400,
-            f"The model '{route.name}' has no deployment on an Anthropic provider, and only"
-            " those speak the Messages API; use /v1/chat/completions for it.",
-            type="invalid_request_error",
-            code="dialect_not_supported",
-            param="model",
-        )
+    route, specs = await _route(body["model"], client, dialect)
     stream = not counting and bool(body.get("stream", False))
     ctx = CallContext(
         request_id=uuid.uuid4().hex,
@@ -177,18 +295,27 @@ async def _anthropic_call(
 @router.get(
     "/models",
     auth=proxy_any_auth,
-    summary="List the models (routes) this token may use, in OpenAI's or Anthropic's shape",
+    summary="List the models this token may use, in OpenAI's or Anthropic's shape (pattern "
+    "routes list what their upstreams list)",
 )
 async def list_models(request: HttpRequest) -> JsonResponse:
     client: TokenInfo = request.auth  # type: ignore[attr-defined]
-    snapshot = await routing_snapshot()
-    routes = [r for r in snapshot.routes.values() if client.allows_route(r.name)]
+    ids = await model_ids(await routing_snapshot(), client)
     if anthropic_caller(request.path, request.headers):
-        # Only what /v1/messages can answer: routes with a deployment on an Anthropic provider.
-        served = (r for r in routes if ANTHROPIC.deployments(r))
-        return JsonResponse(models_page(((r.name, r.created) for r in served), request.GET))
-    data = [
-        {"id": route.name, "object": "model", "created": route.created, "owned_by": "llmrotate"}
-        for route in routes
-    ]
-    return JsonResponse({"object": "list", "data": data})
+        return JsonResponse(models_page(ids, request.GET))
+    return JsonResponse({"object": "list", "data": [model_object(*pair) for pair in ids]})
+
+
+@router.get(
+    "/models/{path:model}",
+    auth=proxy_any_auth,
+    summary="One model this token may use, in OpenAI's or Anthropic's shape",
+)
+async def get_model(request: HttpRequest, model: str) -> JsonResponse:
+    client: TokenInfo = request.auth  # type: ignore[attr-defined]
+    route = route_lookup(await routing_snapshot(), model)
+    if route is None or not client.allows_route(route.config_name):
+        raise model_not_found(model)
+    if anthropic_caller(request.path, request.headers):
+        return JsonResponse(models_page([(route.name, route.created)], {})["data"][0])
+    return JsonResponse(model_object(route.name, route.created))

@@ -184,6 +184,8 @@ class CallContext:
             error_type=code[:64],
             client=self.client.name,
             stream=self.stream,
+            operation=self.dialect.operation,
+            client_dialect=self.client_dialect,
             final=True,
             client_status=status,
             latency_ms=self.ms_since_start(now),
@@ -191,6 +193,10 @@ class CallContext:
             limits=self.limits,
             **self.caller.record_fields(),
         )
+
+    @property
+    def client_dialect(self) -> str:
+        return "anthropic" if self.dialect.anthropic else "openai"
 
     def ms_since_start(self, t: float) -> float:
         return (t - self.t0) * 1000.0
@@ -221,16 +227,25 @@ def refusal_outcome(status: int, code: str) -> str:
     return Outcome.UNAVAILABLE if status >= 500 else Outcome.REFUSED
 
 
-# The model calls whose refusals are recorded (count_tokens is not recorded at all).
-RECORDED_PATHS = frozenset({"/v1/chat/completions", "/v1/messages"})
+# The model calls whose refusals are recorded (count_tokens is not recorded at all), with
+# their call kind and the client's wire format.
+RECORDED_PATHS = {
+    "/v1/chat/completions": ("chat", "openai"),
+    "/v1/messages": ("chat", "anthropic"),
+    "/v1/responses": ("responses", "openai"),
+    "/v1/completions": ("text_completion", "openai"),
+    "/v1/embeddings": ("embeddings", "openai"),
+}
 
 
 def refusal_record(*, path: str, status: int, code: str, client: str = "", model: Any = "") -> None:
     """A model call refused before the engine ran (no token or a bad one, a route the token may
     not use, a model that does not exist, a body that cannot be read): one final record of
     attempt 0, with no key and no upstream, so that monitoring counts it."""
-    if path not in RECORDED_PATHS:
+    recorded = RECORDED_PATHS.get(path)
+    if recorded is None:
         return
+    operation, dialect = recorded
     now = now_wall()
     record_call(
         CallData(
@@ -244,6 +259,8 @@ def refusal_record(*, path: str, status: int, code: str, client: str = "", model
             outcome=refusal_outcome(status, code),
             error_type=code[:64],
             client=client,
+            operation=operation,
+            client_dialect=dialect,
             final=True,
             client_status=status,
         )
@@ -259,7 +276,20 @@ def prompt_text(body: dict[str, Any], *, max_chars: int) -> tuple[str, int]:
         parts.append(system)
     elif isinstance(system, list):
         parts.extend(str(p.get("text", "")) for p in system if isinstance(p, dict))
+    if isinstance(body.get("instructions"), str):  # the Responses API's system prompt
+        parts.append(body["instructions"])
+    # Embeddings' `input`, legacy completions' `prompt`: text or texts (token ids are not
+    # counted: they are tokens already, but of the upstream's own tokenizer). The Responses
+    # API's `input` is text, or items shaped like messages.
+    for name in ("input", "prompt"):
+        value = body.get(name)
+        if isinstance(value, str):
+            parts.append(value)
+        elif isinstance(value, list):
+            parts.extend(v for v in value if isinstance(v, str))
     messages = body.get("messages")
+    if messages is None and isinstance(body.get("input"), list):
+        messages = [item for item in body["input"] if isinstance(item, dict)]
     for message in messages if isinstance(messages, list) else ():
         if not isinstance(message, dict):
             continue
@@ -313,6 +343,7 @@ def attempt_record(
     forwarded_body: dict[str, Any] | None = None,
     span: Any = None,
     key_limits: Reservation | None = None,
+    upstream_dialect: str = "",
 ) -> CallData | None:
     """The CallRecord of one attempt (None where the dialect records none), for the request's
     context to queue (`CallContext.answered`, `hold`). `completion_text` is the answer's text
@@ -360,6 +391,9 @@ def attempt_record(
         upstream_model=deployment.model if deployment else "",
         key_id=key.key_id if key else "",
         stream=ctx.stream,
+        operation=ctx.dialect.operation,
+        client_dialect=ctx.client_dialect,
+        upstream_dialect=upstream_dialect,
         status_code=status_code,
         outcome=outcome,
         error_type=error_type[:64],

@@ -138,6 +138,8 @@ class StreamState:
     # Anthropic: the usage of message_start, updated by message_delta.
     raw_usage: dict[str, Any] = field(default_factory=dict)
     tools: ToolCalls = field(default_factory=ToolCalls)
+    # A bridge's translator of this stream's events into the client's wire format.
+    translator: Any = None
 
     def keep(self, piece: str | bytes) -> None:
         self.seen += len(piece)
@@ -150,7 +152,17 @@ class StreamState:
         return len(text) if self.seen <= self.kept else round(len(text) * self.seen / self.kept)
 
 
-def _data(raw: bytes) -> tuple[bytes, bytes]:
+def token_seen(state: StreamState, text: Any) -> None:
+    """A stream carried generated output: TTFT starts at the first, TTLT at the last."""
+    now = time.perf_counter()
+    if state.first_token_at is None:
+        state.first_token_at = now
+    state.last_token_at = now
+    if isinstance(text, str) and text:
+        state.keep(text)
+
+
+def sse_data(raw: bytes) -> tuple[bytes, bytes]:
     """(event name, data) of one SSE event; several `data:` lines are joined with newlines and
     one space after the colon is dropped, as the SSE specification says."""
     name = b""
@@ -172,7 +184,13 @@ def encode_body(body: dict[str, Any]) -> bytes:
     return _encode(body).encode()
 
 
-def _json_object(data: bytes) -> dict[str, Any] | None:
+def event_type(data: bytes) -> bytes:
+    """The name of an event whose `event:` line an intermediary dropped: its data's `type`."""
+    chunk = json_object(data)
+    return str(chunk.get("type", "")).encode() if chunk else b""
+
+
+def json_object(data: bytes) -> dict[str, Any] | None:
     try:
         parsed = json.loads(data)
     except ValueError:
@@ -184,14 +202,32 @@ class Dialect:
     path = ""  # appended to the provider's base_url
     records = True  # whether each attempt becomes a CallRecord
     anthropic = False  # whether the gateway's own errors take Anthropic's envelope
+    operation = "chat"  # the record's call kind (usage.models.Operation)
+    wire_name = "openai"  # the wire format spoken upstream (usage.models.Dialect)
+    # Why a route without a deployment this endpoint can use is refused (a 400).
+    unserved = "it has no deployment at all."
 
     def serves(self, kind: str) -> bool:
         """Whether a deployment of this provider kind can answer in this dialect."""
         return True
 
+    def wire(self, kind: str) -> Dialect | None:
+        """The dialect that talks to a deployment of this provider kind on this endpoint's
+        behalf: this one, a translating bridge (proxy.bridges), or None if none can."""
+        return self if self.serves(kind) else None
+
     def deployments(self, route: RouteInfo) -> list[DeploymentInfo]:
-        """The route's fallback chain, in order, as far as this dialect can use it."""
-        return [d for d in route.deployments if self.serves(d.provider.kind)]
+        """The route's fallback chain, in order, as far as this endpoint can use it."""
+        return [d for d in route.deployments if self.wire(d.provider.kind) is not None]
+
+    def answer(self, content: bytes, parsed: dict[str, Any] | None, status: int) -> bytes:
+        """The body the client gets for the upstream's (non-streamed) answer: as it came,
+        except across dialects."""
+        return content
+
+    def stream_translator(self, *, model: str, include_usage: bool, request_id: str) -> Any:
+        """A bridge's per-stream translator (None: events are passed through)."""
+        return None
 
     def verdict(self, verdict: Verdict) -> Verdict:
         """What an upstream answer means here (the classification is shared)."""
@@ -283,13 +319,13 @@ class OpenAIDialect(Dialect):
         return "".join(texts)
 
     def event(self, state: StreamState, raw: bytes) -> bytes | None:
-        _, data = _data(raw)
+        _, data = sse_data(raw)
         if not data:
             return raw
         if data == b"[DONE]":
             state.complete = True
             return raw
-        chunk = _json_object(data)
+        chunk = json_object(data)
         if chunk is None:
             return raw
         if "error" in chunk:
@@ -305,22 +341,21 @@ class OpenAIDialect(Dialect):
             for choice in choices:
                 if not isinstance(choice, dict):
                     continue
-                delta = choice.get("delta")
-                if isinstance(delta, dict):
-                    content = delta.get("content")
-                    tool_calls = delta.get("tool_calls")
-                    if isinstance(tool_calls, list):
-                        _stream_tool_calls(state, choice.get("index"), tool_calls)
-                    if content or tool_calls or delta.get("reasoning_content"):
-                        now = time.perf_counter()
-                        if state.first_token_at is None:
-                            state.first_token_at = now
-                        state.last_token_at = now
-                        if isinstance(content, str):
-                            state.keep(content)
+                self.choice_event(state, choice)
                 if choice.get("finish_reason"):
                     state.complete = True
         return raw
+
+    def choice_event(self, state: StreamState, choice: dict[str, Any]) -> None:
+        """One streamed choice: a chat delta (text, tool-call pieces, reasoning)."""
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            content = delta.get("content")
+            tool_calls = delta.get("tool_calls")
+            if isinstance(tool_calls, list):
+                _stream_tool_calls(state, choice.get("index"), tool_calls)
+            if content or tool_calls or delta.get("reasoning_content"):
+                token_seen(state, content)
 
     def streamed_text(self, state: StreamState) -> str:
         return "".join(state.pieces)
@@ -343,7 +378,7 @@ _ANTHROPIC_DELTAS = {
 
 def _delta_text(data: bytes) -> str:
     """The generated text a content_block_delta carries ("" for signatures and the like)."""
-    chunk = _json_object(data)
+    chunk = json_object(data)
     delta = chunk.get("delta") if chunk else None
     if not isinstance(delta, dict):
         return ""
@@ -354,6 +389,7 @@ def _delta_text(data: bytes) -> str:
 class AnthropicDialect(Dialect):
     path = "/messages"
     anthropic = True
+    wire_name = "anthropic"
 
     def serves(self, kind: str) -> bool:
         # Only Anthropic itself speaks the native Messages API; the other kinds are OpenAI's
@@ -386,11 +422,9 @@ class AnthropicDialect(Dialect):
         )
 
     def event(self, state: StreamState, raw: bytes) -> bytes | None:
-        name, data = _data(raw)
+        name, data = sse_data(raw)
         if not name and data:
-            # An intermediary that drops `event:` lines: the data's own type names it.
-            chunk = _json_object(data)
-            name = str(chunk.get("type", "")).encode() if chunk else b""
+            name = event_type(data)
         if name == b"content_block_delta":
             # The bulk of a stream. Once its first token is seen nothing in it is needed
             # but the time it arrived (its text is kept raw for a possible estimate).
@@ -404,7 +438,7 @@ class AnthropicDialect(Dialect):
             return raw
         if name == b"content_block_start" and b"tool_use" in data:
             # A tool call begins (its name is here; its arguments follow as deltas).
-            chunk = _json_object(data)
+            chunk = json_object(data)
             block = chunk.get("content_block") if chunk else None
             if isinstance(block, dict) and block.get("type") == "tool_use":
                 state.tools.add(block.get("name"))
@@ -414,7 +448,7 @@ class AnthropicDialect(Dialect):
         if name == b"message_stop":
             state.complete = True
             return raw
-        chunk = _json_object(data)
+        chunk = json_object(data)
         if chunk is None:
             return raw
         kind = name.decode() if name else str(chunk.get("type", ""))

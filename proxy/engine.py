@@ -61,8 +61,9 @@ from proxy.classify import (
     classify_status,
     endpoint_failed,
 )
-from proxy.dialects import ToolCalls, Usage, encode_body
+from proxy.dialects import Dialect, ToolCalls, Usage, encode_body
 from proxy.streaming import StreamRelay
+from proxy.translate import Untranslatable
 from usage.models import CLIENT_CLOSED_STATUS
 
 logger = logging.getLogger("llmrotate.proxy")
@@ -87,6 +88,10 @@ class Failover:
         # and, when a key had no headroom left, seconds until the soonest one has.
         self.tokens_estimate: int | None = None
         self.key_retry_after: float | None = None
+        # The first deployment skipped because the request could not be translated to its API,
+        # and whether any deployment could take the request at all.
+        self.untranslatable: Untranslatable | None = None
+        self.prepared = False
 
     async def run(self) -> Answer:
         """The answer, or the error, for the client; either way the request's final record is
@@ -133,6 +138,15 @@ class Failover:
         for deployment in self.ctx.dialect.deployments(self.ctx.route):
             if not deployment.keys:
                 continue
+            # Encoded before any key is taken: a body that cannot be sent is the client's
+            # error, the same on every key, and must not cost a key its slot. One that cannot
+            # be translated to this deployment's API leaves it to the next.
+            try:
+                call = UpstreamCall.prepare(self.ctx, deployment)
+            except Untranslatable as exc:
+                self.untranslatable = self.untranslatable or exc
+                continue
+            self.prepared = True
             endpoint = deployment.provider.base_url
             admission = await self.gate.admit(endpoint)
             if not admission.allowed:
@@ -143,7 +157,7 @@ class Failover:
                 continue
             trial = admission.trial
             try:
-                response, trial = await self._run_deployment(deployment, trial=trial)
+                response, trial = await self._run_deployment(deployment, call, trial=trial)
             finally:
                 if trial:  # claimed the half-open trial but sent nothing: let another try
                     self.gate.release(endpoint)
@@ -152,13 +166,10 @@ class Failover:
         return await self._give_up()
 
     async def _run_deployment(
-        self, deployment: DeploymentInfo, *, trial: bool
+        self, deployment: DeploymentInfo, call: UpstreamCall, *, trial: bool
     ) -> tuple[Answer | None, bool]:
         """Try the deployment's keys in order. Returns (response or None, trial still unused)."""
         ctx = self.ctx
-        # Encoded before any key is taken: a body that cannot be sent is the client's error,
-        # the same on every key, and must not cost a key its slot.
-        call = UpstreamCall.prepare(ctx, deployment)
         for key in await self._ordered_keys(deployment):
             if ctx.attempts >= settings.LLMROTATE_MAX_ATTEMPTS:
                 return await self._give_up(), trial
@@ -248,6 +259,10 @@ class Failover:
         ctx = self.ctx
         failure = self.last_failure
         headers = {"x-llmrotate-request-id": ctx.request_id}
+        if not self.prepared and self.untranslatable is not None:
+            # Only then is the request itself the reason: with a deployment that could take
+            # it, the answer says why that one did not (keys, circuit, upstream failures).
+            raise untranslatable_error(self.untranslatable, ctx.route.name)
         if deadline_passed or (failure is not None and failure.outcome == "timeout"):
             raise ApiError(
                 504,
@@ -299,17 +314,31 @@ class Failover:
         return min(min(waits), longest) if waits else 30.0
 
 
+def untranslatable_error(exc: Untranslatable, route: str) -> ApiError:
+    return ApiError(
+        400,
+        f"{exc} No deployment of the route '{route}' can take the request in its own API.",
+        type="invalid_request_error",
+        code="untranslatable_feature",
+        param=exc.param or exc.feature,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamCall:
-    """What is sent to one deployment, whichever of its keys sends it."""
+    """What is sent to one deployment, whichever of its keys sends it, and the dialect that
+    speaks to it (the endpoint's own, or a bridge that translates: proxy.bridges)."""
 
     url: str
     body: dict[str, Any]  # as forwarded, for the record's token counts
     payload: bytes
+    dialect: Dialect
 
     @classmethod
     def prepare(cls, ctx: CallContext, deployment: DeploymentInfo) -> UpstreamCall:
-        body = ctx.dialect.forwarded(ctx.body, model=deployment.model, stream=ctx.stream)
+        dialect = ctx.dialect.wire(deployment.provider.kind)
+        assert dialect is not None, "Dialect.deployments keeps only the deployments it can serve"
+        body = dialect.forwarded(ctx.body, model=deployment.model, stream=ctx.stream)
         try:
             payload = encode_body(body)
         except UnicodeEncodeError:
@@ -324,7 +353,8 @@ class UpstreamCall:
             raise invalid_body(
                 "The request body is nested too deeply to be sent upstream.", code="too_deep"
             ) from None
-        return cls(url=deployment.provider.base_url + ctx.dialect.path, body=body, payload=payload)
+        url = deployment.provider.base_url + dialect.path
+        return cls(url=url, body=body, payload=payload, dialect=dialect)
 
 
 class Attempt:
@@ -399,7 +429,7 @@ class Attempt:
         remaining = max(0.001, deadline - self.t_start)
         read = min(settings.LLMROTATE_READ_TIMEOUT_SECONDS, remaining)
         connect = min(settings.LLMROTATE_CONNECT_TIMEOUT_SECONDS, remaining)
-        headers = ctx.dialect.headers(
+        headers = call.dialect.headers(
             provider.kind, self.key.secret, stream=ctx.stream, forward=ctx.forward_headers
         )
         if self.span is not None:
@@ -448,7 +478,7 @@ class Attempt:
         assert self.response is not None
         t_recv = time.perf_counter()
         status = self.response.status_code
-        dialect = self.ctx.dialect
+        dialect = self.call.dialect
         verdict = dialect.verdict(
             classify_status(status, content, kind=self.deployment.provider.kind)
         )
@@ -469,6 +499,8 @@ class Attempt:
             # The client's own error, relayed; but what the client reads must be JSON in its
             # own API's envelope, whatever the upstream (or a proxy before it) sent.
             content = _non_json_error(self.ctx, status, self.response.headers)
+        if parsed is not None:
+            content = dialect.answer(content, parsed, status)
         out = HttpResponse(content, status=status, content_type="application/json")
         out["x-llmrotate-request-id"] = self.ctx.request_id
         out["x-llmrotate-attempts"] = str(self.number)
@@ -535,6 +567,7 @@ class Attempt:
             forwarded_body=self.call.body,
             span=span,
             key_limits=self.key_limits,
+            upstream_dialect=self.call.dialect.wire_name,
         )
         attributes: dict[str, Any] = {}
         if span is not None:
@@ -599,7 +632,7 @@ class Attempt:
             retry_after=parse_retry_after(headers, now=now)
             if verdict.next is not Next.DONE
             else None,
-            headroom=ctx.dialect.headroom(headers),
+            headroom=self.call.dialect.headroom(headers),
             error_type=verdict.error_type or None,
         )
         try:

@@ -116,9 +116,14 @@ class StreamRelay:
         self.attempt = attempt
         self.ctx = attempt.ctx
         self.upstream: httpx.Response = attempt.response
-        self.dialect = self.ctx.dialect
+        self.dialect = attempt.call.dialect
         self.state = StreamState(
             strip_usage=self.ctx.strip_usage, keep_max=settings.LLMROTATE_ESTIMATE_MAX_CHARS
+        )
+        self.state.translator = self.dialect.stream_translator(
+            model=self.ctx.route.name,
+            include_usage=not self.ctx.strip_usage,
+            request_id=self.ctx.request_id,
         )
         self.busy = 0.0  # time spent in our own parsing, i.e. proxy overhead
         self._events = SseSplitter(max_event=settings.LLMROTATE_MAX_SSE_EVENT_BYTES)

@@ -27,13 +27,17 @@ _MODEL = {"model": {"type": "string", "description": "A route name."}}
 _MESSAGES = {"messages": {"type": "array", "minItems": 1, "items": {"type": "object"}}}
 
 
-def json_body_doc(*, required: list[str], properties: dict[str, Any]) -> dict[str, Any]:
-    """The OpenAPI `requestBody` of a JSON object with `model` and `messages`."""
+def json_body_doc(
+    *, required: list[str], properties: dict[str, Any], conversation: bool = True
+) -> dict[str, Any]:
+    """The OpenAPI `requestBody` of a JSON object with `model` (and `messages`, for a
+    conversation)."""
+    base = {**_MODEL, **_MESSAGES} if conversation else dict(_MODEL)
     schema = {
         "type": "object",
-        "required": ["model", "messages", *required],
+        "required": [*base, *required],
         "additionalProperties": True,
-        "properties": {**_MODEL, **_MESSAGES, **properties},
+        "properties": {**base, **properties},
     }
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
@@ -101,15 +105,19 @@ def _code(value: object) -> str:
     return "missing_required_parameter" if value is None else "invalid_type"
 
 
+def body_check_model(body: dict[str, Any], *, invalid: Invalid) -> None:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise invalid("'model' is required and must be a non-empty string.", _code(model), "model")
+
+
 def body_check_conversation(
     body: dict[str, Any], *, invalid: Invalid, item: str = "messages[{}]"
 ) -> None:
     """`model` a non-empty string, `messages` a non-empty array of objects with a string role,
     `stream` (when present) a boolean: what both wire formats share. `item` names a message
     the way the endpoint's own API does (`messages[0]`, Anthropic's `messages.0`)."""
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise invalid("'model' is required and must be a non-empty string.", _code(model), "model")
+    body_check_model(body, invalid=invalid)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise invalid(

@@ -82,3 +82,18 @@ def test_limits_overhead_benchmark_runs_with_redis(tmp_path: Path) -> None:
     # deletes them).
     assert report["runs"][0]["redis_limit_keys"] > 0
     assert "| 1 | scaled | 1 |" in result.stdout
+
+
+def test_translation_overhead_benchmark_runs(tmp_path: Path) -> None:
+    out = tmp_path / "translation.json"
+    result = run(
+        "bench/translation_overhead.py", "--quick", "--output", str(out), timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (level,) = json.loads(out.read_text())["runs"][0]["levels"]
+    # Both kinds of call measured all four targets, the translated path included.
+    for kind in ("json", "stream"):
+        assert {"direct", "direct_messages", "native", "translated"} <= set(level[kind])
+        assert level[kind]["translated"]["n"] > 0
+    assert "| 1 | stream | 1 |" in result.stdout
+    assert "translation adds" in result.stdout

@@ -152,3 +152,20 @@ def test_the_stop_grace_period_covers_a_graceful_serve_stop(compose: dict[str, A
     for name in GATEWAY:
         period = service(compose, name)["stop_grace_period"]
         assert period.endswith("s") and float(period[:-1]) > STOP_TIMEOUT_SECONDS, name
+
+
+def test_the_ollama_profile_puts_the_gateway_in_front_of_a_local_model(
+    compose: dict[str, Any],
+) -> None:
+    ollama, pull, setup = (service(compose, n) for n in ("ollama", "ollama-pull", "ollama-setup"))
+    for svc in (ollama, pull, setup):
+        assert svc["profiles"] == ["ollama"], "off unless asked for"
+    # The gateway image imports the ready-made config once web has migrated.
+    assert setup["image"] == service(compose, "web")["image"]
+    assert setup["command"] == ["import_config", "/config/ollama.yaml"]
+    assert "./docker/ollama.yaml:/config/ollama.yaml:ro" in setup["volumes"]
+    assert setup["depends_on"]["web"] == {"condition": "service_healthy"}
+    assert pull["environment"]["OLLAMA_HOST"] == "http://ollama:11434"
+    config = yaml.safe_load((REPO / "docker" / "ollama.yaml").read_text())
+    assert config["providers"]["ollama"]["base_url"] == "http://ollama:11434/v1"
+    assert config["providers"]["ollama"]["requires_key"] is False

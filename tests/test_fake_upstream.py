@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import signal
@@ -26,6 +27,17 @@ MSG = {
     "max_tokens": 256,
     "messages": [{"role": "user", "content": "Hello there, fake"}],
 }
+
+
+def cut_stream_lines(client: httpx.Client, path: str, body: dict[str, Any]) -> list[str]:
+    """The non-empty lines of a stream the fake cuts (the read ends in a protocol error)."""
+    received: list[str] = []
+    with (
+        pytest.raises(httpx.RemoteProtocolError),
+        client.stream("POST", path, json={**body, "stream": True}) as r,
+    ):
+        received.extend(line for line in r.iter_lines() if line)
+    return received
 
 
 @pytest.fixture(scope="module")
@@ -542,12 +554,7 @@ def test_error_fault_wins_over_scripted_tool_calls(
 
 def test_cut_tool_call_stream(fake: FakeUpstream, client: httpx.Client) -> None:
     fake.script(keys={"k1": {"queue": [{"fault": "cut", "cut_after": 2, "tool_calls": TOOLS}]}})
-    received: list[str] = []
-    with (
-        pytest.raises(httpx.RemoteProtocolError),
-        client.stream("POST", "/chat/completions", json={**CHAT, "stream": True}) as r,
-    ):
-        received.extend(line for line in r.iter_lines() if line)
+    received = cut_stream_lines(client, "/chat/completions", CHAT)
     assert len(received) == 2
     assert "tool_calls" in received[1]
 
@@ -719,9 +726,9 @@ def test_auth_and_validation_errors(
         r = client.post("/chat/completions", json=body)
         assert r.status_code == 400
         assert r.json()["error"]["param"] == missing
-    r = client.post("/completions", json=CHAT)
+    r = client.post("/moderations", json=CHAT)
     assert r.status_code == 404
-    assert r.json()["error"]["message"] == "Invalid URL (POST /v1/completions)"
+    assert r.json()["error"]["message"] == "Invalid URL (POST /v1/moderations)"
     # A malformed request does not consume the scripted behaviour.
     fake.script(keys={"k1": {"queue": ["500"]}})
     assert client.post("/chat/completions", json={"model": "x"}).status_code == 400
@@ -936,3 +943,495 @@ def test_stop_during_slow_stream_ends_it() -> None:
         with pytest.raises(httpx.RemoteProtocolError):
             list(lines)
     assert time.perf_counter() - start < 1
+
+
+# ---- embeddings, legacy completions, Responses, model lookup, keyless mode -----------
+
+EMBED = {"model": "text-embedding-3-small", "input": ["alpha beta", "gamma"]}
+PROMPT = {"model": "gpt-3.5-turbo-instruct", "prompt": "Hello there, fake"}
+RESP = {"model": "gpt-4o-mini", "input": "Hello there, fake"}
+RESP_TOOLS = [
+    {
+        "type": "function",
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"location": {"type": "string"}}},
+    }
+]
+
+
+@pytest.fixture
+def sdk(fake: FakeUpstream) -> Any:
+    import openai
+
+    return openai.OpenAI(base_url=fake.base_url, api_key="k1", max_retries=0)
+
+
+def response_sse(fake: FakeUpstream, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The events of a streamed Response, each `event:` line checked against its data's type
+    and each event validated by the SDK's own union of stream events."""
+    from openai.types.responses import ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    adapter: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
+    raw = raw_exchange(fake, post_raw("/v1/responses", {**body, "stream": True}))
+    events = []
+    for piece in dechunk(raw.partition(b"\r\n\r\n")[2]):
+        name_line, data_line, *_ = piece.decode().split("\n")
+        data = json.loads(data_line.removeprefix("data: "))
+        assert data["type"] == name_line.removeprefix("event: ")
+        adapter.validate_python(data)
+        events.append(data)
+    return events
+
+
+def test_embeddings_float_and_base64_are_the_same_deterministic_vectors(
+    sdk: Any, client: httpx.Client
+) -> None:
+    import struct
+
+    from openai.types import CreateEmbeddingResponse
+
+    body = client.post("/embeddings", json=EMBED).json()
+    parsed = CreateEmbeddingResponse.model_validate(body)
+    assert parsed.object == "list" and parsed.model == "text-embedding-3-small"
+    assert [(d.object, d.index) for d in parsed.data] == [("embedding", 0), ("embedding", 1)]
+    floats = [d.embedding for d in parsed.data]
+    assert [len(v) for v in floats] == [8, 8]  # the default dimensions
+    assert floats[0] != floats[1]
+    assert all(abs(sum(x * x for x in v) - 1) < 1e-5 for v in floats)  # unit vectors
+    assert body["usage"] == {"prompt_tokens": 3, "total_tokens": 3}
+    assert client.post("/embeddings", json=EMBED).json()["data"] == body["data"]
+
+    raw = client.post("/embeddings", json={**EMBED, "encoding_format": "base64"}).json()
+    packed = [base64.b64decode(d["embedding"]) for d in raw["data"]]
+    assert [list(struct.unpack("<8f", b)) for b in packed] == floats
+    # The SDK asks for base64 when no format is given and decodes it itself.
+    assert [d.embedding for d in sdk.embeddings.create(**EMBED).data] == floats
+    one = sdk.embeddings.create(model="m", input="gamma", encoding_format="float")
+    assert one.data[0].embedding == floats[1]  # the same text embeds the same everywhere
+    # Asked for base64 explicitly, the SDK hands the string over as it came.
+    wide = sdk.embeddings.create(model="m", input="gamma", dimensions=16, encoding_format="base64")
+    assert len(base64.b64decode(wide.data[0].embedding)) == 16 * 4
+
+
+def test_embeddings_take_token_arrays(client: httpx.Client) -> None:
+    one = client.post("/embeddings", json={"model": "m", "input": [1, 2, 3]}).json()
+    assert len(one["data"]) == 1 and one["usage"]["prompt_tokens"] == 3
+    two = client.post("/embeddings", json={"model": "m", "input": [[1, 2, 3], [4]]}).json()
+    assert [d["index"] for d in two["data"]] == [0, 1]
+    assert two["data"][0]["embedding"] == one["data"][0]["embedding"]
+    assert two["usage"]["prompt_tokens"] == 4
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "m"}, "input"),
+        ({"input": "x"}, "model"),
+        ({"model": "m", "input": ""}, "input"),
+        ({"model": "m", "input": []}, "input"),
+        ({"model": "m", "input": ["a", 1]}, "input"),
+        ({"model": "m", "input": {"text": "a"}}, "input"),
+        ({"model": "m", "input": "a", "encoding_format": "int8"}, "encoding_format"),
+        ({"model": "m", "input": "a", "dimensions": 0}, "dimensions"),
+        ({"model": "m", "input": "a", "dimensions": "8"}, "dimensions"),
+    ],
+)
+def test_embeddings_validation_is_a_400_in_openai_envelope(
+    fake: FakeUpstream, client: httpx.Client, body: dict[str, Any], param: str
+) -> None:
+    fake.script(keys={"k1": {"queue": ["500"]}})
+    r = client.post("/embeddings", json=body)
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert (err["type"], err["param"]) == ("invalid_request_error", param)
+    assert set(err) == {"message", "type", "param", "code"}
+    assert fake.stats()["queued"] == {"k1": 1}  # a refused request consumes no behaviour
+
+
+def test_embeddings_429_fault_reaches_the_sdk(fake: FakeUpstream, sdk: Any) -> None:
+    import openai
+
+    fake.script(keys={"k1": {"queue": [{"fault": "429", "retry_after": 4}, "cut"]}})
+    with pytest.raises(openai.RateLimitError) as exc:
+        sdk.embeddings.create(**EMBED)
+    assert exc.value.code == "rate_limit_exceeded"
+    assert exc.value.response.headers["retry-after"] == "4"
+    assert "text-embedding-3-small" in exc.value.message
+    with pytest.raises(openai.APIConnectionError):
+        sdk.embeddings.create(**EMBED)  # "cut": a short JSON body
+    assert len(sdk.embeddings.create(**EMBED).data) == 2
+
+
+def test_embeddings_without_usage(fake: FakeUpstream, client: httpx.Client) -> None:
+    fake.script(keys={"k1": {"queue": [{"usage": False}]}})
+    body = client.post("/embeddings", json=EMBED).json()
+    assert "usage" not in body and len(body["data"]) == 2
+
+
+def test_legacy_completion_json_through_the_sdk(sdk: Any, client: httpx.Client) -> None:
+    from openai.types import Completion
+
+    body = client.post("/completions", json=PROMPT).json()
+    completion = Completion.model_validate(body)
+    assert completion.id.startswith("cmpl-") and completion.object == "text_completion"
+    assert isinstance(body["created"], int) and completion.model == PROMPT["model"]
+    assert body["choices"] == [
+        {
+            "text": body["choices"][0]["text"],
+            "index": 0,
+            "logprobs": None,
+            "finish_reason": "stop",
+        }
+    ]
+    assert body["choices"][0]["text"].startswith("This is a fake reply to: Hello there, fake")
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 16, "total_tokens": 19}
+    two = sdk.completions.create(model="m", prompt=["one", "two words"], max_tokens=4)
+    assert [(c.index, c.finish_reason) for c in two.choices] == [(0, "length"), (1, "length")]
+    assert [c.text for c in two.choices] == ["This is a fake", "This is a fake"]
+    assert two.usage.prompt_tokens == 3 and two.usage.completion_tokens == 8
+    tokens = client.post("/completions", json={"model": "m", "prompt": [[1, 2], [3]]}).json()
+    assert len(tokens["choices"]) == 2 and tokens["usage"]["prompt_tokens"] == 3
+
+
+def test_legacy_completion_stream(fake: FakeUpstream, sdk: Any, client: httpx.Client) -> None:
+    from openai.types import Completion
+
+    text = client.post("/completions", json=PROMPT).json()["choices"][0]["text"]
+    with client.stream("POST", "/completions", json={**PROMPT, "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = sse_data(r.iter_lines())
+    assert events[-1] == "[DONE]"
+    # Constructed, not validated: the SDK's type refuses the null finish_reason that OpenAI
+    # itself sends on every chunk but the last.
+    chunks = [Completion.construct(**c) for c in events[:-1]]
+    assert len(chunks) == 16 + 1 and len({c.id for c in chunks}) == 1
+    assert all(set(c) == {"id", "object", "created", "model", "choices"} for c in events[:-1])
+    assert all("usage" not in c for c in events[:-1])
+    assert events[0]["choices"] == [
+        {"text": "This", "index": 0, "logprobs": None, "finish_reason": None}
+    ]
+    assert "".join(c["choices"][0]["text"] for c in events[:-1]) == text
+    assert [c["choices"][0]["finish_reason"] for c in events[:-1]][-2:] == [None, "stop"]
+    Completion.model_validate(events[-2])  # the last chunk is a valid Completion
+
+    streamed = list(
+        sdk.completions.create(**PROMPT, stream=True, stream_options={"include_usage": True})
+    )
+    *texts, usage_chunk = streamed
+    assert "".join(c.choices[0].text for c in texts) == text
+    assert usage_chunk.choices == [] and usage_chunk.usage.total_tokens == 19
+    with client.stream(
+        "POST",
+        "/completions",
+        json={**PROMPT, "stream": True, "stream_options": {"include_usage": True}},
+    ) as r:
+        raw = sse_data(r.iter_lines())
+    assert all(c["usage"] is None for c in raw[:-2])  # like chat: null until the usage chunk
+
+
+def test_legacy_completion_cut_stream_and_scripted_reply(
+    fake: FakeUpstream, client: httpx.Client
+) -> None:
+    fake.script(
+        keys={
+            "k1": {
+                "queue": [
+                    {"fault": "cut", "cut_after": 2},
+                    {"reply": "Just so.", "fault": "tool_call"},
+                ]
+            }
+        }
+    )
+    received = cut_stream_lines(client, "/completions", PROMPT)
+    assert len(received) == 2
+    # No tools in this API: a tool_call behaviour answers with its text.
+    body = client.post("/completions", json=PROMPT).json()
+    assert body["choices"][0]["text"] == "Just so."
+    assert body["usage"]["completion_tokens"] == 2
+
+
+def test_legacy_completion_token_delay(fake: FakeUpstream, client: httpx.Client) -> None:
+    fake.script(keys={"k1": {"queue": [{"token_delay_ms": 10}]}})
+    req = {**PROMPT, "stream": True, "max_tokens": 4}
+    with client.stream("POST", "/completions", json=req) as r:
+        start = time.perf_counter()
+        lines = [line for line in r.iter_lines() if line]
+        total = time.perf_counter() - start
+    assert len(lines) == 4 + 1 + 1
+    assert total >= 0.05  # 5 events after the first, 10 ms apart
+
+
+def test_responses_json_through_the_sdk(fake: FakeUpstream, sdk: Any, client: httpx.Client):
+    from openai.types.responses import Response
+
+    body = client.post("/responses", json={**RESP, "instructions": "Be brief."}).json()
+    response = Response.model_validate(body)
+    assert response.id.startswith("resp_") and response.object == "response"
+    assert (response.status, response.model) == ("completed", "gpt-4o-mini")
+    assert response.instructions == "Be brief."
+    assert (response.parallel_tool_calls, response.tool_choice, response.tools) == (
+        True,
+        "auto",
+        [],
+    )
+    assert response.previous_response_id is None and isinstance(body["created_at"], int)
+    [item] = body["output"]
+    assert item["id"].startswith("msg_")
+    assert {k: v for k, v in item.items() if k != "id"} == {
+        "type": "message",
+        "status": "completed",
+        "role": "assistant",
+        "content": [
+            {
+                "type": "output_text",
+                "annotations": [],
+                "logprobs": [],
+                "text": item["content"][0]["text"],
+            }
+        ],
+    }
+    assert response.output_text.startswith("This is a fake reply to: Hello there, fake")
+    assert body["usage"] == {
+        "input_tokens": 5,  # the instructions' words count too
+        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "output_tokens": 16,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": 21,
+    }
+    items = [
+        {"role": "system", "content": "Be brief."},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi you"}]},
+    ]
+    parsed = sdk.responses.create(model="gpt-4o", input=items)
+    assert parsed.output_text.startswith("This is a fake reply to: Hi you")
+    assert parsed.usage.input_tokens == 4
+    capped = sdk.responses.create(**RESP, max_output_tokens=3)
+    assert (capped.status, capped.incomplete_details.reason) == ("incomplete", "max_output_tokens")
+    assert capped.output_text == "This is a" and capped.max_output_tokens == 3
+
+
+def test_responses_are_kept_for_get_and_previous_ids_recorded(
+    fake: FakeUpstream, sdk: Any, client: httpx.Client
+) -> None:
+    import openai
+
+    first = sdk.responses.create(**RESP)
+    assert sdk.responses.retrieve(first.id).output_text == first.output_text
+    follow = sdk.responses.create(**RESP, previous_response_id=first.id)
+    assert follow.previous_response_id == first.id  # answered normally, and echoed
+    assert fake.stats()["previous_response_ids"] == [first.id]
+    with pytest.raises(openai.NotFoundError) as exc:
+        sdk.responses.retrieve("resp_never_made")
+    assert exc.value.body["type"] == "invalid_request_error"
+    assert "resp_never_made" in exc.value.message
+    unstored = sdk.responses.create(**RESP, store=False)
+    assert client.get(f"/responses/{unstored.id}").status_code == 404
+
+
+def test_responses_stream_events(fake: FakeUpstream, client: httpx.Client) -> None:
+    events = response_sse(fake, RESP)
+    names = [e["type"] for e in events]
+    assert names == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        *["response.output_text.delta"] * 16,
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    created, final = events[0]["response"], events[-1]["response"]
+    assert (created["status"], created["output"], created["usage"]) == ("in_progress", [], None)
+    assert created["id"] == final["id"] and final["status"] == "completed"
+    item_id = final["output"][0]["id"]
+    added = events[2]["item"]
+    assert (added["id"], added["status"], added["content"]) == (item_id, "in_progress", [])
+    deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+    assert all(
+        (d["item_id"], d["output_index"], d["content_index"], d["logprobs"]) == (item_id, 0, 0, [])
+        for d in deltas
+    )
+    text = "".join(d["delta"] for d in deltas)
+    assert text == events[-4]["text"] == final["output"][0]["content"][0]["text"]
+    assert events[-2]["item"] == final["output"][0]
+    assert final["usage"]["output_tokens"] == 16
+    # The streamed response is kept like a JSON one.
+    assert client.get(f"/responses/{final['id']}").json() == final
+
+
+def test_responses_stream_through_the_sdk(fake: FakeUpstream, sdk: Any) -> None:
+    text = sdk.responses.create(**RESP).output_text
+    events = list(sdk.responses.create(**RESP, stream=True))
+    assert events[-1].type == "response.completed"
+    assert events[-1].response.output_text == text
+    with sdk.responses.stream(**RESP) as stream:
+        streamed = "".join(e.delta for e in stream if e.type == "response.output_text.delta")
+        final = stream.get_final_response()
+    assert streamed == final.output_text == text
+    assert final.usage.total_tokens == 3 + 16
+    fake.script(keys={"k1": {"queue": [{"usage": False}]}})
+    with sdk.responses.stream(**RESP) as stream:
+        assert stream.get_final_response().usage is None
+
+
+def test_responses_tool_call_fault(fake: FakeUpstream, sdk: Any) -> None:
+    fake.script(keys={"k1": {"queue": ["tool_call", "tool_call"]}})
+    response = sdk.responses.create(**RESP, tools=RESP_TOOLS)
+    [call] = response.output
+    assert (call.type, call.name, call.status) == ("function_call", "get_weather", "completed")
+    assert call.id.startswith("fc_") and call.call_id.startswith("call_")
+    assert json.loads(call.arguments) == {"location": "Paris, France"}
+    assert response.tools[0].name == "get_weather"  # the request's tools are echoed
+    assert response.output_text == ""
+    with sdk.responses.stream(**RESP, tools=RESP_TOOLS) as stream:
+        pieces = [e.delta for e in stream if e.type == "response.function_call_arguments.delta"]
+        final = stream.get_final_response()
+    assert len(pieces) == 3  # the arguments arrive in pieces
+    assert "".join(pieces) == final.output[0].arguments == call.arguments
+
+
+def test_responses_scripted_tool_calls_stream(fake: FakeUpstream) -> None:
+    fake.script(keys={"k1": {"queue": [{"tool_calls": TOOLS, "reply": "Let me check."}]}})
+    events = response_sse(fake, {**RESP, "tools": RESP_TOOLS})
+    final = events[-1]["response"]
+    assert [i["type"] for i in final["output"]] == ["message", "function_call", "function_call"]
+    assert final["output"][2]["call_id"] == "call_x"
+    for index in (1, 2):
+        item_events = [e for e in events if e.get("output_index") == index]
+        assert [e["type"] for e in item_events] == [
+            "response.output_item.added",
+            *["response.function_call_arguments.delta"] * (4 if index == 1 else 5),
+            "response.function_call_arguments.done",
+            "response.output_item.done",
+        ]
+        assert item_events[0]["item"]["arguments"] == ""
+        deltas = "".join(e["delta"] for e in item_events[1:-2])
+        assert deltas == item_events[-2]["arguments"] == final["output"][index]["arguments"]
+    assert final["usage"]["output_tokens"] == 3 + 11
+
+
+def test_responses_cut_stream(fake: FakeUpstream, sdk: Any, client: httpx.Client) -> None:
+    import openai
+
+    fake.script(keys={"k1": {"queue": [{"fault": "cut", "cut_after": 4}, "cut"]}})
+    received: list[str] = []
+    with (
+        pytest.raises(httpx.RemoteProtocolError),
+        client.stream("POST", "/responses", json={**RESP, "stream": True}) as r,
+    ):
+        assert r.status_code == 200
+        received.extend(line for line in r.iter_lines() if line.startswith("event: "))
+    assert received == [
+        "event: response.created",
+        "event: response.in_progress",
+        "event: response.output_item.added",
+        "event: response.content_part.added",
+    ]
+    with pytest.raises(openai.APIConnectionError), sdk.responses.stream(**RESP) as stream:
+        stream.get_final_response()
+    # A cut answer never reached its client, so it is not kept for GET.
+    assert fake.stats()["paths"] == {"/v1/responses": 2}
+
+
+def test_responses_validation_and_error_faults(fake: FakeUpstream, client: httpx.Client) -> None:
+    r = client.post("/responses", json={"input": "x"})
+    assert (r.status_code, r.json()["error"]["param"]) == (400, "model")
+    r = client.post("/responses", json={"model": "m", "input": 5})
+    assert (r.status_code, r.json()["error"]["param"]) == (400, "input")
+    fake.script(keys={"k1": {"queue": ["503", {"fault": "429", "retry_after": 2}]}})
+    assert client.post("/responses", json=RESP).status_code == 503
+    r = client.post("/responses", json={**RESP, "stream": True})
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_model_retrieve(fake: FakeUpstream, sdk: Any, http: httpx.Client) -> None:
+    import openai
+
+    model = sdk.models.retrieve("gpt-4o")
+    assert (model.id, model.object, model.owned_by) == ("gpt-4o", "model", "fake-upstream")
+    assert isinstance(model.created, int)
+    with pytest.raises(openai.NotFoundError) as exc:
+        sdk.models.retrieve("gpt-nope")
+    assert exc.value.code == "model_not_found"
+    r = http.get(f"{fake.base_url}/models/gpt-4o/extra", headers={"authorization": "Bearer k1"})
+    assert r.status_code == 404
+    claude = http.get(f"{fake.base_url}/models/gpt-4o", headers={"x-api-key": "a"}).json()
+    assert claude["type"] == "model" and claude["id"] == "gpt-4o"
+    fake.script(keys={"k1": {"queue": ["500"]}})
+    with pytest.raises(openai.InternalServerError):
+        sdk.models.retrieve("gpt-4o")
+
+
+def test_keyless_mode(http: httpx.Client) -> None:
+    import openai
+
+    with FakeUpstream(require_key=False, allowed_keys={"good"}) as fake:
+        fake.script(keys={"": {"queue": ["429"]}})
+        url = f"{fake.base_url}/chat/completions"
+        assert http.post(url, json=CHAT).status_code == 429  # the script of key "" applies
+        assert http.post(url, json=CHAT).status_code == 200
+        messages = http.post(f"{fake.base_url}/messages", json=MSG)
+        assert messages.status_code == 200  # no x-api-key either
+        assert http.post(url, json=CHAT, headers={"authorization": "Bearer good"}).is_success
+        bad = http.post(url, json=CHAT, headers={"authorization": "Bearer sk-wrong-key"})
+        assert bad.status_code == 401  # a key that is sent is still checked
+        assert fake.stats()["requests"] == {"": 3, "good": 1, "sk-wrong-key": 1}
+        sdk = openai.OpenAI(base_url=fake.base_url, api_key="good", max_retries=0)
+        assert sdk.embeddings.create(**EMBED).data[1].index == 1
+    with FakeUpstream() as strict:
+        assert http.post(f"{strict.base_url}/embeddings", json=EMBED).status_code == 401
+
+
+def test_cli_no_auth(http: httpx.Client) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fake_upstream", "--port", "0", "--no-auth"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
+    try:
+        assert proc.stdout is not None
+        base = proc.stdout.readline().split()[-1]
+        assert http.post(f"{base}/embeddings", json=EMBED).status_code == 200
+        assert http.get(f"http://{base.split('/')[2]}/_fake/stats").json()["requests"] == {"": 1}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_per_path_stats_and_recorded_requests(
+    fake: FakeUpstream, client: httpx.Client, http: httpx.Client
+) -> None:
+    client.post("/embeddings", json=EMBED)
+    client.post("/embeddings", json={"model": "m"})  # refused, still counted
+    client.post("/completions", json=PROMPT)
+    client.get("/models/gpt-4o")
+    http.post(f"{fake.base_url}/responses", json=RESP)  # no key: 401, counted under ""
+    client.post("/nowhere", json={})  # not routed: not counted
+    stats = fake.stats()
+    assert stats["paths"] == {
+        "/v1/embeddings": 2,
+        "/v1/completions": 1,
+        "/v1/models/gpt-4o": 1,
+        "/v1/responses": 1,
+    }
+    assert stats["total"] == 5 and stats["requests"] == {"k1": 4, "": 1}
+    assert fake.requests() == [
+        ("POST", "/v1/embeddings", "k1", EMBED),
+        ("POST", "/v1/embeddings", "k1", {"model": "m"}),
+        ("POST", "/v1/completions", "k1", PROMPT),
+        ("GET", "/v1/models/gpt-4o", "k1", None),
+        ("POST", "/v1/responses", "", RESP),
+    ]
+    assert fake.requests()[0].path == "/v1/embeddings"
+    fake.reset()
+    assert fake.requests() == [] and fake.stats()["paths"] == {}

@@ -47,6 +47,7 @@ from usage.schemas import (
     LimitsOut,
     ModelsOut,
     ModelsQuery,
+    OperationsOut,
     PlainText,
     RecentOut,
     RecentQuery,
@@ -79,7 +80,7 @@ def _filters(q: FilterQuery) -> UsageFilters:
     return UsageFilters(
         provider=q.provider, model=q.model, key=q.key, client=q.client, status=q.status,
         stream=q.stream, upstream_model=q.upstream_model, client_status=q.http_status,
-        **record_only,
+        operation=q.operation, **record_only,
     )  # fmt: skip
 
 
@@ -324,6 +325,20 @@ def usage_clients(request: HttpRequest, q: Query[FilterQuery]) -> dict[str, Any]
         for name, stats in rows
     ]
     return {**_frame_out(frame), "clients": clients}
+
+
+@router.get(
+    "/usage/operations",
+    response={200: OperationsOut, **QUERY_ERRORS},
+    summary="The same figures per call kind (chat, responses, text_completion, embeddings)",
+)
+def usage_operations(request: HttpRequest, q: Query[FilterQuery]) -> dict[str, Any]:
+    now = timezone.now()
+    frame = _frame(q, now=now)
+    filters = _rollup_filters(request, q)
+    rows = selectors.usage_stats_by(group="operation", frame=frame, filters=filters, now=now)
+    operations = [{"operation": name, **_stats_out(stats)} for name, stats in rows]
+    return {**_frame_out(frame), "operations": operations}
 
 
 @router.get(

@@ -49,6 +49,9 @@ class CallData:
     upstream_model: str = ""
     key_id: str = ""
     stream: bool = False
+    operation: str = "chat"
+    client_dialect: str = "openai"
+    upstream_dialect: str = ""
     status_code: int | None = None
     error_type: str = ""
     prompt_tokens: int = 0

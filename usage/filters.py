@@ -29,6 +29,7 @@ class UsageFilters:
     # The HTTP status the client got: only requests' final rows carry one (rollups hold 0 on
     # the other rows, records NULL), so this selects requests that ended with it.
     client_status: int | None = None
+    operation: str | None = None
     session_id: str | None = None
     user_agent: str | None = None
     origin: str | None = None
@@ -45,6 +46,7 @@ class UsageFilters:
             ("client", self.client),
             ("stream", self.stream),
             ("client_status", self.client_status),
+            ("operation", self.operation),
         )
         return {column: value for column, value in pairs if value is not None}
 

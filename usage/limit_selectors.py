@@ -119,7 +119,7 @@ def _limited_keys(snapshot: RoutingSnapshot) -> list[UpstreamKey]:
     """Keys the proxy can route to that carry a provider's limit (rpm or tpm), once each: a key
     no route reaches is never called, so no limit of it is enforced."""
     found: dict[str, UpstreamKey] = {}
-    for route in snapshot.routes.values():
+    for route in snapshot.configured_routes():
         for deployment in route.deployments:
             for key in deployment.provider.keys:
                 if key.rpm is not None or key.tpm is not None:

@@ -50,6 +50,21 @@ class UsageSource(models.TextChoices):
 CLIENT_CLOSED_STATUS = 499
 
 
+class Operation(models.TextChoices):
+    """What kind of call a record is: the endpoint the client called, whatever wire format
+    served it. Names follow OpenTelemetry's `gen_ai.operation.name` where it has one."""
+
+    CHAT = "chat", "chat (chat completions, messages)"
+    RESPONSES = "responses", "responses (OpenAI Responses API)"
+    TEXT_COMPLETION = "text_completion", "text completion (legacy completions)"
+    EMBEDDINGS = "embeddings", "embeddings"
+
+
+class Dialect(models.TextChoices):
+    OPENAI = "openai", "OpenAI"
+    ANTHROPIC = "anthropic", "Anthropic"
+
+
 class CallRecord(models.Model):
     """One upstream attempt (attempt 1, 2, … of a request), or, for a request answered without
     any attempt, one row with attempt 0. Each request has exactly one `final` row: the one
@@ -67,6 +82,13 @@ class CallRecord(models.Model):
     upstream_model = models.CharField(max_length=200, blank=True, default="")
     key_id = models.CharField(max_length=64, blank=True, default="")
     stream = models.BooleanField(default=False)
+    operation = models.CharField(max_length=24, choices=Operation.choices, default=Operation.CHAT)
+    # The wire format the client spoke, and the one the upstream spoke: they differ when a
+    # route fails over across dialects (a chat completion served by Anthropic's Messages API).
+    client_dialect = models.CharField(max_length=16, choices=Dialect.choices, default="openai")
+    upstream_dialect = models.CharField(
+        max_length=16, choices=Dialect.choices, blank=True, default=""
+    )
 
     status_code = models.PositiveSmallIntegerField(
         "upstream status", null=True, blank=True, help_text="What the upstream answered."
@@ -191,6 +213,7 @@ RollupDimension = Literal[
     "stream",
     "ok",
     "client_status",
+    "operation",
 ]
 ROLLUP_DIMENSIONS: tuple[RollupDimension, ...] = get_args(RollupDimension)
 OUTCOME_COLUMNS = {outcome.value: f"outcome_{outcome.value}" for outcome in Outcome}
@@ -229,6 +252,7 @@ class UsageRollup(models.Model):
     # The status the client got, on rows of final attempts (0 on the others): a handful of
     # values, almost all 200, so status_code_counts comes from sums like everything else.
     client_status = models.SmallIntegerField(default=0)
+    operation = models.CharField(max_length=24, default=Operation.CHAT)
 
     calls = models.IntegerField(default=0)
     cost_e10 = models.BigIntegerField("cost (1e-10 USD)", null=True, blank=True)

@@ -109,7 +109,7 @@ def _key(r: CallRecord) -> Key:
     ok = r.outcome == Outcome.SUCCESS.value
     status = (r.client_status or 0) if r.final else 0
     return (started - started % 60, r.provider, r.requested_model, r.upstream_model, r.key_id,
-            r.client, bool(r.stream), ok, status)  # fmt: skip
+            r.client, bool(r.stream), ok, status, r.operation)  # fmt: skip
 
 
 def _add_usage(acc: Acc, r: CallRecord) -> None:

@@ -78,6 +78,11 @@ class FilterQuery(TimeFrameQuery):
     upstream_model: PlainText | None = Field(
         None, description="Only calls for this upstream model (the model actually called)."
     )
+    operation: Literal["chat", "responses", "text_completion", "embeddings"] | None = Field(
+        None,
+        description="Only calls of this kind: chat (chat completions and messages), responses, "
+        "text_completion (legacy completions) or embeddings.",
+    )
     http_status: int | None = Field(
         None,
         ge=100,
@@ -310,6 +315,17 @@ class ClientsOut(FrameOut):
     clients: list[ClientStatsOut]
 
 
+class OperationStatsOut(StatsOut):
+    operation: str = Field(
+        description="chat (chat completions and messages), responses (the Responses API), "
+        "text_completion (legacy completions) or embeddings."
+    )
+
+
+class OperationsOut(FrameOut):
+    operations: list[OperationStatsOut]
+
+
 class ProviderUsageOut(Schema):
     provider: str
     calls: int = Field(description=_CALLS)
@@ -397,6 +413,14 @@ class RecordOut(Schema):
     )
     key_id: str = Field(description="Upstream key id (a name, never the key).")
     stream: bool
+    operation: str = Field(description="chat, responses, text_completion or embeddings.")
+    client_dialect: str = Field(
+        description="The wire format the client spoke: openai or anthropic."
+    )
+    upstream_dialect: str = Field(
+        description="The wire format the upstream spoke (differs from client_dialect when a route "
+        "failed over across dialects); empty when no upstream was called."
+    )
     status_code: int | None = Field(description="Upstream HTTP status; null if none came.")
     outcome: str = Field(description="success, rate_limited, timeout, … (see docs/errors.md).")
     final: bool = Field(

@@ -136,11 +136,16 @@ def timeseries(request: HttpRequest, q: DashboardQuery) -> Context:
 
 def models(request: HttpRequest, q: DashboardQuery) -> Context:
     rows = usage_totals_by(
-        group=("provider", "requested_model"), frame=q.frame, filters=q.filters, now=q.now
+        group=("provider", "requested_model", "operation"),
+        frame=q.frame,
+        filters=q.filters,
+        now=q.now,
     )
     rows.sort(key=lambda kv: -kv[1].calls)
     return {
-        "rows": [{"provider": p, "model": m, "totals": t} for (p, m), t in rows],
+        "rows": [
+            {"provider": p, "model": m, "operation": op, "totals": t} for (p, m, op), t in rows
+        ],
         "max_calls": max((t.calls for _, t in rows), default=0),
         "ever_called": bool(rows) or q.ever_called,
     }

@@ -22,7 +22,14 @@ from usage.selectors import UsageFilters
 
 DEFAULT_WINDOW = "24h"
 FRAME_PARAMS = ("window", "since", "until")
-FILTER_PARAMS = ("provider", "model", "key", "client", "status", "stream")
+FILTER_PARAMS = ("provider", "model", "key", "client", "status", "stream", "operation")
+# The call kinds (usage.models.Operation), as the Calls page's filter offers them.
+OPERATIONS = {
+    "chat": "Chat",
+    "responses": "Responses",
+    "text_completion": "Text completion",
+    "embeddings": "Embeddings",
+}
 _STATUSES = ("success", "error")
 _STREAM = {"true": True, "false": False}
 
@@ -37,6 +44,10 @@ class DashboardQuery:
     filters: UsageFilters = field(default_factory=UsageFilters)
     params: dict[str, str] = field(default_factory=dict)  # the recognised ones, as given
     error: str | None = None  # why the frame asked for was not used
+
+    @property
+    def operations(self) -> dict[str, str]:
+        return OPERATIONS
 
     @property
     def windows(self) -> tuple[str, ...]:
@@ -100,6 +111,7 @@ def dashboard_query(request: HttpRequest) -> DashboardQuery:
         client=params.get("client"),
         status=status if status in _STATUSES else None,  # type: ignore[arg-type]
         stream=_STREAM.get(params.get("stream", "")),
+        operation=params.get("operation") if params.get("operation") in OPERATIONS else None,
     )
     return DashboardQuery(
         frame=frame,

@@ -240,3 +240,33 @@ def test_figures_say_whether_they_count_requests_or_attempts(staff: Client) -> N
     ApiKeyFactory(key_id="openai-1")
     keys = staff.get("/dashboard/keys/").content.decode()
     assert ">Attempts</th>" in keys and ">Calls</th>" not in keys
+
+
+def test_call_kinds_and_translated_attempts_are_marked_and_filterable(staff: Client) -> None:
+    now = datetime.now(UTC)
+    write_calls(
+        [
+            at(now - timedelta(seconds=3), request_id="r-embed", operation="embeddings",
+               final=True, client_status=200, completion_tokens=0, total_tokens=12),
+            at(now - timedelta(seconds=2), request_id="r-cross", final=True, client_status=200,
+               provider="anthropic", client_dialect="openai", upstream_dialect="anthropic"),
+            at(now - timedelta(seconds=1), request_id="r-chat", final=True, client_status=200,
+               client_dialect="openai", upstream_dialect="openai"),
+        ]
+    )  # fmt: skip
+    html = staff.get("/dashboard/calls/?window=1h").content.decode()
+    assert text(tagged(row(html, "r-embed", 1), "data-operation")) == "embeddings"
+    assert text(tagged(row(html, "r-cross", 1), "data-translated")) == "openai → anthropic"
+    plain = row(html, "r-chat", 1)
+    assert "data-operation" not in plain and "data-translated" not in plain
+    assert '<select name="operation">' in html
+
+    only = staff.get("/dashboard/calls/?window=1h&operation=embeddings").content.decode()
+    assert 'data-request="r-embed"' in only
+    assert 'data-request="r-cross"' not in only and 'data-request="r-chat"' not in only
+    assert '<option value="embeddings" selected>' in only
+
+    request = staff.get("/dashboard/calls/r-cross/?window=1h").content.decode()
+    assert "chat · openai → anthropic (translated)" in text(
+        tagged(request, 'data-fact="operation"')
+    )

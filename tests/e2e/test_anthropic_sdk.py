@@ -164,8 +164,9 @@ def test_calls_rotate_over_both_keys(claude: Claude):
 
 def test_models_list_shows_the_routes_in_anthropics_shape(claude: Claude):
     models = list(claude.client().models.list())
-    # ROUTE has only an OpenAI-format deployment: /v1/messages could not answer for it.
-    assert [m.id for m in models] == [CLAUDE]
+    # ROUTE has only an OpenAI-format deployment: /v1/messages answers it through chat
+    # completions, so it is listed too.
+    assert [m.id for m in models] == [CLAUDE, ROUTE]
     assert all(m.type == "model" and m.display_name == m.id for m in models)
     assert claude.live.upstream.stats()["total"] == 0
 
@@ -239,8 +240,12 @@ def test_gateway_errors_are_what_the_sdk_expects(claude: Claude):
         create(claude.client(api_key=claude.live.token + "x"))
     assert auth.value.body["type"] == "error"  # type: ignore[index]
     with pytest.raises(anthropic.BadRequestError) as bad:
-        create(claude.client(), model=ROUTE)  # an OpenAI-format route
-    assert bad.value.body["error"]["code"] == "dialect_not_supported"  # type: ignore[index]
+        # An OpenAI-format route, and a feature chat completions cannot express.
+        claude.client().messages.create(
+            model=ROUTE, max_tokens=64, messages=PROMPT, extra_body={"top_k": 5}
+        )
+    assert bad.value.body["error"]["code"] == "untranslatable_feature"  # type: ignore[index]
+    assert "top_k" in bad.value.body["error"]["message"]  # type: ignore[index]
     with pytest.raises(anthropic.NotFoundError):
         create(claude.client(), model="nope")
     assert claude.live.upstream.stats()["total"] == 0

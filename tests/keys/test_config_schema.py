@@ -68,7 +68,7 @@ REFUSED = [
     (
         lambda d: d["providers"]["openai"].update(timeout=5),
         "providers.openai.timeout: unknown field; expected one of base_url, cooldown_seconds, "
-        "enabled, exhausted_seconds, kind, quarantine_seconds",
+        "enabled, exhausted_seconds, kind, quarantine_seconds, requires_key",
     ),
     (lambda d: d["keys"][0].update(id=""), "keys[0].id: expected a non-empty string"),
     (

@@ -11,7 +11,7 @@ import pytest
 from django.test import AsyncClient
 
 from tests.proxy.anthropic_wire import MODEL, message
-from tests.proxy.conftest import SECRETS, AnthropicGateway
+from tests.proxy.conftest import SECRETS, AnthropicGateway, ok
 from usage.models import CallRecord
 
 pytestmark = pytest.mark.asyncio
@@ -108,18 +108,30 @@ async def test_it_records_usage_with_cache_reads_and_writes_and_prices_both(
     assert record.cost_usd == Decimal("0.00056")
 
 
-async def test_it_skips_deployments_that_do_not_speak_the_messages_api(anthropic_gateway):
+async def test_an_openai_deployment_answers_through_chat_completions(anthropic_gateway):
+    anthropic_gateway.upstream.first(ok)  # the OpenAI deployment answers in its own API
     body = {"model": "gpt-first", "max_tokens": 64, "messages": PROMPT}
     response = await post(anthropic_gateway, body)
     assert response.status_code == 200
     assert [str(r.url) for r in anthropic_gateway.upstream.requests] == [
-        "https://anthropic.test/v1/messages"
+        "https://upstream.test/v1/chat/completions"
     ]
+    answer = response.json()
+    assert answer["type"] == "message" and answer["content"][0]["type"] == "text"
+    sent = anthropic_gateway.upstream.bodies()[0]
+    assert sent.get("max_completion_tokens", sent.get("max_tokens")) == 64
+    assert sent["messages"][0]["role"] == "user"
 
 
-async def test_a_route_without_an_anthropic_deployment_is_a_clear_400(anthropic_gateway):
-    body = {"model": "gpt-only", "max_tokens": 64, "messages": PROMPT}
-    response = await post(anthropic_gateway, body)
+async def test_counting_tokens_on_a_route_without_an_anthropic_deployment_is_a_clear_400(
+    anthropic_gateway,
+):
+    response = await AsyncClient().post(
+        "/v1/messages/count_tokens",
+        data=json.dumps({"model": "gpt-only", "messages": PROMPT}),
+        content_type="application/json",
+        headers=anthropic_gateway.headers(),
+    )
     assert response.status_code == 400
     assert response.json()["type"] == "error"
     error = response.json()["error"]
@@ -128,7 +140,7 @@ async def test_a_route_without_an_anthropic_deployment_is_a_clear_400(anthropic_
         "dialect_not_supported",
         "model",
     )
-    assert "/v1/chat/completions" in error["message"]
+    assert "only Anthropic deployments count tokens" in error["message"]
     assert anthropic_gateway.upstream.requests == []
 
 

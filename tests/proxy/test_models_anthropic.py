@@ -11,9 +11,9 @@ from tests.proxy.conftest import AnthropicGateway, Gateway
 
 pytestmark = pytest.mark.asyncio
 
-# The anthropic_gateway's routes that /v1/messages can answer (gpt-only has no Anthropic
-# deployment), by name.
-ROUTES = ["claude", "gpt-first"]
+# The anthropic_gateway's routes, by name: /v1/messages answers every one of them (gpt-only,
+# which has no Anthropic deployment, through chat completions).
+ROUTES = ["claude", "gpt-first", "gpt-only"]
 
 
 async def models(gateway: Gateway, query: str = "", **headers: str) -> dict:
@@ -31,7 +31,7 @@ async def test_an_anthropic_client_gets_anthropics_list_shape(anthropic_gateway)
     assert set(first) == {"type", "id", "display_name", "created_at"}
     assert (first["type"], first["display_name"]) == ("model", "claude")
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", first["created_at"])
-    assert (body["has_more"], body["first_id"], body["last_id"]) == (False, "claude", "gpt-first")
+    assert (body["has_more"], body["first_id"], body["last_id"]) == (False, "claude", "gpt-only")
     assert anthropic_gateway.upstream.requests == []
 
 
@@ -39,23 +39,20 @@ async def test_it_pages_like_anthropic(anthropic_gateway):
     first = await models(anthropic_gateway, "?limit=1")
     assert [m["id"] for m in first["data"]] == ["claude"]
     assert first["has_more"] is True
-    rest = await models(anthropic_gateway, f"?limit=1&after_id={first['last_id']}")
-    assert [m["id"] for m in rest["data"]] == ["gpt-first"]
+    rest = await models(anthropic_gateway, f"?limit=2&after_id={first['last_id']}")
+    assert [m["id"] for m in rest["data"]] == ["gpt-first", "gpt-only"]
     assert rest["has_more"] is False
     back = await models(anthropic_gateway, "?limit=1&before_id=gpt-first")
     assert [m["id"] for m in back["data"]] == ["claude"] and back["has_more"] is False
 
 
-async def test_routes_without_an_anthropic_deployment_are_listed_for_openai_clients_only(
-    anthropic_gateway,
-):
+async def test_both_shapes_list_the_same_routes(anthropic_gateway):
     anthropic_ids = [m["id"] for m in (await models(anthropic_gateway))["data"]]
     response = await AsyncClient().get(
         "/v1/models", headers={"Authorization": f"Bearer {anthropic_gateway.token}"}
     )
     openai_ids = [m["id"] for m in response.json()["data"]]
-    assert "gpt-only" not in anthropic_ids
-    assert "gpt-only" in openai_ids
+    assert anthropic_ids == openai_ids == ROUTES
 
 
 async def test_a_bearer_token_with_the_anthropic_version_header_gets_anthropics_shape(

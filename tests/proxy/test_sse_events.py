@@ -11,7 +11,7 @@ from asgiref.sync import sync_to_async
 from django.test import override_settings
 
 from keys.state_store import get_key_state_store
-from proxy.dialects import OPENAI, StreamState, _data
+from proxy.dialects import OPENAI, StreamState, sse_data
 from proxy.streaming import SseSplitter
 from tests.proxy.conftest import DONE, Gateway, chunk_event, streaming
 from tests.proxy.test_streaming import stream
@@ -53,7 +53,7 @@ def test_a_bare_cr_event_is_complete_without_waiting_for_the_next_chunk():
 
 
 def test_several_data_lines_are_joined_with_newlines():
-    assert _data(b"event: e\ndata: line one\ndata:  two\ndata:three\n\n") == (
+    assert sse_data(b"event: e\ndata: line one\ndata:  two\ndata:three\n\n") == (
         b"e",
         b"line one\n two\nthree",
     )
