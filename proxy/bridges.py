@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from common.errors import invalid_body
 from proxy import translate
 from proxy.dialects import (
     ANTHROPIC,
@@ -34,6 +35,24 @@ from proxy.dialects import (
 
 Translation = Callable[[dict[str, Any]], dict[str, Any]]
 ErrorTranslation = Callable[[int, dict[str, Any] | None], dict[str, Any]]
+RequestTranslation = Callable[..., dict[str, Any]]
+# What a payload of the wrong shape makes the translators raise (a string where a list of
+# blocks belongs, a number for a message): the translators read JSON as its API documents it,
+# and the guards below turn a payload that is not so into the right error instead of a 500.
+SHAPE_ERRORS = (AttributeError, TypeError, KeyError, IndexError, ValueError)
+
+
+def translated_request(
+    translation: RequestTranslation, body: dict[str, Any], *, model: str, stream: bool
+) -> dict[str, Any]:
+    try:
+        return translation(body, model=model, stream=stream)
+    except SHAPE_ERRORS:
+        raise invalid_body(
+            "The request has a field of the wrong type (a message, a content part or a tool is"
+            " not shaped as the API documents it), so it cannot be translated for this route.",
+            code="invalid_type",
+        ) from None
 
 
 def translated_answer(
@@ -43,12 +62,37 @@ def translated_answer(
     *,
     answer: Translation,
     error: ErrorTranslation,
-) -> bytes:
-    """A whole answer in the client's API: the upstream's (a JSON that is not an object is
-    already the client's own error, proxy.engine)."""
+) -> bytes | None:
+    """A whole answer in the client's API (a JSON that is not an object is already the
+    client's own error, proxy.engine); None for one shaped unlike the upstream's API: a bad
+    response, as unreadable JSON is."""
     if parsed is None:
         return content
-    return encode_body(answer(parsed) if status == 200 else error(status, parsed))
+    try:
+        return encode_body(answer(parsed) if status == 200 else error(status, parsed))
+    except SHAPE_ERRORS:
+        return None
+
+
+UNTRANSLATABLE_EVENT = ("stream_error", "untranslatable_event")
+
+
+def translated_event(
+    state: StreamState, translate_event: Callable[[], bytes], error_event: Callable[..., bytes]
+) -> bytes | None:
+    """One translated stream event. One shaped unlike the upstream's API ends the stream for
+    the client with its API's error event (the SDKs raise on it), as a broken stream does;
+    nothing after it is sent."""
+    if state.failure == UNTRANSLATABLE_EVENT:
+        return None
+    try:
+        return translate_event() or None
+    except SHAPE_ERRORS:
+        state.failure = UNTRANSLATABLE_EVENT
+        return error_event(
+            "The upstream sent a stream event the gateway cannot translate.",
+            code="untranslatable_event",
+        )
 
 
 class ChatViaMessages(AnthropicDialect):
@@ -57,9 +101,11 @@ class ChatViaMessages(AnthropicDialect):
     anthropic = False  # the client's errors: OpenAI's envelope
 
     def forwarded(self, body: dict[str, Any], *, model: str, stream: bool) -> dict[str, Any]:
-        return translate.chat_request_to_messages(body, model=model, stream=stream)
+        return translated_request(
+            translate.chat_request_to_messages, body, model=model, stream=stream
+        )
 
-    def answer(self, content: bytes, parsed: dict[str, Any] | None, status: int) -> bytes:
+    def answer(self, content: bytes, parsed: dict[str, Any] | None, status: int) -> bytes | None:
         return translated_answer(
             parsed,
             content,
@@ -80,10 +126,12 @@ class ChatViaMessages(AnthropicDialect):
         if chunk is None:
             return None  # nothing an OpenAI client could read (a comment, a bare keep-alive)
         kind = name.decode() if name else str(chunk.get("type", ""))
-        out = state.translator.event(kind, chunk)
+        translator = state.translator
         if kind == "message_stop":
-            out += state.translator.end()
-        return out or None
+            return translated_event(
+                state, lambda: translator.event(kind, chunk) + translator.end(), self.error_event
+            )
+        return translated_event(state, lambda: translator.event(kind, chunk), self.error_event)
 
     def error_event(self, message: str, *, code: str) -> bytes:
         return OPENAI.error_event(message, code=code)
@@ -95,7 +143,9 @@ class MessagesViaChat(OpenAIDialect):
     anthropic = True  # the client's errors: Anthropic's envelope
 
     def forwarded(self, body: dict[str, Any], *, model: str, stream: bool) -> dict[str, Any]:
-        return translate.messages_request_to_chat(body, model=model, stream=stream)
+        return translated_request(
+            translate.messages_request_to_chat, body, model=model, stream=stream
+        )
 
     def headers(
         self, kind: str, secret: str, *, stream: bool, forward: dict[str, str]
@@ -103,7 +153,7 @@ class MessagesViaChat(OpenAIDialect):
         # The client's anthropic-version / anthropic-beta mean nothing to this upstream.
         return super().headers(kind, secret, stream=stream, forward={})
 
-    def answer(self, content: bytes, parsed: dict[str, Any] | None, status: int) -> bytes:
+    def answer(self, content: bytes, parsed: dict[str, Any] | None, status: int) -> bytes | None:
         return translated_answer(
             parsed,
             content,
@@ -118,12 +168,13 @@ class MessagesViaChat(OpenAIDialect):
     def event(self, state: StreamState, raw: bytes) -> bytes | None:
         super().event(state, raw)
         _, data = sse_data(raw)
+        translator = state.translator
         if data == b"[DONE]":
-            return state.translator.done() or None
+            return translated_event(state, translator.done, self.error_event)
         chunk = json_object(data) if data else None
         if chunk is None:
             return None
-        return state.translator.chunk(chunk) or None
+        return translated_event(state, lambda: translator.chunk(chunk), self.error_event)
 
     def error_event(self, message: str, *, code: str) -> bytes:
         return ANTHROPIC.error_event(message, code=code)

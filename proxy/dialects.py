@@ -220,9 +220,9 @@ class Dialect:
         """The route's fallback chain, in order, as far as this endpoint can use it."""
         return [d for d in route.deployments if self.wire(d.provider.kind) is not None]
 
-    def answer(self, content: bytes, parsed: dict[str, Any] | None, status: int) -> bytes:
+    def answer(self, content: bytes, parsed: dict[str, Any] | None, status: int) -> bytes | None:
         """The body the client gets for the upstream's (non-streamed) answer: as it came,
-        except across dialects."""
+        except across dialects; None when it cannot be read as the upstream's API answers."""
         return content
 
     def stream_translator(self, *, model: str, include_usage: bool, request_id: str) -> Any:

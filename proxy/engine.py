@@ -28,7 +28,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
 
@@ -500,7 +500,11 @@ class Attempt:
             # own API's envelope, whatever the upstream (or a proxy before it) sent.
             content = _non_json_error(self.ctx, status, self.response.headers)
         if parsed is not None:
-            content = dialect.answer(content, parsed, status)
+            answer = dialect.answer(content, parsed, status)
+            if answer is None:  # not shaped as the upstream's API answers: a bad response
+                await self.finish(replace(BAD_RESPONSE, error_type="untranslatable"), t_end=t_recv)
+                return None
+            content = answer
         out = HttpResponse(content, status=status, content_type="application/json")
         out["x-llmrotate-request-id"] = self.ctx.request_id
         out["x-llmrotate-attempts"] = str(self.number)

@@ -12,7 +12,8 @@ import httpx
 import pytest
 from django.test import AsyncClient
 
-from tests.proxy.conftest import Gateway, base_config, gateway_serving, status
+from tests.proxy import anthropic_wire as wire
+from tests.proxy.conftest import Gateway, base_config, gateway_serving, status, streaming
 from usage.models import CallRecord
 
 pytestmark = pytest.mark.asyncio
@@ -321,3 +322,46 @@ async def test_when_the_native_deployment_fails_the_answer_says_so_not_the_trans
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "no_key_available"
     assert {r.url.host for r in surface.upstream.requests} == {"upstream.test"}
+
+
+# --- hostile shapes on a translated path ---------------------------------------------------------
+
+
+async def test_a_request_of_the_wrong_shape_for_translation_is_a_400(surface: Gateway):
+    body = {"model": "claude-only", "messages": [{"role": "user", "content": [1, 2]}]}
+    response = await post(surface, "/v1/chat/completions", body)
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_type"
+    assert surface.upstream.requests == []
+
+
+async def test_an_answer_shaped_unlike_anthropics_is_a_bad_response_not_a_500(surface: Gateway):
+    surface.upstream.default = lambda request: httpx.Response(
+        200, json={"type": "message", "content": "not a list of blocks", "usage": {}}
+    )
+    body = {"model": "claude-only", "messages": [{"role": "user", "content": "hi"}]}
+    response = await post(surface, "/v1/chat/completions", body)
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_error"
+    record = await final_record(response["x-llmrotate-request-id"])
+    assert (record.outcome, record.error_type) == ("bad_response", "untranslatable")
+
+
+async def test_a_stream_event_shaped_unlike_anthropics_ends_with_the_clients_error_event(
+    surface: Gateway,
+):
+    bad_delta = wire.event({"type": "content_block_delta", "index": 0, "delta": "zzz"})
+    surface.upstream.default = streaming(
+        wire.message_start(), wire.BLOCK_START, wire.text_delta("Hi"), bad_delta,
+        wire.text_delta("never sent"), wire.message_delta(), wire.MESSAGE_STOP,
+    )  # fmt: skip
+    body = {"model": "claude-only", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    response = await post(surface, "/v1/chat/completions", body)
+    assert response.status_code == 200
+    text = b"".join([chunk async for chunk in response.streaming_content]).decode()
+    events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+    assert events[-1]["error"]["code"] == "untranslatable_event"
+    assert "never sent" not in text and "[DONE]" not in text
+    assert any(e.get("choices") and e["choices"][0]["delta"].get("content") == "Hi" for e in events)
+    record = await final_record(response["x-llmrotate-request-id"])
+    assert (record.outcome, record.error_type) == ("stream_error", "untranslatable_event")
