@@ -1,9 +1,8 @@
 """What the Anthropic endpoints need beyond the shared proxy: request validation, the headers
 passed upstream, the model list in Anthropic's shape, and token counting's dialect.
 
-Validation answers 400 (not the 422 of the OpenAI endpoint) because that is what Anthropic
-answers, and the anthropic SDK raises `BadRequestError` for it, as code written against the
-real API expects.
+Validation answers 400, as Anthropic does (and the OpenAI endpoints, as OpenAI does): the
+anthropic SDK raises `BadRequestError` for it, as code written against the real API expects.
 """
 
 from __future__ import annotations

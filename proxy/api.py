@@ -17,7 +17,7 @@ from typing import Any
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from ninja import Router
 
-from common.errors import ApiError, anthropic_caller, forbidden, invalid_request
+from common.errors import ApiError, anthropic_caller, forbidden
 from common.logcontext import request_id_bind
 from keys.auth import proxy_any_auth, proxy_auth
 from keys.limits import LimitSpec
@@ -85,18 +85,12 @@ RESPONSES_BODY_DOC = json_body_doc(
 )
 
 
-def _invalid(message: str, code: str, param: str | None) -> ApiError:
-    return invalid_request(message, code=code, param=param)
-
-
 def _parse_body(request: HttpRequest) -> dict[str, Any]:
-    body = body_load(request, invalid=_invalid)
-    body_check_conversation(body, invalid=_invalid)
+    body = body_load(request, invalid=bad_request)
+    body_check_conversation(body, invalid=bad_request)
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
-        raise invalid_request(
-            "'stream_options' must be an object.", code="invalid_type", param="stream_options"
-        )
+        raise bad_request("'stream_options' must be an object.", "invalid_type", "stream_options")
     return body
 
 

@@ -36,7 +36,7 @@ from proxy.validation import body_check_model
 
 
 def bad_request(message: str, code: str, param: str | None) -> ApiError:
-    """A body error on these endpoints: 400, as OpenAI answers it."""
+    """A body error on the OpenAI endpoints: 400, as OpenAI answers it."""
     return ApiError(400, message, type="invalid_request_error", code=code, param=param)
 
 

@@ -19,8 +19,7 @@ from django.http import HttpRequest
 
 from common.errors import ApiError, invalid_body
 
-# (message, code, param) -> the error to raise: 422 on the OpenAI endpoint, 400 on Anthropic's,
-# each as its own API answers.
+# (message, code, param) -> the error to raise, in the envelope of the endpoint's own API.
 Invalid = Callable[[str, str, str | None], ApiError]
 
 _MODEL = {"model": {"type": "string", "description": "A route name."}}

@@ -46,14 +46,14 @@ async def test_invalid_json_is_400(gateway: Gateway):
         ({**GOOD, "stream_options": "usage"}, "stream_options"),
     ],
 )
-async def test_missing_or_mistyped_fields_are_422(gateway: Gateway, body, param):
+async def test_missing_or_mistyped_fields_are_400(gateway: Gateway, body, param):
     response = await call(gateway, body)
-    assert response.status_code == 422
+    assert response.status_code == 400
     assert response.json()["error"]["param"] == param
 
 
-async def test_a_json_array_body_is_422(gateway: Gateway):
-    assert (await call(gateway, b"[1,2]")).status_code == 422
+async def test_a_json_array_body_is_400(gateway: Gateway):
+    assert (await call(gateway, b"[1,2]")).status_code == 400
 
 
 async def test_an_unknown_model_is_404(gateway: Gateway):
