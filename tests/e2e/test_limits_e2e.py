@@ -324,6 +324,7 @@ def test_four_processes_never_have_more_than_max_concurrent_in_flight(
     upstream.reset()
     inflight = {"now": 0, "peak": 0}
     refused = {"count": 0}
+    held = {"released": False}
     dispatch = upstream._dispatch
 
     async def counting(req: Any, writer: Any) -> bool:
@@ -333,10 +334,14 @@ def test_four_processes_never_have_more_than_max_concurrent_in_flight(
         inflight["now"] += 1
         inflight["peak"] = max(inflight["peak"], inflight["now"])
         try:
-            # Held until the rest of the burst has been refused, however slowly a loaded
-            # machine sends it: all of it arrives while these are in flight.
+            # Held until the rest of the burst has been refused and all three admitted calls
+            # are here, however slowly a loaded machine sends them (a worker's first admitted
+            # call can reach the upstream after every refusal is answered): so a fourth call
+            # let through at any point of the burst would be in flight beside them.
             deadline = time.monotonic() + 20
-            while refused["count"] < 21 and time.monotonic() < deadline:
+            while not held["released"] and time.monotonic() < deadline:
+                # Released together, once: the first to see it lets all three go.
+                held["released"] = refused["count"] >= 21 and inflight["now"] >= 3
                 await asyncio.sleep(0.01)
             return await dispatch(req, writer)
         finally:
@@ -353,7 +358,7 @@ def test_four_processes_never_have_more_than_max_concurrent_in_flight(
     assert {a.code for a in answers if a.status == 429} == {"concurrency_limit_exceeded"}
     assert upstream.stats()["total"] == 3
     # Their slots came back when they finished, whichever process held them.
-    refused["count"] = 21  # nothing is held any more
+    monkeypatch.setattr(upstream, "_dispatch", dispatch)  # nothing is held any more
 
     def three_at_once() -> bool:
         again = burst(cluster, "conc", chat(), 3, parallel=3)

@@ -9,6 +9,7 @@ other test: each check compares a reading before and after.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -87,6 +88,12 @@ def test_failures_spooling_and_replay_are_counted_and_nothing_is_dropped(
     for i in range(25):
         recorder.record(make_call(request_id=f"req-{i:02d}"))
     assert not recorder.flush(timeout=0.5)
+    # The failed pass may still be spooling (fsync'd files) when the flush gives up: its
+    # figures are set at its end, so they are waited for.
+    deadline = time.monotonic() + 10
+    while reading(metrics.RECORDER_QUEUE) != recorder.backlog:
+        assert time.monotonic() < deadline, "the failed pass never ended"
+        time.sleep(0.01)
     failures = reading(metrics.RECORDER_FAILURES) - before["RECORDER_FAILURES"]
     spooled = reading(metrics.RECORDER_SPOOLED) - before["RECORDER_SPOOLED"]
     assert failures >= 1
