@@ -162,6 +162,15 @@ async def response_get(request: HttpRequest, response_id: str) -> HttpResponse:
     )
 
 
+# OpenTelemetry's `gen_ai.operation.name` values; the Responses API has none of its own and
+# is a chat turn by its conventions.
+_TRACED_OPERATIONS = {
+    "chat": "chat",
+    "text_completion": "text_completion",
+    "embeddings": "embeddings",
+}
+
+
 def _load(request: HttpRequest) -> dict[str, Any]:
     return body_load(request, invalid=bad_request)
 
@@ -195,7 +204,7 @@ async def _openai_call(
     # Not reset: a stream is relayed after the view returns, in this request's own task
     # (whose context ends with it), and its log lines carry the id too.
     request_id_bind(ctx.request_id)
-    ctx.trace(request.headers, operation=dialect.operation)
+    ctx.trace(request.headers, operation=_TRACED_OPERATIONS.get(dialect.operation, "chat"))
     return await Failover(ctx).run()
 
 

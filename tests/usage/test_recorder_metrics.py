@@ -32,10 +32,12 @@ pytestmark = pytest.mark.django_db(transaction=True)
 @pytest.fixture(autouse=True)
 def _quiet_process_recorder() -> None:
     """The process's own recorder must have nothing left to write while a test reads the
-    process-wide counters: what an earlier test queued would be counted in between."""
+    process-wide counters (what an earlier test queued would be counted in between), and no
+    thread: each of its passes sets the queue gauge to its own backlog, over the test
+    recorder's. A later record starts it again."""
     from usage.recorder import get_recorder
 
-    assert get_recorder().flush(timeout=10)
+    assert get_recorder().stop(timeout=10)
 
 
 def reading(instrument: metrics._Instrument, *labels: str) -> float:
