@@ -52,11 +52,17 @@ class Outage:
         return True
 
 
+# One retry, for a pooled connection the server closed meanwhile. Not on a timeout: the
+# command may have run, and the limiter's scripts (a reservation, a settlement) must not run
+# twice.
+_RETRIED = (redis.exceptions.ConnectionError,)
+
+
 class RedisClients:
     def __init__(self, url: str, *, timeout: float) -> None:
         self.url = url
         self._timeout = timeout
-        self.sync = redis.Redis.from_url(url, **self._kwargs(Retry(NoBackoff(), 1)))
+        self.sync = redis.Redis.from_url(url, **self._kwargs(Retry(NoBackoff(), 1, _RETRIED)))
         self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] = (
             weakref.WeakKeyDictionary()
         )
@@ -75,7 +81,7 @@ class RedisClients:
                     self.url,
                     max_connections=_ASYNC_POOL_SIZE,
                     timeout=min(_POOL_WAIT_SECONDS, max(self._timeout, 0.001) * 2),
-                    **self._kwargs(AsyncRetry(NoBackoff(), 1)),
+                    **self._kwargs(AsyncRetry(NoBackoff(), 1, _RETRIED)),
                 )
                 client = self._async[loop] = aioredis.Redis.from_pool(pool)
             return client

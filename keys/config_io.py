@@ -65,7 +65,16 @@ from keys.config_schema import (
     config_parse,
 )
 from keys.crypto import SecretDecryptionError, hash_token
-from keys.models import ApiKey, ClientToken, Deployment, Limit, Provider, Route
+from keys.models import (
+    LIMIT_FIELDS,
+    ApiKey,
+    ClientToken,
+    Deployment,
+    Limit,
+    Provider,
+    Route,
+    validate_pattern_model,
+)
 from keys.services import (
     SecretSpec,
     api_key_save,
@@ -295,10 +304,8 @@ def _apply_routes(
                 if not changes and current == deployments:
                     counts.unchanged += 1
                     continue
-            if "*" not in name and any("*" in m for _, m in deployments):
-                raise ValidationError(
-                    "deployments: only a pattern route (a name with '*') can forward a '*' model"
-                )
+            for _, model in deployments:
+                validate_pattern_model(name, model)
             route.full_clean()
             route.save()
             if current != deployments:
@@ -426,9 +433,6 @@ def config_export() -> dict[str, Any]:
     }
 
 
-_LIMIT_FIELDS = [name for name in LimitConfig.model_fields if name not in ("client", "route")]
-
-
 def _export_limits() -> list[dict[str, Any]]:
     limits = Limit.objects.select_related("client", "route").filter(
         Q(client__isnull=True) | Q(client__revoked_at__isnull=True)
@@ -440,7 +444,7 @@ def _export_limits() -> list[dict[str, Any]]:
             entry["client"] = limit.client.name
         if limit.route is not None:
             entry["route"] = limit.route.name
-        for name in _LIMIT_FIELDS:
+        for name in LIMIT_FIELDS:
             value = getattr(limit, name)
             if isinstance(value, Decimal):
                 # As a string: exact, and YAML and JSON have no decimal type.

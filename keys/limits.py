@@ -43,7 +43,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import ROUND_CEILING, Decimal
 from functools import lru_cache
-from typing import Any
 from zoneinfo import ZoneInfo
 
 from django.dispatch import Signal
@@ -554,10 +553,3 @@ def reset_limiter() -> None:
     close = getattr(old, "close", None)
     if close is not None:
         close()
-
-
-def spawn_release(limiter: Limiter, lease_keys: Sequence[str], lease_id: str) -> Any:
-    """Give the slots back from synchronous code on the event loop (a request's end)."""
-    from common.background import spawn
-
-    return spawn(limiter.release(lease_keys, lease_id))

@@ -171,6 +171,12 @@ def validate_route_name(value: str) -> None:
         )
 
 
+def validate_pattern_model(route: str, model: str) -> None:
+    """A deployment's `*` receives what its route's `*` matched: only a pattern route has one."""
+    if "*" in model and "*" not in route:
+        raise ValidationError("Only a pattern route (a name with '*') can forward a '*' model.")
+
+
 def validate_deployment_model(value: str) -> None:
     if value.count("*") > 1:
         raise ValidationError("A deployment's model has at most one '*'.")
@@ -228,10 +234,11 @@ class Deployment(models.Model):
 
     def clean(self) -> None:
         route = getattr(self, "route", None)
-        if "*" in self.model and route is not None and "*" not in route.name:
-            raise ValidationError(
-                {"model": "Only a pattern route (a name with '*') can forward a '*' model."}
-            )
+        if route is not None:
+            try:
+                validate_pattern_model(route.name, self.model)
+            except ValidationError as exc:
+                raise ValidationError({"model": exc.messages}) from None
 
 
 class ClientToken(models.Model):

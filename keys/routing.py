@@ -23,7 +23,7 @@ from common.redaction import mask_secret
 from keys.crypto import SecretError
 from keys.health import KeyPolicy
 from keys.limits import LimitSpec
-from keys.models import ApiKey, ClientToken, Limit, Provider, Route
+from keys.models import LIMIT_FIELDS, ApiKey, ClientToken, Limit, Provider, Route
 from keys.secrets import api_key_resolve_secret
 
 logger = logging.getLogger("llmrotate.keys")
@@ -72,6 +72,8 @@ class DeploymentInfo:
     provider: ProviderInfo
     model: str
     keys: tuple[UpstreamKey, ...]
+    # Resolved from a pattern route: the model as configured (`*`), `model` being the name sent.
+    pattern_model: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,12 +93,7 @@ class RouteInfo:
 
     def matches(self, model: str) -> str | None:
         """For a pattern route: what its `*` matches in `model` (None: no match)."""
-        prefix, _, suffix = self.name.partition("*")
-        if len(model) < len(prefix) + len(suffix):
-            return None
-        if not (model.startswith(prefix) and model.endswith(suffix)):
-            return None
-        return model[len(prefix) : len(model) - len(suffix)]
+        return star_match(self.name, model)
 
     def resolved(self, model: str, star: str) -> RouteInfo:
         """This pattern route serving `model`: each deployment's `*` becomes `star`, and only
@@ -105,10 +102,22 @@ class RouteInfo:
         for dep in self.deployments:
             upstream = dep.model.replace("*", star)
             keys = tuple(k for k in dep.keys if not k.models or upstream in k.models)
-            deployments.append(dataclasses.replace(dep, model=upstream, keys=keys))
+            deployments.append(
+                dataclasses.replace(dep, model=upstream, keys=keys, pattern_model=dep.model)
+            )
         return dataclasses.replace(
             self, name=model, pattern=self.name, deployments=tuple(deployments)
         )
+
+
+def star_match(pattern: str, name: str) -> str | None:
+    """What the `*` of `pattern` matches in `name` (None: `name` does not match it)."""
+    prefix, _, suffix = pattern.partition("*")
+    if len(name) < len(prefix) + len(suffix):
+        return None
+    if not (name.startswith(prefix) and name.endswith(suffix)):
+        return None
+    return name[len(prefix) : len(name) - len(suffix)]
 
 
 def keyless_key(provider: str) -> UpstreamKey:
@@ -242,13 +251,7 @@ def routing_load() -> RoutingSnapshot:
             id=limit.pk,
             client=limit.client.name if limit.client else "",
             route=limit.route.name if limit.route else "",
-            requests_per_minute=limit.requests_per_minute,
-            requests_per_day=limit.requests_per_day,
-            tokens_per_minute=limit.tokens_per_minute,
-            tokens_per_day=limit.tokens_per_day,
-            max_concurrent=limit.max_concurrent,
-            usd_per_day=limit.usd_per_day,
-            usd_per_month=limit.usd_per_month,
+            **{name: getattr(limit, name) for name in LIMIT_FIELDS},
         )
         snapshot.limits[(spec.client, spec.route)] = spec
     return snapshot

@@ -46,6 +46,7 @@ from proxy.openai_apis import (
     completions_validate,
     embeddings_validate,
     responses_validate,
+    stream_flag_check,
 )
 from proxy.validation import body_check_conversation, body_load, json_body_doc
 
@@ -88,9 +89,7 @@ RESPONSES_BODY_DOC = json_body_doc(
 def _parse_body(request: HttpRequest) -> dict[str, Any]:
     body = body_load(request, invalid=bad_request)
     body_check_conversation(body, invalid=bad_request)
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise bad_request("'stream_options' must be an object.", "invalid_type", "stream_options")
+    stream_flag_check(body)
     return body
 
 

@@ -39,7 +39,7 @@ RequestTranslation = Callable[..., dict[str, Any]]
 # What a payload of the wrong shape makes the translators raise (a string where a list of
 # blocks belongs, a number for a message): the translators read JSON as its API documents it,
 # and the guards below turn a payload that is not so into the right error instead of a 500.
-SHAPE_ERRORS = (AttributeError, TypeError, KeyError, IndexError, ValueError)
+SHAPE_ERRORS = (AttributeError, TypeError, KeyError, IndexError, ValueError, RecursionError)
 
 
 def translated_request(
@@ -98,8 +98,6 @@ def translated_event(
 class ChatViaMessages(AnthropicDialect):
     """An OpenAI chat completion sent to Anthropic's Messages API."""
 
-    anthropic = False  # the client's errors: OpenAI's envelope
-
     def forwarded(self, body: dict[str, Any], *, model: str, stream: bool) -> dict[str, Any]:
         return translated_request(
             translate.chat_request_to_messages, body, model=model, stream=stream
@@ -139,8 +137,6 @@ class ChatViaMessages(AnthropicDialect):
 
 class MessagesViaChat(OpenAIDialect):
     """An Anthropic Messages call sent to an OpenAI-format chat completions endpoint."""
-
-    anthropic = True  # the client's errors: Anthropic's envelope
 
     def forwarded(self, body: dict[str, Any], *, model: str, stream: bool) -> dict[str, Any]:
         return translated_request(

@@ -191,6 +191,7 @@ class CallContext:
             latency_ms=self.ms_since_start(now),
             overhead_ms=self.ms_since_start(now),
             limits=self.limits,
+            metric_route=self.route.pattern or None,
             **self.caller.record_fields(),
         )
 
@@ -263,6 +264,8 @@ def refusal_record(*, path: str, status: int, code: str, client: str = "", model
             client_dialect=dialect,
             final=True,
             client_status=status,
+            # Never routed: whatever the client named is not a label (calls.CallData).
+            metric_route="-",
         )
     )
 
@@ -419,6 +422,8 @@ def attempt_record(
         forwarded_body=forwarded_body,
         limits=ctx.limits,
         key_limits=key_limits,
+        metric_route=ctx.route.pattern or None,
+        metric_model=(deployment.pattern_model or None) if deployment else None,
     )
     if span is not None:
         # The usage log line names the attempt's span, so a log line leads to its trace.

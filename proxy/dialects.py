@@ -191,9 +191,11 @@ def event_type(data: bytes) -> bytes:
 
 
 def json_object(data: bytes) -> dict[str, Any] | None:
+    """`data` as a JSON object; None for anything else, a nesting deep enough to exhaust the
+    parser included (an upstream's, or a string inside the request such as tool arguments)."""
     try:
         parsed = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return parsed if isinstance(parsed, dict) else None
 

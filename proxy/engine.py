@@ -61,7 +61,7 @@ from proxy.classify import (
     classify_status,
     endpoint_failed,
 )
-from proxy.dialects import Dialect, ToolCalls, Usage, encode_body
+from proxy.dialects import Dialect, ToolCalls, Usage, encode_body, json_object
 from proxy.streaming import StreamRelay
 from proxy.translate import Untranslatable
 from usage.models import CLIENT_CLOSED_STATUS
@@ -224,7 +224,7 @@ class Failover:
         last, self.last_deployment = self.last_deployment, deployment
         if last is None or self.last_failure is None:
             return
-        route, reason = self.ctx.route.name, self.last_failure.outcome
+        route, reason = self.ctx.route.config_name, self.last_failure.outcome
         if last is deployment:
             metrics.ROTATIONS.inc(route, deployment.provider.name, reason)
         else:
@@ -251,7 +251,7 @@ class Failover:
         strategy = self.ctx.route.strategy
         rr = 0
         if strategy in _ROUND_ROBIN_STRATEGIES and len(candidates) > 1:
-            rr = await self.store.next_rr(f"{self.ctx.route.name}:{deployment.position}")
+            rr = await self.store.next_rr(f"{self.ctx.route.config_name}:{deployment.position}")
         ordered = order_candidates(candidates, strategy=strategy, rr=rr, now=now, rng=_rng)
         return [keys[c.key_id] for c in ordered]
 
@@ -485,7 +485,7 @@ class Attempt:
         if verdict.next is not Next.DONE:
             await self.finish(verdict, t_end=t_recv)
             return None
-        parsed = _json_object(content)
+        parsed = json_object(content)
         usage = None
         completion_text = None
         if verdict.outcome == "success":
@@ -645,14 +645,6 @@ class Attempt:
             raise
         except Exception:
             logger.warning("could not settle key state after request %s", ctx.request_id)
-
-
-def _json_object(content: bytes) -> dict[str, Any] | None:
-    try:
-        parsed = json.loads(content)
-    except (ValueError, RecursionError):
-        return None
-    return parsed if isinstance(parsed, dict) else None
 
 
 def _non_json_error(ctx: CallContext, status: int, headers: httpx.Headers) -> bytes:

@@ -51,6 +51,7 @@ _BYTES_PER_TOKEN = 4
 # Prices of (provider, model) for reservations, read off the event loop and kept this long.
 _PRICE_TTL_SECONDS = 300.0
 _prices: dict[tuple[str, str, str], tuple[float, Decimal, Decimal]] = {}
+_PRICES_MAX = 1024
 
 
 def applicable(snapshot: RoutingSnapshot, client: str, route: str) -> list[LimitSpec]:
@@ -107,7 +108,7 @@ async def admit(
             retry_after=2,
         )
     if not decision.allowed:
-        raise _refusal(decision, route=route.name, now=now)
+        raise _refusal(decision, route=route.config_name, now=now)
     return Reservation(
         decision=decision,
         lease_keys=tuple(lease.key for lease in leases),
@@ -282,6 +283,9 @@ async def _rates(provider: str, kind: str, model: str) -> tuple[Decimal, Decimal
     except Exception:
         logger.warning("prices unavailable for a budget reservation of %s", model, exc_info=True)
         rates = None
+    if len(_prices) >= _PRICES_MAX:
+        # A pattern route prices whatever model names its clients send: kept bounded.
+        _prices.clear()
     _prices[key] = (
         time.monotonic() + _PRICE_TTL_SECONDS,
         *(rates or (Decimal(-1), Decimal(-1))),

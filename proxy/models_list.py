@@ -10,7 +10,7 @@ failing the whole list; its last good list is served meanwhile.
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
 import time
 from typing import Any
@@ -18,7 +18,8 @@ from typing import Any
 import httpx
 
 from common.upstream import ResponseTooLarge, read_bounded, upstream_client, upstream_headers
-from keys.routing import DeploymentInfo, RouteInfo, RoutingSnapshot, TokenInfo
+from keys.routing import DeploymentInfo, RouteInfo, RoutingSnapshot, TokenInfo, star_match
+from proxy.dialects import json_object
 
 logger = logging.getLogger("llmrotate.proxy")
 
@@ -57,19 +58,10 @@ async def _pattern_models(route: RouteInfo) -> list[str]:
         if "*" not in deployment.model or not deployment.keys:
             continue  # a fixed upstream model: the names it serves cannot be listed
         for upstream in await _listing(deployment):
-            star = _match(deployment.model, upstream)
+            star = star_match(deployment.model, upstream)
             if star is not None:
                 names.append(route.name.replace("*", star, 1))
     return names
-
-
-def _match(pattern: str, name: str) -> str | None:
-    prefix, _, suffix = pattern.partition("*")
-    if len(name) < len(prefix) + len(suffix) or not name.startswith(prefix):
-        return None
-    if not name.endswith(suffix):
-        return None
-    return name[len(prefix) : len(name) - len(suffix)]
 
 
 async def _listing(deployment: DeploymentInfo) -> list[str]:
@@ -90,28 +82,28 @@ async def _listing(deployment: DeploymentInfo) -> list[str]:
 
 async def _fetch(deployment: DeploymentInfo) -> list[str] | None:
     provider, key = deployment.provider, deployment.keys[0]
+    client = upstream_client(provider.base_url)
+    request = httpx.Request(
+        "GET",
+        f"{provider.base_url}/models",
+        headers=upstream_headers(provider.kind, key.secret, stream=False),
+    )
     why = ""
     try:
-        response = await upstream_client(provider.base_url).send(
-            httpx.Request(
-                "GET",
-                f"{provider.base_url}/models",
-                headers=upstream_headers(provider.kind, key.secret, stream=False),
-                extensions={"timeout": httpx.Timeout(LISTING_TIMEOUT_SECONDS).as_dict()},
-            ),
-            stream=True,
-        )
-        try:
-            content = await read_bounded(response, LISTING_MAX_BYTES)
-        finally:
-            await response.aclose()
+        # The whole listing, not each read: an upstream that trickles its answer is cut too.
+        async with asyncio.timeout(LISTING_TIMEOUT_SECONDS):
+            response = await client.send(request, stream=True)
+            try:
+                content = await read_bounded(response, LISTING_MAX_BYTES)
+            finally:
+                await response.aclose()
         if response.status_code != 200:
             why = f"HTTP {response.status_code}"
-        elif (ids := _ids(json.loads(content))) is not None:
+        elif (ids := _ids(json_object(content))) is not None:
             return ids
         else:
             why = "not a model list"
-    except (httpx.HTTPError, OSError, ResponseTooLarge, ValueError, RecursionError) as exc:
+    except (TimeoutError, httpx.HTTPError, OSError, ResponseTooLarge) as exc:
         why = type(exc).__name__
     logger.warning("could not list the models of provider %s: %s", provider.name, why)
     return None

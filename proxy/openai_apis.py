@@ -59,9 +59,6 @@ class EmbeddingsDialect(_OpenAIOnly):
     path = "/embeddings"
     operation = "embeddings"
 
-    def completion_text(self, parsed: dict[str, Any]) -> str:
-        return ""
-
 
 class CompletionsDialect(_OpenAIOnly):
     """Legacy `POST /v1/completions`: chat's wire, with `text` where chat has `delta`."""
@@ -78,9 +75,6 @@ class CompletionsDialect(_OpenAIOnly):
             for choice in (choices if isinstance(choices, list) else ())
             if isinstance(choice, dict) and isinstance(choice.get("text"), str)
         )
-
-    def tool_calls(self, parsed: dict[str, Any]) -> ToolCalls:
-        return ToolCalls()
 
     def choice_event(self, state: StreamState, choice: dict[str, Any]) -> None:
         text = choice.get("text")
@@ -176,9 +170,6 @@ class ResponsesDialect(_OpenAIOnly):
             state.failure = ("stream_error", "upstream_error_event")
         return raw
 
-    def streamed_text(self, state: StreamState) -> str:
-        return "".join(state.pieces)
-
 
 EMBEDDINGS = EmbeddingsDialect()
 COMPLETIONS = CompletionsDialect()
@@ -223,7 +214,7 @@ def _text_or_tokens_field(body: dict[str, Any], name: str) -> None:
         )
 
 
-def _stream_flag(body: dict[str, Any]) -> None:
+def stream_flag_check(body: dict[str, Any]) -> None:
     if not isinstance(body.get("stream", False), bool):
         raise bad_request("'stream' must be a boolean.", "invalid_type", "stream")
     options = body.get("stream_options")
@@ -247,7 +238,7 @@ def embeddings_validate(body: dict[str, Any]) -> dict[str, Any]:
 
 def completions_validate(body: dict[str, Any]) -> dict[str, Any]:
     _text_or_tokens_field(body, "prompt")
-    _stream_flag(body)
+    stream_flag_check(body)
     return body
 
 
@@ -275,5 +266,5 @@ def responses_validate(body: dict[str, Any]) -> dict[str, Any]:
                 "stateful_response_not_supported",
                 name,
             )
-    _stream_flag(body)
+    stream_flag_check(body)
     return body

@@ -44,6 +44,8 @@ class Untranslatable(Exception):
     """A feature of the request that the other API cannot express."""
 
     def __init__(self, feature: str, param: str | None = None, *, api: str = ANTHROPIC_API) -> None:
+        # Parts of it can be the client's own strings (a role, a part's type): kept short.
+        feature, param = feature[:100], param[:100] if param else param
         self.feature = feature
         self.param = param
         self.api = api
@@ -197,6 +199,10 @@ def chat_request_to_messages(body: dict[str, Any], *, model: str, stream: bool) 
     for name in ("temperature", "top_p"):
         if body.get(name) is not None:
             out[name] = body[name]
+    temperature = body.get("temperature")
+    if isinstance(temperature, int | float) and temperature > 1:
+        # OpenAI's scale goes to 2, Anthropic's to 1: scaling it would change the answer.
+        raise Untranslatable("a temperature above 1", "temperature")
     user = body.get("user") or body.get("safety_identifier")
     if user:
         out["metadata"] = {"user_id": user}
@@ -224,7 +230,7 @@ def _chat_messages_to_anthropic(
         role = message.get("role")
         if role not in ("system", "developer", "user", "assistant", "tool"):
             raise Untranslatable(f"the message role {role!r}", f"messages[{i}].role")
-        extra = _chat_message_extras(message, i)
+        _chat_message_check(message, i)
         if role in ("system", "developer"):
             system.extend(_text_blocks(message.get("content"), f"messages[{i}].content"))
             continue
@@ -246,35 +252,29 @@ def _chat_messages_to_anthropic(
                     else _text_blocks(result_content, f"messages[{i}].content")
                 )
             role, content = "user", [result]
-        _append_turn(out, role, content, extra)
+        _append_turn(out, role, content)
     return system, out
 
 
-def _chat_message_extras(message: dict[str, Any], i: int) -> dict[str, Any]:
-    """The message's fields this module does not know, to pass on; raises for known ones that
-    cannot be said (a participant `name`, audio, a legacy `function_call`)."""
-    extra = {}
+def _chat_message_check(message: dict[str, Any], i: int) -> None:
+    """Anthropic's messages hold a role and content only: any other field of an OpenAI message
+    that asks for something (a participant `name`, audio, a legacy `function_call`, a field
+    this module does not know) cannot be said there."""
     for key, value in message.items():
         if key in ("role", "content", "tool_calls", "tool_call_id") or key in _CHAT_ECHOES:
             continue
-        if key in _CHAT_MESSAGE_NULLABLE:
-            if value:
-                raise Untranslatable(f"messages[].{key}", f"messages[{i}].{key}")
+        if key in _CHAT_MESSAGE_NULLABLE and not value:
             continue
-        extra[key] = value
-    return extra
+        raise Untranslatable(f"messages[].{key}", f"messages[{i}].{key}")
 
 
-def _append_turn(
-    out: list[dict[str, Any]], role: str, content: str | list[dict[str, Any]], extra: dict
-) -> None:
+def _append_turn(out: list[dict[str, Any]], role: str, content: str | list[dict[str, Any]]) -> None:
     # Anthropic wants user and assistant turns to alternate: neighbours of one role merge.
     if out and out[-1]["role"] == role:
         previous = out[-1]
         previous["content"] = _as_blocks(previous["content"]) + _as_blocks(content)
-        previous.update(extra)
         return
-    out.append({"role": role, "content": content, **extra})
+    out.append({"role": role, "content": content})
 
 
 def _as_blocks(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -782,6 +782,8 @@ class MessagesStreamToChat:
             return self._block_start(data)
         if name == "message_start":
             message = data.get("message") or {}
+            if isinstance(message.get("model"), str):
+                self._model = message["model"][:200]  # the model that answered, as unstreamed
             if message.get("id"):
                 self._set_id(message["id"])
             self._usage.update(message.get("usage") or {})
@@ -882,6 +884,8 @@ class ChatStreamToMessages:
         error = data.get("error")
         if error is not None:
             return self._error(error)
+        if not self._started and isinstance(data.get("model"), str):
+            self._model = data["model"][:200]  # the model that answered, as unstreamed
         out = "" if self._started else self._start(data.get("id"))
         choices = data.get("choices")
         if choices:

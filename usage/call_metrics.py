@@ -27,14 +27,16 @@ _TOKEN_TYPES = (
 def call_observe(data: CallData) -> None:
     if not metrics.ON:
         return
-    route, stream = data.requested_model, "true" if data.stream else "false"
+    route = data.requested_model if data.metric_route is None else data.metric_route
+    stream = "true" if data.stream else "false"
     if data.final:
         status = status_class(data.client_status)
         metrics.REQUESTS.inc(route, data.client, data.outcome, status, stream)
         metrics.REQUEST_DURATION.observe(seconds(data.latency_ms), route, stream, status)
     if data.attempt < 1:
         return  # a request that never reached an upstream: no attempt to count
-    provider, model = data.provider, data.upstream_model
+    provider = data.provider
+    model = data.upstream_model if data.metric_model is None else data.metric_model
     metrics.ATTEMPTS.inc(
         route, provider, model, data.key_id, data.outcome, status_class(data.status_code), stream
     )

@@ -103,6 +103,12 @@ class CallData:
     # (keys.limits.Reservation), settled from this record once it is priced.
     limits: Reservation | None = None
     key_limits: Reservation | None = None
+    # Never persisted: the route and model as the Prometheus series label them, when they are
+    # not requested_model and upstream_model. Labels must stay bounded by the configuration,
+    # and a pattern route's names (or a refused request's) are whatever the client sent: the
+    # series take the pattern (`ollama/*`, `*`) instead, or "-" for a request never routed.
+    metric_route: str | None = None
+    metric_model: str | None = None
 
     @property
     def needs_counting(self) -> bool:
@@ -127,6 +133,8 @@ _NOT_PERSISTED = frozenset(
         "span_id",
         "limits",
         "key_limits",
+        "metric_route",
+        "metric_model",
     }
 )
 PERSISTED_FIELDS: tuple[str, ...] = tuple(

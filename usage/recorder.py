@@ -25,6 +25,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import queue
 import threading
 import time
 from collections import deque
@@ -465,9 +466,40 @@ def record_call(data: CallData) -> None:
     # Django caches a setting on first read: from then on this is one attribute read per call.
     if not settings.LLMROTATE_USAGE_RECORDING:
         call_observe(data)
-        limits_settle_safely(call_limit_settlements(data, priced=False))
+        _settle_later(call_limit_settlements(data, priced=False))
         return
     get_recorder().record(data)
+
+
+# With recording off, settlements go to the limiter from a thread of their own: settling may
+# reach Redis, which must never be waited for on the event loop. A bounded queue: past it a
+# settlement is left out, and its reservation stands in for what was used (the safe side).
+SETTLE_QUEUE_MAX = 10_000
+_settle_queue: queue.Queue[list[Settlement]] | None = None
+_settle_lock = threading.Lock()
+
+
+def _settle_later(settlements: list[Settlement]) -> None:
+    global _settle_queue
+    if not settlements:
+        return
+    if _settle_queue is None:
+        with _settle_lock:
+            if _settle_queue is None:
+                pending: queue.Queue[list[Settlement]] = queue.Queue(SETTLE_QUEUE_MAX)
+                threading.Thread(
+                    target=_settle_loop, args=(pending,), name="llmrotate-settler", daemon=True
+                ).start()
+                _settle_queue = pending
+    try:
+        _settle_queue.put_nowait(settlements)
+    except queue.Full:
+        logger.warning("limit settlements are behind; a reservation stands for what was used")
+
+
+def _settle_loop(pending: queue.Queue[list[Settlement]]) -> None:
+    while True:
+        limits_settle_safely(pending.get())
 
 
 def _stop_at_exit() -> None:
@@ -478,9 +510,10 @@ def _stop_at_exit() -> None:
 def _forget_after_fork() -> None:
     # A forked child (a pre-forking server) inherits the parent's buffer and locks, but not its
     # thread. Those records are the parent's to write, so the child starts from nothing.
-    global _recorder, _recorder_lock
+    global _recorder, _recorder_lock, _settle_queue, _settle_lock
     _recorder = None
     _recorder_lock = threading.Lock()
+    _settle_queue, _settle_lock = None, threading.Lock()
 
 
 atexit.register(_stop_at_exit)

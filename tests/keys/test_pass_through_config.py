@@ -101,7 +101,7 @@ def test_keys_allowed_only_some_models_serve_only_those_through_a_pattern() -> N
         ),
         (
             {"plain": {"deployments": [{"provider": "openai", "model": "*"}]}},
-            "only a pattern route",
+            "Only a pattern route",
         ),
         (
             {"p*": {"deployments": [{"provider": "openai", "model": "**"}]}},

@@ -173,7 +173,7 @@ async def test_a_spent_budget_is_a_distinct_error(gateway: Gateway, flush_record
     await limit(usd_per_day=Decimal("0.10"))
     assert (await chat(gateway)).status_code == 200
     await sync_to_async(flush_records)()
-    await eventually(lambda: get_limiter() is not None and _usd_spent() == 15_000)
+    await eventually(lambda: _usd_spent() == 15_000)
     assert (await chat(gateway)).status_code == 200
     await sync_to_async(flush_records)()
     await eventually(lambda: _usd_spent() == 30_000)
@@ -312,3 +312,14 @@ async def test_a_key_sent_as_the_model_name_is_masked_in_the_refusal_record(
     assert pasted not in record.requested_model
     assert record.requested_model.startswith("sk-")  # masked, not dropped
     assert pasted not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0.02, "20ms"), (0.0001, "1ms"), (1.5, "1.5s"), (42, "42s"), (59.95, "1m0s"),
+     (360, "6m0s"), (7384, "2h3m4s")],
+)  # fmt: skip
+async def test_waits_are_written_as_openai_writes_them(seconds: float, text: str) -> None:
+    from proxy.limits import duration
+
+    assert duration(seconds) == text

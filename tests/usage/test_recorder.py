@@ -44,6 +44,8 @@ def test_call_data_carries_exactly_the_call_record_columns_plus_its_private_fiel
         "span_id",
         "limits",
         "key_limits",
+        "metric_route",
+        "metric_model",
     }
 
 

@@ -98,3 +98,32 @@ async def test_with_recording_off_a_401_still_quarantines_the_key(
     assert (await post(gateway)).status_code == 503
     assert {key_status("openai-1"), key_status("openai-2")} == {"quarantined"}
     assert (await written(flush_records))["records"] == 0
+
+
+def test_with_recording_off_limit_settlements_leave_the_callers_thread(
+    settings: Any, monkeypatch: Any
+) -> None:
+    """record_call runs on the event loop; settling may reach Redis, so it goes to a thread
+    of its own, and the caller returns while it waits."""
+    import threading
+
+    import usage.recorder as recorder_module
+    from tests.usage.conftest import make_call
+
+    settings.LLMROTATE_USAGE_RECORDING = False
+    release, seen = threading.Event(), []
+
+    def settle(settlements: list[Any]) -> None:
+        release.wait(10)
+        seen.append((threading.current_thread().name, settlements))
+
+    monkeypatch.setattr(recorder_module, "limits_settle_safely", settle)
+    monkeypatch.setattr(recorder_module, "call_limit_settlements", lambda data, priced: ["s"])
+    recorder_module.record_call(make_call())
+    assert seen == []  # returned while the settlement still waits
+    release.set()
+    deadline = time.monotonic() + 10
+    while not seen:
+        assert time.monotonic() < deadline, "the settlement never ran"
+        time.sleep(0.01)
+    assert seen == [("llmrotate-settler", ["s"])]
