@@ -365,3 +365,25 @@ async def test_a_stream_event_shaped_unlike_anthropics_ends_with_the_clients_err
     assert any(e.get("choices") and e["choices"][0]["delta"].get("content") == "Hi" for e in events)
     record = await final_record(response["x-llmrotate-request-id"])
     assert (record.outcome, record.error_type) == ("stream_error", "untranslatable_event")
+
+
+async def test_metrics_label_a_pass_through_call_by_its_pattern_and_a_refusal_by_a_dash(
+    surface: Gateway, monkeypatch: pytest.MonkeyPatch
+):
+    # Model names a client sends to a pattern route (or with a bad token) are unbounded: the
+    # series take the pattern, or "-" (usage.call_metrics reads these two fields).
+    seen: list[Any] = []
+    monkeypatch.setattr("proxy.calls.record_call", seen.append)
+    body = {"model": "ollama/anything-at-all", "messages": [{"role": "user", "content": "hi"}]}
+    assert (await post(surface, "/v1/chat/completions", body)).status_code == 200
+    refused = await AsyncClient().post(
+        "/v1/chat/completions",
+        data=json.dumps(body),
+        content_type="application/json",
+        headers={"Authorization": "Bearer llmr_nope_0000000000000000000000000000"},
+    )
+    assert refused.status_code == 401
+    assert [(d.requested_model, d.metric_route, d.metric_model) for d in seen] == [
+        ("ollama/anything-at-all", "ollama/*", "*"),
+        ("", "-", None),  # refused before the body was read
+    ]

@@ -180,3 +180,17 @@ def test_nothing_is_counted_with_metrics_off(
     recorder.record(make_call(request_id="off-1", requested_model=route, final=True))
     assert recorder.flush()
     assert reading(metrics.REQUESTS, route, "client-a", "success", "none", "false") == 0
+
+
+def test_a_pass_through_call_is_counted_under_its_pattern_not_the_clients_names() -> None:
+    from usage.call_metrics import call_observe
+
+    labels = ("ollama/*", "openai-main", "*", "openai-1", "success", "2xx", "false")
+    before = reading(metrics.ATTEMPTS, *labels)
+    call_observe(
+        make_call(requested_model="ollama/x-1", upstream_model="x-1", metric_route="ollama/*",
+                  metric_model="*")
+    )  # fmt: skip
+    assert reading(metrics.ATTEMPTS, *labels) == before + 1
+    unbounded = ("ollama/x-1", "openai-main", "x-1", "openai-1", "success", "2xx", "false")
+    assert reading(metrics.ATTEMPTS, *unbounded) == 0
