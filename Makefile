@@ -11,7 +11,7 @@ TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/llmrotate
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 PYTEST_ARGS ?=
 
-.PHONY: run test test-embedded test-scaled lint demo fake-upstream bench bench-limits bench-translation clean browser promtool
+.PHONY: run test test-embedded test-scaled lint demo fake-upstream bench bench-limits bench-translation bench-capture clean browser promtool
 
 $(VENV)/.base-$(HASH):
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -93,6 +93,11 @@ bench-limits: $(VENV)/.dev-$(HASH)
 # the native path (issue #13). No Redis.
 bench-translation: $(VENV)/.dev-$(HASH)
 	$(BIN)/python bench/translation_overhead.py
+
+# What wire capture of all of a client's traffic adds to a call, and takes from one worker's
+# throughput (issue #11). No Redis.
+bench-capture: $(VENV)/.dev-$(HASH)
+	$(BIN)/python bench/capture_overhead.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .tools

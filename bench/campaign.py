@@ -68,11 +68,14 @@ def campaign_write(name: str, report: dict[str, Any], args: argparse.Namespace, 
     print(f"\nresults: {path}")
 
 
-def verdict(what: str, figures: list[float], target: float) -> str:
-    """One line: the spread of a figure over the runs, and whether its target holds in all."""
+def verdict(
+    what: str, figures: list[float], target: float, *, unit: str = "ms", at: str = " at p50"
+) -> str:
+    """One line: the spread of a figure over the runs, and whether its target holds in all.
+    `unit` and `at` say what the figure is (a throughput loss is "%", not "ms at p50")."""
     worst = max(figures)
     held = "holds" if worst <= target else "MISSED"
     return (
-        f"{what} {min(figures):+.3f} … {worst:+.3f} ms at p50 over {len(figures)} run(s);"
-        f" target ≤ {target} ms: {held}"
+        f"{what} {min(figures):+.3f} … {worst:+.3f} {unit}{at} over {len(figures)} run(s);"
+        f" target ≤ {target} {unit}: {held}"
     )

@@ -33,7 +33,6 @@ import argparse
 import asyncio
 import datetime as dt
 import os
-import re
 import sys
 import time
 import uuid
@@ -54,7 +53,6 @@ from campaign import (
 from loadgen import Pool, Target, run_count
 from report import machine_info
 from servers import (
-    CONFIG_TEMPLATE,
     ROUTE_MODEL,
     UPSTREAM_KEYS,
     ServerError,
@@ -84,30 +82,10 @@ BUSY_MACHINE_PERCENT = 10.0
 
 
 def configure(stack: Stack, upstream_url: str) -> dict[str, str]:
-    """Migrate and import the bench config plus the limited client and its limits, in one
-    Django start (as servers.Stack.configure_gateway does). Returns each client's token."""
-    config = stack.data_dir / "bench-config.yaml"
-    config.write_text(
-        CONFIG_TEMPLATE.format(
-            upstream=upstream_url, key1=UPSTREAM_KEYS[0], key2=UPSTREAM_KEYS[1], model=ROUTE_MODEL
-        )
-        + LIMITS_CONFIG
+    """The bench config plus the limited client and its limits; each client's token."""
+    return stack.configure_gateway(
+        upstream_url, extra=LIMITS_CONFIG, clients=("bench", LIMITED_CLIENT)
     )
-    out = stack._manage(
-        "shell",
-        "-c",
-        "from django.core.management import call_command; "
-        "call_command('migrate', interactive=False, verbosity=0); "
-        f"call_command('import_config', {str(config)!r})",
-    )
-    tokens = {}
-    for client in ("bench", LIMITED_CLIENT):
-        match = re.search(rf"^\s*{re.escape(client)}: (\S+)$", out, re.MULTILINE)
-        if not match:
-            raise ServerError(f"no token for client {client} in import_config output:\n{out}")
-        tokens[client] = match.group(1)
-    stack.token = tokens["bench"]
-    return tokens
 
 
 async def check_limits_apply(targets: dict[str, Target]) -> None:

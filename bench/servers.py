@@ -193,12 +193,22 @@ class Stack:
             raise ServerError(f"manage.py {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
         return done.stdout
 
-    def configure_gateway(self, upstream_url: str, *, template: str = CONFIG_TEMPLATE) -> None:
-        """Migrate, then import providers/keys/route/client before serve starts.
+    def configure_gateway(
+        self,
+        upstream_url: str,
+        *,
+        template: str = CONFIG_TEMPLATE,
+        extra: str = "",
+        clients: tuple[str, ...] = ("bench",),
+    ) -> dict[str, str]:
+        """Migrate, then import providers/keys/route/client before serve starts; each client's
+        token (the `bench` one is also `self.token`).
 
         Importing first means the gateway's 5 s config cache starts out right; importing into
         a running gateway would need a wait for the cache to expire. ``template`` is formatted
-        with upstream, key1, key2 and model, and must define the client `bench`.
+        with upstream, key1, key2 and model, and must define the client `bench`; ``extra`` is
+        appended as it is (more clients, limits, capture rules), and ``clients`` names every
+        client whose token is wanted.
         """
         config = self.data_dir / "bench-config.yaml"
         config.write_text(
@@ -208,6 +218,7 @@ class Stack:
                 key2=UPSTREAM_KEYS[1],
                 model=ROUTE_MODEL,
             )
+            + extra
         )
         # One interpreter for both steps: each Django start costs a second or more, and the
         # smoke run (--quick) has a time budget. `serve` later creates the admin user itself.
@@ -218,10 +229,14 @@ class Stack:
             "call_command('migrate', interactive=False, verbosity=0); "
             f"call_command('import_config', {str(config)!r})",
         )
-        match = re.search(r"^\s*bench: (\S+)$", out, re.MULTILINE)
-        if not match:
-            raise ServerError(f"no client token in import_config output:\n{out}")
-        self.token = match.group(1)
+        tokens = {}
+        for client in clients:
+            match = re.search(rf"^\s*{re.escape(client)}: (\S+)$", out, re.MULTILINE)
+            if not match:
+                raise ServerError(f"no token for client {client} in import_config output:\n{out}")
+            tokens[client] = match.group(1)
+        self.token = tokens["bench"]
+        return tokens
 
     def start_gateway(self, *, cpu: int | None, extra_args: list[str]) -> None:
         """`manage.py serve` as a user runs it: a supervisor with web, Celery worker and beat.

@@ -264,6 +264,16 @@ RECORDER_SPOOLED = Counter(
 RECORDER_REPLAYED = Counter(
     "llmrotate_recorder_records_replayed", "Spooled call records written back to the database."
 )
+CAPTURE_WRITTEN = Counter(
+    "llmrotate_capture_exchanges_written",
+    "Wire-captured exchanges (one leg of one request) appended to capture files.",
+)
+CAPTURE_DROPPED = Counter(
+    "llmrotate_capture_exchanges_dropped",
+    "Wire-captured exchanges not written, by reason: queue_full, paused (after a failed "
+    "write), write_failed, encode_failed.",
+    ["reason"],
+)
 RECORDER_DROPPED = Counter(
     "llmrotate_recorder_records_dropped",
     "Call records lost: neither written nor spooled (a spool write that failed). Must stay 0.",

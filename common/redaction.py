@@ -109,6 +109,7 @@ def register_secret(secret: str) -> None:
         _known.add(secret)
         longest_first = sorted(_known, key=len, reverse=True)
         _known_re = re.compile("|".join(re.escape(s) for s in longest_first))
+        _masked_headers.clear()
 
 
 def redact(text: str) -> str:
@@ -123,3 +124,94 @@ def redact(text: str) -> str:
         return mask_secret(m.group(0))
 
     return _PATTERNS.sub(_mask, text)
+
+
+# Headers whose value is a credential whatever it looks like, and names that say a header
+# carries one (`x-goog-api-key`, `x-auth-token`, `x-session-id`, a cookie).
+CREDENTIAL_HEADERS = frozenset(
+    {"authorization", "proxy-authorization", "x-api-key", "api-key", "cookie", "set-cookie"}
+)
+# Named like credentials but counters and ids, kept (through `redact`): rate-limit headers
+# (`x-ratelimit-remaining-tokens`, `anthropic-ratelimit-tokens-limit`) and the session header
+# of usage tracking.
+_PLAIN_HEADER_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-", "ratelimit-", "x-session-id")
+_CREDENTIAL_NAME = re.compile(
+    r"key|token|secret|auth|passw|signature|credential|cookie|session", re.IGNORECASE
+)
+
+
+# header_pair_masked's answers, by the pair as given. Most headers repeat from call to call
+# (content types, user agents, SDK headers): a dictionary lookup instead of decoding and three
+# regular expressions made masking a capture several times cheaper. Emptied when full, and
+# when a new secret is registered (an answer given before may hold it unmasked).
+_masked_headers: dict[tuple[bytes | str, bytes | str], tuple[str, str]] = {}
+_MASKED_HEADERS_MAX = 8192
+
+
+def header_pair_masked(name: bytes | str, value: bytes | str) -> tuple[str, str]:
+    """A header (as text, or as the bytes a server or httpx holds) fit to keep: (name, value)
+    with the value masked as `header_masked` does."""
+    key = (name, value)
+    masked = _masked_headers.get(key)
+    if masked is None:
+        text_name = name.decode("latin-1") if isinstance(name, bytes) else name
+        text_value = value.decode("latin-1") if isinstance(value, bytes) else value
+        masked = (text_name, _header_masked(text_name, text_value))
+        if len(_masked_headers) >= _MASKED_HEADERS_MAX:
+            _masked_headers.clear()
+        _masked_headers[key] = masked
+    return masked
+
+
+def header_masked(name: str, value: str) -> str:
+    """A header's value fit to keep: a credential header's value masked (`Bearer sk-…abcd`),
+    any other value with whatever in it looks like a credential masked (`redact`)."""
+    return header_pair_masked(name, value)[1]
+
+
+def _header_masked(name: str, value: str) -> str:
+    lower = name.lower()
+    if lower in CREDENTIAL_HEADERS or (
+        _CREDENTIAL_NAME.search(lower) and not lower.startswith(_PLAIN_HEADER_PREFIXES)
+    ):
+        scheme, space, rest = value.partition(" ")
+        if space and rest.strip() and scheme.isalpha():
+            return f"{scheme} {mask_short(rest.strip())}"
+        return mask_short(value.strip()) if value.strip() else ""
+    return redact(value)
+
+
+_SHORT_PREFIX = re.compile(r"[A-Za-z]{1,4}[-_]")
+
+
+def mask_short(secret: str) -> str:
+    """`sk-…abcd`, `llmr_…abcd`: as mask_secret, but with at most a 5-character prefix, so that
+    no 8 characters of the secret stand together (capture files are read byte by byte)."""
+    match = _SHORT_PREFIX.match(secret)
+    prefix = match.group() if match and len(secret) >= 16 else ""
+    tail = secret[-_TAIL:] if len(secret) >= _MIN_FOR_TAIL else ""
+    return prefix + ELLIPSIS + tail
+
+
+def known_secrets() -> frozenset[str]:
+    """Every upstream secret this process has decrypted (register_secret)."""
+    with _known_lock:
+        return frozenset(_known)
+
+
+# What a provider key or a client token looks like (as _PATTERNS), in bytes: also a part of one,
+# such as a model echoing the first 30 characters of a token pasted into a prompt.
+_SHAPED = re.compile(rb"llmr_[a-z0-9]{8}_[A-Za-z0-9_-]{4,}|\b(?:sk|pk|rk)-[A-Za-z0-9_-]{12,}")
+
+
+def scrub_secrets(data: bytes, secrets: frozenset[str] | set[str] | tuple[str, ...]) -> bytes:
+    """`data` with each occurrence of each secret, and anything shaped like a key or a token,
+    replaced by as many `*`: the length is kept, so that pieces of one stream, cut at the same
+    offsets, still add up."""
+    for secret in secrets:
+        raw = secret.encode("utf-8", "replace")
+        if len(raw) >= 8 and raw in data:
+            data = data.replace(raw, b"*" * len(raw))
+    if b"llmr_" in data or b"k-" in data:
+        data = _SHAPED.sub(lambda m: b"*" * len(m.group()), data)
+    return data

@@ -34,10 +34,16 @@ DEFAULT_BEHAVIOUR: dict[str, Any] = {
     "reply": None,
     "tool_calls": None,
     "usage": True,
+    "usage_completion_tokens": None,
 }
 FAULTS = frozenset(
     {"none", "429", "401", "403", "402", "quota", "500", "503", "529"}
     | {"drop", "cut", "garbage", "tool_call"}
+    | {"no_done", "no_usage", "error_200", "bad_tool_args", "bad_sse"}
+)
+# Faults that answer 200 with a (flawed) answer: the inspection detectors' test material.
+ANSWER_FAULTS = frozenset(
+    {"none", "cut", "tool_call", "no_done", "no_usage", "error_200", "bad_tool_args", "bad_sse"}
 )
 GARBAGE = b"<html>oops</html>"
 ROUTES = {
@@ -131,7 +137,10 @@ def answer_words(
     else:
         want = int(behaviour["completion_tokens"])
         words, truncated = wire.reply_words(last_user, want, cap, reply)
-    return words, truncated, tools, len(words) + sum(tool.tokens() for tool in tools)
+    completion_tokens = len(words) + sum(tool.tokens() for tool in tools)
+    if behaviour["usage_completion_tokens"] is not None:  # a usage that disagrees, on purpose
+        completion_tokens = int(behaviour["usage_completion_tokens"])
+    return words, truncated, tools, completion_tokens
 
 
 def normalize_behaviour(spec: Any) -> dict[str, Any]:
@@ -158,14 +167,29 @@ def normalize_behaviour(spec: Any) -> dict[str, Any]:
             raise ValueError(f"{name} must be a non-negative number, got {value!r}")
     if not isinstance(behaviour["usage"], bool):
         raise ValueError(f"usage must be true or false, got {behaviour['usage']!r}")
+    if fault == "no_usage":
+        behaviour["usage"] = False
+    reported = behaviour["usage_completion_tokens"]
+    if reported is not None and (
+        isinstance(reported, bool) or not isinstance(reported, int) or reported < 0
+    ):
+        raise ValueError(
+            f"usage_completion_tokens must be a non-negative integer, got {reported!r}"
+        )
     if behaviour["reply"] is not None and not isinstance(behaviour["reply"], str):
         raise ValueError(f"reply must be a string, got {behaviour['reply']!r}")
     calls = behaviour["tool_calls"]
     if calls is None:
-        calls = [wire.DEFAULT_TOOL_CALL] if fault == "tool_call" else []
+        calls = [wire.DEFAULT_TOOL_CALL] if fault in ("tool_call", "bad_tool_args") else []
     if not isinstance(calls, list | tuple):
         raise ValueError(f"tool_calls must be a list, got {calls!r}")
     behaviour["tool_calls"] = tuple(_tool_call(call) for call in calls)
+    if fault == "bad_tool_args":
+        # Checked as JSON objects above; broken only now, on purpose: the last character
+        # (the closing brace) never goes out, so the deltas do not assemble into JSON.
+        behaviour["tool_calls"] = tuple(
+            wire.ToolCall(t.name, t.arguments[:-1], t.id) for t in behaviour["tool_calls"]
+        )
     return behaviour
 
 
@@ -553,7 +577,15 @@ class FakeUpstream:
         if fault == "garbage":
             writer.write(response_head(200, "application/json", len(GARBAGE), keep) + GARBAGE)
             return keep
-        if fault not in ("none", "cut", "tool_call"):
+        if fault == "error_200" and (body or {}).get("stream") is not True:
+            payload = (
+                wire.anthropic_error("api_error", "Internal server error")
+                if anthropic
+                else wire.openai_error(wire.ERROR_200_MESSAGE, "server_error")
+            )
+            writer.write(json_response(200, payload, keep))
+            return keep
+        if fault not in ANSWER_FAULTS:
             model = str((body or {}).get("model", ""))
             retry_after = behaviour["retry_after"]
             status, payload, extra = wire.fault_error(fault, anthropic, retry_after, masked, model)
@@ -613,7 +645,7 @@ class FakeUpstream:
             args = (model, words, tools, stop, prompt_tokens, completion_tokens)
             if stream:
                 events = wire.anthropic_events(*args, usage=report)
-                return await self._stream(writer, events, behaviour, keep, extra)
+                return await self._stream(writer, events, behaviour, keep, extra, "anthropic")
             message = wire.anthropic_message(*args, usage=report)
             return await self._send(writer, message, behaviour, keep, extra)
         finish = "tool_calls" if tools else ("length" if truncated else "stop")
@@ -664,6 +696,8 @@ class FakeUpstream:
             answers.append((words, "length" if truncated else "stop"))
         prompt_tokens = sum(n for _, n in prompts)
         completion_tokens = sum(len(words) for words, _ in answers)
+        if behaviour["usage_completion_tokens"] is not None:
+            completion_tokens = int(behaviour["usage_completion_tokens"])
         extra = wire.ratelimit_headers(False, nth, prompt_tokens + completion_tokens)
         report = bool(behaviour["usage"])
         usage = wire.completion_usage(prompt_tokens, completion_tokens) if report else None
@@ -699,7 +733,7 @@ class FakeUpstream:
         extra = wire.ratelimit_headers(False, nth, input_tokens + output_tokens)
         if body.get("stream") is True:
             events = wire.response_events(response, words, tools)
-            return await self._stream(writer, events, behaviour, keep, extra)
+            return await self._stream(writer, events, behaviour, keep, extra, "responses")
         return await self._send(writer, response, behaviour, keep, extra)
 
     async def _send(
@@ -727,11 +761,16 @@ class FakeUpstream:
         behaviour: dict[str, Any],
         keep: bool,
         extra: Headers,
+        flavour: str = "openai",
     ) -> bool:
+        """Send ``events`` as SSE, one HTTP chunk each; ``flavour`` (openai, anthropic,
+        responses) shapes the faults that rewrite the stream (wire.faulty_events)."""
         extra = [("cache-control", "no-cache"), *extra]
         writer.write(response_head(200, "text/event-stream; charset=utf-8", None, keep, extra))
-        cut_after = int(behaviour["cut_after"]) if behaviour["fault"] == "cut" else -1
+        fault = behaviour["fault"]
+        cut_after = int(behaviour["cut_after"]) if fault == "cut" else -1
         delay = behaviour["token_delay_ms"] / 1000
+        events = wire.faulty_events(events, fault, flavour, int(behaviour["cut_after"]))
         for i, event in enumerate(events):
             if i == cut_after:
                 # Returning False closes the socket without the zero-length last chunk, so

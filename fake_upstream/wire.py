@@ -45,8 +45,12 @@ class ToolCall:
 
     @property
     def input(self) -> dict[str, Any]:
-        """The arguments as Anthropic's `tool_use.input` (checked to be an object up front)."""
-        value: dict[str, Any] = json.loads(self.arguments)
+        """The arguments as Anthropic's `tool_use.input` (checked to be an object up front,
+        except for the `bad_tool_args` fault's, which an object cannot carry: then {})."""
+        try:
+            value: dict[str, Any] = json.loads(self.arguments)
+        except ValueError:
+            return {}
         return value
 
     def pieces(self) -> list[str]:
@@ -769,3 +773,56 @@ def response_events(
         yield event("response.output_item.done", output_index=index, item=item)
     final = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
     yield event(final, response=response)
+
+
+# ---- stream faults (the material `capture_inspect --detect-issues` is tested on) -----------
+
+ERROR_200_MESSAGE = "The server had an error while processing your request. Sorry about that!"
+# Not SSE (no field name a parser knows), then a data line whose JSON is cut short.
+BAD_SSE = b'this line is not SSE\ndata: {"choices": [{"delta": \n\n'
+
+
+def stream_error_event(flavour: str, sequence: int) -> bytes:
+    """The error event each API sends inside a 200 stream: OpenAI chat and completions a
+    `data: {"error": ...}` line, Anthropic and the Responses API an `event: error`."""
+    if flavour == "anthropic":
+        data: dict[str, Any] = {
+            "type": "error",
+            "error": {"type": "api_error", "message": "Internal server error"},
+        }
+    elif flavour == "responses":
+        data = {
+            "type": "error",
+            "sequence_number": sequence,
+            "code": "server_error",
+            "message": ERROR_200_MESSAGE,
+            "param": None,
+        }
+    else:
+        return f"data: {encode_json(openai_error(ERROR_200_MESSAGE, 'server_error'))}\n\n".encode()
+    return f"event: error\ndata: {encode_json(data)}\n\n".encode()
+
+
+def faulty_events(events: Iterator[bytes], fault: str, flavour: str, after: int) -> Iterator[bytes]:
+    """``events`` as the stream faults rewrite them; unchanged for every other fault.
+
+    no_done: without the stream's last event (OpenAI's `[DONE]`, Anthropic's message_stop,
+    the Responses API's response.completed). error_200: ``after`` events, then the API's error
+    event, and the stream ends there. bad_sse: a malformed event (BAD_SSE) after ``after``."""
+    if fault == "no_done":
+        previous: bytes | None = None
+        for event in events:
+            if previous is not None:
+                yield previous
+            previous = event
+        return
+    if fault not in ("error_200", "bad_sse"):
+        yield from events
+        return
+    for i, event in enumerate(events):
+        if i == after:
+            if fault == "error_200":
+                yield stream_error_event(flavour, i)
+                return
+            yield BAD_SSE
+        yield event

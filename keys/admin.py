@@ -1,4 +1,4 @@
-"""Admin for providers, keys, routes, client tokens and limits.
+"""Admin for providers, keys, routes, client tokens, limits and capture rules.
 
 Thin: every write goes through keys.services (which also drops the proxy's routing cache).
 Secrets are write-only here: no form, list or change page ever renders a plaintext secret or
@@ -26,7 +26,16 @@ from django.utils.timesince import timesince, timeuntil
 
 from common.timestamps import datetime_from_epoch
 from keys.health import KeyState, KeyStatus, ManualAction
-from keys.models import LIMIT_FIELDS, ApiKey, ClientToken, Deployment, Limit, Provider, Route
+from keys.models import (
+    LIMIT_FIELDS,
+    ApiKey,
+    CaptureRule,
+    ClientToken,
+    Deployment,
+    Limit,
+    Provider,
+    Route,
+)
 from keys.services import (
     api_key_health_action,
     api_key_parse_secret,
@@ -580,3 +589,93 @@ class LimitAdmin(InvalidatesRoutingMixin):
     @admin.display(description="limits")
     def summary(self, obj: Limit) -> str:
         return limit_summary(obj)
+
+
+# ---------------------------------------------------------------------------------------------
+# Capture rules
+
+# "Capture this client for 15 minutes": a rule's end, picked relative to when it is saved.
+CAPTURE_DURATIONS = [
+    ("", "keep the end below (or none)"),
+    ("15", "for 15 minutes from now"),
+    ("60", "for 1 hour from now"),
+    ("1440", "for 24 hours from now"),
+]
+
+
+class CaptureRuleForm(forms.ModelForm):
+    capture_for = forms.ChoiceField(
+        choices=CAPTURE_DURATIONS,
+        required=False,
+        label="Capture",
+        help_text="Sets the end time from now; a capture rule is best kept short.",
+    )
+
+    class Meta:
+        model = CaptureRule
+        fields = ["client", "route", "sample_rate", "capture_for", "until", "enabled"]
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or {}
+        minutes = cleaned.get("capture_for")
+        if minutes:
+            cleaned["until"] = datetime_from_epoch(time.time() + int(minutes) * 60)
+            self.instance.until = cleaned["until"]
+        return cleaned
+
+
+@admin.register(CaptureRule)
+class CaptureRuleAdmin(InvalidatesRoutingMixin):
+    form = CaptureRuleForm
+    list_display = ["client_name", "route_name", "sample_rate", "state", "until", "enabled"]
+    list_select_related = ["client", "route"]
+    list_filter = ["enabled"]
+    actions = ["stop_now", "extend_15_minutes"]
+    fieldsets = [
+        (
+            None,
+            {
+                "fields": ("client", "route", "sample_rate", "capture_for", "until", "enabled"),
+                "description": "Wire capture records the chosen requests exactly as they "
+                "crossed the wire, prompts and completions included (credentials masked), in "
+                "files under LLMROTATE_CAPTURE_DIR that whoever can read that folder can read. "
+                "Leave client and route empty to capture all traffic. See docs/capture.md.",
+            },
+        ),
+    ]
+
+    @admin.display(description="client", ordering="client__name")
+    def client_name(self, obj: CaptureRule) -> str:
+        return obj.client.name if obj.client else "any"
+
+    @admin.display(description="route", ordering="route__name")
+    def route_name(self, obj: CaptureRule) -> str:
+        return obj.route.name if obj.route else "any"
+
+    @admin.display(description="now")
+    def state(self, obj: CaptureRule) -> str:
+        if not obj.enabled or obj.sample_rate <= 0:
+            return "off"
+        if obj.until is None:
+            return "capturing, no end"
+        if obj.until.timestamp() <= time.time():
+            return "ended"
+        return f"capturing, ends in {timeuntil(obj.until)}"
+
+    @admin.action(description="Stop capturing now")
+    def stop_now(self, request: HttpRequest, queryset: QuerySet[CaptureRule]) -> None:
+        count = queryset.update(enabled=False)
+        invalidate_routing_on_commit()
+        self.message_user(request, f"{count} capture rule(s) stopped.", messages.SUCCESS)
+
+    @admin.action(description="Capture for 15 more minutes")
+    def extend_15_minutes(self, request: HttpRequest, queryset: QuerySet[CaptureRule]) -> None:
+        count = 0
+        for rule in queryset:
+            start = max(time.time(), rule.until.timestamp() if rule.until else 0.0)
+            rule.until = datetime_from_epoch(start + 15 * 60)
+            rule.enabled = True
+            rule.save(update_fields=["until", "enabled", "updated_at"])
+            count += 1
+        invalidate_routing_on_commit()
+        self.message_user(request, f"{count} capture rule(s) extended.", messages.SUCCESS)

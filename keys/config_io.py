@@ -1,4 +1,5 @@
-"""Import and export of providers, keys, routes, clients and limits as one YAML/JSON document.
+"""Import and export of providers, keys, routes, clients, limits and capture rules as one YAML/JSON
+document.
 
 The format is a public contract: keys.config_schema describes it (and publishes it as
 docs/config.schema.json). An example:
@@ -17,12 +18,14 @@ docs/config.schema.json). An example:
     limits:
       - {client: ci, requests_per_minute: 60, usd_per_day: "5.00"}
       - {route: gpt-4o-mini, tokens_per_minute: 200000, max_concurrent: 20}
+    capture:
+      - {client: ci, sample_rate: 0.1, until: "2026-12-07T12:00:00Z"}
 
 Rules, chosen so that the same file can be applied again and again (GitOps, container start):
 
 - Everything is matched by name (provider name, key `id`, route name, client `name`; a limit
-  by its `client` and `route`) and created or updated. Re-importing an unchanged file changes
-  nothing.
+  or a capture rule by its `client` and `route`) and created or updated. Re-importing an
+  unchanged file changes nothing.
 - Fields left out of an entry keep their current value (model defaults on create), so a
   hand-written file can be short and a change made in the admin survives. Required everywhere:
   a provider's `base_url`, a key's `provider`, a route's `deployments`. A key's `secret` is
@@ -42,7 +45,7 @@ Rules, chosen so that the same file can be applied again and again (GitOps, cont
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -55,6 +58,7 @@ from django.db.models import Q
 from keys.config_schema import (
     CONFIG_VERSION,
     SECTIONS,
+    CaptureConfig,
     ClientConfig,
     ConfigError,
     KeyConfig,
@@ -68,6 +72,7 @@ from keys.crypto import SecretDecryptionError, hash_token
 from keys.models import (
     LIMIT_FIELDS,
     ApiKey,
+    CaptureRule,
     ClientToken,
     Deployment,
     Limit,
@@ -197,6 +202,7 @@ def config_import(*, data: Any, dry_run: bool = False) -> ImportReport:
             _apply_routes(doc.routes or {}, providers, report, errors)
             _apply_clients(doc.clients or [], report, errors)
             _apply_limits(doc.limits or [], report, errors)
+            _apply_capture(doc.capture or [], report, errors)
             if errors:
                 raise ConfigError(errors)
             if dry_run:
@@ -355,9 +361,24 @@ def _apply_clients(entries: list[ClientConfig], report: ImportReport, errors: li
 
 
 def _apply_limits(entries: list[LimitConfig], report: ImportReport, errors: list[str]) -> None:
-    counts = report.counts["limits"]
+    _apply_scoped(entries, Limit, "limits", report, errors)
+
+
+def _apply_capture(entries: list[CaptureConfig], report: ImportReport, errors: list[str]) -> None:
+    _apply_scoped(entries, CaptureRule, "capture", report, errors)
+
+
+def _apply_scoped(
+    entries: Sequence[LimitConfig | CaptureConfig],
+    model: type[Limit] | type[CaptureRule],
+    section: str,
+    report: ImportReport,
+    errors: list[str],
+) -> None:
+    """Rows matched by their (client, route) scope: limits and capture rules."""
+    counts = report.counts[section]
     for i, entry in enumerate(entries):
-        path = f"limits[{i}]"
+        path = f"{section}[{i}]"
         client = route = None
         if entry.client is not None:
             client = ClientToken.objects.filter(name=entry.client).first()
@@ -369,8 +390,8 @@ def _apply_limits(entries: list[LimitConfig], report: ImportReport, errors: list
             continue  # its entry in `clients` or `routes` failed: reported there
         values = entry.values()
         with _collect(errors, path, {}):
-            limit = Limit.objects.filter(client=client, route=route).first()
-            _upsert(limit, Limit, {"client": client, "route": route}, values, counts)
+            row = model.objects.filter(client=client, route=route).first()
+            _upsert(row, model, {"client": client, "route": route}, values, counts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,6 +451,7 @@ def config_export() -> dict[str, Any]:
             for c in ClientToken.objects.filter(revoked_at__isnull=True).order_by("name")
         ],
         "limits": _export_limits(),
+        "capture": _export_capture(),
     }
 
 
@@ -453,6 +475,21 @@ def _export_limits() -> list[dict[str, Any]]:
                 entry[name] = value
         entries.append(entry)
     # In Python: the databases disagree on where a null sorts.
+    return sorted(entries, key=lambda e: (e.get("client", ""), e.get("route", "")))
+
+
+def _export_capture() -> list[dict[str, Any]]:
+    entries = []
+    for rule in CaptureRule.objects.select_related("client", "route"):
+        entry: dict[str, Any] = {}
+        if rule.client is not None:
+            entry["client"] = rule.client.name
+        if rule.route is not None:
+            entry["route"] = rule.route.name
+        entry["sample_rate"] = rule.sample_rate
+        entry["until"] = rule.until.isoformat().replace("+00:00", "Z") if rule.until else None
+        entry["enabled"] = rule.enabled
+        entries.append(entry)
     return sorted(entries, key=lambda e: (e.get("client", ""), e.get("route", "")))
 
 

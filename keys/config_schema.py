@@ -18,6 +18,7 @@ from django.core.exceptions import ValidationError
 from django.db.models import Model
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -46,7 +47,7 @@ from keys.services import CLIENT_TOKEN_MIN_LENGTH, SecretSpec, api_key_parse_sec
 from keys.strategies import DEFAULT_STRATEGY, STRATEGIES
 
 CONFIG_VERSION: Literal[1] = 1
-SECTIONS = ("providers", "keys", "routes", "clients", "limits")
+SECTIONS = ("providers", "keys", "routes", "clients", "limits", "capture")
 # Postgres' `integer`, the narrowest column these numbers land in; SQLite would take more, and a
 # file that imports in one mode should import in the other.
 INT_MAX = 2**31 - 1
@@ -423,6 +424,31 @@ class LimitConfig(_Entry):
         return self.model_dump(exclude_unset=True, exclude={"client", "route"})
 
 
+class CaptureConfig(_Entry):
+    """A wire-capture rule (docs/capture.md), matched by its scope: all traffic (neither client
+    nor route), one client, one route, or one client on one route. Capture files hold prompts
+    and completions: keep rules narrow and give them an end."""
+
+    client: _ClientRef | None = Field(
+        default=None, description="A client (by name). Left out: any client."
+    )
+    route: _RouteRef | None = Field(default=None, description="A route (by name). Left out: any.")
+    sample_rate: float = Field(
+        default=1.0, ge=0.0, le=1.0, description="The share of matching requests captured, 0-1."
+    )
+    # Not strict: a file gives a string, YAML may already have made it a datetime.
+    until: Annotated[AwareDatetime, Field(strict=False)] | None = Field(
+        default=None,
+        description="When capturing stops (ISO 8601 with a time zone, '2026-12-07T12:00:00Z'). "
+        "null: no end.",
+    )
+    enabled: bool = Field(default=True)
+
+    def values(self) -> dict[str, Any]:
+        """The CaptureRule fields the file sets."""
+        return self.model_dump(exclude_unset=True, exclude={"client", "route"})
+
+
 class ConfigFile(_Entry):
     """Providers, upstream keys, routes, clients and limits for llmrotate's `import_config`,
     which creates or updates them by name and keeps what the file leaves out."""
@@ -451,6 +477,11 @@ class ConfigFile(_Entry):
         default=None,
         description="Requests, tokens, concurrency and spend allowed per client, per route, or "
         "per client on a route.",
+    )
+    capture: list[CaptureConfig] | None = Field(
+        default=None,
+        description="Wire-capture rules: which requests are recorded exactly as they crossed "
+        "the wire (off unless a rule says so).",
     )
 
 
@@ -584,11 +615,18 @@ def _duplicates(data: dict[Any, Any]) -> list[tuple[Loc, str]]:
                 first = f"{section}[{seen[same]}]"
                 errors.append(((section, i, field), message.format(value=value, first=first)))
             seen.setdefault(same, i)
-    return errors + _duplicate_limits(data.get("limits"))
+    return (
+        errors
+        + _duplicate_scopes(data.get("limits"), "limits", "limit", unscoped=False)
+        + _duplicate_scopes(data.get("capture"), "capture", "capture rule", unscoped=True)
+    )
 
 
-def _duplicate_limits(entries: Any) -> list[tuple[Loc, str]]:
-    """Limits are matched by their scope, so two entries of one scope would fight."""
+def _duplicate_scopes(
+    entries: Any, section: str, noun: str, *, unscoped: bool
+) -> list[tuple[Loc, str]]:
+    """Limits and capture rules are matched by their scope (client, route), so two entries of
+    one scope would fight. A capture rule may have neither (all traffic); a limit may not."""
     errors: list[tuple[Loc, str]] = []
     seen: dict[tuple[str | None, str | None], int] = {}
     for i, entry in enumerate(entries if isinstance(entries, list) else []):
@@ -597,14 +635,14 @@ def _duplicate_limits(entries: Any) -> list[tuple[Loc, str]]:
         client, route = entry.get("client"), entry.get("route")
         if not all(name is None or isinstance(name, str) for name in (client, route)):
             continue  # reported by the field's own check
-        if client is None and route is None:
+        if client is None and route is None and not unscoped:
             continue  # likewise
         scope = (client, route)
         if scope in seen:
             who = "any client" if client is None else f"client '{client}'"
             where = "any route" if route is None else f"route '{route}'"
-            message = f"duplicate limit for {who} on {where} (also limits[{seen[scope]}])"
-            errors.append((("limits", i), message))
+            message = f"duplicate {noun} for {who} on {where} (also {section}[{seen[scope]}])"
+            errors.append(((section, i), message))
         seen.setdefault(scope, i)
     return errors
 

@@ -13,7 +13,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from django.core.exceptions import ValidationError
-from django.core.validators import MinValueValidator, RegexValidator, URLValidator
+from django.core.validators import (
+    MaxValueValidator,
+    MinValueValidator,
+    RegexValidator,
+    URLValidator,
+)
 from django.db import models
 from django.utils.regex_helper import _lazy_re_compile
 
@@ -281,6 +286,32 @@ LIMIT_FIELDS = (
 )
 
 
+def scope_constraints(prefix: str, noun: str) -> list[models.UniqueConstraint]:
+    """One row per scope of a (client, route) pair where either may be empty: limits and
+    capture rules are found by their scope (keys.config_io matches them so)."""
+    return [
+        models.UniqueConstraint(
+            fields=["client", "route"],
+            name=f"{prefix}_client_route",
+            condition=models.Q(client__isnull=False, route__isnull=False),
+            violation_error_message=f"This client already has {noun} on this route.",
+        ),
+        models.UniqueConstraint(
+            fields=["client"],
+            name=f"{prefix}_client",
+            # A NULL client never collides in a unique index: no need to say client is set.
+            condition=models.Q(route__isnull=True),
+            violation_error_message=f"This client already has {noun} on any route.",
+        ),
+        models.UniqueConstraint(
+            fields=["route"],
+            name=f"{prefix}_route",
+            condition=models.Q(client__isnull=True),
+            violation_error_message=f"This route already has {noun} for any client.",
+        ),
+    ]
+
+
 class Limit(models.Model):
     """Limits on what clients may use: for one client token (any route), one route (any
     client), or one client on one route. Every limit that applies to a request must have room
@@ -328,25 +359,55 @@ class Limit(models.Model):
                 name="limit_has_scope",
                 violation_error_message="A limit applies to a client token, a route, or both.",
             ),
-            models.UniqueConstraint(
-                fields=["client", "route"],
-                name="limit_client_route",
-                condition=models.Q(client__isnull=False, route__isnull=False),
-                violation_error_message="This client already has a limit on this route.",
-            ),
-            models.UniqueConstraint(
-                fields=["client"],
-                name="limit_client",
-                condition=models.Q(route__isnull=True),
-                violation_error_message="This client already has a limit on any route.",
-            ),
-            models.UniqueConstraint(
-                fields=["route"],
-                name="limit_route",
-                condition=models.Q(client__isnull=True),
-                violation_error_message="This route already has a limit for any client.",
-            ),
+            *scope_constraints("limit", "a limit"),
         ]
 
     def __str__(self) -> str:
         return f"{self.client or 'any client'} on {self.route or 'any route'}"
+
+
+class CaptureRule(models.Model):
+    """What the gateway wire-captures (usage/capture, docs/capture.md): every route and client
+    (a rule with neither), one route, one client token, or one client on one route; a share of
+    the matching requests (`sample_rate`), until a time or for good. Capture files hold prompts
+    and completions: a rule is meant to be narrow and short."""
+
+    client = models.ForeignKey(
+        ClientToken, null=True, blank=True, on_delete=models.CASCADE, related_name="capture_rules"
+    )
+    route = models.ForeignKey(
+        Route, null=True, blank=True, on_delete=models.CASCADE, related_name="capture_rules"
+    )
+    sample_rate = models.FloatField(
+        default=1.0,
+        validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
+        help_text="The share of matching requests captured, from 0 to 1 (1: every one).",
+    )
+    until = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="Capturing stops at this time; empty: until the rule is disabled or deleted.",
+    )
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["client__name", "route__name", "id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(sample_rate__gte=0.0) & models.Q(sample_rate__lte=1.0),
+                name="capture_rate_0_1",
+                violation_error_message="The sample rate is a share from 0 to 1.",
+            ),
+            *scope_constraints("capture", "a capture rule"),
+            models.UniqueConstraint(
+                models.Value(1),
+                name="capture_global",
+                condition=models.Q(client__isnull=True, route__isnull=True),
+                violation_error_message="There already is a capture rule for all traffic.",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"capture {self.client or 'any client'} on {self.route or 'any route'}"

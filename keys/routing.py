@@ -23,7 +23,7 @@ from common.redaction import mask_secret
 from keys.crypto import SecretError
 from keys.health import KeyPolicy
 from keys.limits import LimitSpec
-from keys.models import LIMIT_FIELDS, ApiKey, ClientToken, Limit, Provider, Route
+from keys.models import LIMIT_FIELDS, ApiKey, CaptureRule, ClientToken, Limit, Provider, Route
 from keys.secrets import api_key_resolve_secret
 
 logger = logging.getLogger("llmrotate.keys")
@@ -149,6 +149,14 @@ class TokenInfo:
         return "*" in self.routes or route in self.routes
 
 
+@dataclass(frozen=True, slots=True)
+class CaptureSpec:
+    client: str  # a client token's name, "" for any
+    route: str  # a route's configured name, "" for any
+    rate: float
+    until: float | None  # Unix time; None: no end
+
+
 @dataclass(slots=True)
 class RoutingSnapshot:
     routes: dict[str, RouteInfo] = field(default_factory=dict)
@@ -159,7 +167,22 @@ class RoutingSnapshot:
     unusable_keys: dict[str, str] = field(default_factory=dict)
     # Client limits by (client name, route name), "" for any (keys.limits).
     limits: dict[tuple[str, str], LimitSpec] = field(default_factory=dict)
+    # Enabled wire-capture rules (keys.models.CaptureRule); usually none.
+    capture: tuple[CaptureSpec, ...] = ()
     loaded_at: float = 0.0
+
+    def capture_rate(self, client: str, route: str, *, now: float) -> float:
+        """The share of this client's requests on this route to capture: the highest of the
+        rules that match and have not expired (0 without any)."""
+        rate = 0.0
+        for spec in self.capture:
+            if (
+                spec.client in ("", client)
+                and spec.route in ("", route)
+                and (spec.until is None or now < spec.until)
+            ):
+                rate = max(rate, spec.rate)
+        return rate
 
     def configured_routes(self) -> list[RouteInfo]:
         """Every route as configured: the exact ones, then the patterns (unresolved)."""
@@ -254,6 +277,17 @@ def routing_load() -> RoutingSnapshot:
             **{name: getattr(limit, name) for name in LIMIT_FIELDS},
         )
         snapshot.limits[(spec.client, spec.route)] = spec
+    snapshot.capture = tuple(
+        CaptureSpec(
+            client=rule.client.name if rule.client else "",
+            route=rule.route.name if rule.route else "",
+            rate=rule.sample_rate,
+            until=rule.until.timestamp() if rule.until else None,
+        )
+        for rule in CaptureRule.objects.filter(enabled=True, sample_rate__gt=0).select_related(
+            "client", "route"
+        )
+    )
     return snapshot
 
 

@@ -48,6 +48,7 @@ from llmrotate_site.beat import keys_revalidation_schedule  # noqa: E402
 from llmrotate_site.metrics import otel_gauges_register  # noqa: E402
 from proxy.calls import refusal_record  # noqa: E402
 from proxy.validation import body_too_large  # noqa: E402
+from usage.capture.writer import capture_writer_stop  # noqa: E402
 from usage.recorder import get_recorder  # noqa: E402
 
 logger = logging.getLogger("llmrotate")
@@ -113,10 +114,13 @@ class ProxyHandler(ASGIHandler):
     async def _serve(self, request: HttpRequest, receive: Any, send: Any) -> None:
         async def respond() -> HttpResponseBase:
             response = await self.run_get_response(request)
+            capture = getattr(request, "llmrotate_capture", None)
             # The client may go away while the body is being sent; the response is still
             # closed below.
             with contextlib.suppress(asyncio.CancelledError):
-                await self.send_response(response, send)
+                await self.send_response(
+                    response, send if capture is None else capture.sender(send)
+                )
             return response
 
         # As in ASGIHandler.handle: whichever ends first, the response or the client's
@@ -131,6 +135,10 @@ class ProxyHandler(ASGIHandler):
                 await task
         if not responder.cancelled() and responder.exception() is None:
             await _close(responder.result())
+        capture = getattr(request, "llmrotate_capture", None)
+        if capture is not None:
+            # Unless its last byte went out (the leg ended then), the client left first.
+            capture.client.end("client_disconnected")
 
 
 async def _without_valid_token(scope: Scope) -> ApiError | None:
@@ -204,6 +212,7 @@ async def _lifespan(receive: Any, send: Any) -> None:
             await upstream_clients_close()
             # Graceful stop: nothing recorded in memory may be lost.
             await sync_to_async(get_recorder().stop, thread_sensitive=False)()
+            await sync_to_async(capture_writer_stop, thread_sensitive=False)()
             # After the recorder: its last records update the metrics exported here.
             await sync_to_async(telemetry.shutdown, thread_sensitive=False)()
             await db_thread_close()

@@ -65,7 +65,8 @@ def beat_schedule() -> list[BeatEntry]:
             "usage.usage_prune",
             3600,
             "Deletes call records and minute rollups older than LLMROTATE_USAGE_RETENTION_DAYS "
-            "(0: keep forever); hourly and daily rollups stay.",
+            "(0: keep forever); hourly and daily rollups stay. Also deletes wire-capture files "
+            "past LLMROTATE_CAPTURE_RETENTION_HOURS or LLMROTATE_CAPTURE_MAX_TOTAL_BYTES.",
         ),
     ]
 

@@ -275,6 +275,30 @@ LLMROTATE_ESTIMATE_MAX_CHARS = env.int("LLMROTATE_ESTIMATE_MAX_CHARS", default=6
 # until accepted), for models whose context window is unknown.
 LLMROTATE_MAX_PLAUSIBLE_TOKENS = env.int("LLMROTATE_MAX_PLAUSIBLE_TOKENS", default=20_000_000)
 
+# --- Wire capture (docs/capture.md) ------------------------------------------------------
+# Capture rules (admin, config file) choose what is captured; with this off, none applies.
+LLMROTATE_CAPTURE_ALLOWED = env.bool("LLMROTATE_CAPTURE_ALLOWED", default=True)
+LLMROTATE_CAPTURE_DIR = Path(env("LLMROTATE_CAPTURE_DIR", default=str(DATA_DIR / "captures")))
+# A new file each hour, or sooner when one reaches this size.
+LLMROTATE_CAPTURE_FILE_MAX_BYTES = env.int(
+    "LLMROTATE_CAPTURE_FILE_MAX_BYTES", default=64 * 1024 * 1024
+)
+# The oldest files are deleted while the folder holds more than this, or once they are older
+# than the retention age.
+LLMROTATE_CAPTURE_MAX_TOTAL_BYTES = env.int(
+    "LLMROTATE_CAPTURE_MAX_TOTAL_BYTES", default=1024 * 1024 * 1024
+)
+LLMROTATE_CAPTURE_RETENTION_HOURS = env.float("LLMROTATE_CAPTURE_RETENTION_HOURS", default=72)
+# Of each response (and request body), the first this many bytes are kept; the rest is counted.
+LLMROTATE_CAPTURE_MAX_BODY_BYTES = env.int(
+    "LLMROTATE_CAPTURE_MAX_BODY_BYTES", default=8 * 1024 * 1024
+)
+# Exchanges waiting for the writer thread; past this they are dropped (and counted), never
+# waited for.
+LLMROTATE_CAPTURE_QUEUE_MAX = env.int("LLMROTATE_CAPTURE_QUEUE_MAX", default=2000)
+# After a failed write (a full disk, a read-only folder), capturing pauses this long.
+LLMROTATE_CAPTURE_RETRY_SECONDS = env.float("LLMROTATE_CAPTURE_RETRY_SECONDS", default=60)
+
 # Also masks secrets in the lines of uvicorn's own loggers (its access log).
 LOGGING_CONFIG = "llmrotate_site.logging.configure_logging"
 # text: readable lines for a terminal. json: one object per line for log shippers, from every

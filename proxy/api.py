@@ -20,8 +20,7 @@ from ninja import Router
 from common.errors import ApiError, anthropic_caller, forbidden
 from common.logcontext import request_id_bind
 from keys.auth import proxy_any_auth, proxy_auth
-from keys.limits import LimitSpec
-from keys.routing import RouteInfo, TokenInfo, route_lookup, routing_snapshot
+from keys.routing import RouteInfo, RoutingSnapshot, TokenInfo, route_lookup, routing_snapshot
 from proxy.anthropic import (
     ANTHROPIC_COUNT_TOKENS,
     COUNT_TOKENS_BODY_DOC,
@@ -34,6 +33,7 @@ from proxy.anthropic import (
 from proxy.bridges import CHAT, MESSAGES
 from proxy.callers import caller_from
 from proxy.calls import CallContext, now_wall
+from proxy.capture import RequestCapture, capture_wanted
 from proxy.dialects import Dialect
 from proxy.engine import Failover
 from proxy.limits import applicable
@@ -182,7 +182,7 @@ async def _openai_call(
     client: TokenInfo = request.auth  # type: ignore[attr-defined]
     body = parse(request)
     request.llmrotate_model = body["model"]  # type: ignore[attr-defined]
-    route, specs = await _route(body["model"], client, dialect)
+    route, snapshot = await _route(body["model"], client, dialect)
     stream = bool(body.get("stream", False))
     options = body.get("stream_options") or {}
     ctx = CallContext(
@@ -197,21 +197,45 @@ async def _openai_call(
         dialect=dialect,
         caller=caller_from(request.headers, body),
         body_bytes=len(request.body),
-        limit_specs=specs,
+        limit_specs=applicable(snapshot, client.name, route.config_name),
     )
+    return await _run(
+        request, ctx, snapshot, operation=_TRACED_OPERATIONS.get(dialect.operation, "chat")
+    )
+
+
+async def _run(
+    request: HttpRequest, ctx: CallContext, snapshot: RoutingSnapshot, *, operation: str
+) -> HttpResponse | StreamingHttpResponse:
+    """The engine's answer for a request whose route is found and whose context is built."""
     request.llmrotate_recorded = True  # type: ignore[attr-defined]  # the engine records it
     # Not reset: a stream is relayed after the view returns, in this request's own task
     # (whose context ends with it), and its log lines carry the id too.
     request_id_bind(ctx.request_id)
-    ctx.trace(request.headers, operation=_TRACED_OPERATIONS.get(dialect.operation, "chat"))
+    ctx.trace(request.headers, operation=operation)
+    if capture_wanted(snapshot, ctx.client, ctx.route.config_name):
+        ctx.capture = RequestCapture(
+            request,
+            request_id=ctx.request_id,
+            t0=ctx.t0,
+            started=ctx.started_wall.timestamp(),
+            route=ctx.route.config_name,
+            model=ctx.route.name,
+            client=ctx.client.name,
+            operation=ctx.dialect.operation,
+            api=ctx.client_dialect,
+            stream=ctx.stream,
+        )
+        # The site's handler records the client leg's answer as it is sent.
+        request.llmrotate_capture = ctx.capture  # type: ignore[attr-defined]
     return await Failover(ctx).run()
 
 
 async def _route(
     model: str, client: TokenInfo, dialect: Dialect
-) -> tuple[RouteInfo, list[LimitSpec]]:
+) -> tuple[RouteInfo, RoutingSnapshot]:
     """The route for `model`, if the client may use it and it can serve this endpoint, and the
-    limits that apply."""
+    snapshot it was found in (limits and capture rules)."""
     snapshot = await routing_snapshot()
     route = route_lookup(snapshot, model)
     if route is None:
@@ -229,7 +253,7 @@ async def _route(
             code="dialect_not_supported",
             param="model",
         )
-    return route, applicable(snapshot, client.name, route.config_name)
+    return route, snapshot
 
 
 def model_not_found(model: str) -> ApiError:
@@ -271,7 +295,7 @@ async def _anthropic_call(
     counting = dialect is ANTHROPIC_COUNT_TOKENS
     body = messages_validate(body_load(request, invalid=anthropic_invalid), count_tokens=counting)
     request.llmrotate_model = body["model"]  # type: ignore[attr-defined]
-    route, specs = await _route(body["model"], client, dialect)
+    route, snapshot = await _route(body["model"], client, dialect)
     stream = not counting and bool(body.get("stream", False))
     ctx = CallContext(
         request_id=uuid.uuid4().hex,
@@ -286,12 +310,9 @@ async def _anthropic_call(
         forward_headers=forward_headers(request.headers),
         caller=caller_from(request.headers, body),
         body_bytes=len(request.body),
-        limit_specs=specs,
+        limit_specs=applicable(snapshot, client.name, route.config_name),
     )
-    request.llmrotate_recorded = True  # type: ignore[attr-defined]  # the engine records it
-    request_id_bind(ctx.request_id)  # not reset, as in chat_completions
-    ctx.trace(request.headers, operation="count_tokens" if counting else "chat")
-    return await Failover(ctx).run()
+    return await _run(request, ctx, snapshot, operation="count_tokens" if counting else "chat")
 
 
 @router.get(

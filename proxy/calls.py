@@ -78,6 +78,8 @@ class CallContext:
     last_attempt: dict[str, Any] | None = None
     attempt_span: Any = None
     _span_final: tuple[dict[str, Any], str | None] | None = field(default=None)
+    # The request's wire capture (proxy.capture.RequestCapture), when a capture rule chose it.
+    capture: Any = None
 
     def trace(self, headers: Any, *, operation: str = "chat") -> None:
         """Start the request's span, continuing the client's `traceparent` (in `headers`)."""
@@ -192,6 +194,7 @@ class CallContext:
             overhead_ms=self.ms_since_start(now),
             limits=self.limits,
             metric_route=self.route.pattern or None,
+            captured=self.capture is not None,
             **self.caller.record_fields(),
         )
 
@@ -424,6 +427,7 @@ def attempt_record(
         key_limits=key_limits,
         metric_route=ctx.route.pattern or None,
         metric_model=(deployment.pattern_model or None) if deployment else None,
+        captured=ctx.capture is not None,
     )
     if span is not None:
         # The usage log line names the attempt's span, so a log line leads to its trace.

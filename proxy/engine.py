@@ -49,6 +49,7 @@ from keys.state_store import get_key_state_store
 from keys.strategies import Candidate, order_candidates
 from proxy import limits
 from proxy.calls import CallContext, attempt_record, key_settle, max_output_tokens
+from proxy.capture import Leg, upstream_end
 from proxy.classify import (
     BAD_RESPONSE,
     CLIENT_GONE,
@@ -386,6 +387,7 @@ class Attempt:
         self.verdict: Verdict = GATEWAY_FAILED
         self._owned = True  # until settled here, or handed to a stream relay
         self.span: Any = None
+        self.capture: Leg | None = None  # this attempt's upstream leg, when the request is captured
         if ctx.span is not None:
             host, port = telemetry.server_address(deployment.provider.base_url)
             self.span = telemetry.attempt_start(
@@ -441,6 +443,16 @@ class Attempt:
             headers=headers,
             timeout=httpx.Timeout(connect=connect, read=read, write=read, pool=connect),
         )
+        if ctx.capture is not None:
+            self.capture = ctx.capture.attempt(
+                self.number,
+                provider=provider.name,
+                key_id=self.key.key_id,
+                secret=self.key.secret,
+                url=call.url,
+                headers=request.headers.raw,
+                payload=call.payload,
+            )
         self.overhead_ms += (time.perf_counter() - self.t_start) * 1000
         try:
             # Always streamed, so that the body is read under our size limit, not httpx's none.
@@ -448,6 +460,8 @@ class Attempt:
         except (httpx.HTTPError, OSError) as exc:
             await self.finish(classify_exception(exc))
             return None
+        if self.capture is not None:
+            self.capture.started(self.response.status_code, self.response.headers.raw)
         if ctx.stream and self.response.status_code == 200:
             return await self._relay()
         try:
@@ -458,6 +472,8 @@ class Attempt:
         except (httpx.HTTPError, OSError) as exc:
             await self.finish(classify_exception(exc))
             return None
+        if self.capture is not None:
+            self.capture.chunk(content)
         return await self._answer(content)
 
     async def _relay(self) -> Answer | None:
@@ -573,6 +589,13 @@ class Attempt:
             key_limits=self.key_limits,
             upstream_dialect=self.call.dialect.wire_name,
         )
+        if self.capture is not None:
+            self.capture.end(
+                upstream_end(
+                    verdict.outcome, verdict.error_type, answered=self.response is not None
+                ),
+                verdict.error_type,
+            )
         attributes: dict[str, Any] = {}
         if span is not None:
             # Before `answered`, which ends the request's span with what this attempt says.

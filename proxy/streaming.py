@@ -132,6 +132,7 @@ class StreamRelay:
         self._closed = False
         self._loop = asyncio.get_running_loop()
         self.model: str | None = None  # as the upstream named it (tracing only)
+        self.capture = attempt.capture
 
     async def start(self) -> Verdict | None:
         """Wait for the upstream's first chunk; a verdict if the stream failed before it.
@@ -176,6 +177,8 @@ class StreamRelay:
     def _feed(self, chunk: bytes) -> bytes:
         """What to forward of the events completed by this chunk (b"" if none yet)."""
         t = time.perf_counter()
+        if self.capture is not None:
+            self.capture.chunk(chunk)
         out = []
         for event in self._events.feed(chunk):
             forwarded = self.dialect.event(self.state, event)
@@ -185,6 +188,7 @@ class StreamRelay:
         return b"".join(out)
 
     async def _relay(self) -> AsyncIterator[bytes]:
+        left = False  # the client hung up before the relay ended
         try:
             if self._pending:
                 pending, self._pending = self._pending, b""
@@ -223,9 +227,14 @@ class StreamRelay:
                 "The upstream connection failed mid-stream.", code="stream_interrupted"
             )
         except (asyncio.CancelledError, GeneratorExit):
+            left = True
             self._hung_up()
             raise
         finally:
+            if not left and self.ctx.capture is not None:
+                # Every event was sent (each yield returns once Django sent it): a hang-up
+                # from here on, while the key is settled, came after the whole answer.
+                self.ctx.capture.client.whole = True
             await self._close()
 
     def close(self) -> None:

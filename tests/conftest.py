@@ -59,7 +59,11 @@ def _isolated_gateway_state() -> Iterator[None]:
     from keys.limits import get_limiter, reset_limiter
     from keys.routing import invalidate_routing_cache
     from keys.state_store import get_key_state_store, reset_key_state_store
+    from usage.capture.selectors import capture_status_forget
+    from usage.capture.writer import capture_writer_reset
 
+    capture_writer_reset()  # a test's capture folder (settings) is read again
+    capture_status_forget()  # and the dashboard's banner looks at it again
     reset_limiter()
     get_limiter().clear()  # the limits' counters too (in Redis: only under the test prefix)
     reset_key_state_store()
@@ -75,6 +79,8 @@ def _isolated_gateway_state() -> Iterator[None]:
     reset_key_state_store()
     reset_breaker_gate()
     invalidate_routing_cache()
+    capture_writer_reset()
+    capture_status_forget()
 
 
 @pytest.fixture

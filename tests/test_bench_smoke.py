@@ -97,3 +97,22 @@ def test_translation_overhead_benchmark_runs(tmp_path: Path) -> None:
         assert level[kind]["translated"]["n"] > 0
     assert "| 1 | stream | 1 |" in result.stdout
     assert "translation adds" in result.stdout
+
+
+def test_capture_overhead_benchmark_runs(tmp_path: Path) -> None:
+    out = tmp_path / "capture.json"
+    result = run(
+        "bench/capture_overhead.py", "--quick", "--concurrency", "1", "--output", str(out),
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_,) = json.loads(out.read_text())["runs"]
+    (level,) = run_["levels"]
+    for kind in ("json", "stream"):
+        assert {"direct", "capture_off", "capture_on"} <= set(level[kind])
+    # Only the captured client's calls are in the files (the run checks it, and fails if not),
+    # and they are there.
+    assert set(run_["capture_files"]["client_legs_by_client"]) == {"bench-captured"}
+    assert run_["capture_files"]["bytes"] > 0
+    assert "| 1 | stream | 1 |" in result.stdout
+    assert "capture adds" in result.stdout

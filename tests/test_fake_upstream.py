@@ -635,6 +635,50 @@ def test_garbage_body(fake: FakeUpstream, client: httpx.Client) -> None:
         r.json()
 
 
+def test_inspection_faults_on_the_wire(fake: FakeUpstream, client: httpx.Client) -> None:
+    """The faults capture_inspect is tested on: each breaks the answer the way it says."""
+    stream = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    fake.script(
+        keys={
+            "k1": {
+                "queue": [
+                    "no_done",
+                    "no_usage",
+                    "error_200",
+                    "error_200",
+                    {"fault": "bad_tool_args"},
+                    "bad_sse",
+                    {"usage_completion_tokens": 99},
+                ]
+            }
+        }
+    )
+
+    def lines(body: dict[str, Any]) -> list[str]:
+        with client.stream("POST", "/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            return [line for line in r.iter_lines() if line]
+
+    assert lines(stream)[-1] != "data: [DONE]"  # no_done
+    assert lines(stream)[-1] == "data: [DONE]"  # no_usage: the stream still ends...
+    # ...(checked above) without a usage chunk; error_200 as JSON, then in a stream:
+    r = client.post("/chat/completions", json=CHAT)
+    assert r.status_code == 200 and r.json()["error"]["type"] == "server_error"
+    last = json.loads(lines(stream)[-1][len("data: ") :])
+    assert last["error"]["type"] == "server_error"
+    message = client.post("/chat/completions", json=CHAT).json()["choices"][0]["message"]
+    assert message["tool_calls"][0]["function"]["arguments"] == '{"location": "Paris, France"'
+    assert "this line is not SSE" in lines(stream)
+    assert client.post("/chat/completions", json=CHAT).json()["usage"]["completion_tokens"] == 99
+    with pytest.raises(ValueError, match="usage_completion_tokens"):
+        normalize_behaviour({"usage_completion_tokens": -1})
+
+
+def test_no_usage_leaves_usage_out(fake: FakeUpstream, client: httpx.Client) -> None:
+    fake.script(keys={"k1": {"queue": ["no_usage"]}})
+    assert "usage" not in client.post("/chat/completions", json=CHAT).json()
+
+
 def test_latency_and_token_delay(fake: FakeUpstream, client: httpx.Client) -> None:
     fake.script(keys={"k1": {"queue": [{"latency_ms": 80}, {"token_delay_ms": 10}]}})
     start = time.perf_counter()

@@ -138,6 +138,9 @@ class CallRecord(models.Model):
     user_agent = models.CharField(max_length=200, blank=True, default="")
     origin = models.CharField(max_length=200, blank=True, default="")
     app_title = models.CharField(max_length=100, blank=True, default="")
+    # The attempt was wire-captured (usage.capture): its exchanges are in a capture file of
+    # the hour it ended in, unless pruned since.
+    captured = models.BooleanField(default=False)
 
     class Meta:
         ordering = ["-started_at", "-id"]

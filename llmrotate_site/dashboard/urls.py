@@ -12,6 +12,7 @@ urlpatterns = [
     path("clients/", views.page, {"name": "clients"}, name="clients"),
     path("limits/", views.page, {"name": "limits"}, name="limits"),
     path("calls/<str:request_id>/", views.call_request, name="request"),
+    path("calls/<str:request_id>/capture/", views.call_capture, name="request-capture"),
     path("panels/<slug:name>/", views.panel, name="panel"),
     path("keys/<str:key_id>/admin/", views.key_admin, name="key-admin"),
     path("keys/<str:key_id>/<slug:action>/", views.key_action, name="key-action"),

@@ -1,6 +1,8 @@
 """Dashboard views: staff with the monitoring permission only, thin. A page renders its panels
 (panels.py); a panel URL renders one panel again for HTMX polling; the request view shows one
-request's failover path; the key action view runs the admin's disable / enable / reset on one
+request's failover path, and the capture view its wire capture (read from the capture files only
+when asked: the request page loads it when its "Wire capture" section is opened); the key
+action view runs the admin's disable / enable / reset on one
 key."""
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ from functools import wraps
 from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.admin.views.decorators import staff_member_required
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404, redirect, render
-from django.urls import reverse
+from django.urls import NoReverseMatch, reverse
 from django.views.decorators.http import require_GET, require_POST
 
 from keys.auth import MONITOR_PERMISSION
@@ -24,6 +27,7 @@ from keys.models import ApiKey
 from keys.services import api_key_health_action
 from llmrotate_site.dashboard.panels import PANELS
 from llmrotate_site.dashboard.query import dashboard_query
+from usage.capture.selectors import capture_status, request_capture
 from usage.models import UsageSource
 from usage.reconciliation import Reconciliation
 from usage.record_selectors import request_attempts
@@ -89,6 +93,23 @@ def _base_context(request: HttpRequest, page: str) -> dict[str, Any]:
     }
 
 
+def _capture_warning() -> dict[str, Any] | None:
+    """What every page says while capturing is on or capture files exist (see base.html)."""
+    status = capture_status()
+    if not status.shown:
+        return None
+    try:
+        rules_url = reverse("admin:keys_capturerule_changelist")
+    except NoReverseMatch:  # the admin of capture rules is not registered
+        rules_url = None
+    return {"status": status, "rules_url": rules_url}
+
+
+def _page_context(request: HttpRequest, page: str) -> dict[str, Any]:
+    """The context of a whole page (not of a poll or a drawer): with the capture warning."""
+    return {**_base_context(request, page), "capture_warning": _capture_warning()}
+
+
 def _panel_context(request: HttpRequest, name: str, context: dict[str, Any]) -> dict[str, Any]:
     # The name goes along so that the partial knows its own polling URL.
     return {"name": name, **PANELS[name](request, context["q"])}
@@ -98,7 +119,7 @@ def _panel_context(request: HttpRequest, name: str, context: dict[str, Any]) -> 
 @dashboard_view
 def page(request: HttpRequest, name: str) -> HttpResponse:
     title, panel_names = PAGES[name]
-    context = _base_context(request, name)
+    context = _page_context(request, name)
     context["title"] = title
     context["panels"] = {p: _panel_context(request, p, context) for p in panel_names}
     return render(request, f"dashboard/{name}.html", context)
@@ -132,7 +153,8 @@ def call_request(request: HttpRequest, request_id: str) -> HttpResponse:
     attempts = request_attempts(request_id=request_id)
     if not attempts:
         raise Http404
-    context = _base_context(request, "calls")
+    drawer = bool(request.headers.get("HX-Request"))
+    context = _base_context(request, "calls") if drawer else _page_context(request, "calls")
     # The row whose answer the client got; a request still being written may not have it yet.
     final = next((a for a in attempts if a["final"]), attempts[-1])
     for a in attempts:
@@ -146,9 +168,34 @@ def call_request(request: HttpRequest, request_id: str) -> HttpResponse:
         total_ms=(attempts[-1]["finished_at"] - attempts[0]["started_at"]).total_seconds() * 1000,
         total_tokens=sum(a["total_tokens"] for a in attempts),
         total_cost=sum(a["cost_usd"] or 0 for a in attempts),
+        captured=any(a["captured"] for a in attempts),
     )
     # In the calls page's side panel when opened from a row; a whole page when linked to.
-    template = "request.html" if request.headers.get("HX-Request") else "request_page.html"
+    template = "request.html" if drawer else "request_page.html"
+    return render(request, f"dashboard/partials/{template}", context)
+
+
+@require_GET
+@dashboard_view
+def call_capture(request: HttpRequest, request_id: str) -> HttpResponse:
+    """A request's wire capture: the partial the request page loads into its "Wire capture"
+    section, or a whole page when linked to (an attempt's "capture" link)."""
+    attempts = request_attempts(request_id=request_id)
+    if not attempts:
+        raise Http404
+    capture = request_capture(request_id, records=attempts)
+    if request.headers.get("HX-Request"):
+        context = _base_context(request, "calls")
+        template = "capture.html"
+    else:
+        context = _page_context(request, "calls")
+        template = "capture_page.html"
+    context.update(
+        title=f"Capture of {request_id}",
+        request_id=request_id,
+        capture=capture,
+        capture_dir=settings.LLMROTATE_CAPTURE_DIR,
+    )
     return render(request, f"dashboard/partials/{template}", context)
 
 

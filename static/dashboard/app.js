@@ -122,6 +122,24 @@
       closeDrawer();
       return;
     }
+    // An attempt's "capture" link on a page (or drawer) that has the capture section: open it
+    // there (htmx loads it on opening) and go to the attempt's leg once it is in, rather than
+    // leaving for the capture's own page.
+    const captureLink = event.target.closest("a[data-capture-link]");
+    const details = captureLink?.closest(".request")?.querySelector("details.capture");
+    if (captureLink && details && !event.ctrlKey && !event.metaKey && !event.shiftKey) {
+      event.preventDefault();
+      const anchor = captureLink.hash.slice(1);
+      const reveal = () => document.getElementById(anchor)?.scrollIntoView({ block: "start" });
+      if (details.querySelector(".capture-legs")) {
+        details.open = true;
+        reveal();
+      } else {
+        details.addEventListener("htmx:afterSettle", reveal, { once: true });
+        details.open = true;
+      }
+      return;
+    }
     // A click anywhere on a call row opens it, as its link does.
     const row = event.target.closest("tr.record");
     if (row && !event.target.closest("a, button")) row.querySelector("a.req-link")?.click();

@@ -10,6 +10,7 @@ error status.
 from __future__ import annotations
 
 import gc
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -254,3 +255,29 @@ def screenshot(page: Any, name: str, *, docs: str | None = None) -> Path:
             "`LLMROTATE_UPDATE_SCREENSHOTS=1 make test-embedded PYTEST_ARGS=tests/dashboard`"
         )
     return path
+
+
+@pytest.fixture
+def capture_dir(settings: Any, tmp_path: Path) -> Iterator[Path]:
+    """A capture folder of the test's own, and the dashboard's capture banner looking at it."""
+    from usage.capture.selectors import capture_status_forget
+
+    directory = tmp_path / "captures"
+    settings.LLMROTATE_CAPTURE_DIR = directory
+    capture_status_forget()
+    yield directory
+    capture_status_forget()
+
+
+@pytest.fixture
+def staff(client: Any) -> Any:
+    """Django's test client, logged in as a superuser."""
+    from django.contrib.auth.models import User
+
+    client.force_login(User.objects.create_superuser("ops", "ops@example.com", "pw"))
+    return client
+
+
+def text(html: str) -> str:
+    """The words a reader sees: tags out, whitespace folded."""
+    return " ".join(re.sub(r"<[^>]+>", " ", html).split())

@@ -10,24 +10,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from django.contrib.auth.models import User
 from django.test import Client
 
+from tests.dashboard.conftest import text
 from tests.factories import ApiKeyFactory
 from tests.usage.monitoring import call, write_calls
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def staff(client: Client) -> Client:
-    client.force_login(User.objects.create_superuser("ops", "ops@example.com", "pw"))
-    return client
-
-
-def text(html: str) -> str:
-    """The words a reader sees: tags out, whitespace folded."""
-    return " ".join(re.sub(r"<[^>]+>", " ", html).split())
 
 
 def row(html: str, request_id: str, attempt: int) -> str:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import httpx
@@ -34,6 +34,9 @@ import uvicorn
 
 from fake_upstream import FakeUpstream
 from tests.conftest import free_port
+
+if TYPE_CHECKING:
+    from tests.e2e.test_anthropic_sdk import Claude
 
 REPO = Path(__file__).resolve().parents[2]
 ROUTE = "gpt-4o-mini"
@@ -245,6 +248,29 @@ def live_gateway(transactional_db: None, fake_upstream: FakeUpstream) -> Iterato
         # recorded since (a test's own flush restarts it), while this test's database exists,
         # and leaves no recorder thread behind.
         assert get_recorder().stop(timeout=10), "call records were not written in time"
+
+
+@pytest.fixture
+def claude(live_gateway: LiveGateway) -> Iterator[Claude]:
+    """The live gateway with an Anthropic provider on the same fake server, next to the OpenAI
+    one (test_anthropic_sdk.py)."""
+    from keys.config_io import config_import
+    from tests.e2e.test_anthropic_sdk import Claude, anthropic_config
+
+    config_import(data=anthropic_config(live_gateway.upstream.base_url))
+    helper = Claude(live=live_gateway)
+    yield helper
+    for client in helper._clients:
+        client.close()
+
+
+@pytest.fixture
+def captures(settings: Any, tmp_path: Path) -> Path:
+    """A capture folder of the test's own (LLMROTATE_CAPTURE_DIR), empty until a capture rule
+    and a call put something there."""
+    folder = tmp_path / "captures"
+    settings.LLMROTATE_CAPTURE_DIR = folder
+    return folder
 
 
 @pytest.fixture

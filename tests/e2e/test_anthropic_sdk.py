@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,17 +82,6 @@ class Claude:
     def requests_per_key(self) -> dict[str, int]:
         counts = self.live.upstream.stats()["requests"]
         return {key_id: counts.get(secret, 0) for key_id, secret in SECRETS.items()}
-
-
-@pytest.fixture
-def claude(live_gateway: LiveGateway) -> Iterator[Claude]:
-    from keys.config_io import config_import
-
-    config_import(data=anthropic_config(live_gateway.upstream.base_url))
-    helper = Claude(live=live_gateway)
-    yield helper
-    for client in helper._clients:
-        client.close()
 
 
 def create(client: anthropic.Anthropic, model: str = CLAUDE) -> Any:

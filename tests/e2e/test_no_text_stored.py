@@ -27,7 +27,7 @@ import pytest
 
 from tests.dashboard.test_no_secrets import PAGES
 from tests.e2e.conftest import ROUTE, LiveGateway, wait_for
-from tests.e2e.test_anthropic_sdk import CLAUDE, SECRETS, Claude, anthropic_config
+from tests.e2e.test_anthropic_sdk import CLAUDE, SECRETS, Claude
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -151,17 +151,6 @@ class GatewayLog(logging.Handler):
 def gateway_log() -> Iterator[GatewayLog]:
     with GatewayLog().everywhere() as capture:
         yield capture
-
-
-@pytest.fixture
-def claude(live_gateway: LiveGateway) -> Iterator[Claude]:
-    from keys.config_io import config_import
-
-    config_import(data=anthropic_config(live_gateway.upstream.base_url))
-    helper = Claude(live=live_gateway)
-    yield helper
-    for client in helper._clients:
-        client.close()
 
 
 @pytest.fixture

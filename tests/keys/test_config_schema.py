@@ -150,7 +150,8 @@ def test_duplicates_are_reported_with_every_other_error_in_the_order_of_sections
     data["extra"] = 1
 
     assert errors_of(data) == [
-        "extra: unknown section; expected one of version, providers, keys, routes, clients, limits",
+        "extra: unknown section; expected one of version, providers, keys, routes, clients, limits,"
+        " capture",
         "keys[0].weight: must be at least 1",
         "keys[1].provider: unknown provider 'nope'",
         "keys[1].id: duplicate id 'openai-1' (also keys[0])",
