@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Callable
 from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 _PREFIX_PATTERNS = (
@@ -33,7 +34,7 @@ MASK = "***"
 _PLAIN_PARAMS = frozenset({"api-version", "api_version", "version", "region", "format"})
 
 
-def base_url_masked(url: str) -> str:
+def base_url_masked(url: str, *, mask: Callable[[str], str] | None = None) -> str:
     """A base URL fit to show: userinfo (`https://user:token@host`), every query value but the
     known-harmless ones (`?api-version=…`), any fragment, and anything in the path shaped like
     a key or equal to a decrypted secret replaced by a mask, the rest as configured.
@@ -54,12 +55,12 @@ def base_url_masked(url: str) -> str:
         if not eq:
             pairs.append(MASK)  # a bare item is a value without a name
         elif unquote_plus(name).lower() in _PLAIN_PARAMS:
-            pairs.append(pair)
+            pairs.append(redact(pair, mask=mask))  # named harmless, but checked all the same
         else:
             pairs.append(f"{name}={MASK}")
     # A base URL has no use for a fragment; whatever one holds stays out.
     fragment = MASK if parts.fragment else ""
-    path = redact(parts.path)
+    path = redact(parts.path, mask=mask)
     return urlunsplit((parts.scheme, netloc, path, "&".join(pairs), fragment))
 
 
@@ -112,16 +113,18 @@ def register_secret(secret: str) -> None:
         _masked_headers.clear()
 
 
-def redact(text: str) -> str:
+def redact(text: str, *, mask: Callable[[str], str] | None = None) -> str:
+    """`text` with every credential-shaped part masked (by `mask_secret`, or `mask`)."""
+    mask = mask or mask_secret
     if _known_re is not None:
-        text = _known_re.sub(lambda m: mask_secret(m.group(0)), text)
+        text = _known_re.sub(lambda m: mask(m.group(0)), text)
 
     def _mask(m: re.Match[str]) -> str:
         if m.group("query"):
-            return m.group("query") + mask_secret(m.group("query_value"))
+            return m.group("query") + mask(m.group("query_value"))
         if m.group("bearer"):
-            return m.group("bearer") + mask_secret(m.group("bearer_value"))
-        return mask_secret(m.group(0))
+            return m.group("bearer") + mask(m.group("bearer_value"))
+        return mask(m.group(0))
 
     return _PATTERNS.sub(_mask, text)
 
@@ -178,7 +181,7 @@ def _header_masked(name: str, value: str) -> str:
         if space and rest.strip() and scheme.isalpha():
             return f"{scheme} {mask_short(rest.strip())}"
         return mask_short(value.strip()) if value.strip() else ""
-    return redact(value)
+    return redact(value, mask=mask_short)
 
 
 _SHORT_PREFIX = re.compile(r"[A-Za-z]{1,4}[-_]")

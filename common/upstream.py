@@ -112,15 +112,20 @@ class ResponseTooLarge(Exception):
     """An upstream answer larger than the gateway will hold in memory."""
 
 
-async def read_bounded(response: httpx.Response, limit: int) -> bytes:
+async def read_bounded(
+    response: httpx.Response, limit: int, *, seen: Callable[[bytes], None] | None = None
+) -> bytes:
     """The body of a streamed response, refusing to hold more than `limit` bytes of it (after
-    decompression, so a compressed bomb is caught too)."""
+    decompression, so a compressed bomb is caught too). `seen` is shown each piece as it
+    arrives (a wire capture keeps what came before a reset)."""
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise ResponseTooLarge
     parts: list[bytes] = []
     size = 0
     async for chunk in response.aiter_bytes():
+        if seen is not None:
+            seen(chunk)
         size += len(chunk)
         if size > limit:
             raise ResponseTooLarge

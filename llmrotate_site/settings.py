@@ -293,9 +293,14 @@ LLMROTATE_CAPTURE_RETENTION_HOURS = env.float("LLMROTATE_CAPTURE_RETENTION_HOURS
 LLMROTATE_CAPTURE_MAX_BODY_BYTES = env.int(
     "LLMROTATE_CAPTURE_MAX_BODY_BYTES", default=8 * 1024 * 1024
 )
-# Exchanges waiting for the writer thread; past this they are dropped (and counted), never
-# waited for.
+# Of each response, at most this many pieces (reads) are kept, each with its time.
+LLMROTATE_CAPTURE_MAX_CHUNKS = env.int("LLMROTATE_CAPTURE_MAX_CHUNKS", default=100_000)
+# Exchanges (and their bytes) waiting for the writer thread; past either they are dropped (and
+# counted), never waited for.
 LLMROTATE_CAPTURE_QUEUE_MAX = env.int("LLMROTATE_CAPTURE_QUEUE_MAX", default=2000)
+LLMROTATE_CAPTURE_QUEUE_MAX_BYTES = env.int(
+    "LLMROTATE_CAPTURE_QUEUE_MAX_BYTES", default=256 * 1024 * 1024
+)
 # After a failed write (a full disk, a read-only folder), capturing pauses this long.
 LLMROTATE_CAPTURE_RETRY_SECONDS = env.float("LLMROTATE_CAPTURE_RETRY_SECONDS", default=60)
 

@@ -82,7 +82,9 @@ class Leg:
         response = self.response
         response["size"] += len(data)
         room = settings.LLMROTATE_CAPTURE_MAX_BODY_BYTES - self._kept
-        if room <= 0:
+        # Bounded in pieces too: an upstream sending a byte at a time would otherwise cost an
+        # entry per byte.
+        if room <= 0 or len(self._datas) >= settings.LLMROTATE_CAPTURE_MAX_CHUNKS:
             response["truncated"] = True
             return
         if len(data) > room:
@@ -101,7 +103,8 @@ class Leg:
         response["end"] = "complete" if end == "client_disconnected" and self.whole else end
         response["error"] = error or None
         response["t_end"] = self.ms()
-        get_capture_writer().submit(self.item)
+        request_body = self.item.get("request", {}).get("body") or b""
+        get_capture_writer().submit(self.item, self._kept + len(request_body))
 
 
 class RequestCapture:
@@ -220,6 +223,8 @@ def upstream_end(outcome: str, error_type: str, *, answered: bool) -> str:
     answer read (a 429, a 500) is a complete exchange; the outcome says the rest."""
     if error_type in ("response_too_large", "event_too_large"):
         return "too_large"
+    if outcome == "gateway_error":  # a bug of ours ended it (the API answered 500)
+        return "error"
     if outcome == "client_disconnected":
         return "client_disconnected"
     if not answered:

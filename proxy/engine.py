@@ -465,15 +465,17 @@ class Attempt:
         if ctx.stream and self.response.status_code == 200:
             return await self._relay()
         try:
-            content = await read_bounded(self.response, settings.LLMROTATE_MAX_RESPONSE_BYTES)
+            content = await read_bounded(
+                self.response,
+                settings.LLMROTATE_MAX_RESPONSE_BYTES,
+                seen=self.capture.chunk if self.capture is not None else None,
+            )
         except ResponseTooLarge:
             await self.finish(RESPONSE_TOO_LARGE)
             return None
         except (httpx.HTTPError, OSError) as exc:
             await self.finish(classify_exception(exc))
             return None
-        if self.capture is not None:
-            self.capture.chunk(content)
         return await self._answer(content)
 
     async def _relay(self) -> Answer | None:

@@ -231,9 +231,10 @@ class StreamRelay:
             self._hung_up()
             raise
         finally:
-            if not left and self.ctx.capture is not None:
-                # Every event was sent (each yield returns once Django sent it): a hang-up
-                # from here on, while the key is settled, came after the whole answer.
+            if self.ctx.capture is not None and (not left or self.state.complete):
+                # Every event was sent (each yield returns once Django sent it), or the end
+                # event was: a hang-up from here on (SDKs close at `[DONE]`, or while the key
+                # is settled) came after the whole answer.
                 self.ctx.capture.client.whole = True
             await self._close()
 

@@ -74,10 +74,9 @@ def test_a_replay_through_the_gateway_shows_the_same_usage(
     live_gateway.openai().chat.completions.create(model=ROUTE, messages=MESSAGES)
     [record] = call_records(1)
     legs(captures, record.request_id, 2)
-    files = [str(p) for p in sorted(captures.iterdir())]
     out = command(
         "capture_replay",
-        *files,
+        str(captures),  # a folder: every capture file in it, as the README shows
         "--request-id",
         record.request_id,
         "--target",
@@ -105,7 +104,7 @@ def test_a_failover_exports_to_har_with_every_leg(
     target = tmp_path / "out.har"
     command(
         "capture_export",
-        *[str(p) for p in sorted(captures.iterdir())],
+        str(captures),
         "--request-id",
         request_id,
         "--format",

@@ -299,3 +299,18 @@ def test_target_and_token_come_from_the_environment(
     out, _ = _replay(str(capture), request_id="req-env", json=True)
     assert json.loads(out)["replay"]["status"] == 200
     assert fake.requests()[-1].key == REPLAY_TOKEN
+
+
+def test_a_pool_key_is_not_sent_to_a_url_outside_its_provider(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    # The capture file names the fake's URL; the key belongs to another provider. A file can
+    # be edited, so the key only goes where the operator says (--target).
+    other = ProviderFactory(name="elsewhere", base_url="http://127.0.0.1:9/v1")
+    key = ApiKeyFactory(key_id="other-1", provider=other)
+    capture = _capture(fake, tmp_path, "chat-json", "req-foreign")
+    before = fake.stats()["total"]
+    with pytest.raises(CommandError, match="not under the base URL of other-1's provider"):
+        _replay(str(capture), request_id="req-foreign", to_provider=True, key="other-1")
+    assert fake.stats()["total"] == before
+    assert all(r.key != key.raw_secret for r in fake.requests())

@@ -40,6 +40,8 @@ def writer(folder: Path, **options: Any) -> CaptureWriter:
 
 
 def exchange(request_id: str = "r1", *, body: bytes = b"{}", **extra: Any) -> dict[str, Any]:
+    """An upstream leg (`leg=`, `attempt=` change that), carrying a key and a token in its
+    headers, URL and body."""
     return {
         "type": "exchange",
         "request_id": request_id,
@@ -95,9 +97,30 @@ def test_credentials_are_masked_in_headers_urls_and_bodies_even_across_chunks(tm
     assert [len(c) for _, c in item.response.chunks] == [23, len(SECRET) - 10 + 4]
 
 
-def test_header_masking_rules():
-    masked = header_masked("Authorization", "Bearer " + SECRET)
-    assert masked.startswith("Bearer sk-") and SECRET not in masked
+def eight_character_runs(secret: str) -> set[str]:
+    return {secret[i : i + 8] for i in range(len(secret) - 7)}
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("Authorization", "Bearer " + SECRET),
+        ("x-api-key", SECRET),
+        ("X-Custom-Token", SECRET),
+        ("x-forwarded-note", f"see {SECRET}"),  # not named a credential: masked by its shape
+        ("x-forwarded-note", f"token={TOKEN}&x=1"),
+    ],
+)
+def test_no_eight_characters_of_a_secret_survive_header_masking(name: str, value: str):
+    masked = header_masked(name, value)
+    assert not any(
+        run in masked for run in eight_character_runs(SECRET) | eight_character_runs(TOKEN)
+    )
+
+
+def test_harmless_headers_are_kept_as_they_are():
+    assert header_masked("x-request-id", "abc") == "abc"
+    assert header_masked("x-ratelimit-remaining-tokens", "999") == "999"
     assert SECRET not in header_masked("X-Custom-Token", SECRET)
     assert header_masked("x-request-id", "abc") == "abc"
     assert SECRET not in header_masked("x-forwarded-note", f"see {SECRET}")
@@ -253,3 +276,84 @@ def test_written_and_dropped_exchanges_are_counted_for_prometheus(
     w.submit(exchange("d"))
     assert value(metrics.CAPTURE_DROPPED, reason="write_failed") - failed0 == 1
     assert value(metrics.CAPTURE_DROPPED, reason="paused") - paused0 == 1
+
+
+def test_a_prune_never_deletes_a_file_a_live_process_is_writing(tmp_path: Path):
+    # Another live process of this host (ours, by pid) has an old, big file open: over the
+    # cap and past the retention age, it still stays; its older file goes.
+    import socket
+
+    host = socket.gethostname().split(".")[0][:32] or "host"
+    older = tmp_path / f"capture-20200101T00-{host}-{os.getpid()}-0.cbor"
+    open_now = tmp_path / f"capture-20200101T00-{host}-{os.getpid()}-1.cbor"
+    dead = tmp_path / f"capture-20200101T00-{host}-999999999-0.cbor"
+    for path in (older, open_now, dead):
+        path.write_bytes(b"x" * 5000)
+        os.utime(path, (time.time() - 7200, time.time() - 7200))
+    writer(tmp_path, total_max_bytes=1000, retention_seconds=3600).prune()
+    assert capture_files(tmp_path) == [open_now]
+
+
+def test_a_file_deleted_under_the_writer_is_replaced_by_a_new_one(tmp_path: Path):
+    w = writer(tmp_path)
+    w._thread = object()  # type: ignore[assignment]  # no thread: this test drains
+    w.submit(exchange("first"))
+    w.drain()
+    [path] = capture_files(tmp_path)
+    path.unlink()
+    w.submit(exchange("second"))
+    w.drain()
+    w._thread = None
+    w.stop()
+    assert [e.request_id for p in capture_files(tmp_path) for e in read_file(p).exchanges] == [
+        "second"
+    ]
+
+
+def test_one_request_is_found_through_the_index_without_reading_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from usage.capture import format as capture_format
+
+    w = writer(tmp_path)
+    for i in range(50):
+        w.submit(exchange(f"r{i}"))
+    w.submit(exchange("r7", leg="client", attempt=0))
+    w.stop()
+    [path] = capture_files(tmp_path)
+    assert capture_format.index_path(path).exists()
+
+    def no_scan(capture: Any) -> Any:
+        raise AssertionError("the whole file was read")
+
+    monkeypatch.setattr(capture_format, "iter_file", no_scan)
+    found = find_request("r7", directory=tmp_path, when=None)
+    assert [(e.leg, e.attempt) for e in found] == [("client", 0), ("upstream", 1)]
+
+
+def test_a_reader_skips_items_not_shaped_as_exchanges(tmp_path: Path):
+    w = writer(tmp_path)
+    w.submit(exchange("good"))
+    w.stop()
+    [path] = capture_files(tmp_path)
+    hostile = [
+        {"type": "exchange", "request_id": "huge", "request": {"body": 10**12}},
+        {"type": "exchange", "request_id": "chunks", "response": {"chunks": [[0, 5]]}},
+        {"type": "exchange", "request_id": "headers", "request": {"headers": [[1, 2, 3]]}},
+        {"type": "exchange", "request_id": "message", "response": "nope"},
+    ]
+    with path.open("ab") as fp:
+        for item in hostile:
+            fp.write(cbor2.dumps(item))
+    capture = read_file(path)
+    assert [e.request_id for e in capture.exchanges] == ["good"]
+    assert capture.problem and "4 item(s)" in capture.problem
+    assert find_request("huge", directory=tmp_path, when=None) == []
+
+
+def test_the_queue_is_bounded_in_bytes_too(tmp_path: Path):
+    w = writer(tmp_path, queue_max_bytes=10_000)
+    w._thread = object()  # type: ignore[assignment]
+    w.submit(exchange("a"), 6_000)
+    w.submit(exchange("b"), 6_000)
+    assert (len(w._queue), w.dropped) == (1, 1)

@@ -31,12 +31,13 @@ Every further item is one exchange: one leg of one request.
                   "size": 5120, "truncated": false,
                   "end": "complete" | "client_disconnected" | "upstream_reset" | "cut" |
                          "timeout" | "too_large" | "error" | "no_response",
-                  "error": "ReadTimeout" | None, "t_end": 400.2},
-     "outcome": "success"}
+                  "error": "ReadTimeout" | None, "t_end": 400.2}}
 
-Times (`t`, chunk times, `t_end`) are milliseconds since the request reached the gateway. A
-JSON answer is one chunk; a stream has one chunk per read, as it arrived. `size` counts every
-byte of the response, also those past the capture's per-leg cap (`truncated`).
+Times (`t`, chunk times, `t_end`) are milliseconds since the request reached the gateway.
+Chunks are the reads as they arrived (a JSON answer's too), bodies as they were after
+transfer decoding: an upstream's gzip is undone (its headers still say `content-encoding`).
+`size` counts every byte of the response, also those past the capture's per-leg cap
+(`truncated`).
 
 Secrets never reach a file (usage.capture.writer masks before writing): credential headers and
 query values are masked, and the key's secret or the client's token inside a body is replaced
@@ -106,6 +107,31 @@ def file_hour(path: Path) -> datetime | None:
         )
     except ValueError:
         return None
+
+
+def _name_parts(path: Path) -> tuple[str, str, int, int] | None:
+    """(hour, host, pid, number) of a capture file's name; the host may hold dashes."""
+    if file_hour(path) is None:
+        return None
+    middle = path.name[len(PREFIX) + 12 : -len(SUFFIX)]
+    host, _, rest = middle.rpartition("-")
+    host, _, pid = host.rpartition("-")
+    if not (host and pid.isdigit() and rest.isdigit()):
+        return None
+    return path.name[len(PREFIX) : len(PREFIX) + 11], host, int(pid), int(rest)
+
+
+def file_owner(path: Path) -> tuple[str, int] | None:
+    """(host, pid) of the process that wrote a capture file."""
+    parts = _name_parts(path)
+    return (parts[1], parts[2]) if parts else None
+
+
+def index_path(path: Path) -> Path:
+    """The file's index: a line per exchange, `request_id<TAB>offset<TAB>length`, so that one
+    request is found without decoding the whole file. A convenience: the capture file alone
+    is complete, and a reader without the index scans it."""
+    return path.with_name(path.name + ".idx")
 
 
 class NotACapture(Exception):
@@ -213,6 +239,8 @@ class CaptureFile:
     path: Path
     header: dict[str, Any]
     exchanges: list[Exchange] = field(default_factory=list)
+    # How many exchanges `iter_file` has read so far (they are not kept there).
+    exchanges_read: int = 0
     # Why reading stopped before the end: a torn last item (a crash while writing), or bytes
     # that are not CBOR. Everything before it was read.
     problem: str | None = None
@@ -220,11 +248,20 @@ class CaptureFile:
 
 def read_file(path: Path | str) -> CaptureFile:
     """Every exchange of a capture file. Raises NotACapture for another kind of file."""
-    path = Path(path)
+    capture = CaptureFile(path=Path(path), header={})
+    for exchange in iter_file(capture):
+        capture.exchanges.append(exchange)
+    return capture
+
+
+def iter_file(capture: CaptureFile) -> Iterator[Exchange]:
+    """The exchanges of `capture.path` one at a time (its header and problem are set on
+    `capture` as they are read), so that a reader looking for a few keeps only those."""
+    path = capture.path
     with path.open("rb") as fp:
         try:
             first = cbor2.load(fp)
-        except cbor2.CBORError as exc:
+        except (cbor2.CBORError, RecursionError) as exc:
             raise NotACapture(f"{path}: not a capture file ({exc})") from None
         header = first.value if isinstance(first, cbor2.CBORTag) else first
         if not isinstance(header, Mapping) or header.get("format") != FORMAT:
@@ -234,32 +271,68 @@ def read_file(path: Path | str) -> CaptureFile:
                 f"{path}: capture format version {header.get('version')!r}; this gateway reads"
                 f" version {VERSION}"
             )
-        capture = CaptureFile(path=path, header=dict(header))
+        capture.header = dict(header)
         size = os.fstat(fp.fileno()).st_size
+        skipped = 0
         while (offset := fp.tell()) < size:
             try:
                 item = cbor2.load(fp)
             except cbor2.CBORDecodeEOF:
                 capture.problem = f"the last {size - offset} bytes are a torn item (cut off)"
                 break
-            except cbor2.CBORError as exc:
+            except (cbor2.CBORError, RecursionError) as exc:
                 capture.problem = f"unreadable from byte {offset}: {exc}"
                 break
-            if isinstance(item, Mapping) and item.get("type") == "exchange":
-                capture.exchanges.append(Exchange(dict(item), path=path, offset=offset))
-        return capture
+            exchange = _exchange(item, path, offset)
+            if exchange is None:
+                skipped += 1
+                capture.problem = f"{skipped} item(s) not shaped as exchanges were skipped"
+                continue
+            yield exchange
+
+
+def _exchange(item: Any, path: Path, offset: int) -> Exchange | None:
+    """The item as an exchange, if it is shaped as one (a file is input like any other: a
+    wrong type must not crash a reader, nor a number stand for a body's length)."""
+    if not isinstance(item, Mapping) or item.get("type") != "exchange":
+        return None
+    for side in ("request", "response"):
+        message = item.get(side)
+        if message is None:
+            continue
+        if not isinstance(message, Mapping):
+            return None
+        if not isinstance(message.get("body", b""), bytes):
+            return None
+        headers = message.get("headers") or []
+        if not isinstance(headers, list | tuple) or not all(
+            isinstance(h, list | tuple) and len(h) == 2 and all(isinstance(x, str) for x in h)
+            for h in headers
+        ):
+            return None
+        chunks = message.get("chunks") or []
+        if not isinstance(chunks, list | tuple) or not all(
+            isinstance(c, list | tuple)
+            and len(c) == 2
+            and isinstance(c[0], int | float)
+            and isinstance(c[1], bytes)
+            for c in chunks
+        ):
+            return None
+    return Exchange(dict(item), path=path, offset=offset)
 
 
 def read_exchanges(paths: Iterable[Path | str]) -> Iterator[Exchange]:
     for path in paths:
-        yield from read_file(path).exchanges
+        yield from iter_file(CaptureFile(path=Path(path), header={}))
 
 
 def capture_files(directory: Path) -> list[Path]:
-    """The capture files in `directory`, oldest first (by name: hour, then host, pid, number)."""
+    """The capture files in `directory`, oldest first (hour, then host, pid and number)."""
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.iterdir() if file_hour(p) is not None)
+    named = [(parts, p) for p in directory.iterdir() if (parts := _name_parts(p)) is not None]
+    return [p for _, p in sorted(named)]
 
 
 def find_request(request_id: str, *, directory: Path, when: datetime | None) -> list[Exchange]:
@@ -277,8 +350,34 @@ def find_request(request_id: str, *, directory: Path, when: datetime | None) -> 
     found: list[Exchange] = []
     for path in files:
         try:
-            capture = read_file(path)
+            found.extend(_indexed(path, request_id))
         except (NotACapture, OSError):
             continue
-        found.extend(e for e in capture.exchanges if e.request_id == request_id)
     return sorted(found, key=lambda e: (e.leg != "client", e.attempt))
+
+
+def _indexed(path: Path, request_id: str) -> list[Exchange]:
+    """The request's exchanges in one file: through its index (a seek per exchange), or by
+    reading the file through when it has none."""
+    try:
+        index = index_path(path).read_text("ascii", "replace")
+    except FileNotFoundError:
+        return [
+            e for e in iter_file(CaptureFile(path=path, header={})) if e.request_id == request_id
+        ]
+    found = []
+    with path.open("rb") as fp:
+        for line in index.splitlines():
+            rid, _, rest = line.partition("\t")
+            offset, _, length = rest.partition("\t")
+            if rid != request_id or not (offset.isdigit() and length.isdigit()):
+                continue
+            fp.seek(int(offset))
+            try:
+                item = cbor2.loads(fp.read(int(length)))
+            except (cbor2.CBORError, RecursionError):
+                continue
+            exchange = _exchange(item, path, int(offset))
+            if exchange is not None:
+                found.append(exchange)
+    return found

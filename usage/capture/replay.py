@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+from django.conf import settings
 
 from common.redaction import CREDENTIAL_HEADERS, mask_secret, redact
 from common.upstream import upstream_headers
@@ -147,7 +148,7 @@ def _is_stream(exchange: Exchange) -> bool:
         return True
     try:
         body = json.loads(exchange.request.body or b"{}")
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return isinstance(body, dict) and body.get("stream") is True
 
@@ -197,6 +198,13 @@ def provider_plan(upstream_leg: Exchange, *, target: str | None, key_id: str | N
         api_key = ApiKey.objects.select_related("provider").filter(key_id=key_id).first()
         if api_key is None:
             raise ReplayError(f"no key {key_id!r} in the gateway's pool (see /admin/keys/apikey/)")
+        if not target and not _under(url, api_key.provider.base_url):
+            # The URL comes from a file, and files can be edited: a pool key goes only to its
+            # own provider unless the operator names the target.
+            raise ReplayError(
+                f"the captured URL {url} is not under the base URL of {key_id}'s provider"
+                f" ({api_key.provider.name}): pass --target to send it there anyway"
+            )
         provider = api_key.provider
     elif provider is None:
         raise ReplayError(
@@ -292,28 +300,36 @@ class Meter:
         self.ttft_ms: float | None = None
         self.events = 0
         self.usage = Usage()
-        self._buffer = b""
+        self._buffer = bytearray()
+        self._scanned = 0  # bytes of the buffer already searched for an event's end
         self._body = bytearray()
 
     def feed(self, t_ms: float, data: bytes) -> None:
+        """Linear in what arrives: each byte is searched once, however the events are cut."""
         if not self.stream:
             self._body += data
             return
-        self._buffer = (self._buffer + data).replace(b"\r\n", b"\n")
-        while b"\n\n" in self._buffer:
-            block, self._buffer = self._buffer.split(b"\n\n", 1)
-            self._event(t_ms, block)
+        buffer = self._buffer
+        buffer += data.replace(b"\r\n", b"\n")
+        start = 0
+        at = max(0, self._scanned - 1)  # a blank line may begin in what was searched before
+        while (end := buffer.find(b"\n\n", at)) >= 0:
+            self._event(t_ms, bytes(buffer[start:end]))
+            start = at = end + 2
+        del buffer[:start]
+        self._scanned = len(buffer)
 
     def finish(self) -> None:
         if self.stream:
-            if self._buffer.strip():
-                self._event(None, self._buffer)
-            self._buffer = b""
+            if bytes(self._buffer).strip():
+                self._event(None, bytes(self._buffer))
+            self._buffer.clear()
+            self._scanned = 0
             return
         self.events = 1 if self._body else 0
         try:
             body = json.loads(bytes(self._body))
-        except ValueError:
+        except (ValueError, RecursionError):
             return
         if isinstance(body, dict):
             usage = usage_of(body.get("usage")) or usage_of(
@@ -333,7 +349,7 @@ class Meter:
         self.events += 1
         try:
             event = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             return  # [DONE], or a malformed line (capture_inspect reports those)
         if not isinstance(event, dict):
             return
@@ -398,10 +414,13 @@ def send(plan: Plan, *, timeout: float) -> Measure:
                 measure.status = r.status_code
                 if "text/event-stream" in r.headers.get("content-type", ""):
                     meter.stream = True
+                measure.end = "complete"
                 for data in r.iter_bytes():
                     received += len(data)
+                    if received > settings.LLMROTATE_MAX_RESPONSE_BYTES:
+                        measure.end = "too_large"  # as the gateway would refuse it
+                        break
                     meter.feed(now_ms(), data)
-            measure.end = "complete"
         except httpx.TimeoutException as exc:
             measure.end, measure.error = "timeout", type(exc).__name__
         except (httpx.RemoteProtocolError, httpx.ReadError) as exc:

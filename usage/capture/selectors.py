@@ -105,7 +105,7 @@ def shown(data: bytes, *, budget: int = SHOWN_BYTES, pretty: bool = False) -> Sh
     if pretty and len(data) <= budget:
         try:
             parsed = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):
             pass
         else:
             text = json.dumps(parsed, indent=2, ensure_ascii=False)

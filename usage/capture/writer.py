@@ -34,9 +34,10 @@ from common.redaction import (
     base_url_masked,
     header_pair_masked,
     known_secrets,
+    mask_short,
     scrub_secrets,
 )
-from usage.capture.format import capture_files, file_name, header_item
+from usage.capture.format import capture_files, file_name, file_owner, header_item, index_path
 
 logger = logging.getLogger("llmrotate.capture")
 
@@ -79,8 +80,8 @@ _BASE = "http://gateway"
 
 def _url_masked(url: str) -> str:
     if url.startswith("/"):  # the client's path and query: masked as if under a base URL
-        return base_url_masked(_BASE + url).removeprefix(_BASE)
-    return base_url_masked(url)
+        return base_url_masked(_BASE + url, mask=mask_short).removeprefix(_BASE)
+    return base_url_masked(url, mask=mask_short)
 
 
 def _chunks_scrubbed(chunks: list[Any], secrets: set[str]) -> list[list[Any]]:
@@ -107,20 +108,26 @@ class CaptureWriter:
         retention_seconds: float,
         queue_max: int,
         retry_seconds: float,
+        queue_max_bytes: int = 256 * 1024 * 1024,
     ) -> None:
         self.directory = Path(directory)
         self.file_max_bytes = file_max_bytes
         self.total_max_bytes = total_max_bytes
         self.retention_seconds = retention_seconds
         self.queue_max = queue_max
+        self.queue_max_bytes = queue_max_bytes
         self.retry_seconds = retry_seconds
-        self._queue: deque[dict[str, Any]] = deque()
+        # (exchange, its bytes): the queue is bounded in bytes too, since one exchange may hold
+        # megabytes of bodies.
+        self._queue: deque[tuple[dict[str, Any], int]] = deque()
+        self._queued_bytes = 0
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._drain_lock = threading.Lock()
         self._fd: int | None = None
+        self._index: int | None = None  # the file's index (format.index_path)
         self._path: Path | None = None
         self._hour = ""
         self._size = 0
@@ -133,19 +140,28 @@ class CaptureWriter:
 
     # --- the request path's side
 
-    def submit(self, item: dict[str, Any]) -> None:
-        """Queue one exchange (microseconds; never blocks, never raises into the proxy)."""
-        if len(self._queue) >= self.queue_max:
-            self._drop("queue_full")
-            return
-        if time.monotonic() < self.paused_until:
-            self._drop("paused")
-            return
-        self._queue.append(item)
-        if self._thread is None:
-            self._start()
-        elif len(self._queue) >= _WAKE_AT:
-            self._wake.set()
+    def submit(self, item: dict[str, Any], size: int = 0) -> None:
+        """Queue one exchange of about `size` bytes (microseconds; never blocks, never raises
+        into the proxy)."""
+        try:
+            if (
+                len(self._queue) >= self.queue_max
+                or self._queued_bytes + size > self.queue_max_bytes
+            ):
+                self._drop("queue_full")
+                return
+            if time.monotonic() < self.paused_until:
+                self._drop("paused")
+                return
+            self._queue.append((item, size))
+            self._queued_bytes += size
+            if self._thread is None:
+                self._start()
+            elif len(self._queue) >= _WAKE_AT:
+                self._wake.set()
+        except Exception:  # a thread that cannot start, say: the capture is lost, not the call
+            logger.exception("could not queue a captured exchange; it is dropped")
+            self.dropped += 1
 
     def _start(self) -> None:
         with self._lock:
@@ -160,11 +176,18 @@ class CaptureWriter:
         while True:
             self._wake.wait(timeout=_WRITE_EVERY_SECONDS)
             self._wake.clear()
-            self.drain()
+            try:
+                self.drain()
+                if not self._stopping and time.monotonic() - self._pruned_at > _PRUNE_EVERY_SECONDS:
+                    self.prune()
+            except Exception:
+                # A bug of ours must not end the thread: the queue would fill and every later
+                # capture be dropped without a word.
+                logger.exception("the capture writer failed; capturing pauses")
+                self.paused_until = time.monotonic() + self.retry_seconds
+                self._close_file()
             if self._stopping:
                 return
-            if time.monotonic() - self._pruned_at > _PRUNE_EVERY_SECONDS:
-                self.prune()
 
     def drain(self) -> None:
         """Write every queued exchange (the thread's loop; `stop` and tests call it too: one
@@ -177,12 +200,14 @@ class CaptureWriter:
             if time.monotonic() < self.paused_until:
                 self._drop("paused", len(self._queue))
                 self._queue.clear()
+                self._queued_bytes = 0
                 return
-            batch: list[bytes] = []
+            batch: list[tuple[str, bytes]] = []
             while self._queue and len(batch) < _WAKE_AT:
-                item = self._queue.popleft()
+                item, size = self._queue.popleft()
+                self._queued_bytes -= size
                 try:
-                    batch.append(cbor2.dumps(prepared(item)))
+                    batch.append((str(item.get("request_id", "")), cbor2.dumps(prepared(item))))
                 except Exception:
                     # A value the encoder cannot take is a bug of ours: lose this one only.
                     logger.exception("could not encode a captured exchange; it is dropped")
@@ -193,13 +218,18 @@ class CaptureWriter:
             except OSError as exc:
                 self._failed(exc, lost=len(batch) - (self.written - before))
 
-    def _write(self, batch: list[bytes]) -> None:
-        """Append the encoded exchanges, one write per file they go to."""
+    def _write(self, batch: list[tuple[str, bytes]]) -> None:
+        """Append the encoded exchanges, one write per file they go to, and their places to
+        the file's index."""
         now = datetime.now(UTC)
         hour = now.strftime("%Y%m%dT%H")
-        pending: list[bytes] = []
+        if self._fd is not None and os.fstat(self._fd).st_nlink == 0:
+            # Deleted under us (by hand, or by a prune elsewhere): what is written there is
+            # lost to every reader, so start a new file.
+            self._close_file()
+        pending: list[tuple[str, bytes]] = []
         size = 0
-        for data in batch:
+        for request_id, data in batch:
             if (
                 self._fd is None
                 or hour != self._hour
@@ -208,18 +238,22 @@ class CaptureWriter:
                 self._flush(pending, size)
                 pending, size = [], 0
                 self._open(now, hour)
-            pending.append(data)
+            pending.append((request_id, data))
             size += len(data)
         self._flush(pending, size)
 
-    def _flush(self, pending: list[bytes], size: int) -> None:
+    def _flush(self, pending: list[tuple[str, bytes]], size: int) -> None:
         if not pending:
             return
-        assert self._fd is not None
-        data = b"".join(pending)
-        written = os.write(self._fd, data)
+        assert self._fd is not None and self._index is not None
+        written = os.write(self._fd, b"".join(data for _, data in pending))
         if written != size:
             raise OSError(errno.ENOSPC, f"short write ({written} of {size} bytes)")
+        lines, at = [], self._size
+        for request_id, data in pending:
+            lines.append(f"{request_id}\t{at}\t{len(data)}\n")
+            at += len(data)
+        os.write(self._index, "".join(lines).encode())
         self._size += written
         self.written += len(pending)
         metrics.CAPTURE_WRITTEN.inc(amount=len(pending))
@@ -227,6 +261,9 @@ class CaptureWriter:
     def _open(self, now: datetime, hour: str) -> None:
         self._close_file()
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # mkdir leaves a folder that already existed as it was.
+        with contextlib.suppress(OSError):
+            os.chmod(self.directory, 0o700)
         if hour != self._hour:
             self._hour, self._sequence = hour, 0
         while True:
@@ -243,20 +280,24 @@ class CaptureWriter:
         try:
             if os.write(fd, header) != len(header):
                 raise OSError(errno.ENOSPC, "short write")
+            index = os.open(
+                index_path(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600
+            )
         except OSError:
             # A file without its header is no capture file: leave none behind.
             os.close(fd)
             _remove(path)
             raise
-        self._fd, self._path = fd, path
+        self._fd, self._index, self._path = fd, index, path
         self._size = len(header)
         self.prune()
 
     def _close_file(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        for fd in (self._fd, self._index):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._fd = self._index = None
 
     def _drop(self, reason: str, count: int = 1) -> None:
         self.dropped += count
@@ -276,26 +317,27 @@ class CaptureWriter:
         )
 
     def prune(self) -> None:
-        """Delete files past the retention age, then the oldest while over the size cap (the
-        file being written last)."""
+        """Delete files past the retention age, then the oldest while over the size cap; never
+        a file a live process may still be writing (`_in_use`)."""
         self._pruned_at = time.monotonic()
         try:
             files = [(p, p.stat()) for p in capture_files(self.directory)]
         except OSError:
             return
+        in_use = _in_use([p for p, _ in files], host=self.host)
         now = time.time()
         kept = []
         for path, st in files:
-            if now - st.st_mtime > self.retention_seconds and path != self._path:
+            if now - st.st_mtime > self.retention_seconds and path not in in_use:
                 _remove(path)
             else:
                 kept.append((path, st))
         total = sum(st.st_size for _, st in kept)
-        kept.sort(key=lambda pair: (pair[0] == self._path, pair[1].st_mtime))
+        kept.sort(key=lambda pair: pair[1].st_mtime)
         for path, st in kept:
-            if total <= self.total_max_bytes or path == self._path:
+            if total <= self.total_max_bytes:
                 break
-            if _remove(path):
+            if path not in in_use and _remove(path):
                 total -= st.st_size
 
     def stop(self) -> None:
@@ -309,6 +351,32 @@ class CaptureWriter:
         self._close_file()
 
 
+def _in_use(paths: list[Path], *, host: str) -> set[Path]:
+    """The files that may be open for writing: each live process's newest file. A process of
+    this host is alive if its pid is; one of another host (a shared folder) is taken to be
+    while its newest file was written to in the last 10 minutes."""
+    newest: dict[tuple[str, int], Path] = {}
+    for path in paths:  # oldest first: the last one seen per process is its newest
+        owner = file_owner(path)
+        if owner is not None:
+            newest[owner] = path
+    alive = set()
+    for (owner_host, pid), path in newest.items():
+        if owner_host == host:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                continue
+            except PermissionError:
+                pass  # someone else's process, alive
+            alive.add(path)
+        else:
+            with contextlib.suppress(OSError):
+                if time.time() - path.stat().st_mtime < 600:
+                    alive.add(path)
+    return alive
+
+
 def _remove(path: Path) -> bool:
     try:
         path.unlink()
@@ -317,6 +385,8 @@ def _remove(path: Path) -> bool:
     except OSError as exc:
         logger.warning("could not delete old capture file %s: %s", path.name, exc)
         return False
+    with contextlib.suppress(OSError):
+        index_path(path).unlink(missing_ok=True)
     return True
 
 
@@ -336,6 +406,7 @@ def get_capture_writer() -> CaptureWriter:
                     retention_seconds=settings.LLMROTATE_CAPTURE_RETENTION_HOURS * 3600,
                     queue_max=settings.LLMROTATE_CAPTURE_QUEUE_MAX,
                     retry_seconds=settings.LLMROTATE_CAPTURE_RETRY_SECONDS,
+                    queue_max_bytes=settings.LLMROTATE_CAPTURE_QUEUE_MAX_BYTES,
                 )
     return _writer
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from usage.capture.format import CaptureFile, Exchange, NotACapture, capture_files, read_file
+from usage.capture.format import CaptureFile, Exchange, NotACapture, capture_files, iter_file
 from usage.capture.inspect import (
     DEFAULT_GAP_MS,
     Issue,
@@ -82,30 +83,47 @@ class Command(BaseCommand):
         if options["gap_ms"] < 0:
             raise CommandError(f"--gap-ms must not be negative, got {options['gap_ms']:g}")
         detect = options["detect_issues"] or options["fail_on_issues"]
-        files = self._read(options["paths"])
         wanted = options["request_id"]
-        exchanges = [
-            e for f in files for e in f.exchanges if wanted is None or e.request_id == wanted
-        ]
+        # One exchange at a time: only its row and issues are kept, so a folder of a gigabyte
+        # of captures is inspected in the memory of its largest exchange.
+        files: list[CaptureFile] = []
+        rows: list[dict[str, Any]] = []
         found: list[list[Issue]] = []
-        progress = Progress("inspecting", total=len(exchanges)) if detect else None
-        for n, exchange in enumerate(exchanges, 1):
-            if detect:
-                found.append(detect_issues(exchange, gap_ms=options["gap_ms"], tolerance=tolerance))
-                if progress:
-                    progress.update(n)
+        progress = Progress("inspecting", total=None) if detect else None
+        for capture in self._files(options["paths"]):
+            files.append(capture)
+            for exchange in self._exchanges(capture):
+                if wanted is not None and exchange.request_id != wanted:
+                    continue
+                rows.append(exchange_row(exchange))
+                if detect:
+                    found.append(
+                        detect_issues(exchange, gap_ms=options["gap_ms"], tolerance=tolerance)
+                    )
+                    if progress:
+                        progress.update(len(found))
         if progress:
-            progress.finish(len(exchanges))
-        summary = summarize(found) if detect else {"exchanges": len(exchanges)}
+            progress.finish(len(found))
+        summary = summarize(found) if detect else {"exchanges": len(rows)}
         if options["json"]:
-            self._write_json(files, exchanges, found if detect else None, summary)
+            self._write_json(files, rows, found if detect else None, summary)
         else:
-            self._write_text(files, exchanges, found if detect else None, summary)
+            self._write_text(files, rows, found if detect else None, summary)
         if options["fail_on_issues"] and summary["with_issues"]:
             sys.exit(1)
 
-    def _read(self, paths: list[str]) -> list[CaptureFile]:
-        """Every capture file named, a folder's capture files in name order."""
+    def _exchanges(self, capture: CaptureFile) -> Iterator[Exchange]:
+        try:
+            for exchange in iter_file(capture):
+                capture.exchanges_read += 1
+                yield exchange
+        except NotACapture as exc:
+            raise CommandError(str(exc)) from None
+        except OSError as exc:
+            raise CommandError(f"{capture.path}: cannot read ({exc.strerror or exc})") from None
+
+    def _files(self, paths: list[str]) -> list[CaptureFile]:
+        """Every capture file named (not read yet), a folder's capture files in order."""
         files: list[CaptureFile] = []
         for name in paths:
             path = Path(name)
@@ -117,31 +135,22 @@ class Command(BaseCommand):
                 listed = [path]
             else:
                 raise CommandError(f"{path}: no such file or folder")
-            for each in listed:
-                try:
-                    files.append(read_file(each))
-                except NotACapture as exc:
-                    raise CommandError(str(exc)) from None
-                except OSError as exc:
-                    raise CommandError(f"{each}: cannot read ({exc.strerror or exc})") from None
+            files.extend(CaptureFile(path=each, header={}) for each in listed)
         return files
 
     def _write_json(
         self,
         files: list[CaptureFile],
-        exchanges: list[Exchange],
+        rows: list[dict[str, Any]],
         found: list[list[Issue]] | None,
         summary: dict[str, Any],
     ) -> None:
-        rows = []
-        for i, exchange in enumerate(exchanges):
-            row = exchange_row(exchange)
-            if found is not None:
-                row["issues"] = [issue.as_dict() for issue in found[i]]
-            rows.append(row)
+        if found is not None:
+            for row, issues in zip(rows, found, strict=True):
+                row["issues"] = [issue.as_dict() for issue in issues]
         document = {
             "files": [
-                {"path": str(f.path), "exchanges": len(f.exchanges), "problem": f.problem}
+                {"path": str(f.path), "exchanges": f.exchanges_read, "problem": f.problem}
                 for f in files
             ],
             "exchanges": rows,
@@ -152,14 +161,14 @@ class Command(BaseCommand):
     def _write_text(
         self,
         files: list[CaptureFile],
-        exchanges: list[Exchange],
+        rows: list[dict[str, Any]],
         found: list[list[Issue]] | None,
         summary: dict[str, Any],
     ) -> None:
         for f in files:
             if f.problem:
                 self.stderr.write(f"{f.path}: {f.problem}; the exchanges before it are listed")
-        cells = [[_cell(exchange_row(e)[name]) for name, _ in COLUMNS] for e in exchanges]
+        cells = [[_cell(row[name]) for name, _ in COLUMNS] for row in rows]
         widths = [
             max([len(title), *(len(row[c]) for row in cells)])
             for c, (_, title) in enumerate(COLUMNS)
