@@ -120,3 +120,52 @@ def test_a_failover_exports_to_har_with_every_leg(
         ("upstream", 2, 200),
     ]
     assert all(secret not in target.read_text() for secret in live_gateway.secrets.values())
+
+
+# Each problem the inspector claims to find, made by scripting the fake upstream behind the
+# gateway: the upstream leg of the gateway's own capture must show it. (A 200 carrying an error
+# fails over inside the gateway, and its leg is still captured as the upstream sent it.)
+UPSTREAM_PROBLEMS = [
+    ({"fault": "no_usage"}, "no_usage"),
+    ({"fault": "bad_sse"}, "malformed_sse"),
+    ({"fault": "bad_tool_args"}, "tool_args_invalid"),
+    ({"usage_completion_tokens": 400}, "usage_mismatch"),
+    ({"token_delay_ms": 60}, "chunk_gap"),
+]
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "code"), UPSTREAM_PROBLEMS, ids=[c for _, c in UPSTREAM_PROBLEMS]
+)
+def test_each_scripted_upstream_problem_is_found_in_the_gateways_capture(
+    live_gateway: LiveGateway, captures: Path, behaviour: dict[str, Any], code: str
+):
+    capture_all()
+    live_gateway.upstream.script({"default": behaviour})
+    client = live_gateway.openai()
+    try:
+        for _ in client.chat.completions.create(
+            model=ROUTE,
+            messages=MESSAGES,
+            stream=True,
+            stream_options={"include_usage": True},
+        ):
+            pass
+    except Exception:  # a malformed stream may fail in the SDK: the capture is what is checked
+        pass
+    [record] = call_records(1)
+    legs(captures, record.request_id, 2)
+    report = json.loads(
+        command(
+            "capture_inspect",
+            str(captures),
+            "--detect-issues",
+            "--json",
+            "--gap-ms",
+            "50",
+            "--request-id",
+            record.request_id,
+        )
+    )
+    upstream = [e for e in report["exchanges"] if e["leg"] == "upstream"]
+    assert code in {i["code"] for e in upstream for i in e["issues"]}, upstream

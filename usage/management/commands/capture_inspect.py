@@ -104,6 +104,19 @@ class Command(BaseCommand):
                         progress.update(len(found))
         if progress:
             progress.finish(len(found))
+        # A request's legs together, the client's first: the writer appends each leg as it
+        # ends, so an attempt lands in the file before the client leg it answered.
+        order = sorted(
+            range(len(rows)),
+            key=lambda i: (
+                rows[i]["time"],
+                rows[i]["request_id"],
+                rows[i]["leg"] != "client",
+                rows[i]["attempt"],
+            ),
+        )
+        rows = [rows[i] for i in order]
+        found = [found[i] for i in order] if detect else found
         summary = summarize(found) if detect else {"exchanges": len(rows)}
         if options["json"]:
             self._write_json(files, rows, found if detect else None, summary)
