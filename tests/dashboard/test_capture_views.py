@@ -200,13 +200,18 @@ def test_a_captured_stream_shows_headers_bodies_and_chunks_with_timings(
     assert "&quot;message&quot;: &quot;slow down&quot;" in limited
 
 
+@pytest.mark.parametrize("reads", [1, 3], ids=["one read", "several reads"])
 def test_a_captured_json_call_shows_its_answer_as_indented_json(
-    staff: Client, capture_dir: Path
+    staff: Client, capture_dir: Path, reads: int
 ) -> None:
     now = timezone.now()
     answer = (
         b'{"id":"chatcmpl-1","choices":[{"message":{"content":"hi"}}],"usage":{"total_tokens":7}}'
     )
+    # An answer that came in several reads is still one body, not a table of chunks.
+    cut = len(answer) // reads
+    pieces = [answer[i * cut : (i + 1) * cut if i < reads - 1 else None] for i in range(reads)]
+    chunks = [[120.0 + i, piece] for i, piece in enumerate(pieces)]
     body = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hello"}]}'
     write_capture(capture_dir, [
         exchange("r-json", "upstream", 1, now,
@@ -214,7 +219,7 @@ def test_a_captured_json_call_shows_its_answer_as_indented_json(
                           "headers": [["content-type", "application/json"]], "body": body,
                           "t": 1.0},
                  response={"status": 200, "headers": [["content-type", "application/json"]],
-                           "t": 120.0, "chunks": [[120.0, answer]], "size": len(answer),
+                           "t": 120.0, "chunks": chunks, "size": len(answer),
                            "truncated": False, "end": "complete", "error": None,
                            "t_end": 121.0}),
     ])  # fmt: skip

@@ -165,7 +165,9 @@ def leg_view(exchange: Exchange) -> LegView:
         request_body=request_body,
         status=response.status,
         response_headers=response.headers,
-        stream=exchange.stream or len(chunks) > 1,
+        # A JSON answer may have come in several reads: it is still shown as one body.
+        stream="event-stream" in (response.header("content-type") or "")
+        or (exchange.stream and response.status == 200),
         end=exchange.end,
         error=response.raw.get("error"),
         truncated=bool(response.raw.get("truncated")),
