@@ -44,7 +44,18 @@ class Leg:
     """One leg's item, as the writer will take it: the request as sent, the response as it
     arrives (status and headers, then chunks with their times), until `end`."""
 
-    __slots__ = ("_datas", "_ended", "_kept", "_t0", "_times", "item", "response", "whole")
+    __slots__ = (
+        "_datas",
+        "_ended",
+        "_kept",
+        "_max_bytes",
+        "_max_chunks",
+        "_t0",
+        "_times",
+        "item",
+        "response",
+        "whole",
+    )
 
     def __init__(self, item: dict[str, Any], t0: float) -> None:
         self.item = item
@@ -63,6 +74,9 @@ class Leg:
         item["response"] = self.response
         self._kept = 0
         self._ended = False
+        # Read once per leg, not once per chunk.
+        self._max_bytes = settings.LLMROTATE_CAPTURE_MAX_BODY_BYTES
+        self._max_chunks = settings.LLMROTATE_CAPTURE_MAX_CHUNKS
         # Set by the stream relay once it sent its last event: a client that hangs up after
         # that (as SDKs do at `[DONE]`) got the whole answer.
         self.whole = False
@@ -81,10 +95,10 @@ class Leg:
     def chunk(self, data: bytes) -> None:
         response = self.response
         response["size"] += len(data)
-        room = settings.LLMROTATE_CAPTURE_MAX_BODY_BYTES - self._kept
+        room = self._max_bytes - self._kept
         # Bounded in pieces too: an upstream sending a byte at a time would otherwise cost an
         # entry per byte.
-        if room <= 0 or len(self._datas) >= settings.LLMROTATE_CAPTURE_MAX_CHUNKS:
+        if room <= 0 or len(self._datas) >= self._max_chunks:
             response["truncated"] = True
             return
         if len(data) > room:

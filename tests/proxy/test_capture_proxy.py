@@ -78,3 +78,19 @@ async def test_a_capture_that_cannot_be_queued_does_not_fail_the_call(
     )
     assert result.status == 200, result.body
     assert json.loads(result.body)["choices"][0]["message"]["content"] == "Hello there!"
+
+
+def test_a_leg_keeps_at_most_its_cap_of_bytes_and_pieces(settings: Any):
+    from proxy.capture import Leg
+
+    settings.LLMROTATE_CAPTURE_MAX_CHUNKS = 3
+    settings.LLMROTATE_CAPTURE_MAX_BODY_BYTES = 10
+    by_pieces = Leg({}, time.perf_counter())
+    for _ in range(5):  # an upstream sending a byte at a time
+        by_pieces.chunk(b"x")
+    by_bytes = Leg({}, time.perf_counter())
+    by_bytes.chunk(b"0123456789abcdef")
+    assert by_pieces.response["chunk_data"] == [b"x", b"x", b"x"]
+    assert by_bytes.response["chunk_data"] == [b"0123456789"]
+    for leg, size in ((by_pieces, 5), (by_bytes, 16)):
+        assert leg.response["truncated"] and leg.response["size"] == size
