@@ -176,3 +176,17 @@ def upstream_headers(kind: str, secret: str, *, stream: bool) -> dict[str, str]:
         headers["Accept-Encoding"] = "identity"
         headers["Accept"] = "text/event-stream"
     return headers
+
+
+def messages_headers(secret: str, *, stream: bool) -> dict[str, str]:
+    """Headers of a call to Anthropic's native Messages API: `x-api-key` only (a bearer there
+    is read as an OAuth token and refused)."""
+    headers = {
+        "x-api-key": secret,
+        "anthropic-version": DEFAULT_ANTHROPIC_VERSION,
+        "Content-Type": "application/json",
+    }
+    if stream:
+        headers["Accept-Encoding"] = "identity"
+        headers["Accept"] = "text/event-stream"
+    return headers

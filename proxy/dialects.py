@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.upstream import DEFAULT_ANTHROPIC_VERSION, upstream_headers
+from common.upstream import messages_headers, upstream_headers
 from keys.ratelimits import Headroom, parse_headroom
 from keys.routing import DeploymentInfo, RouteInfo
 from proxy.classify import Verdict, clip_code
@@ -401,16 +401,8 @@ class AnthropicDialect(Dialect):
     def headers(
         self, kind: str, secret: str, *, stream: bool, forward: dict[str, str]
     ) -> dict[str, str]:
-        headers = {
-            "x-api-key": secret,
-            "anthropic-version": DEFAULT_ANTHROPIC_VERSION,
-            "Content-Type": "application/json",
-            **forward,  # the client's anthropic-version / anthropic-beta
-        }
-        if stream:
-            headers["Accept-Encoding"] = "identity"
-            headers["Accept"] = "text/event-stream"
-        return headers
+        # The client's anthropic-version / anthropic-beta win over the defaults.
+        return {**messages_headers(secret, stream=stream), **forward}
 
     def usage(self, parsed: dict[str, Any]) -> Usage | None:
         return anthropic_usage_from(parsed.get("usage"))

@@ -31,7 +31,7 @@ import httpx
 from django.conf import settings
 
 from common.redaction import CREDENTIAL_HEADERS, mask_secret, redact
-from common.upstream import upstream_headers
+from common.upstream import messages_headers, upstream_headers
 from keys.models import ApiKey, Provider
 from keys.secrets import api_key_resolve_secret
 from usage.capture.format import Exchange
@@ -219,13 +219,13 @@ def provider_plan(upstream_leg: Exchange, *, target: str | None, key_id: str | N
             raise ReplayError(f"provider {provider.name} has no enabled key: pass --key KEY_ID")
     stream = _is_stream(upstream_leg)
     secret = api_key_resolve_secret(api_key=api_key) if api_key is not None else ""
-    auth = {
-        k.lower(): v for k, v in upstream_headers(provider.kind, secret, stream=stream).items() if v
-    }
-    if provider.kind == "anthropic" and "/messages" in urlsplit(url).path:
-        # The native Messages API takes x-api-key only (as proxy.dialects sends it); a bearer
-        # there is read as an OAuth token and refused.
-        auth.pop("authorization", None)
+    native = provider.kind == "anthropic" and "/messages" in urlsplit(url).path
+    made = (
+        messages_headers(secret, stream=stream)
+        if native
+        else upstream_headers(provider.kind, secret, stream=stream)
+    )
+    auth = {k.lower(): v for k, v in made.items() if v}
     headers = forwarded_headers(upstream_leg)
     for name in ("content-type", "accept", "accept-encoding", "anthropic-version"):
         if name in auth:
