@@ -11,7 +11,7 @@ TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/llmrotate
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 PYTEST_ARGS ?=
 
-.PHONY: run test test-embedded test-scaled lint demo fake-upstream bench bench-limits bench-translation bench-capture clean browser promtool
+.PHONY: run test test-embedded test-scaled lint demo fake-upstream bench bench-limits bench-translation bench-capture bench-replacement clean browser promtool
 
 $(VENV)/.base-$(HASH):
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -98,6 +98,11 @@ bench-translation: $(VENV)/.dev-$(HASH)
 # throughput (issue #11). No Redis.
 bench-capture: $(VENV)/.dev-$(HASH)
 	$(BIN)/python bench/capture_overhead.py
+
+# What three model replacement rules on a route cost per request: in process, and through the
+# gateway against a route without rules (issue #12). No Redis.
+bench-replacement: $(VENV)/.dev-$(HASH)
+	$(BIN)/python bench/replacement_rules.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .tools

@@ -54,10 +54,11 @@ from campaign import (
     campaign_write,
     verdict,
 )
-from loadgen import COMPLETED, Pool, Target, run_count
+from loadgen import COMPLETED, Target
 from proxy_overhead import script_upstream
 from report import machine_info
 from servers import (
+    KINDS,
     ROOT,
     ROUTE_MODEL,
     UPSTREAM_KEYS,
@@ -65,7 +66,7 @@ from servers import (
     ServerError,
     Stack,
     descendants,
-    rotate_targets,
+    measure_kinds,
 )
 
 sys.path.insert(0, str(ROOT))  # usage.capture.format: cbor2 only, no Django
@@ -81,7 +82,6 @@ capture:
 """
 # Target names: the uncaptured client's and the captured one's, on the same gateway.
 OFF, ON = "capture_off", "capture_on"
-KINDS = {"json": False, "stream": True}  # kind of call -> stream
 # The issue's bounds: captured minus uncaptured added p50 at concurrency 1, and the share of
 # one worker's throughput lost at the highest level.
 TARGET_MS = 0.5
@@ -149,43 +149,13 @@ def overhead(out: dict[str, dict[str, Any]]) -> dict[str, float]:
     return figures
 
 
-async def measure(
-    targets: dict[str, Target],
-    pids: dict[str, int],
-    requests: int,
-    levels: tuple[int, ...],
-    warmup: int,
-) -> list[dict[str, Any]]:
-    results = []
-    for concurrency in levels:
-        pools = {name: Pool(t, concurrency, "raw") for name, t in targets.items()}
-        for pool in pools.values():
-            await pool.open()
-        level: dict[str, Any] = {"concurrency": concurrency}
-        try:
-            for kind, stream in KINDS.items():
-                for pool in pools.values():  # warm: caches, upstream pools, the capture file
-                    await run_count(pool, max(warmup, 4 * concurrency), stream=stream)
-                out = await rotate_targets(
-                    pools, max(requests, concurrency * 16), pids, stream=stream
-                )
-                level[kind] = {**out, **overhead(out)}
-        finally:
-            for pool in pools.values():
-                await pool.aclose()
-        results.append(level)
-        print(
-            f"  concurrency {concurrency:>2}: "
-            + "; ".join(
-                f"{kind} capture p50 {level[kind]['capture_p50']:+.3f} ms"
-                f" (CPU {level[kind].get('capture_cpu_ms', float('nan')):+.3f} ms/request),"
-                f" rps {level[kind][OFF]['rps']:.0f} -> {level[kind][ON]['rps']:.0f}"
-                f" ({level[kind].get('throughput_loss_percent', float('nan')):+.1f}%)"
-                for kind in KINDS
-            ),
-            flush=True,
-        )
-    return results
+def describe(kind: str, figures: dict[str, Any]) -> str:
+    return (
+        f"{kind} capture p50 {figures['capture_p50']:+.3f} ms"
+        f" (CPU {figures.get('capture_cpu_ms', float('nan')):+.3f} ms/request),"
+        f" rps {figures[OFF]['rps']:.0f} -> {figures[ON]['rps']:.0f}"
+        f" ({figures.get('throughput_loss_percent', float('nan')):+.1f}%)"
+    )
 
 
 def capture_sizes(directory: Path) -> dict[str, Any]:
@@ -267,7 +237,17 @@ def one_run(index: int, args: argparse.Namespace) -> dict[str, Any]:
         meter = CpuMeter({"ours": ours}, owns_all=True)
         start, t0 = meter.snapshot(), time.perf_counter()
         print(f"run {index + 1}:", flush=True)
-        levels = asyncio.run(measure(targets, pids, args.requests, args.levels, args.warmup))
+        levels = asyncio.run(
+            measure_kinds(
+                targets,
+                pids,
+                args.requests,
+                args.levels,
+                overhead=overhead,
+                describe=describe,
+                warmup=args.warmup,
+            )
+        )
         seconds = time.perf_counter() - t0
         other = meter.other_percent(start, meter.snapshot(), seconds)
         # Stopped first: the gateway drains its capture writer and its recorder on SIGTERM.

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadgen import Pool, Samples, percentile, run_count
+from loadgen import Pool, Samples, Target, percentile, run_count
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -480,3 +480,46 @@ async def rotate_targets(
             for q in ("p50", "p99"):
                 out[name][f"added_{q}"] = out[name][q] - out["direct"][q]
     return out
+
+
+# Kind of call -> whether it streams: the campaigns that compare gateways measure both.
+KINDS = {"json": False, "stream": True}
+
+
+async def measure_kinds(
+    targets: dict[str, Target],
+    pids: dict[str, int],
+    requests: int,
+    levels: tuple[int, ...],
+    *,
+    overhead: Callable[[dict[str, dict[str, Any]]], dict[str, float]],
+    describe: Callable[[str, dict[str, Any]], str],
+    warmup: int = 50,
+) -> list[dict[str, Any]]:
+    """Per concurrency level and kind of call (KINDS): `rotate_targets` over every target,
+    with `overhead(out)`'s figures beside them; one progress line per level, `describe`
+    saying what a kind's figures are."""
+    results = []
+    for concurrency in levels:
+        pools = {name: Pool(t, concurrency, "raw") for name, t in targets.items()}
+        for pool in pools.values():
+            await pool.open()
+        level: dict[str, Any] = {"concurrency": concurrency}
+        try:
+            for kind, stream in KINDS.items():
+                for pool in pools.values():  # warm: caches, upstream pools, lazy imports
+                    await run_count(pool, max(warmup, 4 * concurrency), stream=stream)
+                out = await rotate_targets(
+                    pools, max(requests, concurrency * 16), pids, stream=stream
+                )
+                level[kind] = {**out, **overhead(out)}
+        finally:
+            for pool in pools.values():
+                await pool.aclose()
+        results.append(level)
+        print(
+            f"  concurrency {concurrency:>2}: "
+            + "; ".join(describe(kind, level[kind]) for kind in KINDS),
+            flush=True,
+        )
+    return results

@@ -50,17 +50,18 @@ from campaign import (
     campaign_write,
     verdict,
 )
-from loadgen import Pool, Target, run_count
+from loadgen import Target
 from proxy_overhead import script_upstream
 from report import machine_info
 from servers import (
+    KINDS,
     ROUTE_MODEL,
     UPSTREAM_KEYS,
     CpuMeter,
     ServerError,
     Stack,
     descendants,
-    rotate_targets,
+    measure_kinds,
 )
 
 ANTHROPIC_MODEL = "claude-3-5-haiku-latest"
@@ -99,7 +100,6 @@ clients:
     routes: ["*"]
     scopes: [proxy]
 """
-KINDS = {"json": False, "stream": True}  # kind of call -> stream
 # The issue's bound on (translated - direct_messages) - (native - direct), at p50.
 TARGET_MS = 0.3
 # Above this much CPU used by other programs (% of one core) the run is flagged as skewed.
@@ -183,39 +183,13 @@ def overhead(out: dict[str, dict[str, Any]]) -> dict[str, float]:
     return figures
 
 
-async def measure(
-    targets: dict[str, Target], pids: dict[str, int], requests: int, levels: tuple[int, ...]
-) -> list[dict[str, Any]]:
-    results = []
-    for concurrency in levels:
-        pools = {name: Pool(t, concurrency, "raw") for name, t in targets.items()}
-        for pool in pools.values():
-            await pool.open()
-        level: dict[str, Any] = {"concurrency": concurrency}
-        try:
-            for kind, stream in KINDS.items():
-                for pool in pools.values():  # warm: caches, upstream pools, lazy imports
-                    await run_count(pool, max(50, 4 * concurrency), stream=stream)
-                out = await rotate_targets(
-                    pools, max(requests, concurrency * 16), pids, stream=stream
-                )
-                level[kind] = {**out, **overhead(out)}
-        finally:
-            for pool in pools.values():
-                await pool.aclose()
-        results.append(level)
-        print(
-            f"  concurrency {concurrency:>2}: "
-            + "; ".join(
-                f"{kind} translation p50 {level[kind]['translation_p50']:+.3f} ms"
-                f" (CPU {level[kind].get('translation_cpu_ms', float('nan')):+.3f} ms/request),"
-                f" vs Anthropic native {level[kind]['vs_anthropic_native_p50']:+.3f} ms (CPU"
-                f" {level[kind].get('vs_anthropic_native_cpu_ms', float('nan')):+.3f})"
-                for kind in KINDS
-            ),
-            flush=True,
-        )
-    return results
+def describe(kind: str, figures: dict[str, Any]) -> str:
+    return (
+        f"{kind} translation p50 {figures['translation_p50']:+.3f} ms"
+        f" (CPU {figures.get('translation_cpu_ms', float('nan')):+.3f} ms/request),"
+        f" vs Anthropic native {figures['vs_anthropic_native_p50']:+.3f} ms (CPU"
+        f" {figures.get('vs_anthropic_native_cpu_ms', float('nan')):+.3f})"
+    )
 
 
 def one_run(index: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -239,7 +213,11 @@ def one_run(index: int, args: argparse.Namespace) -> dict[str, Any]:
         meter = CpuMeter({"ours": ours}, owns_all=True)
         start, t0 = meter.snapshot(), time.perf_counter()
         print(f"run {index + 1}:", flush=True)
-        levels = asyncio.run(measure(targets, pids, args.requests, args.levels))
+        levels = asyncio.run(
+            measure_kinds(
+                targets, pids, args.requests, args.levels, overhead=overhead, describe=describe
+            )
+        )
         seconds = time.perf_counter() - t0
         other = meter.other_percent(start, meter.snapshot(), seconds)
     finally:

@@ -1,4 +1,4 @@
-"""Admin for providers, keys, routes, client tokens, limits and capture rules.
+"""Admin for providers, keys, routes, client tokens, limits, capture and replacement rules.
 
 Thin: every write goes through keys.services (which also drops the proxy's routing cache).
 Secrets are write-only here: no form, list or change page ever renders a plaintext secret or
@@ -20,6 +20,7 @@ from django.db.models import QuerySet
 from django.forms import BaseInlineFormSet
 from django.http import HttpRequest
 from django.urls import reverse
+from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 from django.utils.timesince import timesince, timeuntil
@@ -34,6 +35,7 @@ from keys.models import (
     Deployment,
     Limit,
     Provider,
+    ReplacementRule,
     Route,
 )
 from keys.services import (
@@ -387,21 +389,38 @@ class ClientTokenForm(forms.ModelForm):
 
     class Meta:
         model = ClientToken
-        fields = ["name", "routes", "scopes"]
+        fields = ["name", "routes", "scopes", "never_replace"]
 
 
 @admin.register(ClientToken)
 class ClientTokenAdmin(admin.ModelAdmin):
     form = ClientTokenForm
-    list_display = ["name", "masked", "routes", "scopes", "revoked_at", "created_at"]
-    list_filter = [("revoked_at", admin.EmptyFieldListFilter)]
+    list_display = [
+        "name",
+        "masked",
+        "routes",
+        "scopes",
+        "never_replace",
+        "revoked_at",
+        "created_at",
+    ]
+    list_filter = [("revoked_at", admin.EmptyFieldListFilter), "never_replace"]
     search_fields = ["name", "prefix"]
     actions = ["revoke_tokens"]
 
     def get_fields(self, request: HttpRequest, obj: ClientToken | None = None) -> tuple[str, ...]:
         if obj is None:
-            return ("name", "routes", "scopes")
-        return ("name", "masked", "routes", "scopes", "limits", "revoked_at", "created_at")
+            return ("name", "routes", "scopes", "never_replace")
+        return (
+            "name",
+            "masked",
+            "routes",
+            "scopes",
+            "never_replace",
+            "limits",
+            "revoked_at",
+            "created_at",
+        )
 
     def get_readonly_fields(
         self, request: HttpRequest, obj: ClientToken | None = None
@@ -423,10 +442,18 @@ class ClientTokenAdmin(admin.ModelAdmin):
     def save_model(self, request: HttpRequest, obj: ClientToken, form: Any, change: bool) -> None:
         data = form.cleaned_data
         if change:
-            client_token_update(client_token=obj, routes=data["routes"], scopes=data["scopes"])
+            client_token_update(
+                client_token=obj,
+                routes=data["routes"],
+                scopes=data["scopes"],
+                never_replace=data["never_replace"],
+            )
             return
         created, token = client_token_create(
-            name=data["name"], routes=data["routes"], scopes=data["scopes"]
+            name=data["name"],
+            routes=data["routes"],
+            scopes=data["scopes"],
+            never_replace=data["never_replace"],
         )
         # The admin goes on with `obj` (log entry, redirect); make it the saved row.
         obj.pk, obj.prefix, obj.token_hash = created.pk, created.prefix, created.token_hash
@@ -679,3 +706,139 @@ class CaptureRuleAdmin(InvalidatesRoutingMixin):
             count += 1
         invalidate_routing_on_commit()
         self.message_user(request, f"{count} capture rule(s) extended.", messages.SUCCESS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Replacement rules
+
+
+class ReplacementRuleForm(forms.ModelForm):
+    clients = RouteListField(
+        required=False,
+        label="Clients",
+        help_text="Only for these client tokens (names), comma-separated; empty: every client.",
+    )
+
+    class Meta:
+        model = ReplacementRule
+        fields = [
+            "name",
+            "route",
+            "position",
+            "target_provider",
+            "target_model",
+            "target_route",
+            "probability",
+            "stickiness",
+            "sticky_turns",
+            "min_turn",
+            "clients",
+            "without_tools",
+            "without_images",
+            "active_from",
+            "active_until",
+            "seed",
+            "enabled",
+        ]
+
+    def clean_clients(self) -> list[str]:
+        names: list[str] = self.cleaned_data.get("clients") or []
+        known = set(ClientToken.objects.filter(name__in=names).values_list("name", flat=True))
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            # A misspelt name would silently match nobody; the config file refuses it too.
+            raise ValidationError(f"Unknown client: {', '.join(unknown)}.")
+        return names
+
+
+@admin.register(ReplacementRule)
+class ReplacementRuleAdmin(InvalidatesRoutingMixin):
+    form = ReplacementRuleForm
+    list_display = [
+        "name",
+        "route",
+        "target",
+        "probability",
+        "stickiness",
+        "enabled",
+        "window",
+    ]
+    list_select_related = ["route", "target_provider", "target_route"]
+    list_filter = ["enabled", "stickiness", "route"]
+    search_fields = ["name", "route__name", "target_model", "target_route__name"]
+    actions = ["enable_rules", "disable_rules"]
+    fieldsets = [
+        (
+            None,
+            {
+                "fields": ("name", "route", "position", "enabled"),
+                "description": "An experiment sends a share of a route's requests to another "
+                "model first (a provider's model, or another route), and keeps the rest as "
+                "its control group; the route's own deployments stay behind the target, so "
+                "a failing target falls back to them. Records, metrics and the response "
+                "header name the rule. Clients opt out with the X-LLMRotate-No-Replace: 1 "
+                "header, or a token marked “never replace”. See docs/replacement.md.",
+            },
+        ),
+        (
+            "Target",
+            {
+                "fields": ("target_provider", "target_model", "target_route"),
+                "description": "Either a provider and its model, or another (exact) route.",
+            },
+        ),
+        ("Draw", {"fields": ("probability", "stickiness", "sticky_turns", "seed")}),
+        (
+            "Conditions",
+            {
+                "fields": (
+                    "min_turn",
+                    "clients",
+                    "without_tools",
+                    "without_images",
+                    "active_from",
+                    "active_until",
+                ),
+                "description": "A request is eligible when it meets all of them; empty "
+                "fields set no condition.",
+            },
+        ),
+    ]
+
+    @admin.display(description="target")
+    def target(self, obj: ReplacementRule) -> str:
+        return obj.target_label
+
+    @admin.display(description="active window")
+    def window(self, obj: ReplacementRule) -> str:
+        start, end = obj.active_from, obj.active_until
+        if start is None and end is None:
+            return "always"
+
+        def moment(value: Any) -> str:
+            return timezone.localtime(value).strftime("%Y-%m-%d %H:%M") if value else "…"
+
+        now = timezone.now()
+        state = ""
+        if end is not None and end <= now:
+            state = " (ended)"
+        elif start is not None and start > now:
+            state = f" (starts in {timeuntil(start, now)})"
+        return f"{moment(start)} → {moment(end)}{state}"
+
+    def _set_enabled(
+        self, request: HttpRequest, queryset: QuerySet[ReplacementRule], enabled: bool
+    ) -> None:
+        # update() skips auto_now, hence updated_at by hand.
+        count = queryset.update(enabled=enabled, updated_at=timezone.now())
+        invalidate_routing_on_commit()
+        done = "enabled" if enabled else "disabled"
+        self.message_user(request, f"{count} replacement rule(s) {done}.", messages.SUCCESS)
+
+    @admin.action(description="Enable selected rules")
+    def enable_rules(self, request: HttpRequest, queryset: QuerySet[ReplacementRule]) -> None:
+        self._set_enabled(request, queryset, True)
+
+    @admin.action(description="Disable selected rules")
+    def disable_rules(self, request: HttpRequest, queryset: QuerySet[ReplacementRule]) -> None:
+        self._set_enabled(request, queryset, False)

@@ -1,5 +1,5 @@
-"""Import and export of providers, keys, routes, clients, limits and capture rules as one YAML/JSON
-document.
+"""Import and export of providers, keys, routes, clients, limits, capture rules and replacement
+rules as one YAML/JSON document.
 
 The format is a public contract: keys.config_schema describes it (and publishes it as
 docs/config.schema.json). An example:
@@ -7,6 +7,7 @@ docs/config.schema.json). An example:
     version: 1                      # optional; the only version so far
     providers:
       openai: {kind: openai, base_url: "https://api.openai.com/v1", cooldown_seconds: 30}
+      local: {kind: openai_compatible, base_url: "http://127.0.0.1:11434/v1", requires_key: false}
     keys:
       - {id: openai-1, provider: openai, secret: "env://OPENAI_API_KEY_1", models: [gpt-4o-mini]}
     routes:
@@ -15,22 +16,36 @@ docs/config.schema.json). An example:
         deployments: [{provider: openai, model: gpt-4o-mini}]
     clients:
       - {name: ci, token: "env://LLMROTATE_CI_TOKEN", routes: ["*"], scopes: [proxy, monitor]}
+      - {name: evals, routes: ["*"], never_replace: true}   # never in an experiment
     limits:
       - {client: ci, requests_per_minute: 60, usd_per_day: "5.00"}
       - {route: gpt-4o-mini, tokens_per_minute: 200000, max_concurrent: 20}
     capture:
       - {client: ci, sample_rate: 0.1, until: "2026-12-07T12:00:00Z"}
+    replacement:                    # model replacement experiments (docs/replacement.md)
+      - name: mini-to-llama
+        route: gpt-4o-mini
+        target: {provider: local, model: llama3.2}    # or {route: another-route}
+        probability: 0.1
+        stickiness: per_session     # or per_request
+        sticky_turns: 20
+        min_turn: 3
+        clients: [ci]
+        without_tools: true
+        active_from: "2026-12-01T00:00:00Z"
+        active_until: "2026-12-15T00:00:00Z"
 
 Rules, chosen so that the same file can be applied again and again (GitOps, container start):
 
-- Everything is matched by name (provider name, key `id`, route name, client `name`; a limit
-  or a capture rule by its `client` and `route`) and created or updated. Re-importing an
-  unchanged file changes nothing.
+- Everything is matched by name (provider name, key `id`, route name, client `name`,
+  replacement rule `name`; a limit or a capture rule by its `client` and `route`) and created
+  or updated. Re-importing an unchanged file changes nothing.
 - Fields left out of an entry keep their current value (model defaults on create), so a
   hand-written file can be short and a change made in the admin survives. Required everywhere:
-  a provider's `base_url`, a key's `provider`, a route's `deployments`. A key's `secret` is
-  required only when the key is created.
-- A route's deployments are replaced, in the order given.
+  a provider's `base_url`, a key's `provider`, a route's `deployments`, a replacement rule's
+  `route` and `target`. A key's `secret` is required only when the key is created.
+- A route's deployments are replaced, in the order given; so is a replacement rule's `target`,
+  whole (`{provider, model}` or `{route}`).
 - A limit field written as `null` removes that limit; left out, it keeps its current value.
 - Rows in the database that the file does not mention are left alone; nothing is deleted.
 - Secrets: `env://NAME` and `file://path` are stored as references and never enter the
@@ -48,6 +63,7 @@ import hmac
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -64,6 +80,7 @@ from keys.config_schema import (
     KeyConfig,
     LimitConfig,
     ProviderConfig,
+    ReplacementConfig,
     RouteConfig,
     client_token,
     config_parse,
@@ -77,6 +94,7 @@ from keys.models import (
     Deployment,
     Limit,
     Provider,
+    ReplacementRule,
     Route,
     validate_pattern_model,
 )
@@ -203,6 +221,7 @@ def config_import(*, data: Any, dry_run: bool = False) -> ImportReport:
             _apply_clients(doc.clients or [], report, errors)
             _apply_limits(doc.limits or [], report, errors)
             _apply_capture(doc.capture or [], report, errors)
+            _apply_replacement(doc.replacement or [], providers, report, errors)
             if errors:
                 raise ConfigError(errors)
             if dry_run:
@@ -338,7 +357,11 @@ def _apply_clients(entries: list[ClientConfig], report: ImportReport, errors: li
             if client is None:
                 # The models' defaults (all routes, proxy only) for what the file leaves out.
                 client, created_token = client_token_create(
-                    name=entry.name, routes=entry.routes, scopes=entry.scopes, token=token
+                    name=entry.name,
+                    routes=entry.routes,
+                    scopes=entry.scopes,
+                    token=token,
+                    never_replace=entry.never_replace,
                 )
                 if token is None:
                     report.generated_tokens[entry.name] = created_token
@@ -351,12 +374,26 @@ def _apply_clients(entries: list[ClientConfig], report: ImportReport, errors: li
             given = entry.model_fields_set
             routes = entry.routes if "routes" in given else client.routes
             scopes = entry.scopes if "scopes" in given else client.scopes
+            never_replace = client.never_replace
+            if "never_replace" in given:
+                never_replace = entry.never_replace
             if token is not None and hmac.compare_digest(hash_token(token), client.token_hash):
                 token = None
-            if routes == client.routes and scopes == client.scopes and token is None:
+            if (
+                routes == client.routes
+                and scopes == client.scopes
+                and never_replace == client.never_replace
+                and token is None
+            ):
                 counts.unchanged += 1
                 continue
-            client_token_update(client_token=client, routes=routes, scopes=scopes, token=token)
+            client_token_update(
+                client_token=client,
+                routes=routes,
+                scopes=scopes,
+                token=token,
+                never_replace=never_replace,
+            )
             counts.updated += 1
 
 
@@ -394,6 +431,42 @@ def _apply_scoped(
             _upsert(row, model, {"client": client, "route": route}, values, counts)
 
 
+_REPLACEMENT_FIELD_NAMES = {
+    "target_provider": "target.provider",
+    "target_model": "target.model",
+    "target_route": "target.route",
+}
+
+
+def _apply_replacement(
+    entries: list[ReplacementConfig],
+    providers: dict[str, Provider],
+    report: ImportReport,
+    errors: list[str],
+) -> None:
+    """Replacement rules, matched by name; the `target` replaces the current one whole."""
+    counts = report.counts["replacement"]
+    routes = {r.name: r for r in Route.objects.all()}
+    for i, entry in enumerate(entries):
+        path = f"replacement[{i}]"
+        route = routes.get(entry.route)
+        target = entry.target
+        target_route = routes.get(target.route) if target.route is not None else None
+        if route is None or (target.route is not None and target_route is None):
+            continue  # its entry in `routes` failed: reported there
+        values: dict[str, Any] = {
+            **entry.values(),
+            "route_id": route.pk,
+            # Both kinds written, so that switching kind clears the other.
+            "target_provider_id": providers[target.provider].pk if target.provider else None,
+            "target_model": target.model or "",
+            "target_route_id": target_route.pk if target_route is not None else None,
+        }
+        with _collect(errors, path, _REPLACEMENT_FIELD_NAMES):
+            rule = ReplacementRule.objects.filter(name=entry.name).first()
+            _upsert(rule, ReplacementRule, {"name": entry.name}, values, counts)
+
+
 # ---------------------------------------------------------------------------------------------
 # Export
 
@@ -405,6 +478,8 @@ def config_export() -> dict[str, Any]:
     come without `secret`, which an import into the same database accepts (the secret is kept)
     and an import elsewhere rejects until one is added. Clients come without tokens; revoked
     clients are left out, and so are their limits. Limit fields without a limit are left out.
+    A replacement rule keeps every client name it lists, a revoked one's too (an import
+    elsewhere then needs that client).
     """
     keys = []
     for key in ApiKey.objects.select_related("provider").order_by("provider__name", "key_id"):
@@ -447,11 +522,17 @@ def config_export() -> dict[str, Any]:
             for r in Route.objects.order_by("name").prefetch_related("deployments__provider")
         },
         "clients": [
-            {"name": c.name, "routes": list(c.routes), "scopes": list(c.scopes)}
+            {
+                "name": c.name,
+                "routes": list(c.routes),
+                "scopes": list(c.scopes),
+                "never_replace": c.never_replace,
+            }
             for c in ClientToken.objects.filter(revoked_at__isnull=True).order_by("name")
         ],
         "limits": _export_limits(),
         "capture": _export_capture(),
+        "replacement": _export_replacement(),
     }
 
 
@@ -487,10 +568,49 @@ def _export_capture() -> list[dict[str, Any]]:
         if rule.route is not None:
             entry["route"] = rule.route.name
         entry["sample_rate"] = rule.sample_rate
-        entry["until"] = rule.until.isoformat().replace("+00:00", "Z") if rule.until else None
+        entry["until"] = _time_text(rule.until)
         entry["enabled"] = rule.enabled
         entries.append(entry)
     return sorted(entries, key=lambda e: (e.get("client", ""), e.get("route", "")))
+
+
+def _export_replacement() -> list[dict[str, Any]]:
+    rules = ReplacementRule.objects.select_related("route", "target_provider", "target_route")
+    entries = []
+    for rule in rules:
+        target: dict[str, str]
+        if rule.target_route is not None:
+            target = {"route": rule.target_route.name}
+        else:
+            assert rule.target_provider is not None  # replacement_one_target
+            target = {"provider": rule.target_provider.name, "model": rule.target_model}
+        entries.append(
+            {
+                "name": rule.name,
+                "route": rule.route.name,
+                "target": target,
+                "probability": rule.probability,
+                "stickiness": rule.stickiness,
+                "sticky_turns": rule.sticky_turns,
+                "min_turn": rule.min_turn,
+                # Names as written, revoked clients' too: dropping one could empty the list,
+                # which would mean every client.
+                "clients": list(rule.clients),
+                "without_tools": rule.without_tools,
+                "without_images": rule.without_images,
+                "active_from": _time_text(rule.active_from),
+                "active_until": _time_text(rule.active_until),
+                "seed": rule.seed,
+                "enabled": rule.enabled,
+                "position": rule.position,
+            }
+        )
+    # The order rules are tried in, sorted in Python like the others.
+    return sorted(entries, key=lambda e: (e["route"], e["position"], e["name"]))
+
+
+def _time_text(value: datetime | None) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value is not None else None
 
 
 def _decimal_text(value: Decimal) -> str:

@@ -27,6 +27,7 @@ from pydantic import (
     StringConstraints,
     ValidationInfo,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 from pydantic import ValidationError as PydanticValidationError
@@ -38,6 +39,7 @@ from keys.models import (
     ApiKey,
     ClientToken,
     Provider,
+    ReplacementRule,
     Route,
     slug_validator,
     validate_deployment_model,
@@ -47,7 +49,7 @@ from keys.services import CLIENT_TOKEN_MIN_LENGTH, SecretSpec, api_key_parse_sec
 from keys.strategies import DEFAULT_STRATEGY, STRATEGIES
 
 CONFIG_VERSION: Literal[1] = 1
-SECTIONS = ("providers", "keys", "routes", "clients", "limits", "capture")
+SECTIONS = ("providers", "keys", "routes", "clients", "limits", "capture", "replacement")
 # Postgres' `integer`, the narrowest column these numbers land in; SQLite would take more, and a
 # file that imports in one mode should import in the other.
 INT_MAX = 2**31 - 1
@@ -234,6 +236,10 @@ _STRATEGIES = sorted(value for value, _ in STRATEGIES)
 _Strategy = Annotated[str, _one_of(_STRATEGIES), Field(json_schema_extra={"enum": _STRATEGIES})]
 _SCOPES = sorted(ClientToken.Scope.values)
 _Scope = Annotated[str, _one_of(_SCOPES), Field(json_schema_extra={"enum": _SCOPES})]
+_STICKINESS = sorted(ReplacementRule.Stickiness.values)
+_Stickiness = Annotated[str, _one_of(_STICKINESS), Field(json_schema_extra={"enum": _STICKINESS})]
+# Not strict: a file gives a string, YAML may already have made it a datetime.
+_Time = Annotated[AwareDatetime, Field(strict=False)] | None
 
 _ENABLED = "false takes it out of routing without deleting it."
 _PROVIDER_REF = "A provider of this file or one already in the database."
@@ -366,6 +372,11 @@ class ClientConfig(_Entry):
         default=[ClientToken.Scope.PROXY.value],
         description="`proxy` to call models, `monitor` to read the monitoring API.",
     )
+    never_replace: bool = Field(
+        default=_default(ClientToken, "never_replace"),
+        description="true: this client's requests are never sent to a replacement model "
+        "(see `replacement`), whatever the rules say.",
+    )
 
 
 _NO_LIMIT = " null: no limit."
@@ -437,7 +448,7 @@ class CaptureConfig(_Entry):
         default=1.0, ge=0.0, le=1.0, description="The share of matching requests captured, 0-1."
     )
     # Not strict: a file gives a string, YAML may already have made it a datetime.
-    until: Annotated[AwareDatetime, Field(strict=False)] | None = Field(
+    until: _Time = Field(
         default=None,
         description="When capturing stops (ISO 8601 with a time zone, '2026-12-07T12:00:00Z'). "
         "null: no end.",
@@ -449,9 +460,153 @@ class CaptureConfig(_Entry):
         return self.model_dump(exclude_unset=True, exclude={"client", "route"})
 
 
+def _plain_model(value: str) -> str:
+    if "*" in value:
+        raise _error("a replacement's model is a plain model name, without '*'")
+    return value
+
+
+def _exact_route(value: str) -> str:
+    # A pattern has no deployments of its own until a request's model fills in its '*'.
+    if "*" in value:
+        raise _error("must be an exact route, not a pattern (a name with '*')")
+    return value
+
+
+class ReplacementTargetConfig(_Entry):
+    """Where replaced requests go first: a provider's model, or another route (its
+    deployments, in their order). The rule's own route stays behind it for failover."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [{"required": ["provider", "model"]}, {"required": ["route"]}],
+            "not": {
+                "anyOf": [{"required": ["provider", "route"]}, {"required": ["model", "route"]}]
+            },
+        }
+    )
+
+    provider: _ProviderRef | None = Field(
+        default=None,
+        json_schema_extra=_no_default,
+        description=_PROVIDER_REF + " Given with `model`.",
+    )
+    model: Annotated[_Text200, AfterValidator(_plain_model)] | None = Field(
+        default=None,
+        json_schema_extra=_no_default,
+        description="The model name sent to `provider`.",
+    )
+    route: Annotated[_RouteRef, AfterValidator(_exact_route)] | None = Field(
+        default=None,
+        json_schema_extra=_no_default,
+        description="Instead of `provider` and `model`: an exact route of this file or one "
+        "already in the database, not the rule's own.",
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ReplacementTargetConfig:
+        # Optional only so that either kind can be left out: a written null is a mistake.
+        for name in sorted(self.model_fields_set):
+            if getattr(self, name) is None:
+                raise _error(f"{name}: expected a non-empty string, got nothing")
+        if self.route is not None and (self.provider is not None or self.model is not None):
+            raise _error("either {provider, model} or {route}, not both")
+        if self.route is not None:
+            return self
+        if self.provider is None and self.model is None:
+            raise _error("expected {provider, model} or {route}")
+        if self.provider is None:
+            raise _error("a model needs its provider: {provider, model}")
+        if self.model is None:
+            raise _error("a provider needs the model to send it: {provider, model}")
+        return self
+
+
+class ReplacementConfig(_Entry):
+    """A model replacement experiment (docs/replacement.md), matched by `name`: a share of a
+    route's requests goes first to another model; the rest are its control group."""
+
+    name: _Name = Field(
+        description="Names the experiment in records, metrics and the response header."
+    )
+    route: _RouteRef = Field(
+        description="The route (by name) whose requests are replaced: one of this file or "
+        "already in the database."
+    )
+    target: ReplacementTargetConfig = Field(
+        description="{provider, model} or {route}: what answers a replaced request."
+    )
+    probability: float = Field(
+        default=_default(ReplacementRule, "probability"),
+        ge=0.0,
+        le=1.0,
+        description="The share of eligible requests replaced, 0-1.",
+    )
+    stickiness: _Stickiness = Field(
+        default=_default(ReplacementRule, "stickiness"),
+        description="`per_request`: each request draws again; `per_session`: a replaced "
+        "session stays replaced for `sticky_turns` turns.",
+    )
+    sticky_turns: Annotated[int, Field(ge=1, le=1000)] = Field(
+        default=_default(ReplacementRule, "sticky_turns"),
+        description="Per session: how many turns a replaced session stays replaced.",
+    )
+    min_turn: Annotated[int, Field(ge=0, le=32767)] = Field(
+        default=_default(ReplacementRule, "min_turn"),
+        description="Only from this turn of a session on; 0: any request.",
+    )
+    clients: list[_ClientRef] = Field(
+        default=_default(ReplacementRule, "clients"),
+        description="Only for these clients (by name, of this file or already in the "
+        "database); empty: every client.",
+    )
+    without_tools: bool = Field(
+        default=_default(ReplacementRule, "without_tools"),
+        description="Only requests that offer no tools.",
+    )
+    without_images: bool = Field(
+        default=_default(ReplacementRule, "without_images"),
+        description="Only requests that carry no images.",
+    )
+    active_from: _Time = Field(
+        default=None,
+        description="When the rule starts (ISO 8601 with a time zone, '2026-12-07T12:00:00Z'). "
+        "null: already.",
+    )
+    active_until: _Time = Field(
+        default=None,
+        description="When the rule stops (ISO 8601 with a time zone), after `active_from`. "
+        "null: no end.",
+    )
+    seed: Annotated[str, StringConstraints(max_length=64)] = Field(
+        default=_default(ReplacementRule, "seed"),
+        description="Seeds the draw; empty: the rule's name. The same request id (or session) "
+        "and seed always draw the same.",
+    )
+    enabled: bool = Field(default=_default(ReplacementRule, "enabled"), description=_ENABLED)
+    position: Annotated[int, Field(ge=0, le=INT_MAX)] = Field(
+        default=_default(ReplacementRule, "position"),
+        description="A route's rules are tried in this order (then by name); a request "
+        "belongs to the first whose conditions it meets.",
+    )
+
+    @field_validator("active_until")
+    @classmethod
+    def _after_start(cls, value: Any, info: ValidationInfo) -> Any:
+        start = info.data.get("active_from")
+        if value is not None and start is not None and value <= start:
+            raise _error("the window ends before it starts (active_from)")
+        return value
+
+    def values(self) -> dict[str, Any]:
+        """The ReplacementRule fields the file sets, other than its route and target."""
+        return self.model_dump(exclude_unset=True, exclude={"name", "route", "target"})
+
+
 class ConfigFile(_Entry):
-    """Providers, upstream keys, routes, clients and limits for llmrotate's `import_config`,
-    which creates or updates them by name and keeps what the file leaves out."""
+    """Providers, upstream keys, routes, clients, limits, capture and replacement rules for
+    llmrotate's `import_config`, which creates or updates them by name and keeps what the file
+    leaves out."""
 
     model_config = ConfigDict(
         title="llmrotate configuration",
@@ -482,6 +637,11 @@ class ConfigFile(_Entry):
         default=None,
         description="Wire-capture rules: which requests are recorded exactly as they crossed "
         "the wire (off unless a rule says so).",
+    )
+    replacement: list[ReplacementConfig] | None = Field(
+        default=None,
+        description="Model replacement experiments: a share of a route's requests answered "
+        "by another model (docs/replacement.md).",
     )
 
 
@@ -544,6 +704,8 @@ _MESSAGES = {
     "string_too_long": "longer than {max_length} characters",
     "int_type": "expected an integer, got {got}",
     "bool_type": "expected true or false, got {got}",
+    "float_type": "expected a number, got {got}",
+    "timezone_aware": "expected a time with a time zone, such as '2026-12-07T12:00:00Z'",
     "greater_than_equal": "must be at least {ge}",
     "less_than_equal": "must be at most {le}",
     "too_short": "expected a non-empty list of {{provider, model}}",  # only `deployments`
@@ -602,6 +764,7 @@ def _duplicates(data: dict[Any, Any]) -> list[tuple[Loc, str]]:
         ("keys", "id", str, "duplicate id '{value}' (also {first})"),
         ("clients", "name", str, "duplicate name '{value}' (also {first})"),
         ("clients", "token", token, "same token as {first}"),
+        ("replacement", "name", str, "duplicate name '{value}' (also {first})"),
     ]
     for section, field, identity, message in checks:
         entries = data.get(section)
@@ -619,7 +782,22 @@ def _duplicates(data: dict[Any, Any]) -> list[tuple[Loc, str]]:
         errors
         + _duplicate_scopes(data.get("limits"), "limits", "limit", unscoped=False)
         + _duplicate_scopes(data.get("capture"), "capture", "capture rule", unscoped=True)
+        + _own_route_targets(data.get("replacement"))
     )
+
+
+def _own_route_targets(entries: Any) -> list[tuple[Loc, str]]:
+    """A rule whose target is its own route would replace a route by itself. Checked here, on
+    the document as loaded: the target alone does not know which route its rule is on."""
+    errors: list[tuple[Loc, str]] = []
+    for i, entry in enumerate(entries if isinstance(entries, list) else []):
+        if not isinstance(entry, dict) or not isinstance(entry.get("target"), dict):
+            continue
+        route, target = entry.get("route"), entry["target"].get("route")
+        if isinstance(route, str) and route == target:
+            message = f"'{route}' is the rule's own route: a rule cannot point at its own route"
+            errors.append((("replacement", i, "target", "route"), message))
+    return errors
 
 
 def _duplicate_scopes(

@@ -261,6 +261,11 @@ class ClientToken(models.Model):
     )
     scopes = models.JSONField(default=list, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
+    never_replace = models.BooleanField(
+        default=False,
+        help_text="This client's requests are never sent to a replacement model "
+        "(docs/replacement.md): an opt-out from every experiment.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -411,3 +416,135 @@ class CaptureRule(models.Model):
 
     def __str__(self) -> str:
         return f"capture {self.client or 'any client'} on {self.route or 'any route'}"
+
+
+class ReplacementRule(models.Model):
+    """A model replacement experiment (docs/replacement.md): a share (`probability`) of a
+    route's eligible requests goes first to another model, either a provider's model or
+    another route; the rest are the experiment's control group. The route's own deployments
+    stay behind the target, so a failing target falls back to them."""
+
+    class Stickiness(models.TextChoices):
+        PER_REQUEST = "per_request", "per request (each request draws again)"
+        PER_SESSION = "per_session", "per session (a replaced session stays replaced)"
+
+    name = models.CharField(
+        max_length=64,
+        unique=True,
+        validators=[slug_validator],
+        help_text="Names the experiment in records, metrics and the response header.",
+    )
+    route = models.ForeignKey(Route, on_delete=models.CASCADE, related_name="replacement_rules")
+    position = models.PositiveIntegerField(
+        default=0,
+        help_text="Rules of a route are tried in this order; a request belongs to the first "
+        "whose conditions it meets.",
+    )
+    target_provider = models.ForeignKey(
+        Provider,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="replacement_rules",
+        help_text="The replacement: a provider and its model, …",
+    )
+    target_model = models.CharField(max_length=200, blank=True, default="")
+    target_route = models.ForeignKey(
+        Route,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="replacing_rules",
+        help_text="… or another route (its deployments, in their order).",
+    )
+    probability = models.FloatField(
+        default=0.1,
+        validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
+        help_text="The share of eligible requests replaced, from 0 to 1.",
+    )
+    stickiness = models.CharField(
+        max_length=16, choices=Stickiness.choices, default=Stickiness.PER_REQUEST
+    )
+    sticky_turns = models.PositiveIntegerField(
+        default=10,
+        validators=[MinValueValidator(1), MaxValueValidator(1000)],
+        help_text="Per session: a replaced session stays replaced for at most this many turns.",
+    )
+    min_turn = models.PositiveIntegerField(
+        default=0,
+        validators=[MaxValueValidator(32767)],
+        help_text="Only from this turn of a session on (0: any request).",
+    )
+    clients = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="Only for these client tokens (names); empty: every client.",
+    )
+    without_tools = models.BooleanField(
+        default=False, help_text="Only requests that offer no tools."
+    )
+    without_images = models.BooleanField(
+        default=False, help_text="Only requests that carry no images."
+    )
+    active_from = models.DateTimeField(null=True, blank=True)
+    active_until = models.DateTimeField(null=True, blank=True)
+    seed = models.CharField(
+        max_length=64,
+        blank=True,
+        default="",
+        help_text="Seeds the draw (empty: the rule's name): the same request id or session "
+        "and seed always draw the same.",
+    )
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["route__name", "position", "name"]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(probability__gte=0.0) & models.Q(probability__lte=1.0),
+                name="replacement_probability_0_1",
+                violation_error_message="The probability is a share from 0 to 1.",
+            ),
+            models.CheckConstraint(
+                condition=(
+                    models.Q(target_route__isnull=False, target_provider__isnull=True)
+                    | models.Q(target_route__isnull=True, target_provider__isnull=False)
+                ),
+                name="replacement_one_target",
+                violation_error_message="A replacement targets either a provider and model, "
+                "or another route.",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def target_label(self) -> str:
+        if self.target_route_id is not None:
+            return f"route {self.target_route}"
+        return f"{self.target_provider}/{self.target_model}"
+
+    def clean(self) -> None:
+        errors: dict[str, str] = {}
+        if self.target_provider_id is not None and not self.target_model:
+            errors["target_model"] = "A provider target needs the model to send it."
+        if self.target_provider_id is None and self.target_route_id is None:
+            errors["target_route"] = "Choose a target: a provider and model, or another route."
+        if self.target_provider_id is not None and self.target_route_id is not None:
+            errors["target_route"] = "Choose one target: a provider and model, or a route."
+        if self.target_route_id is not None and self.target_route_id == self.route_id:
+            errors["target_route"] = "A rule cannot point at its own route."
+        if "*" in self.target_model:
+            errors["target_model"] = "A replacement's model is a plain model name."
+        route = getattr(self, "target_route", None)
+        if route is not None and "*" in route.name:
+            errors["target_route"] = "The target route must be an exact route, not a pattern."
+        if self.active_from and self.active_until and self.active_until <= self.active_from:
+            errors["active_until"] = "The window ends before it starts."
+        if not isinstance(self.clients, list) or not all(isinstance(c, str) for c in self.clients):
+            errors["clients"] = 'A list of client token names, e.g. ["ci"].'
+        if errors:
+            raise ValidationError(errors)

@@ -23,7 +23,17 @@ from common.redaction import mask_secret
 from keys.crypto import SecretError
 from keys.health import KeyPolicy
 from keys.limits import LimitSpec
-from keys.models import LIMIT_FIELDS, ApiKey, CaptureRule, ClientToken, Limit, Provider, Route
+from keys.models import (
+    LIMIT_FIELDS,
+    ApiKey,
+    CaptureRule,
+    ClientToken,
+    Limit,
+    Provider,
+    ReplacementRule,
+    Route,
+)
+from keys.replacement import ReplacementSpec
 from keys.secrets import api_key_resolve_secret
 
 logger = logging.getLogger("llmrotate.keys")
@@ -74,6 +84,8 @@ class DeploymentInfo:
     keys: tuple[UpstreamKey, ...]
     # Resolved from a pattern route: the model as configured (`*`), `model` being the name sent.
     pattern_model: str = ""
+    # The replacement rule that put this deployment in front of the route's own (keys.replacement).
+    replacement: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +156,7 @@ class TokenInfo:
     routes: frozenset[str]
     scopes: frozenset[str]
     revoked: bool
+    never_replace: bool = False
 
     def allows_route(self, route: str) -> bool:
         return "*" in self.routes or route in self.routes
@@ -169,6 +182,8 @@ class RoutingSnapshot:
     limits: dict[tuple[str, str], LimitSpec] = field(default_factory=dict)
     # Enabled wire-capture rules (keys.models.CaptureRule); usually none.
     capture: tuple[CaptureSpec, ...] = ()
+    # Enabled replacement rules by route (configured) name, in order (keys.replacement).
+    replacements: dict[str, tuple[ReplacementSpec, ...]] = field(default_factory=dict)
     loaded_at: float = 0.0
 
     def capture_rate(self, client: str, route: str, *, now: float) -> float:
@@ -236,6 +251,7 @@ def routing_load() -> RoutingSnapshot:
             policy=policy,
             keys=keys,
         )
+    deployments_by_route: dict[int, tuple[DeploymentInfo, ...]] = {}
     for route in Route.objects.filter(enabled=True).prefetch_related("deployments"):
         deployments = []
         for dep in route.deployments.all():
@@ -249,6 +265,7 @@ def routing_load() -> RoutingSnapshot:
             deployments.append(
                 DeploymentInfo(position=dep.position, provider=info, model=dep.model, keys=serving)
             )
+        deployments_by_route[route.pk] = tuple(deployments)
         info_route = RouteInfo(
             name=route.name,
             strategy=route.strategy,
@@ -268,6 +285,7 @@ def routing_load() -> RoutingSnapshot:
             routes=frozenset(token.routes or ()),
             scopes=frozenset(token.scopes or ()),
             revoked=token.revoked_at is not None,
+            never_replace=token.never_replace,
         )
     for limit in Limit.objects.select_related("client", "route"):
         spec = LimitSpec(
@@ -288,7 +306,56 @@ def routing_load() -> RoutingSnapshot:
             "client", "route"
         )
     )
+    snapshot.replacements = _replacements_load(providers, deployments_by_route)
     return snapshot
+
+
+# Replacement deployments get positions of their own, so that round-robin over a target's
+# keys never shares its counter with a deployment of the route (Failover._ordered_keys).
+_REPLACEMENT_POSITION = 100_000
+
+
+def _replacements_load(
+    providers: dict[int, ProviderInfo], deployments_by_route: dict[int, tuple[DeploymentInfo, ...]]
+) -> dict[str, tuple[ReplacementSpec, ...]]:
+    """The enabled rules of enabled routes, each with its target's deployments in front."""
+    out: dict[str, list[ReplacementSpec]] = {}
+    rules = ReplacementRule.objects.filter(enabled=True, route__enabled=True).select_related(
+        "route", "target_route", "target_provider"
+    )
+    for rule in rules.order_by("route__name", "position", "name"):
+        if rule.target_route_id is not None:
+            own = deployments_by_route.get(rule.target_route_id, ())
+        else:
+            info = providers.get(rule.target_provider_id or 0)
+            own = ()
+            if info is not None:
+                keys = tuple(k for k in info.keys if not k.models or rule.target_model in k.models)
+                own = (
+                    DeploymentInfo(position=0, provider=info, model=rule.target_model, keys=keys),
+                )
+        targets = tuple(
+            dataclasses.replace(dep, position=_REPLACEMENT_POSITION + i, replacement=rule.name)
+            for i, dep in enumerate(own)
+        )
+        out.setdefault(rule.route.name, []).append(
+            ReplacementSpec(
+                name=rule.name,
+                seed=rule.seed or rule.name,
+                probability=rule.probability,
+                per_session=rule.stickiness == ReplacementRule.Stickiness.PER_SESSION,
+                sticky_turns=rule.sticky_turns,
+                min_turn=rule.min_turn,
+                clients=frozenset(rule.clients or ()),
+                without_tools=rule.without_tools,
+                without_images=rule.without_images,
+                active_from=rule.active_from.timestamp() if rule.active_from else None,
+                active_until=rule.active_until.timestamp() if rule.active_until else None,
+                target=rule.target_label,
+                deployments=targets,
+            )
+        )
+    return {route: tuple(specs) for route, specs in out.items()}
 
 
 def _specificity(route: RouteInfo) -> tuple[int, str]:

@@ -224,6 +224,7 @@ def client_token_create(
     routes: list[str],
     scopes: list[str],
     token: str | None = None,
+    never_replace: bool = False,
 ) -> tuple[ClientToken, str]:
     """Create a client token; returns it with the plaintext, which the caller shows ONCE.
 
@@ -238,7 +239,12 @@ def client_token_create(
         prefix, token_hash = _token_credentials(token)
     _ensure_prefix_free(prefix)
     client = ClientToken(
-        name=name, prefix=prefix, token_hash=token_hash, routes=routes, scopes=scopes
+        name=name,
+        prefix=prefix,
+        token_hash=token_hash,
+        routes=routes,
+        scopes=scopes,
+        never_replace=never_replace,
     )
     client.full_clean(exclude=["prefix", "token_hash"])
     client.save()
@@ -252,11 +258,15 @@ def client_token_update(
     routes: list[str],
     scopes: list[str],
     token: str | None = None,
+    never_replace: bool | None = None,
 ) -> ClientToken:
-    """Change what a client may do and, when `token` is given, replace its token (by hash)."""
+    """Change what a client may do and, when `token` is given, replace its token (by hash).
+    `never_replace` None keeps the current opt-out from replacement experiments."""
     _validate_client_fields(routes=routes, scopes=scopes)
     client_token.routes = routes
     client_token.scopes = scopes
+    if never_replace is not None:
+        client_token.never_replace = never_replace
     if token is not None:
         prefix, token_hash = _token_credentials(token)
         _ensure_prefix_free(prefix, exclude_pk=client_token.pk)

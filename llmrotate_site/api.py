@@ -17,6 +17,8 @@ from proxy.api import router as proxy_router
 from proxy.calls import refusal_record
 from usage.api import router as usage_router
 from usage.lip_api import router as lip_usage_router
+from usage.replacement_api import lip_router as lip_replacement_router
+from usage.replacement_api import router as replacement_router
 
 logger = logging.getLogger("llmrotate.api")
 
@@ -122,8 +124,10 @@ def _unexpected(request: HttpRequest, exc: Exception) -> HttpResponse:
 
 # Before the proxy's /v1/: LLM Interactive Proxy's monitoring paths live under it.
 api.add_router("/v1/usage/", lip_usage_router)
+api.add_router("/v1/replacement/", lip_replacement_router)
 api.add_router("/v1/", proxy_router)
 api.add_router("/api/health/", healthchecks_router)
 api.add_router("/api/", keys_router)
 api.add_router("/api/", usage_router)
+api.add_router("/api/replacement/", replacement_router)
 api.add_router("", metrics_router)

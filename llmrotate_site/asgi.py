@@ -271,9 +271,13 @@ async def _send_error(scope: Scope, send: Any, error: ApiError) -> None:
 
 
 def _proxied(path: str) -> bool:
-    """The proxy's calls take the fast path. `/v1/usage/` is the monitoring API under LLM
-    Interactive Proxy's paths: it needs the full stack (sessions for staff, CORS)."""
-    return path.startswith("/v1/") and not path.startswith("/v1/usage/")
+    """The proxy's calls take the fast path. `/v1/usage/` and `/v1/replacement/` are the
+    monitoring API under LLM Interactive Proxy's paths: they need the full stack (sessions for
+    staff, CORS)."""
+    return path.startswith("/v1/") and not path.startswith(_MONITORING_UNDER_V1)
+
+
+_MONITORING_UNDER_V1 = ("/v1/usage/", "/v1/replacement/")
 
 
 async def application(scope: Scope, receive: Any, send: Any) -> None:

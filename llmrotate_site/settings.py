@@ -56,7 +56,7 @@ CORS_ALLOWED_ORIGINS = env.list("LLMROTATE_CORS_ORIGINS", default=[])
 # The monitoring API only. Never the proxy (its /v1/ calls skip the middleware anyway, see
 # asgi.ProxyHandler, but a page must not be invited to spend the keys), nor the admin and the
 # dashboard, which work with a session cookie.
-CORS_URLS_REGEX = r"^/(api|v1/usage)/"
+CORS_URLS_REGEX = r"^/(api|v1/usage|v1/replacement)/"
 # Callers send their token in Authorization; no cookie is needed, so a page elsewhere that a
 # logged-in admin visits cannot read the API with the admin's session.
 CORS_ALLOW_CREDENTIALS = False

@@ -48,6 +48,7 @@ from proxy.openai_apis import (
     responses_validate,
     stream_flag_check,
 )
+from proxy.replacement import OPT_OUT_FIELD, replacement_assign
 from proxy.validation import body_check_conversation, body_load, json_body_doc
 
 router = Router(tags=["Proxy (OpenAI and Anthropic wire formats)"])
@@ -208,6 +209,19 @@ async def _run(
     request: HttpRequest, ctx: CallContext, snapshot: RoutingSnapshot, *, operation: str
 ) -> HttpResponse | StreamingHttpResponse:
     """The engine's answer for a request whose route is found and whose context is built."""
+    if ctx.dialect.records:
+        ctx.route, ctx.replacement = replacement_assign(
+            snapshot,
+            ctx.route,
+            client=ctx.client,
+            caller=ctx.caller,
+            body=ctx.body,
+            headers=request.headers,
+            request_id=ctx.request_id,
+            now=time.time(),
+        )
+    else:
+        ctx.body.pop(OPT_OUT_FIELD, None)  # ours: never forwarded
     request.llmrotate_recorded = True  # type: ignore[attr-defined]  # the engine records it
     # Not reset: a stream is relayed after the view returns, in this request's own task
     # (whose context ends with it), and its log lines carry the id too.

@@ -80,6 +80,8 @@ class CallContext:
     _span_final: tuple[dict[str, Any], str | None] | None = field(default=None)
     # The request's wire capture (proxy.capture.RequestCapture), when a capture rule chose it.
     capture: Any = None
+    # The replacement experiment the request belongs to (proxy.replacement.Assignment).
+    replacement: Any = None
 
     def trace(self, headers: Any, *, operation: str = "chat") -> None:
         """Start the request's span, continuing the client's `traceparent` (in `headers`)."""
@@ -196,7 +198,19 @@ class CallContext:
             metric_route=self.route.pattern or None,
             captured=self.capture is not None,
             **self.caller.record_fields(),
+            **self.replacement_fields(),
         )
+
+    def replacement_fields(self) -> dict[str, Any]:
+        """The CallRecord fields of the request's replacement experiment."""
+        assignment = self.replacement
+        if assignment is None:
+            return {}
+        return {
+            "experiment": assignment.rule,
+            "arm": assignment.arm,
+            "replacement_start": assignment.start,
+        }
 
     @property
     def client_dialect(self) -> str:
@@ -428,6 +442,8 @@ def attempt_record(
         metric_route=ctx.route.pattern or None,
         metric_model=(deployment.pattern_model or None) if deployment else None,
         captured=ctx.capture is not None,
+        replacement_attempt=bool(deployment and deployment.replacement),
+        **ctx.replacement_fields(),
     )
     if span is not None:
         # The usage log line names the attempt's span, so a log line leads to its trace.

@@ -63,9 +63,10 @@ from proxy.classify import (
     endpoint_failed,
 )
 from proxy.dialects import Dialect, ToolCalls, Usage, encode_body, json_object
+from proxy.replacement import REPLACED_FALLBACK_HEADER, REPLACED_HEADER
 from proxy.streaming import StreamRelay
 from proxy.translate import Untranslatable
-from usage.models import CLIENT_CLOSED_STATUS
+from usage.models import CLIENT_CLOSED_STATUS, Arm
 
 logger = logging.getLogger("llmrotate.proxy")
 # Only orders keys for the weighted strategy; nothing secret depends on it.
@@ -115,6 +116,12 @@ class Failover:
         answer = await self._walk()
         for name, value in headers.items():
             answer[name] = value
+        assignment = self.ctx.replacement
+        if assignment is not None and assignment.arm == Arm.REPLACED:
+            answer[REPLACED_HEADER] = assignment.rule
+            last = self.last_deployment
+            if last is not None and not last.replacement:
+                answer[REPLACED_FALLBACK_HEADER] = "true"
         return answer
 
     async def _admit(self) -> dict[str, str]:

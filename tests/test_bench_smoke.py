@@ -116,3 +116,27 @@ def test_capture_overhead_benchmark_runs(tmp_path: Path) -> None:
     assert run_["capture_files"]["bytes"] > 0
     assert "| 1 | stream | 1 |" in result.stdout
     assert "capture adds" in result.stdout
+
+
+def test_replacement_rules_benchmark_runs(tmp_path: Path) -> None:
+    out = tmp_path / "replacement.json"
+    result = run(
+        "bench/replacement_rules.py", "--quick", "--calls", "5000", "--output", str(out),
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    local = report["in_process"]
+    # The rules really ran: the never-eligible rule took nothing, the other two drew.
+    assert local["by_rule"]["ci-canary"]["eligible"] == 0
+    assert 0 < local["replaced_share"] < 1
+    (run_,) = report["gateway"]["runs"]
+    (level,) = run_["levels"]
+    for kind in ("json", "stream"):
+        assert {"direct", "plain-4o-mini", "rules-4o-mini"} <= set(level[kind])
+    # Through the gateway too: some of the rules route's calls were recorded as replaced.
+    assert any(
+        key.startswith("rules-4o-mini") and key.endswith(" replaced")
+        for key in run_["final_records_by_arm"]
+    ), run_["final_records_by_arm"]
+    assert "three rules add" in result.stdout

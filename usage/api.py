@@ -65,7 +65,9 @@ from usage.selectors import Stats, Totals
 router = Router(tags=["Monitoring"], auth=monitor_auth)
 
 
-def _frame(q: TimeFrameQuery, *, now: datetime, default_window: str | None = None) -> TimeFrame:
+def query_frame(
+    q: TimeFrameQuery, *, now: datetime, default_window: str | None = None
+) -> TimeFrame:
     try:
         return timeframe_parse(
             window=q.window, since=q.since, until=q.until, now=now, default_window=default_window
@@ -160,7 +162,7 @@ def _provider_out(provider: str, totals: Totals) -> dict[str, Any]:
 )
 def usage_by_provider(request: HttpRequest, q: Query[FilterQuery]) -> dict[str, Any]:
     now = timezone.now()
-    frame = _frame(q, now=now)
+    frame = query_frame(q, now=now)
     rows = selectors.usage_totals_by(
         group=("provider",), frame=frame, filters=_rollup_filters(request, q), now=now
     )
@@ -188,7 +190,7 @@ def usage_by_provider(request: HttpRequest, q: Query[FilterQuery]) -> dict[str, 
 )
 def usage_by_model(request: HttpRequest, q: Query[ModelsQuery]) -> dict[str, Any]:
     now = timezone.now()
-    frame = _frame(q, now=now)
+    frame = query_frame(q, now=now)
     column: ModelColumn = "upstream_model" if q.by == "upstream_model" else "requested_model"
     rows = selectors.usage_totals_by(
         group=("provider", column), frame=frame, filters=_rollup_filters(request, q), now=now
@@ -216,7 +218,7 @@ def usage_by_model(request: HttpRequest, q: Query[ModelsQuery]) -> dict[str, Any
 )
 def usage_reconciliation(request: HttpRequest, q: Query[ReconciliationQuery]) -> dict[str, Any]:
     now = timezone.now()
-    frame = _frame(q, now=now)
+    frame = query_frame(q, now=now)
     column: ModelColumn = "requested_model" if q.by == "model" else "upstream_model"
     filters = _rollup_filters(request, q)
     rows = reconciliation_by_model(frame=frame, filters=filters, now=now, by=column)
@@ -239,7 +241,7 @@ def usage_reconciliation(request: HttpRequest, q: Query[ReconciliationQuery]) ->
 )
 def usage_timeseries(request: HttpRequest, q: Query[TimeseriesQuery]) -> dict[str, Any]:
     now = timezone.now()
-    frame = _frame(q, now=now, default_window="24h")
+    frame = query_frame(q, now=now, default_window="24h")
     try:
         bucket = parse_bucket(q.bucket) if q.bucket else default_bucket(frame, now=now)
         buckets = selectors.usage_timeseries(
@@ -273,7 +275,7 @@ def usage_timeseries(request: HttpRequest, q: Query[TimeseriesQuery]) -> dict[st
 )
 def usage_stats(request: HttpRequest, q: Query[FilterQuery]) -> dict[str, Any]:
     now = timezone.now()
-    frame = _frame(q, now=now)
+    frame = query_frame(q, now=now)
     filters = _rollup_filters(request, q)
     stats = selectors.usage_stats(frame=frame, filters=filters, now=now)
     sessions: dict[str, Any] | None = None
@@ -308,7 +310,7 @@ def _sessions_of(sessions: dict[str, SessionStats], client: str) -> int:
 )
 def usage_clients(request: HttpRequest, q: Query[FilterQuery]) -> dict[str, Any]:
     now = timezone.now()
-    frame = _frame(q, now=now)
+    frame = query_frame(q, now=now)
     filters = _rollup_filters(request, q)
     rows = selectors.usage_stats_by(group="client", frame=frame, filters=filters, now=now)
     tokens = {t.name: t.masked for t in ClientToken.objects.filter(name__in=[n for n, _ in rows])}
@@ -334,7 +336,7 @@ def usage_clients(request: HttpRequest, q: Query[FilterQuery]) -> dict[str, Any]
 )
 def usage_operations(request: HttpRequest, q: Query[FilterQuery]) -> dict[str, Any]:
     now = timezone.now()
-    frame = _frame(q, now=now)
+    frame = query_frame(q, now=now)
     filters = _rollup_filters(request, q)
     rows = selectors.usage_stats_by(group="operation", frame=frame, filters=filters, now=now)
     operations = [{"operation": name, **_stats_out(stats)} for name, stats in rows]
@@ -347,7 +349,7 @@ def usage_operations(request: HttpRequest, q: Query[FilterQuery]) -> dict[str, A
     summary="Call records, newest first, paginated",
 )
 def usage_recent(request: HttpRequest, q: Query[RecentQuery]) -> dict[str, Any]:
-    frame = _frame(q, now=timezone.now())
+    frame = query_frame(q, now=timezone.now())
     try:
         page = record_selectors.usage_recent_page(
             frame=frame, filters=_filters(q), limit=q.limit, cursor=q.cursor
@@ -361,7 +363,7 @@ def usage_recent(request: HttpRequest, q: Query[RecentQuery]) -> dict[str, Any]:
     "/events", response={200: EventsOut, **QUERY_ERRORS}, summary="Recent call records, newest last"
 )
 def events(request: HttpRequest, q: Query[EventsQuery]) -> dict[str, Any]:
-    frame = _frame(q, now=timezone.now())
+    frame = query_frame(q, now=timezone.now())
     return {
         "events": record_selectors.usage_events(frame=frame, filters=_filters(q), limit=q.limit)
     }
@@ -404,7 +406,7 @@ def request_detail(request: HttpRequest, request_id: PlainText) -> dict[str, Any
 )
 def usage_export_download(request: HttpRequest, q: Query[ExportQuery]) -> StreamingHttpResponse:
     now = timezone.now()
-    frame = _frame(q, now=now)
+    frame = query_frame(q, now=now)
     chunks: Iterator[str] = usage_export(frame=frame, filters=_filters(q), fmt=q.format)
     # Under ASGI a sync iterator would be read whole into memory first; see iterate_async.
     content = iterate_async(chunks) if isinstance(request, ASGIRequest) else chunks

@@ -79,6 +79,10 @@ class CallData:
     origin: str = ""
     app_title: str = ""
     captured: bool = False
+    experiment: str = ""
+    arm: str = ""
+    replacement_attempt: bool = False
+    replacement_start: bool = False
     # Never persisted. provider_kind (openai | anthropic | openai_compatible) picks the price
     # list; cache_write_tokens (Anthropic's cache_creation_input_tokens, part of prompt_tokens)
     # are priced above plain input; estimate is (prompt text, completion text), set only when

@@ -103,6 +103,12 @@ def sessions_stats(*, frame: TimeFrame, filters: UsageFilters) -> SessionStats:
     return _fold(rows.iterator(chunk_size=2000))
 
 
+def replaced_sessions(*, frame: TimeFrame, experiment: str) -> int:
+    """Distinct sessions a replacement rule replaced in the frame (their rows carry it)."""
+    rows = SessionRollup.objects.filter(_sessions_q(frame), experiment=experiment)
+    return _fold(rows.values_list("requests", "total_tokens", "sketch").iterator()).unique_sessions
+
+
 def sessions_by_client(*, frame: TimeFrame, filters: UsageFilters) -> dict[str, SessionStats]:
     """client → its sessions, turns, requests and tokens in the frame."""
     rows = _session_rows(frame, filters).values_list("client", "requests", "total_tokens", "sketch")

@@ -33,6 +33,8 @@ class UsageFilters:
     session_id: str | None = None
     user_agent: str | None = None
     origin: str | None = None
+    experiment: str | None = None
+    arm: str | None = None
 
     def equalities(self) -> dict[str, Any]:
         """column → value for the filters that are plain equalities, on columns that call
@@ -47,6 +49,8 @@ class UsageFilters:
             ("stream", self.stream),
             ("client_status", self.client_status),
             ("operation", self.operation),
+            ("experiment", self.experiment),
+            ("arm", self.arm),
         )
         return {column: value for column, value in pairs if value is not None}
 
@@ -80,5 +84,5 @@ class UsageFilters:
     def conversation_unsupported(self) -> list[str]:
         """Filters set here that the session and tool rollups cannot apply (they carry only
         provider, requested model and client)."""
-        names = ("key", "status", "stream", "upstream_model", "client_status")
+        names = ("key", "status", "stream", "upstream_model", "client_status", "experiment", "arm")
         return [name for name in names if getattr(self, name) is not None] + self.record_only()

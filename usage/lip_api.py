@@ -40,7 +40,7 @@ from usage.lip_selectors import ExportPlan, LipStats
 router = Router(tags=["LLM Interactive Proxy compatibility"], auth=monitor_auth)
 
 
-def _known_only(request: HttpRequest, query: type[Schema]) -> None:
+def known_only(request: HttpRequest, query: type[Schema]) -> None:
     accepted = list(query.model_fields)
     unknown = sorted(set(request.GET) - set(accepted))
     if unknown:
@@ -51,7 +51,7 @@ def _known_only(request: HttpRequest, query: type[Schema]) -> None:
         )
 
 
-def _frame(start_date: str | None, end_date: str | None) -> TimeFrame:
+def lip_frame(start_date: str | None, end_date: str | None) -> TimeFrame:
     try:
         since = parse_timestamp(start_date, param="start_date") if start_date else None
         end = parse_timestamp(end_date, param="end_date") if end_date else None
@@ -87,8 +87,8 @@ def _timing_out(stats: LipStats, name: str) -> TimingStatsOut | None:
     summary="Aggregated usage (LLM Interactive Proxy's GET /v1/usage/stats)",
 )
 def lip_usage_stats(request: HttpRequest, q: Query[LipStatsQuery]) -> dict[str, Any]:
-    _known_only(request, LipStatsQuery)
-    frame = _frame(q.start_date, q.end_date)
+    known_only(request, LipStatsQuery)
+    frame = lip_frame(q.start_date, q.end_date)
     filters = _filters(q)
     stats = lip_selectors.lip_stats(frame=frame, filters=filters, now=timezone.now())
     return {
@@ -127,10 +127,10 @@ def lip_usage_stats(request: HttpRequest, q: Query[LipStatsQuery]) -> dict[str, 
     summary="Requests, newest first (LLM Interactive Proxy's GET /v1/usage/recent)",
 )
 def lip_usage_recent(request: HttpRequest, q: Query[LipRecentQuery]) -> dict[str, Any]:
-    _known_only(request, LipRecentQuery)
+    known_only(request, LipRecentQuery)
     page = lip_selectors.lip_recent(
         filters=_filters(q),
-        frame=_frame(q.start_date, q.end_date),
+        frame=lip_frame(q.start_date, q.end_date),
         limit=q.limit,
         offset=q.offset,
         now=timezone.now(),
@@ -162,8 +162,8 @@ def _export_chunks(plan: ExportPlan, *, head: dict[str, Any]) -> Iterator[str]:
     "GET /v1/usage/export)",
 )
 def lip_usage_export(request: HttpRequest, q: Query[LipExportQuery]) -> StreamingHttpResponse:
-    _known_only(request, LipExportQuery)
-    frame = _frame(q.start_date, q.end_date)
+    known_only(request, LipExportQuery)
+    frame = lip_frame(q.start_date, q.end_date)
     plan = lip_selectors.lip_export_plan(filters=_filters(q), frame=frame)
     now: datetime = timezone.now()
     head = {

@@ -15,10 +15,10 @@ _BACKEND = (
     "openai_compatible) or a provider name."
 )
 _MODEL = "Only requests for this model: the route the client asked for, or the upstream model."
-_START = (
+LIP_START = (
     "Start (inclusive), ISO 8601, e.g. 2025-12-01T00:00:00Z or 2025-12-01. Naive times are UTC."
 )
-_END = "End (inclusive), ISO 8601. Omitted: up to now."
+LIP_END = "End (inclusive), ISO 8601. Omitted: up to now."
 
 
 class LipFilterQuery(Schema):
@@ -26,8 +26,8 @@ class LipFilterQuery(Schema):
 
     backend_type: PlainText | None = Field(None, description=_BACKEND)
     model: PlainText | None = Field(None, description=_MODEL)
-    start_date: Timestamp | None = Field(None, description=_START)
-    end_date: Timestamp | None = Field(None, description=_END)
+    start_date: Timestamp | None = Field(None, description=LIP_START)
+    end_date: Timestamp | None = Field(None, description=LIP_END)
     http_status_code: int | None = Field(
         None, ge=100, le=599, description="Only requests whose client got this HTTP status."
     )

@@ -38,6 +38,15 @@ class Outcome(models.TextChoices):
     REFUSED = "refused", "refused by the gateway"
 
 
+class Arm(models.TextChoices):
+    """Where a request eligible for a replacement experiment went, and why."""
+
+    REPLACED = "replaced", "replaced"
+    CONTROL = "control", "not replaced (drawn)"
+    OPT_OUT_HEADER = "opt_out_header", "opted out (header or body field)"
+    OPT_OUT_TOKEN = "opt_out_token", "opted out (client token)"
+
+
 class UsageSource(models.TextChoices):
     REPORTED = "reported", "reported by upstream"
     ESTIMATED = "estimated", "estimated (tiktoken)"
@@ -141,6 +150,16 @@ class CallRecord(models.Model):
     # The attempt was wire-captured (usage.capture): its exchanges are in a capture file of
     # the hour it ended in, unless pruned since.
     captured = models.BooleanField(default=False)
+    # Model replacement experiments (keys.models.ReplacementRule): the rule the request was
+    # eligible for, and its arm (Arm); every attempt of a request carries the request's.
+    experiment = models.CharField(max_length=64, blank=True, default="")
+    arm = models.CharField(max_length=16, blank=True, default="")
+    replacement_attempt = models.BooleanField(
+        default=False, help_text="This attempt went to the replacement target."
+    )
+    replacement_start = models.BooleanField(
+        default=False, help_text="This request began its session's replacement."
+    )
 
     class Meta:
         ordering = ["-started_at", "-id"]
@@ -217,6 +236,8 @@ RollupDimension = Literal[
     "ok",
     "client_status",
     "operation",
+    "experiment",
+    "arm",
 ]
 ROLLUP_DIMENSIONS: tuple[RollupDimension, ...] = get_args(RollupDimension)
 OUTCOME_COLUMNS = {outcome.value: f"outcome_{outcome.value}" for outcome in Outcome}
@@ -256,9 +277,14 @@ class UsageRollup(models.Model):
     # values, almost all 200, so status_code_counts comes from sums like everything else.
     client_status = models.SmallIntegerField(default=0)
     operation = models.CharField(max_length=24, default=Operation.CHAT)
+    experiment = models.CharField(max_length=64, blank=True, default="")
+    arm = models.CharField(max_length=16, blank=True, default="")
 
     calls = models.IntegerField(default=0)
     cost_e10 = models.BigIntegerField("cost (1e-10 USD)", null=True, blank=True)
+    # The sum of each record's cost squared (USD²): with the count and the sum, the variance
+    # of the cost per request, for the confidence interval of a replacement experiment.
+    cost_sq = models.FloatField(null=True, blank=True)
 
     class Meta:
         abstract = True
@@ -360,6 +386,9 @@ class SessionRollup(models.Model):
     client = models.CharField(max_length=100, blank=True, default="")
     provider = models.CharField(max_length=64, blank=True, default="")
     requested_model = models.CharField(max_length=200)
+    # Set on the rows of requests a replacement rule replaced (their sessions are the rule's
+    # replaced sessions); empty on every other.
+    experiment = models.CharField(max_length=64, blank=True, default="")
     requests = models.IntegerField(
         default=0, help_text="Requests that carried a session id: each is one of its turns."
     )
@@ -373,13 +402,42 @@ class SessionRollup(models.Model):
         db_table = "usage_rollup_session"
         constraints = [
             models.UniqueConstraint(
-                fields=["bucket_seconds", "bucket_start", "client", "provider", "requested_model"],
+                fields=[
+                    "bucket_seconds",
+                    "bucket_start",
+                    "client",
+                    "provider",
+                    "requested_model",
+                    "experiment",
+                ],
                 name="usage_rollup_session_key",
             )
         ]
 
     def __str__(self) -> str:
         return f"{self.bucket_start:%Y-%m-%d %H:00} ({self.bucket_seconds} s) {self.client}"
+
+
+class ReplacementTurnRollup(models.Model):
+    """Per hour and replacement rule: at which turn of their session requests were first
+    replaced (docs/replacement.md says what "first" is for each kind of rule)."""
+
+    bucket_start = models.DateTimeField(help_text="UTC start of the hour.")
+    experiment = models.CharField(max_length=64)
+    turn = models.PositiveSmallIntegerField()
+    starts = models.IntegerField(default=0)
+
+    class Meta:
+        db_table = "usage_rollup_replacement_turn"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["bucket_start", "experiment", "turn"],
+                name="usage_rollup_replacement_turn_key",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.bucket_start:%Y-%m-%d %H:00} {self.experiment} turn {self.turn}"
 
 
 class ToolRollup(models.Model):

@@ -39,11 +39,13 @@ from usage.models import (
     OUTCOME_COLUMNS,
     ROLLUP_DIMENSIONS,
     TOKEN_COLUMNS,
+    Arm,
     CallRecord,
     DayRollup,
     HourRollup,
     MinuteRollup,
     Outcome,
+    ReplacementTurnRollup,
     SessionRollup,
     ToolRollup,
     UsageRollup,
@@ -66,6 +68,7 @@ ADDITIVE_COLUMNS: tuple[str, ...] = (
     *OUTCOME_COLUMNS.values(),
     *TOKEN_COLUMNS,
     "cost_e10",
+    "cost_sq",
     *(
         column
         for metric in METRICS
@@ -86,9 +89,9 @@ _REQUESTS, _TOOL_CALLS = _INDEX["requests"], _INDEX["tool_calls"]
 _COUNTED, _FORWARDED = _INDEX["counted_prompt_tokens"], _INDEX["forwarded_prompt_tokens"]
 _RECONCILED_REPORTED = _INDEX["reconciled_reported_tokens"]
 _RECONCILED_COUNTED = _INDEX["reconciled_counted_tokens"]
-_COST = _INDEX["cost_e10"]
+_COST, _COST_SQ = _INDEX["cost_e10"], _INDEX["cost_sq"]
 # What a flagged record leaves out until accepted: every token column and the cost.
-_USAGE_COLUMNS = (*TOKEN_COLUMNS, "cost_e10")
+_USAGE_COLUMNS = (*TOKEN_COLUMNS, "cost_e10", "cost_sq")
 _ESTIMATED_SOURCES = frozenset({UsageSource.ESTIMATED, UsageSource.EXTRAPOLATED})
 # Per metric: (record field, index of its count column, index of its first bin, the Metric).
 _METRIC_SLOTS = tuple(
@@ -109,7 +112,7 @@ def _key(r: CallRecord) -> Key:
     ok = r.outcome == Outcome.SUCCESS.value
     status = (r.client_status or 0) if r.final else 0
     return (started - started % 60, r.provider, r.requested_model, r.upstream_model, r.key_id,
-            r.client, bool(r.stream), ok, status, r.operation)  # fmt: skip
+            r.client, bool(r.stream), ok, status, r.operation, r.experiment, r.arm)  # fmt: skip
 
 
 def _add_usage(acc: Acc, r: CallRecord) -> None:
@@ -121,6 +124,7 @@ def _add_usage(acc: Acc, r: CallRecord) -> None:
         acc[_REPORTED] += r.total_tokens or 0
     if r.cost_usd is not None:
         acc[_COST] += int(Decimal(r.cost_usd) * _COST_FACTOR)
+        acc[_COST_SQ] += float(r.cost_usd) ** 2
     counted = r.counted_prompt_tokens
     if counted is not None:
         acc[_COUNTED] += counted
@@ -202,6 +206,7 @@ def rollups_upsert(*, records: Sequence[CallRecord]) -> None:
             _upsert_sqlite(model, level_rows)
     _sessions_upsert(records)
     _tools_upsert(records)
+    _replacement_turns_upsert(records)
 
 
 def _hour(r: CallRecord) -> datetime:
@@ -229,7 +234,8 @@ def _sessions_upsert(records: Sequence[CallRecord]) -> None:
         position = sketch_position(r.session_id)
         for seconds in SESSION_PERIODS:
             bucket = datetime.fromtimestamp(started - started % seconds, UTC)
-            key = (seconds, bucket, r.client, r.provider, r.requested_model)
+            experiment = r.experiment if r.arm == Arm.REPLACED else ""
+            key = (seconds, bucket, r.client, r.provider, r.requested_model, experiment)
             acc = rows.setdefault(key, [0, 0, bytearray(SKETCH_EMPTY)])
             acc[0] += 1 if r.final else 0
             acc[1] += 0 if r.usage_flagged else (r.total_tokens or 0)
@@ -240,7 +246,14 @@ def _sessions_upsert(records: Sequence[CallRecord]) -> None:
         return
     qn = connection.ops.quote_name
     t = qn(SessionRollup._meta.db_table)
-    names = ("bucket_seconds", "bucket_start", "client", "provider", "requested_model")
+    names = (
+        "bucket_seconds",
+        "bucket_start",
+        "client",
+        "provider",
+        "requested_model",
+        "experiment",
+    )
     keys = sorted(rows)
     adapt = connection.ops.adapt_datetimefield_value
     params = [(k[0], adapt(k[1]), *k[2:]) for k in keys]
@@ -249,7 +262,7 @@ def _sessions_upsert(records: Sequence[CallRecord]) -> None:
     with connection.cursor() as cursor:
         cursor.executemany(
             f"INSERT INTO {t} ({columns}, requests, total_tokens, sketch) "  # noqa: S608
-            f"VALUES (%s, %s, %s, %s, %s, 0, 0, %s) ON CONFLICT ({columns}) DO NOTHING",
+            f"VALUES (%s, %s, %s, %s, %s, %s, 0, 0, %s) ON CONFLICT ({columns}) DO NOTHING",
             [(*p, SKETCH_EMPTY) for p in params],
         )
         match = " AND ".join(f"{qn(c)} = %s" for c in names)
@@ -287,6 +300,18 @@ def _tools_upsert(records: Sequence[CallRecord]) -> None:
         sums=("calls",),
         rows=rows,
     )
+
+
+def _replacement_turns_upsert(records: Sequence[CallRecord]) -> None:
+    """Per (hour, rule, turn): the requests that began their session's replacement there."""
+    rows: dict[tuple[Any, ...], list[int]] = {}
+    for r in records:
+        if r.final and r.replacement_start:
+            rows.setdefault((_hour(r), r.experiment, r.turn), [0])[0] += 1
+    _side_upsert(
+        ReplacementTurnRollup, keys=("bucket_start", "experiment", "turn"), sums=("starts",),
+        rows=rows,
+    )  # fmt: skip
 
 
 def _side_upsert(

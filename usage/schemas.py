@@ -471,6 +471,15 @@ class RecordOut(Schema):
     user_agent: str = Field(description="The caller's User-Agent, truncated.")
     origin: str = Field(description="The caller's Origin header, without path or credentials.")
     app_title: str = Field(description="The caller's X-Title (app title) header, truncated.")
+    experiment: str = Field(
+        description="The replacement rule the request was eligible for; empty: none."
+    )
+    arm: str = Field(
+        description="Its arm: replaced, control, opt_out_header or opt_out_token; empty: none."
+    )
+    replacement_attempt: bool = Field(
+        description="This attempt went to the replacement target (false on a fallback)."
+    )
 
 
 class RecentOut(Schema):

@@ -167,6 +167,11 @@ def _stats(row: dict[str, Any]) -> Stats:
 _TPS = next(m for m in METRICS if m.name == "tokens_per_second")
 
 
+def stats_of(row: dict[str, Any]) -> Stats:
+    """The Stats of one (merged) rollup row with extremes."""
+    return _stats(row)
+
+
 def rollup_combine(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Rows of `rollup_merge` (with extremes) added into one."""
     out: dict[str, Any] = {}

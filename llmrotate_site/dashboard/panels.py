@@ -11,7 +11,7 @@ fast over 30 days of tens of millions of calls.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, cast
 
@@ -27,6 +27,7 @@ from healthchecks.selectors import (
     endpoint_health_list,
     health_history,
 )
+from keys.models import ReplacementRule
 from keys.selectors import (
     KeyHealth,
     ProviderHealth,
@@ -35,10 +36,19 @@ from keys.selectors import (
     pool_health,
 )
 from llmrotate_site.dashboard.query import DashboardQuery
+from llmrotate_site.dashboard.templatetags.dashboard import MINUS, NONE, ms, pct, usd
 from usage.conversation_selectors import sessions_by_client
 from usage.limit_selectors import MeterUsage, limits_overview
 from usage.reconciliation import reconciliation_by_model
 from usage.record_selectors import usage_recent_page
+from usage.replacement_selectors import (
+    MIN_SAMPLE,
+    ArmFigures,
+    Interval,
+    RuleMetrics,
+    replacement_activation,
+    replacement_metrics,
+)
 from usage.selectors import (
     Stats,
     UsageFilters,
@@ -327,6 +337,208 @@ def limits(request: HttpRequest, q: DashboardQuery) -> Context:
     }
 
 
+# --- experiments -------------------------------------------------------------------------------
+
+
+def _signed(value: float | None, unit: str = "", digits: int = 1) -> str:
+    """A difference with its sign always shown (+12 ms), a decrease with a true minus sign
+    (U+2212), as signed_percent writes them."""
+    if value is None:
+        return NONE
+    if round(value, digits) == 0:
+        return f"0{unit}"
+    sign = "+" if value > 0 else MINUS
+    return f"{sign}{abs(value):.{digits}f}{unit}"
+
+
+def _signed_usd(value: float | None) -> str:
+    """A cost difference: usd()'s precision, with its sign."""
+    if value is None:
+        return NONE
+    if value == 0:
+        return "$0"
+    return ("+" if value > 0 else MINUS) + usd(abs(value))
+
+
+def _points(value: float | None) -> str:
+    """A difference of two rates in percentage points."""
+    return _signed(None if value is None else value * 100, " points")
+
+
+def _interval(i: Interval, fmt: Callable[[float | None], str]) -> str:
+    if i.low is None or i.high is None:
+        return ""
+    return f"{fmt(i.low)} to {fmt(i.high)}"
+
+
+def _minus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def _effect_row(
+    key: str,
+    label: str,
+    replaced: str,
+    control: str,
+    difference: str = "",
+    interval: str = "",
+    *,
+    significant: bool = False,
+) -> Context:
+    return {
+        "key": key,
+        "label": label,
+        "replaced": replaced,
+        "control": control,
+        "difference": difference,
+        "interval": interval,
+        "significant": significant,
+    }
+
+
+def _decimal(value: float | None, digits: int) -> str:
+    return NONE if value is None else f"{value:,.{digits}f}"
+
+
+def _effectiveness(m: RuleMetrics) -> list[Context]:
+    """The side-by-side table: replaced against not replaced (control), a row per figure, with
+    the difference (replaced minus not replaced) and, where the selector gives one, its 95 %
+    interval. The error rate's interval is the success rate's, negated: one is 1 minus the
+    other in both arms."""
+    a, b = m.replaced_arm, m.control_arm
+    s, c = m.success_rate_difference, m.cost_per_request_difference
+    negated = Interval(
+        difference=None if s.difference is None else -s.difference,
+        low=None if s.high is None else -s.high,
+        high=None if s.low is None else -s.low,
+    )
+    rows = [
+        _effect_row("requests", "Requests", f"{a.requests:,}", f"{b.requests:,}"),
+        _effect_row(
+            "success_rate", "Success rate", pct(a.success_rate), pct(b.success_rate),
+            _points(s.difference), _interval(s, _points), significant=s.significant,
+        ),
+        _effect_row(
+            "error_rate", "Error rate", pct(a.error_rate), pct(b.error_rate),
+            _points(negated.difference), _interval(negated, _points),
+            significant=negated.significant,
+        ),
+    ]  # fmt: skip
+    outcomes = sorted(set(a.errors_by_outcome) | set(b.errors_by_outcome))
+    for outcome in outcomes:
+        na, nb = a.errors_by_outcome.get(outcome, 0), b.errors_by_outcome.get(outcome, 0)
+        ra = na / a.requests if a.requests else None
+        rb = nb / b.requests if b.requests else None
+        rows.append(
+            _effect_row(
+                f"errors:{outcome}", f"· {outcome.replace('_', ' ')}",
+                f"{pct(ra)} ({na:,})", f"{pct(rb)} ({nb:,})", _points(_minus(ra, rb)),
+            )
+        )  # fmt: skip
+    for key, label, metric in (
+        ("latency_p50", "Latency p50", "latency.p50"),
+        ("latency_p95", "Latency p95", "latency.p95"),
+        ("ttft_p50", "TTFT p50", "ttft.p50"),
+        ("ttft_p95", "TTFT p95", "ttft.p95"),
+    ):
+        stats, quantile = metric.split(".")
+        va = getattr(getattr(a, stats), quantile)
+        vb = getattr(getattr(b, stats), quantile)
+        rows.append(_effect_row(key, label, ms(va), ms(vb), _signed(_minus(va, vb), " ms", 0)))
+    tokens_a, tokens_b = a.per_request(a.completion_tokens), b.per_request(b.completion_tokens)
+    tools_a, tools_b = a.per_request(a.tool_calls), b.per_request(b.tool_calls)
+    cost_a, cost_b = a.per_request(a.cost_usd), b.per_request(b.cost_usd)
+    rows += [
+        _effect_row(
+            "completion_tokens_per_request", "Completion tokens per request",
+            _decimal(tokens_a, 1), _decimal(tokens_b, 1), _signed(_minus(tokens_a, tokens_b)),
+        ),
+        _effect_row(
+            "cost_per_request", "Cost per request", usd(cost_a), usd(cost_b),
+            _signed_usd(c.difference), _interval(c, _signed_usd), significant=c.significant,
+        ),
+        _effect_row(
+            "tool_calls_per_request", "Tool calls per request",
+            _decimal(tools_a, 2), _decimal(tools_b, 2), _signed(_minus(tools_a, tools_b), "", 2),
+        ),
+    ]  # fmt: skip
+    return rows
+
+
+def _answered_by(arm: ArmFigures) -> list[tuple[str, int]]:
+    return sorted(arm.answered_by.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def _activation_chart(m: RuleMetrics, q: DashboardQuery, bucket: timedelta) -> Context:
+    points = replacement_activation(rule=m.rule, frame=q.frame, bucket=bucket, now=q.now)
+    eligible = [p.eligible for p in points]
+    return {
+        "bucket_seconds": int(bucket.total_seconds()),
+        "labels": [p.start.isoformat() for p in points],
+        "eligible": eligible,
+        "replaced": [p.replaced for p in points],
+        "empty": not any(eligible),
+    }
+
+
+def _rule_state(
+    m: RuleMetrics, window: tuple[datetime | None, datetime | None] | None, now: datetime
+) -> tuple[str, str]:
+    """(tone, words): whether the rule applies now. Enabled is not enough: its time window
+    may not have begun, or be over."""
+    if window is None:
+        return "muted", "deleted"
+    if not m.enabled:
+        return "muted", "disabled"
+    start, end = window
+    if start is not None and now < start:
+        return "info", "scheduled"
+    if end is not None and now >= end:
+        return "muted", "ended"
+    return "ok", "active"
+
+
+def experiments(request: HttpRequest, q: DashboardQuery) -> Context:
+    """Every replacement rule in the frame (and rules since deleted whose requests are in it):
+    its activation, per bucket as the overview's charts, the turns at which sessions were
+    first replaced, and replaced against not replaced, side by side."""
+    bucket = default_bucket(q.frame, now=q.now)
+    try:
+        metrics = replacement_metrics(frame=q.frame, now=q.now)
+        windows = {
+            name: (start, end)
+            for name, start, end in ReplacementRule.objects.values_list(
+                "name", "active_from", "active_until"
+            )
+        }
+        rules = []
+        for m in metrics:
+            window = windows.get(m.rule)
+            turns = sorted(m.first_turns.items())
+            rules.append(
+                {
+                    "m": m,
+                    "state": _rule_state(m, window, q.now),
+                    "window": window,
+                    "chart": _activation_chart(m, q, bucket),
+                    "chart_id": f"activation-data-{m.rule}",
+                    "turns": turns,
+                    "turns_max": max((n for _, n in turns), default=0),
+                    "turns_total": sum(n for _, n in turns),
+                    "effectiveness": _effectiveness(m),
+                    "answered_by": {
+                        "replaced": _answered_by(m.replaced_arm),
+                        "control": _answered_by(m.control_arm),
+                    },
+                }
+            )
+    except TimeFrameError as exc:
+        return {"error": exc.message, "rules": [], "configured": True, "min_sample": MIN_SAMPLE}
+    # Every configured rule is listed, in the frame or not (and a deleted one while its
+    # requests are in the frame): no rules means none was ever set up, or none is left.
+    return {"rules": rules, "configured": bool(rules), "min_sample": MIN_SAMPLE}
+
+
 # name -> builder; the partial is templates/dashboard/partials/<name>.html.
 PANELS: dict[str, Builder] = {
     "providers": providers,
@@ -341,4 +553,5 @@ PANELS: dict[str, Builder] = {
     "calls": calls,
     "clients": clients,
     "limits": limits,
+    "experiments": experiments,
 }

@@ -11,6 +11,7 @@ urlpatterns = [
     path("calls/", views.page, {"name": "calls"}, name="calls"),
     path("clients/", views.page, {"name": "clients"}, name="clients"),
     path("limits/", views.page, {"name": "limits"}, name="limits"),
+    path("experiments/", views.page, {"name": "experiments"}, name="experiments"),
     path("calls/<str:request_id>/", views.call_request, name="request"),
     path("calls/<str:request_id>/capture/", views.call_capture, name="request-capture"),
     path("panels/<slug:name>/", views.panel, name="panel"),

@@ -53,6 +53,7 @@ PAGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "calls": ("Calls", ("calls",)),
     "clients": ("Clients", ("clients",)),
     "limits": ("Limits", ("limits",)),
+    "experiments": ("Experiments", ("experiments",)),
 }
 POLL_SECONDS = 5
 ACTION_DONE = {"disable": "disabled", "enable": "enabled", "reset": "health reset"}

@@ -222,6 +222,9 @@
     };
   }
 
+  // What other pages' charts share with these (experiments.js runs after this file's load).
+  window.llmrotateCharts = { cssColor, labelFormat, baseOptions };
+
   function createCharts(canvasCalls, canvasTokens, colors) {
     const Chart = window.Chart;
     Chart.defaults.font.family = getComputedStyle(document.body).fontFamily;

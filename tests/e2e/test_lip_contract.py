@@ -65,6 +65,8 @@ CURL_EXAMPLES = [
     (TRACKING, "/v1/usage/stats?session_id=session-123"),
     (TRACKING, "/v1/usage/stats?backend_type=anthropic"),
     (TRACKING, "/v1/usage/stats?start_date=2026-01-01T00:00:00Z"),
+    # "Model Replacement Analysis": the path the docs promise and LIP's code does not serve.
+    (OVERVIEW, "/v1/replacement/metrics"),
 ]  # fmt: skip
 
 RECORD_LIKE = {".records[] | select(.tool_call_count > 0)", ".endpoint_health"}

@@ -94,6 +94,7 @@ def test_it_creates_everything() -> None:
         "clients": 2,
         "limits": 0,
         "capture": 0,
+        "replacement": 0,
     }
     key = ApiKey.objects.get(key_id="openai-1")
     assert key.provider.name == "openai"
@@ -140,6 +141,7 @@ def test_it_updates_by_name() -> None:
         "clients": 1,
         "limits": 0,
         "capture": 0,
+        "replacement": 0,
     }
     assert Provider.objects.get(name="openai").cooldown_seconds == 60
     assert ApiKey.objects.get(key_id="openai-1").weight == 5

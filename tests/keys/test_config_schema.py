@@ -98,7 +98,8 @@ REFUSED = [
     ),
     (
         lambda d: d["clients"][0].update(scope=["proxy"]),
-        "clients[0].scope: unknown field; expected one of name, routes, scopes, token",
+        "clients[0].scope: unknown field; expected one of name, never_replace, routes, scopes,"
+        " token",
     ),
     (
         lambda d: d["clients"][0].update(scopes=[1]),
@@ -151,7 +152,7 @@ def test_duplicates_are_reported_with_every_other_error_in_the_order_of_sections
 
     assert errors_of(data) == [
         "extra: unknown section; expected one of version, providers, keys, routes, clients, limits,"
-        " capture",
+        " capture, replacement",
         "keys[0].weight: must be at least 1",
         "keys[1].provider: unknown provider 'nope'",
         "keys[1].id: duplicate id 'openai-1' (also keys[0])",

@@ -1,4 +1,5 @@
-"""Write providers, keys, routes, clients and limits as an importable file, without secrets."""
+"""Write providers, keys, routes, clients, limits, capture and replacement rules as an importable
+file, without secrets."""
 
 from __future__ import annotations
 
