@@ -113,16 +113,26 @@ class Failover:
 
     async def _run(self) -> Answer:
         headers = await self._admit()
-        answer = await self._walk()
-        for name, value in headers.items():
+        try:
+            answer = await self._walk()
+        except ApiError as error:
+            error.with_headers(self._replacement_headers())
+            raise
+        for name, value in (headers | self._replacement_headers()).items():
             answer[name] = value
-        assignment = self.ctx.replacement
-        if assignment is not None and assignment.arm == Arm.REPLACED:
-            answer[REPLACED_HEADER] = assignment.rule
-            last = self.last_deployment
-            if last is not None and not last.replacement:
-                answer[REPLACED_FALLBACK_HEADER] = "true"
         return answer
+
+    def _replacement_headers(self) -> dict[str, str]:
+        """A replaced request's answer, or error, names its rule, and says when the route's
+        own deployment answered instead of the target."""
+        assignment = self.ctx.replacement
+        if assignment is None or assignment.arm != Arm.REPLACED:
+            return {}
+        headers = {REPLACED_HEADER: assignment.rule}
+        last = self.last_deployment
+        if last is not None and not last.replacement:
+            headers[REPLACED_FALLBACK_HEADER] = "true"
+        return headers
 
     async def _admit(self) -> dict[str, str]:
         """Reserve the request against its client's and route's limits (a 429 if one has no
