@@ -444,7 +444,7 @@ class ReplacementRule(models.Model):
         Provider,
         null=True,
         blank=True,
-        on_delete=models.CASCADE,
+        on_delete=models.PROTECT,
         related_name="replacement_rules",
         help_text="The replacement: a provider and its model, …",
     )
@@ -453,7 +453,7 @@ class ReplacementRule(models.Model):
         Route,
         null=True,
         blank=True,
-        on_delete=models.CASCADE,
+        on_delete=models.PROTECT,
         related_name="replacing_rules",
         help_text="… or another route (its deployments, in their order).",
     )

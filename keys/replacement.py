@@ -21,7 +21,12 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from keys.routing import DeploymentInfo
 
-_SCALE = float(1 << 64)
+# 53 bits: every such integer over 2**53 is a float exactly, and below 1.0 (64 bits over 2**64
+# rounds the largest ones up to 1.0, whose log1p is undefined).
+_BITS = 53
+_SCALE = float(1 << _BITS)
+# A first turn past any turn a request can carry (turns are capped at 32767).
+NEVER = 1 << 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +56,12 @@ class ReplacementSpec:
 def replacement_draw(seed: str, key: str) -> float:
     """A number in [0, 1), uniform over keys and fixed for a (seed, key) pair."""
     digest = hashlib.blake2b(f"{seed}\x00{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / _SCALE
+    return unit_interval(digest)
+
+
+def unit_interval(digest: bytes) -> float:
+    """Eight bytes of a hash as a number in [0, 1)."""
+    return (int.from_bytes(digest, "big") >> (64 - _BITS)) / _SCALE
 
 
 def session_first_turn(seed: str, session_id: str, *, probability: float, min_turn: int) -> int:
@@ -62,10 +72,12 @@ def session_first_turn(seed: str, session_id: str, *, probability: float, min_tu
     if probability >= 1.0:
         return start
     if probability <= 0.0:
-        return 1 << 30
+        return NEVER
     u = replacement_draw(seed, "session\x00" + session_id)
-    # P(first success after k failures) = (1-p)^k p: k = floor(log(1-u) / log(1-p)).
-    return start + int(math.log1p(-u) / math.log1p(-probability))
+    # P(first success after k failures) = (1-p)^k p: k = floor(log(1-u) / log(1-p)). A tiny
+    # probability makes the quotient huge (or infinite): the session is then never replaced.
+    failures = math.log1p(-u) / math.log1p(-probability)
+    return start + int(failures) if failures < NEVER else NEVER
 
 
 def session_replaced(

@@ -334,9 +334,12 @@ def _replacements_load(
                 own = (
                     DeploymentInfo(position=0, provider=info, model=rule.target_model, keys=keys),
                 )
+        # A target deployment without a key for its model cannot answer: a rule whose target
+        # has none left does not run (proxy.replacement), rather than "replace" every request
+        # with a fallback to the route itself.
         targets = tuple(
             dataclasses.replace(dep, position=_REPLACEMENT_POSITION + i, replacement=rule.name)
-            for i, dep in enumerate(own)
+            for i, dep in enumerate(d for d in own if d.keys)
         )
         out.setdefault(rule.route.name, []).append(
             ReplacementSpec(

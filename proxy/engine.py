@@ -112,8 +112,8 @@ class Failover:
             raise
 
     async def _run(self) -> Answer:
-        headers = await self._admit()
         try:
+            headers = await self._admit()
             answer = await self._walk()
         except ApiError as error:
             error.with_headers(self._replacement_headers())

@@ -72,17 +72,21 @@ def _has_tools(body: dict[str, Any]) -> bool:
 
 
 def _has_images(body: dict[str, Any]) -> bool:
+    """An image part anywhere in the conversation, tool results' content included (Anthropic
+    nests images there). The body's depth was bounded when it was parsed."""
     messages = body.get("messages")
     if messages is None:
         messages = body.get("input")
-    if not isinstance(messages, list):
-        return False
-    for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, list):
-            for part in content:
-                if isinstance(part, dict) and part.get("type") in _IMAGE_PARTS:
-                    return True
+    pending = [messages] if isinstance(messages, list) else []
+    while pending:
+        for item in pending.pop():
+            if not isinstance(item, dict):
+                continue
+            if item.get("type") in _IMAGE_PARTS:
+                return True
+            content = item.get("content")
+            if isinstance(content, list):
+                pending.append(content)
     return False
 
 
@@ -125,12 +129,12 @@ def replacement_assign(
 ) -> tuple[RouteInfo, Assignment | None]:
     """The route the request takes (the target's deployments in front when replaced) and its
     experiment, if any."""
+    # Checked on every request, so that a malformed opt-out is refused wherever it is sent,
+    # not only where an experiment happens to run; the body field is never forwarded.
+    opted_out = opt_out(headers, body)
     rules = snapshot.replacements.get(route.config_name)
     if not rules:
-        if OPT_OUT_FIELD in body:
-            opt_out(headers, body)  # never forwarded, even where no experiment runs
         return route, None
-    opted_out = opt_out(headers, body)
     for spec in rules:
         # A rule whose target has no usable deployment (disabled, no keys) is not running.
         if (

@@ -78,7 +78,7 @@ def query_frame(
 
 def _filters(q: FilterQuery) -> UsageFilters:
     # Record-only filters exist on the raw-record queries alone (RecordFilterQuery).
-    record_only = {name: getattr(q, name, None) for name in RECORD_ONLY_FILTERS}
+    record_only: dict[str, Any] = {name: getattr(q, name, None) for name in RECORD_ONLY_FILTERS}
     return UsageFilters(
         provider=q.provider, model=q.model, key=q.key, client=q.client, status=q.status,
         stream=q.stream, upstream_model=q.upstream_model, client_status=q.http_status,

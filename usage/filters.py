@@ -35,6 +35,8 @@ class UsageFilters:
     origin: str | None = None
     experiment: str | None = None
     arm: str | None = None
+    # Only requests of some replacement experiment (rollups only: the metrics' one read).
+    in_experiment: bool = False
 
     def equalities(self) -> dict[str, Any]:
         """column → value for the filters that are plain equalities, on columns that call
@@ -73,7 +75,10 @@ class UsageFilters:
         equal = self.equalities()
         if self.status is not None:
             equal["ok"] = self.status == "success"
-        return [f"{column} = %s" for column in equal], list(equal.values())
+        conditions = [f"{column} = %s" for column in equal]
+        if self.in_experiment:
+            conditions.append("experiment <> ''")
+        return conditions, list(equal.values())
 
     def conversation_q(self) -> Q:
         """The filters the session and tool rollups can apply (see `conversation_unsupported`)."""

@@ -285,6 +285,9 @@ class UsageRollup(models.Model):
     # The sum of each record's cost squared (USD²): with the count and the sum, the variance
     # of the cost per request, for the confidence interval of a replacement experiment.
     cost_sq = models.FloatField(null=True, blank=True)
+    # Requests whose cost is known (priced, usage not awaiting review) or nil (no tokens used):
+    # a cost per request over the others would count them as free.
+    priced_requests = models.IntegerField(null=True, blank=True)
 
     class Meta:
         abstract = True

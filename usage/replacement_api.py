@@ -57,6 +57,10 @@ class ArmOut(Schema):
     completion_tokens_per_request: float | None
     cost_usd: float
     cost_per_request_usd: float | None
+    unpriced_requests: int = Field(
+        description="Requests without a known cost (an unpriced model, usage awaiting "
+        "review): left out of cost_usd; while any, no cost interval is given."
+    )
     tool_calls: int
     tool_calls_per_request: float | None
     answered_by: dict[str, int] = Field(
@@ -136,6 +140,7 @@ def _arm_out(arm: ArmFigures) -> dict[str, Any]:
         "completion_tokens_per_request": _ratio(arm.completion_tokens, arm.requests),
         "cost_usd": float(arm.cost_usd),
         "cost_per_request_usd": _ratio(float(arm.cost_usd), arm.requests),
+        "unpriced_requests": arm.unpriced_requests,
         "tool_calls": arm.tool_calls,
         "tool_calls_per_request": _ratio(arm.tool_calls, arm.requests),
         "answered_by": arm.answered_by,

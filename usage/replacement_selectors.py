@@ -62,6 +62,9 @@ class ArmFigures:
     completion_tokens: int = 0
     cost_usd: Decimal = Decimal(0)
     cost_sq: float = 0.0
+    # Requests without a known cost (an unpriced model, usage awaiting review): while there are
+    # any, the arm's cost per request would count them as free, so no cost interval is given.
+    unpriced_requests: int = 0
     tool_calls: int = 0
     # "provider/model" → the requests answered there (a fallback shows the route's own).
     answered_by: dict[str, int] = field(default_factory=dict)
@@ -142,7 +145,7 @@ def proportion_difference(s1: int, n1: int, s2: int, n2: int) -> Interval:
 def mean_difference(a: ArmFigures, b: ArmFigures) -> Interval:
     """Cost per request of a minus b, with Welch's normal-approximation interval."""
     va, vb = a.cost_variance, b.cost_variance
-    if va is None or vb is None:
+    if va is None or vb is None or a.unpriced_requests or b.unpriced_requests:
         return Interval()
     d = float(a.cost_usd) / a.requests - float(b.cost_usd) / b.requests
     half = _Z95 * math.sqrt(va / a.requests + vb / b.requests)
@@ -165,6 +168,8 @@ def _arm_figures(rows: list[dict[str, Any]], keys: list[tuple[Any, ...]]) -> Arm
     figures.completion_tokens = every.tokens.completion
     figures.cost_usd = every.cost_usd
     figures.cost_sq = float(sum(row.get("cost_sq") or 0.0 for row in rows))
+    priced = sum(int(row.get("priced_requests") or 0) for row in finals)
+    figures.unpriced_requests = max(0, figures.requests - priced)
     figures.tool_calls = every.tool_calls
     for row, (_, provider, model) in zip(rows, keys, strict=True):
         requests = int(row.get("requests") or 0)
@@ -214,7 +219,13 @@ def _summary(m: RuleMetrics) -> str:
         else:
             parts.append(f"No difference in success rate can be seen {interval}.")
     c = m.cost_per_request_difference
-    if c.difference is not None and c.low is not None and c.high is not None:
+    a, b = m.replaced_arm.unpriced_requests, m.control_arm.unpriced_requests
+    if a or b:
+        parts.append(
+            f"Cost is not compared: {a} replaced and {b} not replaced requests have no known "
+            "cost (a model without a price, or usage awaiting review)."
+        )
+    elif c.difference is not None and c.low is not None and c.high is not None:
         interval = f"(95 % CI {c.low:+.6f} to {c.high:+.6f} USD)"
         if c.significant:
             change = "less" if c.difference < 0 else "more"
@@ -236,7 +247,7 @@ def replacement_metrics(
         for r in ReplacementRule.objects.select_related("route", "target_route", "target_provider")
     }
     merged = rollup_merge(
-        frame, now=now, filters=UsageFilters(experiment=rule),
+        frame, now=now, filters=UsageFilters(experiment=rule, in_experiment=True),
         group=("experiment", "arm", "client_status", "provider", "upstream_model",
                "requested_model"),
         columns=(*ADDITIVE_COLUMNS,), extremes=True,

@@ -69,6 +69,7 @@ ADDITIVE_COLUMNS: tuple[str, ...] = (
     *TOKEN_COLUMNS,
     "cost_e10",
     "cost_sq",
+    "priced_requests",
     *(
         column
         for metric in METRICS
@@ -89,9 +90,9 @@ _REQUESTS, _TOOL_CALLS = _INDEX["requests"], _INDEX["tool_calls"]
 _COUNTED, _FORWARDED = _INDEX["counted_prompt_tokens"], _INDEX["forwarded_prompt_tokens"]
 _RECONCILED_REPORTED = _INDEX["reconciled_reported_tokens"]
 _RECONCILED_COUNTED = _INDEX["reconciled_counted_tokens"]
-_COST, _COST_SQ = _INDEX["cost_e10"], _INDEX["cost_sq"]
+_COST, _COST_SQ, _PRICED = _INDEX["cost_e10"], _INDEX["cost_sq"], _INDEX["priced_requests"]
 # What a flagged record leaves out until accepted: every token column and the cost.
-_USAGE_COLUMNS = (*TOKEN_COLUMNS, "cost_e10", "cost_sq")
+_USAGE_COLUMNS = (*TOKEN_COLUMNS, "cost_e10", "cost_sq", "priced_requests")
 _ESTIMATED_SOURCES = frozenset({UsageSource.ESTIMATED, UsageSource.EXTRAPOLATED})
 # Per metric: (record field, index of its count column, index of its first bin, the Metric).
 _METRIC_SLOTS = tuple(
@@ -125,6 +126,9 @@ def _add_usage(acc: Acc, r: CallRecord) -> None:
     if r.cost_usd is not None:
         acc[_COST] += int(Decimal(r.cost_usd) * _COST_FACTOR)
         acc[_COST_SQ] += float(r.cost_usd) ** 2
+    # Known, or nothing to price: no tokens used (an error, a refusal) costs nothing.
+    if r.final and (r.cost_usd is not None or not (r.prompt_tokens or r.completion_tokens)):
+        acc[_PRICED] += 1
     counted = r.counted_prompt_tokens
     if counted is not None:
         acc[_COUNTED] += counted

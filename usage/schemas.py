@@ -480,6 +480,9 @@ class RecordOut(Schema):
     replacement_attempt: bool = Field(
         description="This attempt went to the replacement target (false on a fallback)."
     )
+    replacement_start: bool = Field(
+        description="This request began its session's replacement (docs/replacement.md)."
+    )
 
 
 class RecentOut(Schema):

@@ -38,8 +38,8 @@ class Migration(migrations.Migration):
                 ('created_at', models.DateTimeField(auto_now_add=True)),
                 ('updated_at', models.DateTimeField(auto_now=True)),
                 ('route', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='replacement_rules', to='keys.route')),
-                ('target_provider', models.ForeignKey(blank=True, help_text='The replacement: a provider and its model, …', null=True, on_delete=django.db.models.deletion.CASCADE, related_name='replacement_rules', to='keys.provider')),
-                ('target_route', models.ForeignKey(blank=True, help_text='… or another route (its deployments, in their order).', null=True, on_delete=django.db.models.deletion.CASCADE, related_name='replacing_rules', to='keys.route')),
+                ('target_provider', models.ForeignKey(blank=True, help_text='The replacement: a provider and its model, …', null=True, on_delete=django.db.models.deletion.PROTECT, related_name='replacement_rules', to='keys.provider')),
+                ('target_route', models.ForeignKey(blank=True, help_text='… or another route (its deployments, in their order).', null=True, on_delete=django.db.models.deletion.PROTECT, related_name='replacing_rules', to='keys.route')),
             ],
             options={
                 'ordering': ['route__name', 'position', 'name'],

@@ -36,7 +36,12 @@ def document() -> dict[str, Any]:
     return {
         "providers": {
             "openai": {"kind": "openai", "base_url": "https://api.openai.com/v1"},
-            "local": {"kind": "openai_compatible", "base_url": "http://127.0.0.1:11434/v1"},
+            # Keyless: a target deployment needs a key (or none needed) to run.
+            "local": {
+                "kind": "openai_compatible",
+                "base_url": "http://127.0.0.1:11434/v1",
+                "requires_key": False,
+            },
         },
         "routes": {
             "gpt-4o-mini": {"deployments": [{"provider": "openai", "model": "gpt-4o-mini"}]},

@@ -4,49 +4,51 @@ what the records carry."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
 from asgiref.sync import sync_to_async
-from django.test import AsyncClient
 
 from tests.proxy.conftest import SECRETS, Gateway, base_config, gateway_serving, ok, status
-from usage.models import CallRecord
+from tests.proxy.test_request_records import HI, post, records
 
 pytestmark = pytest.mark.asyncio
-HI = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 BACKUP = SECRETS["f1"]
 
 
-@pytest.fixture
-def gateway(transactional_db: None, mock_upstream: Callable[..., None]) -> Iterator[Gateway]:
+def replacing(model: str = "llama-3", *, backup_models: list[str] | None = None) -> Any:
     config = base_config()
+    if backup_models is not None:
+        config["keys"][2]["models"] = backup_models
     config["replacement"] = [
         {
             "name": "to-llama",
             "route": "gpt-4o-mini",
-            "target": {"provider": "backup", "model": "llama-3"},
+            "target": {"provider": "backup", "model": model},
             "probability": 1.0,
         }
     ]
-    yield from gateway_serving(config, mock_upstream)
+    return config
 
 
-async def post(gateway: Gateway, body: dict[str, Any] | None = None, **headers: str) -> Any:
-    return await AsyncClient().post(
-        "/v1/chat/completions",
-        data=json.dumps(body or HI),
-        content_type="application/json",
-        headers={**gateway.headers(), **headers},
-    )
+@pytest.fixture
+def gateway(transactional_db: None, mock_upstream: Callable[..., None]) -> Iterator[Gateway]:
+    yield from gateway_serving(replacing(), mock_upstream)
 
 
-async def records(flush: Callable[[], None]) -> list[CallRecord]:
-    await sync_to_async(flush)()
-    return [r async for r in CallRecord.objects.order_by("id")]
+async def test_a_rule_whose_target_has_no_key_for_its_model_does_not_run(
+    transactional_db: None, mock_upstream: Callable[..., None], flush_records: Callable[[], None]
+) -> None:
+    serving = gateway_serving(replacing("mistral", backup_models=["llama-3"]), mock_upstream)
+    gateway = await sync_to_async(next)(serving)
+    response = await post(gateway)
+    assert response.status_code == 200
+    assert "x-llmrotate-replacement" not in response
+    assert gateway.upstream.keys_used() in (["openai-1"], ["openai-2"])
+    [record] = await records(flush_records)
+    assert (record.experiment, record.arm) == ("", "")  # not eligible: not compared either
 
 
 def fails_on_backup(request: httpx.Request) -> httpx.Response:

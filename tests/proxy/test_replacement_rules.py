@@ -11,7 +11,13 @@ import pytest
 
 from common.errors import ApiError
 from keys.health import KeyPolicy
-from keys.replacement import ReplacementSpec, replacement_draw, session_first_turn
+from keys.replacement import (
+    NEVER,
+    ReplacementSpec,
+    replacement_draw,
+    session_first_turn,
+    unit_interval,
+)
 from keys.routing import (
     DeploymentInfo,
     ProviderInfo,
@@ -105,6 +111,17 @@ def test_draw_is_deterministic_per_request_id_and_seed() -> None:
     assert all(0.0 <= u < 1.0 for u in first)
 
 
+def test_the_largest_hash_still_draws_below_one() -> None:
+    # 64 bits over 2**64 would round up to 1.0 here, and log1p(-1.0) is undefined.
+    assert unit_interval(b"\xff" * 8) < 1.0
+    assert unit_interval(b"\x00" * 8) == 0.0
+
+
+def test_a_tiny_probability_never_replaces_a_session_rather_than_overflowing() -> None:
+    for p in (5e-324, 1e-300, 1e-17):
+        assert session_first_turn("s", "session", probability=p, min_turn=1) == NEVER
+
+
 def test_the_same_request_id_gets_the_same_assignment_every_time() -> None:
     rule = spec(probability=0.5)
     answers = {
@@ -185,6 +202,13 @@ def test_without_images_condition(part: dict[str, Any]) -> None:
     assert assign(rule, body={"model": "big", "messages": text_only})[1] is not None
 
 
+def test_without_images_sees_images_nested_in_tool_results() -> None:
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "A"}}
+    result = {"type": "tool_result", "tool_use_id": "t1", "content": [image]}
+    messages = [{"role": "user", "content": [result]}]
+    assert assign(spec(without_images=True), body={"model": "big", "messages": messages})[1] is None
+
+
 def test_time_window_condition() -> None:
     rule = spec(active_from=NOW - 10, active_until=NOW + 10)
     assert assign(rule, now=NOW)[1] is not None
@@ -222,6 +246,12 @@ def test_opt_out_by_token() -> None:
     route, assignment = assign(spec(), client=token(never_replace=True))
     assert assignment == Assignment("r", "opt_out_token")
     assert route is ROUTE
+
+
+def test_a_malformed_opt_out_is_refused_on_a_route_without_rules_too() -> None:
+    with pytest.raises(ApiError) as header:
+        assign(headers={"x-llmrotate-no-replace": "please"})
+    assert header.value.status == 400
 
 
 def test_a_malformed_opt_out_is_a_400_naming_it() -> None:

@@ -133,6 +133,19 @@ def test_a_big_enough_sample_gets_an_interval_and_a_verdict() -> None:
     assert "costs 0.002500 USD less" in m.summary
 
 
+def test_requests_without_a_known_cost_leave_the_cost_out_of_the_comparison() -> None:
+    _rule()
+    calls = [_request(Arm.REPLACED, cost="0.001") for _ in range(35)]
+    calls += [_request(Arm.REPLACED, cost_usd=None) for _ in range(5)]  # an unpriced model
+    calls += [_request(Arm.CONTROL, cost="0.004") for _ in range(40)]
+    write_calls(calls)
+    [m] = replacement_metrics(frame=FRAME, now=T0 + timedelta(hours=1))
+    assert (m.replaced_arm.unpriced_requests, m.control_arm.unpriced_requests) == (5, 0)
+    assert m.cost_per_request_difference.difference is None
+    assert "Cost is not compared: 5 replaced and 0 not replaced requests" in m.summary
+    assert "costs" not in m.summary
+
+
 def test_sessions_and_first_turns() -> None:
     _rule()
     calls = [
