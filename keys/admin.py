@@ -541,6 +541,19 @@ _LIMIT_COUNTS = [
 ]
 
 
+class ScopeColumnsMixin(InvalidatesRoutingMixin):
+    """The client and route columns of a row scoped to either, both or neither (limits and
+    capture rules)."""
+
+    @admin.display(description="client", ordering="client__name")
+    def client_name(self, obj: Limit | CaptureRule) -> str:
+        return obj.client.name if obj.client else "any"
+
+    @admin.display(description="route", ordering="route__name")
+    def route_name(self, obj: Limit | CaptureRule) -> str:
+        return obj.route.name if obj.route else "any"
+
+
 class LimitForm(forms.ModelForm):
     class Meta:
         model = Limit
@@ -571,7 +584,7 @@ class LimitForm(forms.ModelForm):
 
 
 @admin.register(Limit)
-class LimitAdmin(InvalidatesRoutingMixin):
+class LimitAdmin(ScopeColumnsMixin):
     form = LimitForm
     list_display = ["client_name", "route_name", "summary", "updated_at"]
     list_select_related = ["client", "route"]
@@ -604,14 +617,6 @@ class LimitAdmin(InvalidatesRoutingMixin):
             },
         ),
     ]
-
-    @admin.display(description="client", ordering="client__name")
-    def client_name(self, obj: Limit) -> str:
-        return obj.client.name if obj.client else "any"
-
-    @admin.display(description="route", ordering="route__name")
-    def route_name(self, obj: Limit) -> str:
-        return obj.route.name if obj.route else "any"
 
     @admin.display(description="limits")
     def summary(self, obj: Limit) -> str:
@@ -652,7 +657,7 @@ class CaptureRuleForm(forms.ModelForm):
 
 
 @admin.register(CaptureRule)
-class CaptureRuleAdmin(InvalidatesRoutingMixin):
+class CaptureRuleAdmin(ScopeColumnsMixin):
     form = CaptureRuleForm
     list_display = ["client_name", "route_name", "sample_rate", "state", "until", "enabled"]
     list_select_related = ["client", "route"]
@@ -670,14 +675,6 @@ class CaptureRuleAdmin(InvalidatesRoutingMixin):
             },
         ),
     ]
-
-    @admin.display(description="client", ordering="client__name")
-    def client_name(self, obj: CaptureRule) -> str:
-        return obj.client.name if obj.client else "any"
-
-    @admin.display(description="route", ordering="route__name")
-    def route_name(self, obj: CaptureRule) -> str:
-        return obj.route.name if obj.route else "any"
 
     @admin.display(description="now")
     def state(self, obj: CaptureRule) -> str:

@@ -377,6 +377,17 @@ class DayRollup(UsageRollup):
 # hour, and a window's figures are sums and counts over them.
 
 
+# What identifies a session rollup row (usage.rollups writes rows by it).
+SESSION_ROLLUP_KEY = (
+    "bucket_seconds",
+    "bucket_start",
+    "client",
+    "provider",
+    "requested_model",
+    "experiment",
+)
+
+
 class SessionRollup(models.Model):
     """Sessions per hour and per UTC day, per (client, provider, route): how many requests
     carried a session id and their tokens, which add up, and a sketch of the ids, whose
@@ -405,14 +416,7 @@ class SessionRollup(models.Model):
         db_table = "usage_rollup_session"
         constraints = [
             models.UniqueConstraint(
-                fields=[
-                    "bucket_seconds",
-                    "bucket_start",
-                    "client",
-                    "provider",
-                    "requested_model",
-                    "experiment",
-                ],
+                fields=list(SESSION_ROLLUP_KEY),
                 name="usage_rollup_session_key",
             )
         ]

@@ -123,10 +123,6 @@ class ReplacementMetricsOut(Schema):
     rules: list[RuleMetricsOut]
 
 
-def _ratio(amount: float, requests: int) -> float | None:
-    return amount / requests if requests else None
-
-
 def _arm_out(arm: ArmFigures) -> dict[str, Any]:
     return {
         "requests": arm.requests,
@@ -137,12 +133,12 @@ def _arm_out(arm: ArmFigures) -> dict[str, Any]:
         "latency_ms": {"p50": arm.latency.p50, "p95": arm.latency.p95},
         "ttft_ms": {"p50": arm.ttft.p50, "p95": arm.ttft.p95},
         "completion_tokens": arm.completion_tokens,
-        "completion_tokens_per_request": _ratio(arm.completion_tokens, arm.requests),
+        "completion_tokens_per_request": arm.per_request(arm.completion_tokens),
         "cost_usd": float(arm.cost_usd),
-        "cost_per_request_usd": _ratio(float(arm.cost_usd), arm.requests),
+        "cost_per_request_usd": arm.per_request(arm.cost_usd),
         "unpriced_requests": arm.unpriced_requests,
         "tool_calls": arm.tool_calls,
-        "tool_calls_per_request": _ratio(arm.tool_calls, arm.requests),
+        "tool_calls_per_request": arm.per_request(arm.tool_calls),
         "answered_by": arm.answered_by,
     }
 

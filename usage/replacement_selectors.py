@@ -97,6 +97,10 @@ class RuleMetrics:
     probability: float
     stickiness: str
     enabled: bool
+    # The rule's window (None: unbounded); `deleted`: only its past requests remain.
+    active_from: datetime | None = None
+    active_until: datetime | None = None
+    deleted: bool = False
     eligible: int = 0
     replaced: int = 0
     control: int = 0
@@ -278,6 +282,9 @@ def replacement_metrics(
             probability=configured.probability if configured else 0.0,
             stickiness=configured.stickiness if configured else "",
             enabled=bool(configured and configured.enabled),
+            active_from=configured.active_from if configured else None,
+            active_until=configured.active_until if configured else None,
+            deleted=configured is None,
         )
         arms = {arm: _arm_figures(*pair) for arm, pair in by_rule.get(name, {}).items()}
         count = {arm: figures.requests for arm, figures in arms.items()}

@@ -38,6 +38,7 @@ from usage.models import (
     COUNT_COLUMNS,
     OUTCOME_COLUMNS,
     ROLLUP_DIMENSIONS,
+    SESSION_ROLLUP_KEY,
     TOKEN_COLUMNS,
     Arm,
     CallRecord,
@@ -236,9 +237,9 @@ def _sessions_upsert(records: Sequence[CallRecord]) -> None:
             continue
         started = int(r.started_at.timestamp())
         position = sketch_position(r.session_id)
+        experiment = r.experiment if r.arm == Arm.REPLACED else ""
         for seconds in SESSION_PERIODS:
             bucket = datetime.fromtimestamp(started - started % seconds, UTC)
-            experiment = r.experiment if r.arm == Arm.REPLACED else ""
             key = (seconds, bucket, r.client, r.provider, r.requested_model, experiment)
             acc = rows.setdefault(key, [0, 0, bytearray(SKETCH_EMPTY)])
             acc[0] += 1 if r.final else 0
@@ -250,14 +251,7 @@ def _sessions_upsert(records: Sequence[CallRecord]) -> None:
         return
     qn = connection.ops.quote_name
     t = qn(SessionRollup._meta.db_table)
-    names = (
-        "bucket_seconds",
-        "bucket_start",
-        "client",
-        "provider",
-        "requested_model",
-        "experiment",
-    )
+    names = SESSION_ROLLUP_KEY
     keys = sorted(rows)
     adapt = connection.ops.adapt_datetimefield_value
     params = [(k[0], adapt(k[1]), *k[2:]) for k in keys]

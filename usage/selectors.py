@@ -152,7 +152,8 @@ def metric_stats(metric: Metric, row: dict[str, Any]) -> MetricStats:
     )
 
 
-def _stats(row: dict[str, Any]) -> Stats:
+def stats_of(row: dict[str, Any]) -> Stats:
+    """The Stats of one (merged) rollup row with extremes."""
     stats = Stats()
     _fill_totals(stats, row)
     by_name = {m.name: metric_stats(m, row) for m in METRICS}
@@ -165,11 +166,6 @@ def _stats(row: dict[str, Any]) -> Stats:
 
 
 _TPS = next(m for m in METRICS if m.name == "tokens_per_second")
-
-
-def stats_of(row: dict[str, Any]) -> Stats:
-    """The Stats of one (merged) rollup row with extremes."""
-    return _stats(row)
 
 
 def rollup_combine(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
@@ -191,7 +187,7 @@ def rollup_combine(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
 
 def _stats_by_stream(rows: dict[tuple[Any, ...], dict[str, Any]]) -> Stats:
     """Stats from rows keyed by (stream,): the figures of all, and the token rate of each."""
-    stats = _stats(rollup_combine(rows.values()))
+    stats = stats_of(rollup_combine(rows.values()))
     # Raw SQL gives SQLite's booleans as 0/1, which are equal (and hash alike) to False/True.
     stats.tokens_per_second_streamed = metric_stats(_TPS, rows.get((True,), {}))
     stats.tokens_per_second_unstreamed = metric_stats(_TPS, rows.get((False,), {}))

@@ -27,7 +27,6 @@ from healthchecks.selectors import (
     endpoint_health_list,
     health_history,
 )
-from keys.models import ReplacementRule
 from keys.selectors import (
     KeyHealth,
     ProviderHealth,
@@ -481,19 +480,16 @@ def _activation_chart(m: RuleMetrics, q: DashboardQuery, bucket: timedelta) -> C
     }
 
 
-def _rule_state(
-    m: RuleMetrics, window: tuple[datetime | None, datetime | None] | None, now: datetime
-) -> tuple[str, str]:
+def _rule_state(m: RuleMetrics, now: datetime) -> tuple[str, str]:
     """(tone, words): whether the rule applies now. Enabled is not enough: its time window
     may not have begun, or be over."""
-    if window is None:
+    if m.deleted:
         return "muted", "deleted"
     if not m.enabled:
         return "muted", "disabled"
-    start, end = window
-    if start is not None and now < start:
+    if m.active_from is not None and now < m.active_from:
         return "info", "scheduled"
-    if end is not None and now >= end:
+    if m.active_until is not None and now >= m.active_until:
         return "muted", "ended"
     return "ok", "active"
 
@@ -505,21 +501,13 @@ def experiments(request: HttpRequest, q: DashboardQuery) -> Context:
     bucket = default_bucket(q.frame, now=q.now)
     try:
         metrics = replacement_metrics(frame=q.frame, now=q.now)
-        windows = {
-            name: (start, end)
-            for name, start, end in ReplacementRule.objects.values_list(
-                "name", "active_from", "active_until"
-            )
-        }
         rules = []
         for m in metrics:
-            window = windows.get(m.rule)
             turns = sorted(m.first_turns.items())
             rules.append(
                 {
                     "m": m,
-                    "state": _rule_state(m, window, q.now),
-                    "window": window,
+                    "state": _rule_state(m, q.now),
                     "chart": _activation_chart(m, q, bucket),
                     "chart_id": f"activation-data-{m.rule}",
                     "turns": turns,

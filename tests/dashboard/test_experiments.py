@@ -430,6 +430,19 @@ def test_in_a_browser_the_table_and_chart_show_and_the_chart_survives_polls(
         }}"""
     )
     assert drawn == [12, 27, True]
+    # And the bars stand where the user sees them: once the animation is over, every bucket
+    # with eligible requests has a bar of some height inside the chart area.
+    page.wait_for_function(
+        f"""() => {{
+            const c = Chart.getChart('{canvas_id}');
+            if (c.isAnimating?.() ?? false) return false;
+            const area = c.chartArea;
+            const bars = c.getDatasetMeta(1).data.filter((_, i) => c.data.datasets[1].data[i]);
+            return bars.length > 0 && bars.every(b => b.x >= area.left && b.x <= area.right
+                && Number.isFinite(b.height) && Math.abs(b.height) >= 1);
+        }}""",
+        timeout=POLL_TIMEOUT_MS,
+    )
     warning = page.locator(f"#rule-{RULE} [data-sample-warning]")
     assert warning.is_visible()
     assert "Too few requests to compare" in warning.inner_text()
