@@ -11,7 +11,7 @@ TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/llmrotate
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 PYTEST_ARGS ?=
 
-.PHONY: run test test-embedded test-scaled lint demo fake-upstream bench bench-limits bench-translation bench-capture bench-replacement clean browser promtool
+.PHONY: run test test-embedded test-scaled lint demo fake-upstream bench bench-limits bench-translation bench-capture bench-replacement clean browser promtool gettext messages
 
 $(VENV)/.base-$(HASH):
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -77,7 +77,22 @@ $(PROMTOOL):
 	@chmod +x $@.tmp && mv $@.tmp $@ && rm -rf .tools/deb
 	@$@ --version | head -1
 
-test: lint browser promtool test-embedded test-scaled
+# GNU gettext (xgettext, msgmerge, msgfmt, msgattrib): `make messages` and the test that every
+# marked string is translated in every language run them. Installed only when missing.
+gettext:
+	@command -v msgfmt >/dev/null && command -v xgettext >/dev/null || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gettext; }
+
+# The dashboard's and the admin's catalogues (docs/dashboard.md, "Languages"): every marked
+# string into llmrotate_site/locale/<language>/LC_MESSAGES/django.po and djangojs.po, English
+# filled in from the source, compiled to the .mo files committed beside them (so that `make run`
+# needs no gettext). Translate what it lists as missing in the .po files, then run it again.
+messages: $(VENV)/.dev-$(HASH) gettext
+	$(BIN)/python manage.py update_messages
+
+test: lint browser promtool gettext test-embedded test-scaled
 
 bench: $(VENV)/.dev-$(HASH)
 	$(BIN)/python bench/proxy_overhead.py

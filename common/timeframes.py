@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 
 WINDOWS: dict[str, timedelta] = {
     "1h": timedelta(hours=1),
@@ -156,6 +156,52 @@ def bucket_span(frame: TimeFrame, bucket: timedelta, *, now: datetime) -> tuple[
     first = floor_time(since, size)
     end = ceil_time(until, size) if until > first else first + bucket
     return first, int((end - first).total_seconds()) // size
+
+
+def bucket_bounds(
+    frame: TimeFrame, bucket: timedelta, *, now: datetime, zone: tzinfo | None = None
+) -> list[datetime]:
+    """The buckets that cover the frame, as their starts followed by the last one's end (UTC).
+
+    In UTC (zone None) they are bucket_span's: all one size, aligned to the epoch. In a time
+    zone they start on that zone's clock: a day bucket at local midnight, an hour bucket on
+    the local hour, a 15-minute bucket at :00, :15, :30 and :45 local. A bucket that a change
+    of clock (daylight saving time) shortens or lengthens keeps its wall-clock bounds: a local
+    day may last 23 or 25 hours."""
+    first, count = bucket_span(frame, bucket, now=now)
+    if count > MAX_BUCKETS:  # checked before a list that long is built (local: ±1 bucket)
+        raise TimeFrameError(
+            "bucket",
+            f"bucket: {count} buckets is too many for this frame (at most {MAX_BUCKETS}); "
+            "choose a larger bucket or a shorter frame.",
+        )
+    if zone is None:
+        return [first + i * bucket for i in range(count + 1)]
+    size = int(bucket.total_seconds())
+    until = frame.until or now
+    since = frame.since or until - WINDOWS["24h"]
+    local = since.astimezone(zone).replace(tzinfo=None)
+    if size % DAY == 0:
+        days = size // DAY
+        # Whole-day buckets are counted from the epoch's date, as in UTC (a 7-day bucket
+        # starts on a Thursday, as 1970-01-01 did).
+        wall = datetime(1970, 1, 1) + (local - datetime(1970, 1, 1)) // bucket * bucket
+        wall = wall.replace(hour=0, minute=0, second=0, microsecond=0)
+        step = timedelta(days=days)
+    else:
+        midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
+        wall = midnight + (local - midnight) // bucket * bucket
+        step = bucket
+    bounds: list[datetime] = []
+    while True:
+        # fold=0: a wall time that a clock change skips or repeats maps to its first reading,
+        # so bounds never go backwards (a repeated one is dropped below).
+        moment = wall.replace(tzinfo=zone).astimezone(UTC)
+        if not bounds or moment > bounds[-1]:
+            bounds.append(moment)
+        if moment >= until and len(bounds) > 1:
+            return bounds
+        wall += step
 
 
 def default_bucket(frame: TimeFrame, *, now: datetime) -> timedelta:

@@ -16,6 +16,8 @@ from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.timesince import timeuntil
+from django.utils.translation import gettext as _
+from django.utils.translation import gettext_lazy, ngettext
 
 from common.timestamps import datetime_from_epoch
 from healthchecks.breaker import BreakerStatus
@@ -69,34 +71,40 @@ class EndpointAdmin(admin.ModelAdmin):
     formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
     fieldsets = [
         (None, {"fields": ["base_url", "providers", "enabled", "breaker"]}),
-        ("Ping", {"fields": ["ping_enabled", "ping_interval_seconds", "ping_failure_threshold"]}),
-        ("HTTP probe", {"fields": HTTP_FIELDS}),
-        ("Last results", {"fields": RESULT_FIELDS}),
+        (
+            gettext_lazy("Ping"),
+            {"fields": ["ping_enabled", "ping_interval_seconds", "ping_failure_threshold"]},
+        ),
+        (gettext_lazy("HTTP probe"), {"fields": HTTP_FIELDS}),
+        (gettext_lazy("Last results"), {"fields": RESULT_FIELDS}),
     ]
     readonly_fields = ["base_url", "providers", "breaker", *map(str, RESULT_FIELDS)]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
-    @admin.display(description="providers")
+    @admin.display(description=gettext_lazy("providers"))
     def providers(self, obj: Endpoint) -> str:
         names = Provider.objects.filter(base_url__in=[obj.base_url, obj.base_url + "/"])
         return ", ".join(names.values_list("name", flat=True)) or "-"
 
-    @admin.display(description="consecutive failures (ping / HTTP)")
+    @admin.display(description=gettext_lazy("consecutive failures (ping / HTTP)"))
     def failures(self, obj: Endpoint) -> str:
         return f"{obj.ping_failures} / {obj.http_failures}"
 
-    @admin.display(description="circuit breaker")
+    @admin.display(description=gettext_lazy("circuit breaker"))
     def breaker(self, obj: Endpoint) -> str:
         state = breaker_state_of(endpoint=obj.base_url)
         if state.status == BreakerStatus.OPEN:
-            return f"open (half-open in {_timeuntil_epoch(state.open_until)}): {state.reason}"
+            return _("open (half-open in %(span)s): %(reason)s") % {
+                "span": _timeuntil_epoch(state.open_until),
+                "reason": state.reason,
+            }
         if state.status == BreakerStatus.HALF_OPEN:
-            return f"half-open: {state.reason}"
-        return "closed"
+            return _("half-open: %(reason)s") % {"reason": state.reason}
+        return _("closed")
 
-    @admin.display(description="recent probe results")
+    @admin.display(description=gettext_lazy("recent probe results"))
     def recent_events(self, obj: Endpoint) -> str:
         events = health_events_recent(endpoint=obj)
         url = reverse("admin:healthchecks_healthevent_changelist")
@@ -115,19 +123,29 @@ class EndpointAdmin(admin.ModelAdmin):
                 for e in events
             ),
         )
+        heads = format_html_join(
+            "",
+            "<th>{}</th>",
+            # Translators: "at" heads the column of each probe's time ("HTTP": its status code).
+            ((_("at"),), (_("probe"),), (_("status"),), ("HTTP",), (_("latency"),), (_("error"),)),
+        )
         return format_html(
-            "<table><tr><th>at</th><th>probe</th><th>status</th><th>HTTP</th><th>latency</th>"
-            '<th>error</th></tr>{}</table><a href="{}?endpoint__id__exact={}">all results</a>',
+            '<table><tr>{}</tr>{}</table><a href="{}?endpoint__id__exact={}">{}</a>',
+            heads,
             rows,
             url,
             obj.pk,
+            _("all results"),
         )
 
-    @admin.action(description="Close the circuit breaker of the selected endpoints")
+    @admin.action(description=gettext_lazy("Close the circuit breaker of the selected endpoints"))
     def reset_breakers(self, request: HttpRequest, queryset: QuerySet[Endpoint]) -> None:
         for endpoint in queryset:
             breaker_reset(endpoint=endpoint.base_url)
-        self.message_user(request, f"Closed {queryset.count()} breaker(s).", messages.SUCCESS)
+        count = queryset.count()
+        # The English keeps its "(s)" in both forms; other languages get their plural forms.
+        text = ngettext("Closed %(count)s breaker(s).", "Closed %(count)s breaker(s).", count)
+        self.message_user(request, text % {"count": count}, messages.SUCCESS)
 
 
 @admin.register(HealthEvent)

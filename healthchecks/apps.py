@@ -1,11 +1,12 @@
 from typing import Any
 
 from django.apps import AppConfig
+from django.utils.translation import gettext_lazy as _
 
 
 class HealthchecksConfig(AppConfig):
     name = "healthchecks"
-    verbose_name = "Health checks"
+    verbose_name = _("Health checks")
 
     def ready(self) -> None:
         # Budget alerts go out as the signed webhooks health changes use.

@@ -11,12 +11,13 @@ from django.conf import settings
 from django.core.validators import MinValueValidator
 from django.db import models
 from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
 
 from common.redaction import base_url_masked
 
 
 class ProbeKind(models.TextChoices):
-    PING = "ping", "ICMP ping"
+    PING = "ping", _("ICMP ping")
     HTTP = "http", "HTTP"
 
 
@@ -31,54 +32,56 @@ def probe_kind_switched_on(kind: str) -> bool:
 
 
 class ProbeStatus(models.TextChoices):
-    UNKNOWN = "unknown", "not probed yet"
-    OK = "ok", "ok"
-    FAILED = "failed", "failed"
+    UNKNOWN = "unknown", _("not probed yet")
+    OK = "ok", _("ok")
+    FAILED = "failed", _("failed")
     # ICMP needs a socket the kernel may refuse (no root, ping_group_range): health then rests
     # on the HTTP probe alone.
-    UNAVAILABLE = "unavailable", "unavailable here"
-    DISABLED = "disabled", "disabled"
+    UNAVAILABLE = "unavailable", _("unavailable here")
+    DISABLED = "disabled", _("disabled")
 
 
 class Endpoint(models.Model):
     base_url = models.CharField(
-        "base URL",
+        _("base URL"),
         max_length=500,
         unique=True,
         editable=False,
-        help_text="A provider base URL, without a trailing slash.",
+        help_text=_("A provider base URL, without a trailing slash."),
     )
-    enabled = models.BooleanField(default=True, help_text="Probe this endpoint at all.")
-    ping_enabled = models.BooleanField("ping", default=True)
+    enabled = models.BooleanField(default=True, help_text=_("Probe this endpoint at all."))
+    ping_enabled = models.BooleanField(_("ping"), default=True)
     ping_interval_seconds = models.PositiveIntegerField(
-        "ping every (s)", default=30, validators=[MinValueValidator(1)]
+        _("ping every (s)"), default=30, validators=[MinValueValidator(1)]
     )
     ping_failure_threshold = models.PositiveIntegerField(
-        "ping failures to trip", default=3, validators=[MinValueValidator(1)]
+        _("ping failures to trip"), default=3, validators=[MinValueValidator(1)]
     )
-    http_enabled = models.BooleanField("HTTP probe", default=True)
+    http_enabled = models.BooleanField(_("HTTP probe"), default=True)
     http_interval_seconds = models.PositiveIntegerField(
-        "HTTP probe every (s)", default=60, validators=[MinValueValidator(1)]
+        _("HTTP probe every (s)"), default=60, validators=[MinValueValidator(1)]
     )
     http_failure_threshold = models.PositiveIntegerField(
-        "HTTP failures to trip", default=2, validators=[MinValueValidator(1)]
+        _("HTTP failures to trip"), default=2, validators=[MinValueValidator(1)]
     )
     http_url = models.URLField(
-        "HTTP probe URL",
+        _("HTTP probe URL"),
         max_length=500,
         blank=True,
         default="",
-        help_text="Empty: an authenticated GET {base URL}/models, which spends no tokens.",
+        help_text=_("Empty: an authenticated GET {base URL}/models, which spends no tokens."),
     )
     http_expected_status = models.PositiveSmallIntegerField(
-        "expected status",
+        _("expected status"),
         null=True,
         blank=True,
-        help_text="Empty: any answer below 500 is up. 401/403 never count as down: they say "
-        "the key is bad, not the endpoint.",
+        help_text=_(
+            "Empty: any answer below 500 is up. 401/403 never count as down: they say the key "
+            "is bad, not the endpoint."
+        ),
     )
     http_timeout_seconds = models.FloatField(
-        "HTTP timeout (s)", default=5.0, validators=[MinValueValidator(0.1)]
+        _("HTTP timeout (s)"), default=5.0, validators=[MinValueValidator(0.1)]
     )
 
     # Written by the probes.
@@ -89,10 +92,10 @@ class Endpoint(models.Model):
         max_length=16, choices=ProbeStatus.choices, default=ProbeStatus.UNKNOWN, editable=False
     )
     ping_failures = models.PositiveIntegerField(
-        "consecutive ping failures", default=0, editable=False
+        _("consecutive ping failures"), default=0, editable=False
     )
     http_failures = models.PositiveIntegerField(
-        "consecutive HTTP failures", default=0, editable=False
+        _("consecutive HTTP failures"), default=0, editable=False
     )
     last_latency_ms = models.FloatField(null=True, blank=True, editable=False)
     last_checked_at = models.DateTimeField(null=True, blank=True, editable=False)
@@ -102,7 +105,7 @@ class Endpoint(models.Model):
     last_http_ok_at = models.DateTimeField(null=True, blank=True, editable=False)
     # None until a probe has said something; False while the probes say it is down, which
     # opens its breaker (healthchecks.services: failed pings alone do not, see `health`).
-    is_up = models.BooleanField("up", null=True, editable=False)
+    is_up = models.BooleanField(_("up"), null=True, editable=False)
     last_change_at = models.DateTimeField(null=True, blank=True, editable=False)
     # When the dispatcher sends the next probe of each kind (claimed atomically, see services).
     next_ping_at = models.DateTimeField(null=True, blank=True, editable=False)

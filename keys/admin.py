@@ -24,6 +24,8 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 from django.utils.timesince import timesince, timeuntil
+from django.utils.translation import gettext as _
+from django.utils.translation import gettext_lazy, ngettext, pgettext
 
 from common.timestamps import datetime_from_epoch
 from keys.health import KeyState, KeyStatus, ManualAction
@@ -83,7 +85,7 @@ class ProviderAdmin(InvalidatesRoutingMixin):
     # A base URL typed without a scheme is taken as https (Django 6's default, chosen now).
     formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
 
-    @admin.display(description="keys")
+    @admin.display(description=gettext_lazy("keys"))
     def key_count(self, obj: Provider) -> int:
         return obj.keys.count()
 
@@ -115,19 +117,22 @@ def _at_least_one(field: forms.Field) -> None:
 
 class ApiKeyForm(forms.ModelForm):
     secret = forms.CharField(
+        label=gettext_lazy("Secret"),
         required=False,
         strip=True,
         # render_value=False: after a failed submit the page comes back without the secret.
         widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
-        help_text=(
+        help_text=gettext_lazy(
             "The provider's API key, stored encrypted; or env://NAME or file://path to keep it "
             "out of the database. Leave empty to keep the current secret."
         ),
     )
     allowed_models = ModelListField(
-        label="Models",
+        label=gettext_lazy("Models"),
         required=False,
-        help_text="Upstream models this key may serve, one per line. Empty means all.",
+        help_text=gettext_lazy(
+            "Upstream models this key may serve, one per line. Empty means all."
+        ),
     )
 
     class Meta:
@@ -150,7 +155,7 @@ class ApiKeyForm(forms.ModelForm):
             _at_least_one(self.fields[name])
         if self.instance.pk is None:
             self.fields["secret"].required = True
-            self.fields["secret"].help_text = (
+            self.fields["secret"].help_text = _(
                 "The provider's API key, stored encrypted; or env://NAME or file://path to keep "
                 "it out of the database."
             )
@@ -171,8 +176,8 @@ def _relative(epoch: float | None, now: float) -> str:
     if moment is None or reference is None:
         return "—"
     if epoch >= now:
-        return f"in {timeuntil(moment, reference)}"
-    return f"{timesince(moment, reference)} ago"
+        return _("in %(span)s") % {"span": timeuntil(moment, reference)}
+    return _("%(span)s ago") % {"span": timesince(moment, reference)}
 
 
 @admin.register(ApiKey)
@@ -199,11 +204,13 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
     def get_fieldsets(self, request: HttpRequest, obj: ApiKey | None = None) -> Any:
         provider_limits = (
-            "Provider limits",
+            _("Provider limits"),
             {
                 "fields": ("requests_per_minute", "tokens_per_minute"),
-                "description": "The provider's own limits for this key, when known: the gateway "
-                "keeps the key under them instead of waiting for a 429. Empty: not known.",
+                "description": _(
+                    "The provider's own limits for this key, when known: the gateway keeps the "
+                    "key under them instead of waiting for a 429. Empty: not known."
+                ),
             },
         )
         if obj is None:
@@ -214,7 +221,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
         return [
             (None, {"fields": [*fields, "allowed_models"]}),
             provider_limits,
-            ("Health", {"fields": ("health_status", "benched_until", "last_error")}),
+            (_("Health"), {"fields": ("health_status", "benched_until", "last_error")}),
         ]
 
     def get_changelist_instance(self, request: HttpRequest) -> Any:
@@ -235,21 +242,25 @@ class ApiKeyAdmin(admin.ModelAdmin):
             obj._health = cached  # type: ignore[attr-defined]
         return cached[0] if cached else None
 
-    @admin.display(description="provider limits")
+    @admin.display(description=gettext_lazy("provider limits"))
     def provider_limits(self, obj: ApiKey) -> str:
         parts = [
-            f"{value:,} {unit}/min"
-            for value, unit in ((obj.requests_per_minute, "req"), (obj.tokens_per_minute, "tok"))
+            text % {"count": f"{value:,}"}
+            for value, text in (
+                (obj.requests_per_minute, _("%(count)s req/min")),
+                (obj.tokens_per_minute, _("%(count)s tok/min")),
+            )
             if value is not None
         ]
         return ", ".join(parts) or "—"
 
-    @admin.display(description="health")
+    @admin.display(description=gettext_lazy("health"))
     def health_status(self, obj: ApiKey) -> str:
         state = self._health(obj)
         return state.status.value if state else "—"
 
-    @admin.display(description="back")
+    # Translators: heads the column of when a benched key is back in rotation.
+    @admin.display(description=gettext_lazy("back"))
     def benched_until(self, obj: ApiKey) -> str:
         state = self._health(obj)
         if state is None:
@@ -264,15 +275,15 @@ class ApiKeyAdmin(admin.ModelAdmin):
         text = _relative(until, time.time())
         if state.status == KeyStatus.QUARANTINED:
             # Quarantine ends by a successful re-check, not by the clock alone.
-            text = f"re-check {text}"
+            text = _("re-check %(when)s") % {"when": text}
         return text
 
-    @admin.display(description="failures in a row")
+    @admin.display(description=gettext_lazy("failures in a row"))
     def consecutive_failures(self, obj: ApiKey) -> int | str:
         state = self._health(obj)
         return state.consecutive_failures if state else "—"
 
-    @admin.display(description="last error")
+    @admin.display(description=gettext_lazy("last error"))
     def last_error(self, obj: ApiKey) -> str:
         state = self._health(obj)
         if state is None or not state.last_error_type:
@@ -295,22 +306,23 @@ class ApiKeyAdmin(admin.ModelAdmin):
     def _health_action(
         self, request: HttpRequest, queryset: QuerySet[ApiKey], action: ManualAction, done: str
     ) -> None:
+        """`done`: the message, with the key ids in its `%(keys)s`."""
         keys = list(queryset)
         for key in keys:
             api_key_health_action(api_key=key, action=action)
-        self.message_user(request, f"{done}: {', '.join(k.key_id for k in keys)}")
+        self.message_user(request, done % {"keys": ", ".join(k.key_id for k in keys)})
 
-    @admin.action(description="Disable selected keys")
+    @admin.action(description=gettext_lazy("Disable selected keys"))
     def disable_keys(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
-        self._health_action(request, queryset, "disable", "Disabled")
+        self._health_action(request, queryset, "disable", _("Disabled: %(keys)s"))
 
-    @admin.action(description="Enable selected keys")
+    @admin.action(description=gettext_lazy("Enable selected keys"))
     def enable_keys(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
-        self._health_action(request, queryset, "enable", "Enabled")
+        self._health_action(request, queryset, "enable", _("Enabled: %(keys)s"))
 
-    @admin.action(description="Reset health of selected keys")
+    @admin.action(description=gettext_lazy("Reset health of selected keys"))
     def reset_health(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
-        self._health_action(request, queryset, "reset", "Health reset")
+        self._health_action(request, queryset, "reset", _("Health reset: %(keys)s"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,7 +338,7 @@ class DeploymentFormSet(BaseInlineFormSet):
             if form.cleaned_data and not form.cleaned_data.get("DELETE")
         ]
         if len(positions) != len(set(positions)):
-            raise ValidationError("Each deployment needs its own position.")
+            raise ValidationError(_("Each deployment needs its own position."))
 
 
 class DeploymentInline(admin.TabularInline):
@@ -349,14 +361,14 @@ class RouteAdmin(InvalidatesRoutingMixin):
         # formset too, and a limit has its own page (with the checks of its scope).
         return () if obj is None else ("limits",)
 
-    @admin.display(description="limits")
+    @admin.display(description=gettext_lazy("limits"))
     def limits(self, obj: Route) -> SafeString:
         return _limit_links(obj.limits.select_related("client", "route"), add={"route": obj.pk})
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Route]:
         return super().get_queryset(request).prefetch_related("deployments__provider")
 
-    @admin.display(description="fallback chain")
+    @admin.display(description=gettext_lazy("fallback chain"))
     def chain(self, obj: Route) -> str:
         return " → ".join(str(d) for d in obj.deployments.all()) or "—"
 
@@ -378,10 +390,12 @@ class RouteListField(forms.CharField):
 
 class ClientTokenForm(forms.ModelForm):
     routes = RouteListField(
+        label=gettext_lazy("Routes"),
         initial=["*"],
-        help_text="Route names this token may use, comma-separated; * for all.",
+        help_text=gettext_lazy("Route names this token may use, comma-separated; * for all."),
     )
     scopes = forms.MultipleChoiceField(
+        label=gettext_lazy("Scopes"),
         choices=ClientToken.Scope.choices,
         initial=[ClientToken.Scope.PROXY.value],
         widget=forms.CheckboxSelectMultiple,
@@ -430,11 +444,11 @@ class ClientTokenAdmin(admin.ModelAdmin):
         # Records and config files refer to a client by name: a new name is a new client.
         return ("name", "masked", "limits", "revoked_at", "created_at")
 
-    @admin.display(description="token")
+    @admin.display(description=gettext_lazy("token"))
     def masked(self, obj: ClientToken) -> str:
         return obj.masked
 
-    @admin.display(description="limits")
+    @admin.display(description=gettext_lazy("limits"))
     def limits(self, obj: ClientToken) -> SafeString:
         # Listed here, edited on their own page: see RouteAdmin.get_readonly_fields.
         return _limit_links(obj.limits.select_related("client", "route"), add={"client": obj.pk})
@@ -462,7 +476,8 @@ class ClientTokenAdmin(admin.ModelAdmin):
         # The only time the token exists outside the caller's hands: only its hash is kept.
         messages.success(
             request,
-            f"Token for “{created.name}”: {token} — copy it now: it cannot be shown again.",
+            _("Token for “%(name)s”: %(token)s — copy it now: it cannot be shown again.")
+            % {"name": created.name, "token": token},
         )
 
     def delete_model(self, request: HttpRequest, obj: ClientToken) -> None:
@@ -473,12 +488,14 @@ class ClientTokenAdmin(admin.ModelAdmin):
         super().delete_queryset(request, queryset)
         invalidate_routing_on_commit()
 
-    @admin.action(description="Revoke selected tokens")
+    @admin.action(description=gettext_lazy("Revoke selected tokens"))
     def revoke_tokens(self, request: HttpRequest, queryset: QuerySet[ClientToken]) -> None:
         tokens = list(queryset)
         for token in tokens:
             client_token_revoke(token=token)
-        self.message_user(request, f"Revoked: {', '.join(t.name for t in tokens)}")
+        self.message_user(
+            request, _("Revoked: %(tokens)s") % {"tokens": ", ".join(t.name for t in tokens)}
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,29 +504,35 @@ class ClientTokenAdmin(admin.ModelAdmin):
 
 def _usd(value: Decimal) -> str:
     text = f"{value.normalize():f}"
-    whole, _, cents = text.partition(".")
+    whole, _dot, cents = text.partition(".")
     return f"${whole}.{cents.ljust(2, '0')}"
 
 
 def limit_summary(limit: Limit) -> str:
     """The limits a row sets, in one line: `60 req/min, 5,000 tok/day, $5.00/day`."""
     counts = [
-        (limit.requests_per_minute, "req/min"),
-        (limit.requests_per_day, "req/day"),
-        (limit.tokens_per_minute, "tok/min"),
-        (limit.tokens_per_day, "tok/day"),
-        (limit.max_concurrent, "concurrent"),
+        (limit.requests_per_minute, _("%(count)s req/min")),
+        (limit.requests_per_day, _("%(count)s req/day")),
+        (limit.tokens_per_minute, _("%(count)s tok/min")),
+        (limit.tokens_per_day, _("%(count)s tok/day")),
+        (limit.max_concurrent, _("%(count)s concurrent")),
     ]
-    parts = [f"{value:,} {unit}" for value, unit in counts if value is not None]
-    spend = [(limit.usd_per_day, "day"), (limit.usd_per_month, "month")]
-    parts += [f"{_usd(value)}/{period}" for value, period in spend if value is not None]
-    return ", ".join(parts) or "no limit set"
+    parts = [text % {"count": f"{value:,}"} for value, text in counts if value is not None]
+    spend = [(limit.usd_per_day, _("%(usd)s/day")), (limit.usd_per_month, _("%(usd)s/month"))]
+    parts += [text % {"usd": _usd(value)} for value, text in spend if value is not None]
+    return ", ".join(parts) or _("no limit set")
 
 
 def _scope_name(limit: Limit) -> str:
-    client = limit.client.name if limit.client else "any client"
-    route = limit.route.name if limit.route else "any route"
-    return f"{client} on {route}"
+    client = limit.client.name if limit.client else ""
+    route = limit.route.name if limit.route else ""
+    if client and route:
+        return _("%(client)s on %(route)s") % {"client": client, "route": route}
+    if client:
+        return _("%(client)s on any route") % {"client": client}
+    if route:
+        return _("any client on %(route)s") % {"route": route}
+    return _("any client on any route")
 
 
 def _limit_links(limits: QuerySet[Limit], *, add: dict[str, int]) -> SafeString:
@@ -528,8 +551,8 @@ def _limit_links(limits: QuerySet[Limit], *, add: dict[str, int]) -> SafeString:
     query = "&".join(f"{name}={pk}" for name, pk in add.items())
     add_url = f"{reverse('admin:keys_limit_add')}?{query}"
     if not rows:
-        return format_html('None. <a href="{}">Add a limit</a>', add_url)
-    return format_html('<ul>{}</ul><a href="{}">Add a limit</a>', rows, add_url)
+        return format_html('{} <a href="{}">{}</a>', _("None."), add_url, _("Add a limit"))
+    return format_html('<ul>{}</ul><a href="{}">{}</a>', rows, add_url, _("Add a limit"))
 
 
 _LIMIT_COUNTS = [
@@ -545,13 +568,14 @@ class ScopeColumnsMixin(InvalidatesRoutingMixin):
     """The client and route columns of a row scoped to either, both or neither (limits and
     capture rules)."""
 
-    @admin.display(description="client", ordering="client__name")
+    @admin.display(description=gettext_lazy("client"), ordering="client__name")
     def client_name(self, obj: Limit | CaptureRule) -> str:
-        return obj.client.name if obj.client else "any"
+        # The context: "any" may take the gender of "client" or "route" in a translation.
+        return obj.client.name if obj.client else pgettext("any client", "any")
 
-    @admin.display(description="route", ordering="route__name")
+    @admin.display(description=gettext_lazy("route"), ordering="route__name")
     def route_name(self, obj: Limit | CaptureRule) -> str:
-        return obj.route.name if obj.route else "any"
+        return obj.route.name if obj.route else pgettext("any route", "any")
 
 
 class LimitForm(forms.ModelForm):
@@ -574,12 +598,23 @@ class LimitForm(forms.ModelForm):
         if same.exists():
             # On a field, so that Django's own "Constraint … is violated" (its unique
             # constraints have conditions, so no better wording) is skipped for it.
-            who = f"“{client}”" if client else "any client"
-            where = f"“{route}”" if route else "any route"
-            self.add_error(
-                "route" if route else "client",
-                f"There is already a limit for {who} on {where}: change that one instead.",
-            )
+            names = {"client": str(client), "route": str(route)}
+            if client and route:
+                message = _(
+                    "There is already a limit for “%(client)s” on “%(route)s”: change that one "
+                    "instead."
+                )
+            elif client:
+                message = _(
+                    "There is already a limit for “%(client)s” on any route: change that one "
+                    "instead."
+                )
+            else:
+                message = _(
+                    "There is already a limit for any client on “%(route)s”: change that one "
+                    "instead."
+                )
+            self.add_error("route" if route else "client", message % names)
         return data
 
 
@@ -594,31 +629,37 @@ class LimitAdmin(ScopeColumnsMixin):
             None,
             {
                 "fields": ("client", "route"),
-                "description": "A client token on any route, a route for all its clients, or "
-                "one client on one route. Every limit that applies to a request must have room "
-                "for it. An empty field is no limit.",
+                "description": gettext_lazy(
+                    "A client token on any route, a route for all its clients, or one client on "
+                    "one route. Every limit that applies to a request must have room for it. An "
+                    "empty field is no limit."
+                ),
             },
         ),
-        ("Requests", {"fields": ("requests_per_minute", "requests_per_day")}),
+        (gettext_lazy("Requests"), {"fields": ("requests_per_minute", "requests_per_day")}),
         (
-            "Tokens",
+            gettext_lazy("Tokens"),
             {
                 "fields": ("tokens_per_minute", "tokens_per_day"),
-                "description": "Prompt plus completion tokens, reserved before the call and "
-                "settled from the usage the upstream reports.",
+                "description": gettext_lazy(
+                    "Prompt plus completion tokens, reserved before the call and settled from "
+                    "the usage the upstream reports."
+                ),
             },
         ),
-        ("Concurrency", {"fields": ("max_concurrent",)}),
+        (gettext_lazy("Concurrency"), {"fields": ("max_concurrent",)}),
         (
-            "Spend (USD)",
+            gettext_lazy("Spend (USD)"),
             {
                 "fields": ("usd_per_day", "usd_per_month"),
-                "description": "Days and calendar months of LLMROTATE_LIMITS_TIME_ZONE.",
+                "description": gettext_lazy(
+                    "Days and calendar months of LLMROTATE_LIMITS_TIME_ZONE."
+                ),
             },
         ),
     ]
 
-    @admin.display(description="limits")
+    @admin.display(description=gettext_lazy("limits"))
     def summary(self, obj: Limit) -> str:
         return limit_summary(obj)
 
@@ -628,10 +669,10 @@ class LimitAdmin(ScopeColumnsMixin):
 
 # "Capture this client for 15 minutes": a rule's end, picked relative to when it is saved.
 CAPTURE_DURATIONS = [
-    ("", "keep the end below (or none)"),
-    ("15", "for 15 minutes from now"),
-    ("60", "for 1 hour from now"),
-    ("1440", "for 24 hours from now"),
+    ("", gettext_lazy("keep the end below (or none)")),
+    ("15", gettext_lazy("for 15 minutes from now")),
+    ("60", gettext_lazy("for 1 hour from now")),
+    ("1440", gettext_lazy("for 24 hours from now")),
 ]
 
 
@@ -639,8 +680,8 @@ class CaptureRuleForm(forms.ModelForm):
     capture_for = forms.ChoiceField(
         choices=CAPTURE_DURATIONS,
         required=False,
-        label="Capture",
-        help_text="Sets the end time from now; a capture rule is best kept short.",
+        label=gettext_lazy("Capture"),
+        help_text=gettext_lazy("Sets the end time from now; a capture rule is best kept short."),
     )
 
     class Meta:
@@ -668,31 +709,38 @@ class CaptureRuleAdmin(ScopeColumnsMixin):
             None,
             {
                 "fields": ("client", "route", "sample_rate", "capture_for", "until", "enabled"),
-                "description": "Wire capture records the chosen requests exactly as they "
-                "crossed the wire, prompts and completions included (credentials masked), in "
-                "files under LLMROTATE_CAPTURE_DIR that whoever can read that folder can read. "
-                "Leave client and route empty to capture all traffic. See docs/capture.md.",
+                "description": gettext_lazy(
+                    "Wire capture records the chosen requests exactly as they crossed the wire, "
+                    "prompts and completions included (credentials masked), in files under "
+                    "LLMROTATE_CAPTURE_DIR that whoever can read that folder can read. Leave "
+                    "client and route empty to capture all traffic. See docs/capture.md."
+                ),
             },
         ),
     ]
 
-    @admin.display(description="now")
+    # Translators: heads the column of what a capture rule is doing at present.
+    @admin.display(description=gettext_lazy("now"))
     def state(self, obj: CaptureRule) -> str:
         if not obj.enabled or obj.sample_rate <= 0:
-            return "off"
+            return _("off")
         if obj.until is None:
-            return "capturing, no end"
+            return _("capturing, no end")
         if obj.until.timestamp() <= time.time():
-            return "ended"
-        return f"capturing, ends in {timeuntil(obj.until)}"
+            return _("ended")
+        return _("capturing, ends in %(span)s") % {"span": timeuntil(obj.until)}
 
-    @admin.action(description="Stop capturing now")
+    @admin.action(description=gettext_lazy("Stop capturing now"))
     def stop_now(self, request: HttpRequest, queryset: QuerySet[CaptureRule]) -> None:
         count = queryset.update(enabled=False)
         invalidate_routing_on_commit()
-        self.message_user(request, f"{count} capture rule(s) stopped.", messages.SUCCESS)
+        # The English keeps its "(s)" in both forms; other languages get their plural forms.
+        text = ngettext(
+            "%(count)s capture rule(s) stopped.", "%(count)s capture rule(s) stopped.", count
+        )
+        self.message_user(request, text % {"count": count}, messages.SUCCESS)
 
-    @admin.action(description="Capture for 15 more minutes")
+    @admin.action(description=gettext_lazy("Capture for 15 more minutes"))
     def extend_15_minutes(self, request: HttpRequest, queryset: QuerySet[CaptureRule]) -> None:
         count = 0
         for rule in queryset:
@@ -702,7 +750,10 @@ class CaptureRuleAdmin(ScopeColumnsMixin):
             rule.save(update_fields=["until", "enabled", "updated_at"])
             count += 1
         invalidate_routing_on_commit()
-        self.message_user(request, f"{count} capture rule(s) extended.", messages.SUCCESS)
+        text = ngettext(
+            "%(count)s capture rule(s) extended.", "%(count)s capture rule(s) extended.", count
+        )
+        self.message_user(request, text % {"count": count}, messages.SUCCESS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -712,8 +763,10 @@ class CaptureRuleAdmin(ScopeColumnsMixin):
 class ReplacementRuleForm(forms.ModelForm):
     clients = RouteListField(
         required=False,
-        label="Clients",
-        help_text="Only for these client tokens (names), comma-separated; empty: every client.",
+        label=gettext_lazy("Clients"),
+        help_text=gettext_lazy(
+            "Only for these client tokens (names), comma-separated; empty: every client."
+        ),
     )
 
     class Meta:
@@ -744,7 +797,7 @@ class ReplacementRuleForm(forms.ModelForm):
         unknown = [name for name in names if name not in known]
         if unknown:
             # A misspelt name would silently match nobody; the config file refuses it too.
-            raise ValidationError(f"Unknown client: {', '.join(unknown)}.")
+            raise ValidationError(_("Unknown client: %(names)s.") % {"names": ", ".join(unknown)})
         return names
 
 
@@ -769,24 +822,28 @@ class ReplacementRuleAdmin(InvalidatesRoutingMixin):
             None,
             {
                 "fields": ("name", "route", "position", "enabled"),
-                "description": "An experiment sends a share of a route's requests to another "
-                "model first (a provider's model, or another route), and keeps the rest as "
-                "its control group; the route's own deployments stay behind the target, so "
-                "a failing target falls back to them. Records, metrics and the response "
-                "header name the rule. Clients opt out with the X-LLMRotate-No-Replace: 1 "
-                "header, or a token marked “never replace”. See docs/replacement.md.",
+                "description": gettext_lazy(
+                    "An experiment sends a share of a route's requests to another model first "
+                    "(a provider's model, or another route), and keeps the rest as its control "
+                    "group; the route's own deployments stay behind the target, so a failing "
+                    "target falls back to them. Records, metrics and the response header name "
+                    "the rule. Clients opt out with the X-LLMRotate-No-Replace: 1 header, or a "
+                    "token marked “never replace”. See docs/replacement.md."
+                ),
             },
         ),
         (
-            "Target",
+            gettext_lazy("Target"),
             {
                 "fields": ("target_provider", "target_model", "target_route"),
-                "description": "Either a provider and its model, or another (exact) route.",
+                "description": gettext_lazy(
+                    "Either a provider and its model, or another (exact) route."
+                ),
             },
         ),
-        ("Draw", {"fields": ("probability", "stickiness", "sticky_turns", "seed")}),
+        (gettext_lazy("Draw"), {"fields": ("probability", "stickiness", "sticky_turns", "seed")}),
         (
-            "Conditions",
+            gettext_lazy("Conditions"),
             {
                 "fields": (
                     "min_turn",
@@ -796,32 +853,35 @@ class ReplacementRuleAdmin(InvalidatesRoutingMixin):
                     "active_from",
                     "active_until",
                 ),
-                "description": "A request is eligible when it meets all of them; empty "
-                "fields set no condition.",
+                "description": gettext_lazy(
+                    "A request is eligible when it meets all of them; empty fields set no "
+                    "condition."
+                ),
             },
         ),
     ]
 
-    @admin.display(description="target")
+    @admin.display(description=gettext_lazy("target"))
     def target(self, obj: ReplacementRule) -> str:
         return obj.target_label
 
-    @admin.display(description="active window")
+    @admin.display(description=gettext_lazy("active window"))
     def window(self, obj: ReplacementRule) -> str:
         start, end = obj.active_from, obj.active_until
         if start is None and end is None:
-            return "always"
+            return _("always")
 
         def moment(value: Any) -> str:
             return timezone.localtime(value).strftime("%Y-%m-%d %H:%M") if value else "…"
 
         now = timezone.now()
-        state = ""
+        window = f"{moment(start)} → {moment(end)}"
         if end is not None and end <= now:
-            state = " (ended)"
-        elif start is not None and start > now:
-            state = f" (starts in {timeuntil(start, now)})"
-        return f"{moment(start)} → {moment(end)}{state}"
+            return _("%(window)s (ended)") % {"window": window}
+        if start is not None and start > now:
+            span = timeuntil(start, now)
+            return _("%(window)s (starts in %(span)s)") % {"window": window, "span": span}
+        return window
 
     def _set_enabled(
         self, request: HttpRequest, queryset: QuerySet[ReplacementRule], enabled: bool
@@ -829,13 +889,24 @@ class ReplacementRuleAdmin(InvalidatesRoutingMixin):
         # update() skips auto_now, hence updated_at by hand.
         count = queryset.update(enabled=enabled, updated_at=timezone.now())
         invalidate_routing_on_commit()
-        done = "enabled" if enabled else "disabled"
-        self.message_user(request, f"{count} replacement rule(s) {done}.", messages.SUCCESS)
+        if enabled:
+            text = ngettext(
+                "%(count)s replacement rule(s) enabled.",
+                "%(count)s replacement rule(s) enabled.",
+                count,
+            )
+        else:
+            text = ngettext(
+                "%(count)s replacement rule(s) disabled.",
+                "%(count)s replacement rule(s) disabled.",
+                count,
+            )
+        self.message_user(request, text % {"count": count}, messages.SUCCESS)
 
-    @admin.action(description="Enable selected rules")
+    @admin.action(description=gettext_lazy("Enable selected rules"))
     def enable_rules(self, request: HttpRequest, queryset: QuerySet[ReplacementRule]) -> None:
         self._set_enabled(request, queryset, True)
 
-    @admin.action(description="Disable selected rules")
+    @admin.action(description=gettext_lazy("Disable selected rules"))
     def disable_rules(self, request: HttpRequest, queryset: QuerySet[ReplacementRule]) -> None:
         self._set_enabled(request, queryset, False)

@@ -1,6 +1,7 @@
 from django.contrib import admin
 from django.urls import include, path
 from django.views.generic import RedirectView
+from django.views.i18n import JavaScriptCatalog
 
 from healthchecks import views as health_views
 from llmrotate_site import healthz
@@ -15,6 +16,10 @@ urlpatterns = [
     path("", RedirectView.as_view(pattern_name="dashboard:overview"), name="home"),
     path("dashboard/", include("llmrotate_site.dashboard.urls")),
     path("admin/", admin.site.urls),
+    # The language picker posts to i18n/setlang/ (Django's set_language); the dashboard's
+    # scripts take their strings from i18n/js/ (the djangojs catalogue of locale/).
+    path("i18n/", include("django.conf.urls.i18n")),
+    path("i18n/js/", JavaScriptCatalog.as_view(domain="djangojs"), name="javascript-catalog"),
     path("internal/health", health_views.internal_health, name="internal-health"),
     path("healthz", healthz.healthz, name="healthz"),
     path("", api.urls),

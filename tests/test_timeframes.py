@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import zoneinfo
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 
 import pytest
 
@@ -10,6 +12,7 @@ from common.timeframes import (
     MAX_BUCKETS,
     TimeFrame,
     TimeFrameError,
+    bucket_bounds,
     bucket_span,
     ceil_time,
     default_bucket,
@@ -168,3 +171,47 @@ def test_a_duration_is_bounded_by_the_now_its_cutoff_is_taken_from() -> None:
 def test_durations_are_read_as_strictly_as_buckets(text: str) -> None:
     with pytest.raises(TimeFrameError, match="90d"):
         parse_duration(text, param="--older-than", now=NOW)
+
+
+# --- buckets on a viewer's clock (the dashboard) ----------------------------------------------
+
+NEW_YORK = zoneinfo.ZoneInfo("America/New_York")
+KOLKATA = zoneinfo.ZoneInfo("Asia/Kolkata")
+
+
+def test_utc_bounds_are_bucket_spans() -> None:
+    now = datetime(2026, 3, 9, 12, 7, tzinfo=UTC)
+    frame = TimeFrame(since=now - timedelta(days=7))
+    for bucket in (timedelta(minutes=15), timedelta(hours=1), timedelta(days=1)):
+        first, count = bucket_span(frame, bucket, now=now)
+        bounds = bucket_bounds(frame, bucket, now=now)
+        assert bounds == [first + i * bucket for i in range(count + 1)]
+
+
+def test_local_days_start_at_local_midnight_and_follow_daylight_saving() -> None:
+    # 2026-03-08: New York moves its clocks from 02:00 to 03:00; that day is 23 hours long.
+    since = datetime(2026, 3, 6, 15, 0, tzinfo=UTC)
+    now = datetime(2026, 3, 10, 15, 0, tzinfo=UTC)
+    bounds = bucket_bounds(TimeFrame(since=since), timedelta(days=1), now=now, zone=NEW_YORK)
+    local = [b.astimezone(NEW_YORK) for b in bounds]
+    assert all((t.hour, t.minute) == (0, 0) for t in local)
+    assert [t.day for t in local] == [6, 7, 8, 9, 10, 11]
+    lengths = [(b - a).total_seconds() / 3600 for a, b in pairwise(bounds)]
+    assert lengths == [24, 24, 23, 24, 24]
+    assert bounds[0] <= since and bounds[-1] >= now
+
+
+def test_local_hours_skip_the_missing_hour_of_a_clock_change() -> None:
+    since = datetime(2026, 3, 8, 5, 0, tzinfo=UTC)  # 00:00 in New York, before the change
+    now = datetime(2026, 3, 8, 10, 0, tzinfo=UTC)
+    bounds = bucket_bounds(TimeFrame(since=since), timedelta(hours=1), now=now, zone=NEW_YORK)
+    assert [b.astimezone(NEW_YORK).hour for b in bounds] == [0, 1, 3, 4, 5, 6]
+    assert all((b - a) == timedelta(hours=1) for a, b in pairwise(bounds))
+
+
+def test_half_hour_zones_get_buckets_on_their_own_half_hours() -> None:
+    since = datetime(2026, 5, 1, 10, 10, tzinfo=UTC)  # 15:40 in Kolkata
+    now = datetime(2026, 5, 1, 14, 0, tzinfo=UTC)
+    bounds = bucket_bounds(TimeFrame(since=since), timedelta(hours=1), now=now, zone=KOLKATA)
+    assert bounds[0] == datetime(2026, 5, 1, 9, 30, tzinfo=UTC)  # 15:00 local
+    assert all(b.astimezone(KOLKATA).minute == 0 for b in bounds)

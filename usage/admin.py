@@ -15,6 +15,7 @@ from django.contrib import admin, messages
 from django.db import transaction
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.utils.translation import gettext_lazy, ngettext
 
 from usage.models import CallRecord, ModelPrice
 from usage.pricing import price_overrides_invalidate
@@ -48,15 +49,19 @@ class CallRecordAdmin(admin.ModelAdmin):
     actions = ("accept_flagged_usage",)
 
     @admin.action(
-        description="Accept flagged usage (add its tokens and cost to the totals)",
+        description=gettext_lazy("Accept flagged usage (add its tokens and cost to the totals)"),
         permissions=["accept_usage"],
     )
     def accept_flagged_usage(self, request: HttpRequest, queryset: QuerySet[CallRecord]) -> None:
         ids = queryset.filter(usage_flagged=True).values_list("pk", flat=True)
         accepted = flagged_usage_accept(record_ids=ids)
-        self.message_user(
-            request, f"Accepted the usage of {accepted} flagged call record(s).", messages.SUCCESS
+        # The English keeps its "(s)" in both forms; other languages get their plural forms.
+        text = ngettext(
+            "Accepted the usage of %(count)s flagged call record(s).",
+            "Accepted the usage of %(count)s flagged call record(s).",
+            accepted,
         )
+        self.message_user(request, text % {"count": accepted}, messages.SUCCESS)
 
     def has_accept_usage_permission(self, request: HttpRequest) -> bool:
         # Records are otherwise read-only for everyone; this changes what every total shows.

@@ -10,49 +10,50 @@ from typing import Literal, get_args
 
 from django.db import models
 from django.db.models import Q
+from django.utils.translation import gettext_lazy as _
 
 from usage.sketches import REGISTERS as SKETCH_BYTES
 
 
 class Outcome(models.TextChoices):
-    SUCCESS = "success", "success"
-    CLIENT_ERROR = "client_error", "client error (4xx)"
-    RATE_LIMITED = "rate_limited", "rate limited (429)"
-    QUOTA_EXHAUSTED = "quota_exhausted", "quota exhausted"
-    AUTH_FAILED = "auth_failed", "upstream auth failed"
-    UPSTREAM_ERROR = "upstream_error", "upstream error (5xx)"
-    TIMEOUT = "timeout", "timeout"
-    CONNECTION_ERROR = "connection_error", "connection error"
-    BAD_RESPONSE = "bad_response", "bad upstream response"
-    STREAM_ERROR = "stream_error", "stream failed midway"
-    CLIENT_DISCONNECTED = "client_disconnected", "client disconnected"
-    GATEWAY_ERROR = "gateway_error", "gateway error (a bug: see the log)"
+    SUCCESS = "success", _("success")
+    CLIENT_ERROR = "client_error", _("client error (4xx)")
+    RATE_LIMITED = "rate_limited", _("rate limited (429)")
+    QUOTA_EXHAUSTED = "quota_exhausted", _("quota exhausted")
+    AUTH_FAILED = "auth_failed", _("upstream auth failed")
+    UPSTREAM_ERROR = "upstream_error", _("upstream error (5xx)")
+    TIMEOUT = "timeout", _("timeout")
+    CONNECTION_ERROR = "connection_error", _("connection error")
+    BAD_RESPONSE = "bad_response", _("bad upstream response")
+    STREAM_ERROR = "stream_error", _("stream failed midway")
+    CLIENT_DISCONNECTED = "client_disconnected", _("client disconnected")
+    GATEWAY_ERROR = "gateway_error", _("gateway error (a bug: see the log)")
     # A request answered without any upstream attempt (every key benched, every circuit open):
     # its one row has attempt 0, so that requests are counted however they end.
-    UNAVAILABLE = "unavailable", "no key or endpoint available"
+    UNAVAILABLE = "unavailable", _("no key or endpoint available")
     # Refused by the gateway itself before any attempt (attempt 0, no key, no upstream): a
     # client limit or budget of ours, or a bad token, a route the token may not use, a model
     # that does not exist, a body the gateway cannot send.
-    RATE_LIMITED_BY_GATEWAY = "rate_limited_by_gateway", "rate limited by the gateway"
-    BUDGET_EXCEEDED = "budget_exceeded", "budget exceeded"
-    REFUSED = "refused", "refused by the gateway"
+    RATE_LIMITED_BY_GATEWAY = "rate_limited_by_gateway", _("rate limited by the gateway")
+    BUDGET_EXCEEDED = "budget_exceeded", _("budget exceeded")
+    REFUSED = "refused", _("refused by the gateway")
 
 
 class Arm(models.TextChoices):
     """Where a request eligible for a replacement experiment went, and why."""
 
-    REPLACED = "replaced", "replaced"
-    CONTROL = "control", "not replaced (drawn)"
-    OPT_OUT_HEADER = "opt_out_header", "opted out (header or body field)"
-    OPT_OUT_TOKEN = "opt_out_token", "opted out (client token)"
+    REPLACED = "replaced", _("replaced")
+    CONTROL = "control", _("not replaced (drawn)")
+    OPT_OUT_HEADER = "opt_out_header", _("opted out (header or body field)")
+    OPT_OUT_TOKEN = "opt_out_token", _("opted out (client token)")
 
 
 class UsageSource(models.TextChoices):
-    REPORTED = "reported", "reported by upstream"
-    ESTIMATED = "estimated", "estimated (tiktoken)"
+    REPORTED = "reported", _("reported by upstream")
+    ESTIMATED = "estimated", _("estimated (tiktoken)")
     # Counted on samples of a text too long to tokenize whole, scaled to its full length.
-    EXTRAPOLATED = "extrapolated", "estimated from a sample"
-    NONE = "none", "none"
+    EXTRAPOLATED = "extrapolated", _("estimated from a sample")
+    NONE = "none", _("none")
 
 
 # The status a client is counted with when it hung up before its answer (nginx's convention).
@@ -63,10 +64,10 @@ class Operation(models.TextChoices):
     """What kind of call a record is: the endpoint the client called, whatever wire format
     served it. Names follow OpenTelemetry's `gen_ai.operation.name` where it has one."""
 
-    CHAT = "chat", "chat (chat completions, messages)"
-    RESPONSES = "responses", "responses (OpenAI Responses API)"
-    TEXT_COMPLETION = "text_completion", "text completion (legacy completions)"
-    EMBEDDINGS = "embeddings", "embeddings"
+    CHAT = "chat", _("chat (chat completions, messages)")
+    RESPONSES = "responses", _("responses (OpenAI Responses API)")
+    TEXT_COMPLETION = "text_completion", _("text completion (legacy completions)")
+    EMBEDDINGS = "embeddings", _("embeddings")
 
 
 class Dialect(models.TextChoices):
@@ -100,12 +101,12 @@ class CallRecord(models.Model):
     )
 
     status_code = models.PositiveSmallIntegerField(
-        "upstream status", null=True, blank=True, help_text="What the upstream answered."
+        _("upstream status"), null=True, blank=True, help_text=_("What the upstream answered.")
     )
     outcome = models.CharField(max_length=32, choices=Outcome.choices)
-    final = models.BooleanField(default=False, help_text="This row ended the request.")
+    final = models.BooleanField(default=False, help_text=_("This row ended the request."))
     client_status = models.PositiveSmallIntegerField(
-        null=True, blank=True, help_text="On the final row: the HTTP status the client got."
+        null=True, blank=True, help_text=_("On the final row: the HTTP status the client got.")
     )
     error_type = models.CharField(max_length=64, blank=True, default="")
 
@@ -124,9 +125,9 @@ class CallRecord(models.Model):
     # Milliseconds, measured from when the proxy received the request.
     latency_ms = models.FloatField(default=0)
     ttft_ms = models.FloatField(null=True, blank=True)
-    ttlt_ms = models.FloatField("time to last token (ms)", null=True, blank=True)
+    ttlt_ms = models.FloatField(_("time to last token (ms)"), null=True, blank=True)
     tokens_per_second = models.FloatField(null=True, blank=True)
-    overhead_ms = models.FloatField("proxy overhead (ms)", default=0)
+    overhead_ms = models.FloatField(_("proxy overhead (ms)"), default=0)
 
     cost_usd = models.DecimalField(max_digits=18, decimal_places=10, null=True, blank=True)
 
@@ -155,10 +156,10 @@ class CallRecord(models.Model):
     experiment = models.CharField(max_length=64, blank=True, default="")
     arm = models.CharField(max_length=16, blank=True, default="")
     replacement_attempt = models.BooleanField(
-        default=False, help_text="This attempt went to the replacement target."
+        default=False, help_text=_("This attempt went to the replacement target.")
     )
     replacement_start = models.BooleanField(
-        default=False, help_text="This request began its session's replacement."
+        default=False, help_text=_("This request began its session's replacement.")
     )
 
     class Meta:
@@ -191,17 +192,17 @@ class ModelPrice(models.Model):
     """Overrides genai-prices for a model (self-hosted models, negotiated rates, new models)."""
 
     provider = models.CharField(
-        max_length=64, blank=True, default="", help_text="Provider name; blank matches any."
+        max_length=64, blank=True, default="", help_text=_("Provider name; blank matches any.")
     )
-    model = models.CharField(max_length=200, help_text="Upstream model name.")
+    model = models.CharField(max_length=200, help_text=_("Upstream model name."))
     input_per_mtok = models.DecimalField(
-        "input $ / 1M tokens", max_digits=12, decimal_places=6, default=0
+        _("input $ / 1M tokens"), max_digits=12, decimal_places=6, default=0
     )
     cached_input_per_mtok = models.DecimalField(
-        "cached input $ / 1M tokens", max_digits=12, decimal_places=6, null=True, blank=True
+        _("cached input $ / 1M tokens"), max_digits=12, decimal_places=6, null=True, blank=True
     )
     output_per_mtok = models.DecimalField(
-        "output $ / 1M tokens", max_digits=12, decimal_places=6, default=0
+        _("output $ / 1M tokens"), max_digits=12, decimal_places=6, default=0
     )
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from decimal import Decimal
 from typing import Any
 
@@ -316,15 +316,16 @@ class ActivationPoint:
 
 
 def replacement_activation(
-    *, rule: str, frame: TimeFrame, bucket: timedelta, now: datetime
+    *, rule: str, frame: TimeFrame, bucket: timedelta, now: datetime, zone: tzinfo | None = None
 ) -> list[ActivationPoint]:
-    """Eligible and replaced requests of one rule per bucket (the Experiments chart)."""
+    """Eligible and replaced requests of one rule per bucket (the Experiments chart), in UTC
+    buckets or on the clock of `zone` (usage_timeseries)."""
     eligible = usage_timeseries(
-        frame=frame, bucket=bucket, filters=UsageFilters(experiment=rule), now=now
+        frame=frame, bucket=bucket, filters=UsageFilters(experiment=rule), now=now, zone=zone
     )
     replaced = usage_timeseries(
         frame=frame, bucket=bucket, filters=UsageFilters(experiment=rule, arm=Arm.REPLACED),
-        now=now,
+        now=now, zone=zone,
     )  # fmt: skip
     return [
         ActivationPoint(start=e.start, eligible=e.totals.requests, replaced=r.totals.requests)

@@ -6,13 +6,15 @@ read plan over the rollup tables is in usage/rollup_reads.py.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, tzinfo
 from decimal import Decimal
 from typing import Any
 
-from common.timeframes import MAX_BUCKETS, TimeFrame, TimeFrameError, bucket_span
+from common.timeframes import EARLIEST as EPOCH
+from common.timeframes import TimeFrame, bucket_bounds
 from usage.filters import UsageFilters
 from usage.histograms import METRICS, Metric, percentile_from_bins
 from usage.models import (
@@ -21,6 +23,7 @@ from usage.models import (
     ROLLUP_DIMENSIONS,
     SUMMARY_COLUMNS,
     TOKEN_COLUMNS,
+    HourRollup,
     MinuteRollup,
     Outcome,
     RollupDimension,
@@ -276,21 +279,30 @@ def usage_totals_by(
 
 
 def usage_timeseries(
-    *, frame: TimeFrame, bucket: timedelta, filters: UsageFilters, now: datetime
+    *,
+    frame: TimeFrame,
+    bucket: timedelta,
+    filters: UsageFilters,
+    now: datetime,
+    zone: tzinfo | None = None,
 ) -> list[Bucket]:
     """Totals per bucket, oldest first, empty buckets included. Buckets are whole and aligned
-    to UTC (the first one starts at or before `since`), so each is read from a single rollup
-    resolution: the coarsest whose rows fit inside a bucket."""
-    size = int(bucket.total_seconds())
-    first, count = bucket_span(frame, bucket, now=now)
-    if count > MAX_BUCKETS:
-        raise TimeFrameError(
-            "bucket",
-            f"bucket: {count} buckets is too many for this frame (at most {MAX_BUCKETS}); "
-            "choose a larger bucket or a shorter frame.",
-        )
-    end = first + count * bucket
-    model = next(m for m, unit in reversed(RESOLUTIONS) if size % unit == 0)
+    to UTC, or to the clock of `zone` (bucket_bounds); the first one starts at or before
+    `since`. Each is read from a single rollup resolution: the coarsest whose rows fit inside
+    every bucket. In a zone half an hour (or 45 minutes) off UTC, no hour row fits in a local
+    hour; buckets of an hour or more are still read from hour rows, each counted in the bucket
+    its start falls in (half an hour off, docs/dashboard.md), because minute rows for a month
+    would be sixty times as many to read."""
+    bounds = bucket_bounds(frame, bucket, now=now, zone=zone)
+    count = len(bounds) - 1
+    first, end = bounds[0], bounds[-1]
+    model = next(
+        m
+        for m, unit in reversed(RESOLUTIONS)
+        if all(int((b - EPOCH).total_seconds()) % unit == 0 for b in bounds)
+    )
+    if model is MinuteRollup and bucket >= timedelta(hours=1):
+        model = HourRollup
     reads: list[Segment] = [(model, first, end)]
     if model is MinuteRollup:
         # Sub-hour buckets before the minute rollups' horizon come from hour rows: each hour's
@@ -304,12 +316,10 @@ def usage_timeseries(
             aggregates=[("SUM", c) for c in SUMMARY_COLUMNS],
         )  # fmt: skip
         for row in rows:
-            offset = (as_datetime(row["bucket_start"]) - first).total_seconds()
+            index = bisect_right(bounds, as_datetime(row["bucket_start"])) - 1
             target = folded.setdefault(
-                max(int(offset) // size, 0), dict.fromkeys(SUMMARY_COLUMNS, 0)
+                min(max(index, 0), count - 1), dict.fromkeys(SUMMARY_COLUMNS, 0)
             )
             for c in SUMMARY_COLUMNS:
                 target[c] += row[c] or 0
-    return [
-        Bucket(start=first + i * bucket, totals=totals_of(folded.get(i, {}))) for i in range(count)
-    ]
+    return [Bucket(start=bounds[i], totals=totals_of(folded.get(i, {}))) for i in range(count)]

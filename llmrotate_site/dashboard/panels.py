@@ -17,8 +17,9 @@ from typing import Any, cast
 
 from django.conf import settings
 from django.http import HttpRequest
+from django.utils.translation import gettext as _
 
-from common.timeframes import TimeFrameError, default_bucket
+from common.timeframes import TimeFrameError
 from healthchecks.selectors import (
     KINDS,
     EndpointHealth,
@@ -35,7 +36,7 @@ from keys.selectors import (
     pool_health,
 )
 from llmrotate_site.dashboard.query import DashboardQuery
-from llmrotate_site.dashboard.templatetags.dashboard import MINUS, NONE, ms, pct, usd
+from llmrotate_site.dashboard.templatetags.dashboard import MINUS, NONE, label, ms, number, pct, usd
 from usage.conversation_selectors import sessions_by_client
 from usage.limit_selectors import MeterUsage, limits_overview
 from usage.reconciliation import reconciliation_by_model
@@ -123,9 +124,11 @@ def summary(request: HttpRequest, q: DashboardQuery) -> Context:
 
 
 def timeseries(request: HttpRequest, q: DashboardQuery) -> Context:
-    bucket = default_bucket(q.frame, now=q.now)
+    bucket = q.bucket
     try:
-        buckets = usage_timeseries(frame=q.frame, bucket=bucket, filters=q.filters, now=q.now)
+        buckets = usage_timeseries(
+            frame=q.chart_frame, bucket=bucket, filters=q.filters, now=q.now, zone=q.bucket_zone
+        )
     except TimeFrameError as exc:
         return {"error": exc.message}
     chart: Context = {
@@ -215,7 +218,7 @@ def sparkline(
 def _probe_line(kind: str, history: KindHistory) -> Context:
     return {
         "kind": kind,
-        "label": "HTTP" if kind == "http" else "Ping",
+        "label": "HTTP" if kind == "http" else _("Ping"),
         "history": history,
         "points": sparkline(history.points),  # empty for a lone sample: the caption says so
         "failures": [_spark_x(x) for x in history.failures],  # on the same scale as the line
@@ -347,7 +350,7 @@ def _signed(value: float | None, unit: str = "", digits: int = 1) -> str:
     if round(value, digits) == 0:
         return f"0{unit}"
     sign = "+" if value > 0 else MINUS
-    return f"{sign}{abs(value):.{digits}f}{unit}"
+    return f"{sign}{number(abs(value), digits)}{unit}"
 
 
 def _signed_usd(value: float | None) -> str:
@@ -361,13 +364,15 @@ def _signed_usd(value: float | None) -> str:
 
 def _points(value: float | None) -> str:
     """A difference of two rates in percentage points."""
-    return _signed(None if value is None else value * 100, " points")
+    if value is None:
+        return NONE
+    return _("%(difference)s points") % {"difference": _signed(value * 100)}
 
 
 def _interval(i: Interval, fmt: Callable[[float | None], str]) -> str:
     if i.low is None or i.high is None:
         return ""
-    return f"{fmt(i.low)} to {fmt(i.high)}"
+    return _("%(low)s to %(high)s") % {"low": fmt(i.low), "high": fmt(i.high)}
 
 
 def _minus(a: float | None, b: float | None) -> float | None:
@@ -396,7 +401,7 @@ def _effect_row(
 
 
 def _decimal(value: float | None, digits: int) -> str:
-    return NONE if value is None else f"{value:,.{digits}f}"
+    return NONE if value is None else number(value, digits, grouping=True)
 
 
 def _effectiveness(m: RuleMetrics) -> list[Context]:
@@ -412,13 +417,13 @@ def _effectiveness(m: RuleMetrics) -> list[Context]:
         high=None if s.low is None else -s.low,
     )
     rows = [
-        _effect_row("requests", "Requests", f"{a.requests:,}", f"{b.requests:,}"),
+        _effect_row("requests", _("Requests"), _decimal(a.requests, 0), _decimal(b.requests, 0)),
         _effect_row(
-            "success_rate", "Success rate", pct(a.success_rate), pct(b.success_rate),
+            "success_rate", _("Success rate"), pct(a.success_rate), pct(b.success_rate),
             _points(s.difference), _interval(s, _points), significant=s.significant,
         ),
         _effect_row(
-            "error_rate", "Error rate", pct(a.error_rate), pct(b.error_rate),
+            "error_rate", _("Error rate"), pct(a.error_rate), pct(b.error_rate),
             _points(negated.difference), _interval(negated, _points),
             significant=negated.significant,
         ),
@@ -430,34 +435,35 @@ def _effectiveness(m: RuleMetrics) -> list[Context]:
         rb = nb / b.requests if b.requests else None
         rows.append(
             _effect_row(
-                f"errors:{outcome}", f"· {outcome.replace('_', ' ')}",
-                f"{pct(ra)} ({na:,})", f"{pct(rb)} ({nb:,})", _points(_minus(ra, rb)),
+                f"errors:{outcome}", f"· {label(outcome)}",
+                f"{pct(ra)} ({_decimal(na, 0)})", f"{pct(rb)} ({_decimal(nb, 0)})",
+                _points(_minus(ra, rb)),
             )
         )  # fmt: skip
-    for key, label, metric in (
-        ("latency_p50", "Latency p50", "latency.p50"),
-        ("latency_p95", "Latency p95", "latency.p95"),
-        ("ttft_p50", "TTFT p50", "ttft.p50"),
-        ("ttft_p95", "TTFT p95", "ttft.p95"),
+    for key, name, metric in (
+        ("latency_p50", _("Latency p50"), "latency.p50"),
+        ("latency_p95", _("Latency p95"), "latency.p95"),
+        ("ttft_p50", _("TTFT p50"), "ttft.p50"),
+        ("ttft_p95", _("TTFT p95"), "ttft.p95"),
     ):
         stats, quantile = metric.split(".")
         va = getattr(getattr(a, stats), quantile)
         vb = getattr(getattr(b, stats), quantile)
-        rows.append(_effect_row(key, label, ms(va), ms(vb), _signed(_minus(va, vb), " ms", 0)))
+        rows.append(_effect_row(key, name, ms(va), ms(vb), _signed(_minus(va, vb), " ms", 0)))
     tokens_a, tokens_b = a.per_request(a.completion_tokens), b.per_request(b.completion_tokens)
     tools_a, tools_b = a.per_request(a.tool_calls), b.per_request(b.tool_calls)
     cost_a, cost_b = a.per_request(a.cost_usd), b.per_request(b.cost_usd)
     rows += [
         _effect_row(
-            "completion_tokens_per_request", "Completion tokens per request",
+            "completion_tokens_per_request", _("Completion tokens per request"),
             _decimal(tokens_a, 1), _decimal(tokens_b, 1), _signed(_minus(tokens_a, tokens_b)),
         ),
         _effect_row(
-            "cost_per_request", "Cost per request", usd(cost_a), usd(cost_b),
+            "cost_per_request", _("Cost per request"), usd(cost_a), usd(cost_b),
             _signed_usd(c.difference), _interval(c, _signed_usd), significant=c.significant,
         ),
         _effect_row(
-            "tool_calls_per_request", "Tool calls per request",
+            "tool_calls_per_request", _("Tool calls per request"),
             _decimal(tools_a, 2), _decimal(tools_b, 2), _signed(_minus(tools_a, tools_b), "", 2),
         ),
     ]  # fmt: skip
@@ -469,7 +475,9 @@ def _answered_by(arm: ArmFigures) -> list[tuple[str, int]]:
 
 
 def _activation_chart(m: RuleMetrics, q: DashboardQuery, bucket: timedelta) -> Context:
-    points = replacement_activation(rule=m.rule, frame=q.frame, bucket=bucket, now=q.now)
+    points = replacement_activation(
+        rule=m.rule, frame=q.chart_frame, bucket=bucket, now=q.now, zone=q.bucket_zone
+    )
     eligible = [p.eligible for p in points]
     return {
         "bucket_seconds": int(bucket.total_seconds()),
@@ -484,21 +492,21 @@ def _rule_state(m: RuleMetrics, now: datetime) -> tuple[str, str]:
     """(tone, words): whether the rule applies now. Enabled is not enough: its time window
     may not have begun, or be over."""
     if m.deleted:
-        return "muted", "deleted"
+        return "muted", _("deleted")
     if not m.enabled:
-        return "muted", "disabled"
+        return "muted", _("disabled")
     if m.active_from is not None and now < m.active_from:
-        return "info", "scheduled"
+        return "info", _("scheduled")
     if m.active_until is not None and now >= m.active_until:
-        return "muted", "ended"
-    return "ok", "active"
+        return "muted", _("ended")
+    return "ok", _("active")
 
 
 def experiments(request: HttpRequest, q: DashboardQuery) -> Context:
     """Every replacement rule in the frame (and rules since deleted whose requests are in it):
     its activation, per bucket as the overview's charts, the turns at which sessions were
     first replaced, and replaced against not replaced, side by side."""
-    bucket = default_bucket(q.frame, now=q.now)
+    bucket = q.bucket
     try:
         metrics = replacement_metrics(frame=q.frame, now=q.now)
         rules = []

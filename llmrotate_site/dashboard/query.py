@@ -4,31 +4,56 @@ with the monitoring API's own parsing, so that `?window=7d` means the same on a 
 
 Every link and every poll carries the frame on: `DashboardQuery.frame_query` for the navigation,
 `DashboardQuery.query` (frame and filters) for the panels of the page being looked at.
+
+The viewer's time zone (llmrotate_site.viewer) shapes the charts and the custom frame: a chart
+of a window starts on a local boundary (the last hour on the minute, 24 hours on the local
+hour, 7 and 30 days at local midnight; `DashboardQuery.chart_frame`), so that its buckets are
+local hours and local days, and a custom since/until without an offset is local time. The
+figures of a window are over exactly that window, as the API's; the queries stay in UTC.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta, tzinfo
 from functools import cached_property
 from urllib.parse import urlencode
 
 from django.http import HttpRequest
 from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
 
-from common.timeframes import WINDOWS, TimeFrame, TimeFrameError, timeframe_parse
+from common.timeframes import (
+    DEFAULT_BUCKETS,
+    WINDOWS,
+    TimeFrame,
+    TimeFrameError,
+    default_bucket,
+    timeframe_parse,
+)
 from usage.record_selectors import usage_recent_page
 from usage.selectors import UsageFilters
 
 DEFAULT_WINDOW = "24h"
 FRAME_PARAMS = ("window", "since", "until")
 FILTER_PARAMS = ("provider", "model", "key", "client", "status", "stream", "operation")
+# What every link carries from page to page: the frame, and the overview's stream switch.
+CARRIED_PARAMS = (*FRAME_PARAMS, "stream")
 # The call kinds (usage.models.Operation), as the Calls page's filter offers them.
 OPERATIONS = {
-    "chat": "Chat",
-    "responses": "Responses",
-    "text_completion": "Text completion",
-    "embeddings": "Embeddings",
+    "chat": _("Chat"),
+    "responses": _("Responses"),
+    "text_completion": _("Text completion"),
+    "embeddings": _("Embeddings"),
+}
+# The overview's switch: every panel shows all calls, streamed ones or the others.
+STREAM_VIEWS = {"": _("All"), "true": _("Streamed"), "false": _("Non-streamed")}
+# Where a window's start is rounded down to, on the viewer's clock.
+WINDOW_ALIGN = {
+    "1h": timedelta(minutes=1),
+    "24h": timedelta(hours=1),
+    "7d": timedelta(days=1),
+    "30d": timedelta(days=1),
 }
 _STATUSES = ("success", "error")
 _STREAM = {"true": True, "false": False}
@@ -47,15 +72,49 @@ class DashboardQuery:
 
     @property
     def operations(self) -> dict[str, str]:
-        return OPERATIONS
+        return {key: str(label) for key, label in OPERATIONS.items()}
 
     @property
     def windows(self) -> tuple[str, ...]:
         return tuple(WINDOWS)
 
     @property
+    def stream_views(self) -> dict[str, str]:
+        return {key: str(label) for key, label in STREAM_VIEWS.items()}
+
+    @property
+    def stream(self) -> str:
+        return self.params.get("stream", "") if self.params.get("stream") in _STREAM else ""
+
+    @property
+    def zone(self) -> tzinfo:
+        return timezone.get_current_timezone()
+
+    @property
+    def chart_frame(self) -> TimeFrame:
+        """The frame the charts show: a window from the local boundary at or before its
+        start (up to one WINDOW_ALIGN longer), a custom frame as it is."""
+        if not self.window or self.frame.since is None:
+            return self.frame
+        since = local_floor(self.frame.since, WINDOW_ALIGN[self.window], self.zone)
+        return TimeFrame(since=since, until=self.frame.until)
+
+    @property
+    def bucket(self) -> timedelta:
+        """The charts' bucket: the window's (a window that starts on a local boundary is up
+        to a bucket longer than the window), else the one that goes with the frame's length."""
+        if self.window:
+            return DEFAULT_BUCKETS[self.window]
+        return default_bucket(self.frame, now=self.now)
+
+    @property
+    def bucket_zone(self) -> tzinfo | None:
+        """The zone chart buckets follow: None for UTC, whose buckets the API's are."""
+        return None if timezone.get_current_timezone_name() == "UTC" else self.zone
+
+    @property
     def frame_query(self) -> str:
-        return urlencode({k: v for k, v in self.params.items() if k in FRAME_PARAMS})
+        return urlencode({k: v for k, v in self.params.items() if k in CARRIED_PARAMS})
 
     @property
     def query(self) -> str:
@@ -84,10 +143,50 @@ class DashboardQuery:
         return urlencode(params)
 
 
+def local_floor(moment: datetime, step: timedelta, zone: tzinfo) -> datetime:
+    """`moment` rounded down to a whole `step` on the clock of `zone` (a minute, an hour, or
+    local midnight), in UTC."""
+    local = moment.astimezone(zone).replace(tzinfo=None)
+    midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
+    floored = (
+        midnight if step >= timedelta(days=1) else midnight + (local - midnight) // step * step
+    )
+    return floored.replace(tzinfo=zone).astimezone(UTC)
+
+
+def _local_timestamp(value: str | None, zone: tzinfo) -> str | None:
+    """The custom frame's form sends wall-clock times (datetime-local): those are the viewer's.
+    A timestamp with an offset (a shared URL, an API-style Z) keeps its own."""
+    if not value:
+        return value
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return value  # timeframe_parse reports it
+    if moment.tzinfo is not None or value.strip().endswith(("Z", "z")):
+        return value
+    try:
+        return moment.replace(tzinfo=zone).isoformat()
+    except OverflowError:
+        return value
+
+
+def _frame(
+    window: str | None, since: str | None, until: str | None, now: datetime, zone: tzinfo
+) -> TimeFrame:
+    return timeframe_parse(
+        window=window,
+        since=_local_timestamp(since, zone),
+        until=_local_timestamp(until, zone),
+        now=now,
+    )
+
+
 def dashboard_query(request: HttpRequest) -> DashboardQuery:
     """Parse the frame (default: the last 24 hours) and the filters. A bad frame is not an
     error page: the page shows the default frame with a note saying what was wrong."""
     now = timezone.now()
+    zone = timezone.get_current_timezone()
     given = {k: request.GET.get(k, "").strip() for k in (*FRAME_PARAMS, *FILTER_PARAMS)}
     params = {k: v for k, v in given.items() if v}
     window, since, until = (params.get(k) for k in FRAME_PARAMS)
@@ -95,11 +194,11 @@ def dashboard_query(request: HttpRequest) -> DashboardQuery:
         window = DEFAULT_WINDOW
     error = None
     try:
-        frame = timeframe_parse(window=window, since=since, until=until, now=now)
+        frame = _frame(window, since, until, now, zone)
     except TimeFrameError as exc:
         error = exc.message
         window, since, until = DEFAULT_WINDOW, None, None
-        frame = timeframe_parse(window=window, since=None, until=None, now=now)
+        frame = _frame(window, None, None, now, zone)
         params = {k: v for k, v in params.items() if k not in FRAME_PARAMS}
     if window:
         params = {k: v for k, v in params.items() if k not in ("since", "until")}

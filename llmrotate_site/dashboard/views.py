@@ -19,6 +19,9 @@ from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import NoReverseMatch, reverse
+from django.utils import timezone
+from django.utils.translation import gettext as _
+from django.utils.translation import gettext_lazy
 from django.views.decorators.http import require_GET, require_POST
 
 from keys.auth import MONITOR_PERMISSION
@@ -27,6 +30,7 @@ from keys.models import ApiKey
 from keys.services import api_key_health_action
 from llmrotate_site.dashboard.panels import PANELS
 from llmrotate_site.dashboard.query import dashboard_query
+from llmrotate_site.viewer import TIME_ZONE_CHOICE_COOKIE
 from usage.capture.selectors import capture_status, request_capture
 from usage.models import UsageSource
 from usage.reconciliation import Reconciliation
@@ -35,9 +39,9 @@ from usage.record_selectors import request_attempts
 View = Callable[..., HttpResponse]
 
 # Page name -> (title, panels in the order the page shows them).
-PAGES: dict[str, tuple[str, tuple[str, ...]]] = {
+PAGES: dict[str, tuple[Any, tuple[str, ...]]] = {
     "overview": (
-        "Overview",
+        gettext_lazy("Overview"),
         (
             "providers",
             "summary",
@@ -48,15 +52,19 @@ PAGES: dict[str, tuple[str, tuple[str, ...]]] = {
             "key_table",
         ),
     ),
-    "keys": ("Keys", ("key_details",)),
-    "health": ("Health", ("endpoints",)),
-    "calls": ("Calls", ("calls",)),
-    "clients": ("Clients", ("clients",)),
-    "limits": ("Limits", ("limits",)),
-    "experiments": ("Experiments", ("experiments",)),
+    "keys": (gettext_lazy("Keys"), ("key_details",)),
+    "health": (gettext_lazy("Health"), ("endpoints",)),
+    "calls": (gettext_lazy("Calls"), ("calls",)),
+    "clients": (gettext_lazy("Clients"), ("clients",)),
+    "limits": (gettext_lazy("Limits"), ("limits",)),
+    "experiments": (gettext_lazy("Experiments"), ("experiments",)),
 }
 POLL_SECONDS = 5
-ACTION_DONE = {"disable": "disabled", "enable": "enabled", "reset": "health reset"}
+ACTION_DONE = {
+    "disable": gettext_lazy("%(key)s: disabled."),
+    "enable": gettext_lazy("%(key)s: enabled."),
+    "reset": gettext_lazy("%(key)s: health reset."),
+}
 
 
 def _is_staff(request: HttpRequest) -> bool:
@@ -85,12 +93,21 @@ def dashboard_view(view: View) -> View:
     return wrapper
 
 
+def _time_zone(request: HttpRequest) -> dict[str, str]:
+    """The zone the page is shown in (llmrotate_site.viewer) and what the viewer chose: their
+    browser's zone ("local", the default) or UTC. app.js keeps the cookie in step."""
+    name = timezone.get_current_timezone_name()
+    choice = "utc" if request.COOKIES.get(TIME_ZONE_CHOICE_COOKIE) == "utc" else "local"
+    return {"name": name, "choice": choice, "label": "UTC" if name == "UTC" else name}
+
+
 def _base_context(request: HttpRequest, page: str) -> dict[str, Any]:
     return {
         "q": dashboard_query(request),
         "page": page,
-        "nav": [(name, title) for name, (title, _) in PAGES.items()],
+        "nav": [(name, title) for name, (title, _panels) in PAGES.items()],
         "poll_seconds": POLL_SECONDS,
+        "time_zone": _time_zone(request),
     }
 
 
@@ -161,7 +178,7 @@ def call_request(request: HttpRequest, request_id: str) -> HttpResponse:
     for a in attempts:
         a["prompt_difference"] = _prompt_difference(a)
     context.update(
-        title=f"Request {request_id}",
+        title=_("Request %(id)s") % {"id": request_id},
         request_id=request_id,
         attempts=attempts,
         upstream_attempts=sum(1 for a in attempts if a["attempt"]),
@@ -192,7 +209,7 @@ def call_capture(request: HttpRequest, request_id: str) -> HttpResponse:
         context = _page_context(request, "calls")
         template = "capture_page.html"
     context.update(
-        title=f"Capture of {request_id}",
+        title=_("Capture of %(id)s") % {"id": request_id},
         request_id=request_id,
         capture=capture,
         capture_dir=settings.LLMROTATE_CAPTURE_DIR,
@@ -210,7 +227,7 @@ def key_action(request: HttpRequest, key_id: str, action: str) -> HttpResponseRe
         raise PermissionDenied
     api_key = get_object_or_404(ApiKey, key_id=key_id)
     api_key_health_action(api_key=api_key, action=action)
-    messages.success(request, f"{key_id}: {ACTION_DONE[action]}.")
+    messages.success(request, ACTION_DONE[action] % {"key": key_id})
     return redirect(f"{reverse('dashboard:keys')}?{dashboard_query(request).frame_query}")
 
 

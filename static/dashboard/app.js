@@ -5,55 +5,64 @@
 (() => {
   "use strict";
 
-  const root = document.documentElement;
-  const THEME_KEY = "llmrotate-theme";
-  const darkQuery = window.matchMedia("(prefers-color-scheme: dark)");
-
   // Timers tick against the server's clock: a laptop a minute off would otherwise show a
   // cooldown ending a minute early or late.
   const serverNow = Date.parse(document.body.dataset.serverNow || "");
   const clockOffset = Number.isNaN(serverNow) ? 0 : serverNow - Date.now();
   const now = () => Date.now() + clockOffset;
 
-  // --- theme ------------------------------------------------------------------------------
+  // theme.js announces every change of the page's colours (a pick, or the system's scheme).
+  document.addEventListener("llmrotate:theme", () => recolorCharts());
 
-  // The choice is "light", "dark" or none (follow the system). A click goes from following
-  // the system to the other theme first, so that it always changes what is on screen; then to
-  // the system's theme, pinned; then back to following the system.
-  const toggle = document.getElementById("theme-toggle");
-  const systemTheme = () => (darkQuery.matches ? "dark" : "light");
-  const choice = () => root.dataset.theme || null;
-  const nextChoice = (current) => {
-    if (!current) return systemTheme() === "dark" ? "light" : "dark";
-    return current === systemTheme() ? null : systemTheme();
+  // --- language and time zone -----------------------------------------------------------
+  // The server renders times in the zone the llmrotate_tz cookie names (llmrotate_site/viewer.py).
+  // It follows the browser's zone, or stays on UTC once the viewer picks UTC (remembered in
+  // llmrotate_tz_choice). A first visit, or a laptop that travelled, sets the cookie and loads
+  // the page again in the right zone; the cookie then matches and nothing reloads.
+  const lang = document.documentElement.lang || "en";
+  const pageZone = document.body.dataset.timeZone || "UTC";
+  const YEAR = 365 * 24 * 3600;
+  // Zone names are written as they are (the server reads cookies undecoded): only names made
+  // of the characters IANA uses are ever written. (Not a regex literal: xgettext, which
+  // collects this file's strings for translation, misreads a "/" inside one.)
+  const ZONE_NAME = new RegExp("^[A-Za-z0-9_+\\-/]{1,64}$");
+  const readCookie = (name) => {
+    const found = document.cookie.split("; ").find((c) => c.startsWith(`${name}=`));
+    return found ? found.slice(name.length + 1) : null;
   };
-  const describe = (c) => (c ? `${c}` : `system (${systemTheme()})`);
-
-  function labelToggle() {
-    if (!toggle) return;
-    const text = `Theme: ${describe(choice())}. Switch to ${describe(nextChoice(choice()))}`;
-    toggle.setAttribute("aria-label", text);
-    toggle.title = text;
+  const writeCookie = (name, value) => {
+    const age = value === null ? 0 : YEAR;
+    document.cookie = `${name}=${value ?? ""}; path=/; max-age=${age}; SameSite=Lax`;
+  };
+  let browserZone = "UTC";
+  try {
+    const zone = Intl.DateTimeFormat().resolvedOptions().timeZone;
+    if (ZONE_NAME.test(zone || "")) browserZone = zone;
+  } catch {
+    // No Intl time zone support: UTC.
   }
-
-  toggle?.addEventListener("click", () => {
-    const next = nextChoice(choice());
-    try {
-      if (next) localStorage.setItem(THEME_KEY, next);
-      else localStorage.removeItem(THEME_KEY);
-    } catch {
-      // Storage refused (private mode): the choice lasts for this page only.
+  function useZone(choice) {
+    const wanted = choice === "utc" ? "UTC" : browserZone;
+    writeCookie("llmrotate_tz_choice", choice === "utc" ? "utc" : null);
+    if (readCookie("llmrotate_tz") === wanted && pageZone === wanted) return;
+    writeCookie("llmrotate_tz", wanted);
+    window.location.reload();
+  }
+  {
+    const choice = readCookie("llmrotate_tz_choice") === "utc" ? "utc" : "local";
+    const wanted = choice === "utc" ? "UTC" : browserZone;
+    if (readCookie("llmrotate_tz") !== wanted) {
+      writeCookie("llmrotate_tz", wanted);
+      if (pageZone !== wanted) window.location.reload();
     }
-    if (next) root.dataset.theme = next;
-    else delete root.dataset.theme;
-    labelToggle();
-    recolorCharts();
+  }
+  document.addEventListener("click", (event) => {
+    const pick = event.target.closest("[data-time-zone-pick]");
+    if (pick) useZone(pick.dataset.timeZonePick);
   });
-  darkQuery.addEventListener("change", () => {
-    labelToggle();
-    recolorCharts();
+  const clockFormat = new Intl.DateTimeFormat(lang, {
+    timeZone: pageZone, hour: "2-digit", minute: "2-digit", second: "2-digit", hourCycle: "h23",
   });
-  labelToggle();
 
   // --- countdowns and "ago" -----------------------------------------------------------------
 
@@ -71,11 +80,13 @@
     const t = now();
     for (const el of document.querySelectorAll("time[data-until]")) {
       const left = Date.parse(el.dateTime) - t;
-      el.textContent = left > 0 ? span(left) : "now";
+      el.textContent = left > 0 ? span(left) : gettext("now");
     }
     for (const el of document.querySelectorAll("time[data-ago]")) {
       const ago = t - Date.parse(el.dateTime);
-      el.textContent = ago < 5000 ? "just now" : `${span(ago)} ago`;
+      el.textContent = ago < 5000
+        ? gettext("just now")
+        : interpolate(gettext("%(span)s ago"), { span: span(ago) }, true);
       el.title = el.dateTime;
     }
   }
@@ -95,7 +106,7 @@
     tick();
     updateCharts();
     if (updatedAt && event.target.matches?.("[data-poll]")) {
-      updatedAt.textContent = new Date(now()).toISOString().slice(11, 19);
+      updatedAt.textContent = clockFormat.format(new Date(now()));
     }
   });
 
@@ -161,16 +172,26 @@
   probe.style.display = "none";
   document.body.append(probe);
 
-  // CSS colours are light-dark() pairs; the computed colour of a probe resolves them.
+  // The theme's colours are custom properties (static/dashboard/themes/); the computed colour
+  // of a probe resolves them, whatever form the theme wrote them in.
   function cssColor(name, alpha = 1) {
     probe.style.color = `var(${name})`;
     const rgb = getComputedStyle(probe).color;
     return alpha === 1 ? rgb : rgb.replace(/^rgb\((.*)\)$/, `rgba($1, ${alpha})`);
   }
 
-  const compact = new Intl.NumberFormat("en", { notation: "compact", maximumFractionDigits: 1 });
-  const dollars = (v) => (v >= 1 || v === 0 ? `$${v.toFixed(v >= 100 ? 0 : 2)}` : `$${v.toPrecision(2)}`);
+  const compact = new Intl.NumberFormat(lang, { notation: "compact", maximumFractionDigits: 1 });
+  const money = (digits) => new Intl.NumberFormat(lang, {
+    style: "currency", currency: "USD", maximumFractionDigits: digits, minimumFractionDigits: 0,
+  });
+  const [money0, money2] = [money(0), money(2)];
+  const smallMoney = new Intl.NumberFormat(lang, {
+    style: "currency", currency: "USD", maximumSignificantDigits: 2,
+  });
+  const dollars = (v) => (v >= 100 ? money0 : v >= 1 || v === 0 ? money2 : smallMoney).format(v);
 
+  // Bucket labels on the page's clock (its zone, its language): the buckets themselves start
+  // on that clock's hours and days (common/timeframes.bucket_bounds).
   function labelFormat(data) {
     const first = Date.parse(data.labels[0] || "");
     const last = Date.parse(data.labels[data.labels.length - 1] || "");
@@ -178,7 +199,7 @@
     const options = data.bucket_seconds >= 86400 || days > 2
       ? { month: "short", day: "numeric", ...(data.bucket_seconds < 86400 ? { hour: "2-digit", minute: "2-digit", hourCycle: "h23" } : {}) }
       : { hour: "2-digit", minute: "2-digit", hourCycle: "h23" };
-    const format = new Intl.DateTimeFormat("en-GB", { timeZone: "UTC", ...options });
+    const format = new Intl.DateTimeFormat(lang, { timeZone: pageZone, ...options });
     return data.labels.map((iso) => format.format(new Date(iso)));
   }
 
@@ -235,8 +256,8 @@
       data: {
         labels: [],
         datasets: [
-          { label: "Successes", data: [], backgroundColor: colors.ok, ...bar },
-          { label: "Errors", data: [], backgroundColor: colors.bad, ...bar },
+          { label: gettext("Successes"), data: [], backgroundColor: colors.ok, ...bar },
+          { label: gettext("Errors"), data: [], backgroundColor: colors.bad, ...bar },
         ],
       },
       options: baseOptions(colors, {}),
@@ -254,15 +275,15 @@
     tokenOptions.scales.y.stacked = false;
     tokenOptions.plugins.tooltip.callbacks = {
       label: (ctx) => (ctx.dataset.yAxisID === "y1"
-        ? ` Cost ${dollars(ctx.parsed.y)}`
-        : ` Tokens ${compact.format(ctx.parsed.y)}`),
+        ? ` ${interpolate(gettext("Cost %(cost)s"), { cost: dollars(ctx.parsed.y) }, true)}`
+        : ` ${interpolate(gettext("Tokens %(tokens)s"), { tokens: compact.format(ctx.parsed.y) }, true)}`),
     };
     charts.tokens = new Chart(canvasTokens, {
       data: {
         labels: [],
         datasets: [
-          { type: "line", label: "Cost", data: [], yAxisID: "y1", borderColor: colors.warn, backgroundColor: colors.warn, borderWidth: 2, pointRadius: 0, tension: 0.3 },
-          { type: "bar", label: "Tokens", data: [], yAxisID: "y", backgroundColor: colors.info, ...bar },
+          { type: "line", label: gettext("Cost"), data: [], yAxisID: "y1", borderColor: colors.warn, backgroundColor: colors.warn, borderWidth: 2, pointRadius: 0, tension: 0.3 },
+          { type: "bar", label: gettext("Tokens"), data: [], yAxisID: "y", backgroundColor: colors.info, ...bar },
         ],
       },
       options: tokenOptions,
@@ -300,6 +321,8 @@
   function recolorCharts() {
     if (!charts.calls) return;
     const colors = palette();
+    // A theme may bring its own font (the terminal theme's monospace).
+    window.Chart.defaults.font.family = getComputedStyle(document.body).fontFamily;
     charts.calls.data.datasets[0].backgroundColor = colors.ok;
     charts.calls.data.datasets[1].backgroundColor = colors.bad;
     charts.tokens.data.datasets[0].borderColor = colors.warn;

@@ -37,8 +37,8 @@
       data: {
         labels: [],
         datasets: [
-          { label: "Replaced", data: [], backgroundColor: colors.replaced, order: 0, ...bar },
-          { label: "Eligible", data: [], backgroundColor: colors.eligible, order: 1, ...bar },
+          { label: gettext("Replaced"), data: [], backgroundColor: colors.replaced, order: 0, ...bar },
+          { label: gettext("Eligible"), data: [], backgroundColor: colors.eligible, order: 1, ...bar },
         ],
       },
       options,
@@ -97,9 +97,8 @@
   }
 
   document.body.addEventListener("htmx:afterSettle", update);
-  // The theme toggle (app.js) and the system's scheme both change the page's colours.
-  document.getElementById("theme-toggle")?.addEventListener("click", () => setTimeout(recolor));
-  window.matchMedia("(prefers-color-scheme: dark)").addEventListener("change", recolor);
+  // theme.js announces every change of the page's colours (a pick, or the system's scheme).
+  document.addEventListener("llmrotate:theme", recolor);
   // Deferred scripts run in order, this one before app.js: start once all have run.
   document.addEventListener("DOMContentLoaded", update);
 })();

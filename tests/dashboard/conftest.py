@@ -188,14 +188,24 @@ def set_visibility(page: Any, state: str) -> None:
 
 @pytest.fixture
 def new_page(browser: Any) -> Iterator[Callable[..., tuple[Any, BrowserWatch]]]:
-    """`new_page(color_scheme="dark", width=390)`: a page in a fresh context, watched. Every
-    watch must be clean when the test ends."""
+    """`new_page(color_scheme="dark", width=390, locale="ja", timezone_id="Asia/Tokyo")`: a
+    page in a fresh context, watched. Every watch must be clean when the test ends."""
     contexts: list[Any] = []
     watches: list[BrowserWatch] = []
 
-    def make(*, color_scheme: str = "light", width: int = 1440) -> tuple[Any, BrowserWatch]:
+    def make(
+        *,
+        color_scheme: str = "light",
+        width: int = 1440,
+        locale: str = "en-US",
+        timezone_id: str = "UTC",
+    ) -> tuple[Any, BrowserWatch]:
+        # A browser in English and in UTC unless a test asks otherwise: the pages follow both.
         context = browser.new_context(
-            viewport={"width": width, "height": 900}, color_scheme=color_scheme
+            viewport={"width": width, "height": 900},
+            color_scheme=color_scheme,
+            locale=locale,
+            timezone_id=timezone_id,
         )
         contexts.append(context)
         page = context.new_page()

@@ -132,7 +132,7 @@ def test_the_time_frame_is_in_the_url_and_changes_the_data(
     page.click(".segmented a:text-is('1h')")
     page.wait_for_url(re.compile(r"window=1h"))
     assert calls_stat(page) != day
-    assert page.locator(".segmented a[aria-current]").inner_text() == "1h"
+    assert page.locator(".frame-picker .segmented a[aria-current]").inner_text() == "1h"
     # The frame follows the navigation, so a shared link shows the same view.
     page.click(".tabs a:text-is('Clients')")
     page.wait_for_url(re.compile(r"/dashboard/clients/\?window=1h"))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -21,8 +21,9 @@ from django.contrib.auth.models import Permission, User
 from django.test import Client
 from django.utils import timezone
 
-from common.timeframes import default_bucket, timeframe_parse
+from common.timeframes import DEFAULT_BUCKETS, TimeFrame, timeframe_parse
 from keys.models import Provider, ReplacementRule, Route
+from llmrotate_site.dashboard.query import local_floor
 from llmrotate_site.dashboard.templatetags.dashboard import ms, pct, usd
 from tests.dashboard.conftest import POLL_TIMEOUT_MS, Dashboard, log_in, screenshot
 from tests.factories import ApiKeyFactory, ClientTokenFactory, ProviderFactory, RouteFactory
@@ -295,10 +296,13 @@ def test_the_activation_chart_data_is_the_selectors(staff: Client) -> None:
     )
     assert found
     data = json.loads(found.group(1))
-    # The same buckets as the other pages' charts for this frame (24 hours: 15 minutes).
+    # The same buckets as the other pages' charts for this frame (24 hours from the hour:
+    # 15 minutes).
     now = timezone.now()
-    frame = timeframe_parse(window="24h", since=None, until=None, now=now)
-    bucket = default_bucket(frame, now=now)
+    since = timeframe_parse(window="24h", since=None, until=None, now=now).since
+    assert since is not None
+    frame = TimeFrame(since=local_floor(since, timedelta(hours=1), UTC))
+    bucket = DEFAULT_BUCKETS["24h"]
     assert data["bucket_seconds"] == int(bucket.total_seconds())
     points = replacement_activation(rule=RULE, frame=frame, bucket=bucket, now=now)
     assert [p.start.isoformat() for p in points] == data["labels"]

@@ -2,6 +2,8 @@
 colour ("tone") that goes with a key state, breaker state or call outcome.
 
 Every filter answers an em dash for a missing value, so a template never has to ask first.
+Numbers follow the page's language (Django's localisation: 1,234.5 in English, 1.234,5 in
+German); units (ms, s, k, M, %) and the dollar sign stay as they are.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from datetime import datetime
 from decimal import Decimal
 
 from django import template
+from django.utils.formats import number_format
+from django.utils.translation import gettext_lazy as _
 
 from llmrotate_site.dashboard.query import DashboardQuery
 from usage.models import CLIENT_CLOSED_STATUS
@@ -66,10 +70,69 @@ def health_tone(success_rate: float | None) -> str:
     return "ok" if success_rate >= 0.99 else "warn" if success_rate >= 0.9 else "bad"
 
 
+# The states and outcomes the pages show, in the page's language (English: the name with
+# spaces). A value not listed here (a newer outcome, say) shows as its name with spaces.
+STATE_LABELS = {
+    "active": _("active"),
+    "cooldown": _("cooldown"),
+    "exhausted": _("exhausted"),
+    "quarantined": _("quarantined"),
+    "probing": _("probing"),
+    "disabled": _("disabled"),
+    "ok": _("ok"),
+    "closed": _("closed"),
+    "half_open": _("half open"),
+    "open": _("open"),
+    "failed": _("failed"),
+    "unknown": _("unknown"),
+    "unavailable": _("unavailable"),
+    "up": _("up"),
+    "degraded": _("degraded"),
+    "down": _("down"),
+    "success": _("success"),
+    "client_error": _("client error"),
+    "rate_limited": _("rate limited"),
+    "quota_exhausted": _("quota exhausted"),
+    "auth_failed": _("auth failed"),
+    "upstream_error": _("upstream error"),
+    "timeout": _("timeout"),
+    "connection_error": _("connection error"),
+    "bad_response": _("bad response"),
+    "stream_error": _("stream error"),
+    "client_disconnected": _("client disconnected"),
+    "gateway_error": _("gateway error"),
+    "rate_limited_by_gateway": _("rate limited by gateway"),
+    "budget_exceeded": _("budget exceeded"),
+    "refused": _("refused"),
+    "complete": _("complete"),
+    "chat": _("chat"),
+    "responses": _("responses"),
+    "text_completion": _("text completion"),
+    "embeddings": _("embeddings"),
+    "per_request": _("per request"),
+    "per_session": _("per session"),
+    # limits' meters: what is counted, and over which window
+    "requests": _("requests"),
+    "tokens": _("tokens"),
+    "usd": _("usd"),
+    "minute": _("minute"),
+    "day": _("day"),
+    "month": _("month"),
+}
+
+
 @register.filter
 def label(state: object) -> str:
-    """`half_open` → `half open`."""
-    return str(state).replace("_", " ") if state not in (None, "") else NONE
+    """`half_open` → `half open`, in the page's language."""
+    if state in (None, ""):
+        return NONE
+    known = STATE_LABELS.get(str(state))
+    return str(known) if known is not None else str(state).replace("_", " ")
+
+
+def number(value: float, digits: int, *, grouping: bool = False) -> str:
+    """`value` with `digits` decimals, written as the page's language writes numbers."""
+    return number_format(round(value, digits), digits, force_grouping=grouping)
 
 
 @register.filter
@@ -77,13 +140,13 @@ def compact(value: float | int | Decimal | None) -> str:
     """12 → 12, 12_345 → 12.3k, 1_234_567 → 1.23M."""
     if value is None:
         return NONE
-    number = float(value)
+    amount = float(value)
     for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if abs(number) >= size:
-            scaled = number / size
+        if abs(amount) >= size:
+            scaled = amount / size
             digits = 2 if abs(scaled) < 10 else 1 if abs(scaled) < 100 else 0
-            return f"{scaled:.{digits}f}{suffix}"
-    return f"{number:.0f}" if number == int(number) else f"{number:.1f}"
+            return f"{number(scaled, digits)}{suffix}"
+    return number(amount, 0) if amount == int(amount) else number(amount, 1)
 
 
 @register.filter
@@ -95,10 +158,10 @@ def usd(value: float | Decimal | None) -> str:
     if amount == 0:
         return "$0"
     if abs(amount) >= 1:
-        return f"${amount:,.2f}"
+        return f"${number(amount, 2, grouping=True)}"
     if abs(amount) >= 0.01:
-        return f"${amount:.3f}"
-    return f"${amount:.4f}" if abs(amount) >= 0.0001 else "<$0.0001"
+        return f"${number(amount, 3)}"
+    return f"${number(amount, 4)}" if abs(amount) >= 0.0001 else f"<${number(0.0001, 4)}"
 
 
 @register.filter
@@ -107,10 +170,10 @@ def ms(value: float | None) -> str:
     if value is None:
         return NONE
     if value < 1000:
-        return f"{value:.0f} ms"
+        return f"{number(value, 0)} ms"
     if value < 60_000:
-        return f"{value / 1000:.2f} s"
-    return f"{value / 60_000:.1f} min"
+        return f"{number(value / 1000, 2)} s"
+    return f"{number(value / 60_000, 1)} min"
 
 
 @register.filter
@@ -119,7 +182,7 @@ def ms_range(low: float | None, high: float | None) -> str:
     if low is None or high is None:
         return NONE
     if high < 1000:
-        return f"{low:.0f}{EN_DASH}{high:.0f} ms"
+        return f"{number(low, 0)}{EN_DASH}{number(high, 0)} ms"
     return f"{ms(low)} {EN_DASH} {ms(high)}"
 
 
@@ -130,8 +193,8 @@ def pct(rate: float | None) -> str:
         return NONE
     percent = rate * 100
     if percent in (0, 100):
-        return f"{percent:.0f}%"
-    return f"{percent:.1f}%"
+        return f"{number(percent, 0)}%"
+    return f"{number(percent, 1)}%"
 
 
 @register.filter
@@ -160,7 +223,7 @@ def signed_percent(percent: float | None) -> str:
     if round(percent, 1) == 0:
         return "0%"
     sign = "+" if percent > 0 else MINUS
-    return f"{sign}{abs(percent):.1f}%"
+    return f"{sign}{number(abs(percent), 1)}%"
 
 
 @register.filter
@@ -183,4 +246,4 @@ def status_tone(code: int | None) -> str:
 @register.filter
 def status_words(code: int | None) -> str:
     """The words beside a status code that needs them."""
-    return "client hung up" if code == CLIENT_CLOSED_STATUS else ""
+    return str(_("client hung up")) if code == CLIENT_CLOSED_STATUS else ""
