@@ -14,6 +14,8 @@ from django.db import models
 from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.urls import reverse
+from django.utils import timezone
+from django.utils.formats import number_format
 from django.utils.html import format_html, format_html_join
 from django.utils.timesince import timeuntil
 from django.utils.translation import gettext as _
@@ -113,11 +115,11 @@ class EndpointAdmin(admin.ModelAdmin):
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             (
                 (
-                    e.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+                    timezone.localtime(e.created_at).strftime("%Y-%m-%d %H:%M:%S"),
                     e.kind,
                     e.status,
                     e.status_code or "",
-                    f"{e.latency_ms:.1f} ms" if e.latency_ms else "",
+                    f"{number_format(e.latency_ms, 1)} ms" if e.latency_ms else "",
                     e.error,
                 )
                 for e in events

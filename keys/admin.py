@@ -21,6 +21,7 @@ from django.forms import BaseInlineFormSet
 from django.http import HttpRequest
 from django.urls import reverse
 from django.utils import timezone
+from django.utils.formats import number_format
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 from django.utils.timesince import timesince, timeuntil
@@ -245,7 +246,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
     @admin.display(description=gettext_lazy("provider limits"))
     def provider_limits(self, obj: ApiKey) -> str:
         parts = [
-            text % {"count": f"{value:,}"}
+            text % {"count": number_format(value, force_grouping=True)}
             for value, text in (
                 (obj.requests_per_minute, _("%(count)s req/min")),
                 (obj.tokens_per_minute, _("%(count)s tok/min")),
@@ -517,7 +518,11 @@ def limit_summary(limit: Limit) -> str:
         (limit.tokens_per_day, _("%(count)s tok/day")),
         (limit.max_concurrent, _("%(count)s concurrent")),
     ]
-    parts = [text % {"count": f"{value:,}"} for value, text in counts if value is not None]
+    parts = [
+        text % {"count": number_format(value, force_grouping=True)}
+        for value, text in counts
+        if value is not None
+    ]
     spend = [(limit.usd_per_day, _("%(usd)s/day")), (limit.usd_per_month, _("%(usd)s/month"))]
     parts += [text % {"usd": _usd(value)} for value, text in spend if value is not None]
     return ", ".join(parts) or _("no limit set")

@@ -290,18 +290,22 @@ def usage_timeseries(
     to UTC, or to the clock of `zone` (bucket_bounds); the first one starts at or before
     `since`. Each is read from a single rollup resolution: the coarsest whose rows fit inside
     every bucket. In a zone half an hour (or 45 minutes) off UTC, no hour row fits in a local
-    hour; buckets of an hour or more are still read from hour rows, each counted in the bucket
-    its start falls in (half an hour off, docs/dashboard.md), because minute rows for a month
-    would be sixty times as many to read."""
+    hour; buckets of whole hours are still read from hour rows, each counted in the bucket its
+    start falls in (30 or 45 minutes late, docs/dashboard.md), because minute rows for a month
+    would be sixty times as many to read. UTC buckets (the API's) are always exact."""
     bounds = bucket_bounds(frame, bucket, now=now, zone=zone)
     count = len(bounds) - 1
     first, end = bounds[0], bounds[-1]
     model = next(
-        m
-        for m, unit in reversed(RESOLUTIONS)
-        if all(int((b - EPOCH).total_seconds()) % unit == 0 for b in bounds)
+        (
+            m
+            for m, unit in reversed(RESOLUTIONS)
+            if all(int((b - EPOCH).total_seconds()) % unit == 0 for b in bounds)
+        ),
+        MinuteRollup,  # a zone offset by seconds (historical ones): rows by their start
     )
-    if model is MinuteRollup and bucket >= timedelta(hours=1):
+    whole_hours = bucket % timedelta(hours=1) == timedelta(0)
+    if zone is not None and model is MinuteRollup and whole_hours:
         model = HourRollup
     reads: list[Segment] = [(model, first, end)]
     if model is MinuteRollup:

@@ -117,6 +117,11 @@ class DashboardQuery:
         return urlencode({k: v for k, v in self.params.items() if k in CARRIED_PARAMS})
 
     @property
+    def frame_only_query(self) -> str:
+        """The frame alone: the Calls page's "Clear" drops every filter, the stream one too."""
+        return urlencode({k: v for k, v in self.params.items() if k in FRAME_PARAMS})
+
+    @property
     def query(self) -> str:
         return urlencode(self.params)
 
@@ -171,6 +176,11 @@ def _local_timestamp(value: str | None, zone: tzinfo) -> str | None:
         return value
 
 
+def _wall_clock(moment: datetime | None, zone: tzinfo) -> str | None:
+    """A moment as a datetime-local input shows it: the viewer's wall clock, to the minute."""
+    return None if moment is None else moment.astimezone(zone).strftime("%Y-%m-%dT%H:%M")
+
+
 def _frame(
     window: str | None, since: str | None, until: str | None, now: datetime, zone: tzinfo
 ) -> TimeFrame:
@@ -202,6 +212,15 @@ def dashboard_query(request: HttpRequest) -> DashboardQuery:
         params = {k: v for k, v in params.items() if k not in FRAME_PARAMS}
     if window:
         params = {k: v for k, v in params.items() if k not in ("since", "until")}
+        since = until = None
+    else:
+        # The URL says which moment, not which wall clock: a link shared with a colleague in
+        # another zone, or the page switched to UTC, shows the same frame. The form gets the
+        # viewer's wall-clock times back.
+        for name, moment in (("since", frame.since), ("until", frame.until)):
+            if moment is not None:
+                params[name] = moment.astimezone(zone).isoformat()
+        since, until = _wall_clock(frame.since, zone), _wall_clock(frame.until, zone)
     status = params.get("status")
     filters = UsageFilters(
         provider=params.get("provider"),
@@ -215,7 +234,7 @@ def dashboard_query(request: HttpRequest) -> DashboardQuery:
     return DashboardQuery(
         frame=frame,
         now=now,
-        window=window if not (since or until) else None,
+        window=window,
         since=since or "",
         until=until or "",
         filters=filters,

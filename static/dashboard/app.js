@@ -41,21 +41,19 @@
   } catch {
     // No Intl time zone support: UTC.
   }
-  function useZone(choice) {
-    const wanted = choice === "utc" ? "UTC" : browserZone;
-    writeCookie("llmrotate_tz_choice", choice === "utc" ? "utc" : null);
-    if (readCookie("llmrotate_tz") === wanted && pageZone === wanted) return;
+  // Reloads only when this changed the cookie, and only once it really holds the zone: a
+  // browser that refuses the cookie, or a zone the server does not know (it shows UTC), stays
+  // on the page as it is instead of reloading for ever.
+  function showIn(wanted) {
+    if (readCookie("llmrotate_tz") === wanted) return;
     writeCookie("llmrotate_tz", wanted);
-    window.location.reload();
+    if (pageZone !== wanted && readCookie("llmrotate_tz") === wanted) window.location.reload();
   }
-  {
-    const choice = readCookie("llmrotate_tz_choice") === "utc" ? "utc" : "local";
-    const wanted = choice === "utc" ? "UTC" : browserZone;
-    if (readCookie("llmrotate_tz") !== wanted) {
-      writeCookie("llmrotate_tz", wanted);
-      if (pageZone !== wanted) window.location.reload();
-    }
+  function useZone(choice) {
+    writeCookie("llmrotate_tz_choice", choice === "utc" ? "utc" : null);
+    showIn(choice === "utc" ? "UTC" : browserZone);
   }
+  showIn(readCookie("llmrotate_tz_choice") === "utc" ? "UTC" : browserZone);
   document.addEventListener("click", (event) => {
     const pick = event.target.closest("[data-time-zone-pick]");
     if (pick) useZone(pick.dataset.timeZonePick);

@@ -17,10 +17,12 @@ from typing import Any
 
 import pytest
 from django.conf import settings
-from django.test import Client
-from django.utils import translation
+from django.http import HttpRequest, HttpResponse
+from django.test import Client, RequestFactory
+from django.utils import timezone, translation
 
 from llmrotate_site.dashboard.views import PAGES
+from llmrotate_site.viewer import ViewerMiddleware
 from tests.dashboard.conftest import text
 from tests.usage import monitoring
 from tests.usage.monitoring import call, write_calls
@@ -118,12 +120,24 @@ def test_the_json_apis_stay_english_whatever_the_viewer_chose(
     assert "is not" in body or "Input should be" in body, body  # English, as documented
 
 
-def test_the_api_answers_in_utc_after_a_local_page(staff: Client, api: Client) -> None:
-    staff.cookies["llmrotate_tz"] = "Asia/Kolkata"
-    staff.cookies[settings.LANGUAGE_COOKIE_NAME] = "ja"
-    assert staff.get("/dashboard/").status_code == 200
-    body = api.get("/api/usage/stats?since=2026-01-01T00:00:00%2B05:30").json()
-    assert body["since"] == "2025-12-31T18:30:00Z"
+def test_a_thread_that_served_a_local_page_answers_the_api_in_english_and_utc(
+    rf: RequestFactory,
+) -> None:
+    """Language and zone are per thread: the middleware must reset them for every path it
+    does not localise, or an API call would inherit the previous page's."""
+    seen: list[tuple[str, str]] = []
+
+    def view(request: HttpRequest) -> HttpResponse:
+        seen.append((translation.get_language(), timezone.get_current_timezone_name()))
+        return HttpResponse("ok")
+
+    middleware = ViewerMiddleware(view)
+    for path in ("/dashboard/", "/api/usage/stats"):
+        request = rf.get(path, headers={"accept-language": "de"})
+        request.COOKIES["llmrotate_tz"] = "Asia/Kolkata"
+        response = middleware(request)
+    assert seen == [("de", "Asia/Kolkata"), ("en", "UTC")]
+    assert "Content-Language" not in response.headers
 
 
 def test_times_are_shown_in_the_viewers_zone(staff: Client) -> None:
@@ -149,3 +163,36 @@ def test_a_window_starts_on_the_viewers_hour_and_day(staff: Client) -> None:
         first = datetime.fromisoformat(labels.group(1).split(",")[0].strip().strip('"'))
         local = first.astimezone(zoneinfo.ZoneInfo("Asia/Kolkata"))
         assert check(local), (window, local)
+
+
+def test_bar_widths_stay_css_numbers_in_languages_with_a_decimal_comma(staff: Client) -> None:
+    """A localised 33,3 in a style attribute is invalid CSS: every bar would be full width."""
+    now = datetime.now(UTC)
+    write_calls(
+        [call(started_at=now - timedelta(minutes=m), requested_model="a") for m in range(3)]
+    )
+    write_calls([call(started_at=now - timedelta(minutes=1), requested_model="b")])
+    widths = []
+    for url in ("/dashboard/", "/dashboard/clients/", "/dashboard/limits/"):
+        html = staff.get(url, headers={"accept-language": "de"}).content.decode()
+        widths += re.findall(r'style="width: ([^%"]*)%', html)
+    assert widths, "no bars rendered"
+    assert all(re.fullmatch(r"\d+(\.\d+)?", w) for w in widths), widths
+    assert "33.3" in widths or "25.0" in widths or "75.0" in widths, widths
+
+
+def test_a_custom_frame_is_local_time_and_its_url_names_the_moment(staff: Client) -> None:
+    staff.cookies["llmrotate_tz"] = "America/New_York"
+    html = staff.get("/dashboard/calls/?since=2026-01-31T12:00").content.decode()
+    # The form shows the viewer's wall clock; the links and polls carry the offset.
+    assert 'name="since" value="2026-01-31T12:00"' in html
+    assert "since=2026-01-31T12%3A00%3A00-05%3A00" in html
+    # The shared link, opened in UTC: the same moment on a UTC clock.
+    staff.cookies["llmrotate_tz"] = "UTC"
+    html = staff.get("/dashboard/calls/?since=2026-01-31T12%3A00%3A00-05%3A00").content.decode()
+    assert 'name="since" value="2026-01-31T17:00"' in html
+
+
+def test_clear_drops_the_stream_filter_too(staff: Client) -> None:
+    html = staff.get("/dashboard/calls/?window=7d&stream=true").content.decode()
+    assert 'href="?window=7d">Clear</a>' in html

@@ -56,3 +56,20 @@ def test_half_hour_zones_get_exact_quarter_hours_and_approximate_hours() -> None
     # Hours come from hour rows (docs/dashboard.md): the UTC hour counts in the local hour
     # its start falls in, which began half an hour before it.
     assert busy(timedelta(hours=1)) == [(base - timedelta(minutes=30), 2)]
+
+
+def test_utc_buckets_that_split_hours_are_exact() -> None:
+    # The API's bucket=90m: 00:00-01:30 and 01:30-03:00, read from minute rows.
+    day = datetime(2026, 5, 1, tzinfo=UTC)
+    write_calls([call(started_at=day + timedelta(minutes=70))])
+    write_calls([call(started_at=day + timedelta(minutes=100))])
+    buckets = usage_timeseries(
+        frame=TimeFrame(since=day, until=day + timedelta(hours=3)),
+        bucket=timedelta(minutes=90),
+        filters=UsageFilters(),
+        now=day + timedelta(days=1),
+    )
+    assert [(b.start, b.totals.calls) for b in buckets] == [
+        (day, 1),
+        (day + timedelta(minutes=90), 1),
+    ]

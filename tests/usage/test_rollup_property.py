@@ -191,7 +191,7 @@ def test_rollup_aggregates_equal_raw_aggregates(
     specs=st.lists(calls, max_size=40),
     since=st.integers(0, SPAN_MINUTES),
     length=st.integers(1, 3 * 24 * 60),
-    bucket=st.sampled_from([60, 300, 900, 3600, 21600, 86400]),
+    bucket=st.sampled_from([60, 300, 900, 3600, 4320, 5400, 21600, 86400]),
     f=filters,
 )
 def test_timeseries_buckets_equal_raw_counts(

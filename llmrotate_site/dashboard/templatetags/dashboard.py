@@ -198,9 +198,10 @@ def pct(rate: float | None) -> str:
 
 
 @register.filter
-def share(part: float | int | None, whole: float | int | None) -> float:
-    """Part of whole in percent, for bar widths; 0 without a whole."""
-    return round(100 * float(part or 0) / float(whole), 1) if whole else 0.0
+def share(part: float | int | None, whole: float | int | None) -> str:
+    """Part of whole in percent, for bar widths (CSS: "33.3", whatever the page's language);
+    0 without a whole."""
+    return f"{100 * float(part or 0) / float(whole):.1f}" if whole else "0"
 
 
 @register.filter
