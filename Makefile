@@ -9,6 +9,7 @@ HASH := $(shell sha1sum pyproject.toml | cut -c1-12)
 # The scaled-out test leg: real Postgres and Redis. Override to point elsewhere.
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/llmrotate
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
+TEST_EMBEDDED_REDIS_URL ?= redis://127.0.0.1:6379/14
 PYTEST_ARGS ?=
 
 .PHONY: run test test-embedded test-scaled lint demo fake-upstream bench bench-limits bench-translation bench-capture bench-replacement clean browser promtool gettext messages
@@ -40,16 +41,21 @@ lint: $(VENV)/.dev-$(HASH)
 	$(BIN)/mypy .
 	$(BIN)/hadolint Dockerfile
 
-# Embedded default: SQLite, key state in process, no Redis.
+# Each leg has a data folder (SQLite, spool, captures, metrics) and a Redis database of its own,
+# so that `make test` can run both at once, one per core.
+# Embedded default: SQLite, key state in process, no Redis (the few tests of the Redis stores
+# themselves use database 14).
 test-embedded: $(VENV)/.dev-$(HASH)
 	@echo "=== tests: embedded mode (SQLite, in-process key state) ==="
 	env -u DATABASE_URL -u REDIS_URL LLMROTATE_TEST_LEG=embedded \
+		LLMROTATE_DATA_DIR=var/test-embedded LLMROTATE_TEST_REDIS_URL=$(TEST_EMBEDDED_REDIS_URL) \
 		$(BIN)/pytest $(PYTEST_ARGS)
 
 # Scaled out: Postgres and Redis over real connections.
 test-scaled: $(VENV)/.dev-$(HASH)
 	@echo "=== tests: scaled-out mode (Postgres + Redis) ==="
 	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) LLMROTATE_TEST_LEG=scaled \
+		LLMROTATE_DATA_DIR=var/test-scaled LLMROTATE_TEST_REDIS_URL=$(TEST_REDIS_URL) \
 		$(BIN)/pytest $(PYTEST_ARGS)
 
 # Debian's chromium, which the dashboard's browser tests drive through Playwright (its own
@@ -92,7 +98,10 @@ gettext:
 messages: $(VENV)/.dev-$(HASH) gettext
 	$(BIN)/python manage.py update_messages
 
-test: lint browser promtool gettext test-embedded test-scaled
+# The two legs run side by side (most of a leg is one pytest process on one core); each leg's
+# output is printed as a block when it ends, and either failing fails the target.
+test: lint browser promtool gettext
+	@$(MAKE) --no-print-directory -j2 --output-sync=target test-embedded test-scaled
 
 bench: $(VENV)/.dev-$(HASH)
 	$(BIN)/python bench/proxy_overhead.py
