@@ -14,7 +14,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.embedded
+# Each runs once, in one leg or the other: run() starts the benchmark without the leg's
+# DATABASE_URL and REDIS_URL, so the leg changes nothing but where the time is spent. The
+# slowest run in the scaled leg, whose other tests take less time, so that the two legs, which
+# `make test` runs side by side, end at about the same time.
+IN_EMBEDDED_LEG = pytest.mark.embedded
+IN_SCALED_LEG = pytest.mark.scaled
 
 
 def run(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
@@ -25,6 +30,7 @@ def run(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
+@IN_EMBEDDED_LEG
 def test_token_counting_benchmark_runs(tmp_path: Path) -> None:
     out = tmp_path / "tokens.json"
     result = run("bench/token_counting.py", "--quick", "--json", str(out), timeout=120)
@@ -34,6 +40,7 @@ def test_token_counting_benchmark_runs(tmp_path: Path) -> None:
     assert "| prompt |" in result.stdout
 
 
+@IN_EMBEDDED_LEG
 def test_proxy_overhead_benchmark_runs(tmp_path: Path) -> None:
     out = tmp_path / "overhead.json"
     result = run("bench/proxy_overhead.py", "--quick", "--output", str(out), timeout=300)
@@ -41,6 +48,7 @@ def test_proxy_overhead_benchmark_runs(tmp_path: Path) -> None:
     assert json.loads(out.read_text())
 
 
+@IN_SCALED_LEG
 def test_observability_overhead_benchmark_runs(tmp_path: Path) -> None:
     out = tmp_path / "observability.json"
     result = run(
@@ -54,6 +62,7 @@ def test_observability_overhead_benchmark_runs(tmp_path: Path) -> None:
     assert {"off", "metrics", "traced"} <= set(report["levels"][0])
 
 
+@IN_EMBEDDED_LEG
 def test_limits_overhead_benchmark_runs_embedded(tmp_path: Path) -> None:
     out = tmp_path / "limits.json"
     result = run(
@@ -66,6 +75,7 @@ def test_limits_overhead_benchmark_runs_embedded(tmp_path: Path) -> None:
     assert "| 1 | embedded | 1 |" in result.stdout
 
 
+@IN_SCALED_LEG
 def test_limits_overhead_benchmark_runs_with_redis(tmp_path: Path) -> None:
     from tests.conftest import REDIS_TEST_URL, redis_available
 
@@ -84,6 +94,7 @@ def test_limits_overhead_benchmark_runs_with_redis(tmp_path: Path) -> None:
     assert "| 1 | scaled | 1 |" in result.stdout
 
 
+@IN_EMBEDDED_LEG
 def test_translation_overhead_benchmark_runs(tmp_path: Path) -> None:
     out = tmp_path / "translation.json"
     result = run(
@@ -99,6 +110,7 @@ def test_translation_overhead_benchmark_runs(tmp_path: Path) -> None:
     assert "translation adds" in result.stdout
 
 
+@IN_EMBEDDED_LEG
 def test_capture_overhead_benchmark_runs(tmp_path: Path) -> None:
     out = tmp_path / "capture.json"
     result = run(
@@ -118,6 +130,7 @@ def test_capture_overhead_benchmark_runs(tmp_path: Path) -> None:
     assert "capture adds" in result.stdout
 
 
+@IN_SCALED_LEG
 def test_replacement_rules_benchmark_runs(tmp_path: Path) -> None:
     out = tmp_path / "replacement.json"
     result = run(

@@ -1198,10 +1198,12 @@ def test_legacy_completion_cut_stream_and_scripted_reply(
 def test_legacy_completion_token_delay(fake: FakeUpstream, client: httpx.Client) -> None:
     fake.script(keys={"k1": {"queue": [{"token_delay_ms": 10}]}})
     req = {**PROMPT, "stream": True, "max_tokens": 4}
+    # Timed from before the request: the first events may arrive with the headers, so a clock
+    # started after them could miss part of a delay.
+    start = time.perf_counter()
     with client.stream("POST", "/completions", json=req) as r:
-        start = time.perf_counter()
         lines = [line for line in r.iter_lines() if line]
-        total = time.perf_counter() - start
+    total = time.perf_counter() - start
     assert len(lines) == 4 + 1 + 1
     assert total >= 0.05  # 5 events after the first, 10 ms apart
 
