@@ -158,6 +158,13 @@ def bucket_span(frame: TimeFrame, bucket: timedelta, *, now: datetime) -> tuple[
     return first, int((end - first).total_seconds()) // size
 
 
+def wall_floor(local: datetime, step: timedelta) -> datetime:
+    """A wall-clock time (naive) rounded down to a whole `step` counted from its midnight; a
+    step of a day or more rounds down to the midnight."""
+    midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
+    return midnight if step >= timedelta(days=1) else midnight + (local - midnight) // step * step
+
+
 def bucket_bounds(
     frame: TimeFrame, bucket: timedelta, *, now: datetime, zone: tzinfo | None = None
 ) -> list[datetime]:
@@ -186,12 +193,9 @@ def bucket_bounds(
         # Whole-day buckets are counted from the epoch's date, as in UTC (a 7-day bucket
         # starts on a Thursday, as 1970-01-01 did).
         wall = datetime(1970, 1, 1) + (local - datetime(1970, 1, 1)) // bucket * bucket
-        wall = wall.replace(hour=0, minute=0, second=0, microsecond=0)
         step = timedelta(days=days)
     else:
-        midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
-        wall = midnight + (local - midnight) // bucket * bucket
-        step = bucket
+        wall, step = wall_floor(local, bucket), bucket
     bounds: list[datetime] = []
     while True:
         # fold=0: a wall time that a clock change skips or repeats maps to its first reading,

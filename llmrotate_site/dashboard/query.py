@@ -30,6 +30,7 @@ from common.timeframes import (
     TimeFrameError,
     default_bucket,
     timeframe_parse,
+    wall_floor,
 )
 from usage.record_selectors import usage_recent_page
 from usage.selectors import UsageFilters
@@ -151,11 +152,7 @@ class DashboardQuery:
 def local_floor(moment: datetime, step: timedelta, zone: tzinfo) -> datetime:
     """`moment` rounded down to a whole `step` on the clock of `zone` (a minute, an hour, or
     local midnight), in UTC."""
-    local = moment.astimezone(zone).replace(tzinfo=None)
-    midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
-    floored = (
-        midnight if step >= timedelta(days=1) else midnight + (local - midnight) // step * step
-    )
+    floored = wall_floor(moment.astimezone(zone).replace(tzinfo=None), step)
     return floored.replace(tzinfo=zone).astimezone(UTC)
 
 

@@ -98,7 +98,7 @@ def _time_zone(request: HttpRequest) -> dict[str, str]:
     browser's zone ("local", the default) or UTC. app.js keeps the cookie in step."""
     name = timezone.get_current_timezone_name()
     choice = "utc" if request.COOKIES.get(TIME_ZONE_CHOICE_COOKIE) == "utc" else "local"
-    return {"name": name, "choice": choice, "label": "UTC" if name == "UTC" else name}
+    return {"name": name, "choice": choice}
 
 
 def _base_context(request: HttpRequest, page: str) -> dict[str, Any]:
