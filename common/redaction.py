@@ -96,19 +96,30 @@ _PATTERNS = re.compile(
     r"|(?P<key>\b(?:sk|pk|rk)-[A-Za-z0-9_-]{12,})"
 )
 
+# Whether `_PATTERNS` could match at all: each of its branches needs one of these (the `=` of
+# a query parameter, `bearer` in any case, `llmr_`, the `k-` of sk-/pk-/rk-). Most texts
+# logged (the usage line of every call) have none, and these substring tests cost a fraction
+# of running the expression over the whole text.
+_PATTERN_NEEDLES = ("=", "k-", "llmr_")
+
 _known: set[str] = set()
 _known_lock = threading.Lock()
 _known_re: re.Pattern[str] | None = None
+# The same secrets as a tuple: a text that contains none of them (substring tests) skips
+# `_known_re`, an alternation the regular expression engine tries at every position.
+_known_list: tuple[str, ...] = ()
 
 
 def register_secret(secret: str) -> None:
     """Remember a decrypted secret so that it is masked even if it has no familiar shape."""
-    global _known_re
+    global _known_re, _known_list
     if len(secret) < 8 or secret in _known:
         return
     with _known_lock:
         _known.add(secret)
         longest_first = sorted(_known, key=len, reverse=True)
+        # The list first: a reader that sees the new expression sees its secrets listed.
+        _known_list = tuple(longest_first)
         _known_re = re.compile("|".join(re.escape(s) for s in longest_first))
         _masked_headers.clear()
 
@@ -116,8 +127,11 @@ def register_secret(secret: str) -> None:
 def redact(text: str, *, mask: Callable[[str], str] | None = None) -> str:
     """`text` with every credential-shaped part masked (by `mask_secret`, or `mask`)."""
     mask = mask or mask_secret
-    if _known_re is not None:
-        text = _known_re.sub(lambda m: mask(m.group(0)), text)
+    known = _known_re
+    if known is not None and any(secret in text for secret in _known_list):
+        text = known.sub(lambda m: mask(m.group(0)), text)
+    if not any(needle in text for needle in _PATTERN_NEEDLES) and "bearer" not in text.lower():
+        return text
 
     def _mask(m: re.Match[str]) -> str:
         if m.group("query"):

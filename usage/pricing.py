@@ -24,6 +24,8 @@ from functools import lru_cache
 
 import genai_prices
 from django.conf import settings
+from genai_prices.types import ModelPrice as GenaiModelPrice
+from genai_prices.types import TieredPrices
 
 from usage.models import ModelPrice
 
@@ -131,6 +133,9 @@ def call_cost(
     provider_id = _GENAI_PROVIDER_IDS.get(provider_kind)
     if not _genai_knows(provider_id, model):
         return None
+    plan = _genai_plan(provider_id, model)
+    if plan is not None:
+        return plan.cost(prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens)
     usage = genai_prices.Usage(
         input_tokens=prompt_tokens,
         output_tokens=completion_tokens,
@@ -161,6 +166,139 @@ def _genai_knows(provider_id: str | None, model: str) -> bool:
         )
         return False
     return True
+
+
+# --- genai-prices, resolved once per model -------------------------------------------------
+#
+# calc_price finds the model, resolves its prices, validates them and decomposes the usage
+# into priced units on every call (most of the recorder's pricing time). For a model whose
+# prices do not depend on the time of the call and whose units are only those below, that
+# work depends on the model alone: it is done once, and each call is the same Decimal
+# arithmetic calc_price does, term by term in its order, so the result is the same Decimal
+# (value and exponent). Other models (prices that change on a date or by time of day, audio,
+# images, …) are priced by calc_price on every call, as before.
+
+# Price key: (what it counts, per). A unit the proxy never reports (a 1-hour cache write,
+# a web search) counts 0, but still adds its 0 term, as in calc_price.
+_PLAN_UNITS: dict[str, tuple[str, int]] = {
+    "input_mtok": ("input", 1_000_000),
+    "cache_read_mtok": ("cache_read", 1_000_000),
+    "cache_write_mtok": ("cache_write", 1_000_000),
+    "output_mtok": ("output", 1_000_000),
+    "cache_write_1h_mtok": ("zero", 1_000_000),
+    "web_searches_kcount": ("zero", 1_000),
+    "storage_searches_kcount": ("zero", 1_000),
+}
+_ZERO = Decimal(0)
+
+
+class _GenaiPlan:
+    """A model's genai-prices prices, ready to multiply: (what, price, per) per priced unit."""
+
+    __slots__ = ("less_cache_read", "less_cache_write", "terms", "tiered")
+
+    def __init__(self, prices: list[tuple[str, object]]) -> None:
+        self.terms = tuple(
+            (_PLAN_UNITS[key][0], price, _PLAN_UNITS[key][1]) for key, price in prices
+        )
+        names = {key for key, _ in prices}
+        # calc_price's decomposition: input tokens less the cache reads and writes priced apart.
+        self.less_cache_read = "cache_read_mtok" in names
+        self.less_cache_write = "cache_write_mtok" in names
+        self.tiered = any(isinstance(price, TieredPrices) for _, price in prices)
+
+    def cost(self, prompt: int, completion: int, cached: int, cache_write: int) -> Decimal:
+        counts = {
+            "input": prompt
+            - (cached if self.less_cache_read else 0)
+            - (cache_write if self.less_cache_write else 0),
+            "cache_read": cached,
+            "cache_write": cache_write,
+            "output": completion,
+            "zero": 0,
+        }
+        total = _ZERO
+        for what, price, per in self.terms:
+            if self.tiered and isinstance(price, TieredPrices):
+                # Cliff tiers on the whole prompt, as genai_prices.types.calc_unit_price.
+                rate = price.base
+                for tier in reversed(price.tiers):
+                    if prompt > tier.start:
+                        rate = tier.price
+                        break
+                total += rate * Decimal(counts[what]) / per
+            else:
+                total += price * Decimal(counts[what]) / per  # type: ignore[operator]
+        return total
+
+
+# Usages the plan must price exactly as calc_price before it is used: sizes, each kind of
+# token alone and together, and both sides of every tier's threshold.
+_PLAN_PROBES = (
+    (0, 0, 0, 0),
+    (1, 0, 0, 0),
+    (0, 1, 0, 0),
+    (1000, 500, 0, 0),
+    (1000, 500, 400, 0),
+    (1000, 500, 0, 300),
+    (1000, 500, 400, 300),
+    (123_457, 7_891, 3_333, 1_111),
+    (1_000_000, 1_000_000, 1_000_000, 0),
+    (7, 3, 7, 0),
+    (9, 2, 0, 9),
+)
+
+
+@lru_cache(maxsize=1024)
+def _genai_plan(provider_id: str | None, model: str) -> _GenaiPlan | None:
+    """The model's prices resolved once, or None when calc_price must price each call."""
+    try:
+        found = genai_prices.calc_price(
+            genai_prices.Usage(), model_ref=model, provider_id=provider_id
+        )
+    except LookupError:
+        return None
+    # Prices that change with the date or the time of day, and Groq's billing minimums, are
+    # calc_price's to apply per call.
+    if not isinstance(found.model.prices, GenaiModelPrice) or found.provider.id == "groq":
+        return None
+    prices = [
+        (key, value)
+        for key, value in found.model_price.__dict__.items()
+        if not key.startswith("_") and value is not None
+    ]
+    if not prices or any(
+        key not in _PLAN_UNITS or not isinstance(value, Decimal | TieredPrices)
+        for key, value in prices
+    ):
+        return None
+    plan = _GenaiPlan(prices)
+    probes = list(_PLAN_PROBES)
+    for _, value in prices:
+        if isinstance(value, TieredPrices):
+            probes += [(t.start + d, 10, 0, 0) for t in value.tiers for d in (0, 1)]
+            probes += [(t.start + d, 10, 5, 5) for t in value.tiers for d in (0, 1)]
+    try:
+        for prompt, completion, cached, cache_write in probes:
+            expected = genai_prices.calc_price(
+                genai_prices.Usage(
+                    input_tokens=prompt,
+                    output_tokens=completion,
+                    cache_read_tokens=cached,
+                    cache_write_tokens=cache_write,
+                ),
+                model_ref=model,
+                provider_id=provider_id,
+            ).total_price
+            got = plan.cost(prompt, completion, cached, cache_write)
+            if got != expected or got.as_tuple() != expected.as_tuple():
+                logger.warning(
+                    "genai-prices prices %r otherwise than expected; pricing it per call", model
+                )
+                return None
+    except Exception:  # whatever calc_price raises, it raises again on the call it prices
+        return None
+    return plan
 
 
 # --- plausibility ---------------------------------------------------------------------------

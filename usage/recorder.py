@@ -45,8 +45,8 @@ from usage.calls import (
     call_prepare,
     calls_write,
     limits_settle_safely,
+    rows_as_records,
 )
-from usage.models import CallRecord
 from usage.spool import Row, spool_files, spool_replay_file, spool_write
 
 logger = logging.getLogger(__name__)
@@ -374,7 +374,7 @@ class Recorder:
                 close_old_connections()
             while self._pending:
                 chunk = self._pending[: self._batch_size]
-                calls_write([CallRecord(**row) for row in chunk])
+                calls_write(rows_as_records(chunk))
                 del self._pending[: len(chunk)]
                 metrics.RECORDER_BATCHES.inc()
                 metrics.RECORDER_RECORDS.inc(amount=len(chunk))

@@ -387,8 +387,6 @@ def _bucket_q(key: Key) -> Q:
 # suppressions below.
 
 _COLUMNS = ("bucket_start", *ROLLUP_DIMENSIONS, *VALUE_COLUMNS)
-# SQLite: multi-row VALUES, within its 32766 parameters per statement.
-_SQLITE_ROWS_PER_STATEMENT = 30000 // len(_COLUMNS)
 _PG_STAGE = "llmrotate_rollup_stage"
 _PG_COPY_TYPES = {
     "DateTimeField": "timestamptz",
@@ -446,12 +444,13 @@ def _row_values(key: Key, acc: Acc, adapt: Any) -> list[Any]:
 
 
 def _upsert_sqlite(model: type[UsageRollup], rows: dict[Key, Acc]) -> None:
+    # One row per execution of one statement: SQLite prepares it once, and Django turns its
+    # placeholders into SQLite's once, where a statement of many rows (its text different for
+    # each count of rows) was converted and prepared anew each time, most of the write's CPU.
     adapt = connection.ops.adapt_datetimefield_value
     values = [_row_values(key, acc, adapt) for key, acc in sorted(rows.items())]
     with connection.cursor() as cursor:
-        for start in range(0, len(values), _SQLITE_ROWS_PER_STATEMENT):
-            chunk = values[start : start + _SQLITE_ROWS_PER_STATEMENT]
-            cursor.execute(_upsert_sql(model, len(chunk)), [v for row in chunk for v in row])
+        cursor.executemany(_upsert_sql(model, 1), values)
 
 
 def _upsert_postgres(levels: list[tuple[type[UsageRollup], dict[Key, Acc]]]) -> None:

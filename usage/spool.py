@@ -48,16 +48,61 @@ def row_fit_to_columns(row: Row) -> Row:
     """Coerce values the database would reject, so one odd record cannot wedge every batch
     behind it in an endless retry (an over-long model name, a negative count, a NaN). Never
     raises: a value that cannot be coerced becomes the column's default."""
-    for field in CallRecord._meta.concrete_fields:
-        name = field.attname
+    for name, kind, limit, field in _columns():
         value = row.get(name)
-        if value is None or field.primary_key:
+        if value is None:
+            continue
+        # Values that already fit, the usual case, are left as they are (what _fit_value would
+        # return for them) without a call per column.
+        if kind is _KEEP:
+            continue
+        if kind is str:
+            fits = type(value) is str and len(value) <= limit
+        elif kind is int:
+            fits = type(value) is int and 0 <= value <= limit
+        elif kind is bool:
+            fits = type(value) is bool
+        elif kind is float:
+            fits = type(value) is float and math.isfinite(value)
+        else:
+            fits = False
+        if fits:
             continue
         try:
             row[name] = _fit_value(field, value)
         except Exception:
             row[name] = None if field.null else field.get_default()
     return row
+
+
+_KEEP = object()  # a column whose values _fit_value returns as they are
+_Column = tuple[str, object, int, "models.Field[Any, Any]"]
+_columns_cache: list[_Column] = []
+
+
+def _columns() -> list[_Column]:
+    """Per column of CallRecord but the id: (name, kind of value that may already fit, its
+    limit, the field)."""
+    if not _columns_cache:
+        columns: list[_Column] = []
+        for field in CallRecord._meta.concrete_fields:
+            if field.primary_key:
+                continue
+            kind = field.get_internal_type()
+            if kind == "CharField":
+                columns.append((field.attname, str, field.max_length or 0, field))
+            elif kind in _UINT_MAX:
+                columns.append((field.attname, int, _UINT_MAX[kind], field))
+            elif kind == "BooleanField":
+                columns.append((field.attname, bool, 0, field))
+            elif kind == "FloatField":
+                columns.append((field.attname, float, 0, field))
+            elif kind == "DecimalField":
+                columns.append((field.attname, Decimal, 0, field))  # always quantized
+            else:
+                columns.append((field.attname, _KEEP, 0, field))
+        _columns_cache[:] = columns
+    return _columns_cache
 
 
 def _fit_value(field: models.Field[Any, Any], value: Any) -> Any:
@@ -89,8 +134,12 @@ def _json_default(value: object) -> str:
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
+# What json.dumps(row, default=_json_default, separators=(",", ":")) builds on every call.
+_ENCODER = json.JSONEncoder(default=_json_default, separators=(",", ":"))
+
+
 def row_to_json(row: Row) -> str:
-    return json.dumps(row, default=_json_default, separators=(",", ":"))
+    return _ENCODER.encode(row)
 
 
 def row_from_json(line: str, *, field_names: Sequence[str]) -> Row:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from django.db import OperationalError, connection
@@ -127,3 +128,107 @@ def test_an_unreachable_override_table_falls_back_to_the_last_known_prices(
     price_overrides_invalidate()
     assert cost(prompt_tokens=1000) == Decimal("1")
     assert "price overrides unavailable" in caplog.text
+
+
+# --- genai-prices resolved once per model ---------------------------------------------------
+
+_GENAI_CASES = [
+    ("openai", "openai", "gpt-4o-mini"),
+    ("openai", "openai", "gpt-4.1"),
+    ("anthropic", "anthropic", "claude-3-5-haiku-latest"),
+    # Cliff tiers at 200k prompt tokens, cache writes priced apart.
+    ("anthropic", "anthropic", "claude-sonnet-4-5"),
+    # A price that starts on a date: priced by calc_price on every call.
+    ("anthropic", "anthropic", "claude-sonnet-4-6"),
+    # A self-hosted server: genai-prices guesses the provider (tiered too).
+    ("ollama", "openai_compatible", "gemini-2.5-pro"),
+]
+_USAGES = [
+    (0, 0, 0, 0),
+    (1, 0, 0, 0),
+    (1000, 500, 0, 0),
+    (1000, 500, 400, 0),
+    (1000, 500, 400, 300),
+    (1000, 500, 0, 1000),
+    (200_000, 10, 0, 0),
+    (200_001, 10, 0, 0),
+    (250_000, 9_999, 100_000, 50_000),
+    (3, 7, 5, 0),  # more cached than prompt: clamped
+    (-5, -1, -2, -3),  # negative: clamped
+]
+
+
+@pytest.mark.parametrize(("provider", "kind", "model"), _GENAI_CASES)
+def test_a_genai_price_is_exactly_what_calc_price_says(
+    provider: str, kind: str, model: str
+) -> None:
+    import genai_prices
+
+    for prompt, completion, cached, cache_write in _USAGES:
+        got = call_cost(
+            provider=provider,
+            provider_kind=kind,
+            model=model,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            cached_tokens=cached,
+            cache_write_tokens=cache_write,
+        )
+        # call_cost's clamping, then calc_price as call_cost called it before it cached.
+        prompt, completion = max(prompt, 0), max(completion, 0)
+        cached = min(max(cached, 0), prompt)
+        cache_write = min(max(cache_write, 0), prompt - cached)
+        usage = genai_prices.Usage(
+            input_tokens=prompt,
+            output_tokens=completion,
+            cache_read_tokens=cached,
+            cache_write_tokens=cache_write,
+        )
+        provider_id = None if kind == "openai_compatible" else kind
+        expected = genai_prices.calc_price(usage, model_ref=model, provider_id=provider_id)
+        assert got is not None
+        assert got == expected.total_price
+        assert (
+            got.as_tuple() == expected.total_price.as_tuple()
+        )  # the same Decimal, digit for digit
+
+
+def test_a_known_model_is_priced_without_calc_price_after_the_first_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import genai_prices
+
+    first = cost(prompt_tokens=1000, completion_tokens=500)
+    calls: list[object] = []
+    real = genai_prices.calc_price
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(genai_prices, "calc_price", counting)
+    assert cost(prompt_tokens=1000, completion_tokens=500) == first
+    assert cost(prompt_tokens=2000, completion_tokens=1, cached_tokens=7) == Decimal("0.000300075")
+    assert calls == []
+    # A model whose price depends on the date still goes through calc_price on every call.
+    cost(
+        provider="anthropic", provider_kind="anthropic", model="claude-sonnet-4-6", prompt_tokens=9
+    )
+    cost(
+        provider="anthropic", provider_kind="anthropic", model="claude-sonnet-4-6", prompt_tokens=9
+    )
+    assert len(calls) >= 2
+
+
+def test_an_override_saved_in_the_admin_replaces_a_cached_genai_price() -> None:
+    genai = cost(prompt_tokens=1000, completion_tokens=500)
+    assert genai == Decimal("0.00045")
+    price = ModelPrice.objects.create(
+        model="gpt-4o-mini", input_per_mtok=Decimal("10"), output_per_mtok=Decimal("20")
+    )
+    price_overrides_invalidate()  # what the admin does once the change commits
+    assert cost(prompt_tokens=1000, completion_tokens=500) == Decimal("0.02")
+    price.delete()
+    price_overrides_invalidate()
+    back = cost(prompt_tokens=1000, completion_tokens=500)
+    assert back == genai and back is not None and back.as_tuple() == genai.as_tuple()
