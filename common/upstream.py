@@ -7,7 +7,8 @@ time, so clients live as long as the process. httpx pools are bound to the event
 created them, hence the loop in the cache key: tests and `async_to_sync` run other loops.
 
 Tests inject an `httpx.MockTransport` with `set_transport_factory`; everything else goes through
-the real network stack to the configured base URL.
+the real network stack to the configured base URL: `common/fasthttp.py` by default, httpx's own
+(httpcore) transport, sharded, when `LLMROTATE_UPSTREAM_TRANSPORT` is `httpx`.
 
 A shared client must not carry state from one call to the next: it keeps no cookies (a
 `Set-Cookie` answered to one client's call, with one organisation's key, would otherwise be
@@ -22,16 +23,19 @@ import http.cookiejar
 import itertools
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 from django.conf import settings
 
+from common.fasthttp import FastTransport
+
 TransportFactory = Callable[[], httpx.AsyncBaseTransport]
 DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
 
-_clients: dict[tuple[int, str], tuple[asyncio.AbstractEventLoop, httpx.AsyncClient]] = {}
+_clients: dict[tuple[int, str], _Upstream] = {}
 _lock = threading.Lock()
 _transport_factory: TransportFactory | None = None
 
@@ -77,8 +81,13 @@ class ShardedTransport(httpx.AsyncBaseTransport):
 
 
 def _network_transport() -> httpx.AsyncBaseTransport:
-    shards = max(1, settings.LLMROTATE_UPSTREAM_POOL_SHARDS)
     limit = settings.LLMROTATE_UPSTREAM_MAX_CONNECTIONS
+    if settings.LLMROTATE_UPSTREAM_TRANSPORT == "fast":
+        # One stack of idle connections per origin, nothing walked per call: no shards.
+        return FastTransport(
+            limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
+        )
+    shards = max(1, settings.LLMROTATE_UPSTREAM_POOL_SHARDS)
     # Turns are strict, and streams last unequally long, so one pool can be busier than the
     # others: each may open up to the whole limit rather than queue behind a fixed share while
     # the others sit idle. What is kept open between calls is split, so the idle connections
@@ -112,6 +121,18 @@ class ResponseTooLarge(Exception):
     """An upstream answer larger than the gateway will hold in memory."""
 
 
+def body_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
+    """A streamed response's body as it arrives, decoded. Unless the upstream compressed it,
+    these are the transport's own pieces: `aiter_bytes` would pass each through three async
+    generators, a re-chunker, a decoder that changes nothing and a context manager, a few
+    per cent of the worker's CPU (docs/benchmarks.md). Closing the response ends either."""
+    if "content-encoding" in response.headers or not isinstance(
+        response.stream, httpx.AsyncByteStream
+    ):
+        return response.aiter_bytes()
+    return aiter(response.stream)
+
+
 async def read_bounded(
     response: httpx.Response, limit: int, *, seen: Callable[[bytes], None] | None = None
 ) -> bytes:
@@ -123,7 +144,7 @@ async def read_bounded(
         raise ResponseTooLarge
     parts: list[bytes] = []
     size = 0
-    async for chunk in response.aiter_bytes():
+    async for chunk in body_chunks(response):
         if seen is not None:
             seen(chunk)
         size += len(chunk)
@@ -133,30 +154,93 @@ async def read_bounded(
     return b"".join(parts)
 
 
-def upstream_client(base_url: str) -> httpx.AsyncClient:
+@dataclass(frozen=True)
+class _Upstream:
+    loop: asyncio.AbstractEventLoop
+    client: httpx.AsyncClient
+    transport: httpx.AsyncBaseTransport
+    # The client's default headers (Accept, Accept-Encoding, Connection, User-Agent) as
+    # (name, lower-case name, value), in the order httpx sends them.
+    defaults: tuple[tuple[str, str, str], ...]
+
+
+def _upstream(base_url: str) -> _Upstream:
     loop = asyncio.get_running_loop()
     cache_key = (id(loop), base_url)
     entry = _clients.get(cache_key)
-    if entry is not None and entry[0] is loop:
-        return entry[1]
+    if entry is not None and entry.loop is loop:
+        return entry
+    transport = _transport_factory() if _transport_factory else _network_transport()
     client = httpx.AsyncClient(
         timeout=_timeout(),
-        transport=_transport_factory() if _transport_factory else _network_transport(),
+        transport=transport,
         trust_env=False,
         follow_redirects=False,
         cookies=_cookieless_jar(),
     )
+    defaults = tuple(
+        (name.decode("latin-1"), name.decode("latin-1").lower(), value.decode("latin-1"))
+        for name, value in client.headers.raw
+    )
+    entry = _Upstream(loop, client, transport, defaults)
     with _lock:
-        _clients[cache_key] = (loop, client)
-    return client
+        _clients[cache_key] = entry
+    return entry
+
+
+def upstream_client(base_url: str) -> httpx.AsyncClient:
+    return _upstream(base_url).client
+
+
+_URLS_KEPT = 1024
+_urls: dict[str, httpx.URL] = {}
+
+
+def upstream_request(
+    base_url: str,
+    url: str,
+    *,
+    content: bytes,
+    headers: dict[str, str],
+    timeout: httpx.Timeout,
+) -> httpx.Request:
+    """The POST `upstream_client(base_url).build_request(...)` would build, byte for byte,
+    for `upstream_send`: the client's default headers but those `headers` name, then
+    `headers`."""
+    given = {name.lower() for name in headers}
+    defaults = _upstream(base_url).defaults
+    merged = [(name, value) for name, lower, value in defaults if lower not in given]
+    merged.extend(headers.items())
+    parsed = _urls.get(url)
+    if parsed is None:
+        # Parsing a URL is most of what building a request costs; the gateway calls a few.
+        parsed = httpx.URL(url)
+        if len(_urls) < _URLS_KEPT:
+            _urls[url] = parsed
+    return httpx.Request(
+        "POST", parsed, content=content, headers=merged, extensions={"timeout": timeout.as_dict()}
+    )
+
+
+async def upstream_send(base_url: str, request: httpx.Request) -> httpx.Response:
+    """`client.send(request, stream=True)` for the proxy's calls, straight to the transport.
+
+    The client's own layer (auth and redirect handling, cookie extraction, event hooks,
+    timers) cost as much CPU per call as the transport does (docs/benchmarks.md), and the
+    proxy uses none of it: no auth, no redirects followed, no cookies kept. The answer is the
+    same streamed response; it must be read or closed as `send`'s is.
+    """
+    response = await _upstream(base_url).transport.handle_async_request(request)
+    response.request = request
+    return response
 
 
 async def upstream_clients_close() -> None:
     """Close the clients that belong to the running loop (graceful shutdown)."""
     loop = asyncio.get_running_loop()
     with _lock:
-        mine = [key for key, (owner, _) in _clients.items() if owner is loop]
-        clients = [_clients.pop(key)[1] for key in mine]
+        mine = [key for key, entry in _clients.items() if entry.loop is loop]
+        clients = [_clients.pop(key).client for key in mine]
     for client in clients:
         await client.aclose()
 

@@ -235,6 +235,15 @@ LLMROTATE_READ_TIMEOUT_SECONDS = env.float("LLMROTATE_READ_TIMEOUT_SECONDS", def
 LLMROTATE_UPSTREAM_MAX_CONNECTIONS = env.int("LLMROTATE_UPSTREAM_MAX_CONNECTIONS", default=200)
 # Connection pools per upstream, taken in turn (common/upstream.py; docs/configuration.md).
 LLMROTATE_UPSTREAM_POOL_SHARDS = env.int("LLMROTATE_UPSTREAM_POOL_SHARDS", default=8)
+# fast: common/fasthttp.py (HTTP/1.1 on asyncio and httptools). httpx: httpx's own transport
+# (httpcore), sharded as above; the choice for a stack httpx has and the fast one lacks.
+LLMROTATE_UPSTREAM_TRANSPORT = (
+    env.str("LLMROTATE_UPSTREAM_TRANSPORT", default="fast").strip().lower()
+)
+if LLMROTATE_UPSTREAM_TRANSPORT not in ("fast", "httpx"):
+    raise ImproperlyConfigured(
+        f"LLMROTATE_UPSTREAM_TRANSPORT must be fast or httpx, not {LLMROTATE_UPSTREAM_TRANSPORT!r}."
+    )
 # How long routes, keys and tokens are cached in each process. Admin changes made in the same
 # process apply at once; other processes see them within this many seconds.
 LLMROTATE_CONFIG_CACHE_SECONDS = env.float("LLMROTATE_CONFIG_CACHE_SECONDS", default=5)

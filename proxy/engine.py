@@ -38,7 +38,7 @@ from django.http import HttpResponse, StreamingHttpResponse
 
 from common import metrics, telemetry
 from common.errors import ApiError, invalid_body
-from common.upstream import ResponseTooLarge, read_bounded, upstream_client
+from common.upstream import ResponseTooLarge, read_bounded, upstream_request, upstream_send
 from healthchecks import key_recheck as recheck
 from healthchecks.gate import get_breaker_gate
 from keys.health import CallResult, returns_at
@@ -444,7 +444,6 @@ class Attempt:
     async def run(self, *, deadline: float) -> Answer | None:
         """The answer for the client, or None when another key or deployment should try."""
         ctx, provider, call = self.ctx, self.deployment.provider, self.call
-        client = upstream_client(provider.base_url)
         remaining = max(0.001, deadline - self.t_start)
         read = min(settings.LLMROTATE_READ_TIMEOUT_SECONDS, remaining)
         connect = min(settings.LLMROTATE_CONNECT_TIMEOUT_SECONDS, remaining)
@@ -453,8 +452,8 @@ class Attempt:
         )
         if self.span is not None:
             telemetry.inject(self.span, headers)  # the upstream continues this attempt's trace
-        request = client.build_request(
-            "POST",
+        request = upstream_request(
+            provider.base_url,
             call.url,
             content=call.payload,
             headers=headers,
@@ -473,7 +472,7 @@ class Attempt:
         self.overhead_ms += (time.perf_counter() - self.t_start) * 1000
         try:
             # Always streamed, so that the body is read under our size limit, not httpx's none.
-            self.response = await client.send(request, stream=True)
+            self.response = await upstream_send(provider.base_url, request)
         except (httpx.HTTPError, OSError) as exc:
             await self.finish(classify_exception(exc))
             return None

@@ -39,6 +39,7 @@ from django.conf import settings
 from django.http import StreamingHttpResponse
 
 from common.background import spawn
+from common.upstream import body_chunks
 from keys.health import Outcome as Health
 from proxy.classify import (
     EMPTY_STREAM,
@@ -141,7 +142,7 @@ class StreamRelay:
         (and the key is still the attempt's to settle). It costs no TTFT: the chunk is parsed
         here, on arrival, and is the first thing the client is sent.
         """
-        self._chunks = self.upstream.aiter_bytes()
+        self._chunks = body_chunks(self.upstream)
         try:
             first = await anext(self._chunks)
         except StopAsyncIteration:

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
+from fake_upstream import FakeUpstream
+
 LEG = os.environ.get("LLMROTATE_TEST_LEG", "embedded")
 REDIS_TEST_URL = os.environ.get("LLMROTATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
@@ -103,3 +105,16 @@ def flush_records() -> Callable[[], None]:
         assert get_recorder().flush(timeout=10), "call records were not written in time"
 
     return flush
+
+
+@pytest.fixture(scope="module")
+def fake_upstream_server() -> Iterator[FakeUpstream]:
+    """A fake upstream on 127.0.0.1 shared by a module's tests; `fake` resets it for each."""
+    with FakeUpstream() as fake:
+        yield fake
+
+
+@pytest.fixture
+def fake(fake_upstream_server: FakeUpstream) -> FakeUpstream:
+    fake_upstream_server.reset()
+    return fake_upstream_server

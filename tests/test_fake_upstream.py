@@ -41,18 +41,6 @@ def cut_stream_lines(client: httpx.Client, path: str, body: dict[str, Any]) -> l
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as fake:
-        yield fake
-
-
-@pytest.fixture
-def fake(server: FakeUpstream) -> FakeUpstream:
-    server.reset()
-    return server
-
-
-@pytest.fixture(scope="module")
 def http() -> Iterator[httpx.Client]:
     # Shared: building an httpx.Client (its SSL context) costs ~30 ms, a request ~1 ms.
     with httpx.Client(timeout=5) as c:
@@ -60,9 +48,9 @@ def http() -> Iterator[httpx.Client]:
 
 
 @pytest.fixture(scope="module")
-def _k1_client(server: FakeUpstream) -> Iterator[httpx.Client]:
+def _k1_client(fake_upstream_server: FakeUpstream) -> Iterator[httpx.Client]:
     headers = {"authorization": "Bearer k1"}
-    with httpx.Client(base_url=server.base_url, headers=headers, timeout=5) as c:
+    with httpx.Client(base_url=fake_upstream_server.base_url, headers=headers, timeout=5) as c:
         yield c
 
 

@@ -8,8 +8,14 @@ import json
 import time
 
 import httpx
+import pytest
 
-from common.upstream import ShardedTransport, _network_transport
+from common.upstream import (
+    ShardedTransport,
+    _network_transport,
+    upstream_client,
+    upstream_request,
+)
 from tests.proxy.conftest import Gateway, asgi_request
 
 CHAT = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
@@ -86,6 +92,7 @@ def pool_limits(transport: httpx.AsyncHTTPTransport) -> tuple[int | None, int | 
 
 
 def test_each_pool_may_use_the_whole_limit_but_keeps_only_its_share_idle(settings):
+    settings.LLMROTATE_UPSTREAM_TRANSPORT = "httpx"
     settings.LLMROTATE_UPSTREAM_MAX_CONNECTIONS = 200
     settings.LLMROTATE_UPSTREAM_POOL_SHARDS = 8
     transport = _network_transport()
@@ -96,11 +103,41 @@ def test_each_pool_may_use_the_whole_limit_but_keeps_only_its_share_idle(setting
 
 
 def test_one_shard_is_the_plain_pool(settings):
+    settings.LLMROTATE_UPSTREAM_TRANSPORT = "httpx"
     settings.LLMROTATE_UPSTREAM_MAX_CONNECTIONS = 50
     settings.LLMROTATE_UPSTREAM_POOL_SHARDS = 1
     transport = _network_transport()
     assert isinstance(transport, httpx.AsyncHTTPTransport)
     assert pool_limits(transport) == (50, 50)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Content-Type": "application/json", "Authorization": "Bearer sk-1"},
+        # A stream's: two of the client's defaults replaced, a forwarded header added.
+        {
+            "Content-Type": "application/json",
+            "x-api-key": "sk-2",
+            "Accept-Encoding": "identity",
+            "Accept": "text/event-stream",
+            "anthropic-beta": "tools-2024",
+        },
+        {"accept": "application/json", "USER-AGENT": "caller/1.0"},  # any case
+    ],
+)
+async def test_the_proxys_upstream_request_is_the_one_the_client_would_build(headers):
+    timeout = httpx.Timeout(connect=1.5, read=30, write=30, pool=1.5)
+    url = "http://upstream.test/v1/chat/completions"
+    built = upstream_client("http://upstream.test/v1").build_request(
+        "POST", url, content=b'{"model":"m"}', headers=headers, timeout=timeout
+    )
+    ours = upstream_request(
+        "http://upstream.test/v1", url, content=b'{"model":"m"}', headers=headers, timeout=timeout
+    )
+    assert ours.headers.raw == built.headers.raw  # names, their case, values and order
+    assert (ours.method, ours.url, ours.content) == (built.method, built.url, built.content)
+    assert ours.extensions == built.extensions
 
 
 async def test_an_oversized_body_is_refused_before_it_is_read_in_the_callers_envelope(

@@ -3,6 +3,7 @@ on a key, cookies, the size of its answers, its error codes and its error bodies
 
 from __future__ import annotations
 
+import gzip
 import json
 import time
 
@@ -103,6 +104,43 @@ async def test_an_answer_larger_than_the_limit_is_not_held_and_fails_over(
     assert response.status_code == 200, response.content
     hosts = [request.url.host for request in gateway.upstream.requests]
     assert hosts == ["upstream.test", "backup.test"]
+    await sync_to_async(flush_records)()
+    first = await CallRecord.objects.order_by("id").afirst()
+    assert first is not None
+    assert (first.outcome, first.error_type) == ("bad_response", "response_too_large")
+
+
+async def test_a_compressed_answer_reaches_the_client_decoded(gateway: Gateway):
+    answer = completion("gpt-4o-mini", text="squeezed")
+
+    def gzipped(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            200,
+            content=gzip.compress(json.dumps(answer).encode()),
+            headers={"content-type": "application/json", "content-encoding": "gzip"},
+        )
+
+    gateway.upstream.first(gzipped)
+    response = await post(gateway, BODY)
+    assert response.status_code == 200, response.content
+    assert json.loads(response.content)["choices"][0]["message"]["content"] == "squeezed"
+
+
+async def test_a_compressed_answer_is_measured_after_decompression(gateway: Gateway, flush_records):
+    # 64 KiB of JSON in a few hundred bytes of gzip: the limit is on what it unpacks to.
+    packed = gzip.compress(json.dumps(completion("gpt-4o-mini", text="x" * 65536)).encode())
+    assert len(packed) < 4096
+
+    def bomb(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            200,
+            content=packed,
+            headers={"content-type": "application/json", "content-encoding": "gzip"},
+        )
+
+    gateway.upstream.first(bomb)
+    with override_settings(LLMROTATE_MAX_RESPONSE_BYTES=4096):
+        await post(gateway, {**BODY, "model": "with-fallback"})
     await sync_to_async(flush_records)()
     first = await CallRecord.objects.order_by("id").afirst()
     assert first is not None

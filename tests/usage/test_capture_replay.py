@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,20 +27,6 @@ pytestmark = [pytest.mark.embedded, pytest.mark.django_db]
 CLIENT_TOKEN = "llmr_capturedclienttoken0123456789"
 REPLAY_TOKEN = "llmr_replaytoken9876543210abcdef"
 MODEL = "gpt-4o-mini"
-
-
-@pytest.fixture(scope="module")
-def _server() -> Iterator[FakeUpstream]:
-    fake = FakeUpstream()
-    fake.start_in_thread("127.0.0.1")
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture
-def fake(_server: FakeUpstream) -> FakeUpstream:
-    _server.reset()
-    return _server
 
 
 def _origin(fake: FakeUpstream) -> str:
