@@ -10,7 +10,6 @@ why).
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +17,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpRe
 from ninja import Router
 
 from common.errors import ApiError, anthropic_caller, forbidden
-from common.logcontext import request_id_bind
+from common.logcontext import request_id_bind, request_id_new
 from keys.auth import proxy_any_auth, proxy_auth
 from keys.routing import RouteInfo, RoutingSnapshot, TokenInfo, route_lookup, routing_snapshot
 from proxy.anthropic import (
@@ -187,7 +186,7 @@ async def _openai_call(
     stream = bool(body.get("stream", False))
     options = body.get("stream_options") or {}
     ctx = CallContext(
-        request_id=uuid.uuid4().hex,
+        request_id=request_id_new(),
         client=client,
         route=route,
         body=body,
@@ -312,7 +311,7 @@ async def _anthropic_call(
     route, snapshot = await _route(body["model"], client, dialect)
     stream = not counting and bool(body.get("stream", False))
     ctx = CallContext(
-        request_id=uuid.uuid4().hex,
+        request_id=request_id_new(),
         client=client,
         route=route,
         body=body,

@@ -4,7 +4,6 @@ request), and giving its key back."""
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -13,6 +12,7 @@ import httpx
 from django.conf import settings
 
 from common import telemetry
+from common.logcontext import request_id_new
 from common.redaction import redact
 from keys.health import CallResult
 from keys.limits import LimitSpec, Reservation
@@ -267,7 +267,7 @@ def refusal_record(*, path: str, status: int, code: str, client: str = "", model
     now = now_wall()
     record_call(
         CallData(
-            request_id=uuid.uuid4().hex,
+            request_id=request_id_new(),
             attempt=0,
             started_at=now,
             finished_at=now,

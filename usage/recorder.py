@@ -52,6 +52,9 @@ from usage.spool import Row, spool_files, spool_replay_file, spool_write
 logger = logging.getLogger(__name__)
 
 MAX_BACKOFF_SECONDS = 30.0
+# The estimator counts records in batches of up to this many, gathered for up to this long.
+ESTIMATE_BATCH = 64
+ESTIMATE_GATHER_SECONDS = 0.02
 
 
 class Recorder:
@@ -110,8 +113,12 @@ class Recorder:
                 if self._estimator is not None or self._start_estimator_locked() is not None:
                     self._estimates.append(data)
                     self._estimates_queued += 1
-                    # All: a retiring estimator may be waiting too, and would just leave.
-                    self._estimate_cond.notify_all()
+                    # Woken for the first record of a batch and when one is full: in between
+                    # it is gathering (see _estimate_loop). A wake for every record was a
+                    # thread switch, and a hand-over of the GIL, on every request. All: a
+                    # retiring estimator may be waiting too, and would just leave.
+                    if len(self._estimates) in (1, ESTIMATE_BATCH):
+                        self._estimate_cond.notify_all()
                     return
             # No thread can start (interpreter exit): the flusher estimates it itself.
         self._enqueue(data)
@@ -168,6 +175,7 @@ class Recorder:
         """Wait until every estimate queued before this call has reached the buffer."""
         with self._lock:
             target = self._estimates_queued
+            self._estimate_cond.notify_all()  # no gathering: this caller waits for them
             return self._flush_cond.wait_for(
                 lambda: self._estimates_done >= target,
                 timeout=max(0.0, deadline - time.monotonic()),
@@ -245,13 +253,24 @@ class Recorder:
                     self._estimate_cond.wait_for(
                         lambda: self._estimates or self._estimator is not me
                     )
+                    if self._estimator is me and len(self._estimates) < ESTIMATE_BATCH:
+                        # Let a batch gather; a flush (or a full batch) cuts the wait short.
+                        self._estimate_cond.wait(ESTIMATE_GATHER_SECONDS)
                     if self._estimator is not me:
                         return
-                    data = self._estimates.popleft()
+                    batch = deque(self._estimates)
+                    self._estimates.clear()
                 try:
-                    call_count_tokens(data)
+                    while batch:
+                        data = batch.popleft()
+                        try:
+                            call_count_tokens(data)
+                        finally:
+                            self._enqueue(data, estimated=True)
                 finally:
-                    self._enqueue(data, estimated=True)
+                    # A bug ended the batch early: the flusher counts the rest itself.
+                    for data in batch:
+                        self._enqueue(data, estimated=True)
         finally:
             with self._lock:
                 if self._estimator is me:  # died of a bug: the flusher estimates the rest

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+import usage.recorder as recorder_module
 import usage.tokens as tokens
 from tests.usage.conftest import make_call, wait_until
 from usage.models import CallRecord, UsageSource
@@ -133,3 +134,50 @@ def test_a_stop_writes_every_record_still_waiting_for_its_estimate_exactly_once(
     ]
     assert all(tokens > 0 and source == UsageSource.ESTIMATED for _, tokens, source in rows)
     assert recorder.backlog == 0
+
+
+def test_a_burst_of_records_wakes_the_estimator_per_batch_not_per_record(
+    make_recorder: Callable[..., Recorder], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = make_recorder()
+    recorder.record(make_call(request_id="first", estimate=(WORDS, WORDS)))  # starts the thread
+    assert recorder.flush()
+    wakes = 0
+    notify = recorder._estimate_cond.notify_all
+
+    def counted() -> None:
+        nonlocal wakes
+        wakes += 1
+        notify()
+
+    monkeypatch.setattr(recorder._estimate_cond, "notify_all", counted)
+    for i in range(300):
+        recorder.record(make_call(request_id=f"burst-{i}", estimate=(WORDS, WORDS)))
+    assert recorder.flush()
+    assert CallRecord.objects.filter(request_id__startswith="burst-").count() == 300
+    # One wake when a batch starts and one when it is full, plus the flush's: 300 records
+    # arriving at once make a handful of batches.
+    assert wakes <= 2 * (300 // recorder_module.ESTIMATE_BATCH + 1) + 1, wakes
+
+
+# The bug ends the estimator thread (a later record starts a new one), as it would in production.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_bug_counting_one_record_of_a_batch_loses_none_of_the_batch(
+    make_recorder: Callable[..., Recorder], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = recorder_module.call_count_tokens
+
+    def buggy(data: Any) -> None:
+        if data.request_id == "bad":
+            raise RuntimeError("a bug in counting")
+        real(data)
+
+    monkeypatch.setattr(recorder_module, "call_count_tokens", buggy)
+    recorder = make_recorder()
+    ids = ["a", "b", "bad", "c", "d"]
+    for request_id in ids:
+        recorder.record(make_call(request_id=request_id, estimate=(WORDS, WORDS)))
+    assert recorder.flush()
+    rows = dict(CallRecord.objects.values_list("request_id", "prompt_tokens"))
+    assert sorted(rows) == sorted(ids)  # each exactly once
+    assert all(tokens > 0 for tokens in rows.values())  # the flusher counted what was left
