@@ -121,7 +121,13 @@ class Stack:
     token: str = ""
     upstream_pid: int | None = None
     gateway_pid: int | None = None  # the uvicorn web process that serves /v1
+    # The uvicorn process and, with --workers > 1, the worker processes it spawned.
+    web_pids: tuple[int, ...] = ()
     supervisor_pid: int | None = None  # `manage.py serve`, parent of web, worker and beat
+    database_url: str = ""  # Postgres the gateway writes to (scale_out); empty: SQLite
+    redis_url: str = ""
+    redis_prefix: str = ""
+    gateway_starts: int = 0
 
     @classmethod
     def create(cls, *, keep_data: bool) -> Stack:
@@ -134,6 +140,35 @@ class Stack:
         env["LLMROTATE_DATA_DIR"] = str(data_dir)
         env["PYTHONUNBUFFERED"] = "1"
         return cls(data_dir=data_dir, env=env, keep_data=keep_data)
+
+    def scale_out(self, database_url: str, redis_url: str) -> None:
+        """Run the gateway scaled out: a fresh Postgres database and a Redis prefix of its own.
+
+        The database is dropped and created again, so the call-record count at the end is this
+        run's alone; `configure_gateway` migrates it. Keys and the Celery queue go under a
+        prefix of the run's own, deleted at the end (`close`), as is the database unless
+        ``keep_data``.
+        """
+        import psycopg
+
+        base, _, name = database_url.rstrip("/").rpartition("/")
+        if not base.startswith(("postgres://", "postgresql://")) or not name:
+            raise ServerError(f"--database-url must be postgres://…/DBNAME, not {database_url}")
+        try:
+            with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                conn.execute(f'CREATE DATABASE "{name}"')
+        except psycopg.Error as exc:
+            raise ServerError(f"cannot create database {name}: {exc}") from None
+        self.database_url = database_url
+        self.redis_url = redis_url
+        self.redis_prefix = f"bench-proxy-{os.getpid()}:"
+        self.env.update(
+            DATABASE_URL=database_url,
+            REDIS_URL=redis_url,
+            LLMROTATE_REDIS_PREFIX=self.redis_prefix,
+            LLMROTATE_CELERY_QUEUE=f"{self.redis_prefix}celery",
+        )
 
     def spawn(self, name: str, argv: list[str], *, cpu: int | None) -> Child:
         log_path = self.data_dir / f"{name}.log"
@@ -238,17 +273,20 @@ class Stack:
         self.token = tokens["bench"]
         return tokens
 
-    def start_gateway(self, *, cpu: int | None, extra_args: list[str]) -> None:
+    def start_gateway(self, *, cpu: int | None, extra_args: list[str], workers: int = 1) -> None:
         """`manage.py serve` as a user runs it: a supervisor with web, Celery worker and beat.
 
         Once it serves, the whole tree is pinned to the gateway core. The worker and beat idle
         at well under 1% of a core, and their CPU use is reported apart from the web process.
         Pinning only then lets the four interpreters start up on both cores, which halves the
-        start-up time the smoke run (--quick) pays.
+        start-up time the smoke run (--quick) pays. ``workers`` > 1 is passed to `serve`;
+        the start then also waits for uvicorn's worker processes. A gateway started again
+        after `stop_gateway` (another worker count) logs to a file of its own.
         """
         port = free_port()
+        self.gateway_starts += 1
         child = self.spawn(
-            "gateway",
+            "gateway" if self.gateway_starts == 1 else f"gateway-{self.gateway_starts}",
             [
                 PYTHON,
                 MANAGE,
@@ -258,6 +296,7 @@ class Stack:
                 "--port",
                 str(port),
                 "--no-access-log",
+                *(["--workers", str(workers)] if workers != 1 else []),
                 *extra_args,
             ],
             cpu=None,
@@ -274,6 +313,7 @@ class Stack:
             self.gateway_url = f"http://127.0.0.1:{port}/v1"
             self.supervisor_pid = child.pid
             self.gateway_pid = self._web_pid(child.pid)
+            self.web_pids = self._web_pids(child, workers, deadline)
             if cpu is not None:
                 pin_tree(child.pid, cpu)
             return
@@ -288,12 +328,27 @@ class Stack:
                     return pid
         return supervisor
 
+    def _web_pids(self, child: Child, workers: int, deadline: float) -> tuple[int, ...]:
+        """uvicorn and its worker processes: with several, uvicorn's own process listens
+        before the workers it spawns are up, so wait for them."""
+        assert self.gateway_pid is not None
+        while True:
+            below = descendants(self.gateway_pid)
+            # multiprocessing also starts a resource tracker; the workers run spawn_main.
+            started = sum(1 for pid in below if b"spawn_main" in _cmdline(pid))
+            if workers <= 1 or started >= workers:
+                return (self.gateway_pid, *below)
+            if time.monotonic() > deadline:
+                raise ServerError(f"gateway started {started} of {workers} web workers")
+            child.check_alive()
+            time.sleep(0.05)
+
     def helper_pids(self) -> tuple[int, ...]:
-        """The gateway's processes other than the web one (supervisor, Celery worker, beat)."""
+        """The gateway's processes other than the web ones (supervisor, Celery worker, beat)."""
         if self.supervisor_pid is None:
             return ()
         tree = (self.supervisor_pid, *descendants(self.supervisor_pid))
-        return tuple(pid for pid in tree if pid != self.gateway_pid)
+        return tuple(pid for pid in tree if pid not in self.web_pids)
 
     def stop_gateway(self) -> None:
         """Stop the gateway first (flushing its records) so they can be counted."""
@@ -301,8 +356,19 @@ class Stack:
             if child.pid == self.supervisor_pid:
                 child.stop()
 
+    @property
+    def database_label(self) -> str:
+        return "Postgres" if self.database_url else "SQLite"
+
     def records_written(self) -> int | None:
-        """Call records the gateway wrote to SQLite: proof the recording path was exercised."""
+        """Call records the gateway wrote (SQLite or Postgres): proof the recording path was
+        exercised."""
+        if self.database_url:
+            import psycopg
+
+            with psycopg.connect(self.database_url) as conn:
+                row = conn.execute("SELECT COUNT(*) FROM usage_callrecord").fetchone()
+            return int(row[0]) if row else None
         import sqlite3
 
         path = self.data_dir / "llmrotate.sqlite3"
@@ -316,8 +382,59 @@ class Stack:
         # Reverse order: the gateway goes before the upstream it is still talking to.
         for child in reversed(self.children):
             child.stop()
+        if self.redis_prefix:
+            redis_cleanup(self.redis_url, self.redis_prefix)
+        if self.database_url and not self.keep_data:
+            drop_database(self.database_url)
         if not self.keep_data:
             shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def redis_cleanup(url: str, prefix: str) -> None:
+    """Delete what a run left in Redis: only keys under its own prefix (and its queue's
+    binding, which kombu names after the queue)."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=500))
+        keys += list(client.scan_iter(match=f"_kombu.binding.{prefix}*", count=500))
+        for i in range(0, len(keys), 500):
+            client.delete(*keys[i : i + 500])
+    except redis.RedisError as exc:
+        print(f"warning: could not clean up Redis keys {prefix}*: {exc}", file=sys.stderr)
+    finally:
+        client.close()
+
+
+def drop_database(url: str) -> None:
+    import psycopg
+
+    base, _, name = url.rstrip("/").rpartition("/")
+    try:
+        with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    except psycopg.Error as exc:
+        print(f"warning: could not drop database {name}: {exc}", file=sys.stderr)
+
+
+def rss_bytes(pid: int) -> int | None:
+    """Resident set size of a process (VmRSS in /proc/<pid>/status)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024  # always kB
+    except OSError:
+        pass
+    return None
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def free_port() -> int:

@@ -45,7 +45,49 @@ def test_proxy_overhead_benchmark_runs(tmp_path: Path) -> None:
     out = tmp_path / "overhead.json"
     result = run("bench/proxy_overhead.py", "--quick", "--output", str(out), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(out.read_text())
+    report = json.loads(out.read_text())
+    # Every phase ran, the memory one included, and every target of issue #15 was judged.
+    results = report["results"]
+    assert [lvl["concurrency"] for lvl in results["throughput"]["levels"]] == [16, 64]
+    assert [pt["requests"] for pt in results["rss"]["points"]] == [0, 200, 1000]
+    assert all(pt["rss_mib"] > 0 for pt in results["rss"]["points"])
+    assert len(report["targets"]) == 8
+    assert all(t["measured"] is not None for t in report["targets"]), report["targets"]
+    setup = report["setup"]
+    assert setup["call_records_written"] == setup["proxied_calls_answered"] > 0
+
+
+@IN_SCALED_LEG
+def test_proxy_overhead_benchmark_runs_scaled_out(tmp_path: Path) -> None:
+    from tests.conftest import REDIS_TEST_URL, redis_available
+
+    leg_database = os.environ.get("DATABASE_URL", "")
+    if not leg_database.startswith("postgres"):
+        pytest.skip("needs the scaled leg's Postgres (DATABASE_URL)")
+    if not redis_available():
+        pytest.skip(f"Redis is not reachable at {REDIS_TEST_URL}")
+    # A database of its own on the leg's server, named after the leg's: the run drops it.
+    database = f"{leg_database.rstrip('/')}_bench_proxy"
+    out = tmp_path / "overhead.json"
+    result = run(
+        "bench/proxy_overhead.py", "--quick", "--scaled", "--database-url", database,
+        "--redis-url", REDIS_TEST_URL, "--workers-compare", "1,2", "--concurrency", "1,16",
+        "--output", str(out), timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    setup, results = report["setup"], report["results"]
+    assert (setup["mode"], setup["database"]) == ("scaled", "Postgres")
+    # Every proxied call was recorded in Postgres, across the gateway's restarts.
+    assert setup["call_records_written"] == setup["proxied_calls_answered"] > 0
+    by_workers = results["workers"]["by_workers"]
+    assert [row["workers"] for row in by_workers] == [1, 2]
+    assert all(row["rps"] > 0 for row in by_workers)
+    assert "pinning: off: several web workers" in result.stdout
+    assert [t["key"] for t in report["targets"]] == [
+        "rps", "added_p50", "added_p99", "added_ttft_p50", "added_ttft_p99", "cpu",
+        "rps_kept", "rss",
+    ]  # fmt: skip
 
 
 @IN_SCALED_LEG

@@ -139,3 +139,14 @@ def test_llmrotate_config_with_errors_stops_serve(tmp_path: Path):
     assert "unknown provider 'nowhere'" in output
     assert "started" not in output
     assert provider_names(data_dir) == []
+
+
+def test_several_workers_without_redis_are_refused_before_anything_is_set_up(tmp_path: Path):
+    data_dir = tmp_path / "data"
+    done = serve_run(["--workers", "2", "--no-worker", "--no-beat"], fresh_env(data_dir))
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output
+    assert "--workers 2 needs REDIS_URL" in output
+    assert "Traceback" not in output
+    # Refused before the database was set up or a server started.
+    assert "applying database migrations" not in output and "ready" not in output

@@ -44,7 +44,7 @@ from typing import IO, Any, TextIO
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import IntegrityError
 
 PASSWORD_FILE = "initial-admin-password"  # noqa: S105 - a file name
@@ -170,7 +170,8 @@ class Command(BaseCommand):
             "--workers",
             type=int,
             default=int(os.environ.get("LLMROTATE_WEB_WORKERS", "1")),
-            help="Web worker processes. More than one needs REDIS_URL so they share key state.",
+            help="Web worker processes. More than one needs REDIS_URL (shared key state); "
+            "without it, serve refuses.",
         )
         parser.add_argument("--no-access-log", action="store_true")
         parser.add_argument(
@@ -198,6 +199,18 @@ class Command(BaseCommand):
         )  # fmt: skip
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if options["workers"] > 1 and not settings.REDIS_URL:
+            # Refused rather than warned: without a shared store each worker keeps its own
+            # cooldowns, quarantines, breakers and limit counters, so a key one worker cooled
+            # down on a 429 would go on being hammered by the others, and each would admit a
+            # client's whole limit. Sharing it through SQLite would put a database write on
+            # every request (docs/benchmarks.md, "Several workers").
+            raise CommandError(
+                f"--workers {options['workers']} needs REDIS_URL: the workers must share key"
+                " state (cooldowns, quarantines, circuit breakers, limits), which embedded mode"
+                " keeps in one process. Set REDIS_URL (docs/configuration.md) or run one worker;"
+                " one worker carries a core's worth of traffic (docs/benchmarks.md)."
+            )
         verbose = options["verbose"] or options["verbosity"] >= 2
         children = {} if options["setup_only"] else self._children(options, verbose=verbose)
         console = Console(
@@ -221,13 +234,6 @@ class Command(BaseCommand):
             "task broker "
             + ("Redis" if settings.REDIS_URL else f"files in {settings.LLMROTATE_BROKER_DIR}")
         )
-        if options["workers"] > 1 and not settings.REDIS_URL:
-            console.say(
-                "warning: several workers without REDIS_URL do not share cooldowns or limits"
-                " (each worker would admit a client's whole limit); set REDIS_URL or use one"
-                " worker.",
-                err=True,
-            )
         console.say("applying database migrations…")
         call_command("migrate", interactive=False, verbosity=0)
         if options["config"]:
