@@ -344,16 +344,20 @@ class _Body(httpx.AsyncByteStream):
         try:
             data = await conn.receive(self._timeout)
         except BaseException:
-            self._conn = None
-            self._pool.release(conn)
+            self._give_back(conn)
             raise
         if conn.complete and not conn.chunks:
             # All of it is in hand: the connection is free before the caller asks again.
-            self._conn = None
-            self._pool.release(conn)
+            self._give_back(conn)
         if not data:
             raise StopAsyncIteration
         return data
+
+    def _give_back(self, conn: _Connection) -> None:
+        # Once: an aclose() from another task while this one waited has given it back already.
+        if self._conn is conn:
+            self._conn = None
+            self._pool.release(conn)
 
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None
@@ -452,8 +456,19 @@ class _Pool:
             self.count -= 1
 
     def release(self, conn: _Connection) -> None:
-        """Give a connection back after its exchange: kept when it may carry another."""
-        if conn.reusable and conn.complete and not conn.lost and not self.closed:
+        """Give a connection back after its exchange: kept when it may carry another.
+
+        Not when the caller left part of the body unread: reading may be paused on it (the
+        next exchange would then never be read) and the unread chunks would stay in memory.
+        """
+        if (
+            conn.reusable
+            and conn.complete
+            and not conn.chunks
+            and not conn.read_paused
+            and not conn.lost
+            and not self.closed
+        ):
             conn.parser = None
             if self._hand_over(conn):
                 return
@@ -552,7 +567,8 @@ class FastTransport(httpx.AsyncBaseTransport):
         scheme = url.scheme
         if scheme != "http" and scheme != "https":
             return await self._fallback().handle_async_request(request)
-        host = url.host
+        # The host as it goes on the wire (IDNA-encoded by httpx), for the lookup and SNI.
+        host = url.raw_host.decode("ascii")
         port = url.port or (443 if scheme == "https" else 80)
         pool = self._pools.get((scheme, host, port))
         if pool is None:

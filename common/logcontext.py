@@ -28,6 +28,15 @@ _entropy_at = 0
 _entropy_lock = threading.Lock()
 
 
+def _entropy_forget() -> None:
+    # A forked child must not hand out the ids its parent's block still holds.
+    global _entropy, _entropy_at
+    _entropy, _entropy_at = b"", 0
+
+
+os.register_at_fork(after_in_child=_entropy_forget)
+
+
 def request_id_new() -> str:
     """A new request id: the hex of a random version-4 UUID, as `uuid.uuid4().hex` makes it.
 

@@ -144,7 +144,9 @@ class ProxyHandler(ASGIHandler):
 
         async def listen() -> None:
             nonlocal hung_up
-            with contextlib.suppress(RequestAborted):
+            # AssertionError: a message other than a disconnect after the body; the
+            # connection is no use for an answer either.
+            with contextlib.suppress(RequestAborted, AssertionError):
                 await self.listen_for_disconnect(receive)
             hung_up = True
             current.cancel()
@@ -158,9 +160,9 @@ class ProxyHandler(ASGIHandler):
             # closed below.
             await self.send_response(response, send if capture is None else capture.sender(send))
         except asyncio.CancelledError:
-            if not hung_up:
-                raise  # not the client: the server is stopping
-            current.uncancel()
+            # Not (only) the client: the server is stopping.
+            if not hung_up or current.uncancel() > 0:
+                raise
         finally:
             listener.cancel()
             if response is not None:

@@ -536,6 +536,25 @@ def test_a_body_larger_than_the_bound_waits_for_its_reader(run: Run) -> None:
     run(main())
 
 
+def test_a_connection_closed_with_its_body_unread_is_not_reused(run: Run) -> None:
+    # All of a body past the bound arrives while nobody reads it (reading paused), then the
+    # caller closes the response: reused, the next exchange on it would never be read.
+    body = b"x" * (HIGH_WATER + 50_000)
+
+    async def main() -> None:
+        async with Server(keep_alive(lambda *a: answer(body))) as srv, client(timeout=2) as c:
+            async with c.stream("GET", srv.url()) as r:
+                (conn,) = only_pool(c._transport).conns
+                await until(lambda: conn.complete and conn.read_paused)
+            assert r.is_closed
+            started = time.monotonic()
+            assert (await c.get(srv.url())).content == body
+            assert time.monotonic() - started < 1.0  # not a read timeout's wait
+            assert srv.connections == 2  # a new connection; the paused one was closed
+
+    run(main())
+
+
 # ---- cancellation and closing --------------------------------------------------------------
 
 

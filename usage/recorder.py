@@ -258,17 +258,21 @@ class Recorder:
                         self._estimate_cond.wait(ESTIMATE_GATHER_SECONDS)
                     if self._estimator is not me:
                         return
-                    batch = deque(self._estimates)
-                    self._estimates.clear()
+                    estimates = self._estimates
+                    batch = deque(
+                        estimates.popleft() for _ in range(min(len(estimates), ESTIMATE_BATCH))
+                    )
                 try:
-                    while batch:
+                    # Retired meanwhile (stop): the rest goes to the flusher, which counts it
+                    # on its way out; the work in hand stays one record, as before batches.
+                    while batch and self._estimator is me:
                         data = batch.popleft()
                         try:
                             call_count_tokens(data)
                         finally:
                             self._enqueue(data, estimated=True)
                 finally:
-                    # A bug ended the batch early: the flusher counts the rest itself.
+                    # Retired, or a bug ended the batch early: the flusher counts the rest.
                     for data in batch:
                         self._enqueue(data, estimated=True)
         finally:

@@ -41,6 +41,18 @@ class GatedEncoder:
         return self.real.encode_ordinary(text)
 
 
+def stop_while_held(recorder: Recorder, encoder: GatedEncoder) -> bool:
+    """`recorder.stop()` from another thread while the encoder holds a record: the gate opens
+    once the estimator has been detached. What stop returned."""
+    result: list[bool] = []
+    stopping = threading.Thread(target=lambda: result.append(recorder.stop(timeout=20)))
+    stopping.start()
+    wait_until(lambda: recorder._estimator is None)
+    encoder.gate.set()
+    stopping.join(30)
+    return result == [True]
+
+
 @pytest.fixture
 def encoder(monkeypatch: pytest.MonkeyPatch) -> Iterator[GatedEncoder]:
     gated = GatedEncoder()
@@ -116,15 +128,8 @@ def test_a_stop_writes_every_record_still_waiting_for_its_estimate_exactly_once(
     wait_until(encoder.held.is_set)
     for i in range(3):
         recorder.record(make_call(request_id=f"queued-{i}", estimate=(WORDS, WORDS)))
-    result: list[bool] = []
-    stopping = threading.Thread(target=lambda: result.append(recorder.stop(timeout=20)))
-    stopping.start()
     # The estimator is detached (its queue handed to the flusher) while it holds "in-hand".
-    wait_until(lambda: recorder._estimator is None)
-    encoder.gate.set()
-    stopping.join(30)
-
-    assert result == [True]
+    assert stop_while_held(recorder, encoder)
     rows = list(CallRecord.objects.values_list("request_id", "prompt_tokens", "usage_source"))
     assert sorted(request_id for request_id, _, _ in rows) == [
         "in-hand",
@@ -181,3 +186,28 @@ def test_a_bug_counting_one_record_of_a_batch_loses_none_of_the_batch(
     rows = dict(CallRecord.objects.values_list("request_id", "prompt_tokens"))
     assert sorted(rows) == sorted(ids)  # each exactly once
     assert all(tokens > 0 for tokens in rows.values())  # the flusher counted what was left
+
+
+def test_a_stop_leaves_the_estimator_one_record_in_hand_however_big_its_batch(
+    make_recorder: Callable[..., Recorder],
+    encoder: GatedEncoder,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    counted_by_estimator: list[str] = []
+    real = recorder_module.call_count_tokens
+
+    def counting(data: Any) -> None:
+        if threading.current_thread().name == "llmrotate-estimator":
+            counted_by_estimator.append(data.request_id)
+        real(data)
+
+    monkeypatch.setattr(recorder_module, "call_count_tokens", counting)
+    recorder = make_recorder()
+    ids = [f"batch-{i}" for i in range(10)]
+    for request_id in ids:  # within one gathering: one batch
+        recorder.record(make_call(request_id=request_id, estimate=(SLOW, "")))
+    wait_until(encoder.held.is_set)
+    assert stop_while_held(recorder, encoder)
+    assert counted_by_estimator == ["batch-0"]  # the rest went to the flusher, which counted it
+    assert sorted(CallRecord.objects.values_list("request_id", flat=True)) == ids
+    assert recorder.backlog == 0
