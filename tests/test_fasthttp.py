@@ -333,8 +333,8 @@ def test_pool_limits_and_pool_timeout(run: Run) -> None:
                 await c.get(srv.url())
             assert time.monotonic() - t0 >= 0.15
             third = asyncio.create_task(c.get(srv.url(), timeout=5.0))
-            await asyncio.sleep(0.05)
-            assert not third.done()  # waiting for a slot
+            await until(lambda: len(only_pool(c._transport).waiters) == 1)  # waits for a slot
+            assert not third.done()
             gate.set()
             assert await first.aread() == b"abcd"
             assert await second.aread() == b"abcd"

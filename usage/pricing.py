@@ -195,7 +195,7 @@ _ZERO = Decimal(0)
 class _GenaiPlan:
     """A model's genai-prices prices, ready to multiply: (what, price, per) per priced unit."""
 
-    __slots__ = ("less_cache_read", "less_cache_write", "terms", "tiered")
+    __slots__ = ("less_cache_read", "less_cache_write", "terms")
 
     def __init__(self, prices: list[tuple[str, object]]) -> None:
         self.terms = tuple(
@@ -205,7 +205,6 @@ class _GenaiPlan:
         # calc_price's decomposition: input tokens less the cache reads and writes priced apart.
         self.less_cache_read = "cache_read_mtok" in names
         self.less_cache_write = "cache_write_mtok" in names
-        self.tiered = any(isinstance(price, TieredPrices) for _, price in prices)
 
     def cost(self, prompt: int, completion: int, cached: int, cache_write: int) -> Decimal:
         counts = {
@@ -219,7 +218,7 @@ class _GenaiPlan:
         }
         total = _ZERO
         for what, price, per in self.terms:
-            if self.tiered and isinstance(price, TieredPrices):
+            if isinstance(price, TieredPrices):
                 # Cliff tiers on the whole prompt, as genai_prices.types.calc_unit_price.
                 rate = price.base
                 for tier in reversed(price.tiers):
