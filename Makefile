@@ -10,9 +10,10 @@ HASH := $(shell sha1sum pyproject.toml | cut -c1-12)
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/llmrotate
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 TEST_EMBEDDED_REDIS_URL ?= redis://127.0.0.1:6379/14
+TEST_CHAOS_REDIS_URL ?= redis://127.0.0.1:6379/13
 PYTEST_ARGS ?=
 
-.PHONY: run test test-embedded test-scaled lint demo fake-upstream bench bench-limits bench-translation bench-capture bench-replacement clean browser promtool gettext messages
+.PHONY: run test test-embedded test-scaled test-chaos test-soak lint demo fake-upstream bench bench-limits bench-translation bench-capture bench-replacement soak clean browser promtool gettext messages
 
 $(VENV)/.base-$(HASH):
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,14 +50,30 @@ test-embedded: $(VENV)/.dev-$(HASH)
 	@echo "=== tests: embedded mode (SQLite, in-process key state) ==="
 	env -u DATABASE_URL -u REDIS_URL LLMROTATE_TEST_LEG=embedded \
 		LLMROTATE_DATA_DIR=var/test-embedded LLMROTATE_TEST_REDIS_URL=$(TEST_EMBEDDED_REDIS_URL) \
-		$(BIN)/pytest $(PYTEST_ARGS)
+		$(BIN)/pytest --ignore=tests/chaos $(PYTEST_ARGS)
 
 # Scaled out: Postgres and Redis over real connections.
 test-scaled: $(VENV)/.dev-$(HASH)
 	@echo "=== tests: scaled-out mode (Postgres + Redis) ==="
 	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) LLMROTATE_TEST_LEG=scaled \
 		LLMROTATE_DATA_DIR=var/test-scaled LLMROTATE_TEST_REDIS_URL=$(TEST_REDIS_URL) \
-		$(BIN)/pytest $(PYTEST_ARGS)
+		$(BIN)/pytest --ignore=tests/chaos $(PYTEST_ARGS)
+
+# The fault campaign (docs/reliability.md): real processes, a Postgres cluster and redis-servers
+# of its own (tests/chaos/harness.py), so it needs neither leg's database and runs as a job of
+# its own beside them. Mostly waiting (outages, restarts), so it costs the legs little CPU.
+CHAOS_ENV = env -u DATABASE_URL -u REDIS_URL LLMROTATE_TEST_LEG=embedded \
+	LLMROTATE_TEST_REDIS_URL=$(TEST_CHAOS_REDIS_URL)
+
+test-chaos: $(VENV)/.dev-$(HASH)
+	@echo "=== tests: fault campaign (tests/chaos) ==="
+	$(CHAOS_ENV) LLMROTATE_DATA_DIR=var/test-chaos \
+		$(BIN)/pytest tests/chaos --ignore=tests/chaos/test_soak.py $(PYTEST_ARGS)
+
+# The soak's CI version: 3 minutes (LLMROTATE_SOAK_SECONDS) of what `make soak` runs for 30.
+test-soak: $(VENV)/.dev-$(HASH)
+	@echo "=== tests: soak (tests/chaos/test_soak.py) ==="
+	$(CHAOS_ENV) LLMROTATE_DATA_DIR=var/test-soak $(BIN)/pytest tests/chaos/test_soak.py $(PYTEST_ARGS)
 
 # Debian's chromium, which the dashboard's browser tests drive through Playwright (its own
 # browser download is not used). Installed only when missing; sudo only when not root.
@@ -98,10 +115,12 @@ gettext:
 messages: $(VENV)/.dev-$(HASH) gettext
 	$(BIN)/python manage.py update_messages
 
-# The two legs run side by side (most of a leg is one pytest process on one core); each leg's
-# output is printed as a block when it ends, and either failing fails the target.
+# The two legs run side by side (most of a leg is one pytest process on one core), and beside
+# them the fault campaign and the soak, which mostly wait; each job's output is printed as a
+# block when it ends, and any failing fails the target.
 test: lint browser promtool gettext
-	@$(MAKE) --no-print-directory -j2 --output-sync=target test-embedded test-scaled
+	@$(MAKE) --no-print-directory -j4 --output-sync=target \
+		test-embedded test-scaled test-chaos test-soak
 
 bench: $(VENV)/.dev-$(HASH)
 	$(BIN)/python bench/proxy_overhead.py
@@ -127,6 +146,13 @@ bench-capture: $(VENV)/.dev-$(HASH)
 # gateway against a route without rules (issue #12). No Redis.
 bench-replacement: $(VENV)/.dev-$(HASH)
 	$(BIN)/python bench/replacement_rules.py
+
+# The soak (issue #16): 30 minutes of mixed traffic (SDK calls, JSON and streams, with scripted
+# faults to fail over on, probes, a polling dashboard) on one gateway worker, embedded, no
+# Redis; its RSS, descriptors, upstream connections and recorder queue must stay flat. Fails
+# when one grows. CI runs 3 minutes of it (tests/chaos/test_soak.py).
+soak: $(VENV)/.dev-$(HASH)
+	$(BIN)/python bench/soak.py --check
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .tools

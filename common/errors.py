@@ -6,8 +6,9 @@ On the Anthropic endpoints the same body also carries Anthropic's top-level `"ty
 `{"type": "error", "error": {"type", "message", "code", "param"}}` reads right to both SDKs.
 
 Status codes (docs/errors.md lists every code with an example):
-400 invalid JSON · 401 missing/invalid/revoked token · 403 scope or route not allowed ·
+400 invalid JSON · 401 missing/invalid/revoked/expired token · 403 scope or route not allowed ·
 404 unknown model · 413 body too large · 422 missing or mistyped fields ·
+429 a limit reached, or too many rejected tokens from the caller's address ·
 502 upstream failed after failover · 503 no key available (with Retry-After) · 504 upstream timeout.
 """
 
@@ -70,11 +71,17 @@ class ApiError(Exception):
             status=self.status,
             content_type="application/json",
         )
-        if self.retry_after is not None:
-            response["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
-        for name, value in self.headers.items():
+        for name, value in self.extra_headers().items():
             response[name] = value
         return response
+
+    def extra_headers(self) -> dict[str, str]:
+        """The headers the error's response carries besides its content type."""
+        headers = {}
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
+        headers.update(self.headers)
+        return headers
 
 
 def anthropic_caller(path: str, headers: Mapping[str, str]) -> bool:

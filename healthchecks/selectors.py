@@ -25,7 +25,13 @@ from common.timestamps import datetime_from_epoch
 from healthchecks import breaker
 from healthchecks.breaker import BreakerState, BreakerStatus
 from healthchecks.breaker_store import get_breaker_store
-from healthchecks.models import Endpoint, HealthEvent, ProbeKind, ProbeStatus
+from healthchecks.models import (
+    Endpoint,
+    HealthEvent,
+    ProbeKind,
+    ProbeStatus,
+    probe_kind_switched_on,
+)
 from keys.models import Provider
 
 
@@ -317,3 +323,49 @@ def health_history(*, frame: TimeFrame, now: datetime, timeline: int) -> dict[in
         )
         for endpoint in endpoints
     }
+
+
+@dataclass(frozen=True)
+class ProbeFreshness:
+    """Are the probes running? `state`: `ok`, `stale` (no result for longer than the probed
+    endpoints' intervals allow: the Celery worker or beat is not running) or `off` (nothing
+    to probe, or probes switched off)."""
+
+    state: str
+    last_result_age_seconds: float | None = None
+    stale_after_seconds: float | None = None
+
+
+def probes_freshness(*, now: datetime | None = None) -> ProbeFreshness:
+    """The newest probe result against what the intervals promise.
+
+    Probes are sent by beat and run on the worker: when either stops, results stop coming and
+    routing goes on from the last known health. An endpoint not yet probed counts from its
+    creation, and a provider the worker has not made an endpoint for yet from the provider's,
+    so a gateway that never had a worker is found out too.
+    """
+    from django.utils import timezone
+
+    now = now or timezone.now()
+    pinging = probe_kind_switched_on(ProbeKind.PING)
+    http = probe_kind_switched_on(ProbeKind.HTTP)
+    providers = Provider.objects.filter(enabled=True)
+    if not (pinging or http) or not providers.exists():
+        return ProbeFreshness("off")
+    rows = list(Endpoint.objects.filter(enabled=True))
+    endpoints = [ep for ep in rows if ep.ping_on or ep.http_on]
+    if rows and not endpoints:
+        return ProbeFreshness("off")  # every endpoint's probes switched off in the admin
+    if endpoints:
+        intervals = [ep.ping_interval_seconds for ep in endpoints if ep.ping_on]
+        intervals += [ep.http_interval_seconds for ep in endpoints if ep.http_on]
+        since = [ep.last_checked_at or ep.created_at for ep in endpoints]
+    else:
+        intervals = [settings.LLMROTATE_PING_INTERVAL_SECONDS] if pinging else []
+        intervals += [settings.LLMROTATE_HTTP_PROBE_INTERVAL_SECONDS] if http else []
+        since = [providers.order_by("created_at").values_list("created_at", flat=True)[0]]
+    # Three missed intervals of the most frequent probe, and two beat ticks for the dispatch.
+    shortest = min(intervals)
+    stale_after = 3 * shortest + 2 * settings.LLMROTATE_PROBE_TICK_SECONDS
+    age = max(0.0, (now - max(since)).total_seconds())
+    return ProbeFreshness("stale" if age > stale_after else "ok", round(age, 1), stale_after)

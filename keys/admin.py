@@ -404,7 +404,7 @@ class ClientTokenForm(forms.ModelForm):
 
     class Meta:
         model = ClientToken
-        fields = ["name", "routes", "scopes", "never_replace"]
+        fields = ["name", "routes", "scopes", "never_replace", "expires_at"]
 
 
 @admin.register(ClientToken)
@@ -416,6 +416,7 @@ class ClientTokenAdmin(admin.ModelAdmin):
         "routes",
         "scopes",
         "never_replace",
+        "expires_at",
         "revoked_at",
         "created_at",
     ]
@@ -425,13 +426,14 @@ class ClientTokenAdmin(admin.ModelAdmin):
 
     def get_fields(self, request: HttpRequest, obj: ClientToken | None = None) -> tuple[str, ...]:
         if obj is None:
-            return ("name", "routes", "scopes", "never_replace")
+            return ("name", "routes", "scopes", "never_replace", "expires_at")
         return (
             "name",
             "masked",
             "routes",
             "scopes",
             "never_replace",
+            "expires_at",
             "limits",
             "revoked_at",
             "created_at",
@@ -462,6 +464,7 @@ class ClientTokenAdmin(admin.ModelAdmin):
                 routes=data["routes"],
                 scopes=data["scopes"],
                 never_replace=data["never_replace"],
+                expires_at=data["expires_at"],
             )
             return
         created, token = client_token_create(
@@ -469,6 +472,7 @@ class ClientTokenAdmin(admin.ModelAdmin):
             routes=data["routes"],
             scopes=data["scopes"],
             never_replace=data["never_replace"],
+            expires_at=data["expires_at"],
         )
         # The admin goes on with `obj` (log entry, redirect); make it the saved row.
         obj.pk, obj.prefix, obj.token_hash = created.pk, created.prefix, created.token_hash

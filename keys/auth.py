@@ -12,14 +12,16 @@ error of the request in the envelope common.errors.anthropic_caller picks.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
+from django.conf import settings
 from django.http import HttpRequest
 from ninja.security import APIKeyHeader, HttpBearer
 from ninja.security.base import AuthBase
 
-from common.errors import forbidden, unauthenticated
+from common.errors import ApiError, forbidden, unauthenticated
 from keys.crypto import TOKEN_PREFIX, hash_token, split_token, tokens_match
 from keys.routing import TokenInfo, routing_snapshot
 from keys.services import client_token_lookup_prefix
@@ -79,19 +81,126 @@ def _token_hint(token: str) -> str:
 
 
 _log_rejected = _RejectedTokenLog()
+# What a token whose prefix matches none is compared with: no token hashes to it.
+_NO_TOKEN_HASH = "0" * 64
+
+
+class _FailedAuthLimiter:
+    """Locks out a source address that sent LLMROTATE_AUTH_FAILURES_PER_MINUTE rejected tokens
+    within a minute, for the rest of that minute, in this process.
+
+    The window is fixed: it starts at the address's first rejection and lasts WINDOW seconds.
+    While an address is locked out its requests are refused without looking at their token, a
+    valid one included (as fail2ban does): a guesser that hits a valid token learns nothing
+    until the window ends, and checking costs nothing. Tokens carry 256 random bits, so this
+    is not what keeps them from being guessed; it keeps a flood of guesses from costing the
+    gateway its log, its hashing and its routing lookups, and makes it visible.
+    """
+
+    WINDOW = 60.0
+    MAX_ADDRESSES = 10_000
+
+    def __init__(self) -> None:
+        # address -> (start of its window, rejections in it)
+        self._seen: dict[str, tuple[float, int]] = {}
+
+    @staticmethod
+    def _limit() -> int:
+        return int(getattr(settings, "LLMROTATE_AUTH_FAILURES_PER_MINUTE", 20) or 0)
+
+    def locked_for(self, address: str, now: float | None = None) -> float | None:
+        """Seconds left of the address's lockout, or None when it is not locked out."""
+        limit = self._limit()
+        entry = self._seen.get(address)
+        if limit <= 0 or entry is None or entry[1] < limit:
+            return None
+        now = time.monotonic() if now is None else now
+        left = entry[0] + self.WINDOW - now
+        if left <= 0:
+            del self._seen[address]
+            return None
+        return left
+
+    def failed(self, address: str, token: str, now: float | None = None) -> None:
+        limit = self._limit()
+        if limit <= 0:
+            return
+        now = time.monotonic() if now is None else now
+        entry = self._seen.get(address)
+        if entry is None or now - entry[0] >= self.WINDOW:
+            if entry is None and len(self._seen) >= self.MAX_ADDRESSES:
+                self._forget(now)
+            entry = (now, 0)
+        count = entry[1] + 1
+        self._seen[address] = (entry[0], count)
+        if count == limit:
+            # Once per window: the requests refused during it are not logged one by one.
+            logger.warning(
+                "locking out %s for %d s: %d rejected client tokens within a minute (the last "
+                "%s); its requests are refused with 429 until then",
+                address,
+                math.ceil(entry[0] + self.WINDOW - now),
+                count,
+                _token_hint(token),
+            )
+
+    def _forget(self, now: float) -> None:
+        # Windows that are over first; should a flood from that many addresses fill the table
+        # all the same, start over rather than let it grow (the lockouts in it end early).
+        self._seen = {a: e for a, e in self._seen.items() if now - e[0] < self.WINDOW}
+        if len(self._seen) >= self.MAX_ADDRESSES // 2:
+            self._seen.clear()
+
+    def clear(self) -> None:
+        self._seen.clear()
+
+
+_failed_auth = _FailedAuthLimiter()
+
+
+def failed_auth_forget() -> None:
+    """Forget every address's rejections and lockouts (tests)."""
+    _failed_auth.clear()
+
+
+def too_many_failed_auth(retry_after: float) -> ApiError:
+    error = ApiError(
+        429,
+        "Too many requests with an invalid client token from this address; try again in "
+        f"{math.ceil(retry_after)} s.",
+        type="requests",
+        code="too_many_failed_auth",
+        retry_after=retry_after,
+    )
+    return error.with_anthropic_type("rate_limit_error")
+
+
+def _rejected(source: str, token: str, reason: str) -> None:
+    _log_rejected(source, token, reason)
+    _failed_auth.failed(source, token)
 
 
 async def client_token_verified(token: str, *, source: str) -> TokenInfo:
-    """The token's TokenInfo if it is known and not revoked; a 401 (logged) if not. `source`
-    is the caller's address, for the log. Scopes are the caller's to check."""
+    """The token's TokenInfo if it is known, not revoked and not expired; a 401 (logged) if
+    not, and a 429 without looking at the token while `source` (the caller's address) is
+    locked out for sending too many rejected tokens. Scopes are the caller's to check."""
+    locked = _failed_auth.locked_for(source)
+    if locked is not None:
+        raise too_many_failed_auth(locked)
     snapshot = await routing_snapshot()
     info = snapshot.tokens.get(client_token_lookup_prefix(token))
-    if info is None or not tokens_match(info.token_hash, hash_token(token)):
-        _log_rejected(source, token, "invalid")
+    # Compared even when no token has that prefix, so that the time taken does not tell
+    # whether one has.
+    matched = tokens_match(info.token_hash if info else _NO_TOKEN_HASH, hash_token(token))
+    if info is None or not matched:
+        _rejected(source, token, "invalid")
         raise unauthenticated("Invalid client token.")
     if info.revoked:
-        _log_rejected(source, token, "revoked")
+        _rejected(source, token, "revoked")
         raise unauthenticated("This client token has been revoked.", code="token_revoked")
+    if info.expired(time.time()):
+        _rejected(source, token, "expired")
+        raise unauthenticated("This client token has expired.", code="token_expired")
     return info
 
 
@@ -108,8 +217,9 @@ async def _client_token(request: HttpRequest, token: str, *, scope: str) -> Toke
 class ClientTokenAuth(HttpBearer):
     """A client token with the given scope; its TokenInfo goes on `request.auth`.
 
-    No header → None (ninja answers 401 "missing"); a wrong or revoked token → 401; a valid
-    token without the scope → 403. Tokens are checked against the cached routing snapshot, so
+    No header → None (ninja answers 401 "missing"); a wrong, revoked or expired token → 401; a
+    valid token without the scope → 403; an address locked out for too many rejected tokens
+    → 429. Tokens are checked against the cached routing snapshot, so
     a revocation reaches every process within LLMROTATE_CONFIG_CACHE_SECONDS.
     """
 

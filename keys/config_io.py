@@ -362,6 +362,7 @@ def _apply_clients(entries: list[ClientConfig], report: ImportReport, errors: li
                     scopes=entry.scopes,
                     token=token,
                     never_replace=entry.never_replace,
+                    expires_at=entry.expires_at,
                 )
                 if token is None:
                     report.generated_tokens[entry.name] = created_token
@@ -377,12 +378,14 @@ def _apply_clients(entries: list[ClientConfig], report: ImportReport, errors: li
             never_replace = client.never_replace
             if "never_replace" in given:
                 never_replace = entry.never_replace
+            expires_at = entry.expires_at if "expires_at" in given else client.expires_at
             if token is not None and hmac.compare_digest(hash_token(token), client.token_hash):
                 token = None
             if (
                 routes == client.routes
                 and scopes == client.scopes
                 and never_replace == client.never_replace
+                and expires_at == client.expires_at
                 and token is None
             ):
                 counts.unchanged += 1
@@ -393,6 +396,7 @@ def _apply_clients(entries: list[ClientConfig], report: ImportReport, errors: li
                 scopes=scopes,
                 token=token,
                 never_replace=never_replace,
+                expires_at=expires_at,
             )
             counts.updated += 1
 
@@ -522,18 +526,25 @@ def config_export() -> dict[str, Any]:
             for r in Route.objects.order_by("name").prefetch_related("deployments__provider")
         },
         "clients": [
-            {
-                "name": c.name,
-                "routes": list(c.routes),
-                "scopes": list(c.scopes),
-                "never_replace": c.never_replace,
-            }
+            _export_client(c)
             for c in ClientToken.objects.filter(revoked_at__isnull=True).order_by("name")
         ],
         "limits": _export_limits(),
         "capture": _export_capture(),
         "replacement": _export_replacement(),
     }
+
+
+def _export_client(client: ClientToken) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "name": client.name,
+        "routes": list(client.routes),
+        "scopes": list(client.scopes),
+        "never_replace": client.never_replace,
+    }
+    if client.expires_at is not None:  # left out, as most clients' would be null
+        entry["expires_at"] = _time_text(client.expires_at)
+    return entry
 
 
 def _export_limits() -> list[dict[str, Any]]:

@@ -377,6 +377,11 @@ class ClientConfig(_Entry):
         description="true: this client's requests are never sent to a replacement model "
         "(see `replacement`), whatever the rules say.",
     )
+    expires_at: _Time = Field(
+        default=None,
+        description="When the token stops working (ISO 8601 with a time zone, "
+        "'2027-01-01T00:00:00Z'): from then on it gets 401 token_expired. null: never.",
+    )
 
 
 _NO_LIMIT = " null: no limit."

@@ -278,6 +278,11 @@ class ClientToken(models.Model):
     )
     scopes = models.JSONField(default=list, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text=_("From then on the token is refused (401 token_expired). Empty: never."),
+    )
     never_replace = models.BooleanField(
         default=False,
         help_text=_(

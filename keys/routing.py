@@ -157,6 +157,11 @@ class TokenInfo:
     scopes: frozenset[str]
     revoked: bool
     never_replace: bool = False
+    # Unix time from which the token is refused; None: never.
+    expires_at: float | None = None
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
 
     def allows_route(self, route: str) -> bool:
         return "*" in self.routes or route in self.routes
@@ -286,6 +291,7 @@ def routing_load() -> RoutingSnapshot:
             scopes=frozenset(token.scopes or ()),
             revoked=token.revoked_at is not None,
             never_replace=token.never_replace,
+            expires_at=token.expires_at.timestamp() if token.expires_at else None,
         )
     for limit in Limit.objects.select_related("client", "route"):
         spec = LimitSpec(

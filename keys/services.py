@@ -12,6 +12,8 @@ import hashlib
 import re
 import time
 from dataclasses import dataclass
+from datetime import datetime
+from types import EllipsisType
 from typing import Literal
 
 from django.core.exceptions import ValidationError
@@ -225,12 +227,14 @@ def client_token_create(
     scopes: list[str],
     token: str | None = None,
     never_replace: bool = False,
+    expires_at: datetime | None = None,
 ) -> tuple[ClientToken, str]:
     """Create a client token; returns it with the plaintext, which the caller shows ONCE.
 
     With `token=None` a new `llmr_…` token is generated. A given token (from configuration) is
     accepted when at least 20 characters long, whatever its shape; see
-    `client_token_lookup_prefix` for how it is found again.
+    `client_token_lookup_prefix` for how it is found again. `expires_at` (aware) ends its
+    validity; None: it never expires.
     """
     _validate_client_fields(routes=routes, scopes=scopes)
     if token is None:
@@ -245,6 +249,7 @@ def client_token_create(
         routes=routes,
         scopes=scopes,
         never_replace=never_replace,
+        expires_at=expires_at,
     )
     client.full_clean(exclude=["prefix", "token_hash"])
     client.save()
@@ -259,14 +264,18 @@ def client_token_update(
     scopes: list[str],
     token: str | None = None,
     never_replace: bool | None = None,
+    expires_at: datetime | EllipsisType | None = ...,
 ) -> ClientToken:
     """Change what a client may do and, when `token` is given, replace its token (by hash).
-    `never_replace` None keeps the current opt-out from replacement experiments."""
+    `never_replace` None keeps the current opt-out from replacement experiments; `expires_at`
+    left out keeps the current expiry (None: never expires)."""
     _validate_client_fields(routes=routes, scopes=scopes)
     client_token.routes = routes
     client_token.scopes = scopes
     if never_replace is not None:
         client_token.never_replace = never_replace
+    if not isinstance(expires_at, EllipsisType):
+        client_token.expires_at = expires_at
     if token is not None:
         prefix, token_hash = _token_credentials(token)
         _ensure_prefix_free(prefix, exclude_pk=client_token.pk)

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
+import socket
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -63,11 +67,21 @@ _MAX_TRANSACTION_ATTEMPTS = 1000
 _REDIS_DOWN = RedisError
 
 
-# Decrement that never goes below zero (a release after `clear()` or a double release must not
-# leave a negative count that makes the key look idle forever), and free the probe slot.
+# Calls in flight are counted per process (a field of the key's `inflight` hash each), and a
+# process's fields count only while it is alive: a worker killed outright (SIGKILL, OOM) never
+# releases its calls, and a single counter would keep them in flight forever. Alive means it
+# read or acquired through the store within PROCESS_ALIVE_SECONDS (its score in the `procs`
+# sorted set): a worker serving traffic does so on every request. (One whose only traffic is a
+# stream longer than that drops out of the others' counts until its next request.)
+PROCESS_ALIVE_SECONDS = 30.0
+_HEARTBEAT_SECONDS = 5.0
+
+# Decrement this process's count, never below zero (a release after `clear()` or a double
+# release must not leave a negative count that makes the key look idle forever), and free the
+# probe slot.
 _RELEASE_LUA = """
-local v = redis.call('DECR', KEYS[1])
-if v < 0 then redis.call('SET', KEYS[1], 0) end
+local v = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
+if v <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
 redis.call('DEL', KEYS[2])
 return 0
 """
@@ -91,15 +105,41 @@ class RedisKeyStateStore(KeyStateStore):
         self._fallback = MemoryKeyStateStore()
         # After a failed call, straight to the fallback for a while (common.redis_clients).
         self._outage_watch = Outage(url)
+        self._process: tuple[int, str] = (0, "")
+        self._heartbeat_at = float("-inf")
+
+    @property
+    def _me(self) -> str:
+        """This process's field in the in-flight hashes; a forked child gets its own."""
+        pid = os.getpid()
+        if self._process[0] != pid:
+            self._process = (pid, f"{socket.gethostname()}:{pid}:{secrets.token_hex(4)}")
+            self._heartbeat_at = float("-inf")
+        return self._process[1]
+
+    def _heartbeat(self, pipe: Any) -> None:
+        """Queue this process's heartbeat on `pipe` when it is due (and forget the processes
+        that have been silent for long); most calls queue nothing."""
+        me, moment = self._me, time.time()
+        if moment - self._heartbeat_at < _HEARTBEAT_SECONDS:
+            return
+        self._heartbeat_at = moment
+        pipe.zadd(self._procs, {me: moment})
+        pipe.zremrangebyscore(self._procs, "-inf", moment - 10 * PROCESS_ALIVE_SECONDS)
+
+    def _queue_reads(self, pipe: Any, key_ids: Sequence[str]) -> None:
+        pipe.zrangebyscore(self._procs, time.time() - PROCESS_ALIVE_SECONDS, "+inf")
+        for k in key_ids:
+            pipe.hgetall(self._hkey(k))
+            pipe.hgetall(self._ikey(k))
 
     # ---- async (hot path)
 
     async def snapshot(self, key_ids: Sequence[str], *, now: float) -> Snapshot:
         async def op() -> Snapshot:
             async with self._aclient().pipeline(transaction=False) as pipe:
-                for k in key_ids:
-                    pipe.hgetall(self._hkey(k))
-                    pipe.get(self._ikey(k))
+                self._queue_reads(pipe, key_ids)
+                self._heartbeat(pipe)  # after the reads: _unpack reads results by position
                 return self._unpack(key_ids, await pipe.execute(), now=now)
 
         return await self._guard_async(op, lambda: self._fallback.snapshot(key_ids, now=now))
@@ -155,7 +195,10 @@ class RedisKeyStateStore(KeyStateStore):
                 self._pkey(key_id), "1", nx=True, ex=PROBE_SLOT_TTL_SECONDS
             ):
                 return False
-            await client.incr(self._ikey(key_id))
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.hincrby(self._ikey(key_id), self._me, 1)
+                self._heartbeat(pipe)
+                await pipe.execute()
             return True
 
         return await self._guard_async(op, lambda: self._fallback.acquire(key_id, now=now))
@@ -166,7 +209,7 @@ class RedisKeyStateStore(KeyStateStore):
         # by default) that such a call is long over.
         async def op() -> None:
             keys = (self._ikey(key_id), self._pkey(key_id))
-            await self._aclient().eval(_RELEASE_LUA, 2, *keys)
+            await self._aclient().eval(_RELEASE_LUA, 2, *keys, self._me)
 
         await self._guard_async(op, lambda: self._fallback.release(key_id))
 
@@ -181,9 +224,7 @@ class RedisKeyStateStore(KeyStateStore):
     def get_many(self, key_ids: Sequence[str], *, now: float) -> Snapshot:
         def op() -> Snapshot:
             pipe = self._sync.pipeline(transaction=False)
-            for k in key_ids:
-                pipe.hgetall(self._hkey(k))
-                pipe.get(self._ikey(k))
+            self._queue_reads(pipe, key_ids)
             return self._unpack(key_ids, pipe.execute(), now=now)
 
         return self._guard(op, lambda: self._fallback.get_many(key_ids, now=now))
@@ -234,15 +275,24 @@ class RedisKeyStateStore(KeyStateStore):
     def _pkey(self, key_id: str) -> str:
         return f"{self.prefix}probe:{key_id}"
 
+    @property
+    def _procs(self) -> str:
+        return f"{self.prefix}procs"
+
     def _aclient(self) -> aioredis.Redis:
         return self._clients.aclient()
 
     def _unpack(self, key_ids: Sequence[str], results: list[Any], *, now: float) -> Snapshot:
         out: Snapshot = {}
+        alive = set(results[0])
         for i, k in enumerate(key_ids):
-            raw, inflight = results[2 * i], results[2 * i + 1]
+            raw, inflight = results[1 + 2 * i], results[2 + 2 * i]
             state = KeyState.from_dict(raw if isinstance(raw, dict) else {})
-            out[k] = (effective_state(state, now=now), max(0, int(inflight or 0)))
+            # A process's own count is there before its first heartbeat is written.
+            calls = sum(
+                int(n) for p, n in (inflight or {}).items() if p in alive or p == self._process[1]
+            )
+            out[k] = (effective_state(state, now=now), max(0, calls))
         return out
 
     def _transact(self, key_id: str, reason: str, transition: Transition) -> KeyState:

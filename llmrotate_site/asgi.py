@@ -39,7 +39,7 @@ from django.db import connections  # noqa: E402
 # The app registry is ready from here on (get_asgi_application above set it up).
 from common import telemetry  # noqa: E402
 from common.db import db_thread_close  # noqa: E402
-from common.errors import ApiError, anthropic_caller, missing_token  # noqa: E402
+from common.errors import ApiError, anthropic_caller, invalid_body, missing_token  # noqa: E402
 from common.upstream import upstream_clients_close  # noqa: E402
 from healthchecks.gate import get_breaker_gate  # noqa: E402
 from healthchecks.key_recheck import keys_revalidate_forever  # noqa: E402
@@ -156,13 +156,27 @@ class ProxyHandler(ASGIHandler):
         try:
             response = await self.run_get_response(request)
             capture = getattr(request, "llmrotate_capture", None)
+            sender = send if capture is None else capture.sender(send)
             # The client may go away while the body is being sent; the response is still
             # closed below.
-            await self.send_response(response, send if capture is None else capture.sender(send))
+            if response.streaming:
+                # A client that stops reading parks the relay where it yields (the server's
+                # flow control), holding the upstream call and its key: bounded whole. A
+                # client that reads gets the relay's own end first (it checks the time at
+                # each chunk, and one comes within the read timeout).
+                limit = (
+                    settings.LLMROTATE_MAX_STREAM_SECONDS + settings.LLMROTATE_READ_TIMEOUT_SECONDS
+                )
+                async with asyncio.timeout(limit):
+                    await self.send_response(response, sender)
+            else:
+                await self.send_response(response, sender)
         except asyncio.CancelledError:
             # Not (only) the client: the server is stopping.
             if not hung_up or current.uncancel() > 0:
                 raise
+        except TimeoutError:
+            logger.info("a streamed answer's client read too slowly; cut off")
         finally:
             listener.cancel()
             if response is not None:
@@ -273,14 +287,37 @@ async def _lifespan(receive: Any, send: Any) -> None:
             return
 
 
-def _too_large(scope: Scope) -> bool:
-    for name, value in scope.get("headers", ()):
-        if name == b"content-length":
-            try:
-                return int(value) > settings.LLMROTATE_MAX_REQUEST_BYTES
-            except ValueError:
-                return False
-    return False
+def _headers_refusal(scope: Scope) -> ApiError | None:
+    """A 431 for headers over LLMROTATE_MAX_HEADER_BYTES in all: uvicorn's httptools parser
+    takes headers of any size (a megabyte and more), and nothing after it should carry them."""
+    limit = settings.LLMROTATE_MAX_HEADER_BYTES
+    if sum(len(name) + len(value) for name, value in scope.get("headers", ())) <= limit:
+        return None
+    return ApiError(
+        431,
+        f"The request's headers are larger than {limit} bytes in all.",
+        type="invalid_request_error",
+        code="headers_too_large",
+    )
+
+
+def _length_refusal(scope: Scope) -> ApiError | None:
+    """A 413 for a Content-Length over LLMROTATE_MAX_REQUEST_BYTES; a 400 for one that is not
+    a single non-negative integer, which Django would fail on (a 500) when it reads the body.
+    uvicorn's parser refuses most such requests itself; other servers may not."""
+    lengths = {value for name, value in scope.get("headers", ()) if name == b"content-length"}
+    if not lengths:
+        return None
+    (length,) = lengths if len(lengths) == 1 else (b"",)
+    if not length.isdigit():
+        return invalid_body(
+            "The Content-Length header must be one non-negative integer.",
+            code="invalid_content_length",
+        )
+    # The digit count first: int() refuses strings of thousands of digits (a ValueError).
+    if len(length) > 18 or int(length) > settings.LLMROTATE_MAX_REQUEST_BYTES:
+        return body_too_large()
+    return None
 
 
 class _BodyTooLarge(Exception):
@@ -317,7 +354,15 @@ async def _send_error(scope: Scope, send: Any, error: ApiError) -> None:
         {
             "type": "http.response.start",
             "status": error.status,
-            "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"connection", b"close"),
+                # A lockout's 429 carries Retry-After, as it does past this point.
+                *(
+                    (name.lower().encode("latin-1"), value.encode("latin-1"))
+                    for name, value in error.extra_headers().items()
+                ),
+            ],
         }
     )
     await send({"type": "http.response.body", "body": body})
@@ -340,8 +385,9 @@ async def application(scope: Scope, receive: Any, send: Any) -> None:
     if scope["type"] != "http":
         await _handler(scope, receive, send)
         return
-    if _too_large(scope):
-        await _send_error(scope, send, body_too_large())
+    refusal = _headers_refusal(scope) or _length_refusal(scope)
+    if refusal is not None:
+        await _send_error(scope, send, refusal)
         return
     try:
         if _proxied(scope["path"]):

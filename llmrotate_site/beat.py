@@ -80,14 +80,24 @@ def beat_schedule_sync() -> list[str]:
             interval, _ = IntervalSchedule.objects.get_or_create(
                 every=max(1, round(entry.every_seconds)), period=IntervalSchedule.SECONDS
             )
-            wanted = {"task": entry.task, "interval": interval, "description": entry.description}
+            # A run that waited in the broker longer than its interval (the worker was down)
+            # is dropped: the next one is due anyway, and a restarted worker must not work
+            # through a backlog of them all at once.
+            expire = max(1, round(entry.every_seconds))
+            wanted = {
+                "task": entry.task,
+                "interval": interval,
+                "description": entry.description,
+                "expire_seconds": expire,
+            }
             task = PeriodicTask.objects.filter(name=entry.name).first()
             if task is None:
                 PeriodicTask.objects.create(name=entry.name, **wanted)
-            elif (task.task, task.interval_id, task.description) != (
+            elif (task.task, task.interval_id, task.description, task.expire_seconds) != (
                 entry.task,
                 interval.pk,
                 entry.description,
+                expire,
             ):
                 for field, value in wanted.items():
                     setattr(task, field, value)

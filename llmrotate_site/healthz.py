@@ -1,9 +1,12 @@
 """`GET /healthz`: the gateway's own liveness, for load balancers and orchestrators.
 
 The database (`SELECT 1`), the task broker, and Redis when configured, checked in parallel with
-a one-second limit each: `200 {"status": "ok", …}`, or `503` naming what failed. No
-authentication, and no secrets: errors are named by their exception class. A site-level view:
-it looks at what the whole site is made of (the broker is the site's Celery app).
+a one-second limit each: `200 {"status": "ok", …}`, or `503` naming what failed. Then whether
+the probes still run (the Celery worker and beat): when they stopped, routing goes on from the
+last known health, so that is `200 {"status": "degraded", …}` naming `probes`, not a 503 that
+would take a working gateway out of its load balancer. No authentication, and no secrets:
+errors are named by their exception class. A site-level view: it looks at what the whole site
+is made of (the broker is the site's Celery app).
 """
 
 from __future__ import annotations
@@ -54,6 +57,20 @@ def _check_redis() -> None:
         client.close()
 
 
+def _check_probes() -> str:
+    from django.db import connections
+
+    from healthchecks.selectors import probes_freshness
+
+    try:
+        freshness = probes_freshness()
+    finally:
+        connections.close_all()
+    if freshness.state == "stale":
+        return f"stale: no probe result for {freshness.last_result_age_seconds:.0f} s"
+    return freshness.state
+
+
 @require_GET
 def healthz(request: HttpRequest) -> JsonResponse:
     checks: dict[str, Callable[[], None]] = {"database": _check_database, "broker": _check_broker}
@@ -71,7 +88,19 @@ def healthz(request: HttpRequest) -> JsonResponse:
             results[name] = "timed out"
         except Exception as exc:
             results[name] = f"failed: {type(exc).__name__}"
-    pool.shutdown(wait=False)
     failing = [name for name, result in results.items() if result != "ok"]
-    body = {"status": "fail" if failing else "ok", "checks": results, "failing": failing}
+    degraded = []
+    if "database" not in failing:
+        probes = pool.submit(_check_probes)
+        try:
+            results["probes"] = probes.result(timeout=CHECK_TIMEOUT_SECONDS)
+        except concurrent.futures.TimeoutError:
+            results["probes"] = "timed out"
+        except Exception as exc:
+            results["probes"] = f"failed: {type(exc).__name__}"
+        if results["probes"] not in ("ok", "off"):
+            degraded.append("probes")
+    pool.shutdown(wait=False)
+    status = "fail" if failing else "degraded" if degraded else "ok"
+    body = {"status": status, "checks": results, "failing": failing, "degraded": degraded}
     return JsonResponse(body, status=503 if failing else 200)

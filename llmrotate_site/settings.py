@@ -193,6 +193,13 @@ STATIC_ROOT = DATA_DIR / "static"
 # CDN or a reverse proxy that serves STATIC_ROOT, turn this off.
 LLMROTATE_SERVE_STATIC = env.bool("LLMROTATE_SERVE_STATIC", default=True)
 
+# Rejected client tokens (invalid, revoked, expired) per source address and minute, in each
+# process, after which that address gets 429 too_many_failed_auth for the rest of the minute,
+# a valid token included (keys/auth.py). 0 turns it off. Behind a reverse proxy the address
+# must be the client's (uvicorn's proxy headers, FORWARDED_ALLOW_IPS), or one bad client would
+# lock out everyone (docs/security.md).
+LLMROTATE_AUTH_FAILURES_PER_MINUTE = env.int("LLMROTATE_AUTH_FAILURES_PER_MINUTE", default=20)
+
 LOGIN_URL = "/admin/login/"
 # Failed admin logins, counted per client address by django-axes, which then refuses every
 # login from that address (a 403, the right password included) until the address has made no
@@ -225,9 +232,13 @@ MESSAGE_STORAGE = "django.contrib.messages.storage.session.SessionStorage"
 # Largest accepted request body; larger ones get 413 before any upstream is called.
 LLMROTATE_MAX_REQUEST_BYTES = env.int("LLMROTATE_MAX_REQUEST_BYTES", default=8 * 1024 * 1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = LLMROTATE_MAX_REQUEST_BYTES
+# Request headers in all (names and values), on every path: more is a 431 (headers_too_large).
+# uvicorn's parser (httptools) has no limit of its own.
+LLMROTATE_MAX_HEADER_BYTES = env.int("LLMROTATE_MAX_HEADER_BYTES", default=64 * 1024)
 # Upper bound on upstream attempts for one client request, across keys and deployments.
 LLMROTATE_MAX_ATTEMPTS = env.int("LLMROTATE_MAX_ATTEMPTS", default=5)
-# Total time allowed to get a response (headers) from some upstream, failover included.
+# Total time allowed to get an answer (a whole JSON body, or a stream's first chunk) from some
+# upstream, failover included, however slowly it trickles in.
 LLMROTATE_REQUEST_DEADLINE_SECONDS = env.float("LLMROTATE_REQUEST_DEADLINE_SECONDS", default=120)
 LLMROTATE_CONNECT_TIMEOUT_SECONDS = env.float("LLMROTATE_CONNECT_TIMEOUT_SECONDS", default=5)
 # Longest silence allowed from an upstream: before the first byte, and between stream chunks.
@@ -261,6 +272,9 @@ LLMROTATE_MAX_UPSTREAM_WAIT_SECONDS = env.float(
 LLMROTATE_MAX_RESPONSE_BYTES = env.int("LLMROTATE_MAX_RESPONSE_BYTES", default=32 * 1024 * 1024)
 # Largest single server-sent event relayed; a larger one ends the stream with an error event.
 LLMROTATE_MAX_SSE_EVENT_BYTES = env.int("LLMROTATE_MAX_SSE_EVENT_BYTES", default=8 * 1024 * 1024)
+# Longest a streamed answer is relayed, from the request's start: an upstream that never ends
+# its stream gets an error event then, and a client that stops reading is cut off.
+LLMROTATE_MAX_STREAM_SECONDS = env.float("LLMROTATE_MAX_STREAM_SECONDS", default=3600)
 
 # --- Limits and budgets (keys/limits.py; docs/configuration.md "Limits and budgets") -------
 # Tokens reserved for the answer when a request sets no max_tokens (settled from the usage).
@@ -296,6 +310,11 @@ LLMROTATE_RECORD_BATCH_SIZE = env.int("LLMROTATE_RECORD_BATCH_SIZE", default=500
 # Records held in memory while the database is unreachable; beyond this they are spooled to
 # DATA_DIR/spool and replayed later, so nothing is dropped.
 LLMROTATE_RECORD_BUFFER_MAX = env.int("LLMROTATE_RECORD_BUFFER_MAX", default=20000)
+# Once the database has failed every write for this long, held records go to the spool at once
+# (a passing error is retried in memory first): a killed process loses at most these seconds.
+LLMROTATE_RECORD_SPOOL_AFTER_SECONDS = env.float(
+    "LLMROTATE_RECORD_SPOOL_AFTER_SECONDS", default=5.0
+)
 LLMROTATE_SPOOL_DIR = DATA_DIR / "spool"
 # Token estimates (for calls whose upstream reported no usage) tokenize at most this many
 # characters of each text and extrapolate the rest, so one huge call costs bounded time.

@@ -132,6 +132,9 @@ def classify_exception(exc: Exception) -> Verdict:
 
 
 BAD_RESPONSE = Verdict(Outcome.BAD_RESPONSE, Health.UPSTREAM_ERROR, Next.NEXT_KEY, "invalid_json")
+# The request's deadline ran out while the upstream was still sending its head or body: one
+# that trickles bytes never stays silent for the read timeout, so only the deadline ends it.
+DEADLINE_PASSED = Verdict(Outcome.TIMEOUT, Health.UPSTREAM_ERROR, Next.NEXT_KEY, "deadline")
 # The client hung up (its request was cancelled) while the attempt was in flight. Says nothing
 # about the key or its endpoint.
 CLIENT_GONE = Verdict(

@@ -53,6 +53,7 @@ from proxy.capture import Leg, upstream_end
 from proxy.classify import (
     BAD_RESPONSE,
     CLIENT_GONE,
+    DEADLINE_PASSED,
     GATEWAY_FAILED,
     RESPONSE_TOO_LARGE,
     SUCCESS,
@@ -470,34 +471,49 @@ class Attempt:
                 payload=call.payload,
             )
         self.overhead_ms += (time.perf_counter() - self.t_start) * 1000
+        # The read timeout bounds each silence, not the exchange: an upstream that sends its
+        # head or body a byte at a time is never silent for long. The deadline bounds it whole.
+        until = asyncio.get_running_loop().time() + max(0.001, deadline - time.perf_counter())
         try:
-            # Always streamed, so that the body is read under our size limit, not httpx's none.
-            self.response = await upstream_send(provider.base_url, request)
+            async with asyncio.timeout_at(until):
+                # Always streamed, so that the body is read under our size limit, not httpx's.
+                self.response = await upstream_send(provider.base_url, request)
+        except TimeoutError:  # before OSError: TimeoutError is one
+            await self.finish(DEADLINE_PASSED)
+            return None
         except (httpx.HTTPError, OSError) as exc:
             await self.finish(classify_exception(exc))
             return None
         if self.capture is not None:
             self.capture.started(self.response.status_code, self.response.headers.raw)
         if ctx.stream and self.response.status_code == 200:
-            return await self._relay()
+            return await self._relay(until)
         try:
-            content = await read_bounded(
-                self.response,
-                settings.LLMROTATE_MAX_RESPONSE_BYTES,
-                seen=self.capture.chunk if self.capture is not None else None,
-            )
+            async with asyncio.timeout_at(until):
+                content = await read_bounded(
+                    self.response,
+                    settings.LLMROTATE_MAX_RESPONSE_BYTES,
+                    seen=self.capture.chunk if self.capture is not None else None,
+                )
         except ResponseTooLarge:
             await self.finish(RESPONSE_TOO_LARGE)
+            return None
+        except TimeoutError:
+            await self.finish(DEADLINE_PASSED)
             return None
         except (httpx.HTTPError, OSError) as exc:
             await self.finish(classify_exception(exc))
             return None
         return await self._answer(content)
 
-    async def _relay(self) -> Answer | None:
+    async def _relay(self, until: float) -> Answer | None:
         assert self.response is not None
         relay = StreamRelay(self)
-        early = await relay.start()
+        try:
+            async with asyncio.timeout_at(until):
+                early = await relay.start()
+        except TimeoutError:
+            early = DEADLINE_PASSED
         if early is not None:
             # Nothing has reached the client yet: fail over like any other failed attempt.
             await self.finish(early)

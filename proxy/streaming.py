@@ -11,6 +11,8 @@ upstream's line ends are normalised to LF on the way through), and an event ends
 line. Each chunk is scanned once, from where the previous scan stopped, so an event delivered
 in many small chunks costs time in proportion to its size; an event that grows past
 LLMROTATE_MAX_SSE_EVENT_BYTES without ending ends the stream instead (`event_too_large`).
+A stream still running LLMROTATE_MAX_STREAM_SECONDS after its request began ends as well
+(`stream_too_long`): the read timeout only catches one that falls silent.
 
 If the upstream fails midway the client gets the dialect's `error` event (the SDKs raise on
 it) instead of a silent truncation, and the request is not retried: text already sent would be
@@ -111,6 +113,10 @@ class EventTooLarge(Exception):
     """Raised by the relay, to end the stream, when the splitter overflowed."""
 
 
+class StreamTooLong(Exception):
+    """Raised by the relay, to end the stream, past LLMROTATE_MAX_STREAM_SECONDS."""
+
+
 class StreamRelay:
     def __init__(self, attempt: Attempt) -> None:
         assert attempt.response is not None
@@ -128,6 +134,8 @@ class StreamRelay:
         )
         self.busy = 0.0  # time spent in our own parsing, i.e. proxy overhead
         self._events = SseSplitter(max_event=settings.LLMROTATE_MAX_SSE_EVENT_BYTES)
+        # The read timeout ends a silent stream; this ends one that keeps sending forever.
+        self._until = self.ctx.t0 + settings.LLMROTATE_MAX_STREAM_SECONDS
         self._pending = b""  # what arrived before the client was answered
         self._chunks: AsyncIterator[bytes] | None = None
         self._closed = False
@@ -201,6 +209,8 @@ class StreamRelay:
                     yield out
                 if self._events.overflowed:
                     raise EventTooLarge
+                if time.perf_counter() > self._until:
+                    raise StreamTooLong
             rest = self._events.rest()
             if rest.strip():
                 forwarded = self.dialect.event(self.state, rest + b"\n\n")
@@ -216,6 +226,13 @@ class StreamRelay:
             yield self.dialect.error_event(
                 "The upstream sent an event larger than the gateway relays.",
                 code="event_too_large",
+            )
+        except StreamTooLong:
+            self.state.failure = ("timeout", "stream_too_long")
+            yield self.dialect.error_event(
+                "The upstream was still streaming when the gateway's time limit for one answer"
+                " ran out.",
+                code="stream_too_long",
             )
         except httpx.TimeoutException:
             self.state.failure = ("timeout", "stream_read_timeout")

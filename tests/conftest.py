@@ -58,6 +58,7 @@ def _isolated_gateway_state() -> Iterator[None]:
     network stack."""
     from common.upstream import set_transport_factory
     from healthchecks.gate import reset_breaker_gate
+    from keys.auth import failed_auth_forget
     from keys.limits import get_limiter, reset_limiter
     from keys.routing import invalidate_routing_cache
     from keys.state_store import get_key_state_store, reset_key_state_store
@@ -73,6 +74,7 @@ def _isolated_gateway_state() -> Iterator[None]:
     get_key_state_store().clear()
     reset_breaker_gate()  # this process's breaker copy and live-traffic windows
     invalidate_routing_cache()
+    failed_auth_forget()  # no address starts locked out for earlier tests' bad tokens
     yield
     set_transport_factory(None)
     get_limiter().clear()

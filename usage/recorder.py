@@ -14,10 +14,13 @@ other record. `flush` waits for the counts recorded before it; `stop` hands thos
 to the flusher, which counts them itself (bounded, see usage/tokens.py) on its way out.
 
 Nothing is dropped. A failed write keeps its batch in memory and is retried with exponential
-backoff; past LLMROTATE_RECORD_BUFFER_MAX records the oldest are spooled to fsync'd JSONL files
-in LLMROTATE_SPOOL_DIR, replayed (each file in one transaction) once the database is back, or by
-the next process to start if this one dies. A graceful stop that cannot reach the database
-spools everything it still holds.
+backoff. Once the database has been failing for LLMROTATE_RECORD_SPOOL_AFTER_SECONDS, or past
+LLMROTATE_RECORD_BUFFER_MAX records, what is held is spooled to fsync'd JSONL files in
+LLMROTATE_SPOOL_DIR, replayed (each file in one transaction) once the database is back, or by
+the next process to start if this one dies. So a process killed outright (SIGKILL, OOM) during
+an outage loses at most the records of its last few seconds, not everything since the outage
+began (docs/reliability.md). A graceful stop that cannot reach the database spools everything
+it still holds.
 """
 
 from __future__ import annotations
@@ -75,11 +78,15 @@ class Recorder:
         batch_size: int | None = None,
         buffer_max: int | None = None,
         spool_dir: Path | str | None = None,
+        spool_after: float | None = None,
     ) -> None:
         self._flush_seconds = flush_seconds or settings.LLMROTATE_RECORD_FLUSH_SECONDS
         self._batch_size = batch_size or settings.LLMROTATE_RECORD_BATCH_SIZE
         self._buffer_max = buffer_max or settings.LLMROTATE_RECORD_BUFFER_MAX
         self._spool_dir = Path(spool_dir or settings.LLMROTATE_SPOOL_DIR)
+        self._spool_after = (
+            settings.LLMROTATE_RECORD_SPOOL_AFTER_SECONDS if spool_after is None else spool_after
+        )
 
         self._lock = threading.Lock()
         self._buffer: deque[CallData] = deque()
@@ -104,6 +111,7 @@ class Recorder:
         self._settlements: list[Settlement] = []
         self._backoff = 0.0
         self._retry_at = 0.0
+        self._failing_since: float | None = None  # the first failed write of the current run
 
     # --- called from any thread -------------------------------------------------------------
 
@@ -378,6 +386,10 @@ class Recorder:
             if len(self._pending) > self._buffer_max:
                 # Spool the oldest down to half the limit: big files, few fsyncs.
                 self._spool_pending(len(self._pending) - self._buffer_max // 2)
+            failing = self._failing_since
+            if failing is not None and time.monotonic() - failing >= self._spool_after:
+                # Not a passing hiccup: on disk what is held, where a crash cannot take it.
+                self._spool_pending(len(self._pending))
             try:
                 if not force and time.monotonic() < self._retry_at:
                     return False
@@ -405,6 +417,8 @@ class Recorder:
                 self._replay_spool()
         except Exception as exc:
             metrics.RECORDER_FAILURES.inc()
+            if self._failing_since is None:
+                self._failing_since = time.monotonic()
             self._backoff = min(max(self._backoff * 2, 0.5), MAX_BACKOFF_SECONDS)
             self._retry_at = time.monotonic() + self._backoff
             first_line = (str(exc).splitlines() or [""])[0][:200]
@@ -423,6 +437,7 @@ class Recorder:
                     logger.debug("closing the broken connection failed", exc_info=True)
             return False
         self._backoff = self._retry_at = 0.0
+        self._failing_since = None
         return True
 
     def _prepare(self, data: CallData) -> Row:
@@ -440,18 +455,28 @@ class Recorder:
     # --- spool ------------------------------------------------------------------------------
 
     def _spool_pending(self, count: int) -> None:
-        rows = self._pending[:count]
-        if not rows:
-            return
-        try:
-            path = spool_write(spool_dir=self._spool_dir, rows=rows)
-        except OSError:
-            # Memory beats loss: keep the rows and try again on the next pass.
-            logger.exception("spooling %d call records to %s failed", len(rows), self._spool_dir)
-            return
-        del self._pending[: len(rows)]
-        metrics.RECORDER_SPOOLED.inc(amount=len(rows))
-        logger.warning("database unavailable: spooled %d call records to %s", len(rows), path)
+        # A file per batch, as the batches are written: the first batch is the one whose write
+        # failed, and it may have committed all the same (the connection broke after the
+        # commit). Replay skips a file whose first row is in the table, so a file must commit
+        # all-or-nothing, as a batch does, or its other rows would be skipped with it.
+        spooled = 0
+        while spooled < count:
+            rows = self._pending[: min(self._batch_size, count - spooled)]
+            try:
+                spool_write(spool_dir=self._spool_dir, rows=rows)
+            except OSError:
+                # Memory beats loss: keep the rows and try again on the next pass.
+                logger.exception(
+                    "spooling %d call records to %s failed", len(rows), self._spool_dir
+                )
+                break
+            del self._pending[: len(rows)]
+            spooled += len(rows)
+        if spooled:
+            metrics.RECORDER_SPOOLED.inc(amount=spooled)
+            logger.warning(
+                "database unavailable: spooled %d call records to %s", spooled, self._spool_dir
+            )
 
     def _replay_spool(self) -> None:
         for path in spool_files(spool_dir=self._spool_dir):

@@ -55,9 +55,12 @@ def row_fit_to_columns(row: Row) -> Row:
         # Values that already fit, the usual case, are left as they are (what _fit_value would
         # return for them) without a call per column.
         if kind is _KEEP:
+            if type(value) is list and any("\x00" in str(item) for item in value):
+                row[name] = [_without_nul(item) for item in value]  # tool_names
             continue
         if kind is str:
-            fits = type(value) is str and len(value) <= limit
+            # Postgres keeps no NUL in text (nor in jsonb): one would fail its whole batch.
+            fits = type(value) is str and len(value) <= limit and "\x00" not in value
         elif kind is int:
             fits = type(value) is int and 0 <= value <= limit
         elif kind is bool:
@@ -105,10 +108,14 @@ def _columns() -> list[_Column]:
     return _columns_cache
 
 
+def _without_nul(value: Any) -> str:
+    return str(value).replace("\x00", "")
+
+
 def _fit_value(field: models.Field[Any, Any], value: Any) -> Any:
     kind = field.get_internal_type()
     if kind == "CharField":
-        return str(value)[: field.max_length]
+        return _without_nul(value)[: field.max_length]
     if kind in _UINT_MAX:
         return min(max(int(value), 0), _UINT_MAX[kind])
     if kind == "BooleanField":
@@ -199,7 +206,13 @@ def spool_replay_file(
         if not _try_lock(f) or not _is_same_file(f, path):
             return 0
         try:
-            rows = [row_from_json(line, field_names=field_names) for line in f if line.strip()]
+            # Fitted again: a file spooled before a rule of row_fit_to_columns existed must not
+            # fail its replay for ever.
+            rows = [
+                row_fit_to_columns(row_from_json(line, field_names=field_names))
+                for line in f
+                if line.strip()
+            ]
         except (ValueError, TypeError, KeyError):
             # Never delete what we cannot read: set it aside for a human.
             logger.exception("spool file %s is unreadable; renamed to .corrupt", path.name)

@@ -98,8 +98,8 @@ REFUSED = [
     ),
     (
         lambda d: d["clients"][0].update(scope=["proxy"]),
-        "clients[0].scope: unknown field; expected one of name, never_replace, routes, scopes,"
-        " token",
+        "clients[0].scope: unknown field; expected one of expires_at, name, never_replace,"
+        " routes, scopes, token",
     ),
     (
         lambda d: d["clients"][0].update(scopes=[1]),

@@ -332,3 +332,33 @@ def test_the_process_store_follows_the_redis_url_setting() -> None:
             assert isinstance(get_key_state_store(), RedisKeyStateStore)
     finally:
         reset_key_state_store()
+
+
+async def test_a_dead_process_calls_in_flight_stop_counting() -> None:
+    """A worker killed outright never releases its calls. Its counts are its own (one field
+    per process) and count only while it is alive: once it has been silent for
+    PROCESS_ALIVE_SECONDS the others no longer see them in flight (tests/chaos found the
+    single shared counter stuck at 1 after a SIGKILL)."""
+    import keys.state_store_redis as redis_store
+
+    require_redis()
+    prefix = unique_prefix()
+    survivor = RedisKeyStateStore(REDIS_URL, prefix=prefix)
+    victim = RedisKeyStateStore(REDIS_URL, prefix=prefix)
+    victim._process = (os.getpid(), "victim-host:4242:dead")  # another process, as seen by Redis
+    try:
+        assert await victim.acquire("k", now=NOW)
+        assert await survivor.acquire("k", now=NOW)
+        assert (await survivor.snapshot(["k"], now=NOW))["k"][1] == 2
+        assert survivor.get_many(["k"], now=NOW)["k"][1] == 2
+        # The victim dies without a release; its heartbeat grows old.
+        redis.Redis.from_url(REDIS_URL).zadd(f"{prefix}procs", {"victim-host:4242:dead": 1.0})
+        assert (await survivor.snapshot(["k"], now=NOW))["k"][1] == 1
+        await survivor.release("k")
+        assert survivor.get_many(["k"], now=NOW)["k"][1] == 0
+        assert redis_store.PROCESS_ALIVE_SECONDS > 2 * redis_store._HEARTBEAT_SECONDS
+    finally:
+        survivor.clear()
+        for backend in (survivor, victim):
+            await backend.aclose()
+            backend.close()

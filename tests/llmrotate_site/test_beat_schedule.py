@@ -43,3 +43,16 @@ def test_beat_syncs_before_its_first_read_of_the_schedule(transactional_db):
 
     scheduler = SyncedDatabaseScheduler(app=app, lazy=False)
     assert DISPATCH in scheduler.schedule
+
+
+def test_a_run_that_waited_longer_than_its_interval_expires(settings):
+    """A worker that was down comes back to at most one run of each entry, not to a backlog
+    of every tick it missed (beat goes on sending while no worker takes them)."""
+    settings.LLMROTATE_PROBE_TICK_SECONDS = 5
+    beat_schedule_sync()
+    tasks = {t.name: t for t in PeriodicTask.objects.all()}
+    for entry in beat_schedule():
+        assert tasks[entry.name].expire_seconds == max(1, round(entry.every_seconds))
+    settings.LLMROTATE_PROBE_TICK_SECONDS = 7
+    assert beat_schedule_sync() == [DISPATCH]
+    assert PeriodicTask.objects.get(name=DISPATCH).expire_seconds == 7

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import time
+from datetime import timedelta
+from typing import Any
 from unittest import mock
 
 import pytest
 from django.test import Client, override_settings
+from django.utils import timezone
 
 from tests.conftest import free_port
 
@@ -17,7 +20,8 @@ def test_healthz_reports_each_part_ok_when_all_is_well(client: Client, settings)
     response = client.get("/healthz")
     assert response.status_code == 200
     expected = {"database": "ok", "broker": "ok"} | ({"redis": "ok"} if settings.REDIS_URL else {})
-    assert response.json() == {"status": "ok", "checks": expected, "failing": []}
+    expected["probes"] = "off"  # no provider yet: nothing to probe
+    assert response.json() == {"status": "ok", "checks": expected, "failing": [], "degraded": []}
 
 
 def test_healthz_names_a_database_failure(client: Client):
@@ -73,3 +77,66 @@ def test_healthz_names_the_failing_part_and_answers_fast(client: Client, setting
     assert body["status"] == "fail" and "redis" in body["failing"]
     assert body["checks"]["database"] == "ok"
     assert "127.0.0.1:1" not in response.content.decode()
+
+
+@pytest.fixture
+def probed_endpoint(transactional_db: None, settings) -> Any:
+    """A provider and its endpoint, pinged every 10 s on a 5 s tick: stale after 40 s."""
+    from healthchecks.models import Endpoint
+    from tests.factories import ProviderFactory
+
+    settings.LLMROTATE_PROBE_TICK_SECONDS = 5
+    provider = ProviderFactory(base_url="https://probed.test/v1")
+    return Endpoint.objects.create(
+        base_url=provider.base_url, ping_interval_seconds=10, http_interval_seconds=60
+    )
+
+
+def _probed_ago(endpoint: Any, seconds: float) -> None:
+    from django.utils import timezone
+
+    type(endpoint).objects.filter(pk=endpoint.pk).update(
+        last_checked_at=timezone.now() - timedelta(seconds=seconds)
+    )
+
+
+def test_healthz_says_the_probes_run_while_results_keep_coming(probed_endpoint: Any):
+    _probed_ago(probed_endpoint, 30)
+    response = Client().get("/healthz")
+    assert response.status_code == 200
+    assert response.json()["status"] == "ok" and response.json()["checks"]["probes"] == "ok"
+
+
+def test_healthz_is_degraded_not_failing_when_the_probes_stopped(probed_endpoint: Any):
+    """The worker or beat is gone: routing goes on from the last known health, so the gateway
+    stays in its load balancer (200), and says what is wrong."""
+    _probed_ago(probed_endpoint, 1000)
+    response = Client().get("/healthz")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "degraded" and body["degraded"] == ["probes"]
+    assert body["checks"]["probes"] == "stale: no probe result for 1000 s"
+    assert body["failing"] == []
+
+
+def test_healthz_finds_a_gateway_whose_worker_never_ran(transactional_db: None, settings):
+    """No endpoint row at all (the worker creates them): counted from the provider's creation."""
+    from keys.models import Provider
+    from tests.factories import ProviderFactory
+
+    settings.LLMROTATE_PROBE_TICK_SECONDS = 5
+    settings.LLMROTATE_PING_INTERVAL_SECONDS = 10
+    provider = ProviderFactory()
+    assert Client().get("/healthz").json()["checks"]["probes"] == "ok"  # just created
+    Provider.objects.filter(pk=provider.pk).update(
+        created_at=timezone.now() - timedelta(seconds=600)
+    )
+    body = Client().get("/healthz").json()
+    assert body["status"] == "degraded" and body["checks"]["probes"].startswith("stale")
+
+
+def test_healthz_reports_probes_off_when_they_are_switched_off(probed_endpoint: Any, settings):
+    settings.LLMROTATE_HEALTH_CHECKS = False
+    _probed_ago(probed_endpoint, 1000)
+    body = Client().get("/healthz").json()
+    assert body["status"] == "ok" and body["checks"]["probes"] == "off"

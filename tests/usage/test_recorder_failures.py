@@ -219,3 +219,39 @@ def test_a_connection_cut_by_a_database_restart_is_replaced(
     recorder.record(make_call(request_id="after"))
     assert recorder.flush()
     assert CallRecord.objects.count() == 2
+
+
+def test_an_outage_that_lasts_sends_what_is_held_to_disk_at_once(
+    make_recorder: Callable[..., Recorder],
+    flaky_writes: Callable[..., FlakyWrites],
+    spool_dir: Path,
+) -> None:
+    """Far below LLMROTATE_RECORD_BUFFER_MAX, records are still spooled once the database has
+    been failing for LLMROTATE_RECORD_SPOOL_AFTER_SECONDS: a process killed then loses only
+    what came after the last pass, not the whole outage."""
+    flaky = flaky_writes(down=True)
+    recorder = make_recorder(flush_seconds=0.05, spool_after=0.3, batch_size=4)
+    for i in range(10):
+        recorder.record(make_call(request_id=f"early-{i}"))
+    wait_until(lambda: len(spooled_rows(spool_dir)) == 10 and recorder.backlog == 0)
+    # A file per batch, so that each commits all-or-nothing on replay.
+    assert sorted(len(p.read_text().splitlines()) for p in spool_dir.glob("*.jsonl")) == [2, 4, 4]
+    recorder.record(make_call(request_id="later"))  # still down: on disk by the next pass
+    wait_until(lambda: len(spooled_rows(spool_dir)) == 11 and recorder.backlog == 0)
+
+    flaky.down = False
+    assert recorder.flush()
+    assert CallRecord.objects.count() == 11
+    assert not spooled_rows(spool_dir)
+
+
+def test_a_passing_failure_is_retried_in_memory_not_spooled(
+    make_recorder: Callable[..., Recorder],
+    flaky_writes: Callable[..., FlakyWrites],
+    spool_dir: Path,
+) -> None:
+    flaky_writes(failures=1)
+    recorder = make_recorder(flush_seconds=0.05, spool_after=30)
+    recorder.record(make_call())
+    wait_until(lambda: CallRecord.objects.count() == 1)
+    assert not list(spool_dir.glob("*.jsonl"))
