@@ -352,12 +352,19 @@ def probes_freshness(*, now: datetime | None = None) -> ProbeFreshness:
     providers = Provider.objects.filter(enabled=True)
     if not (pinging or http) or not providers.exists():
         return ProbeFreshness("off")
-    rows = list(Endpoint.objects.filter(enabled=True))
-    endpoints = [ep for ep in rows if ep.ping_on or ep.http_on]
+    # As probes_dispatch does: the endpoints of enabled providers only; and pings where this
+    # host cannot ping (ICMP unavailable) leave no result to go by.
+    urls = [url.rstrip("/") for url in providers.values_list("base_url", flat=True)]
+    rows = list(Endpoint.objects.filter(enabled=True, base_url__in=urls))
+
+    def pinged(ep: Endpoint) -> bool:
+        return ep.ping_on and ep.ping_status != ProbeStatus.UNAVAILABLE
+
+    endpoints = [ep for ep in rows if pinged(ep) or ep.http_on]
     if rows and not endpoints:
         return ProbeFreshness("off")  # every endpoint's probes switched off in the admin
     if endpoints:
-        intervals = [ep.ping_interval_seconds for ep in endpoints if ep.ping_on]
+        intervals = [ep.ping_interval_seconds for ep in endpoints if pinged(ep)]
         intervals += [ep.http_interval_seconds for ep in endpoints if ep.http_on]
         since = [ep.last_checked_at or ep.created_at for ep in endpoints]
     else:

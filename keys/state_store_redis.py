@@ -270,7 +270,10 @@ class RedisKeyStateStore(KeyStateStore):
         return f"{self.prefix}key:{key_id}"
 
     def _ikey(self, key_id: str) -> str:
-        return f"{self.prefix}inflight:{key_id}"
+        # Not `inflight:`, where earlier versions kept one counter (a string) per key: a hash
+        # under that name would fail every command on it (WRONGTYPE) after an upgrade, and
+        # during a rolling one the old workers' too.
+        return f"{self.prefix}inflight-by-process:{key_id}"
 
     def _pkey(self, key_id: str) -> str:
         return f"{self.prefix}probe:{key_id}"

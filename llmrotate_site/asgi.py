@@ -346,7 +346,9 @@ def _counting(receive: Any) -> Any:
 async def _send_error(scope: Scope, send: Any, error: ApiError) -> None:
     """An error answered here, before Django: in the envelope the caller's API uses, and with
     `Connection: close`, since the rest of the request body is left unread."""
-    if scope["method"] == "POST":
+    # A locked-out address is refused without a record: its flood must cost next to nothing
+    # (each bad token before the lockout was recorded, and the lockout is logged).
+    if scope["method"] == "POST" and error.code != "too_many_failed_auth":
         refusal_record(path=scope["path"], status=error.status, code=error.code)
     headers = {name.decode("latin-1"): value for name, value in scope.get("headers", ())}
     body = json.dumps(error.body(anthropic=anthropic_caller(scope["path"], headers))).encode()

@@ -413,11 +413,15 @@ class Recorder:
                 del self._pending[: len(chunk)]
                 metrics.RECORDER_BATCHES.inc()
                 metrics.RECORDER_RECORDS.inc(amount=len(chunk))
+            # The database takes new records: a spool file that fails to replay (a file
+            # that cannot be removed, a row it refuses) must not send every new record to
+            # the spool after it.
+            self._failing_since = None
             if replay:
                 self._replay_spool()
         except Exception as exc:
             metrics.RECORDER_FAILURES.inc()
-            if self._failing_since is None:
+            if self._pending and self._failing_since is None:
                 self._failing_since = time.monotonic()
             self._backoff = min(max(self._backoff * 2, 0.5), MAX_BACKOFF_SECONDS)
             self._retry_at = time.monotonic() + self._backoff
@@ -437,7 +441,6 @@ class Recorder:
                     logger.debug("closing the broken connection failed", exc_info=True)
             return False
         self._backoff = self._retry_at = 0.0
-        self._failing_since = None
         return True
 
     def _prepare(self, data: CallData) -> Row:

@@ -362,3 +362,22 @@ async def test_a_dead_process_calls_in_flight_stop_counting() -> None:
         for backend in (survivor, victim):
             await backend.aclose()
             backend.close()
+
+
+async def test_counters_left_by_an_earlier_version_do_not_break_the_store() -> None:
+    """Earlier versions kept calls in flight in a string `inflight:<key>`; a hash under that
+    name would fail every command (WRONGTYPE) and send the store to its fallback for good."""
+    require_redis()
+    prefix = unique_prefix()
+    redis.Redis.from_url(REDIS_URL).set(f"{prefix}inflight:k", "0")
+    store = RedisKeyStateStore(REDIS_URL, prefix=prefix)
+    try:
+        assert await store.acquire("k", now=NOW)
+        assert (await store.snapshot(["k"], now=NOW))["k"][1] == 1
+        await store.release("k")
+        assert store.get_many(["k"], now=NOW)["k"][1] == 0
+        assert not store._outage_watch.down
+    finally:
+        store.clear()
+        await store.aclose()
+        store.close()

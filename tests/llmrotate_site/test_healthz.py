@@ -140,3 +140,23 @@ def test_healthz_reports_probes_off_when_they_are_switched_off(probed_endpoint: 
     _probed_ago(probed_endpoint, 1000)
     body = Client().get("/healthz").json()
     assert body["status"] == "ok" and body["checks"]["probes"] == "off"
+
+
+def test_pings_this_host_cannot_send_do_not_make_the_probes_look_stale(probed_endpoint: Any):
+    """Where ICMP is unavailable a ping leaves no result: the HTTP probe's interval is what
+    results can be expected by (60 s here, so 100 s since the last one is fine)."""
+    from healthchecks.models import ProbeStatus
+
+    type(probed_endpoint).objects.filter(pk=probed_endpoint.pk).update(
+        ping_status=ProbeStatus.UNAVAILABLE
+    )
+    _probed_ago(probed_endpoint, 100)
+    assert Client().get("/healthz").json()["checks"]["probes"] == "ok"
+
+
+def test_an_endpoint_of_a_disabled_provider_is_not_waited_for(probed_endpoint: Any):
+    from keys.models import Provider
+
+    Provider.objects.filter(base_url=probed_endpoint.base_url).update(enabled=False)
+    _probed_ago(probed_endpoint, 1000)
+    assert Client().get("/healthz").json()["checks"]["probes"] == "off"

@@ -95,7 +95,9 @@ def test_overflow_is_spooled_to_disk_and_replayed_exactly_once_when_the_database
     recorder = make_recorder(buffer_max=10)
     for i in range(25):
         recorder.record(make_call(request_id=f"req-{i:02d}", estimate=(PROMPT, "ok")))
-    assert not recorder.flush(timeout=0.5)
+    # A flush that gives up after 0.5 s may not have reached the flusher yet (the estimates
+    # were still under way): flushes until one has, each failing, the database being down.
+    wait_until(lambda: not recorder.flush(timeout=0.5) and spooled_rows(spool_dir))
 
     on_disk = spooled_rows(spool_dir)
     assert on_disk, "nothing was spooled"
@@ -190,8 +192,8 @@ def test_a_new_recorder_replays_what_a_previous_process_spooled(
     recorder = make_recorder()
     recorder.record(make_call(request_id="new"))  # starting the thread replays the spool
     recorder._wake.set()
-    wait_until(lambda: CallRecord.objects.count() == 2)
-    assert not list(spool_dir.iterdir())
+    # The file goes once its rows have committed: wait for both.
+    wait_until(lambda: CallRecord.objects.count() == 2 and not list(spool_dir.iterdir()))
 
 
 def test_spool_files_replay_oldest_first(
@@ -255,3 +257,23 @@ def test_a_passing_failure_is_retried_in_memory_not_spooled(
     recorder.record(make_call())
     wait_until(lambda: CallRecord.objects.count() == 1)
     assert not list(spool_dir.glob("*.jsonl"))
+
+
+def test_a_spool_file_that_fails_to_replay_does_not_send_new_records_to_the_spool(
+    make_recorder: Callable[..., Recorder],
+    spool_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The database takes writes; only the replay fails (a file it cannot remove, a row it
+    refuses). New records still go straight to the table, not after the broken file."""
+
+    def broken(**_: object) -> int:
+        raise PermissionError("the spool file cannot be removed")
+
+    monkeypatch.setattr(recorder_module, "spool_replay_file", broken)
+    spool_write(spool_dir=spool_dir, rows=rows_for(["old"]))
+    recorder = make_recorder(flush_seconds=0.05, spool_after=0.1)
+    for i in range(3):
+        recorder.record(make_call(request_id=f"new-{i}"))
+        wait_until(lambda n=i: CallRecord.objects.count() == n + 1)
+    assert len(spooled_rows(spool_dir)) == 1  # only the file that was there
