@@ -13,7 +13,7 @@ TEST_EMBEDDED_REDIS_URL ?= redis://127.0.0.1:6379/14
 TEST_CHAOS_REDIS_URL ?= redis://127.0.0.1:6379/13
 PYTEST_ARGS ?=
 
-.PHONY: run test test-embedded test-scaled test-campaign test-chaos test-soak lint demo fake-upstream bench bench-limits bench-translation bench-capture bench-replacement soak clean browser promtool gettext messages
+.PHONY: run test test-lint-then-embedded test-embedded test-scaled test-campaign test-chaos test-soak lint demo fake-upstream bench bench-limits bench-translation bench-capture bench-replacement soak clean browser promtool gettext messages
 
 $(VENV)/.base-$(HASH):
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -115,11 +115,15 @@ gettext:
 messages: $(VENV)/.dev-$(HASH) gettext
 	$(BIN)/python manage.py update_messages
 
-# The two legs run side by side (most of a leg is one pytest process on one core), and beside
-# them the fault campaign then the soak, which mostly wait; each job's output is printed as a
-# block when it ends, and any failing fails the target.
-test: lint browser promtool gettext
-	@$(MAKE) --no-print-directory -j3 --output-sync=target test-embedded test-scaled test-campaign
+# Three jobs side by side: lint then the embedded leg, the scaled leg, and the fault campaign
+# then the soak (most of a leg is one pytest process on one core; the campaign mostly waits).
+# Each job's output is printed as a block when it ends, and any failing fails the target.
+test: browser promtool gettext
+	@$(MAKE) --no-print-directory -j3 --output-sync=target \
+		test-lint-then-embedded test-scaled test-campaign
+
+test-lint-then-embedded: lint
+	@$(MAKE) --no-print-directory test-embedded
 
 # The fault campaign, then the soak (the soak runs even when the campaign failed).
 test-campaign:

@@ -371,7 +371,7 @@ class Traffic:
     purpose); what must never happen is a 500, an error outside the caller's envelope, or a
     call slower than the deadline."""
 
-    def __init__(self, gateway: Gateway, *, threads: int = 4, pause: float = 0.2) -> None:
+    def __init__(self, gateway: Gateway, *, threads: int = 4, pause: float = 0.3) -> None:
         self.gateway = gateway
         # Steady, not flat out: the campaign runs beside the test legs in `make test`, and what
         # it measures (losses, stalls, states) does not need a saturated gateway.
