@@ -122,11 +122,12 @@ test: browser promtool gettext
 	@$(MAKE) --no-print-directory -j3 --output-sync=target \
 		test-lint-then-embedded test-scaled test-campaign
 
-test-lint-then-embedded: lint
+# Each job depends on the venv, so that it is made once, before any of them starts.
+test-lint-then-embedded: $(VENV)/.dev-$(HASH) lint
 	@$(MAKE) --no-print-directory test-embedded
 
 # The fault campaign, then the soak (the soak runs even when the campaign failed).
-test-campaign:
+test-campaign: $(VENV)/.dev-$(HASH)
 	@$(MAKE) --no-print-directory test-chaos; chaos=$$?; \
 		$(MAKE) --no-print-directory test-soak && exit $$chaos
 
