@@ -100,15 +100,7 @@ def test_a_revoked_token_is_refused_on_both_entry_points(
     ClientToken.objects.filter(name="app").update(revoked_at=timezone.now())
     ClientToken.objects.filter(name="monitor").update(revoked_at=timezone.now())
     invalidate_routing_cache()
-    for response in (
-        chat(caller, anthropic_gateway.token),
-        models(caller, anthropic_gateway.token),
-        usage(caller, anthropic_gateway.monitor_token),
-    ):
-        assert response.status_code == 401, response.text
-        assert openai_error(response)["code"] == "token_revoked"
-    response = messages(caller, anthropic_gateway.token)
-    assert response.status_code == 401 and anthropic_error(response)["code"] == "token_revoked"
+    _refused_everywhere(anthropic_gateway, caller, "token_revoked")
 
 
 def test_a_token_past_its_expiry_is_refused_with_token_expired(
@@ -123,16 +115,22 @@ def test_a_token_past_its_expiry_is_refused_with_token_expired(
     past = timezone.now() - timedelta(seconds=1)
     ClientToken.objects.filter(name__in=["app", "monitor"]).update(expires_at=past)
     invalidate_routing_cache()
+    _refused_everywhere(anthropic_gateway, caller, "token_expired")
+
+
+def _refused_everywhere(gateway: AnthropicGateway, caller: Caller, code: str) -> None:
+    """401 with `code` on the proxy's early check, its views, the monitoring API (OpenAI's
+    envelope) and /v1/messages (Anthropic's)."""
     for response in (
-        chat(caller, anthropic_gateway.token),
-        models(caller, anthropic_gateway.token),
-        usage(caller, anthropic_gateway.monitor_token),
+        chat(caller, gateway.token),
+        models(caller, gateway.token),
+        usage(caller, gateway.monitor_token),
     ):
         assert response.status_code == 401, response.text
         error = openai_error(response)
-        assert error["code"] == "token_expired" and error["type"] == "authentication_error"
-    response = messages(caller, anthropic_gateway.token)
-    assert response.status_code == 401 and anthropic_error(response)["code"] == "token_expired"
+        assert error["code"] == code and error["type"] == "authentication_error"
+    response = messages(caller, gateway.token)
+    assert response.status_code == 401 and anthropic_error(response)["code"] == code
 
 
 def test_the_expiry_is_set_from_the_config_file_and_exported(transactional_db: None):
