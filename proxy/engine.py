@@ -182,6 +182,11 @@ class Failover:
                     self.gate.release(endpoint)
             if response is not None:
                 return response
+            if self.last_failure is DEADLINE_PASSED:
+                # Ended by the deadline's timer, which runs on the loop's clock: uvloop's is
+                # read once per loop pass, so it can fire just before the request's own clock
+                # says the deadline has passed. Another attempt would start with no time left.
+                break
         return await self._give_up()
 
     async def _run_deployment(
@@ -208,7 +213,11 @@ class Failover:
             if response is not None:
                 return response, False
             self.last_failure = verdict
-            if verdict.next is Next.NEXT_DEPLOYMENT or (trial and failed):
+            if (
+                verdict.next is Next.NEXT_DEPLOYMENT
+                or (trial and failed)
+                or verdict is DEADLINE_PASSED  # _walk tries no other deployment either
+            ):
                 return None, False  # a failed trial reopened the breaker: leave the endpoint
             trial = False
         return None, trial

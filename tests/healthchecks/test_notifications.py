@@ -150,7 +150,9 @@ def test_a_budget_reaching_a_share_is_posted_signed_once_per_window(
     settings.LLMROTATE_BUDGET_ALERT_PERCENTS = [50, 80, 100]
     limiter = MemoryLimiter()
     spec = LimitSpec(id=1, client="ci", usd_per_day=Decimal(2))
-    [meter] = spec_meters(spec, Estimate(), now=1_796_630_400.0, zone="UTC")
+    # A window in the far future: "once per window" holds only while the window is open by the
+    # real clock, which a fixed date in the past would have closed.
+    [meter] = spec_meters(spec, Estimate(), now=4_102_444_800.0, zone="UTC")
     budget_check(limiter, meter, 1_700_000)  # $1.70 of $2: 50% and 80%
     budget_check(limiter, meter, 1_800_000)  # nothing new in this window
     bodies = [json.loads(d.body) for d in webhook_receiver.deliveries]
@@ -160,6 +162,6 @@ def test_a_budget_reaching_a_share_is_posted_signed_once_per_window(
     ]
     assert (bodies[0]["budget"], bodies[0]["period"]) == ("client 'ci'", "day")
     assert (bodies[1]["budget_usd"], bodies[1]["spent_usd"]) == (2.0, 1.7)
-    assert bodies[0]["resets_at"] == "2026-12-08T00:00:00+00:00"
+    assert bodies[0]["resets_at"] == "2100-01-02T00:00:00+00:00"
     for delivery in webhook_receiver.deliveries:
         assert verify(delivery.body, delivery.headers[SIGNATURE_HEADER])

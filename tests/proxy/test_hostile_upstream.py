@@ -3,9 +3,12 @@ on a key, cookies, the size of its answers, its error codes and its error bodies
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
@@ -221,3 +224,52 @@ async def test_a_long_prompt_without_usage_is_sampled_not_copied_for_the_estimat
     assert len(prompt_sample) <= 1000 and len(completion_sample) <= 1000
     # The whole lengths go along, for the estimate to scale to: "user\n" + the prompt.
     assert chars == [(300_005, 200_000)]
+
+
+async def test_no_attempt_starts_once_a_trickling_answer_has_used_up_the_deadline(
+    gateway: Gateway, flush_records, monkeypatch
+):
+    """uvloop's clock is libuv's, read once per loop pass in whole milliseconds, so the
+    deadline's timer can fire a little before the request's own clock says the deadline has
+    passed. An attempt cut by the deadline must end the request even then, not start another
+    that the upstream never sees but the records count."""
+    from proxy import engine
+
+    class StaleLoop:
+        """The running loop, its clock read 20 ms late, as uvloop's can be under load."""
+
+        def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+            self._loop = loop
+
+        def time(self) -> float:
+            return self._loop.time() - 0.02
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._loop, name)
+
+    class StaleAsyncio:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(asyncio, name)
+
+        def get_running_loop(self) -> StaleLoop:
+            return StaleLoop(asyncio.get_running_loop())
+
+    monkeypatch.setattr(engine, "asyncio", StaleAsyncio())
+
+    async def a_byte_at_a_time() -> AsyncIterator[bytes]:
+        while True:
+            yield b" "
+            await asyncio.sleep(0.05)
+
+    gateway.upstream.first(
+        lambda request: httpx.Response(
+            200, headers={"content-type": "application/json"}, content=a_byte_at_a_time()
+        )
+    )
+    with override_settings(LLMROTATE_REQUEST_DEADLINE_SECONDS=0.5):
+        response = await post(gateway)
+    assert response.status_code == 504, response.content
+    assert len(gateway.upstream.requests) == 1
+    await sync_to_async(flush_records)()
+    outcomes = [(r.outcome, r.error_type) async for r in CallRecord.objects.order_by("id")]
+    assert outcomes == [("timeout", "deadline")]
