@@ -6,8 +6,9 @@ On the Anthropic endpoints the same body also carries Anthropic's top-level `"ty
 `{"type": "error", "error": {"type", "message", "code", "param"}}` reads right to both SDKs.
 
 Status codes (docs/errors.md lists every code with an example):
-400 invalid JSON · 401 missing/invalid/revoked/expired token · 403 scope or route not allowed ·
-404 unknown model · 413 body too large · 422 missing or mistyped fields ·
+400 invalid JSON or a foreign Host · 401 missing/invalid/revoked/expired token ·
+403 scope or route not allowed · 404 unknown model or path · 413 body too large ·
+422 missing or mistyped fields ·
 429 a limit reached, or too many rejected tokens from the caller's address ·
 502 upstream failed after failover · 503 no key available (with Retry-After) · 504 upstream timeout.
 """

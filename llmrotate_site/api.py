@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 
+from django.core.exceptions import DisallowedHost
 from django.http import Http404, HttpRequest, HttpResponse
+from django.views import defaults
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 
 from common.errors import ApiError, anthropic_caller, missing_token
+from common.redaction import redact
 from healthchecks.api import router as healthchecks_router
 from keys.api import router as keys_router
 from keys.routing import RoutingUnavailable, TokenInfo
@@ -102,9 +105,13 @@ def _http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
 
 @api.exception_handler(Http404)
 def _not_found(request: HttpRequest, exc: Http404) -> HttpResponse:
-    return _render(
-        request, ApiError(404, "Not found.", type="invalid_request_error", code="not_found")
-    )
+    return _render(request, _not_found_error("Not found."))
+
+
+def _not_found_error(message: str) -> ApiError:
+    return ApiError(
+        404, message, type="invalid_request_error", code="not_found"
+    ).with_anthropic_type("not_found_error")
 
 
 @api.exception_handler(Exception)
@@ -131,3 +138,34 @@ api.add_router("/api/", keys_router)
 api.add_router("/api/", usage_router)
 api.add_router("/api/replacement/", replacement_router)
 api.add_router("", metrics_router)
+
+
+# Django's own 404 and 400 (urls.py's handler404 and handler400): an unknown path, or a request
+# refused before any view (a Host outside ALLOWED_HOSTS). On the API's paths an SDK reads the
+# answer, so it is JSON in the caller's envelope, as every other error there; elsewhere (the
+# dashboard, the admin) it is Django's page.
+API_PREFIXES = ("/v1/", "/api/", "/metrics")
+
+
+def page_not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
+    if not request.path.startswith(API_PREFIXES):
+        return defaults.page_not_found(request, exception)
+    # Worded as OpenAI words it; the path is the caller's own, bounded and masked.
+    path = redact(request.path[:200])
+    error = _not_found_error(f"Invalid URL ({request.method} {path})")
+    return error.response(anthropic=anthropic_caller(request.path, request.headers))
+
+
+def bad_request(request: HttpRequest, exception: Exception) -> HttpResponse:
+    if not request.path.startswith(API_PREFIXES):
+        return defaults.bad_request(request, exception)
+    if isinstance(exception, DisallowedHost):
+        error = ApiError(
+            400,
+            "The Host header names a host this gateway does not serve.",
+            type="invalid_request_error",
+            code="invalid_host",
+        )
+    else:
+        error = ApiError(400, "Bad request.", type="invalid_request_error", code="bad_request")
+    return error.response(anthropic=anthropic_caller(request.path, request.headers))

@@ -54,6 +54,19 @@ class RedactSecretsFilter(logging.Filter):
         return True
 
 
+class OneLineWarning(logging.Filter):
+    """Django logs each request with a Host outside ALLOWED_HOSTS as an ERROR with its
+    traceback: anyone can send one, so each would cost the log a screenful and page whoever
+    watches errors. It is a warning of one bounded line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # Masked before it is cut, so that no part of a secret is left unrecognised.
+        record.msg, record.args = redact(record.getMessage())[:300], None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info = record.exc_text = record.stack_info = None
+        return True
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per record, on one line (newlines in texts are escaped)."""
 

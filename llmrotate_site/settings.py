@@ -368,6 +368,7 @@ LOGGING = {
         # Defence in depth: whatever a library logs, secrets that look like provider keys or
         # client tokens are masked before the line is written.
         "redact": {"()": "llmrotate_site.logging.RedactSecretsFilter"},
+        "one_line_warning": {"()": "llmrotate_site.logging.OneLineWarning"},
     },
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
@@ -399,6 +400,7 @@ LOGGING = {
         "httpcore": {"level": "WARNING"},
         # Failed logins and lockouts are warnings; the rest is chatter.
         "axes": {"level": "WARNING"},
+        "django.security.DisallowedHost": {"filters": ["one_line_warning"]},
     },
 }
 if LLMROTATE_LOG_FORMAT == "json":

@@ -12,6 +12,10 @@ admin.site.site_title = "llmrotate admin"
 # templates/admin/base_site.html links to the dashboard instead of a "View site".
 admin.site.site_url = None
 
+# JSON in the caller's envelope on the API's paths, Django's pages elsewhere.
+handler404 = "llmrotate_site.api.page_not_found"
+handler400 = "llmrotate_site.api.bad_request"
+
 urlpatterns = [
     path("", RedirectView.as_view(pattern_name="dashboard:overview"), name="home"),
     path("dashboard/", include("llmrotate_site.dashboard.urls")),
