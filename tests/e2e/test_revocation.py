@@ -35,7 +35,12 @@ BOUND = 2 * TTL + 3.0
 
 @pytest.fixture
 def gateway(transactional_db: None) -> Iterator[httpx.Client]:
-    with override_settings(LLMROTATE_CONFIG_CACHE_SECONDS=TTL):
+    # Without the brute-force lockout: the polls below send a token the gateway does not
+    # know yet, or no longer accepts, ten times a second, and past 20 of them in a minute its
+    # 429 would hide what they wait for (the lockout's tests: tests/hostile/test_auth.py).
+    with override_settings(
+        LLMROTATE_CONFIG_CACHE_SECONDS=TTL, LLMROTATE_AUTH_FAILURES_PER_MINUTE=0
+    ):
         server = GatewayThread(free_port())
         server.start()
         try:
