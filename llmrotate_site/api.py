@@ -150,8 +150,9 @@ API_PREFIXES = ("/v1/", "/api/", "/metrics")
 def page_not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
     if not request.path.startswith(API_PREFIXES):
         return defaults.page_not_found(request, exception)
-    # Worded as OpenAI words it; the path is the caller's own, bounded and masked.
-    path = redact(request.path[:200])
+    # Worded as OpenAI words it. The path is the caller's own: masked, then cut (cut first, a
+    # secret across the cut would be left too short to be recognised, and shown in part).
+    path = redact(request.path)[:200]
     error = _not_found_error(f"Invalid URL ({request.method} {path})")
     return error.response(anthropic=anthropic_caller(request.path, request.headers))
 
