@@ -164,6 +164,8 @@ DASHBOARD_PANELS = (
     "endpoints",
     "calls",
     "clients",
+    "limits",
+    "experiments",
 )
 API_PATHS = (
     "/api/usage?window=1h",

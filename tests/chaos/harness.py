@@ -148,6 +148,9 @@ class OwnRedis:
                 "no",
                 "--loglevel",
                 "warning",
+                # DEBUG SLEEP (sleep_in_background); Redis 7 refuses DEBUG unless allowed.
+                "--enable-debug-command",
+                "local",
             ],
             stdout=subprocess.DEVNULL,
         )
@@ -160,20 +163,36 @@ class OwnRedis:
             self.proc.wait(10)
         self.proc = None
 
-    def sleep_in_background(self, seconds: float) -> threading.Thread:
+    def sleep_in_background(self, seconds: float) -> Sleeper:
         """`DEBUG SLEEP`: the server accepts connections and answers nothing for `seconds`."""
-
-        def run() -> None:
-            with contextlib.suppress(redis.RedisError):
-                redis.Redis(port=self.port, socket_timeout=seconds + 10).execute_command(
-                    "DEBUG", "SLEEP", str(seconds)
-                )
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        return thread
+        sleeper = Sleeper(self.port, seconds)
+        sleeper.start()
+        return sleeper
 
     close = stop
+
+
+class Sleeper(threading.Thread):
+    """Runs `DEBUG SLEEP`; `slept` is how long the server was silent (None: it never was, and
+    `error` says why), so that a scenario cannot pass without the stall it is about."""
+
+    def __init__(self, port: int, seconds: float) -> None:
+        super().__init__(daemon=True)
+        self.port, self.seconds = port, seconds
+        self.slept: float | None = None
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        client = redis.Redis(port=self.port, socket_timeout=self.seconds + 10)
+        t0 = time.monotonic()
+        try:
+            client.execute_command("DEBUG", "SLEEP", str(self.seconds))
+        except redis.RedisError as exc:
+            self.error = exc
+        else:
+            self.slept = time.monotonic() - t0
+        finally:
+            client.close()
 
 
 def _pings(client: redis.Redis) -> bool:
@@ -351,18 +370,26 @@ class Outcomes:
     counts: Counter[str] = field(default_factory=Counter)
     undocumented: list[str] = field(default_factory=list)
     slowest: float = 0.0
+    # (start, end, outcome) of every call, on time.monotonic()
+    spans: list[tuple[float, float, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add(self, outcome: str, seconds: float, problem: str | None = None) -> None:
+    def add(self, outcome: str, started: float, problem: str | None = None) -> None:
+        ended = time.monotonic()
         with self.lock:
             self.counts[outcome] += 1
-            self.slowest = max(self.slowest, seconds)
+            self.slowest = max(self.slowest, ended - started)
+            self.spans.append((started, ended, outcome))
             if problem is not None and len(self.undocumented) < 20:
                 self.undocumented.append(problem)
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+    def across(self, moment: float) -> Counter[str]:
+        """The outcomes of the calls that were in flight at `moment`."""
+        return Counter(outcome for start, end, outcome in self.spans if start < moment < end)
 
 
 class Traffic:
@@ -378,6 +405,7 @@ class Traffic:
         self._pause = pause
         self.outcomes = Outcomes()
         self._stop = threading.Event()
+        self._started: dict[int, float] = {}  # thread -> start of its call in flight
         self._threads = [
             threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(threads)
         ]
@@ -401,6 +429,12 @@ class Traffic:
         target = self.outcomes.total + count
         wait_for(lambda: self.outcomes.total >= target, timeout=timeout, message="no traffic")
 
+    def in_flight(self, *, longer_than: float) -> int:
+        """How many calls have been running for longer than `longer_than` seconds: streams
+        in the middle, as the JSON calls end in milliseconds."""
+        now = time.monotonic()
+        return sum(1 for started in list(self._started.values()) if now - started > longer_than)
+
     def _run(self, n: int) -> None:
         token = self.gateway.tokens["chaos"]
         gpt = openai.OpenAI(
@@ -422,9 +456,10 @@ class Traffic:
         while not self._stop.is_set():
             call = calls[turn % len(calls)]
             turn += 1
-            started = time.monotonic()
+            started = self._started[n] = time.monotonic()
             outcome, problem = _outcome(call)
-            self.outcomes.add(outcome, time.monotonic() - started, problem)
+            del self._started[n]
+            self.outcomes.add(outcome, started, problem)
             self._stop.wait(self._pause)
 
 

@@ -226,8 +226,11 @@ def test_redis_away_or_silent_costs_a_bounded_delay_and_key_state_reconverges(
         # And a cooldown is shared state again: written to Redis, read back by the API.
         _cool_down(gateway, "an-1")
         sleeper = redis_server.sleep_in_background(8)
-        traffic.wait_calls(40, timeout=60)
+        traffic.wait_calls(20, timeout=60)
+        stalled_calls = sleeper.is_alive()  # the calls above ended while Redis was silent
         sleeper.join(20)
+        assert sleeper.slept is not None and sleeper.slept >= 7.5, sleeper.error
+        assert stalled_calls, "Redis answered again before 20 calls had ended"
         traffic.wait_calls(20)
         outcomes = traffic.stop()
     assert_clean_outcomes(outcomes)
@@ -308,11 +311,17 @@ def test_a_graceful_stop_finishes_the_streams_in_flight_and_flushes_every_record
     gateway.start("--no-worker", "--no-beat")
     with Traffic(gateway, threads=6) as traffic:
         traffic.wait_calls(12)
+        # The stop comes in the middle of streams, not between calls.
+        wait_for(lambda: traffic.in_flight(longer_than=0.2) >= 2, timeout=30, message="no streams")
+        stopped_at = time.monotonic()
         code = gateway.stop(signal.SIGTERM)
         outcomes = traffic.stop()
     assert code == 0, gateway.output()[-3000:]
     # Refused after the stop began ("unreachable"), never cut in the middle.
     assert_clean_outcomes(outcomes, allowed={"unreachable"})
+    # The calls in flight when the signal came all ended well.
+    in_flight = outcomes.across(stopped_at)
+    assert in_flight and set(in_flight) == {"ok"}, in_flight
     # The stop flushed: the records are in the database with no process left running.
     assert records_in_sqlite(gateway.root) == attempts(gateway.upstream)
     assert not spool_files(gateway.root)

@@ -82,6 +82,13 @@ def judge(values: list[float], tol: object) -> dict[str, object]:
     return soak.flatness(TIMES, values, warmup=WARMUP, tol=tol)
 
 
+def test_the_soak_polls_every_dashboard_panel() -> None:
+    # The bench keeps its own list, since it does not import Django; this keeps it whole.
+    from llmrotate_site.dashboard.panels import PANELS
+
+    assert set(soak.DASHBOARD_PANELS) == set(PANELS)
+
+
 def test_a_steady_leak_is_not_flat() -> None:
     # 170 MiB growing 0.1 MiB/s: 14 MiB over the measured window, 8% of the start.
     verdict = judge([170 + 0.1 * t for t in TIMES], soak.TOLERANCES["rss_mib"])

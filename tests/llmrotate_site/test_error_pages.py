@@ -68,7 +68,7 @@ async def test_a_secret_in_an_unknown_path_is_not_echoed(gateway: Gateway, segme
     assert "Qa7Qa7" not in message and "wXyZ" not in message, message
 
 
-async def test_an_unknown_dashboard_path_is_still_django_s_page(gateway: Gateway):
+async def test_an_unknown_dashboard_path_is_still_django_s_page():
     answer = await asgi_request("/dashboard/nope", method="GET")
     assert answer.status == 404
     assert answer.headers[b"content-type"].startswith(b"text/html")
@@ -101,7 +101,7 @@ async def test_a_host_outside_allowed_hosts_is_a_json_400_and_one_warning_line(
     assert "evil.example" in record.getMessage()
 
 
-async def test_a_host_outside_allowed_hosts_on_the_dashboard_is_django_s_page(gateway: Gateway):
+async def test_a_host_outside_allowed_hosts_on_the_dashboard_is_django_s_page():
     answer = await asgi_request("/dashboard/", method="GET", host=b"evil.example")
     assert answer.status == 400
     assert answer.headers[b"content-type"].startswith(b"text/html")

@@ -154,6 +154,26 @@ def test_pings_this_host_cannot_send_do_not_make_the_probes_look_stale(probed_en
     assert Client().get("/healthz").json()["checks"]["probes"] == "ok"
 
 
+@pytest.mark.parametrize(
+    ("switched_off", "age", "expected"),
+    # Pings every 10 s, HTTP every 60 s: with pings off, 100 s without a result is fine; with
+    # HTTP off, 100 s is three missed pings and more; with both off there is nothing to wait for.
+    [
+        ("LLMROTATE_PING_PROBES", 100, "ok"),
+        ("LLMROTATE_HTTP_PROBES", 100, "stale"),
+        ("both", 1000, "off"),
+    ],
+)
+def test_a_kind_of_probe_switched_off_in_the_settings_is_not_waited_for(
+    probed_endpoint: Any, settings, switched_off: str, age: float, expected: str
+):
+    for name in ("LLMROTATE_PING_PROBES", "LLMROTATE_HTTP_PROBES"):
+        if switched_off in (name, "both"):
+            setattr(settings, name, False)
+    _probed_ago(probed_endpoint, age)
+    assert Client().get("/healthz").json()["checks"]["probes"].startswith(expected)
+
+
 def test_an_endpoint_of_a_disabled_provider_is_not_waited_for(probed_endpoint: Any):
     from keys.models import Provider
 
