@@ -94,7 +94,6 @@ class HostileUpstream:
         self.requests: Counter[str] = Counter()  # whole request heads read, by mode
         self.requests_reset = 0  # connections reset before anything was read
         self.bytes_sent = 0  # body bytes written (firehose_sse, endless_json)
-        self.open = 0  # connections not yet closed
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
         self._thread: threading.Thread | None = None
@@ -178,7 +177,6 @@ class HostileUpstream:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        self.open += 1
         try:
             if self.mode == "reset":
                 self.requests_reset += 1
@@ -208,7 +206,6 @@ class HostileUpstream:
         except asyncio.CancelledError:
             return
         finally:
-            self.open -= 1
             writer.transport.abort()
 
     async def _answer(self, mode: str, stream: bool, writer: asyncio.StreamWriter) -> bool:
@@ -321,9 +318,7 @@ STREAM_CODES = {
 }
 
 
-def chaos_config(
-    base_url: str, *, key_ids: tuple[str, ...] = KEYS, cooldown: int = 30
-) -> dict[str, Any]:
+def chaos_config(base_url: str, *, cooldown: int = 30) -> dict[str, Any]:
     return {
         "providers": {
             "hostile": {
@@ -335,7 +330,7 @@ def chaos_config(
         },
         "keys": [
             {"id": key_id, "provider": "hostile", "secret": f"literal://sk-chaos-{key_id}-0000"}
-            for key_id in key_ids
+            for key_id in KEYS
         ],
         "routes": {
             ROUTE: {
@@ -460,7 +455,7 @@ def upstream_records() -> list[Any]:
     return list(CallRecord.objects.filter(attempt__gte=1))
 
 
-def keys_idle(key_ids: tuple[str, ...] = KEYS) -> dict[str, Any]:
+def keys_idle() -> dict[str, Any]:
     """Each key's state, once none has a call in flight (a settle lands just after the
     client's last byte)."""
     from keys.state_store import get_key_state_store
@@ -469,7 +464,7 @@ def keys_idle(key_ids: tuple[str, ...] = KEYS) -> dict[str, Any]:
     store = get_key_state_store()
 
     def idle() -> dict[str, Any] | None:
-        snapshot = store.get_many(list(key_ids), now=time.time())
+        snapshot = store.get_many(list(KEYS), now=time.time())
         if any(inflight for _, inflight in snapshot.values()):
             return None
         return {key_id: state for key_id, (state, _) in snapshot.items()}
@@ -478,9 +473,7 @@ def keys_idle(key_ids: tuple[str, ...] = KEYS) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def chaos_gateway(
-    upstream_url: str, *, key_ids: tuple[str, ...] = KEYS, cooldown: int = 30
-) -> Iterator[Chaos]:
+def chaos_gateway(upstream_url: str, *, cooldown: int = 30) -> Iterator[Chaos]:
     """The gateway (uvicorn in a thread of this process) configured for `upstream_url`. The
     caller has applied its settings (pytest-django's `settings`) before: the gateway reads
     them when it starts and on each call."""
@@ -489,7 +482,7 @@ def chaos_gateway(
     from tests.e2e.conftest import GatewayThread
     from usage.recorder import get_recorder
 
-    report = config_import(data=chaos_config(upstream_url, key_ids=key_ids, cooldown=cooldown))
+    report = config_import(data=chaos_config(upstream_url, cooldown=cooldown))
     server = GatewayThread(free_port())
     server.start()
     try:
@@ -510,14 +503,11 @@ def chaos_gateway(
 
 
 async def raw_call(
-    port: int, token: str, *, stream: bool, leave_after: int | None = None, body_bytes: int = 0
+    port: int, token: str, *, stream: bool, leave_after: int | None = None
 ) -> dict[str, Any]:
     """POST /v1/chat/completions over a socket of its own (`Connection: close`). With
     `leave_after`, the client hangs up once that many bytes of the answer's body arrived."""
     payload = {"model": ROUTE, "messages": HELLO, "stream": stream}
-    if body_bytes:
-        payload["user"] = ""
-        payload["user"] = "x" * (body_bytes - len(json.dumps(payload).encode()))
     body = json.dumps(payload).encode()
     t0 = time.monotonic()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -526,10 +516,9 @@ async def raw_call(
         b"content-type: application/json\r\nauthorization: Bearer %s\r\n"
         b"content-length: %d\r\n\r\n%s" % (token.encode(), len(body), body)
     )
-    result: dict[str, Any] = {"status": None, "code": None, "left": False, "read": 0}
+    result: dict[str, Any] = {"status": None, "code": None, "left": False}
     try:
         head = await reader.readuntil(b"\r\n\r\n")
-        result["head_seconds"] = time.monotonic() - t0
         result["status"] = int(head.split(b" ", 2)[1])
         data = b""
         while True:
@@ -540,7 +529,6 @@ async def raw_call(
             if leave_after is not None and len(data) >= leave_after:
                 result["left"] = True
                 break
-        result["read"] = len(data)
         if result["status"] != 200:
             result["code"] = _error_code(data)
         elif stream and not result["left"]:

@@ -190,7 +190,7 @@ def test_postgres_stopped_under_traffic_loses_and_duplicates_no_record(
         calls=outcomes.total,
         during_outage=during - before_outage,
         records=seen,
-        lost=0,
+        lost=attempts(gateway.upstream) - seen,
         slowest_s=round(outcomes.slowest, 2),
     )
     assert_keys_idle_and_healthy(gateway)

@@ -99,17 +99,33 @@ def breaker(gateway: Chaos, state: str) -> None:
     )
 
 
+def every_call_ends_as(
+    gateway: Chaos,
+    upstream: HostileUpstream,
+    mode: str,
+    kinds: Any,
+    *,
+    answer: tuple[int, str],
+    outcome: tuple[str, str],
+) -> dict[str, Any]:
+    """Calls of `kinds` into an upstream in `mode`: each answered within the deadline with
+    `answer`, after one attempt recorded with `outcome`. The keys' states, once idle."""
+    upstream.mode = mode
+    results = gateway.traffic(kinds, timeout=30)
+    assert_documented(results, bound=DEADLINE + 2)
+    assert {(r.status, r.code) for r in results} == {answer}, results
+    # As many records as attempts, one a call: the deadline left no time for a second key.
+    assert outcomes(records_match(upstream)) == {outcome: len(kinds)}
+    return keys_idle()
+
+
 def test_a_head_sent_a_byte_a_second_is_cut_at_the_request_deadline(
     gateway: Chaos, upstream: HostileUpstream
 ) -> None:
-    upstream.mode = "slow_head"
-    results = gateway.traffic(MIX, timeout=30)
-    assert_documented(results, bound=DEADLINE + 2)
-    assert {(r.status, r.code) for r in results} == {(504, "upstream_timeout")}, results
-    records = records_match(upstream)
-    assert upstream.attempts() == len(MIX)  # the deadline left no time for a second key
-    assert outcomes(records) == {("timeout", "deadline"): len(MIX)}
-    states = keys_idle()
+    states = every_call_ends_as(
+        gateway, upstream, "slow_head", MIX,
+        answer=(504, "upstream_timeout"), outcome=("timeout", "deadline"),
+    )  # fmt: skip
     assert {s.status for s in states.values()} == {"cooldown"}, states
     breaker(gateway, "open")
 
@@ -117,29 +133,24 @@ def test_a_head_sent_a_byte_a_second_is_cut_at_the_request_deadline(
 def test_a_body_sent_a_byte_a_second_is_cut_at_the_request_deadline(
     gateway: Chaos, upstream: HostileUpstream
 ) -> None:
-    upstream.mode = "slow_body"
-    results = gateway.traffic(JSON_ONLY, timeout=30)
-    assert_documented(results, bound=DEADLINE + 2)
-    assert {(r.status, r.code) for r in results} == {(504, "upstream_timeout")}, results
-    records = records_match(upstream)
-    assert outcomes(records) == {("timeout", "deadline"): len(JSON_ONLY)}
-    assert {s.status for s in keys_idle().values()} == {"cooldown"}
+    states = every_call_ends_as(
+        gateway, upstream, "slow_body", JSON_ONLY,
+        answer=(504, "upstream_timeout"), outcome=("timeout", "deadline"),
+    )  # fmt: skip
+    assert {s.status for s in states.values()} == {"cooldown"}, states
     breaker(gateway, "open")
 
 
 def test_an_endless_json_body_is_read_no_further_than_the_response_bound(
     gateway: Chaos, upstream: HostileUpstream
 ) -> None:
-    upstream.mode = "endless_json"
     before = rss_bytes()
-    results = gateway.traffic(JSON_ONLY, timeout=30)
-    grown = rss_bytes() - before
-    assert_documented(results, bound=DEADLINE + 2)
-    assert {(r.status, r.code) for r in results} == {(502, "upstream_error")}, results
-    records = records_match(upstream)
     # Not the key's fault, and another key would get the same: one attempt each.
-    assert outcomes(records) == {("bad_response", "response_too_large"): len(JSON_ONLY)}
-    states = keys_idle()
+    states = every_call_ends_as(
+        gateway, upstream, "endless_json", JSON_ONLY,
+        answer=(502, "upstream_error"), outcome=("bad_response", "response_too_large"),
+    )  # fmt: skip
+    grown = rss_bytes() - before
     assert all(s.status == "active" and s.consecutive_failures == 0 for s in states.values())
     breaker(gateway, "closed")
     # Ten answers cut at 1 MiB each; the upstream would have sent gigabytes.
@@ -149,15 +160,12 @@ def test_an_endless_json_body_is_read_no_further_than_the_response_bound(
 def test_an_sse_line_of_megabytes_past_the_event_bound_ends_the_stream(
     gateway: Chaos, upstream: HostileUpstream
 ) -> None:
-    upstream.mode = "huge_sse"
     before = rss_bytes()
-    results = gateway.traffic(STREAMS_ONLY, timeout=30)
+    states = every_call_ends_as(
+        gateway, upstream, "huge_sse", STREAMS_ONLY,
+        answer=(200, "event_too_large"), outcome=("stream_error", "event_too_large"),
+    )  # fmt: skip
     grown = rss_bytes() - before
-    assert_documented(results, bound=DEADLINE + 2)
-    assert {(r.status, r.code) for r in results} == {(200, "event_too_large")}, results
-    records = records_match(upstream)
-    assert outcomes(records) == {("stream_error", "event_too_large"): len(STREAMS_ONLY)}
-    states = keys_idle()
     assert all(s.consecutive_failures >= 3 for s in states.values()), states
     assert grown < 48 * MIB, f"RSS grew by {grown / MIB:.1f} MiB"
 
